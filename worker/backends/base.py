@@ -1,0 +1,51 @@
+"""The one interface the service stores through.
+
+A backend holds the store's whole semantics (bounds, TTL, LRU, byte budget, eviction
+reports); the MQTT layer never knows which engine is underneath. Calls are async and take
+whole batches, so that a durable or networked engine commits or round-trips once per batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from worker.protocol import Eviction, Request, Result
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    conversations: int
+    turns: int
+    bytes: int
+    keys: int
+
+
+class Backend(ABC):
+    """Storage behind the service.
+
+    Lifecycle: `open()` once, then any number of `execute()` and `expire()` calls from one
+    task at a time, then `close()`. `execute()` returns only once every effect it reports
+    is as durable as the engine promises, so the caller may acknowledge after it.
+    """
+
+    name: str = "backend"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect, create or load what the engine needs."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Flush and release everything; the backend is unusable afterwards."""
+
+    @abstractmethod
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+        """Apply requests in order: one result each, plus every eviction they caused."""
+
+    @abstractmethod
+    async def expire(self) -> tuple[bool, list[Eviction]]:
+        """Expire a bounded amount of what is due: (more is due, evictions)."""
+
+    @abstractmethod
+    def counts(self) -> Counts:
+        """What is stored now (as this worker last saw it)."""

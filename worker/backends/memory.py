@@ -1,0 +1,32 @@
+"""The default backend: the pure store, in this process's memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from worker.backends.base import Backend, Counts
+from worker.config import Limits
+from worker.protocol import Eviction, Request, Result
+from worker.store import Store
+
+
+class MemoryBackend(Backend):
+    """Everything in RAM: fastest, and forgotten when the worker stops."""
+
+    name = "memory"
+
+    def __init__(self, limits: Limits) -> None:
+        self.store = Store(limits)
+
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+        run = self.store.execute
+        results = [run(req) for req in requests]
+        return results, self.store.take_evictions()
+
+    async def expire(self) -> tuple[bool, list[Eviction]]:
+        more = self.store.expire()
+        return more, self.store.take_evictions()
+
+    def counts(self) -> Counts:
+        s = self.store
+        return Counts(s.conversations, s.turns, s.bytes, s.keys)

@@ -1,0 +1,54 @@
+"""`memory-worker`: read the configuration, then hand it to the service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from worker import __version__
+from worker.backends import create_backend
+from worker.config import Config, from_args, wants_version
+from worker.errors import ConfigError
+from worker.service import Service
+
+
+async def serve(cfg: Config) -> None:
+    """Run the worker until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    service = Service(cfg, create_backend(cfg))
+    await service.run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if wants_version(args):
+        print(__version__)
+        return 0
+    try:
+        cfg = from_args(args, os.environ)
+        create_backend(cfg)
+    except ConfigError as exc:
+        print(f"memory-worker: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("mqtt").setLevel(logging.WARNING)
+    try:
+        asyncio.run(serve(cfg))
+    except ConfigError as exc:
+        print(f"memory-worker: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

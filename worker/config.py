@@ -1,0 +1,196 @@
+"""The worker's whole configuration: one frozen object built once from flags and environment."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from worker import constants as c
+from worker.errors import ConfigError
+from worker.protocol import validate_prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The store's bounds: the pure core needs only these."""
+
+    max_turns: int = c.DEFAULT_MAX_TURNS
+    ttl: float = c.DEFAULT_TTL
+    max_conversations: int = c.DEFAULT_MAX_CONVERSATIONS
+    max_bytes: int = c.DEFAULT_MAX_BYTES
+    max_keys: int = c.DEFAULT_MAX_KEYS
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything `memory-worker` is told; see `memory-worker --help` for each field."""
+
+    host: str = c.DEFAULT_HOST
+    port: int = c.DEFAULT_PORT
+    prefix: str = c.DEFAULT_PREFIX
+    client_id: str = c.DEFAULT_CLIENT_ID
+    username: str | None = None
+    password: str | None = None
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    max_payload_bytes: int = c.DEFAULT_MAX_PAYLOAD_BYTES
+    backend: str = c.DEFAULT_BACKEND
+    stats_interval: float = c.DEFAULT_STATS_INTERVAL
+    session_expiry: int = c.DEFAULT_SESSION_EXPIRY
+    max_inflight: int = c.DEFAULT_MAX_INFLIGHT
+    reconnect_max: float = c.DEFAULT_RECONNECT_MAX
+    shared_group: str | None = None
+    log_level: str = c.DEFAULT_LOG_LEVEL
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _positive_int(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"--{name} must be at least 1, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first flag whose value cannot work."""
+    lim = cfg.limits
+    if not 1 <= cfg.port <= 65535:
+        raise ConfigError(f"--port must be 1-65535, got {cfg.port}")
+    try:
+        validate_prefix(cfg.prefix)
+    except ValueError as exc:
+        raise ConfigError(f"--prefix {cfg.prefix!r}: {exc}") from None
+    if (
+        not cfg.client_id
+        or any(ch in cfg.client_id for ch in "/+#")
+        or len(cfg.client_id.encode()) > 128
+    ):
+        raise ConfigError(f"--client-id must be 1-128 bytes without / + #, got {cfg.client_id!r}")
+    for name, value in (
+        ("max-turns", lim.max_turns),
+        ("max-conversations", lim.max_conversations),
+        ("max-keys", lim.max_keys),
+        ("max-inflight", cfg.max_inflight),
+    ):
+        _positive_int(name, value)
+    if lim.ttl < 0:
+        raise ConfigError(f"--ttl must be 0 (off) or more seconds, got {lim.ttl}")
+    if cfg.max_payload_bytes < 256:
+        raise ConfigError(f"--max-payload-bytes must be at least 256, got {cfg.max_payload_bytes}")
+    if cfg.max_payload_bytes > 256 * 1024 * 1024:
+        raise ConfigError("--max-payload-bytes must be at most 268435456 (MQTT's own limit)")
+    if lim.max_bytes < cfg.max_payload_bytes:
+        raise ConfigError(
+            f"--max-bytes ({lim.max_bytes}) must be at least --max-payload-bytes "
+            f"({cfg.max_payload_bytes}), or no request could ever be stored"
+        )
+    if cfg.stats_interval <= 0:
+        raise ConfigError(f"--stats-interval must be more than 0, got {cfg.stats_interval}")
+    if cfg.session_expiry < 0 or cfg.session_expiry > 0xFFFFFFFF:
+        raise ConfigError(f"--session-expiry must be 0-4294967295, got {cfg.session_expiry}")
+    if cfg.reconnect_max <= 0:
+        raise ConfigError(f"--reconnect-max must be more than 0, got {cfg.reconnect_max}")
+    if cfg.shared_group is not None and (
+        not cfg.shared_group or any(ch in cfg.shared_group for ch in "/+#")
+    ):
+        raise ConfigError(f"--shared-group must be a name without / + #, got {cfg.shared_group!r}")
+    if logging.getLevelName(cfg.log_level.upper()) not in (10, 20, 30, 40, 50):
+        raise ConfigError(f"--log-level must be debug, info, warning or error, got {cfg.log_level}")
+    if not (cfg.backend == "memory" or cfg.backend.startswith(("sqlite://", "redis://"))):
+        raise ConfigError(
+            f"--backend must be memory, sqlite:///path.db or redis://host:port/db, "
+            f"got {cfg.backend!r}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Flag:
+    name: str
+    kind: Callable[[str], object]
+    default: object
+    help: str
+    field: str = ""
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return c.ENV_PREFIX + self.dest.upper()
+
+
+_LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
+
+FLAGS: tuple[_Flag, ...] = (
+    _Flag("host", str, c.DEFAULT_HOST, "broker host"),
+    _Flag("port", int, c.DEFAULT_PORT, "broker port"),
+    _Flag("prefix", str, c.DEFAULT_PREFIX, "topic prefix P: requests are P/<convo>/<op>"),
+    _Flag("client-id", str, c.DEFAULT_CLIENT_ID, "MQTT client id; also names the worker topics"),
+    _Flag("username", str, None, "broker username"),
+    _Flag("password", str, None, "broker password (prefer the environment variable)"),
+    _Flag("max-turns", int, c.DEFAULT_MAX_TURNS, "turns kept per conversation"),
+    _Flag("ttl", float, c.DEFAULT_TTL, "seconds a conversation lives after its last use; 0: off"),
+    _Flag("max-conversations", int, c.DEFAULT_MAX_CONVERSATIONS, "conversations kept (LRU)"),
+    _Flag("max-bytes", int, c.DEFAULT_MAX_BYTES, "budget on stored role+content+state bytes"),
+    _Flag("max-payload-bytes", int, c.DEFAULT_MAX_PAYLOAD_BYTES, "largest request accepted"),
+    _Flag("max-keys", int, c.DEFAULT_MAX_KEYS, "live state keys per conversation"),
+    _Flag(
+        "backend", str, c.DEFAULT_BACKEND, "memory, sqlite:///rel.db, sqlite:////abs.db, redis://"
+    ),
+    _Flag("stats-interval", float, c.DEFAULT_STATS_INTERVAL, "seconds between stats messages"),
+    _Flag("session-expiry", int, c.DEFAULT_SESSION_EXPIRY, "MQTT session expiry in seconds"),
+    _Flag("max-inflight", int, c.DEFAULT_MAX_INFLIGHT, "requests in progress before reading stops"),
+    _Flag("reconnect-max", float, c.DEFAULT_RECONNECT_MAX, "cap of the reconnect backoff (s)"),
+    _Flag("shared-group", str, None, "serve through $share/<group>/... with other workers"),
+    _Flag("log-level", str, c.DEFAULT_LOG_LEVEL, "debug, info, warning or error"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memory-worker",
+        description="Bounded conversation memory served over MQTT. Every flag can also be "
+        "set as MEMORY_WORKER_<FLAG> in the environment (e.g. MEMORY_WORKER_MAX_TURNS).",
+    )
+    for flag in FLAGS:
+        parser.add_argument(
+            f"--{flag.name}",
+            dest=flag.dest,
+            default=None,
+            metavar=flag.dest.upper(),
+            help=f"{flag.help} (default: {flag.default}; env {flag.env})",
+        )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser
+
+
+def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Build the Config: a flag wins over its environment variable, which wins over the default."""
+    ns = build_parser().parse_args(list(argv))
+    top: dict[str, object] = {}
+    limits: dict[str, object] = {}
+    for flag in FLAGS:
+        raw = getattr(ns, flag.dest)
+        source = f"--{flag.name}"
+        if raw is None and flag.env in environ:
+            raw, source = environ[flag.env], flag.env
+        if raw is None:
+            continue
+        try:
+            value = flag.kind(raw)
+        except ValueError:
+            raise ConfigError(f"{source}: expected a {flag.kind.__name__}, got {raw!r}") from None
+        (limits if flag.dest in _LIMIT_FIELDS else top)[flag.dest] = value
+    return Config(limits=Limits(**limits), **top)  # type: ignore[arg-type]
+
+
+def wants_version(argv: Sequence[str]) -> bool:
+    return "--version" in argv

@@ -1,0 +1,61 @@
+"""Names and defaults that the wire contract and the command line share."""
+
+from typing import Final
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 1883
+DEFAULT_PREFIX: Final = "mem"
+DEFAULT_CLIENT_ID: Final = "memory-worker"
+DEFAULT_MAX_TURNS: Final = 8
+DEFAULT_TTL: Final = 3600.0
+DEFAULT_MAX_CONVERSATIONS: Final = 500
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 65536
+DEFAULT_MAX_KEYS: Final = 256
+DEFAULT_STATS_INTERVAL: Final = 10.0
+DEFAULT_SESSION_EXPIRY: Final = 86400
+DEFAULT_MAX_INFLIGHT: Final = 256
+DEFAULT_RECONNECT_MAX: Final = 5.0
+DEFAULT_BACKEND: Final = "memory"
+DEFAULT_LOG_LEVEL: Final = "info"
+
+ENV_PREFIX: Final = "MEMORY_WORKER_"
+
+CONTENT_TYPE: Final = "application/msgpack"
+
+# Limits of the contract itself, not tunables.
+MAX_CONVO_BYTES: Final = 128
+MAX_ROLE_CHARS: Final = 32
+MAX_ID_BYTES: Final = 64
+MAX_NAME_BYTES: Final = 128
+MAX_TOPIC_BYTES: Final = 256
+
+WORKER_LEVEL: Final = "_worker"
+EVICTED: Final = "evicted"
+
+OP_APPEND: Final = "append"
+OP_GET: Final = "get"
+OP_DELETE: Final = "delete"
+OP_STATE_SAVE: Final = "state/save"
+OP_STATE_LOAD: Final = "state/load"
+OP_STATE_GET_ALL: Final = "state/get_all"
+OP_STATE_DELETE: Final = "state/delete"
+OPERATIONS: Final = (
+    OP_APPEND,
+    OP_GET,
+    OP_DELETE,
+    OP_STATE_SAVE,
+    OP_STATE_LOAD,
+    OP_STATE_GET_ALL,
+    OP_STATE_DELETE,
+)
+
+REASON_TTL: Final = "ttl"
+REASON_LRU: Final = "lru"
+REASON_MEMORY: Final = "memory"
+REASON_DELETED: Final = "deleted"
+REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
+
+# How many conversations one sweep step expires before it yields to serving.
+SWEEP_CHUNK: Final = 2000
+SWEEP_INTERVAL: Final = 0.25

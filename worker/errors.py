@@ -1,0 +1,56 @@
+"""Errors as values, each carrying the wire code it is answered with.
+
+    WorkerError              (code: internal)
+    +-- BadPayload           not msgpack, or not a map
+    +-- BadRequest           a field missing or of the wrong type
+    +-- TooLarge             payload, value, or key count over its limit
+    +-- BadTopic             a conversation id or operation the contract does not allow
+    +-- Unavailable          the storage engine cannot be reached in time
+    +-- BadRoute             a reply route that must not be published to (never sent)
+ConfigError                  a flag or environment value is invalid (one-line message)
+"""
+
+from typing import ClassVar
+
+
+class WorkerError(Exception):
+    """Base of every error that becomes an error reply."""
+
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadPayload(WorkerError):
+    code = "bad_payload"
+
+
+class BadRequest(WorkerError):
+    code = "bad_request"
+
+
+class TooLarge(WorkerError):
+    code = "too_large"
+
+
+class BadTopic(WorkerError):
+    code = "bad_topic"
+
+
+class Unavailable(WorkerError):
+    code = "unavailable"
+
+
+class BadRoute(WorkerError):
+    """A refused reply route: counted, never answered (there is nowhere safe to answer)."""
+
+    code = "bad_route"
+
+
+ERROR_CODES = ("bad_payload", "bad_request", "too_large", "bad_topic", "internal", "unavailable")
+
+
+class ConfigError(Exception):
+    """An invalid flag or environment value, reported as one line before exiting."""

@@ -1,0 +1,427 @@
+"""The wire contract as pure functions: topics, validation, and msgpack envelopes.
+
+No I/O here. A message comes in as (topic, payload, response topic) and leaves as a
+`Parsed` value; replies and events leave as bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from worker import constants as c
+from worker.errors import BadPayload, BadRequest, BadRoute, BadTopic, TooLarge, WorkerError
+
+# What Mosquitto refuses in a topic name (it disconnects the publisher): control characters
+# (C0, DEL, C1) and Unicode non-characters. Wildcards are refused in names by MQTT itself.
+_NONCHARS = "".join(
+    f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17)
+)
+_BAD_NAME_CHARS: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARS}+#]")
+_BAD_CONVO_CHARS: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef{_NONCHARS}+#/]")
+
+_MISSING: Final[Any] = object()
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (by MQTT's and Mosquitto's rules), or None."""
+    if not topic:
+        return "empty"
+    if len(topic.encode("utf-8", "surrogatepass")) > c.MAX_TOPIC_BYTES:
+        return f"longer than {c.MAX_TOPIC_BYTES} bytes"
+    if _BAD_NAME_CHARS.search(topic):
+        return "wildcard, control character or non-character"
+    if any("\ud800" <= ch <= "\udfff" for ch in topic):
+        return "not valid UTF-8"
+    return None
+
+
+def validate_prefix(prefix: str) -> None:
+    """Raise ValueError unless `prefix` can head every topic the worker uses."""
+    problem = topic_name_problem(prefix)
+    if problem:
+        raise ValueError(problem)
+    if prefix.startswith(("$", "/")) or prefix.endswith("/") or "//" in prefix:
+        raise ValueError("must not start with $ or /, end with /, or have empty levels")
+
+
+def validate_convo(convo: str) -> None:
+    """Raise BadTopic unless `convo` is a conversation id the contract allows."""
+    size = len(convo.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= c.MAX_CONVO_BYTES:
+        raise BadTopic(f"conversation id must be 1-{c.MAX_CONVO_BYTES} UTF-8 bytes, got {size}")
+    if convo[0] in "_$":
+        raise BadTopic("conversation ids starting with _ or $ are reserved")
+    if _BAD_CONVO_CHARS.search(convo) or any("\ud800" <= ch <= "\udfff" for ch in convo):
+        raise BadTopic("conversation id has a wildcard, slash, control or non-character")
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    convo: str
+    role: str
+    content: str
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    convo: str
+    last: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    convo: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateSave:
+    convo: str
+    ns: str
+    key: str
+    value: bytes  # msgpack-encoded, stored and returned as is
+    ttl: float | None = None
+    id: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateLoad:
+    convo: str
+    ns: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateGetAll:
+    convo: str
+    ns: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateDelete:
+    convo: str
+    ns: str
+    key: str
+
+
+Request = Append | Get | Delete | StateSave | StateLoad | StateGetAll | StateDelete
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """One incoming message, understood. Exactly one of `request` and `error` is set."""
+
+    request: Request | None
+    error: WorkerError | None
+    route: str | None
+    refused: BadRoute | None
+    req_id: Any = _MISSING
+
+    @property
+    def has_id(self) -> bool:
+        return self.req_id is not _MISSING
+
+
+# --- results (what a backend answers) -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Turns:
+    """A get's answer: each turn already msgpack-encoded, oldest first."""
+
+    turns: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """Any other ok answer: the fields besides `ok` and `id`."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Items:
+    """A state get_all's answer: keys with their msgpack-encoded values."""
+
+    items: dict[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A state load's answer: the msgpack-encoded value, or None when there is none."""
+
+    value: bytes | None
+
+
+Result = Turns | Fields | Items | Loaded | WorkerError
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    convo: str
+    reason: str
+    count: int
+    keys: int
+    ts: float
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _decode(payload: bytes) -> dict[Any, Any]:
+    if not payload:
+        return {}
+    try:
+        body = msgpack.unpackb(payload, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many types for bad input
+        raise BadPayload(f"payload is not msgpack ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise BadPayload(f"payload must be a msgpack map, got {type(body).__name__}")
+    return body
+
+
+def _name(body: dict[Any, Any], field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str):
+        raise BadRequest(f"'{field}' must be a string")
+    if not 1 <= len(value.encode("utf-8", "surrogatepass")) <= c.MAX_NAME_BYTES:
+        raise BadRequest(f"'{field}' must be 1-{c.MAX_NAME_BYTES} UTF-8 bytes")
+    return value
+
+
+def _check_id(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, str | int | bytes):
+        raise BadRequest("'id' must be a string, integer or bytes")
+    if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > c.MAX_ID_BYTES:
+        raise BadRequest(f"'id' must be at most {c.MAX_ID_BYTES} bytes")
+    if isinstance(value, bytes) and len(value) > c.MAX_ID_BYTES:
+        raise BadRequest(f"'id' must be at most {c.MAX_ID_BYTES} bytes")
+    return value
+
+
+def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
+    if op == c.OP_APPEND:
+        role, content = body.get("role"), body.get("content")
+        if not isinstance(role, str) or not 1 <= len(role) <= c.MAX_ROLE_CHARS:
+            raise BadRequest(f"'role' must be a string of 1-{c.MAX_ROLE_CHARS} characters")
+        if not isinstance(content, str):
+            raise BadRequest("'content' must be a string")
+        return Append(convo, role, content, None if req_id is _MISSING else req_id)
+    if op == c.OP_GET:
+        last = body.get("last")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+            raise BadRequest("'last' must be an integer >= 1")
+        return Get(convo, last)
+    if op == c.OP_DELETE:
+        return Delete(convo)
+    ns = _name(body, "ns")
+    if op == c.OP_STATE_GET_ALL:
+        return StateGetAll(convo, ns)
+    key = _name(body, "key")
+    if op == c.OP_STATE_LOAD:
+        return StateLoad(convo, ns, key)
+    if op == c.OP_STATE_DELETE:
+        return StateDelete(convo, ns, key)
+    if "value" not in body:
+        raise BadRequest("'value' is required (nil is a value)")
+    ttl = body.get("ttl")
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
+    ):
+        raise BadRequest("'ttl' must be a number of seconds > 0")
+    value = msgpack.packb(body["value"])
+    return StateSave(
+        convo,
+        ns,
+        key,
+        value,
+        None if ttl is None else float(ttl),
+        None if req_id is _MISSING else req_id,
+    )
+
+
+class Router:
+    """Knows the topics under one prefix: what to subscribe to and what a topic asks for."""
+
+    def __init__(self, prefix: str, max_payload_bytes: int) -> None:
+        validate_prefix(prefix)
+        self.prefix = prefix
+        self.max_payload_bytes = max_payload_bytes
+        self._head = prefix + "/"
+        self._skip = len(self._head)
+
+    def filters(self) -> list[str]:
+        """Topic filters that receive every request (and nothing the worker itself publishes)."""
+        return [f"{self.prefix}/+/{op}" for op in (c.OP_APPEND, c.OP_GET, c.OP_DELETE)] + [
+            f"{self.prefix}/+/state/+"
+        ]
+
+    def evicted_topic(self, convo: str) -> str:
+        return f"{self._head}{convo}/{c.EVICTED}"
+
+    def worker_topic(self, client_id: str, leaf: str) -> str:
+        return f"{self._head}{c.WORKER_LEVEL}/{client_id}/{leaf}"
+
+    def split(self, topic: str) -> tuple[str, str]:
+        """(convo, op) of a request topic; BadTopic when the topic asks for nothing we serve."""
+        if not topic.startswith(self._head):
+            raise BadTopic("topic is not under the prefix")
+        convo, sep, op = topic[self._skip :].partition("/")
+        if not sep or op not in c.OPERATIONS:
+            raise BadTopic(f"unknown operation {op!r}")
+        validate_convo(convo)
+        return convo, op
+
+    def route_problem(self, route: str) -> str | None:
+        problem = topic_name_problem(route)
+        if problem:
+            return problem
+        if route.startswith("$"):
+            return "topics starting with $ are the broker's"
+        if route == self.prefix or route.startswith(self._head):
+            return f"replies must not go under {self._head}"
+        return None
+
+    def parse(self, topic: str, payload: bytes, response_topic: str | None) -> Parsed:
+        """Understand one message. Never raises: every problem becomes a value in Parsed."""
+        body: dict[Any, Any] | None = None
+        error: WorkerError | None = None
+        if len(payload) > self.max_payload_bytes:
+            error = TooLarge(
+                f"payload is {len(payload)} bytes; the limit is {self.max_payload_bytes}"
+            )
+        else:
+            try:
+                body = _decode(payload)
+            except WorkerError as exc:
+                error = exc
+
+        route: Any = response_topic
+        if route is None and body is not None:
+            route = body.get("reply_to")
+        refused: BadRoute | None = None
+        if route is not None:
+            problem = "not a string" if not isinstance(route, str) else self.route_problem(route)
+            if problem:
+                refused, route = BadRoute(f"reply route refused: {problem}"), None
+
+        req_id: Any = _MISSING
+        request: Request | None = None
+        if body is not None:
+            try:
+                if "id" in body:
+                    req_id = _check_id(body["id"])
+                convo, op = self.split(topic)
+                request = _build(op, convo, body, req_id)
+            except WorkerError as exc:
+                error = exc
+        return Parsed(request, error, route, refused, req_id)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+_packb = msgpack.packb
+_OK_TRUE: Final = _packb("ok") + _packb(True)
+_TURNS_KEY: Final = _packb("turns")
+_ITEMS_KEY: Final = _packb("items")
+_ID_KEY: Final = _packb("id")
+_FOUND_KEY: Final = _packb("found")
+_VALUE_KEY: Final = _packb("value")
+_NIL: Final = _packb(None)
+
+
+def encode_turn(role: str, content: str, ts: float, seq: int) -> bytes:
+    """A stored turn, encoded once when stored so that a get only concatenates."""
+    return _packb({"role": role, "content": content, "ts": ts, "seq": seq})
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x80 | n])
+    if n < 0x10000:
+        return b"\xde" + n.to_bytes(2, "big")
+    return b"\xdf" + n.to_bytes(4, "big")
+
+
+def encode_result(result: Result, parsed: Parsed) -> bytes:
+    """The reply envelope for one request, with its id echoed when it had one."""
+    id_part = _ID_KEY + _packb(parsed.req_id) if parsed.has_id else b""
+    extra = 1 if parsed.has_id else 0
+    if isinstance(result, WorkerError):
+        return _packb(_error_body(result, parsed))
+    if isinstance(result, Turns):
+        return b"".join(
+            (
+                _map_header(2 + extra),
+                _OK_TRUE,
+                id_part,
+                _TURNS_KEY,
+                _array_header(len(result.turns)),
+                *result.turns,
+            )
+        )
+    if isinstance(result, Items):
+        parts = [
+            _map_header(2 + extra),
+            _OK_TRUE,
+            id_part,
+            _ITEMS_KEY,
+            _map_header(len(result.items)),
+        ]
+        for key, value in result.items.items():
+            parts += (_packb(key), value)
+        return b"".join(parts)
+    if isinstance(result, Loaded):
+        found = result.value is not None
+        return b"".join(
+            (
+                _map_header(3 + extra),
+                _OK_TRUE,
+                id_part,
+                _FOUND_KEY,
+                _packb(found),
+                _VALUE_KEY,
+                result.value if result.value is not None else _NIL,
+            )
+        )
+    body: dict[str, Any] = {"ok": True, **result.fields}
+    if parsed.has_id:
+        body["id"] = parsed.req_id
+    return _packb(body)
+
+
+def _error_body(error: WorkerError, parsed: Parsed) -> dict[str, Any]:
+    body: dict[str, Any] = {"ok": False, "error": {"code": error.code, "message": error.message}}
+    if parsed.has_id:
+        body["id"] = parsed.req_id
+    return body
+
+
+def encode_error(error: WorkerError, parsed: Parsed) -> bytes:
+    return _packb(_error_body(error, parsed))
+
+
+def encode_event(ev: Eviction) -> bytes:
+    return _packb(
+        {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts}
+    )
+
+
+def encode(value: Any) -> bytes:
+    return _packb(value)

@@ -1,0 +1,430 @@
+"""The only module that talks to the broker.
+
+One flow: paho hands a message to `_on_message` on the event loop's thread -> it waits in
+the inbox -> `_process` takes the whole inbox as a batch -> `Router.parse` turns each message
+into a request value -> `Backend.execute` applies the batch -> each reply and eviction event
+is handed to paho -> each QoS 1 request is acknowledged. A request is acknowledged only after
+its effect was stored and its reply handed to the client, so a worker killed in between gets
+the message again.
+
+aiomqtt manages the connection; its message queue and awaited publishes are bypassed on the
+hot path (an asyncio task per message and a round trip per reply cost most of the time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from worker import __version__
+from worker import constants as c
+from worker.backends.base import Backend
+from worker.config import Config
+from worker.errors import WorkerError
+from worker.protocol import Eviction, Parsed, Request, Result, Router, encode, encode_event
+from worker.protocol import encode_result as encode_reply
+
+log = logging.getLogger("memory_worker")
+
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_READ_BURST = 64
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, with the hot path and flow control taken over.
+
+    - Incoming messages go straight to `on_message` (no queue, no task per message).
+    - Acknowledgement is manual (paho would PUBACK before the request is stored).
+    - Reading the socket can be paused, so a flood waits in the broker, not in our memory.
+    - The broker's Receive Maximum (from CONNACK) caps our own in-flight publishes, since
+      Mosquitto disconnects a client that exceeds it.
+    These reach into aiomqtt 2.5 internals; pyproject pins the minor version for that reason.
+    """
+
+    def __init__(
+        self, on_message: Callable[[Any, Any, paho.MQTTMessage], None], **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self._client.manual_ack_set(True)
+        self._client.on_message = on_message
+        self._fd = -1
+        self.paused = False
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
+        properties: Properties | None = None,
+    ) -> None:
+        receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
+        # The public setter refuses once connected; CONNACK is the first moment we know it.
+        client._max_inflight_messages = receive_max or 65535  # noqa: SLF001
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho calls this from the executor thread that runs connect().
+        def start() -> None:
+            self._fd = sock.fileno()
+            self.paused = False
+            self._loop.add_reader(self._fd, self._read)
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(start)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._fd = -1
+        super()._on_socket_close(client, userdata, sock)
+
+    def _read(self) -> None:
+        client = self._client
+        try:
+            for _ in range(_READ_BURST):
+                client.loop_read()
+                sock = client._sock
+                if self.paused or sock is None:
+                    break
+                pending = getattr(sock, "pending", None)  # TLS keeps decoded bytes
+                if not (pending and pending()) and not _readable(sock):
+                    break
+        except Exception as exc:  # paho raises OSError subclasses on a broken socket
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def pause_reading(self) -> None:
+        if not self.paused and self._fd >= 0:
+            self.paused = True
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if self.paused and self._fd >= 0:
+            self.paused = False
+            self._loop.add_reader(self._fd, self._read)
+
+    async def wait_disconnected(self) -> None:
+        await asyncio.shield(self._disconnected)
+
+    @property
+    def paho(self) -> paho.Client:
+        return self._client
+
+
+def _properties(packet_type: int) -> Properties:
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+def _readable(sock: Any) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # let loop_read meet the error
+
+
+class Stats:
+    """Counters for the stats topic."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.requests = 0
+        self.errors: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.evictions: Counter[str] = Counter()
+        self.ignored_retained = 0
+
+
+class Service:
+    """Serves one broker connection (kept up, re-made on loss) for one backend.
+
+    Args:
+        cfg: the frozen configuration.
+        backend: an unopened backend; `run` opens and closes it.
+    """
+
+    def __init__(self, cfg: Config, backend: Backend) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.router = Router(cfg.prefix, cfg.max_payload_bytes)
+        self.stats = Stats()
+        self._inbox: list[tuple[int, paho.MQTTMessage]] = []
+        self._wake = asyncio.Event()
+        self._generation = 0
+        self._client: _Client | None = None
+        self._connected = asyncio.Event()
+        self.status_topic = self.router.worker_topic(cfg.client_id, "status")
+        self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
+        self._reply_props = _properties(PacketTypes.PUBLISH)
+        self._reply_props.ContentType = c.CONTENT_TYPE
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Open the backend, serve until `stop` is set, then shut down in order."""
+        await self.backend.open()
+        client = self._make_client()
+        self._client = client
+        tasks = [
+            asyncio.create_task(self._process(), name="process"),
+            asyncio.create_task(self._sweep(), name="sweep"),
+            asyncio.create_task(self._publish_stats_forever(), name="stats"),
+        ]
+        connection = asyncio.create_task(self._stay_connected(client, stop), name="connection")
+        try:
+            await stop.wait()
+        finally:
+            await self._shutdown(client, connection, tasks)
+
+    async def _shutdown(
+        self, client: _Client, connection: asyncio.Task[None], tasks: list[asyncio.Task[None]]
+    ) -> None:
+        client.pause_reading()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained(), timeout=5)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._connected.is_set():
+            with contextlib.suppress(Exception):
+                self._publish_stats()
+                await client.publish(
+                    self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2
+                )
+        connection.cancel()
+        await asyncio.gather(connection, return_exceptions=True)
+        await asyncio.shield(self.backend.close())
+
+    async def _drained(self) -> None:
+        while self._inbox or self._busy:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+
+    def _make_client(self) -> _Client:
+        cfg = self.cfg
+        connect_props = _properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = cfg.session_expiry
+        connect_props.ReceiveMaximum = min(cfg.max_inflight, 65535)
+        will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True)
+        return _Client(
+            self._on_message,
+            hostname=cfg.host,
+            port=cfg.port,
+            identifier=cfg.client_id,
+            username=cfg.username,
+            password=cfg.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=connect_props,
+            will=will,
+            keepalive=30,
+            socket_options=[_NODELAY],
+        )
+
+    async def _stay_connected(self, client: _Client, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                async with client:
+                    attempt = 0
+                    self._generation += 1
+                    await self._on_connected(client)
+                    await client.wait_disconnected()
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                self._inbox.clear()  # unacknowledged: the broker will deliver them again
+                attempt += 1
+                delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
+                log.warning(
+                    "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                    self.cfg.host,
+                    self.cfg.port,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._connected.clear()
+
+    async def _on_connected(self, client: _Client) -> None:
+        prefix = f"$share/{self.cfg.shared_group}/" if self.cfg.shared_group else ""
+        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        await client.subscribe([(prefix + f, options) for f in self.router.filters()])
+        await client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        self._connected.set()
+        self._publish_stats()
+        log.info(
+            "serving %s/# on %s:%d as %s (backend %s)",
+            self.cfg.prefix,
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.client_id,
+            self.backend.name,
+        )
+
+    def _status(self, state: str) -> bytes:
+        return encode(
+            {
+                "state": state,
+                "version": __version__,
+                "client_id": self.cfg.client_id,
+                "prefix": self.cfg.prefix,
+                "backend": self.backend.name,
+                "pid": os.getpid(),
+                "ts": time.time(),
+            }
+        )
+
+    # --- the hot path ---------------------------------------------------------------------
+
+    _busy = False
+
+    def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._inbox.append((self._generation, msg))
+        if len(self._inbox) >= self.cfg.max_inflight and self._client is not None:
+            self._client.pause_reading()
+        self._wake.set()
+
+    async def _process(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._inbox:
+                batch, self._inbox = self._inbox, []
+                self._busy = True
+                try:
+                    await self._handle(batch)
+                except Exception:
+                    log.exception("batch of %d failed", len(batch))
+                finally:
+                    self._busy = False
+                client = self._client
+                if client is not None and client.paused and not self._inbox:
+                    client.resume_reading()
+
+    async def _handle(self, batch: list[tuple[int, paho.MQTTMessage]]) -> None:
+        parse = self.router.parse
+        stats = self.stats
+        todo: list[tuple[int, paho.MQTTMessage, Parsed]] = []
+        requests: list[Request] = []
+        for gen, msg in batch:
+            if msg.retain:
+                stats.ignored_retained += 1
+                self._ack(gen, msg)
+                continue
+            props = msg.properties
+            response_topic = getattr(props, "ResponseTopic", None) if props else None
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                topic = ""
+            parsed = parse(topic, msg.payload, response_topic)  # type: ignore[arg-type]
+            todo.append((gen, msg, parsed))
+            if parsed.request is not None:
+                requests.append(parsed.request)
+        stats.requests += len(todo)
+        results: list[Result]
+        evictions: list[Eviction]
+        try:
+            results, evictions = await self.backend.execute(requests) if requests else ([], [])
+        except WorkerError as exc:
+            results, evictions = [exc] * len(requests), []
+        except Exception as exc:
+            log.exception("backend failed on a batch of %d", len(requests))
+            err = WorkerError(f"internal error: {type(exc).__name__}")
+            results, evictions = [err] * len(requests), []
+        answers = iter(results)
+        for gen, msg, parsed in todo:
+            result: Result = parsed.error if parsed.error is not None else next(answers)
+            self._reply(msg, parsed, result)
+            self._ack(gen, msg)
+        self._announce(evictions)
+
+    def _reply(self, msg: paho.MQTTMessage, parsed: Parsed, result: Result) -> None:
+        stats = self.stats
+        if isinstance(result, WorkerError):
+            stats.errors[result.code] += 1
+        if parsed.refused is not None:
+            stats.refused[parsed.refused.code] += 1
+        if parsed.route is None:
+            return
+        props = self._reply_props
+        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        if correlation is not None:
+            props = _properties(PacketTypes.PUBLISH)
+            props.ContentType = c.CONTENT_TYPE
+            props.CorrelationData = correlation
+        assert self._client is not None
+        self._client.paho.publish(parsed.route, encode_reply(result, parsed), msg.qos, False, props)
+
+    def _ack(self, gen: int, msg: paho.MQTTMessage) -> None:
+        if msg.qos and gen == self._generation and self._client is not None:
+            self._client.paho.ack(msg.mid, msg.qos)
+
+    def _announce(self, evictions: list[Eviction]) -> None:
+        if not evictions or self._client is None:
+            return
+        publish = self._client.paho.publish
+        topic = self.router.evicted_topic
+        for ev in evictions:
+            self.stats.evictions[ev.reason] += 1
+            publish(topic(ev.convo), encode_event(ev), 1, False)
+
+    # --- background work ------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(c.SWEEP_INTERVAL)
+            more = True
+            while more:
+                try:
+                    more, evictions = await self.backend.expire()
+                except Exception:
+                    log.exception("expiry sweep failed")
+                    break
+                self._announce(evictions)
+                await asyncio.sleep(0)  # let requests in between chunks
+
+    async def _publish_stats_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval)
+            if self._connected.is_set():
+                self._publish_stats()
+
+    def stats_body(self) -> dict[str, Any]:
+        counts = self.backend.counts()
+        s = self.stats
+        return {
+            "client_id": self.cfg.client_id,
+            "version": __version__,
+            "backend": self.backend.name,
+            "conversations": counts.conversations,
+            "turns": counts.turns,
+            "bytes": counts.bytes,
+            "keys": counts.keys,
+            "requests": s.requests,
+            "errors": dict(s.errors),
+            "refused": dict(s.refused),
+            "ignored_retained": s.ignored_retained,
+            "evictions": dict(s.evictions),
+            "uptime": round(time.monotonic() - s.started, 3),
+            "ts": time.time(),
+        }
+
+    def _publish_stats(self) -> None:
+        if self._client is not None:
+            self._client.paho.publish(self.stats_topic, encode(self.stats_body()), 1, True)

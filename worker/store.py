@@ -1,0 +1,435 @@
+"""The pure core: bounded conversation memory with no I/O.
+
+Bounds: turns per conversation, sliding TTL on a monotonic clock, an LRU cap on the
+number of conversations, and a byte budget over stored role, content and state. Every
+conversation lives in one OrderedDict kept in order of last use; since every conversation
+has the same TTL, that order is also the order of their deadlines, so both LRU eviction and
+expiry take from the front in O(1).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import msgpack
+
+from worker import constants as c
+from worker.config import Limits
+from worker.errors import BadRequest, TooLarge, WorkerError
+from worker.protocol import (
+    Append,
+    Delete,
+    Eviction,
+    Fields,
+    Get,
+    Items,
+    Loaded,
+    Request,
+    Result,
+    StateDelete,
+    StateGetAll,
+    StateLoad,
+    StateSave,
+    Turns,
+    encode_turn,
+)
+
+# Ids remembered per conversation for at-most-once appends and saves.
+IDS_REMEMBERED: Final = 32
+NO_DEADLINE: Final = float("inf")
+
+
+class Convo:
+    """One conversation. `turns` holds msgpack-encoded turns, oldest first."""
+
+    __slots__ = ("deadline", "ids", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
+
+    def __init__(self) -> None:
+        self.turns: list[bytes] = []
+        self.seq = 0
+        self.nbytes = 0  # turns and state
+        self.sbytes = 0  # state alone
+        self.nkeys = 0
+        self.deadline = NO_DEADLINE
+        # ns -> key -> (msgpack value, monotonic deadline or NO_DEADLINE)
+        self.state: dict[str, dict[str, tuple[bytes, float]]] | None = None
+        self.ids: dict[Any, dict[str, Any]] | None = None
+
+
+def turn_size(turn: bytes) -> int:
+    """Bytes a stored turn counts toward the budget: its role and content in UTF-8."""
+    t = msgpack.unpackb(turn)
+    return len(t["role"].encode()) + len(t["content"].encode())
+
+
+def _key_size(key: str, value: bytes) -> int:
+    return len(key.encode()) + len(value)
+
+
+class Store:
+    """Conversations and their state inside hard bounds.
+
+    Args:
+        limits: the bounds to keep.
+        clock: monotonic seconds, for TTL.
+        wall: Unix seconds, for the timestamps on turns and events.
+
+    Each operation that evicts appends to `evictions`, which the caller drains. When
+    `dirty` is a set (durable backends enable it), every conversation an operation changed
+    is added to it, and one whose deadline alone moved is added to `touched`.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._wall = wall
+        self._convos: OrderedDict[str, Convo] = OrderedDict()
+        self._key_heap: list[tuple[float, str, str, str]] = []
+        self.evictions: list[Eviction] = []
+        self.dirty: set[str] | None = None
+        self.touched: set[str] = set()
+        self.turns = 0
+        self.bytes = 0
+        self.keys = 0
+
+    # --- reading the bounds -------------------------------------------------------------
+
+    @property
+    def conversations(self) -> int:
+        return len(self._convos)
+
+    def __contains__(self, convo: str) -> bool:
+        return convo in self._convos
+
+    def items(self) -> Iterable[tuple[str, Convo]]:
+        """Conversations from least to most recently used."""
+        return self._convos.items()
+
+    def get_convo(self, convo: str) -> Convo | None:
+        return self._convos.get(convo)
+
+    def take_evictions(self) -> list[Eviction]:
+        out, self.evictions = self.evictions, []
+        return out
+
+    # --- the operations -----------------------------------------------------------------
+
+    def execute(self, req: Request) -> Result:
+        """Apply one request; a refusal comes back as a WorkerError value, never raised."""
+        try:
+            match req:
+                case Append():
+                    return self.append(req)
+                case Get():
+                    return self.get(req)
+                case Delete():
+                    return self.delete(req)
+                case StateSave():
+                    return self.state_save(req)
+                case StateLoad():
+                    return self.state_load(req)
+                case StateGetAll():
+                    return self.state_get_all(req)
+                case StateDelete():
+                    return self.state_delete(req)
+        except WorkerError as exc:
+            return exc
+        raise BadRequest(f"unknown request {type(req).__name__}")  # pragma: no cover
+
+    def append(self, req: Append) -> Fields:
+        now = self._clock()
+        name = req.convo
+        cv = self._live(name, now)
+        if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
+            self._touch(name, cv, now)
+            return Fields(cv.ids[req.id])
+        size = len(req.role.encode()) + len(req.content.encode())
+        lim = self.limits
+        if size + (cv.sbytes if cv else 0) > lim.max_bytes:
+            raise TooLarge(f"the turn ({size} bytes) does not fit in --max-bytes {lim.max_bytes}")
+        if cv is None:
+            cv = self._create(name, now)
+        cv.seq += 1
+        cv.turns.append(encode_turn(req.role, req.content, self._wall(), cv.seq))
+        cv.nbytes += size
+        self.bytes += size
+        self.turns += 1
+        turns = cv.turns
+        while len(turns) > lim.max_turns or (cv.nbytes > lim.max_bytes and len(turns) > 1):
+            dropped = turn_size(turns.pop(0))
+            cv.nbytes -= dropped
+            self.bytes -= dropped
+            self.turns -= 1
+        fields = {"seq": cv.seq, "count": len(turns)}
+        if req.id is not None:
+            self._remember(cv, req.id, fields)
+        self._touch(name, cv, now)
+        self._changed(name)
+        self._fit_budget()
+        return Fields(fields)
+
+    def get(self, req: Get) -> Turns:
+        now = self._clock()
+        cv = self._live(req.convo, now)
+        if cv is None:
+            return Turns([])
+        self._touch(req.convo, cv, now)
+        if req.last is None:
+            return Turns(list(cv.turns))
+        return Turns(cv.turns[-req.last :])
+
+    def delete(self, req: Delete) -> Fields:
+        cv = self._live(req.convo, self._clock())
+        if cv is None:
+            return Fields({"deleted": 0})
+        count = len(cv.turns)
+        self._evict(req.convo, cv, c.REASON_DELETED)
+        return Fields({"deleted": count})
+
+    def state_save(self, req: StateSave) -> Fields:
+        now = self._clock()
+        name = req.convo
+        cv = self._live(name, now)
+        if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
+            self._touch(name, cv, now)
+            return Fields(cv.ids[req.id])
+        old = self._live_key(name, cv, req.ns, req.key, now) if cv else None
+        lim = self.limits
+        if old is None and cv is not None and cv.nkeys >= lim.max_keys:
+            self._purge_expired_keys(cv, now, name)
+            if cv.nkeys >= lim.max_keys:
+                raise TooLarge(f"the conversation has --max-keys {lim.max_keys} live keys")
+        delta = _key_size(req.key, req.value) - (_key_size(req.key, old[0]) if old else 0)
+        if (cv.nbytes if cv else 0) + delta > lim.max_bytes:
+            raise TooLarge(f"the value does not fit in --max-bytes {lim.max_bytes}")
+        if cv is None:
+            cv = self._create(name, now)
+        if cv.state is None:
+            cv.state = {}
+        deadline = now + req.ttl if req.ttl is not None else NO_DEADLINE
+        cv.state.setdefault(req.ns, {})[req.key] = (req.value, deadline)
+        if old is None:
+            cv.nkeys += 1
+            self.keys += 1
+        cv.nbytes += delta
+        cv.sbytes += delta
+        self.bytes += delta
+        if req.ttl is not None:
+            self._push_key_deadline(deadline, name, req.ns, req.key)
+        fields: dict[str, Any] = {}
+        if req.id is not None:
+            self._remember(cv, req.id, fields)
+        self._touch(name, cv, now)
+        self._changed(name)
+        self._fit_budget()
+        return Fields(fields)
+
+    def state_load(self, req: StateLoad) -> Loaded:
+        now = self._clock()
+        cv = self._live(req.convo, now)
+        if cv is None:
+            return Loaded(None)
+        entry = self._live_key(req.convo, cv, req.ns, req.key, now)
+        self._touch(req.convo, cv, now)
+        return Loaded(entry[0] if entry else None)
+
+    def state_get_all(self, req: StateGetAll) -> Items:
+        now = self._clock()
+        cv = self._live(req.convo, now)
+        if cv is None:
+            return Items({})
+        self._touch(req.convo, cv, now)
+        keys = cv.state.get(req.ns) if cv.state else None
+        if not keys:
+            return Items({})
+        if any(deadline <= now for _, deadline in keys.values()):
+            self._purge_expired_keys(cv, now, req.convo)
+        return Items({key: value for key, (value, _) in keys.items()})
+
+    def state_delete(self, req: StateDelete) -> Fields:
+        now = self._clock()
+        cv = self._live(req.convo, now)
+        if cv is None:
+            return Fields({"deleted": False})
+        found = self._live_key(req.convo, cv, req.ns, req.key, now) is not None
+        if found:
+            self._drop_key(cv, req.ns, req.key)
+            self._changed(req.convo)
+        self._touch(req.convo, cv, now)
+        return Fields({"deleted": found})
+
+    # --- expiry -------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """The earliest monotonic time at which something expires (inf: nothing will)."""
+        first = NO_DEADLINE
+        if self.limits.ttl and self._convos:
+            first = next(iter(self._convos.values())).deadline
+        if self._key_heap:
+            first = min(first, self._key_heap[0][0])
+        return first
+
+    def expire(self, limit: int = c.SWEEP_CHUNK) -> bool:
+        """Expire what is due, at most `limit` conversations and keys; True if more is due."""
+        now = self._clock()
+        done = 0
+        if self.limits.ttl:
+            convos = self._convos
+            while convos and done < limit:
+                name, cv = next(iter(convos.items()))
+                if cv.deadline > now:
+                    break
+                self._evict(name, cv, c.REASON_TTL)
+                done += 1
+        heap = self._key_heap
+        while heap and heap[0][0] <= now and done < limit:
+            deadline, name, ns, key = heapq.heappop(heap)
+            owner = self._convos.get(name)
+            entry = owner.state.get(ns, {}).get(key) if owner is not None and owner.state else None
+            if owner is not None and entry is not None and entry[1] == deadline:
+                self._drop_key(owner, ns, key)
+                self._changed(name)
+            done += 1
+        return done >= limit
+
+    # --- restoring (durable backends) ---------------------------------------------------
+
+    def restore(
+        self,
+        name: str,
+        turns: list[bytes],
+        seq: int,
+        state: dict[str, dict[str, tuple[bytes, float]]],
+        deadline: float,
+    ) -> None:
+        """Put back a conversation read from storage; call in order of last use."""
+        cv = Convo()
+        cv.turns, cv.seq, cv.deadline = turns, seq, deadline
+        size = sum(turn_size(t) for t in turns)
+        cv.nbytes = size
+        for ns, keys in state.items():
+            for key, (value, key_deadline) in keys.items():
+                if cv.state is None:
+                    cv.state = {}
+                cv.state.setdefault(ns, {})[key] = (value, key_deadline)
+                ks = _key_size(key, value)
+                cv.sbytes += ks
+                cv.nkeys += 1
+                if key_deadline != NO_DEADLINE:
+                    self._push_key_deadline(key_deadline, name, ns, key)
+        cv.nbytes += cv.sbytes
+        self._convos[name] = cv
+        self.turns += len(turns)
+        self.bytes += cv.nbytes
+        self.keys += cv.nkeys
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _changed(self, name: str) -> None:
+        if self.dirty is not None:
+            self.dirty.add(name)
+
+    def _live(self, name: str, now: float) -> Convo | None:
+        cv = self._convos.get(name)
+        if cv is not None and cv.deadline <= now:
+            self._evict(name, cv, c.REASON_TTL)
+            return None
+        return cv
+
+    def _touch(self, name: str, cv: Convo, now: float) -> None:
+        self._convos.move_to_end(name)
+        if self.limits.ttl:
+            cv.deadline = now + self.limits.ttl
+            if self.dirty is not None:
+                self.touched.add(name)
+
+    def _create(self, name: str, now: float) -> Convo:
+        convos = self._convos
+        while len(convos) >= self.limits.max_conversations:
+            oldest_name, oldest = next(iter(convos.items()))
+            self._evict(
+                oldest_name, oldest, c.REASON_TTL if oldest.deadline <= now else c.REASON_LRU
+            )
+        cv = Convo()
+        convos[name] = cv
+        return cv
+
+    def _evict(self, name: str, cv: Convo, reason: str) -> None:
+        del self._convos[name]
+        self.turns -= len(cv.turns)
+        self.bytes -= cv.nbytes
+        self.keys -= cv.nkeys
+        self.evictions.append(Eviction(name, reason, len(cv.turns), cv.nkeys, self._wall()))
+        self._changed(name)
+
+    def _fit_budget(self) -> None:
+        # The conversation just used is last in order and alone fits the budget (checked
+        # before it grew), so this never evicts it.
+        convos = self._convos
+        while self.bytes > self.limits.max_bytes:
+            name, cv = next(iter(convos.items()))
+            self._evict(name, cv, c.REASON_MEMORY)
+
+    def _remember(self, cv: Convo, req_id: Any, fields: dict[str, Any]) -> None:
+        if cv.ids is None:
+            cv.ids = {}
+        cv.ids[req_id] = fields
+        if len(cv.ids) > IDS_REMEMBERED:
+            del cv.ids[next(iter(cv.ids))]
+
+    def _live_key(
+        self, name: str, cv: Convo, ns: str, key: str, now: float
+    ) -> tuple[bytes, float] | None:
+        entry = cv.state.get(ns, {}).get(key) if cv.state else None
+        if entry is not None and entry[1] <= now:
+            self._drop_key(cv, ns, key)
+            self._changed(name)
+            return None
+        return entry
+
+    def _drop_key(self, cv: Convo, ns: str, key: str) -> None:
+        assert cv.state is not None
+        keys = cv.state[ns]
+        value, _ = keys.pop(key)
+        if not keys:
+            del cv.state[ns]
+        size = _key_size(key, value)
+        cv.nbytes -= size
+        cv.sbytes -= size
+        cv.nkeys -= 1
+        self.bytes -= size
+        self.keys -= 1
+
+    def _purge_expired_keys(self, cv: Convo, now: float, name: str) -> None:
+        if not cv.state:
+            return
+        for ns, keys in list(cv.state.items()):
+            for key, (_, deadline) in list(keys.items()):
+                if deadline <= now:
+                    self._drop_key(cv, ns, key)
+        self._changed(name)
+
+    def _push_key_deadline(self, deadline: float, name: str, ns: str, key: str) -> None:
+        heap = self._key_heap
+        heapq.heappush(heap, (deadline, name, ns, key))
+        if len(heap) > 2 * self.keys + 1024:
+            # Saves that replace a key leave stale entries behind; rebuild from the live ones.
+            live = [
+                (d, n, s, k)
+                for n, cv in self._convos.items()
+                if cv.state
+                for s, keys in cv.state.items()
+                for k, (_, d) in keys.items()
+                if d != NO_DEADLINE
+            ]
+            heapq.heapify(live)
+            self._key_heap = live
