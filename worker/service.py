@@ -74,7 +74,7 @@ class _Client(aiomqtt.Client):
     ) -> None:
         receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
         # The public setter refuses once connected; CONNACK is the first moment we know it.
-        client._max_inflight_messages = receive_max or 65535  # noqa: SLF001
+        client._max_inflight_messages = receive_max or 65535
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -166,7 +166,9 @@ class Service:
         self._wake = asyncio.Event()
         self._generation = 0
         self._client: _Client | None = None
-        self._connected = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._connection_made = asyncio.Event()
         self.status_topic = self.router.worker_topic(cfg.client_id, "status")
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
         self._reply_props = _properties(PacketTypes.PUBLISH)
@@ -193,13 +195,16 @@ class Service:
     async def _shutdown(
         self, client: _Client, connection: asyncio.Task[None], tasks: list[asyncio.Task[None]]
     ) -> None:
-        client.pause_reading()
+        # Requests that arrive from now on are left unacknowledged: the broker keeps them in
+        # the session for the next start. Reading goes on, for the acks of our last publishes.
+        self._closing = True
+        client.resume_reading()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained(), timeout=5)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._connected.is_set():
+        if self.connected.is_set():
             with contextlib.suppress(Exception):
                 self._publish_stats()
                 await client.publish(
@@ -245,7 +250,7 @@ class Service:
                     await self._on_connected(client)
                     await client.wait_disconnected()
             except aiomqtt.MqttError as exc:
-                self._connected.clear()
+                self.connected.clear()
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
                 attempt += 1
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
@@ -258,14 +263,16 @@ class Service:
                 )
                 await asyncio.sleep(delay)
             finally:
-                self._connected.clear()
+                self.connected.clear()
 
     async def _on_connected(self, client: _Client) -> None:
         prefix = f"$share/{self.cfg.shared_group}/" if self.cfg.shared_group else ""
         options = SubscribeOptions(qos=1, retainAsPublished=True)
         await client.subscribe([(prefix + f, options) for f in self.router.filters()])
         await client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
-        self._connected.set()
+        self.connected.set()
+        self.connections += 1
+        self._connection_made.set()
         self._publish_stats()
         log.info(
             "serving %s/# on %s:%d as %s (backend %s)",
@@ -275,6 +282,12 @@ class Service:
             self.cfg.client_id,
             self.backend.name,
         )
+
+    async def wait_connections(self, n: int) -> None:
+        """Return once the worker has connected (and subscribed) `n` times in all."""
+        while self.connections < n:
+            self._connection_made.clear()
+            await self._connection_made.wait()
 
     def _status(self, state: str) -> bytes:
         return encode(
@@ -292,8 +305,13 @@ class Service:
     # --- the hot path ---------------------------------------------------------------------
 
     _busy = False
+    _closing = False
 
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self._closing:
+            return
+        if self._closing:
+            return
         self._inbox.append((self._generation, msg))
         if len(self._inbox) >= self.cfg.max_inflight and self._client is not None:
             self._client.pause_reading()
@@ -402,7 +420,7 @@ class Service:
     async def _publish_stats_forever(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
-            if self._connected.is_set():
+            if self.connected.is_set():
                 self._publish_stats()
 
     def stats_body(self) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""MQTT peers for the end-to-end tests: devices (MQTT 5 and 3.1.1) and dashboards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import jsonschema
+import msgpack
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.processes import REPO
+
+SCHEMAS = REPO / "schemas"
+TIMEOUT = 10.0
+
+
+def _as_json(value: Any) -> Any:
+    """msgpack values as JSON Schema sees them: bin as a string (see schemas/README.md)."""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, dict):
+        return {str(k): _as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(v) for v in value]
+    return value
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((SCHEMAS / f"{name}.json").read_text())
+    return loaded
+
+
+def check(name: str, value: Any) -> None:
+    """Assert that `value` matches schemas/<name>.json."""
+    jsonschema.validate(_as_json(value), schema(name))
+
+
+def props(**fields: Any) -> Properties:
+    p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    for key, value in fields.items():
+        setattr(p, key, value)
+    return p
+
+
+class Device:
+    """A device that asks the worker and awaits its answers.
+
+    MQTT 5 devices ask with a Response Topic and Correlation Data; MQTT 3.1.1 devices put
+    `reply_to` in the payload. Every reply is checked against the schema of its operation.
+    """
+
+    def __init__(self, client: aiomqtt.Client, prefix: str, v5: bool) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.v5 = v5
+        self.inbox = f"reply/{uuid.uuid4().hex}"
+        self._n = itertools.count(1)
+        self._waiting: dict[bytes | str, asyncio.Future[aiomqtt.Message]] = {}
+        self.unmatched: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+
+    async def _listen(self) -> None:
+        async for message in self.client.messages:
+            key: bytes | str | None
+            if self.v5:
+                key = getattr(message.properties, "CorrelationData", None)
+            else:
+                key = message.topic.value
+            fut = self._waiting.pop(key, None) if key is not None else None
+            if fut is None:
+                self.unmatched.put_nowait(message)
+            elif not fut.done():
+                fut.set_result(message)
+
+    async def send(
+        self, topic: str, body: dict[str, Any] | bytes, *, qos: int = 1, retain: bool = False
+    ) -> asyncio.Future[aiomqtt.Message]:
+        """Publish a request (a map, or raw bytes); the future resolves with its reply.
+
+        A 3.1.1 device adds `reply_to` to a map body that has none.
+        """
+        n = next(self._n)
+        fut: asyncio.Future[aiomqtt.Message] = asyncio.get_running_loop().create_future()
+        properties = None
+        if self.v5:
+            key: bytes | str = n.to_bytes(4, "big")
+            properties = props(ResponseTopic=self.inbox, CorrelationData=key)
+        else:
+            key = f"{self.inbox}/{n}"
+            if isinstance(body, dict) and "reply_to" not in body:
+                body = {**body, "reply_to": key}
+        self._waiting[key] = fut
+        payload = body if isinstance(body, bytes) else msgpack.packb(body)
+        await self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        return fut
+
+    async def request(
+        self, convo: str, op: str, body: dict[str, Any] | None = None, *, qos: int = 1
+    ) -> dict[str, Any]:
+        """One request and its decoded, schema-checked reply."""
+        fut = await self.send(f"{self.prefix}/{convo}/{op}", body or {}, qos=qos)
+        reply = await self.reply(fut)
+        check(f"{op.replace('/', '.')}.reply", reply)
+        return reply
+
+    async def reply(self, fut: asyncio.Future[aiomqtt.Message]) -> dict[str, Any]:
+        message = await asyncio.wait_for(fut, TIMEOUT)
+        if self.v5:
+            assert getattr(message.properties, "ContentType", None) == "application/msgpack"
+        decoded: dict[str, Any] = msgpack.unpackb(message.payload)
+        return decoded
+
+    async def raw(self, topic: str, payload: bytes, qos: int = 1) -> dict[str, Any]:
+        """Publish raw bytes (an MQTT 5 device: the route is in the properties)."""
+        return await self.reply(await self.send(topic, payload, qos=qos))
+
+
+@contextlib.asynccontextmanager
+async def device(
+    host: str, port: int, prefix: str, *, v5: bool = True, **kwargs: Any
+) -> AsyncIterator[Device]:
+    protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(host, port, protocol=protocol, **kwargs) as client:
+        dev = Device(client, prefix, v5)
+        await client.subscribe(f"{dev.inbox}/#" if not v5 else dev.inbox, qos=1)
+        listener = asyncio.create_task(dev._listen())
+        try:
+            yield dev
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await listener
+
+
+@contextlib.asynccontextmanager
+async def watcher(
+    host: str, port: int, *filters: str, **kwargs: Any
+) -> AsyncIterator[asyncio.Queue[aiomqtt.Message]]:
+    """Messages on `filters`, in arrival order, from a subscription made before yielding."""
+    queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5, **kwargs) as client:
+        for f in filters:
+            await client.subscribe(f, qos=1)
+
+        async def pump() -> None:
+            async for message in client.messages:
+                queue.put_nowait(message)
+
+        task = asyncio.create_task(pump())
+        try:
+            yield queue
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+async def next_message(queue: asyncio.Queue[aiomqtt.Message]) -> aiomqtt.Message:
+    return await asyncio.wait_for(queue.get(), TIMEOUT)
+
+
+def decode(message: aiomqtt.Message) -> Any:
+    return msgpack.unpackb(message.payload, strict_map_key=False)
+
+
+def schema_files() -> list[Path]:
+    return sorted(SCHEMAS.glob("*.json"))

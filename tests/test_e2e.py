@@ -1,0 +1,258 @@
+"""The wire contract end to end: real Mosquitto, real MQTT 5 and 3.1.1 clients."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgpack
+import pytest
+
+from tests.clients import Device, check, decode, device, next_message, watcher
+from tests.conftest import WorkerFactory, unique
+from tests.processes import Mosquitto
+from worker.service import Service
+
+
+async def test_append_get_delete(dev: Device) -> None:
+    """append numbers turns, get returns them oldest first, delete removes them."""
+    assert await dev.request("c1", "append", {"role": "user", "content": "hi"}) == {
+        "ok": True,
+        "seq": 1,
+        "count": 1,
+    }
+    assert (await dev.request("c1", "append", {"role": "assistant", "content": "yo"}))["seq"] == 2
+    reply = await dev.request("c1", "get")
+    assert [(t["role"], t["content"], t["seq"]) for t in reply["turns"]] == [
+        ("user", "hi", 1),
+        ("assistant", "yo", 2),
+    ]
+    assert all(isinstance(t["ts"], float) for t in reply["turns"])
+    assert (await dev.request("c1", "get", {"last": 1}))["turns"][0]["content"] == "yo"
+    assert await dev.request("c1", "delete") == {"ok": True, "deleted": 2}
+    assert await dev.request("c1", "get") == {"ok": True, "turns": []}
+    assert await dev.request("c1", "delete") == {"ok": True, "deleted": 0}
+
+
+async def test_id_is_echoed(dev: Device) -> None:
+    """A request's id comes back as it was sent: str, int or bytes."""
+    for req_id in ("abc", 42, b"\x00\xff"):
+        reply = await dev.request("c", "get", {"id": req_id})
+        assert reply["id"] == req_id
+
+
+async def test_correlation_data_and_content_type(dev5: Device) -> None:
+    """MQTT 5 replies carry the request's Correlation Data and application/msgpack."""
+    fut = await dev5.send(f"{dev5.prefix}/c/get", {})
+    message = await asyncio.wait_for(fut, 10)
+    assert message.properties is not None
+    assert getattr(message.properties, "CorrelationData", None) == (1).to_bytes(4, "big")
+    assert getattr(message.properties, "ContentType", None) == "application/msgpack"
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_reply_uses_the_request_qos(dev: Device, qos: int) -> None:
+    fut = await dev.send(f"{dev.prefix}/c/get", {}, qos=qos)
+    message = await asyncio.wait_for(fut, 10)
+    assert message.qos == qos
+
+
+@pytest.mark.parametrize(
+    ("op", "payload", "code"),
+    [
+        ("append", b"\xc1\xc1", "bad_payload"),
+        ("append", msgpack.packb([1, 2]), "bad_payload"),
+        ("append", msgpack.packb({"role": "user"}), "bad_request"),
+        ("append", msgpack.packb({"role": 5, "content": "x"}), "bad_request"),
+        ("get", msgpack.packb({"last": -1}), "bad_request"),
+        ("append", b"\x81\xa4role\xa3\xff\xfe\xfd", "bad_payload"),
+        ("append", msgpack.packb({"role": "u", "content": "x" * 70_000}), "too_large"),
+    ],
+    ids=["garbage", "not-a-map", "missing", "wrong-type", "bad-last", "bad-utf8", "oversize"],
+)
+async def test_bad_input_gets_its_error_code(
+    dev5: Device, op: str, payload: bytes, code: str
+) -> None:
+    """Each bad request with a route gets an error reply with the documented code."""
+    reply = await dev5.raw(f"{dev5.prefix}/c/{op}", payload)
+    check("error.reply", reply)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert (await dev5.request("c", "get"))["ok"] is True
+
+
+async def test_bad_request_via_reply_to(broker: Mosquitto, worker: Service) -> None:
+    """A 3.1.1 device gets its error on reply_to, with its id."""
+    async with device(broker.host, broker.port, worker.cfg.prefix, v5=False) as d:
+        reply = await d.request("c", "append", {"role": "", "content": "x", "id": 9})
+        assert reply["error"]["code"] == "bad_request"
+        assert reply["id"] == 9
+
+
+@pytest.mark.parametrize("convo", ["_worker", "$x", "x" * 129])
+async def test_bad_conversation_id(dev: Device, convo: str) -> None:
+    reply = await dev.request(convo, "get")
+    assert reply["error"]["code"] == "bad_topic"
+
+
+async def test_bad_routes_are_never_published(broker: Mosquitto, worker: Service) -> None:
+    """Routes under P/, with wildcards or too long get no reply; the worker keeps serving."""
+    p = worker.cfg.prefix
+    async with (
+        watcher(broker.host, broker.port, f"{p}/#", "elsewhere/#") as seen,
+        device(broker.host, broker.port, p, v5=False) as d,
+    ):
+        bad = [f"{p}/victim/append", f"{p}/x", "elsewhere/+", "elsewhere/#", "e" * 300, 7]
+        for route in bad:
+            await d.client.publish(
+                f"{p}/victim/append",
+                msgpack.packb({"role": "user", "content": "x", "reply_to": route}),
+                qos=1,
+            )
+        assert (await d.request("victim", "get"))["turns"][-1]["seq"] == len(bad)
+        topics = []
+        while not seen.empty():
+            topics.append((await seen.get()).topic.value)
+        requests = [f"{p}/victim/append"] * len(bad) + [f"{p}/victim/get"]
+        assert [t for t in topics if not t.startswith(f"{p}/_worker/")] == requests
+    assert worker.stats.refused["bad_route"] == len(bad)
+
+
+async def test_retained_requests_are_ignored(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """A retained request is neither replayed on subscribe nor applied live."""
+    async with worker_factory() as w, device(broker.host, broker.port, w.cfg.prefix) as d:
+        topic = f"{w.cfg.prefix}/c/append"
+        await d.client.publish(
+            topic, msgpack.packb({"role": "u", "content": "live"}), qos=1, retain=True
+        )
+        assert (await d.request("c", "get"))["turns"] == []
+        assert w.stats.ignored_retained == 1
+    async with (
+        worker_factory(prefix=w.cfg.prefix) as w2,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+    ):
+        assert (await d.request("c", "get"))["turns"] == []
+        assert w2.stats.ignored_retained == 1
+        await d.client.publish(topic, b"", qos=1, retain=True)  # clear it
+
+
+async def test_ordering_of_pipelined_appends(dev: Device) -> None:
+    """Appends from one publisher are stored in the order published."""
+    futs = [
+        await dev.send(f"{dev.prefix}/c/append", {"role": "u", "content": str(i)})
+        for i in range(200)
+    ]
+    replies = [await dev.reply(f) for f in futs]
+    assert [r["seq"] for r in replies] == list(range(1, 201))
+    turns = (await dev.request("c", "get"))["turns"]
+    assert [t["content"] for t in turns] == [str(i) for i in range(192, 200)]
+
+
+async def test_events_one_per_eviction(broker: Mosquitto, worker_factory: WorkerFactory) -> None:
+    """lru, memory and deleted evictions are each announced once, on P/<convo>/evicted."""
+    async with (
+        worker_factory(max_conversations=2, max_bytes=1000, max_payload_bytes=256) as w,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, f"{w.cfg.prefix}/+/evicted") as events,
+    ):
+        await d.request("a", "append", {"role": "u", "content": "1"})
+        await d.request("b", "append", {"role": "u", "content": "2"})
+        await d.request("c", "append", {"role": "u", "content": "3"})  # a: lru
+        msg = await next_message(events)
+        assert msg.topic.value == f"{w.cfg.prefix}/a/evicted"
+        assert msg.qos == 1
+        assert not msg.retain
+        ev = decode(msg)
+        check("evicted.event", ev)
+        assert (ev["convo"], ev["reason"], ev["count"], ev["keys"]) == ("a", "lru", 1, 0)
+        for _ in range(5):
+            await d.request("c", "append", {"role": "u", "content": "x" * 200})
+        await d.request("d", "append", {"role": "u", "content": "y" * 200})  # over 1000: b, c
+        got = [decode(await next_message(events)) for _ in range(2)]
+        assert [(e["convo"], e["reason"]) for e in got] == [("b", "lru"), ("c", "memory")]
+        await d.request("d", "delete")
+        ev = decode(await next_message(events))
+        assert (ev["convo"], ev["reason"], ev["count"]) == ("d", "deleted", 1)
+        await d.request("d", "delete")
+        await d.request("d", "get")
+        assert events.empty()
+        assert w.stats.evictions == {"lru": 2, "memory": 1, "deleted": 1}
+
+
+async def test_ttl_expiry_is_announced_without_a_touch(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """An idle conversation's ttl event goes out within about a second of expiry."""
+    async with (
+        worker_factory(ttl=0.3) as w,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, f"{w.cfg.prefix}/+/evicted") as events,
+    ):
+        await d.request("idle", "append", {"role": "u", "content": "x"})
+        t0 = asyncio.get_running_loop().time()
+        ev = decode(await next_message(events))
+        assert (ev["convo"], ev["reason"], ev["count"]) == ("idle", "ttl", 1)
+        assert asyncio.get_running_loop().time() - t0 < 1.5
+        assert await d.request("idle", "append", {"role": "u", "content": "y"}) == {
+            "ok": True,
+            "seq": 1,
+            "count": 1,
+        }
+
+
+async def test_status_and_stats_are_retained(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """status says online while serving, offline after a graceful stop; stats count."""
+    async with worker_factory() as w, device(broker.host, broker.port, w.cfg.prefix) as d:
+        await d.request("c", "append", {"role": "u", "content": "x"})
+        await d.raw(f"{w.cfg.prefix}/c/append", b"\xc1")
+        base = f"{w.cfg.prefix}/_worker/{w.cfg.client_id}"
+        async with watcher(broker.host, broker.port, f"{base}/status") as status:
+            msg = await next_message(status)
+            assert msg.retain
+            check("status", decode(msg))
+            assert decode(msg)["state"] == "online"
+        async with watcher(broker.host, broker.port, f"{base}/stats") as stats:
+            while True:  # retained first, then every --stats-interval
+                body = decode(await next_message(stats))
+                check("stats", body)
+                if body["requests"] >= 2:
+                    break
+            assert body["conversations"] == 1
+            assert body["turns"] == 1
+            assert body["errors"] == {"bad_payload": 1}
+    async with watcher(broker.host, broker.port, f"{base}/status") as status:
+        assert decode(await next_message(status))["state"] == "offline"
+
+
+async def test_worker_survives_broker_restart(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """After a broker restart the worker reconnects, re-subscribes and its memory is intact."""
+    async with worker_factory(own_broker) as w:
+        async with device(own_broker.host, own_broker.port, w.cfg.prefix) as d:
+            await d.request("c", "append", {"role": "u", "content": "before"})
+        own_broker.restart()
+        await asyncio.wait_for(w.wait_connections(2), 15)
+        async with device(own_broker.host, own_broker.port, w.cfg.prefix) as d:
+            turns = (await d.request("c", "get"))["turns"]
+            assert [t["content"] for t in turns] == ["before"]
+
+
+async def test_many_devices_at_once(broker: Mosquitto, worker: Service) -> None:
+    """Concurrent devices each see only their own conversation, in order."""
+
+    async def one(i: int) -> list[int]:
+        async with device(broker.host, broker.port, worker.cfg.prefix, v5=i % 2 == 0) as d:
+            convo = f"d{i}-{uuid.uuid4().hex[:6]}"
+            return [
+                (await d.request(convo, "append", {"role": "u", "content": str(n)}))["seq"]
+                for n in range(20)
+            ]
+
+    results = await asyncio.gather(*(one(i) for i in range(8)))
+    assert all(r == list(range(1, 21)) for r in results)
+    assert unique()  # unique names keep tests apart on the shared broker

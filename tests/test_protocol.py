@@ -1,0 +1,233 @@
+"""The wire contract's pure half: topics, routes, request parsing and reply encoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+
+from worker.errors import BadPayload, BadRequest, BadTopic, TooLarge
+from worker.protocol import (
+    Append,
+    Fields,
+    Get,
+    Items,
+    Loaded,
+    Router,
+    StateSave,
+    Turns,
+    encode_result,
+    encode_turn,
+    topic_name_problem,
+    validate_prefix,
+)
+
+R = Router("mem", 1024)
+
+
+def parse(topic: str, body: Any = None, raw: bytes | None = None, rt: str | None = None) -> Any:
+    payload = raw if raw is not None else msgpack.packb(body if body is not None else {})
+    return R.parse(topic, payload, rt)
+
+
+def test_append_request_is_understood() -> None:
+    """A well-formed append becomes an Append value with its route and id."""
+    p = parse("mem/c1/append", {"role": "user", "content": "hi", "id": "a", "x": 1}, rt="r/1")
+    assert p.request == Append("c1", "user", "hi", "a")
+    assert (p.route, p.req_id, p.error, p.refused) == ("r/1", "a", None, None)
+
+
+def test_empty_payload_counts_as_empty_map() -> None:
+    """An empty payload is {}: a get with no fields."""
+    p = R.parse("mem/c1/get", b"", None)
+    assert p.request == Get("c1", None)
+    assert not p.has_id
+
+
+def test_reply_to_is_the_route_without_response_topic() -> None:
+    """MQTT 3.1.1 devices name their route in the payload; the MQTT 5 property wins."""
+    assert parse("mem/c/get", {"reply_to": "dev/1"}).route == "dev/1"
+    assert parse("mem/c/get", {"reply_to": "dev/1"}, rt="dev/5").route == "dev/5"
+
+
+@pytest.mark.parametrize(
+    "convo",
+    [
+        "_worker",
+        "$sys",
+        "a" * 129,
+        "é" * 65,
+        "bad\x01",
+        "bad\x7f",
+        "bad\u0085",
+        "x\ufdd0",
+        "x\uffff",
+        "x\U0001fffe",
+    ],
+)
+def test_bad_conversation_ids_are_bad_topic(convo: str) -> None:
+    """Reserved, oversize, control and non-character conversation ids are refused."""
+    assert isinstance(parse(f"mem/{convo}/get").error, BadTopic)
+
+
+def test_conversation_id_of_128_bytes_is_fine() -> None:
+    """The limit is in UTF-8 bytes, inclusive."""
+    assert parse(f"mem/{'é' * 64}/get").error is None
+
+
+def test_unknown_operation_is_bad_topic() -> None:
+    assert isinstance(parse("mem/c/state/nope", {"ns": "n"}).error, BadTopic)
+    assert isinstance(parse("other/c/get").error, BadTopic)
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"\xc1", BadPayload),
+        (b"\x93\x01\x02\x03", BadPayload),
+        (msgpack.packb("text"), BadPayload),
+        (msgpack.packb({}) + b"x", BadPayload),
+        (b"\x91" * 1000 + b"\xc0", BadPayload),
+        (b"\x81\xa4role\xa2\xff\xfe", BadPayload),
+        (b"\x00" * 1025, TooLarge),
+    ],
+    ids=["garbage", "array", "string", "trailing", "deep", "bad-utf8", "oversize"],
+)
+def test_undecodable_payloads(raw: bytes, kind: type[Exception]) -> None:
+    """Payloads that are not a msgpack map, or over the cap, get the documented code."""
+    assert isinstance(parse("mem/c/append", raw=raw).error, kind)
+
+
+def test_too_large_is_checked_before_decoding() -> None:
+    """An oversize payload is refused without being decoded, so its reply_to is unknown."""
+    raw = msgpack.packb({"reply_to": "r", "content": "x" * 2000})
+    p = parse("mem/c/append", raw=raw)
+    assert isinstance(p.error, TooLarge)
+    assert p.route is None
+
+
+@pytest.mark.parametrize(
+    ("op", "body"),
+    [
+        ("append", {"content": "x"}),
+        ("append", {"role": "", "content": "x"}),
+        ("append", {"role": "r" * 33, "content": "x"}),
+        ("append", {"role": "user", "content": 5}),
+        ("append", {"role": 1, "content": "x"}),
+        ("get", {"last": 0}),
+        ("get", {"last": True}),
+        ("get", {"last": "3"}),
+        ("get", {"id": 1.5}),
+        ("get", {"id": "x" * 65}),
+        ("get", {"id": b"x" * 65}),
+        ("get", {"id": True}),
+        ("state/save", {"ns": "n", "key": "k"}),
+        ("state/save", {"ns": "n", "key": "k", "value": 1, "ttl": 0}),
+        ("state/save", {"ns": "n", "key": "k", "value": 1, "ttl": "5"}),
+        ("state/save", {"ns": "", "key": "k", "value": 1}),
+        ("state/load", {"ns": "n", "key": "k" * 129}),
+        ("state/get_all", {}),
+        ("state/delete", {"ns": "n"}),
+    ],
+)
+def test_wrong_fields_are_bad_request(op: str, body: dict[str, Any]) -> None:
+    """Missing or wrong-typed fields are bad_request."""
+    assert isinstance(parse(f"mem/c/{op}", body).error, BadRequest)
+
+
+def test_state_save_keeps_the_value_encoded() -> None:
+    """The value is kept as msgpack bytes so it round-trips exactly."""
+    value = {"a": [1, 2.5, None, True, b"\x00"], "b": {"c": "d"}}
+    p = parse("mem/c/state/save", {"ns": "n", "key": "k", "value": value, "ttl": 2})
+    assert p.request == StateSave("c", "n", "k", msgpack.packb(value), 2.0)
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "",
+        "a/+/b",
+        "a/#",
+        "nul\x00",
+        "ctl\x1f",
+        "del\x7f",
+        "c1\x9f",
+        "non\ufffe",
+        "non\ufdd5",
+        "x" * 257,
+        "mem/c/append",
+        "mem",
+        "$SYS/x",
+    ],
+)
+def test_bad_routes_are_refused(route: str) -> None:
+    """Routes Mosquitto would refuse, or inside the worker's own space, are never used."""
+    p = parse("mem/c/get", rt=route)
+    assert p.route is None
+    assert p.refused is not None
+    assert p.error is None  # the request itself is served; its reply has nowhere to go
+
+
+def test_non_string_reply_to_is_refused() -> None:
+    p = parse("mem/c/get", {"reply_to": 5})
+    assert p.route is None
+    assert p.refused is not None
+
+
+def test_route_next_to_prefix_is_fine() -> None:
+    """Only P itself and topics under P/ are reserved: P-something is not under P/."""
+    assert parse("mem/c/get", rt="memory/x").route == "memory/x"
+
+
+def test_topic_name_rules() -> None:
+    assert topic_name_problem("a/b/c") is None
+    assert topic_name_problem("ü/ß") is None
+    assert topic_name_problem("x" * 256) is None
+    assert topic_name_problem("x" * 257) is not None
+
+
+@pytest.mark.parametrize("prefix", ["", "$x", "/a", "a/", "a//b", "a/+", "a#"])
+def test_bad_prefixes(prefix: str) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        validate_prefix(prefix)
+
+
+def _roundtrip(result: Any, body: Any = None) -> Any:
+    return msgpack.unpackb(encode_result(result, parse("mem/c/get", body)))
+
+
+def test_turns_reply_is_a_plain_msgpack_map() -> None:
+    """Pre-encoded turns are spliced into a reply any msgpack decoder reads."""
+    turns = [encode_turn("user", f"m{i}", 1.5, i) for i in range(1, 20)]
+    assert _roundtrip(Turns(turns), {"id": b"\x01"}) == {
+        "ok": True,
+        "id": b"\x01",
+        "turns": [{"role": "user", "content": f"m{i}", "ts": 1.5, "seq": i} for i in range(1, 20)],
+    }
+
+
+def test_other_replies_echo_the_id() -> None:
+    assert _roundtrip(Fields({"seq": 1, "count": 1}), {"id": 7}) == {
+        "ok": True,
+        "seq": 1,
+        "count": 1,
+        "id": 7,
+    }
+    assert _roundtrip(Loaded(msgpack.packb([1, "x"])), {"id": "q"}) == {
+        "ok": True,
+        "id": "q",
+        "found": True,
+        "value": [1, "x"],
+    }
+    assert _roundtrip(Loaded(None)) == {"ok": True, "found": False, "value": None}
+    items = {f"k{i}": msgpack.packb(i) for i in range(20)}
+    assert _roundtrip(Items(items)) == {"ok": True, "items": {f"k{i}": i for i in range(20)}}
+
+
+def test_error_reply() -> None:
+    assert _roundtrip(BadRequest("nope"), {"id": "z"}) == {
+        "ok": False,
+        "id": "z",
+        "error": {"code": "bad_request", "message": "nope"},
+    }

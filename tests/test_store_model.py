@@ -1,0 +1,149 @@
+"""A Hypothesis stateful test: the store against a plain reference model that scans."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import msgpack
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from worker.config import Limits
+from worker.errors import TooLarge
+from worker.protocol import Append, Delete, Get
+from worker.store import Store
+
+LIMITS = Limits(max_turns=3, ttl=10, max_conversations=3, max_bytes=40)
+names = st.sampled_from("abcde")
+texts = st.text(alphabet="xé", max_size=14)
+
+
+@dataclass
+class ModelConvo:
+    turns: list[tuple[str, str, int]] = field(default_factory=list)
+    seq: int = 0
+    order: int = 0
+    deadline: float = 0.0
+
+    def size(self) -> int:
+        return sum(len(r.encode()) + len(c.encode()) for r, c, _ in self.turns)
+
+
+class Model:
+    """The contract, written the obvious way: scan for the oldest, recount the bytes."""
+
+    def __init__(self) -> None:
+        self.convos: dict[str, ModelConvo] = {}
+        self.evictions: list[tuple[str, str, int]] = []
+        self.tick = itertools.count()
+
+    def evict(self, name: str, reason: str) -> None:
+        self.evictions.append((name, reason, len(self.convos.pop(name).turns)))
+
+    def live(self, name: str, now: float) -> ModelConvo | None:
+        cv = self.convos.get(name)
+        if cv is not None and cv.deadline <= now:
+            self.evict(name, "ttl")
+            return None
+        return cv
+
+    def touch(self, cv: ModelConvo, now: float) -> None:
+        cv.order = next(self.tick)
+        cv.deadline = now + LIMITS.ttl
+
+    def lru(self, but: str | None = None) -> str:
+        return min((n for n in self.convos if n != but), key=lambda n: self.convos[n].order)
+
+    def append(self, name: str, role: str, content: str, now: float) -> tuple[int, int] | None:
+        cv = self.live(name, now)
+        size = len(role.encode()) + len(content.encode())
+        if size > LIMITS.max_bytes:
+            return None
+        if cv is None:
+            while len(self.convos) >= LIMITS.max_conversations:
+                victim = self.lru()
+                expired = self.convos[victim].deadline <= now
+                self.evict(victim, "ttl" if expired else "lru")
+            cv = self.convos[name] = ModelConvo()
+        cv.seq += 1
+        cv.turns.append((role, content, cv.seq))
+        while len(cv.turns) > LIMITS.max_turns or (
+            cv.size() > LIMITS.max_bytes and len(cv.turns) > 1
+        ):
+            cv.turns.pop(0)
+        self.touch(cv, now)
+        while sum(c.size() for c in self.convos.values()) > LIMITS.max_bytes:
+            self.evict(self.lru(but=name), "memory")
+        return cv.seq, len(cv.turns)
+
+
+class StoreMatchesModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 100.0
+        self.store = Store(LIMITS, clock=lambda: self.now, wall=lambda: 0.0)
+        self.model = Model()
+
+    def check_evictions(self) -> None:
+        got = [(e.convo, e.reason, e.count) for e in self.store.take_evictions()]
+        assert got == self.model.evictions
+        self.model.evictions = []
+
+    @rule(name=names, role=st.sampled_from(["user", "é"]), content=texts)
+    def append(self, name: str, role: str, content: str) -> None:
+        expected = self.model.append(name, role, content, self.now)
+        try:
+            got = self.store.append(Append(name, role, content)).fields
+        except TooLarge:
+            assert expected is None
+        else:
+            assert expected is not None
+            assert (got["seq"], got["count"]) == expected
+        self.check_evictions()
+
+    @rule(name=names, last=st.none() | st.integers(1, 4))
+    def get(self, name: str, last: int | None) -> None:
+        cv = self.model.live(name, self.now)
+        expected: list[tuple[str, str, int]] = []
+        if cv is not None:
+            self.model.touch(cv, self.now)
+            expected = cv.turns[-last:] if last else list(cv.turns)
+        got = [msgpack.unpackb(t) for t in self.store.get(Get(name, last)).turns]
+        assert [(t["role"], t["content"], t["seq"]) for t in got] == expected
+        self.check_evictions()
+
+    @rule(name=names)
+    def delete(self, name: str) -> None:
+        cv = self.model.live(name, self.now)
+        if cv is not None:
+            self.model.evict(name, "deleted")
+        got = self.store.delete(Delete(name)).fields["deleted"]
+        assert got == (len(cv.turns) if cv else 0)
+        self.check_evictions()
+
+    @rule(dt=st.sampled_from([0.0, 1.0, 4.0, 9.5, 10.0, 30.0]))
+    def wait_and_sweep(self, dt: float) -> None:
+        self.now += dt
+        for name in sorted(self.model.convos, key=lambda n: self.model.convos[n].order):
+            if self.model.convos[name].deadline <= self.now:
+                self.model.evict(name, "ttl")
+        while self.store.expire(limit=1):
+            pass
+        self.check_evictions()
+
+    @invariant()
+    def bounds_hold(self) -> None:
+        s = self.store
+        assert s.conversations <= LIMITS.max_conversations
+        assert s.bytes <= LIMITS.max_bytes
+        assert s.bytes == sum(c.size() for c in self.model.convos.values())
+        assert s.turns == sum(len(c.turns) for c in self.model.convos.values())
+        assert sorted(n for n, _ in s.items()) == sorted(self.model.convos)
+
+
+StoreMatchesModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+test_store_matches_model = StoreMatchesModel.TestCase
