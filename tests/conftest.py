@@ -125,3 +125,13 @@ def spawn_worker(broker: Mosquitto, *args: str, **env: str) -> subprocess.Popen[
         cwd=REPO,
         env={**os.environ, **env},
     )
+
+
+def reap(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> int:
+    """Stop a spawned program if it still runs; return its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    code = proc.wait(timeout=15)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return code

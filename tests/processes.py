@@ -40,11 +40,13 @@ def wait_port(
 class Mosquitto:
     """A Mosquitto started from the repo's mosquitto.conf (or another), on its own port."""
 
-    def __init__(self, workdir: Path, conf: Path | None = None, extra: str = "") -> None:
+    def __init__(
+        self, workdir: Path, conf: Path | None = None, extra: str = "", port: int | None = None
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
-        self.port = free_port()
+        self.port = port or free_port()
         text = (conf or REPO / "mosquitto.conf").read_text()
         text = re.sub(r"(?m)^listener \d+.*$", f"listener {self.port} 127.0.0.1", text)
         text = re.sub(r"(?m)^persistence_location .*$", "", text)

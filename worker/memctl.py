@@ -153,19 +153,23 @@ async def watch(args: argparse.Namespace) -> int:
 
 
 async def stats(args: argparse.Namespace) -> int:
+    """Each worker's retained stats, once; the broker sends all of them right on subscribe."""
+    seen: set[str] = set()
     async with _client(args) as client:
         await client.subscribe(f"{args.prefix}/{c.WORKER_LEVEL}/+/stats", qos=1)
+        messages = aiter(client.messages)
         async with asyncio.timeout(args.timeout):
-            message = await anext(aiter(client.messages))
-        emit(msgpack.unpackb(message.payload))
-        # Other workers' retained stats arrive right behind the first.
-        while True:
+            first = await anext(messages)
+        message: aiomqtt.Message | None = first
+        while message is not None and message.topic.value not in seen:
+            seen.add(message.topic.value)
+            emit(msgpack.unpackb(message.payload))
             try:
                 async with asyncio.timeout(0.3):
-                    message = await anext(aiter(client.messages))
+                    message = await anext(messages)
             except TimeoutError:
-                return EXIT_OK
-            emit(msgpack.unpackb(message.payload))
+                message = None
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

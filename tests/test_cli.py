@@ -1,0 +1,238 @@
+"""The programs as a user runs them: memory-worker, memctl, and Mosquitto's own mosquitto_rr."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from tests.clients import decode, next_message, watcher
+from tests.conftest import program, reap, spawn_worker, unique
+from tests.processes import Mosquitto, free_port
+
+
+def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [program("memory-worker"), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--max-turns", "0"], {}, "--max-turns"),
+        (["--port", "x"], {}, "--port"),
+        (["--bogus"], {}, "unrecognized"),
+        (["--prefix", "a/#"], {}, "--prefix"),
+        (["--max-bytes", "10"], {}, "--max-bytes"),
+        (["--backend", "mongodb://x"], {}, "--backend"),
+        ([], {"MEMORY_WORKER_TTL": "soon"}, "MEMORY_WORKER_TTL"),
+    ],
+)
+def test_bad_configuration_is_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], needle: str
+) -> None:
+    done = run_worker(*args, **env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert needle in lines[0]
+    assert lines[0].startswith("memory-worker: error:")
+
+
+def test_help_lists_every_flag_with_its_environment_variable() -> None:
+    done = run_worker("--help")
+    assert done.returncode == 0
+    for flag in (
+        "--max-turns",
+        "--ttl",
+        "--max-conversations",
+        "--max-bytes",
+        "--max-payload-bytes",
+        "--stats-interval",
+        "--client-id",
+        "--backend",
+    ):
+        assert flag in done.stdout
+    assert "MEMORY_WORKER_MAX_TURNS" in done.stdout
+
+
+@pytest.fixture
+async def program_worker(
+    broker: Mosquitto,
+) -> AsyncIterator[tuple[str, str, subprocess.Popen[str]]]:
+    """memory-worker as a separate process; yields (prefix, client id, process)."""
+    prefix, client_id = unique("mem"), unique("w-")
+    status = f"{prefix}/_worker/{client_id}/status"
+    async with watcher(broker.host, broker.port, status) as seen:
+        proc = spawn_worker(
+            broker,
+            "--prefix",
+            prefix,
+            "--client-id",
+            client_id,
+            "--stats-interval",
+            "0.2",
+            "--max-turns",
+            "3",
+        )
+        assert decode(await next_message(seen))["state"] == "online"
+    yield prefix, client_id, proc
+    reap(proc)
+
+
+async def memctl(
+    broker: Mosquitto, prefix: str, *args: str, timeout: float = 5
+) -> tuple[int, list[Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        program("memctl"),
+        "--host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        "--prefix",
+        prefix,
+        "--timeout",
+        str(timeout),
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    rc = proc.returncode
+    assert rc is not None
+    return rc, [json.loads(line) for line in out.decode().splitlines()]
+
+
+async def test_memctl_append_get_delete(broker: Mosquitto, program_worker: Any) -> None:
+    prefix = program_worker[0]
+    for i in range(4):
+        rc, out = await memctl(broker, prefix, "append", "kiosk-1", "user", f"hello {i}")
+        assert rc == 0
+        assert out == [{"ok": True, "seq": i + 1, "count": min(i + 1, 3)}]
+    rc, out = await memctl(broker, prefix, "get", "kiosk-1", "--last", "2")
+    assert rc == 0
+    assert [t["content"] for t in out[0]["turns"]] == ["hello 2", "hello 3"]
+    rc, out = await memctl(broker, prefix, "delete", "kiosk-1")
+    assert (rc, out) == (0, [{"ok": True, "deleted": 3}])
+
+
+async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None:
+    """1 on an error reply, 3 when nobody answers."""
+    prefix = program_worker[0]
+    rc, out = await memctl(broker, prefix, "get", "_reserved")
+    assert rc == 1
+    assert out[0]["error"]["code"] == "bad_topic"
+    rc, out = await memctl(broker, unique("nobody"), "get", "c", timeout=0.5)
+    assert (rc, out) == (3, [])
+
+
+async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) -> None:
+    prefix = program_worker[0]
+    proc = await asyncio.create_subprocess_exec(
+        program("memctl"),
+        "--port",
+        str(broker.port),
+        "--prefix",
+        prefix,
+        "watch",
+        "--count",
+        "1",
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    # The watcher has subscribed once the worker's retained status reaches a second client;
+    # deleting until the watcher prints makes the test independent of that race.
+    line = b""
+    n = 0
+    while not line:
+        n += 1
+        await memctl(broker, prefix, "append", f"c{n}", "user", "x")
+        await memctl(broker, prefix, "delete", f"c{n}")
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), 1)
+        except TimeoutError:
+            continue
+    event = json.loads(line)
+    assert event["reason"] == "deleted"
+    assert event["count"] == 1
+    assert await proc.wait() == 0
+    deleted = 0
+    while deleted < n:  # stats are refreshed every 0.2 s; each call reads the latest
+        rc, out = await memctl(broker, prefix, "stats")
+        assert rc == 0
+        assert out[0]["client_id"] == program_worker[1]
+        deleted = out[0]["evictions"].get("deleted", 0)
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_rr") is None, reason="mosquitto-clients missing")
+async def test_mosquitto_rr_gets_a_msgpack_reply(broker: Mosquitto, program_worker: Any) -> None:
+    prefix = program_worker[0]
+    request = msgpack.packb({"role": "user", "content": "from the shell"})
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_rr",
+        "-V",
+        "5",
+        "-h",
+        broker.host,
+        "-p",
+        str(broker.port),
+        "-t",
+        f"{prefix}/shell/append",
+        "-e",
+        "shell/reply",
+        "-m",
+        request,
+        "-N",
+        "-W",
+        "5",
+        stdout=subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert msgpack.unpackb(out) == {"ok": True, "seq": 1, "count": 1}
+
+
+async def test_sigterm_is_graceful_and_sigkill_leaves_the_will(broker: Mosquitto) -> None:
+    """SIGTERM: exit 0 and status offline; SIGKILL: the broker publishes the offline will."""
+    for sig, code in ((signal.SIGTERM, 0), (signal.SIGKILL, -signal.SIGKILL)):
+        prefix, cid = unique("mem"), unique("w-")
+        status = f"{prefix}/_worker/{cid}/status"
+        async with watcher(broker.host, broker.port, status) as seen:
+            proc = spawn_worker(broker, "--prefix", prefix, "--client-id", cid)
+            assert decode(await next_message(seen))["state"] == "online"
+            proc.send_signal(sig)
+            assert decode(await next_message(seen))["state"] == "offline"
+            assert proc.wait(timeout=10) == code
+            reap(proc)
+
+
+async def test_unreachable_broker_is_retried(tmp_path: Path) -> None:
+    """With no broker the worker logs and retries; when one appears it serves."""
+    port = free_port()
+    late = Mosquitto(tmp_path, port=port)
+    prefix, cid = unique("mem"), unique("w-")
+    proc = spawn_worker(late, "--prefix", prefix, "--client-id", cid, "--reconnect-max", "0.3")
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.to_thread(proc.stdout.readline)
+        assert "unreachable" in line
+        assert proc.poll() is None
+        late.start()
+        async with watcher(late.host, late.port, f"{prefix}/_worker/{cid}/status") as seen:
+            assert decode(await next_message(seen))["state"] == "online"
+    finally:
+        reap(proc, signal.SIGTERM)
+        late.stop()
