@@ -95,7 +95,7 @@ async def program_worker(
 
 
 async def memctl(
-    broker: Mosquitto, prefix: str, *args: str, timeout: float = 5
+    broker: Mosquitto, prefix: str, *args: str, wait: float = 5
 ) -> tuple[int, list[Any]]:
     proc = await asyncio.create_subprocess_exec(
         program("memctl"),
@@ -106,7 +106,7 @@ async def memctl(
         "--prefix",
         prefix,
         "--timeout",
-        str(timeout),
+        str(wait),
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -136,7 +136,7 @@ async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None
     rc, out = await memctl(broker, prefix, "get", "_reserved")
     assert rc == 1
     assert out[0]["error"]["code"] == "bad_topic"
-    rc, out = await memctl(broker, unique("nobody"), "get", "c", timeout=0.5)
+    rc, out = await memctl(broker, unique("nobody"), "get", "c", wait=0.5)
     assert (rc, out) == (3, [])
 
 
