@@ -96,7 +96,7 @@ class Store:
         self._key_heap: list[tuple[float, str, str, str]] = []
         self.evictions: list[Eviction] = []
         self.dirty: set[str] | None = None
-        self.touched: set[str] = set()
+        self.touched: dict[str, None] = {}  # in order of use, most recent last
         self.turns = 0
         self.bytes = 0
         self.keys = 0
@@ -306,15 +306,18 @@ class Store:
     def restore(
         self,
         name: str,
+        *,
         turns: list[bytes],
         seq: int,
         state: dict[str, dict[str, tuple[bytes, float]]],
         deadline: float,
+        ids: dict[Any, dict[str, Any]],
     ) -> None:
         """Put back a conversation read from storage; call in order of last use."""
         cv = Convo()
-        cv.turns, cv.seq, cv.deadline = turns, seq, deadline
-        size = sum(turn_size(t) for t in turns)
+        cv.turns, cv.seq, cv.deadline = turns[-self.limits.max_turns :], seq, deadline
+        cv.ids = ids or None
+        size = sum(turn_size(t) for t in cv.turns)
         cv.nbytes = size
         for ns, keys in state.items():
             for key, (value, key_deadline) in keys.items():
@@ -328,9 +331,17 @@ class Store:
                     self._push_key_deadline(key_deadline, name, ns, key)
         cv.nbytes += cv.sbytes
         self._convos[name] = cv
-        self.turns += len(turns)
+        self.turns += len(cv.turns)
         self.bytes += cv.nbytes
         self.keys += cv.nkeys
+
+    def enforce_bounds(self) -> None:
+        """Evict what a restore put over --max-conversations or --max-bytes (LRU first)."""
+        convos = self._convos
+        while len(convos) > self.limits.max_conversations:
+            name, cv = next(iter(convos.items()))
+            self._evict(name, cv, c.REASON_LRU)
+        self._fit_budget()
 
     # --- internals ----------------------------------------------------------------------
 
@@ -350,7 +361,8 @@ class Store:
         if self.limits.ttl:
             cv.deadline = now + self.limits.ttl
             if self.dirty is not None:
-                self.touched.add(name)
+                self.touched.pop(name, None)
+                self.touched[name] = None
 
     def _create(self, name: str, now: float) -> Convo:
         convos = self._convos

@@ -14,6 +14,10 @@ def create_backend(cfg: Config) -> Backend:
         from worker.backends.memory import MemoryBackend
 
         return MemoryBackend(cfg.limits)
+    if url.startswith("sqlite:"):
+        from worker.backends.sqlite import SqliteBackend
+
+        return SqliteBackend(url, cfg.limits)
     raise ConfigError(f"--backend {url!r} is not supported")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from worker.backends.base import Backend, Counts
 from worker.config import Limits
@@ -15,8 +16,13 @@ class MemoryBackend(Backend):
 
     name = "memory"
 
-    def __init__(self, limits: Limits) -> None:
-        self.store = Store(limits)
+    def __init__(
+        self,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = Store(limits, clock=clock, wall=wall)
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
         run = self.store.execute

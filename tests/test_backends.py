@@ -1,0 +1,489 @@
+"""The backend behaviour suite: the whole store contract, run on every backend.
+
+Each test drives a backend through the same interface the service uses, on a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from worker.backends.base import Backend
+from worker.backends.memory import MemoryBackend
+from worker.backends.sqlite import SqliteBackend
+from worker.config import Limits
+from worker.errors import TooLarge, WorkerError
+from worker.protocol import (
+    Append,
+    Delete,
+    Fields,
+    Get,
+    Items,
+    Loaded,
+    Request,
+    Result,
+    StateDelete,
+    StateGetAll,
+    StateLoad,
+    StateSave,
+    Turns,
+)
+
+BACKENDS = ["memory", "sqlite"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    """A backend on a fake clock, with the evictions it reported so far."""
+
+    def __init__(self, kind: str, limits: Limits, tmp: Path, clock: Clock) -> None:
+        self.kind, self.limits, self.tmp, self.clock = kind, limits, tmp, clock
+        self.events: list[tuple[str, str, int, int]] = []
+        self.be = self._new()
+
+    def _new(self) -> Backend:
+        wall = self.clock  # one fake time drives both clocks
+        if self.kind == "memory":
+            return MemoryBackend(self.limits, clock=self.clock, wall=wall)
+        return SqliteBackend(
+            f"sqlite:///{self.tmp}/memory.db", self.limits, clock=self.clock, wall=wall
+        )
+
+    async def reopen(self, limits: Limits | None = None) -> None:
+        """Close and open again on the same storage, as a restarted worker does."""
+        await self.be.close()
+        self.limits = limits or self.limits
+        self.be = self._new()
+        await self.be.open()
+
+    async def run(self, req: Request) -> Result:
+        results, evictions = await self.be.execute([req])
+        self.events += [(e.convo, e.reason, e.count, e.keys) for e in evictions]
+        return results[0]
+
+    async def ok(self, req: Request) -> Any:
+        result = await self.run(req)
+        if isinstance(result, WorkerError):
+            raise result
+        return result
+
+    async def expire(self) -> bool:
+        more, evictions = await self.be.expire()
+        self.events += [(e.convo, e.reason, e.count, e.keys) for e in evictions]
+        return more
+
+    def take(self) -> list[tuple[str, str, int, int]]:
+        out, self.events = self.events, []
+        return out
+
+    @property
+    def counts(self) -> Any:
+        return self.be.counts()
+
+
+Make = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture(params=BACKENDS)
+async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
+    made: list[Harness] = []
+
+    async def factory(**limits: Any) -> Harness:
+        h = Harness(request.param, Limits(**limits), tmp_path / str(len(made)), Clock())
+        await h.be.open()
+        made.append(h)
+        return h
+
+    yield factory
+    for h in made:
+        await h.be.close()
+
+
+async def turns(h: Harness, convo: str, last: int | None = None) -> list[dict[str, Any]]:
+    result = await h.ok(Get(convo, last))
+    assert isinstance(result, Turns)
+    return [msgpack.unpackb(t) for t in result.turns]
+
+
+async def add(h: Harness, convo: str, content: str = "x", role: str = "user", **kw: Any) -> Any:
+    result = await h.ok(Append(convo, role, content, **kw))
+    assert isinstance(result, Fields)
+    return result.fields
+
+
+async def test_append_numbers_turns_and_counts_them(make: Make) -> None:
+    """seq numbers turns from 1; count is how many are stored."""
+    h = await make()
+    assert await add(h, "c") == {"seq": 1, "count": 1}
+    assert await add(h, "c") == {"seq": 2, "count": 2}
+    assert await add(h, "d") == {"seq": 1, "count": 1}
+
+
+async def test_max_turns_drops_the_oldest_without_an_eviction(make: Make) -> None:
+    """Past --max-turns the oldest turn goes; trimming is not an eviction."""
+    h = await make(max_turns=3)
+    for i in range(5):
+        await add(h, "c", f"m{i}")
+    assert [t["content"] for t in await turns(h, "c")] == ["m2", "m3", "m4"]
+    assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5]
+    assert await add(h, "c") == {"seq": 6, "count": 3}
+    assert h.take() == []
+    assert (h.counts.turns, h.counts.bytes) == (3, 6 + 6 + 5)
+
+
+async def test_get_last_and_unknown(make: Make) -> None:
+    """get returns the last N, oldest first; [] for an unknown conversation (not created)."""
+    h = await make()
+    for i in range(4):
+        await add(h, "c", f"m{i}")
+    assert [t["content"] for t in await turns(h, "c", 2)] == ["m2", "m3"]
+    assert [t["content"] for t in await turns(h, "c", 10)] == ["m0", "m1", "m2", "m3"]
+    assert await turns(h, "nobody") == []
+    assert h.counts.conversations == 1
+
+
+async def test_turns_carry_role_and_timestamp(make: Make) -> None:
+    h = await make()
+    await add(h, "c", "hello", role="assistant")
+    assert await turns(h, "c") == [
+        {"role": "assistant", "content": "hello", "ts": h.clock.now, "seq": 1}
+    ]
+
+
+async def test_ttl_slides_on_append_and_get(make: Make) -> None:
+    """The TTL runs from the last append or get."""
+    h = await make(ttl=10)
+    await add(h, "c")
+    h.clock.now += 8
+    assert len(await turns(h, "c")) == 1
+    h.clock.now += 8
+    await add(h, "c")
+    h.clock.now += 9.9
+    assert await h.expire() is False
+    assert h.take() == []
+    assert len(await turns(h, "c")) == 2
+
+
+async def test_expiry_is_proactive_and_reported_once(make: Make) -> None:
+    """The sweep expires conversations nobody touches, one event each."""
+    h = await make(ttl=10)
+    await add(h, "a")
+    await add(h, "a")
+    h.clock.now += 5
+    await add(h, "b")
+    h.clock.now += 6
+    await h.expire()
+    assert h.take() == [("a", "ttl", 2, 0)]
+    h.clock.now += 10
+    await h.expire()
+    await h.expire()
+    assert h.take() == [("b", "ttl", 1, 0)]
+    assert (h.counts.conversations, h.counts.turns, h.counts.bytes) == (0, 0, 0)
+
+
+async def test_expired_conversation_is_never_visible_again(make: Make) -> None:
+    """An append after expiry starts a fresh conversation at seq 1, with the ttl event first."""
+    h = await make(ttl=10)
+    await add(h, "c", "old")
+    h.clock.now += 11
+    assert await add(h, "c", "new") == {"seq": 1, "count": 1}
+    assert h.take() == [("c", "ttl", 1, 0)]
+    assert [t["content"] for t in await turns(h, "c")] == ["new"]
+
+
+async def test_get_on_expired_is_empty(make: Make) -> None:
+    h = await make(ttl=10)
+    await add(h, "c")
+    h.clock.now += 10
+    assert await turns(h, "c") == []
+    assert h.take() == [("c", "ttl", 1, 0)]
+
+
+async def test_ttl_zero_disables_expiry(make: Make) -> None:
+    h = await make(ttl=0)
+    await add(h, "c")
+    h.clock.now += 1e9
+    assert await h.expire() is False
+    assert len(await turns(h, "c")) == 1
+
+
+async def test_mass_expiry_is_chunked(make: Make) -> None:
+    """A sweep step expires a bounded number and says whether more is due."""
+    h = await make(ttl=1, max_conversations=10_000)
+    results, _ = await h.be.execute([Append(f"c{i}", "u", "x") for i in range(5000)])
+    assert all(isinstance(r, Fields) for r in results)
+    h.clock.now += 2
+    assert await h.expire() is True
+    assert 0 < h.counts.conversations < 5000
+    while await h.expire():
+        pass
+    assert h.counts.conversations == 0
+    assert len(h.take()) == 5000
+
+
+async def test_lru_evicts_the_least_recently_used(make: Make) -> None:
+    """Creating one more than --max-conversations evicts the LRU one; a get is a use."""
+    h = await make(max_conversations=3)
+    for name in "abc":
+        await add(h, name)
+    await turns(h, "a")
+    await add(h, "d")
+    assert h.take() == [("b", "lru", 1, 0)]
+    assert [len(await turns(h, n)) for n in "abcd"] == [1, 0, 1, 1]
+
+
+async def test_lru_report_says_ttl_when_the_victim_had_expired(make: Make) -> None:
+    h = await make(max_conversations=1, ttl=5)
+    await add(h, "a")
+    h.clock.now += 6
+    await add(h, "b")
+    assert h.take() == [("a", "ttl", 1, 0)]
+
+
+async def test_memory_budget_evicts_lru_with_reason_memory(make: Make) -> None:
+    """Past --max-bytes, least recently used conversations go (reason memory)."""
+    h = await make(max_bytes=100)
+    await add(h, "a", "x" * 40, role="r")  # 41 bytes
+    await add(h, "b", "x" * 40, role="r")  # 82
+    await add(h, "c", "x" * 40, role="r")  # 123 -> a goes
+    assert h.take() == [("a", "memory", 1, 0)]
+    assert h.counts.bytes == 82
+
+
+async def test_budget_counts_utf8_bytes(make: Make) -> None:
+    h = await make()
+    await add(h, "c", "é" * 10, role="ü")
+    assert h.counts.bytes == 22
+
+
+async def test_turn_larger_than_the_budget_is_refused(make: Make) -> None:
+    """A turn that could never fit is too_large, and nothing is evicted for it."""
+    h = await make(max_bytes=50)
+    await add(h, "a", "x" * 10)
+    assert isinstance(await h.run(Append("b", "user", "x" * 50)), TooLarge)
+    assert h.take() == []
+    assert h.counts.conversations == 1
+
+
+async def test_one_conversation_over_the_budget_trims_its_own_oldest_turns(make: Make) -> None:
+    """The conversation being written is never evicted for its own append."""
+    h = await make(max_bytes=100, max_turns=10)
+    for i in range(5):
+        await add(h, "c", f"{i}" * 39, role="r")
+    assert [t["content"][0] for t in await turns(h, "c")] == ["3", "4"]
+    assert h.counts.bytes == 80
+    assert h.take() == []
+
+
+async def test_delete_reports_one_eviction(make: Make) -> None:
+    h = await make()
+    await add(h, "c")
+    await add(h, "c")
+    assert (await h.ok(Delete("c"))).fields == {"deleted": 2}
+    assert (await h.ok(Delete("c"))).fields == {"deleted": 0}
+    assert h.take() == [("c", "deleted", 2, 0)]
+    assert (await add(h, "c"))["seq"] == 1
+
+
+async def test_append_with_id_is_applied_once(make: Make) -> None:
+    """A repeated id gets the original reply and stores nothing more."""
+    h = await make()
+    first = await add(h, "c", "a", id="m1")
+    await add(h, "c", "b", id="m2")
+    assert await add(h, "c", "a", id="m1") == first == {"seq": 1, "count": 1}
+    assert [t["content"] for t in await turns(h, "c")] == ["a", "b"]
+
+
+async def test_batch_is_applied_in_order(make: Make) -> None:
+    """Requests in one batch take effect in the order given, each with its own result."""
+    h = await make(max_turns=100)
+    reqs: list[Request] = [Append("c", "u", str(i)) for i in range(50)]
+    reqs.insert(25, Get("c", 1))
+    results, _ = await h.be.execute(reqs)
+    assert isinstance(results[25], Turns)
+    assert msgpack.unpackb(results[25].turns[0])["content"] == "24"
+    assert [r.fields["seq"] for r in results if isinstance(r, Fields)] == list(range(1, 51))
+
+
+# --- state -------------------------------------------------------------------------------
+
+
+async def save(h: Harness, convo: str, key: str, value: Any, ns: str = "n", **kw: Any) -> Any:
+    return await h.run(StateSave(convo, ns, key, msgpack.packb(value), **kw))
+
+
+async def load(h: Harness, convo: str, key: str, ns: str = "n") -> Any:
+    loaded = await h.ok(StateLoad(convo, ns, key))
+    assert isinstance(loaded, Loaded)
+    return None if loaded.value is None else msgpack.unpackb(loaded.value)
+
+
+async def get_all(h: Harness, convo: str, ns: str = "n") -> dict[str, Any]:
+    result = await h.ok(StateGetAll(convo, ns))
+    assert isinstance(result, Items)
+    return {k: msgpack.unpackb(v) for k, v in result.items.items()}
+
+
+async def test_state_round_trip_and_namespaces(make: Make) -> None:
+    h = await make()
+    await save(h, "c", "k", {"a": [1, None]})
+    await save(h, "c", "k", "other", ns="m")
+    assert await load(h, "c", "k") == {"a": [1, None]}
+    assert await load(h, "c", "k", ns="m") == "other"
+    assert await load(h, "c", "nope") is None
+    assert await get_all(h, "c") == {"k": {"a": [1, None]}}
+    assert (await h.ok(StateDelete("c", "n", "k"))).fields == {"deleted": True}
+    assert (await h.ok(StateDelete("c", "n", "k"))).fields == {"deleted": False}
+    assert h.counts.keys == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        False,
+        0,
+        -(2**63),
+        2**64 - 1,
+        1.5,
+        "",
+        "é",
+        b"\x00\xff",
+        [],
+        [1, [2, [3]]],
+        {"a": {"b": None}},
+        msgpack.ExtType(5, b"ext"),
+    ],
+)
+async def test_state_values_round_trip_exactly(make: Make, value: Any) -> None:
+    h = await make()
+    await save(h, "c", "k", value)
+    assert await load(h, "c", "k") == value
+
+
+async def test_state_counts_toward_the_budget_and_goes_with_the_conversation(make: Make) -> None:
+    h = await make()
+    await save(h, "c", "key", "v")  # 3 + 2
+    await add(h, "c", "x")
+    assert h.counts.bytes == 5 + 5
+    await h.ok(Delete("c"))
+    assert h.take() == [("c", "deleted", 1, 1)]
+    assert (h.counts.bytes, h.counts.keys) == (0, 0)
+
+
+async def test_key_ttl_expires_without_event(make: Make) -> None:
+    h = await make(ttl=0)
+    await save(h, "c", "k", 1, ttl=5)
+    await save(h, "c", "forever", 2)
+    h.clock.now += 5
+    assert await load(h, "c", "k") is None
+    await save(h, "c", "k2", 1, ttl=1)
+    h.clock.now += 1
+    await h.expire()
+    assert h.take() == []
+    assert h.counts.keys == 1
+    assert await get_all(h, "c") == {"forever": 2}
+
+
+async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:
+    h = await make(max_keys=2)
+    await save(h, "c", "a", 1)
+    await save(h, "c", "b", 1, ttl=1)
+    assert isinstance(await save(h, "c", "z", 1), TooLarge)
+    assert isinstance(await save(h, "c", "a", 2), Fields)
+    h.clock.now += 1
+    assert isinstance(await save(h, "c", "z", 1), Fields)  # b expired, so z fits
+    assert h.counts.keys == 2
+
+
+async def test_state_touches_the_conversation(make: Make) -> None:
+    h = await make(ttl=10, max_conversations=2)
+    await add(h, "a")
+    await add(h, "b")
+    h.clock.now += 8
+    await load(h, "a", "k")
+    h.clock.now += 8
+    await h.expire()
+    assert h.take() == [("b", "ttl", 1, 0)]
+
+
+async def test_state_save_with_id_is_applied_once(make: Make) -> None:
+    h = await make()
+    await save(h, "c", "k", 1, id=b"x")
+    await save(h, "c", "k", 2)
+    await save(h, "c", "k", 1, id=b"x")
+    assert await load(h, "c", "k") == 2
+
+
+# --- durability (backends that outlive the worker) ----------------------------------------
+
+DURABLE = ["sqlite"]
+
+
+@pytest.fixture(params=DURABLE)
+async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(request.param, Limits(ttl=100, max_turns=4), tmp_path, Clock())
+    await h.be.open()
+    yield h
+    await h.be.close()
+
+
+async def test_restart_keeps_turns_state_and_ids(durable: Harness) -> None:
+    """Everything a reply confirmed is there after a restart; seq and ids carry on."""
+    h = durable
+    for i in range(6):
+        await add(h, "c", f"m{i}", id=f"id{i}")
+    await save(h, "c", "k", {"deep": [1, b"\x00"]})
+    await save(h, "c", "gone", 1)
+    await h.ok(StateDelete("c", "n", "gone"))
+    await add(h, "other", "o")
+    await h.ok(Delete("other"))
+    before = (h.counts, await turns(h, "c"))
+    await h.reopen()
+    assert (h.counts, await turns(h, "c")) == before
+    assert await load(h, "c", "k") == {"deep": [1, b"\x00"]}
+    assert await add(h, "c", "again", id="id5") == {"seq": 6, "count": 4}
+    assert await add(h, "c", "m6") == {"seq": 7, "count": 4}
+    assert await turns(h, "other") == []
+
+
+async def test_ttl_keeps_counting_while_down(durable: Harness) -> None:
+    """Deadlines are wall-clock: time spent stopped counts toward expiry."""
+    h = durable
+    await add(h, "old")
+    h.clock.now += 60
+    await add(h, "young")
+    await save(h, "young", "k", 1, ttl=50)
+    await h.be.close()
+    h.clock.now += 45  # old: 105 s idle, young: 45 s
+    h.be = h._new()
+    await h.be.open()
+    await h.expire()
+    assert h.take() == [("old", "ttl", 1, 0)]
+    assert len(await turns(h, "young")) == 1
+    h.clock.now += 5
+    assert await load(h, "young", "k") is None
+
+
+async def test_lru_order_survives_restart(durable: Harness) -> None:
+    h = durable
+    for name in "abc":
+        await add(h, name)
+    await turns(h, "a")
+    await h.reopen(Limits(ttl=100, max_turns=4, max_conversations=2))
+    await h.expire()  # what opening evicted is reported with the first sweep
+    assert h.take() == [("b", "lru", 1, 0)]
+    await h.reopen()
+    assert [len(await turns(h, n)) for n in "abc"] == [1, 0, 1]

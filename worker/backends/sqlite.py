@@ -1,0 +1,245 @@
+"""SQLite backend: the pure store in memory, with every change committed to a file first.
+
+Reads are served from memory. Each batch's changes are written in one transaction on a
+single writer thread (so the event loop never waits on the disk), and `execute` returns
+only after that commit: a reply, and the acknowledgement after it, always follow the commit.
+A batch that only refreshed TTLs (gets, loads) does not wait for its write.
+
+Deadlines are kept as wall-clock times in the file, so TTL keeps counting while the worker
+is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgpack
+
+from worker.backends.base import Backend, Counts
+from worker.config import Limits
+from worker.errors import ConfigError
+from worker.protocol import Eviction, Request, Result
+from worker.store import NO_DEADLINE, Convo, Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS convos (
+    name  TEXT PRIMARY KEY,
+    seq   INTEGER NOT NULL,
+    turns BLOB NOT NULL,
+    state BLOB,
+    ids   BLOB,
+    used  REAL NOT NULL,  -- wall-clock time of the last use: the TTL runs from it
+    tick  INTEGER NOT NULL  -- order of last use, for LRU (times can tie)
+) WITHOUT ROWID;
+"""
+UPSERT = """
+INSERT INTO convos(name, seq, turns, state, ids, used, tick) VALUES (?, ?, ?, ?, ?, 0, 0)
+ON CONFLICT(name) DO UPDATE SET
+    seq = excluded.seq, turns = excluded.turns, state = excluded.state, ids = excluded.ids
+"""
+SYNC_MODES = ("full", "normal")
+
+
+log = logging.getLogger("memory_worker.sqlite")
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("sqlite: refreshing TTLs failed: %s", fut.exception())
+
+
+def parse_url(url: str) -> tuple[Path, str]:
+    """(path, synchronous mode) of sqlite:///relative.db or sqlite:////absolute.db."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
+        raise ConfigError(
+            f"--backend {url!r}: expected sqlite:///relative.db or sqlite:////absolute/path.db"
+        )
+    raw = parts.path[1:]
+    if not raw or raw.endswith("/"):
+        raise ConfigError(f"--backend {url!r}: no file name")
+    query = parse_qs(parts.query)
+    sync = query.pop("synchronous", ["full"])[0].lower()
+    if sync not in SYNC_MODES or query:
+        raise ConfigError(f"--backend {url!r}: the only option is synchronous=full|normal")
+    return Path(raw), sync
+
+
+class SqliteBackend(Backend):
+    """Memory-speed reads, and every acknowledged change in a WAL-mode SQLite file.
+
+    Args:
+        url: sqlite:///relative.db or sqlite:////absolute.db; `?synchronous=normal` trades
+            durability on power loss (not on a crash of the worker) for speed.
+        limits: the store's bounds.
+        clock, wall: monotonic and Unix clocks (tests pass fakes).
+    """
+
+    name = "sqlite"
+
+    def __init__(
+        self,
+        url: str,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.path, self.synchronous = parse_url(url)
+        self.store = Store(limits, clock=clock, wall=wall)
+        self.store.dirty = set()
+        self._clock = clock
+        self._wall = wall
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._db: sqlite3.Connection | None = None
+        self._lazy: asyncio.Future[None] | None = None
+        self._tick = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self._writer, self._connect)
+        for row in rows:
+            self._restore(row)
+        self.store.enforce_bounds()  # the limits may be lower than when these were stored
+        self.store.touched.clear()
+        await self._persist()
+
+    def _connect(self) -> list[tuple[Any, ...]]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
+        self._db = db
+        rows = db.execute(
+            "SELECT name, seq, turns, state, ids, used FROM convos ORDER BY tick"
+        ).fetchall()
+        self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
+        return rows
+
+    async def close(self) -> None:
+        if self._lazy is not None:
+            await asyncio.shield(self._lazy)
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
+        self._writer.shutdown(wait=True)
+
+    # --- the interface ----------------------------------------------------------------------
+
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+        run = self.store.execute
+        results = [run(req) for req in requests]
+        await self._persist()
+        return results, self.store.take_evictions()
+
+    async def expire(self) -> tuple[bool, list[Eviction]]:
+        more = self.store.expire()
+        await self._persist()
+        return more, self.store.take_evictions()
+
+    def counts(self) -> Counts:
+        s = self.store
+        return Counts(s.conversations, s.turns, s.bytes, s.keys)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    async def _persist(self) -> None:
+        store = self.store
+        assert store.dirty is not None
+        dirty, touched = store.dirty, store.touched
+        if not dirty and not touched:
+            return
+        store.dirty, store.touched = set(), {}
+        upserts, deletes = [], []
+        for name in dirty:
+            cv = store.get_convo(name)
+            if cv is None:
+                deletes.append((name,))
+            else:
+                upserts.append(self._row(name, cv))
+        now = self._wall()
+        used = []
+        for name in touched:
+            if name in store:
+                self._tick += 1
+                used.append((now, self._tick, name))
+        loop = asyncio.get_running_loop()
+        write = loop.run_in_executor(self._writer, self._write, upserts, deletes, used)
+        if upserts or deletes:
+            try:
+                await write
+            except BaseException:
+                store.dirty |= dirty  # written again with the next batch, whole rows
+                raise
+        else:
+            # TTL refreshes only: no reply promises them, so nothing waits on the disk.
+            write.add_done_callback(_log_failure)
+            self._lazy = write
+
+    def _write(
+        self,
+        upserts: list[tuple[Any, ...]],
+        deletes: list[tuple[str]],
+        used: list[tuple[float, int, str]],
+    ) -> None:
+        db = self._db
+        assert db is not None
+        with db:  # one transaction; commit on exit
+            db.execute("BEGIN IMMEDIATE")
+            if deletes:
+                db.executemany("DELETE FROM convos WHERE name = ?", deletes)
+            if upserts:
+                db.executemany(UPSERT, upserts)
+            if used:
+                db.executemany("UPDATE convos SET used = ?, tick = ? WHERE name = ?", used)
+
+    def _row(self, name: str, cv: Convo) -> tuple[Any, ...]:
+        to_wall = self._wall() - self._clock()
+        state = None
+        if cv.state:
+            state = msgpack.packb(
+                {
+                    ns: {
+                        k: [v, None if d == NO_DEADLINE else d + to_wall]
+                        for k, (v, d) in keys.items()
+                    }
+                    for ns, keys in cv.state.items()
+                }
+            )
+        ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
+        return name, cv.seq, msgpack.packb(cv.turns), state, ids
+
+    def _restore(self, row: tuple[Any, ...]) -> None:
+        name, seq, turns, state, ids, used = row
+        to_mono = self._clock() - self._wall()
+        ttl = self.store.limits.ttl
+        deadline = used + ttl + to_mono if ttl else NO_DEADLINE
+        keys: dict[str, dict[str, tuple[bytes, float]]] = {}
+        if state is not None:
+            for ns, entries in msgpack.unpackb(state).items():
+                keys[ns] = {
+                    k: (v, NO_DEADLINE if d is None else d + to_mono)
+                    for k, (v, d) in entries.items()
+                }
+        remembered = dict(msgpack.unpackb(ids)) if ids is not None else {}
+        self.store.restore(
+            name,
+            turns=msgpack.unpackb(turns),
+            seq=seq,
+            state=keys,
+            deadline=deadline,
+            ids=remembered,
+        )
