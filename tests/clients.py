@@ -110,7 +110,8 @@ class Device:
         """One request and its decoded, schema-checked reply."""
         fut = await self.send(f"{self.prefix}/{convo}/{op}", body or {}, qos=qos)
         reply = await self.reply(fut)
-        check(f"{op.replace('/', '.')}.reply", reply)
+        name = f"{op.replace('/', '.')}.reply"
+        check(name if (SCHEMAS / f"{name}.json").exists() else "error.reply", reply)
         return reply
 
     async def reply(self, fut: asyncio.Future[aiomqtt.Message]) -> dict[str, Any]:
