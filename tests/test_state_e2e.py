@@ -62,11 +62,21 @@ async def test_max_keys_is_too_large(broker: Mosquitto, worker_factory: WorkerFa
 
 
 async def test_key_ttl(broker: Mosquitto, worker: Any, dev5: Device) -> None:
-    """A key saved with a ttl is gone once it passes (swept without events)."""
-    await dev5.request("c", "state/save", {"ns": "n", "key": "k", "value": 1, "ttl": 0.2})
-    await dev5.request("c", "state/save", {"ns": "n", "key": "stay", "value": 2})
-    while (await dev5.request("c", "state/load", {"ns": "n", "key": "k"}))["found"]:
-        await asyncio.sleep(0.05)  # polling the contract itself: the key's deadline is time
+    """A key saved with a ttl is swept once it passes, without an event."""
+    stats = f"{worker.cfg.prefix}/_worker/{worker.cfg.client_id}/stats"
+    async with watcher(broker.host, broker.port, stats, f"{dev5.prefix}/+/evicted") as seen:
+        await dev5.request("c", "state/save", {"ns": "n", "key": "k", "value": 1, "ttl": 0.3})
+        await dev5.request("c", "state/save", {"ns": "n", "key": "stay", "value": 2})
+        keys = None
+        while keys != 1:  # stats come every 0.2 s; the sweep every 0.25 s
+            msg = await next_message(seen)
+            assert msg.topic.value == stats, "a key's expiry is not an eviction"
+            keys = decode(msg)["keys"]
+    assert await dev5.request("c", "state/load", {"ns": "n", "key": "k"}) == {
+        "ok": True,
+        "found": False,
+        "value": None,
+    }
     assert await dev5.request("c", "state/get_all", {"ns": "n"}) == {
         "ok": True,
         "items": {"stay": 2},
