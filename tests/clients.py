@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from functools import cache
@@ -22,6 +23,8 @@ from tests.processes import REPO
 
 SCHEMAS = REPO / "schemas"
 TIMEOUT = 10.0
+# Without it every request/reply round trip waits ~40 ms (Nagle against delayed ACKs).
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _as_json(value: Any) -> Any:
@@ -131,7 +134,9 @@ async def device(
     host: str, port: int, prefix: str, *, v5: bool = True, **kwargs: Any
 ) -> AsyncIterator[Device]:
     protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-    async with aiomqtt.Client(host, port, protocol=protocol, **kwargs) as client:
+    async with aiomqtt.Client(
+        host, port, protocol=protocol, socket_options=[NODELAY], **kwargs
+    ) as client:
         dev = Device(client, prefix, v5)
         await client.subscribe(f"{dev.inbox}/#" if not v5 else dev.inbox, qos=1)
         listener = asyncio.create_task(dev._listen())

@@ -22,6 +22,10 @@ class Limits:
     max_conversations: int = c.DEFAULT_MAX_CONVERSATIONS
     max_bytes: int = c.DEFAULT_MAX_BYTES
     max_keys: int = c.DEFAULT_MAX_KEYS
+    # Request ids remembered per conversation for at-most-once appends and saves. It is
+    # --max-inflight: the broker never has more unacknowledged requests out to us than our
+    # Receive Maximum, so no more than that many can come again after a crash.
+    max_ids: int = c.DEFAULT_MAX_INFLIGHT
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +193,8 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         except ValueError:
             raise ConfigError(f"{source}: expected a {flag.kind.__name__}, got {raw!r}") from None
         (limits if flag.dest in _LIMIT_FIELDS else top)[flag.dest] = value
+    if "max_inflight" in top:
+        limits["max_ids"] = top["max_inflight"]
     return Config(limits=Limits(**limits), **top)  # type: ignore[arg-type]
 
 

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import base64
 import json
+import socket
 import sys
 import uuid
 from collections.abc import Sequence
@@ -112,6 +113,7 @@ def _client(args: argparse.Namespace) -> aiomqtt.Client:
         protocol=aiomqtt.ProtocolVersion.V5,
         identifier=f"memctl-{uuid.uuid4().hex[:12]}",
         timeout=args.timeout,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
 
 

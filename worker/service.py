@@ -243,10 +243,12 @@ class Service:
     async def _stay_connected(self, client: _Client, stop: asyncio.Event) -> None:
         attempt = 0
         while not stop.is_set():
+            # Messages of an earlier connection must not be acknowledged on this one (the
+            # broker delivers them again); the count changes before any message can arrive.
+            self._generation += 1
             try:
                 async with client:
                     attempt = 0
-                    self._generation += 1
                     await self._on_connected(client)
                     await client.wait_disconnected()
             except aiomqtt.MqttError as exc:

@@ -38,8 +38,6 @@ from worker.protocol import (
     encode_turn,
 )
 
-# Ids remembered per conversation for at-most-once appends and saves.
-IDS_REMEMBERED: Final = 32
 NO_DEADLINE: Final = float("inf")
 
 
@@ -395,7 +393,7 @@ class Store:
         if cv.ids is None:
             cv.ids = {}
         cv.ids[req_id] = fields
-        if len(cv.ids) > IDS_REMEMBERED:
+        if len(cv.ids) > self.limits.max_ids:
             del cv.ids[next(iter(cv.ids))]
 
     def _live_key(

@@ -1,0 +1,144 @@
+"""Nothing lost: worker stops and crashes, broker restarts, a broker that is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from tests.clients import decode, device, next_message, watcher
+from tests.conftest import WorkerFactory, reap, spawn_worker, unique
+from tests.processes import Mosquitto
+
+
+async def test_requests_sent_while_stopped_are_served_on_start(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """Worker stopped gracefully, 100 QoS 1 appends published meanwhile: all stored, in order."""
+    prefix, cid = unique("mem"), unique("w-")
+    async with worker_factory(prefix=prefix, client_id=cid, max_turns=200):
+        pass  # the first start makes the broker keep a session for the worker
+    async with device(broker.host, broker.port, prefix) as d:
+        futs = [
+            await d.send(f"{prefix}/c/append", {"role": "u", "content": str(i)}) for i in range(100)
+        ]
+        async with worker_factory(prefix=prefix, client_id=cid, max_turns=200):
+            replies = [await d.reply(f) for f in futs]
+            assert [r["seq"] for r in replies] == list(range(1, 101))
+            turns = (await d.request("c", "get"))["turns"]
+    assert [t["content"] for t in turns] == [str(i) for i in range(100)]
+
+
+async def _wait_status(seen: asyncio.Queue[aiomqtt.Message], state: str) -> None:
+    while decode(await next_message(seen))["state"] != state:
+        pass
+
+
+async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """SIGKILL during 1,000 QoS 1 appends with ids (SQLite): exactly 1,000 stored, in order."""
+    prefix, cid = unique("mem"), unique("w-")
+    args = (
+        "--prefix",
+        prefix,
+        "--client-id",
+        cid,
+        "--backend",
+        f"sqlite:///{tmp_path}/m.db",
+        "--max-turns",
+        "2000",
+    )
+    status = f"{prefix}/_worker/{cid}/status"
+    total = 1000
+    async with (
+        watcher(broker.host, broker.port, status) as seen,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        proc = spawn_worker(broker, *args)
+        await _wait_status(seen, "online")
+        futs = []
+        for i in range(total):
+            body = {"role": "u", "content": str(i), "id": f"m{i}"}
+            futs.append(await d.send(f"{prefix}/c/append", body))
+            if i == 300:
+                await futs[150]  # the worker is busy: kill it mid-stream
+                proc.send_signal(signal.SIGKILL)
+        reap(proc)
+        await _wait_status(seen, "offline")
+        proc = spawn_worker(broker, *args)
+        try:
+            replies = [await d.reply(f) for f in futs]
+            turns = (await d.request("c", "get"))["turns"]
+        finally:
+            reap(proc, signal.SIGTERM)
+    assert [int(t["content"]) for t in turns] == list(range(total))
+    assert [t["seq"] for t in turns] == list(range(1, total + 1))
+    assert [r["seq"] for r in replies] == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "sigkill"])
+async def test_broker_restart_under_load(
+    own_broker: Mosquitto, worker_factory: WorkerFactory, tmp_path: Path, how: int
+) -> None:
+    """The worker comes back by itself; with SQLite no acknowledged append is lost."""
+    b = own_broker
+    acked: list[int] = []
+    async with worker_factory(b, backend=f"sqlite:///{tmp_path}/m.db", max_turns=5000) as w:
+
+        async def load(start: int, count: int) -> None:
+            async with device(b.host, b.port, w.cfg.prefix) as d:
+                for i in range(start, start + count):
+                    reply = await d.request(
+                        "c", "append", {"role": "u", "content": str(i), "id": i}
+                    )
+                    assert reply["ok"]
+                    acked.append(i)
+
+        task = asyncio.create_task(load(0, 100_000))
+        while len(acked) < 200:
+            await asyncio.sleep(0.01)
+        b.restart(how)
+        task.cancel()  # the device was cut off too; what it had acknowledged is in `acked`
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(w.wait_connections(2), 15)
+        await load(len(acked) + 10_000, 50)  # serving again
+        assert asyncio.get_running_loop().time() - t0 < 10
+        async with device(b.host, b.port, w.cfg.prefix) as d:
+            stored = {int(t["content"]) for t in (await d.request("c", "get"))["turns"]}
+    assert set(acked) <= stored
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_broker_gone_neither_exits_nor_spins(own_broker: Mosquitto) -> None:
+    """With the broker down the worker waits at a low cost, and serves when it is back."""
+    prefix, cid = unique("mem"), unique("w-")
+    proc = spawn_worker(own_broker, "--prefix", prefix, "--client-id", cid)
+    status = f"{prefix}/_worker/{cid}/status"
+    try:
+        async with watcher(own_broker.host, own_broker.port, status) as seen:
+            await _wait_status(seen, "online")
+        own_broker.stop()
+        before = _cpu_seconds(proc.pid)
+        await asyncio.sleep(5)  # the thing measured here is idle time itself
+        used = _cpu_seconds(proc.pid) - before
+        assert proc.poll() is None
+        assert used < 0.5, f"{used:.2f} s of CPU in 5 s without a broker"
+        own_broker.start()
+        async with watcher(own_broker.host, own_broker.port, status) as seen:
+            await _wait_status(seen, "online")
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            assert (await d.request("c", "get"))["ok"]
+    finally:
+        reap(proc, signal.SIGTERM)
