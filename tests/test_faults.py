@@ -90,6 +90,7 @@ async def test_broker_restart_under_load(
     b = own_broker
     acked: list[int] = []
     async with worker_factory(b, backend=f"sqlite:///{tmp_path}/m.db", max_turns=5000) as w:
+        under_load = asyncio.Event()
 
         async def load(start: int, count: int) -> None:
             async with device(b.host, b.port, w.cfg.prefix) as d:
@@ -99,10 +100,11 @@ async def test_broker_restart_under_load(
                     )
                     assert reply["ok"]
                     acked.append(i)
+                    if len(acked) == 200:
+                        under_load.set()
 
         task = asyncio.create_task(load(0, 100_000))
-        while len(acked) < 200:
-            await asyncio.sleep(0.01)
+        await under_load.wait()
         b.restart(how)
         task.cancel()  # the device was cut off too; what it had acknowledged is in `acked`
         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
