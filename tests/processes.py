@@ -51,6 +51,10 @@ class Mosquitto:
         text = re.sub(r"(?m)^listener \d+.*$", f"listener {self.port} 127.0.0.1", text)
         text = re.sub(r"(?m)^persistence_location .*$", "", text)
         text += f"\npersistence_location {workdir}/\n{extra}\n"
+        if os.geteuid() == 0:
+            # Mosquitto started as root drops to the `mosquitto` user, which cannot read
+            # or write the test's private temporary folder.
+            text += "user root\n"
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(text)
         self.log = workdir / "mosquitto.log"

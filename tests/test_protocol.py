@@ -231,3 +231,16 @@ def test_error_reply() -> None:
         "id": "z",
         "error": {"code": "bad_request", "message": "nope"},
     }
+
+
+def test_route_prefix_keeps_replies_in_the_conversation_s_own_space() -> None:
+    """With --route-prefix reply/{convo}, a device cannot aim replies at another device."""
+    r = Router("mem", 1024, route_prefix="reply/{convo}")
+    assert r.parse("mem/kiosk-a/get", b"", "reply/kiosk-a").route == "reply/kiosk-a"
+    assert r.parse("mem/kiosk-a/get", b"", "reply/kiosk-a/x/y").route == "reply/kiosk-a/x/y"
+    for route in ("reply/kiosk-b/x", "reply/kiosk-ab", "reply", "other/kiosk-a"):
+        p = r.parse("mem/kiosk-a/get", b"", route)
+        assert (p.route, p.refused is not None) == (None, True), route
+    bad = r.parse("mem/_x/get", b"", "reply/_x")
+    assert bad.route is None
+    assert isinstance(bad.error, BadTopic)

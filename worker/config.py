@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from worker import constants as c
 from worker.errors import ConfigError
-from worker.protocol import validate_prefix
+from worker.protocol import topic_name_problem, validate_prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,7 @@ class Config:
     max_inflight: int = c.DEFAULT_MAX_INFLIGHT
     reconnect_max: float = c.DEFAULT_RECONNECT_MAX
     shared_group: str | None = None
+    route_prefix: str | None = None
     log_level: str = c.DEFAULT_LOG_LEVEL
 
     def __post_init__(self) -> None:
@@ -100,6 +101,10 @@ def validate(cfg: Config) -> None:
         not cfg.shared_group or any(ch in cfg.shared_group for ch in "/+#")
     ):
         raise ConfigError(f"--shared-group must be a name without / + #, got {cfg.shared_group!r}")
+    if cfg.route_prefix is not None:
+        problem = topic_name_problem(cfg.route_prefix.replace("{convo}", "c"))
+        if problem or cfg.route_prefix.startswith("$"):
+            raise ConfigError(f"--route-prefix {cfg.route_prefix!r}: {problem or 'starts with $'}")
     if logging.getLevelName(cfg.log_level.upper()) not in (10, 20, 30, 40, 50):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {cfg.log_level}")
     if not (cfg.backend == "memory" or cfg.backend.startswith(("sqlite://", "redis://"))):
@@ -149,6 +154,13 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-inflight", int, c.DEFAULT_MAX_INFLIGHT, "requests in progress before reading stops"),
     _Flag("reconnect-max", float, c.DEFAULT_RECONNECT_MAX, "cap of the reconnect backoff (s)"),
     _Flag("shared-group", str, None, "serve through $share/<group>/... with other workers"),
+    _Flag(
+        "route-prefix",
+        str,
+        None,
+        "replies only to this topic or under it; {convo} is "
+        "replaced by the conversation id (e.g. reply/{convo})",
+    ),
     _Flag("log-level", str, c.DEFAULT_LOG_LEVEL, "debug, info, warning or error"),
 )
 

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
     p.add_argument("--id", help="request id (echoed; makes appends and saves at-most-once)")
+    p.add_argument(
+        "--reply-prefix",
+        default="memctl",
+        help="replies come to <this>/<random>; on a secured broker use the "
+        "device's own, e.g. reply/<convo>",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("append", help="store a turn")
     a.add_argument("convo")
@@ -121,7 +127,7 @@ async def ask(args: argparse.Namespace) -> int:
     convo, op, body = request_of(args)
     if args.id is not None:
         body["id"] = args.id
-    reply_topic = f"memctl/{uuid.uuid4().hex}"
+    reply_topic = f"{args.reply_prefix}/{uuid.uuid4().hex}"
     correlation = uuid.uuid4().bytes
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.ResponseTopic = reply_topic

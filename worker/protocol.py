@@ -6,6 +6,7 @@ No I/O here. A message comes in as (topic, payload, response topic) and leaves a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -251,10 +252,13 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
 class Router:
     """Knows the topics under one prefix: what to subscribe to and what a topic asks for."""
 
-    def __init__(self, prefix: str, max_payload_bytes: int) -> None:
+    def __init__(
+        self, prefix: str, max_payload_bytes: int, route_prefix: str | None = None
+    ) -> None:
         validate_prefix(prefix)
         self.prefix = prefix
         self.max_payload_bytes = max_payload_bytes
+        self.route_prefix = route_prefix
         self._head = prefix + "/"
         self._skip = len(self._head)
 
@@ -280,7 +284,8 @@ class Router:
         validate_convo(convo)
         return convo, op
 
-    def route_problem(self, route: str) -> str | None:
+    def route_problem(self, route: str, convo: str | None) -> str | None:
+        """Why the worker must not publish a reply to `route`, or None."""
         problem = topic_name_problem(route)
         if problem:
             return problem
@@ -288,6 +293,12 @@ class Router:
             return "topics starting with $ are the broker's"
         if route == self.prefix or route.startswith(self._head):
             return f"replies must not go under {self._head}"
+        if self.route_prefix is not None:
+            if convo is None:
+                return "no valid conversation to check the route against"
+            own = self.route_prefix.replace("{convo}", convo)
+            if route != own and not route.startswith(own + "/"):
+                return f"replies for this conversation go under {own}"
         return None
 
     def parse(self, topic: str, payload: bytes, response_topic: str | None) -> Parsed:
@@ -304,25 +315,37 @@ class Router:
             except WorkerError as exc:
                 error = exc
 
+        where: tuple[str, str] | None = None
+        try:
+            where = self.split(topic)
+        except WorkerError as exc:
+            error = error or exc
+
         route: Any = response_topic
         if route is None and body is not None:
             route = body.get("reply_to")
         refused: BadRoute | None = None
         if route is not None:
-            problem = "not a string" if not isinstance(route, str) else self.route_problem(route)
+            problem = (
+                self.route_problem(route, where[0] if where else None)
+                if isinstance(route, str)
+                else "not a string"
+            )
             if problem:
                 refused, route = BadRoute(f"reply route refused: {problem}"), None
 
         req_id: Any = _MISSING
         request: Request | None = None
-        if body is not None:
+        if body is not None and where is not None:
             try:
                 if "id" in body:
                     req_id = _check_id(body["id"])
-                convo, op = self.split(topic)
-                request = _build(op, convo, body, req_id)
+                request = _build(where[1], where[0], body, req_id)
             except WorkerError as exc:
                 error = exc
+        elif body is not None and "id" in body:
+            with contextlib.suppress(WorkerError):
+                req_id = _check_id(body["id"])
         return Parsed(request, error, route, refused, req_id)
 
 

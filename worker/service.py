@@ -160,7 +160,7 @@ class Service:
     def __init__(self, cfg: Config, backend: Backend) -> None:
         self.cfg = cfg
         self.backend = backend
-        self.router = Router(cfg.prefix, cfg.max_payload_bytes)
+        self.router = Router(cfg.prefix, cfg.max_payload_bytes, cfg.route_prefix)
         self.stats = Stats()
         self._inbox: list[tuple[int, paho.MQTTMessage]] = []
         self._wake = asyncio.Event()
