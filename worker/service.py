@@ -63,6 +63,8 @@ class _Client(aiomqtt.Client):
         self._client.on_message = on_message
         self._fd = -1
         self.paused = False
+        self.sendable = asyncio.Event()
+        self.sendable.set()
 
     def _on_connect(
         self,
@@ -76,6 +78,22 @@ class _Client(aiomqtt.Client):
         # The public setter refuses once connected; CONNACK is the first moment we know it.
         client._max_inflight_messages = receive_max or 65535
         super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def backlog(self) -> int:
+        """Our publishes the broker has not acknowledged, plus packets not yet written."""
+        return len(self._client._out_messages) + len(self._client._out_packet)
+
+    def backlog_limit(self) -> int:
+        # paho scans every queued publish on each PUBACK: keep the queue near what the
+        # broker lets be in flight.
+        return max(256, 2 * self._client._max_inflight_messages)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+        if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
+            self.sendable.set()
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this from the executor thread that runs connect().
@@ -324,6 +342,12 @@ class Service:
             await self._wake.wait()
             self._wake.clear()
             while self._inbox:
+                client = self._client
+                if client is not None and client.backlog() > client.backlog_limit():
+                    # The broker is slower than we are: hold the next batch (and, once the
+                    # inbox is full, reading) until our replies and events drain.
+                    client.sendable.clear()
+                    await client.sendable.wait()
                 batch, self._inbox = self._inbox, []
                 self._busy = True
                 try:
@@ -332,7 +356,6 @@ class Service:
                     log.exception("batch of %d failed", len(batch))
                 finally:
                     self._busy = False
-                client = self._client
                 if client is not None and client.paused and not self._inbox:
                     client.resume_reading()
 

@@ -1,0 +1,79 @@
+"""Floods: memory stays bounded and a well-behaved device is still answered promptly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiomqtt
+import msgpack
+import pytest
+
+from tests.clients import NODELAY, decode, device, next_message, watcher
+from tests.conftest import reap, spawn_worker, unique
+from tests.processes import Mosquitto
+
+FLOOD = 20_000
+RSS_BOUND_MIB = 64  # stated in the README
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("spread", ["distinct", "single"])
+async def test_flood_keeps_memory_bounded_and_serves_others(broker: Mosquitto, spread: str) -> None:
+    """20,000 appends (to distinct conversations, or to one): RSS stays under the stated
+    bound, and another device's requests are answered within 100 ms at the 99th percentile."""
+    prefix, cid = unique("mem"), unique("w-")
+    proc = spawn_worker(broker, "--prefix", prefix, "--client-id", cid)
+    try:
+        async with watcher(broker.host, broker.port, f"{prefix}/_worker/{cid}/status") as seen:
+            assert decode(await next_message(seen))["state"] == "online"
+        flooding = True
+        peak = 0.0
+        latencies: list[float] = []
+        body = msgpack.packb({"role": "user", "content": "x" * 120})
+
+        async def flood() -> None:
+            nonlocal flooding
+            async with aiomqtt.Client(
+                broker.host, broker.port, socket_options=[NODELAY], max_inflight_messages=1000
+            ) as client:
+                for i in range(FLOOD):
+                    convo = f"f{i}" if spread == "distinct" else "one"
+                    await client.publish(f"{prefix}/{convo}/append", body, qos=1)
+            flooding = False
+
+        async def probe() -> None:
+            async with device(broker.host, broker.port, prefix) as d:
+                while flooding:
+                    t0 = time.perf_counter()
+                    assert (await d.request("probe", "get", {"last": 1}))["ok"]
+                    latencies.append(time.perf_counter() - t0)
+                    await asyncio.sleep(0.01)  # a device that asks now and then
+
+        async def sample() -> None:
+            nonlocal peak
+            while flooding:
+                peak = max(peak, rss_mib(proc.pid))
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(flood(), probe(), sample())
+        async with device(broker.host, broker.port, prefix) as d:
+            last = await d.request("one" if spread == "single" else f"f{FLOOD - 1}", "get")
+        assert len(last["turns"]) >= 1
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99)]
+        print(
+            f"{spread}: peak RSS {peak:.1f} MiB, {len(latencies)} probes, p99 {p99 * 1000:.1f} ms"
+        )
+        assert peak < RSS_BOUND_MIB
+        assert p99 < 0.1
+        assert proc.poll() is None
+    finally:
+        reap(proc)
