@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +49,9 @@ class Config:
     reconnect_max: float = c.DEFAULT_RECONNECT_MAX
     shared_group: str | None = None
     route_prefix: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     log_level: str = c.DEFAULT_LOG_LEVEL
 
     def __post_init__(self) -> None:
@@ -105,6 +110,15 @@ def validate(cfg: Config) -> None:
         problem = topic_name_problem(cfg.route_prefix.replace("{convo}", "c"))
         if problem or cfg.route_prefix.startswith("$"):
             raise ConfigError(f"--route-prefix {cfg.route_prefix!r}: {problem or 'starts with $'}")
+    for name, path in (
+        ("tls-ca", cfg.tls_ca),
+        ("tls-cert", cfg.tls_cert),
+        ("tls-key", cfg.tls_key),
+    ):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{name}: no such file {path!r}")
+    if (cfg.tls_cert or cfg.tls_key) and not cfg.tls_ca:
+        raise ConfigError("--tls-cert and --tls-key need --tls-ca")
     if logging.getLevelName(cfg.log_level.upper()) not in (10, 20, 30, 40, 50):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {cfg.log_level}")
     if not (cfg.backend == "memory" or cfg.backend.startswith(("sqlite://", "redis://"))):
@@ -161,6 +175,9 @@ FLAGS: tuple[_Flag, ...] = (
         "replies only to this topic or under it; {convo} is "
         "replaced by the conversation id (e.g. reply/{convo})",
     ),
+    _Flag("tls-ca", str, None, "CA certificate file: connect with TLS, verifying the broker"),
+    _Flag("tls-cert", str, None, "client certificate file, when the broker asks for one"),
+    _Flag("tls-key", str, None, "client private key file (with --tls-cert)"),
     _Flag("log-level", str, c.DEFAULT_LOG_LEVEL, "debug, info, warning or error"),
 )
 
@@ -208,6 +225,18 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     if "max_inflight" in top:
         limits["max_ids"] = top["max_inflight"]
     return Config(limits=Limits(**limits), **top)  # type: ignore[arg-type]
+
+
+def tls_context(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext | None:
+    """A client TLS context verifying the broker against `ca`, or None without TLS."""
+    if ca is None:
+        return None
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def wants_version(argv: Sequence[str]) -> bool:

@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from worker import constants as c
+from worker.config import tls_context
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY = 0, 1, 2, 3
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default=c.DEFAULT_PREFIX)
     p.add_argument("--username")
     p.add_argument("--password")
+    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
     p.add_argument("--id", help="request id (echoed; makes appends and saves at-most-once)")
@@ -120,6 +122,7 @@ def _client(args: argparse.Namespace) -> aiomqtt.Client:
         identifier=f"memctl-{uuid.uuid4().hex[:12]}",
         timeout=args.timeout,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        tls_context=tls_context(args.tls_ca),
     )
 
 

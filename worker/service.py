@@ -33,7 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
-from worker.config import Config
+from worker.config import Config, tls_context
 from worker.errors import WorkerError
 from worker.protocol import Eviction, Parsed, Request, Result, Router, encode, encode_event
 from worker.protocol import encode_result as encode_reply
@@ -117,8 +117,11 @@ class _Client(aiomqtt.Client):
                 sock = client._sock
                 if self.paused or sock is None:
                     break
-                pending = getattr(sock, "pending", None)  # TLS keeps decoded bytes
-                if not (pending and pending()) and not _readable(sock):
+                pending = getattr(sock, "pending", None)
+                if pending is not None:  # TLS: only bytes already decrypted can be counted
+                    if not pending():
+                        break
+                elif not _readable(sock):
                     break
         except Exception as exc:  # paho raises OSError subclasses on a broken socket
             if not self._disconnected.done():
@@ -256,6 +259,7 @@ class Service:
             will=will,
             keepalive=30,
             socket_options=[_NODELAY],
+            tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
         )
 
     async def _stay_connected(self, client: _Client, stop: asyncio.Event) -> None:

@@ -1,0 +1,107 @@
+"""The optional TLS listener, with a certificate made for the test."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.clients import device
+from tests.conftest import running
+from tests.processes import Mosquitto, free_port
+from worker.config import Config, tls_context
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
+
+
+def make_certs(d: Path) -> None:
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mosquitto, Path]]:
+    d = tmp_path_factory.mktemp("tls")
+    make_certs(d)
+    port = free_port()
+    mosq = Mosquitto(
+        d,
+        port=port,
+        extra="\n".join(
+            (
+                f"certfile {d / 'server.crt'}",
+                f"keyfile {d / 'server.key'}",
+                f"cafile {d / 'ca.crt'}",
+                "tls_version tlsv1.2",
+            )
+        ),
+    ).start()
+    yield mosq, d / "ca.crt"
+    mosq.stop()
+
+
+async def test_worker_and_device_over_tls(tls_broker: tuple[Mosquitto, Path]) -> None:
+    broker, ca = tls_broker
+    cfg = Config(
+        host=broker.host, port=broker.port, tls_ca=str(ca), prefix="tls", client_id="tls-worker"
+    )
+    async with (
+        running(cfg),
+        device(broker.host, broker.port, "tls", tls_context=tls_context(str(ca))) as d,
+    ):
+        assert await d.request("c", "append", {"role": "u", "content": "sealed"}) == {
+            "ok": True,
+            "seq": 1,
+            "count": 1,
+        }
+        futs = [await d.send("tls/c/append", {"role": "u", "content": str(i)}) for i in range(100)]
+        assert [(await d.reply(f))["seq"] for f in futs] == list(range(2, 102))
