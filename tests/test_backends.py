@@ -113,7 +113,7 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 async def turns(h: Harness, convo: str, last: int | None = None) -> list[dict[str, Any]]:
     result = await h.ok(Get(convo, last))
     assert isinstance(result, Turns)
-    return [msgpack.unpackb(t) for t in result.turns]
+    return result.decoded()
 
 
 async def add(h: Harness, convo: str, content: str = "x", role: str = "user", **kw: Any) -> Any:
@@ -312,7 +312,7 @@ async def test_batch_is_applied_in_order(make: Make) -> None:
     reqs.insert(25, Get("c", 1))
     results, _ = await h.be.execute(reqs)
     assert isinstance(results[25], Turns)
-    assert msgpack.unpackb(results[25].turns[0])["content"] == "24"
+    assert results[25].decoded()[0]["content"] == "24"
     assert [r.fields["seq"] for r in results if isinstance(r, Fields)] == list(range(1, 51))
 
 

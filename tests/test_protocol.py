@@ -200,7 +200,7 @@ def _roundtrip(result: Any, body: Any = None) -> Any:
 def test_turns_reply_is_a_plain_msgpack_map() -> None:
     """Pre-encoded turns are spliced into a reply any msgpack decoder reads."""
     turns = [encode_turn("user", f"m{i}", 1.5, i) for i in range(1, 20)]
-    assert _roundtrip(Turns(turns), {"id": b"\x01"}) == {
+    assert _roundtrip(Turns(len(turns), b"".join(turns)), {"id": b"\x01"}) == {
         "ok": True,
         "id": b"\x01",
         "turns": [{"role": "user", "content": f"m{i}", "ts": 1.5, "seq": i} for i in range(1, 20)],

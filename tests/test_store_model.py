@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-import msgpack
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -110,7 +109,7 @@ class StoreMatchesModel(RuleBasedStateMachine):
         if cv is not None:
             self.model.touch(cv, self.now)
             expected = cv.turns[-last:] if last else list(cv.turns)
-        got = [msgpack.unpackb(t) for t in self.store.get(Get(name, last)).turns]
+        got = self.store.get(Get(name, last)).decoded()
         assert [(t["role"], t["content"], t["seq"]) for t in got] == expected
         self.check_evictions()
 

@@ -136,9 +136,14 @@ class Parsed:
 
 @dataclass(frozen=True, slots=True)
 class Turns:
-    """A get's answer: each turn already msgpack-encoded, oldest first."""
+    """A get's answer: `count` msgpack-encoded turns back to back, oldest first."""
 
-    turns: list[bytes]
+    count: int
+    data: bytes
+
+    def decoded(self) -> list[Any]:
+        """The turns as maps (for tests and tools; the worker itself never decodes them)."""
+        return _unpack_all(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,12 @@ class Eviction:
 
 
 # --- parsing ------------------------------------------------------------------------------
+
+
+def _unpack_all(data: bytes) -> list[Any]:
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    return list(unpacker)
 
 
 def _decode(payload: bytes) -> dict[Any, Any]:
@@ -395,8 +406,8 @@ def encode_result(result: Result, parsed: Parsed) -> bytes:
                 _OK_TRUE,
                 id_part,
                 _TURNS_KEY,
-                _array_header(len(result.turns)),
-                *result.turns,
+                _array_header(result.count),
+                result.data,
             )
         )
     if isinstance(result, Items):

@@ -220,7 +220,7 @@ class SqliteBackend(Backend):
                 }
             )
         ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
-        return name, cv.seq, msgpack.packb(cv.turns), state, ids
+        return name, cv.seq, msgpack.packb(cv.turn_list()), state, ids
 
     def _restore(self, row: tuple[Any, ...]) -> None:
         name, seq, turns, state, ids, used = row
