@@ -57,5 +57,5 @@ REASON_DELETED: Final = "deleted"
 REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 
 # How many conversations one sweep step expires before it yields to serving.
-SWEEP_CHUNK: Final = 2000
+SWEEP_CHUNK: Final = 500
 SWEEP_INTERVAL: Final = 0.25

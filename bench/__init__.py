@@ -1,0 +1,1 @@
+"""The benchmark (`scripts/bench`): the worker against echo responders on one broker."""
