@@ -23,7 +23,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from worker.service import _Client
+from worker.constants import CONTENT_TYPE
+from worker.service import PackedProperties, _Client
 
 OK = b"\x81\xa2ok\xc3"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -73,9 +74,11 @@ async def direct(host: str, port: int, prefix: str) -> None:
             wake.clear()
             batch, inbox[:] = list(inbox), []
             for msg in batch:
-                route, props = _reply_props(msg.properties)
+                mp = msg.properties
+                route = getattr(mp, "ResponseTopic", None)
                 if route:
-                    client.paho.publish(route, OK, msg.qos, False, props)
+                    props = PackedProperties(CONTENT_TYPE, getattr(mp, "CorrelationData", None))
+                    client.paho.publish(route, OK, msg.qos, False, props)  # type: ignore[arg-type]
                 if msg.qos:
                     client.paho.ack(msg.mid, msg.qos)
 

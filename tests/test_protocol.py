@@ -20,6 +20,7 @@ from worker.protocol import (
     encode_result,
     encode_turn,
     topic_name_problem,
+    turn_size,
     validate_prefix,
 )
 
@@ -244,3 +245,21 @@ def test_route_prefix_keeps_replies_in_the_conversation_s_own_space() -> None:
     bad = r.parse("mem/_x/get", b"", "reply/_x")
     assert bad.route is None
     assert isinstance(bad.error, BadTopic)
+
+
+@pytest.mark.parametrize(
+    ("role", "content"),
+    [
+        ("u", ""),
+        ("assistant", "x" * 31),
+        ("é" * 32, "x" * 32),
+        ("r", "x" * 255),
+        ("r", "x" * 256),
+        ("r", "é" * 40000),
+        ("r" * 32, "x" * 70000),
+    ],
+)
+def test_turn_size_reads_the_encoding(role: str, content: str) -> None:
+    """The byte count read off an encoded turn equals its role and content in UTF-8."""
+    turn = encode_turn(role, content, 1.5, 2**40)
+    assert turn_size(turn) == len(role.encode()) + len(content.encode())

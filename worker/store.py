@@ -16,8 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-import msgpack
-
 from worker import constants as c
 from worker.config import Limits
 from worker.errors import BadRequest, TooLarge, WorkerError
@@ -37,6 +35,7 @@ from worker.protocol import (
     StateSave,
     Turns,
     encode_turn,
+    turn_size,
 )
 
 NO_DEADLINE: Final = float("inf")
@@ -97,12 +96,6 @@ class Convo:
             out.append(self.turns[at : at + size])
             at += size
         return out
-
-
-def turn_size(turn: bytes) -> int:
-    """Bytes a stored turn counts toward the budget: its role and content in UTF-8."""
-    t = msgpack.unpackb(turn)
-    return len(t["role"].encode()) + len(t["content"].encode())
 
 
 def _key_size(key: str, value: bytes) -> int:
