@@ -1,0 +1,411 @@
+"""`scripts/bench`: throughput and latency of the worker against echo responders on one
+broker, in one run, as ratios; store costs; memory per turn; mass expiry.
+
+Every figure is measured here, now, on this machine; nothing is compared with numbers
+taken elsewhere. Results go to stdout as a table and to bench-results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from tests.processes import REPO, Mosquitto
+from worker.config import Limits
+from worker.protocol import Append, Get
+from worker.store import Store
+
+BUILD = REPO / "bench" / "build"
+PY = sys.executable
+
+
+def build_c() -> tuple[Path, Path]:
+    BUILD.mkdir(exist_ok=True)
+    out = []
+    for name in ("loadgen", "echo"):
+        src, exe = REPO / "bench" / f"{name}.c", BUILD / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(["gcc", "-O2", "-o", str(exe), str(src), "-lmosquitto"], check=True)
+        out.append(exe)
+    return out[0], out[1]
+
+
+def wait_line(proc: subprocess.Popen[str], needle: str, timeout: float = 15) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{proc.args!r} exited before saying {needle!r}")
+        if needle in line:
+            return
+    raise TimeoutError(f"{proc.args!r} did not say {needle!r}")
+
+
+@contextlib.contextmanager
+def responder(cmd: list[str], ready: str) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+    try:
+        wait_line(proc, ready)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def worker_cmd(b: Mosquitto, *extra: str) -> list[str]:
+    return [
+        str(Path(PY).parent / "memory-worker"),
+        "--port",
+        str(b.port),
+        "--client-id",
+        f"bench-{uuid.uuid4().hex[:8]}",
+        "--max-conversations",
+        "100000",
+        *extra,
+    ]
+
+
+def load(
+    loadgen: Path,
+    b: Mosquitto,
+    qos: int,
+    window: int,
+    warmup: float,
+    seconds: float,
+    convos: int,
+    *,
+    get_pct: int = 50,
+) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            str(loadgen),
+            b.host,
+            str(b.port),
+            "mem",
+            str(qos),
+            str(window),
+            str(warmup),
+            str(seconds),
+            str(convos),
+            str(get_pct),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=warmup + seconds + 30,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def throughput(
+    args: argparse.Namespace, b: Mosquitto, loadgen: Path, echo_c: Path, tmp: Path
+) -> dict[str, Any]:
+    responders: dict[str, tuple[list[str], str]] = {
+        "worker (memory)": (worker_cmd(b), "serving"),
+        "echo, same transport as the worker": (
+            [PY, "-m", "bench.echo", b.host, str(b.port), "mem", "direct"],
+            "ready",
+        ),
+        "echo, idiomatic aiomqtt": (
+            [PY, "-m", "bench.echo", b.host, str(b.port), "mem", "idiomatic"],
+            "ready",
+        ),
+        "echo, C (libmosquitto)": ([str(echo_c), b.host, str(b.port), "mem"], "ready"),
+        "worker (sqlite)": (worker_cmd(b, "--backend", f"sqlite:///{tmp}/bench.db"), "serving"),
+    }
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {0: [], 1: []} for n in responders}
+    names = list(responders)
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            cmd, ready = responders[name]
+            if name.startswith("worker"):
+                cmd = [*cmd[:4], f"bench-{uuid.uuid4().hex[:8]}", *cmd[5:]]  # a fresh session
+            with responder(cmd, ready):
+                for qos in (0, 1):
+                    res = load(
+                        loadgen, b, qos, args.window, args.warmup, args.seconds, args.conversations
+                    )
+                    runs[name][qos].append(res)
+                    print(
+                        f"  round {r + 1} {name:38} qos {qos}: {res['rps']:8.0f} req/s "
+                        f"p99 {res['p99_ms']:.2f} ms (load generator CPU "
+                        f"{res['cpu_s'] / res['wall_s']:.0%})",
+                        file=sys.stderr,
+                    )
+    summary: dict[str, Any] = {}
+    for name in names:
+        summary[name] = {
+            f"qos{q}": {
+                k: median_of(runs[name][q], k)
+                for k in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_s", "wall_s")
+            }
+            for q in (0, 1)
+        }
+    return {"runs": runs, "median": summary}
+
+
+def latency_window_1(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cmds = {
+        "worker (memory)": (worker_cmd(b), "serving"),
+        "echo, same transport as the worker": (
+            [PY, "-m", "bench.echo", b.host, str(b.port), "mem", "direct"],
+            "ready",
+        ),
+    }
+    for name, (cmd, ready) in cmds.items():
+        with responder(cmd, ready):
+            res = [
+                load(loadgen, b, 1, 1, args.warmup, args.seconds, args.conversations)
+                for _ in range(args.rounds)
+            ]
+        out[name] = {k: median_of(res, k) for k in ("rps", "p50_ms", "p99_ms", "p999_ms")}
+    return out
+
+
+def store_costs() -> dict[str, Any]:
+    """Append and get cost at 500, 10,000 and 100,000 conversations, with LRU evictions."""
+    content = "x" * 120
+    out: dict[str, Any] = {}
+    for n in (500, 10_000, 100_000):
+        s = Store(Limits(max_conversations=n, max_turns=8))
+        for i in range(n):
+            s.append(Append(f"conversation-{i}", "user", content))
+        k = 100_000
+        appends = [Append(f"new-{i}", "user", content) for i in range(k)]
+        gets = [Get(f"new-{k - 1 - (i % 400)}") for i in range(k)]
+        evicted = 0
+        t0 = time.perf_counter()
+        for at in range(0, k, 64):  # batches, drained of their evictions as the service does
+            for a in appends[at : at + 64]:
+                s.append(a)
+            evicted += len(s.take_evictions())
+        t1 = time.perf_counter()
+        for g in gets:
+            s.get(g)
+        t2 = time.perf_counter()
+        assert evicted == k  # every append evicted one
+        out[str(n)] = {"append_us": (t1 - t0) / k * 1e6, "get_us": (t2 - t1) / k * 1e6}
+    return out
+
+
+def memory_per_turn() -> dict[str, Any]:
+    n, turns = 20_000, 8
+    gc.collect()
+    tracemalloc.start()
+    s = Store(Limits(max_conversations=n, max_turns=turns))
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        for _ in range(turns):
+            s.append(Append(f"conversation-{i}", "user", "x" * 120))
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return {
+        "conversations": n,
+        "turns": n * turns,
+        "turn_bytes": 4 + 120,
+        "bytes_per_turn": used / (n * turns),
+    }
+
+
+async def _count_events(b: Mosquitto, total: int, started: asyncio.Event) -> tuple[float, float]:
+    async with aiomqtt.Client(b.host, b.port) as client:
+        await client.subscribe("mem/+/evicted", qos=0)
+        started.set()
+        first = last = 0.0
+        seen = 0
+        async for _ in client.messages:
+            seen += 1
+            last = time.monotonic()
+            if seen == 1:
+                first = last
+            if seen >= total:
+                return first, last
+    return first, last
+
+
+def mass_expiry(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
+    """Fill 100,000 conversations, let them expire at once, probe latency meanwhile."""
+    n, ttl = args.expire_conversations, 6.0
+    with responder(worker_cmd(b, "--ttl", str(ttl)), "serving"):
+        fill = time.monotonic()
+        res = load(loadgen, b, 0, 256, 0, n / 2500, n, get_pct=0)
+        filled = min(res["replies"], n)
+
+        async def run() -> dict[str, Any]:
+            started = asyncio.Event()
+            counter = asyncio.create_task(_count_events(b, min(filled, n) - 200, started))
+            await started.wait()
+            wait = max(0.0, fill + ttl - 1 - time.monotonic())
+            probe = asyncio.create_task(
+                asyncio.to_thread(load, loadgen, b, 1, 1, wait, args.expire_probe_seconds, 50)
+            )
+            try:
+                first, last = await asyncio.wait_for(counter, 120)
+            finally:
+                probed = await probe
+            return {
+                "conversations": filled,
+                "expiry_seconds": last - first,
+                "probe_p50_ms": probed["p50_ms"],
+                "probe_p99_ms": probed["p99_ms"],
+                "probe_max_ms": probed["max_ms"],
+                "probe_requests": probed["replies"],
+            }
+
+        return asyncio.run(run())
+
+
+def machine() -> dict[str, Any]:
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": platform.platform(),
+        "mosquitto": mosq.splitlines()[0] if mosq else "?",
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    med = result["throughput"]["median"]
+    floor = med["echo, same transport as the worker"]
+    lines = [
+        f"machine: {result['machine']['system']}, {result['machine']['cpus']} CPUs, "
+        f"Python {result['machine']['python']}, {result['machine']['mosquitto']}",
+        f"closed loop, window {result['args']['window']}, half append / half get, "
+        f"120-byte contents, {result['args']['conversations']} conversations, "
+        f"median of {result['args']['rounds']} rounds",
+        "",
+        "| responder | QoS 0 req/s | QoS 1 req/s | QoS 1 p50 / p99 / p99.9 ms "
+        "| vs same-transport echo (QoS 0 / 1) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in med.items():
+        r0 = m["qos0"]["rps"] / floor["qos0"]["rps"]
+        r1 = m["qos1"]["rps"] / floor["qos1"]["rps"]
+        lines.append(
+            f"| {name} | {m['qos0']['rps']:,.0f} | {m['qos1']['rps']:,.0f} | "
+            f"{m['qos1']['p50_ms']:.2f} / {m['qos1']['p99_ms']:.2f} / "
+            f"{m['qos1']['p999_ms']:.2f} | {r0:.0%} / {r1:.0%} |"
+        )
+    lat = result["latency_window_1"]
+    lines += [
+        "",
+        "QoS 1 round trip at window 1 (ms): "
+        + "; ".join(
+            f"{name}: p50 {v['p50_ms']:.3f}, p99 {v['p99_ms']:.3f}" for name, v in lat.items()
+        ),
+    ]
+    costs = result["store"]
+    base = costs["500"]
+    lines += [
+        "",
+        "| conversations | append µs | get µs | append vs 500 | get vs 500 |",
+        "|---|---|---|---|---|",
+    ]
+    for n, v in costs.items():
+        lines.append(
+            f"| {int(n):,} | {v['append_us']:.2f} | {v['get_us']:.2f} | "
+            f"{v['append_us'] / base['append_us']:.2f}x | "
+            f"{v['get_us'] / base['get_us']:.2f}x |"
+        )
+    mem = result["memory"]
+    lines += [
+        "",
+        f"memory per stored 120-byte turn: {mem['bytes_per_turn']:.0f} bytes "
+        f"(tracemalloc, {mem['conversations']:,} conversations x 8 turns)",
+    ]
+    if "expiry" in result:
+        e = result["expiry"]
+        lines += [
+            f"mass expiry: {e['conversations']:,} conversations expired in "
+            f"{e['expiry_seconds']:.1f} s; a device's QoS 1 requests meanwhile: p50 "
+            f"{e['probe_p50_ms']:.2f} ms, p99 {e['probe_p99_ms']:.2f} ms, max "
+            f"{e['probe_max_ms']:.2f} ms ({e['probe_requests']} requests)"
+        ]
+    sq, mm = med["worker (sqlite)"], med["worker (memory)"]
+    lines += [
+        f"sqlite vs memory backend: {sq['qos1']['rps'] / mm['qos1']['rps']:.0%} at QoS 1, "
+        f"{sq['qos0']['rps'] / mm['qos0']['rps']:.0%} at QoS 0"
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--window", type=int, default=64, help="requests outstanding")
+    p.add_argument("--conversations", type=int, default=100)
+    p.add_argument("--expire-conversations", type=int, default=100_000)
+    p.add_argument("--expire-probe-seconds", type=float, default=12.0)
+    p.add_argument("--skip-expiry", action="store_true")
+    p.add_argument("--json", default=str(REPO / "bench-results" / "latest.json"))
+    args = p.parse_args()
+    if shutil.which("gcc") is None:
+        sys.exit("scripts/bench: gcc and libmosquitto-dev are needed for the load generator")
+    loadgen, echo_c = build_c()
+    result: dict[str, Any] = {
+        "args": vars(args),
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Mosquitto(Path(tmp) / "mosquitto").start()
+        try:
+            print("throughput ...", file=sys.stderr)
+            result["throughput"] = throughput(args, b, loadgen, echo_c, Path(tmp))
+            print("latency at window 1 ...", file=sys.stderr)
+            result["latency_window_1"] = latency_window_1(args, b, loadgen)
+            if not args.skip_expiry:
+                print("mass expiry ...", file=sys.stderr)
+                result["expiry"] = mass_expiry(args, b, loadgen)
+        finally:
+            b.stop()
+    print("store costs and memory ...", file=sys.stderr)
+    result["store"] = store_costs()
+    result["memory"] = memory_per_turn()
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"\n(full results: {out})")
+
+
+if __name__ == "__main__":
+    main()
