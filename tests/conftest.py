@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.clients import Device, device
-from tests.processes import REPO, Mosquitto
+from tests.processes import REPO, Mosquitto, RedisServer, redis_server
 from worker.backends import create_backend
 from worker.config import Config, Limits
 from worker.service import Service
@@ -28,6 +28,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     mosq = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
     yield mosq
     mosq.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis of the session's own on a free port, else REDIS_URL, else the test is skipped."""
+    if redis_server() is None:
+        url = os.environ.get("REDIS_URL")
+        if not url:
+            pytest.skip("redis-server is not installed and REDIS_URL is not set")
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture

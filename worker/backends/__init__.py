@@ -18,6 +18,10 @@ def create_backend(cfg: Config) -> Backend:
         from worker.backends.sqlite import SqliteBackend
 
         return SqliteBackend(url, cfg.limits)
+    if url.startswith(("redis:", "rediss:", "unix:")):
+        from worker.backends.redis import RedisBackend
+
+        return RedisBackend(url, cfg.limits, prefix=cfg.prefix)
     raise ConfigError(f"--backend {url!r} is not supported")
 
 

@@ -1,0 +1,260 @@
+-- One operation of the memory store, atomically (Redis runs a script alone). Shared by
+-- every worker. KEYS[1] is the key prefix, with a {hash tag} so that all keys of one
+-- prefix live in one Redis Cluster slot. ARGV: op, now (s), ttl, max_turns,
+-- max_conversations, max_bytes, max_keys, max_ids, then the op's own arguments.
+-- Returns {result, evictions, counts}; evictions are {convo, reason, turns, keys}.
+local K = KEYS[1]
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+local max_turns = tonumber(ARGV[4])
+local max_convos = tonumber(ARGV[5])
+local max_bytes = tonumber(ARGV[6])
+local max_keys = tonumber(ARGV[7])
+local max_ids = tonumber(ARGV[8])
+local ev = {}
+
+local function num(v) return tonumber(v) or 0 end
+local function meta(c) return K .. 'm:' .. c end
+
+local function drop_key(c, field)
+  local value = redis.call('HGET', K .. 's:' .. c, field)
+  if not value then return end
+  local size = string.len(value) + num(redis.call('HGET', K .. 'sk:' .. c, field))
+  redis.call('HDEL', K .. 's:' .. c, field)
+  redis.call('HDEL', K .. 'sk:' .. c, field)
+  if redis.call('HDEL', K .. 'sd:' .. c, field) == 1 then
+    redis.call('ZREM', K .. 'kd', c .. '\0' .. field)
+  end
+  redis.call('HINCRBY', meta(c), 'nbytes', -size)
+  redis.call('HINCRBY', meta(c), 'sbytes', -size)
+  redis.call('HINCRBY', meta(c), 'nkeys', -1)
+  redis.call('DECRBY', K .. 'bytes', size)
+  redis.call('DECRBY', K .. 'keys', 1)
+end
+
+local function evict(c, reason)
+  local count = redis.call('LLEN', K .. 't:' .. c)
+  local m = redis.call('HMGET', meta(c), 'nbytes', 'nkeys')
+  for _, field in ipairs(redis.call('HKEYS', K .. 'sd:' .. c)) do
+    redis.call('ZREM', K .. 'kd', c .. '\0' .. field)
+  end
+  redis.call('DEL', meta(c), K .. 't:' .. c, K .. 's:' .. c, K .. 'sk:' .. c, K .. 'sd:' .. c,
+             K .. 'i:' .. c, K .. 'il:' .. c)
+  redis.call('ZREM', K .. 'lru', c)
+  redis.call('ZREM', K .. 'dl', c)
+  redis.call('DECRBY', K .. 'bytes', num(m[1]))
+  redis.call('DECRBY', K .. 'turns', count)
+  redis.call('DECRBY', K .. 'keys', num(m[2]))
+  table.insert(ev, {c, reason, count, num(m[2])})
+end
+
+local function live(c)
+  if not redis.call('ZSCORE', K .. 'lru', c) then return false end
+  if ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', c)) <= now then
+    evict(c, 'ttl')
+    return false
+  end
+  return true
+end
+
+local function touch(c)
+  redis.call('ZADD', K .. 'lru', redis.call('INCR', K .. 'tick'), c)
+  if ttl > 0 then redis.call('ZADD', K .. 'dl', now + ttl, c) end
+end
+
+local function create(c)
+  while redis.call('ZCARD', K .. 'lru') >= max_convos do
+    local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
+    local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
+    evict(victim, expired and 'ttl' or 'lru')
+  end
+  redis.call('HSET', meta(c), 'seq', 0, 'nbytes', 0, 'sbytes', 0, 'nkeys', 0)
+end
+
+local function fit_budget()
+  while num(redis.call('GET', K .. 'bytes')) > max_bytes do
+    evict(redis.call('ZRANGE', K .. 'lru', 0, 0)[1], 'memory')
+  end
+end
+
+local function seen(c, id)
+  if id == '' then return nil end
+  return redis.call('HGET', K .. 'i:' .. c, id)
+end
+
+local function remember(c, id, reply)
+  if id == '' then return end
+  redis.call('HSET', K .. 'i:' .. c, id, reply)
+  redis.call('RPUSH', K .. 'il:' .. c, id)
+  if redis.call('LLEN', K .. 'il:' .. c) > max_ids then
+    redis.call('HDEL', K .. 'i:' .. c, redis.call('LPOP', K .. 'il:' .. c))
+  end
+end
+
+local function live_key(c, field)
+  local d = redis.call('HGET', K .. 'sd:' .. c, field)
+  if d and tonumber(d) <= now then
+    drop_key(c, field)
+    return nil
+  end
+  return redis.call('HGET', K .. 's:' .. c, field)
+end
+
+local function purge_keys(c)
+  local all = redis.call('HGETALL', K .. 'sd:' .. c)
+  for i = 1, #all, 2 do
+    if tonumber(all[i + 1]) <= now then drop_key(c, all[i]) end
+  end
+end
+
+local function trim_oldest(c)
+  local turn = redis.call('LPOP', K .. 't:' .. c)
+  local size = struct.unpack('>I4', turn)
+  redis.call('HINCRBY', meta(c), 'nbytes', -size)
+  redis.call('DECRBY', K .. 'bytes', size)
+  redis.call('DECRBY', K .. 'turns', 1)
+end
+
+local result
+local c = ARGV[9]
+if op == 'append' then
+  -- ARGV[10] size, ARGV[11] turn without its seq, ARGV[12] id
+  local size, head, id = tonumber(ARGV[10]), ARGV[11], ARGV[12]
+  local exists = live(c)
+  local dup = exists and seen(c, id)
+  if dup then
+    touch(c)
+    result = {'dup', dup}
+  elseif size + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0) > max_bytes then
+    result = {'too_large', 'the turn does not fit in --max-bytes'}
+  else
+    if not exists then create(c) end
+    local seq = redis.call('HINCRBY', meta(c), 'seq', 1)
+    local t = K .. 't:' .. c
+    redis.call('RPUSH', t, struct.pack('>I4', size) .. head .. struct.pack('>I4', seq))
+    redis.call('HINCRBY', meta(c), 'nbytes', size)
+    redis.call('INCRBY', K .. 'bytes', size)
+    redis.call('INCRBY', K .. 'turns', 1)
+    while redis.call('LLEN', t) > max_turns do trim_oldest(c) end
+    while num(redis.call('HGET', meta(c), 'nbytes')) > max_bytes and redis.call('LLEN', t) > 1 do
+      trim_oldest(c)
+    end
+    local count = redis.call('LLEN', t)
+    remember(c, id, seq .. ' ' .. count)
+    touch(c)
+    fit_budget()
+    result = {'ok', seq .. ' ' .. count}
+  end
+elseif op == 'get' then
+  if live(c) then
+    touch(c)
+    local last = tonumber(ARGV[10])
+    result = {'turns', redis.call('LRANGE', K .. 't:' .. c, last > 0 and -last or 0, -1)}
+  else
+    result = {'turns', {}}
+  end
+elseif op == 'delete' then
+  if live(c) then
+    local count = redis.call('LLEN', K .. 't:' .. c)
+    evict(c, 'deleted')
+    result = {'ok', tostring(count)}
+  else
+    result = {'ok', '0'}
+  end
+elseif op == 'save' then
+  -- ARGV[10] field, ARGV[11] key size, ARGV[12] value, ARGV[13] key ttl (0: none), ARGV[14] id
+  local field, ksize, value = ARGV[10], tonumber(ARGV[11]), ARGV[12]
+  local kttl, id = tonumber(ARGV[13]), ARGV[14]
+  local exists = live(c)
+  local dup = exists and seen(c, id)
+  if dup then
+    touch(c)
+    result = {'dup', dup}
+  else
+    local old = exists and live_key(c, field)
+    if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
+      purge_keys(c)
+    end
+    local delta = ksize + string.len(value) - (old and (ksize + string.len(old)) or 0)
+    if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
+      result = {'too_large', 'the conversation has --max-keys live keys'}
+    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) or 0) + delta > max_bytes then
+      result = {'too_large', 'the value does not fit in --max-bytes'}
+    else
+      if not exists then create(c) end
+      redis.call('HSET', K .. 's:' .. c, field, value)
+      redis.call('HSET', K .. 'sk:' .. c, field, ksize)
+      if kttl > 0 then
+        redis.call('HSET', K .. 'sd:' .. c, field, now + kttl)
+        redis.call('ZADD', K .. 'kd', now + kttl, c .. '\0' .. field)
+      elseif redis.call('HDEL', K .. 'sd:' .. c, field) == 1 then
+        redis.call('ZREM', K .. 'kd', c .. '\0' .. field)
+      end
+      if not old then
+        redis.call('HINCRBY', meta(c), 'nkeys', 1)
+        redis.call('INCRBY', K .. 'keys', 1)
+      end
+      redis.call('HINCRBY', meta(c), 'nbytes', delta)
+      redis.call('HINCRBY', meta(c), 'sbytes', delta)
+      redis.call('INCRBY', K .. 'bytes', delta)
+      remember(c, id, '')
+      touch(c)
+      fit_budget()
+      result = {'ok', ''}
+    end
+  end
+elseif op == 'load' then
+  if live(c) then
+    local value = live_key(c, ARGV[10])
+    touch(c)
+    result = value and {'value', value} or {'none', ''}
+  else
+    result = {'none', ''}
+  end
+elseif op == 'get_all' then
+  -- ARGV[10] the namespace's field prefix
+  local items = {}
+  if live(c) then
+    touch(c)
+    local prefix = ARGV[10]
+    local all = redis.call('HGETALL', K .. 's:' .. c)
+    for i = 1, #all, 2 do
+      if string.sub(all[i], 1, string.len(prefix)) == prefix and live_key(c, all[i]) then
+        table.insert(items, all[i])
+        table.insert(items, all[i + 1])
+      end
+    end
+  end
+  result = {'items', items}
+elseif op == 'state_delete' then
+  local found = false
+  if live(c) then
+    found = live_key(c, ARGV[10]) and true or false
+    if found then drop_key(c, ARGV[10]) end
+    touch(c)
+  end
+  result = {'ok', found and '1' or ''}
+elseif op == 'expire' then
+  -- ARGV[9] limit
+  local limit = tonumber(ARGV[9])
+  local done = 0
+  if ttl > 0 then
+    for _, due in ipairs(redis.call('ZRANGEBYSCORE', K .. 'dl', '-inf', now, 'LIMIT', 0, limit)) do
+      evict(due, 'ttl')
+      done = done + 1
+    end
+  end
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', K .. 'kd', '-inf', now, 'LIMIT', 0, limit)) do
+    local sep = string.find(member, '\0', 1, true)
+    drop_key(string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
+    redis.call('ZREM', K .. 'kd', member)
+    done = done + 1
+  end
+  result = {'more', done >= limit and '1' or ''}
+end
+
+if result == nil then result = {'ok', ''} end  -- 'counts': nothing but the counts
+local counts = redis.call('MGET', K .. 'turns', K .. 'bytes', K .. 'keys')
+return {result, ev, {redis.call('ZCARD', K .. 'lru'), num(counts[1]), num(counts[2]),
+                     num(counts[3])}}

@@ -1,0 +1,219 @@
+"""Redis backend: the store's semantics in one Lua script, shared by any number of workers.
+
+Every operation runs as one script call, which Redis executes alone, so two workers never
+interleave inside an append, a trim or an eviction, and each eviction is reported by exactly
+one worker (the one whose call made it). A batch of requests is one pipelined round trip.
+TTL expiry is found by the workers' own sweeps (a sorted set of deadlines, claimed by the
+same atomic script), not by keyspace notifications, which are fire-and-forget.
+
+Deadlines are wall-clock seconds from the calling worker, so the workers' clocks must agree
+(NTP); turns are stamped by the worker that stored them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import redis.asyncio
+
+from worker import constants as c
+from worker.backends.base import Backend, Counts
+from worker.config import Limits
+from worker.errors import ConfigError, TooLarge, Unavailable, WorkerError
+from worker.protocol import (
+    Append,
+    Delete,
+    Eviction,
+    Fields,
+    Get,
+    Items,
+    Loaded,
+    Request,
+    Result,
+    StateDelete,
+    StateGetAll,
+    StateLoad,
+    StateSave,
+    Turns,
+)
+
+log = logging.getLogger("memory_worker.redis")
+SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
+DEFAULT_TIMEOUT = 2.0
+_packb = msgpack.packb
+_HEAD_KEYS = (_packb("role"), _packb("content"), _packb("ts"), _packb("seq"))
+
+
+def turn_head(role: str, content: str, ts: float) -> bytes:
+    """A turn encoded up to its seq, which the script appends as a uint32 once it knows it."""
+    r, co, t, s = _HEAD_KEYS
+    return b"".join((b"\x84", r, _packb(role), co, _packb(content), t, _packb(ts), s, b"\xce"))
+
+
+def _field(ns: str, key: str = "") -> bytes:
+    raw = ns.encode()
+    return len(raw).to_bytes(2, "big") + raw + key.encode()
+
+
+class RedisBackend(Backend):
+    """Conversations in Redis (or Valkey), shared by every worker that names the same prefix.
+
+    Args:
+        url: redis://host:port/db (rediss:// for TLS), as redis-py reads it.
+        limits: the store's bounds; every worker sharing the data must use the same.
+        prefix: the topic prefix; keys are named mw:{prefix}:..., one Cluster hash slot.
+        clock, wall: Unix clocks for deadlines and timestamps (tests pass fakes).
+        timeout: seconds a batch may take before its requests are answered `unavailable`.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        limits: Limits,
+        prefix: str = c.DEFAULT_PREFIX,
+        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"--backend {url!r}: expected redis://host:port/db")
+        self.url = url
+        self.limits = limits
+        self.key = f"mw:{{{prefix}}}:"
+        self._clock = clock
+        self._wall = wall
+        self.timeout = timeout
+        self._redis = redis.asyncio.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=5
+        )
+        self._script = self._redis.register_script(SCRIPT)
+        self._counts = Counts(0, 0, 0, 0)
+
+    async def open(self) -> None:
+        try:
+            self._take(await self._run([self._args("counts", "")]))
+        except Unavailable as exc:
+            log.warning(
+                "redis at %s is not answering (%s); requests get 'unavailable' until it does",
+                self.url,
+                exc,
+            )
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def counts(self) -> Counts:
+        return self._counts
+
+    # --- calls --------------------------------------------------------------------------
+
+    def _args(self, op: str, *rest: Any) -> list[Any]:
+        lim = self.limits
+        return [
+            op,
+            repr(self._clock()),
+            repr(lim.ttl),
+            lim.max_turns,
+            lim.max_conversations,
+            lim.max_bytes,
+            lim.max_keys,
+            lim.max_ids,
+            *rest,
+        ]
+
+    def _call(self, req: Request) -> list[Any]:
+        match req:
+            case Append():
+                size = len(req.role.encode()) + len(req.content.encode())
+                head = turn_head(req.role, req.content, self._wall())
+                return self._args("append", req.convo, size, head, _id(req.id))
+            case Get():
+                return self._args("get", req.convo, req.last or 0)
+            case Delete():
+                return self._args("delete", req.convo)
+            case StateSave():
+                ttl = req.ttl or 0
+                return self._args(
+                    "save",
+                    req.convo,
+                    _field(req.ns, req.key),
+                    len(req.key.encode()),
+                    req.value,
+                    repr(ttl),
+                    _id(req.id),
+                )
+            case StateLoad():
+                return self._args("load", req.convo, _field(req.ns, req.key))
+            case StateGetAll():
+                return self._args("get_all", req.convo, _field(req.ns))
+            case StateDelete():
+                return self._args("state_delete", req.convo, _field(req.ns, req.key))
+        raise WorkerError(f"unknown request {type(req).__name__}")  # pragma: no cover
+
+    async def _run(self, calls: list[list[Any]]) -> list[Any]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self._redis.pipeline(transaction=False)
+                for args in calls:
+                    await self._script(keys=[self.key], args=args, client=pipe)
+                replies: list[Any] = await pipe.execute()
+        except Exception as exc:  # connection refused, timeout, NOSCRIPT races, ...
+            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+        return replies
+
+    def _take(self, replies: list[Any]) -> tuple[list[Any], list[Eviction]]:
+        now = self._wall()
+        results, evictions = [], []
+        for result, evicted, counts in replies:
+            results.append(result)
+            evictions += [
+                Eviction(cv.decode(), reason.decode(), int(n), int(k), now)
+                for cv, reason, n, k in evicted
+            ]
+            self._counts = Counts(*(int(x) for x in counts))
+        return results, evictions
+
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+        raw, evictions = self._take(await self._run([self._call(r) for r in requests]))
+        return [_result(req, r) for req, r in zip(requests, raw, strict=True)], evictions
+
+    async def expire(self) -> tuple[bool, list[Eviction]]:
+        raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
+        return raw[0][1] == b"1", evictions
+
+
+def _id(req_id: Any) -> bytes:
+    return b"" if req_id is None else _packb(req_id)
+
+
+def _result(req: Request, raw: list[Any]) -> Result:
+    kind, data = raw[0].decode(), raw[1]
+    if kind == "too_large":
+        return TooLarge(data.decode())
+    match req:
+        case Append():
+            seq, count = data.split()
+            return Fields({"seq": int(seq), "count": int(count)})
+        case Get():
+            return Turns(len(data), b"".join(t[4:] for t in data))
+        case Delete():
+            return Fields({"deleted": int(data)})
+        case StateSave():
+            return Fields({})
+        case StateLoad():
+            return Loaded(data if kind == "value" else None)
+        case StateGetAll():
+            skip = 2 + len(req.ns.encode())
+            return Items({data[i][skip:].decode(): data[i + 1] for i in range(0, len(data), 2)})
+        case StateDelete():
+            return Fields({"deleted": data == b"1"})
+    raise WorkerError(f"unknown request {type(req).__name__}")  # pragma: no cover
