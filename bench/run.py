@@ -262,7 +262,7 @@ def mass_expiry(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[s
     n, ttl = args.expire_conversations, 6.0
     with responder(worker_cmd(b, "--ttl", str(ttl)), "serving"):
         fill = time.monotonic()
-        res = load(loadgen, b, 0, 256, 0, n / 2500, n, get_pct=0)
+        res = load(loadgen, b, 0, 256, 0, n / 10_000, n, get_pct=0)
         filled = min(res["replies"], n)
 
         async def run() -> dict[str, Any]:

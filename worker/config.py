@@ -44,7 +44,7 @@ class Config:
     max_payload_bytes: int = c.DEFAULT_MAX_PAYLOAD_BYTES
     backend: str = c.DEFAULT_BACKEND
     stats_interval: float = c.DEFAULT_STATS_INTERVAL
-    session_expiry: int = c.DEFAULT_SESSION_EXPIRY
+    session_expiry: int | None = None  # see session_expiry_seconds
     max_inflight: int = c.DEFAULT_MAX_INFLIGHT
     reconnect_max: float = c.DEFAULT_RECONNECT_MAX
     shared_group: str | None = None
@@ -56,6 +56,15 @@ class Config:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def session_expiry_seconds(self) -> int:
+        """How long the broker keeps our session. In a share group it ends with the worker:
+        Mosquitto goes on handing a disconnected member with a live session its share of
+        the requests, where nobody answers them until it comes back."""
+        if self.session_expiry is not None:
+            return self.session_expiry
+        return 0 if self.shared_group else c.DEFAULT_SESSION_EXPIRY
 
 
 def _positive_int(name: str, value: int) -> None:
@@ -98,7 +107,7 @@ def validate(cfg: Config) -> None:
         )
     if cfg.stats_interval <= 0:
         raise ConfigError(f"--stats-interval must be more than 0, got {cfg.stats_interval}")
-    if cfg.session_expiry < 0 or cfg.session_expiry > 0xFFFFFFFF:
+    if cfg.session_expiry is not None and not 0 <= cfg.session_expiry <= 0xFFFFFFFF:
         raise ConfigError(f"--session-expiry must be 0-4294967295, got {cfg.session_expiry}")
     if cfg.reconnect_max <= 0:
         raise ConfigError(f"--reconnect-max must be more than 0, got {cfg.reconnect_max}")
@@ -164,7 +173,12 @@ FLAGS: tuple[_Flag, ...] = (
         "backend", str, c.DEFAULT_BACKEND, "memory, sqlite:///rel.db, sqlite:////abs.db, redis://"
     ),
     _Flag("stats-interval", float, c.DEFAULT_STATS_INTERVAL, "seconds between stats messages"),
-    _Flag("session-expiry", int, c.DEFAULT_SESSION_EXPIRY, "MQTT session expiry in seconds"),
+    _Flag(
+        "session-expiry",
+        int,
+        c.DEFAULT_SESSION_EXPIRY,
+        "MQTT session expiry in seconds; 0 with --shared-group unless given",
+    ),
     _Flag("max-inflight", int, c.DEFAULT_MAX_INFLIGHT, "requests in progress before reading stops"),
     _Flag("reconnect-max", float, c.DEFAULT_RECONNECT_MAX, "cap of the reconnect backoff (s)"),
     _Flag("shared-group", str, None, "serve through $share/<group>/... with other workers"),

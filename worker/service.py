@@ -296,7 +296,7 @@ class Service:
     def _make_client(self) -> _Client:
         cfg = self.cfg
         connect_props = _properties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = cfg.session_expiry
+        connect_props.SessionExpiryInterval = cfg.session_expiry_seconds
         connect_props.ReceiveMaximum = min(cfg.max_inflight, 65535)
         will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True)
         return _Client(
@@ -498,6 +498,7 @@ class Service:
     # --- background work ------------------------------------------------------------------
 
     async def _sweep(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(c.SWEEP_INTERVAL)
             more = True
@@ -505,9 +506,14 @@ class Service:
                 await self._sendable()
                 try:
                     more, evictions = await self.backend.expire()
-                except Exception:
-                    log.exception("expiry sweep failed")
+                except Exception as exc:
+                    if not failing:  # once per outage, not four times a second
+                        log.warning("expiry sweep failed: %s", exc)
+                    failing = True
                     break
+                if failing:
+                    log.info("expiry sweep works again")
+                failing = False
                 self._announce(evictions)
                 await asyncio.sleep(0)  # let requests in between chunks
 

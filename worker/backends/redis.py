@@ -161,8 +161,10 @@ class RedisBackend(Backend):
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
         try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self._redis.pipeline(transaction=False)
+            async with (
+                asyncio.timeout(self.timeout),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
                 for args in calls:
                     await self._script(keys=[self.key], args=args, client=pipe)
                 replies: list[Any] = await pipe.execute()

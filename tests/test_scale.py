@@ -1,0 +1,165 @@
+"""Several workers sharing Redis behind an MQTT shared subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.clients import Device, decode, device, next_message, watcher
+from tests.conftest import make_config, reap, running, spawn_worker, unique
+from tests.processes import Mosquitto, RedisServer, redis_server
+from worker.service import Service
+
+pytestmark = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    broker: Mosquitto, url: str, n: int, **overrides: Any
+) -> AsyncIterator[list[Service]]:
+    prefix, group = unique("mem"), unique("g")
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                running(
+                    make_config(broker, prefix=prefix, backend=url, shared_group=group, **overrides)
+                )
+            )
+            for _ in range(n)
+        ]
+
+
+async def converse(d: Device, convo: str, count: int) -> list[int]:
+    """A device that waits for each reply: returns the seqs it was given."""
+    return [
+        (await d.request(convo, "append", {"role": "u", "content": str(i), "id": i}))["seq"]
+        for i in range(count)
+    ]
+
+
+async def test_three_workers_share_the_load_and_keep_order(
+    broker: Mosquitto, redis_url: str
+) -> None:
+    """Every acknowledged append is stored once and in order; each eviction announced once."""
+    async with workers(broker, redis_url, 3, max_turns=100) as ws:
+        prefix = ws[0].cfg.prefix
+        async with watcher(broker.host, broker.port, f"{prefix}/+/evicted") as events:
+            async with contextlib.AsyncExitStack() as stack:
+                devs = [
+                    await stack.enter_async_context(device(broker.host, broker.port, prefix))
+                    for _ in range(6)
+                ]
+                seqs = await asyncio.gather(*(converse(d, f"d{i}", 40) for i, d in enumerate(devs)))
+                turns = [(await devs[0].request(f"d{i}", "get"))["turns"] for i in range(6)]
+                for i in range(6):
+                    await devs[0].request(f"d{i}", "delete")
+            deleted: Counter[str] = Counter()
+            while len(deleted) < 6:
+                ev = decode(await next_message(events))
+                if ev["reason"] == "deleted":
+                    deleted[ev["convo"]] += 1
+    served = [w.stats.requests for w in ws]
+    assert all(n > 0 for n in served), served
+    assert seqs == [list(range(1, 41))] * 6
+    assert [[int(x["content"]) for x in t] for t in turns] == [list(range(40))] * 6
+    assert set(deleted.values()) == {1}
+
+
+async def test_each_expiry_is_announced_once(broker: Mosquitto, redis_url: str) -> None:
+    """Three sweepers, one event per expired conversation."""
+    async with workers(broker, redis_url, 3, ttl=0.5) as ws:
+        prefix = ws[0].cfg.prefix
+        async with (
+            watcher(broker.host, broker.port, f"{prefix}/+/evicted") as events,
+            device(broker.host, broker.port, prefix) as d,
+        ):
+            for i in range(30):
+                await d.request(f"c{i}", "append", {"role": "u", "content": "x"})
+            got: Counter[str] = Counter()
+            while len(got) < 30:
+                ev = decode(await next_message(events))
+                assert ev["reason"] == "ttl"
+                got[ev["convo"]] += 1
+            await d.request("sentinel", "get")  # any duplicate would have come before this
+            await d.request("sentinel", "append", {"role": "u", "content": "x"})
+            await d.request("sentinel", "delete")
+            ev = decode(await next_message(events))
+            assert (ev["convo"], ev["reason"]) == ("sentinel", "deleted")
+    assert set(got.values()) == {1}
+
+
+async def test_a_killed_worker_loses_nothing(broker: Mosquitto, redis_url: str) -> None:
+    """One of three SIGKILLed under load: the others serve; a device that retries with the
+    same id gets every append stored exactly once, in order."""
+    prefix, group = unique("mem"), unique("g")
+    procs = [
+        spawn_worker(
+            broker,
+            "--prefix",
+            prefix,
+            "--client-id",
+            unique("w-"),
+            "--backend",
+            redis_url,
+            "--shared-group",
+            group,
+            "--max-turns",
+            "500",
+        )
+        for _ in range(3)
+    ]
+    try:
+        async with watcher(broker.host, broker.port, f"{prefix}/_worker/+/status") as seen:
+            online = 0
+            while online < 3:
+                online += decode(await next_message(seen))["state"] == "online"
+        async with device(broker.host, broker.port, prefix) as d:
+            for i in range(300):
+                body = {"role": "u", "content": str(i), "id": i}
+                while True:  # what a careful device does: same id until it gets an answer
+                    fut = await d.send(f"{prefix}/c/append", body)
+                    if i == 100 and procs[0].poll() is None:
+                        procs[0].send_signal(signal.SIGKILL)  # with a request in flight
+                    try:
+                        reply = await asyncio.wait_for(fut, 1.0)
+                        break
+                    except TimeoutError:
+                        continue
+                assert decode(reply)["ok"]
+            turns = (await d.request("c", "get"))["turns"]
+        assert [int(t["content"]) for t in turns] == list(range(300))
+        assert [t["seq"] for t in turns] == list(range(1, 301))
+    finally:
+        for p in procs:
+            reap(p)
+
+
+async def test_redis_restart_gives_unavailable_then_full_service(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path).start()
+    try:
+        async with (
+            running(make_config(broker, backend=server.url)) as w,
+            device(broker.host, broker.port, w.cfg.prefix) as d,
+        ):
+            assert (await d.request("c", "append", {"role": "u", "content": "x"}))["ok"]
+            server.stop()
+            t0 = asyncio.get_running_loop().time()
+            reply = await d.request("c", "append", {"role": "u", "content": "y"})
+            assert reply["error"]["code"] == "unavailable"
+            assert asyncio.get_running_loop().time() - t0 < 5
+            server.start()
+            reply = await d.request("c", "append", {"role": "u", "content": "z"})
+            assert reply == {"ok": True, "seq": 1, "count": 1}  # that Redis kept nothing
+            assert w.connected.is_set()
+            assert w.stats.errors["unavailable"] == 1
+    finally:
+        server.stop()
