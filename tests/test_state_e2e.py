@@ -180,8 +180,9 @@ async def test_sqlite_acknowledged_appends_survive_sigkill(
         async with device(broker.host, broker.port, prefix) as d:
             turns = (await d.request("c", "get"))["turns"]
         contents = [int(t["content"]) for t in turns]
-        assert len(contents) >= acked
-        assert contents[:acked] == list(range(acked))
+        # Without ids, an append stored but not yet acknowledged when the worker died is
+        # applied again when the broker delivers it again (see test_faults for ids).
+        assert set(range(acked)) <= set(contents)
         assert contents == sorted(contents)
     finally:
         reap(proc, signal.SIGTERM)
