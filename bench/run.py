@@ -28,7 +28,7 @@ from typing import Any
 
 import aiomqtt
 
-from tests.processes import REPO, Mosquitto
+from tests.processes import REPO, Mosquitto, RedisServer, redis_server
 from worker.config import Limits
 from worker.protocol import Append, Get
 from worker.store import Store
@@ -289,6 +289,51 @@ def mass_expiry(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[s
         return asyncio.run(run())
 
 
+def scale_out(args: argparse.Namespace, b: Mosquitto, loadgen: Path, tmp: Path) -> dict[str, Any]:
+    """Throughput of 1, 2 and 3 workers in one share group on one Redis."""
+    if redis_server() is None:
+        return {"skipped": "redis-server is not installed"}
+    (tmp / "redis").mkdir()
+    server = RedisServer(tmp / "redis").start()
+    out: dict[str, Any] = {}
+    try:
+        for n in (1, 2, 3):
+            group = f"g{uuid.uuid4().hex[:6]}"
+            cmds = [
+                worker_cmd(b, "--backend", server.url, "--shared-group", group) for _ in range(n)
+            ]
+            with contextlib.ExitStack() as stack:
+                for cmd in cmds:
+                    stack.enter_context(responder(cmd, "serving"))
+                runs = {
+                    q: [
+                        load(
+                            loadgen,
+                            b,
+                            q,
+                            args.window,
+                            args.warmup,
+                            args.seconds,
+                            args.conversations,
+                        )
+                        for _ in range(max(1, args.rounds - 2))
+                    ]
+                    for q in (0, 1)
+                }
+            out[str(n)] = {
+                f"qos{q}": {k: median_of(r, k) for k in ("rps", "p50_ms", "p99_ms")}
+                for q, r in runs.items()
+            }
+            print(
+                f"  {n} worker(s) on redis: {out[str(n)]['qos0']['rps']:.0f} / "
+                f"{out[str(n)]['qos1']['rps']:.0f} req/s",
+                file=sys.stderr,
+            )
+    finally:
+        server.stop()
+    return out
+
+
 def machine() -> dict[str, Any]:
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
     return {
@@ -349,6 +394,18 @@ def table(result: dict[str, Any]) -> str:
         f"memory per stored 120-byte turn: {mem['bytes_per_turn']:.0f} bytes "
         f"(tracemalloc, {mem['conversations']:,} conversations x 8 turns)",
     ]
+    scale = result.get("scale_out", {})
+    if "1" in scale:
+        lines += [
+            "",
+            "| workers on one Redis (share group) | QoS 0 req/s | QoS 1 req/s | QoS 1 p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for n, v in scale.items():
+            lines.append(
+                f"| {n} | {v['qos0']['rps']:,.0f} | {v['qos1']['rps']:,.0f} | "
+                f"{v['qos1']['p99_ms']:.2f} |"
+            )
     if "expiry" in result:
         e = result["expiry"]
         lines += [
@@ -392,6 +449,8 @@ def main() -> None:
             result["throughput"] = throughput(args, b, loadgen, echo_c, Path(tmp))
             print("latency at window 1 ...", file=sys.stderr)
             result["latency_window_1"] = latency_window_1(args, b, loadgen)
+            print("scale out ...", file=sys.stderr)
+            result["scale_out"] = scale_out(args, b, loadgen, Path(tmp))
             if not args.skip_expiry:
                 print("mass expiry ...", file=sys.stderr)
                 result["expiry"] = mass_expiry(args, b, loadgen)
