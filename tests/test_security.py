@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,28 @@ def test_no_secret_is_committed() -> None:
     ).stdout.split()
     assert "deploy/passwd" not in tracked
     assert Path(REPO / ".gitignore").read_text().count("deploy/passwd") == 1
+
+
+async def test_a_device_outside_the_secret_share_group_takes_nothing(secured: Mosquitto) -> None:
+    """Mosquitto 2.0 lets anyone subscribe to anything (its ACL file checks reads only on
+    delivery), and a member of the workers' share group takes its turn of the requests even
+    when it may not read them. A group name that devices cannot guess keeps them out: a
+    device subscribing under any other group name gets its own (unreadable) copy, and the
+    workers' group loses nothing."""
+    group = f"workers-{uuid.uuid4().hex}"  # a secret, like a password
+    cfg = Config(
+        host=secured.host,
+        port=secured.port,
+        username="memory-worker",
+        password=USERS["memory-worker"],
+        route_prefix="reply/{convo}",
+        shared_group=group,
+    )
+    async with running(cfg) as w, login(secured, "kiosk-a") as a:
+        await a.subscribe(
+            [("$share/workers/mem/+/get", 1), ("$share/memory-worker/mem/#", 1), ("mem/#", 1)]
+        )
+        await a.subscribe("reply/kiosk-a/#", qos=1)
+        for _ in range(10):
+            assert (await ask(a, "kiosk-a", "get", {}, "reply/kiosk-a/r"))["ok"] is True
+        assert w.stats.requests == 10

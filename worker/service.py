@@ -343,9 +343,14 @@ class Service:
                 self.connected.clear()
 
     async def _on_connected(self, client: _Client) -> None:
-        prefix = f"$share/{self.cfg.shared_group}/" if self.cfg.shared_group else ""
+        filters = self.router.filters()
         options = SubscribeOptions(qos=1, retainAsPublished=True)
-        await client.subscribe([(prefix + f, options) for f in self.router.filters()])
+        if self.cfg.shared_group:
+            # A session kept from a run outside the group would go on receiving its own
+            # copy of every request besides the group's: each would be served twice.
+            await client.unsubscribe(filters)
+            filters = [f"$share/{self.cfg.shared_group}/{f}" for f in filters]
+        await client.subscribe([(f, options) for f in filters])
         await client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
         self.connected.set()
         self.connections += 1
