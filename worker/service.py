@@ -406,9 +406,12 @@ class Service:
         chunk there keeps paho's outgoing queue short instead of letting it grow.
         """
         client = self._client
-        if client is not None and client.backlog() > client.backlog_limit():
+        while client is not None and client.backlog() > client.backlog_limit():
             client.sendable.clear()
-            await client.sendable.wait()
+            # PUBACKs wake us; the timeout covers a backlog that drains without one (our
+            # own acknowledgements and QoS 0 packets leaving the socket).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.sendable.wait(), 0.05)
 
     async def _process(self) -> None:
         while True:
