@@ -427,11 +427,17 @@ def table(result: dict[str, Any]) -> str:
                 f"| {n} | {v['qos0']['rps']:,.0f} | {v['qos1']['rps']:,.0f} | "
                 f"{v['qos1']['p99_ms']:.2f} |"
             )
+    once = result["expiry_at_once"]
+    lines += [
+        f"expiring {once['conversations']:,} conversations due at once (store alone): "
+        f"{once['seconds']:.2f} s in {once['steps']} sweep steps, the longest "
+        f"{once['longest_step_ms']:.1f} ms"
+    ]
     if "expiry" in result:
         e = result["expiry"]
         lines += [
-            f"mass expiry: {e['conversations']:,} conversations expired in "
-            f"{e['expiry_seconds']:.1f} s; a device's QoS 1 requests meanwhile: p50 "
+            f"expiry wave through the worker: {e['conversations']:,} conversations expiring "
+            f"over {e['wave_seconds']:.0f} s; a device's QoS 1 requests meanwhile: p50 "
             f"{e['probe_p50_ms']:.2f} ms, p99 {e['probe_p99_ms']:.2f} ms, max "
             f"{e['probe_max_ms']:.2f} ms ({e['probe_requests']} requests)"
         ]
@@ -453,7 +459,11 @@ def main() -> None:
     p.add_argument("--expire-conversations", type=int, default=100_000)
     p.add_argument("--skip-expiry", action="store_true")
     p.add_argument("--json", default=str(REPO / "bench-results" / "latest.json"))
+    p.add_argument("--table", action="store_true", help="print the table of --json and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.json).read_text())))
+        return
     if shutil.which("gcc") is None:
         sys.exit("scripts/bench: gcc and libmosquitto-dev are needed for the load generator")
     loadgen, echo_c = build_c()
