@@ -406,7 +406,12 @@ class Service:
         chunk there keeps paho's outgoing queue short instead of letting it grow.
         """
         client = self._client
-        while client is not None and client.backlog() > client.backlog_limit():
+        # Not while reading is paused: the broker's PUBACKs that would shrink the backlog
+        # wait in the socket behind the requests we are not reading, so waiting would never
+        # end. Input is bounded by the pause; the backlog grows by one batch at most.
+        while (
+            client is not None and not client.paused and client.backlog() > client.backlog_limit()
+        ):
             client.sendable.clear()
             # PUBACKs wake us; the timeout covers a backlog that drains without one (our
             # own acknowledgements and QoS 0 packets leaving the socket).

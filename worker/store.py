@@ -182,8 +182,7 @@ class Store:
         name = req.convo
         cv = self._live(name, now)
         if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
-            self._touch(name, cv, now)
-            return Fields(cv.ids[req.id])
+            return self._done(name, cv, now, None, cv.ids[req.id])
         size = len(req.role.encode()) + len(req.content.encode())
         lim = self.limits
         if size + (cv.sbytes if cv else 0) > lim.max_bytes:
@@ -203,13 +202,7 @@ class Store:
             cv.nbytes -= dropped_size
             self.bytes -= dropped_size
             self.turns -= 1
-        fields = {"seq": cv.seq, "count": cv.count}
-        if req.id is not None:
-            self._remember(cv, req.id, fields)
-        self._touch(name, cv, now)
-        self._changed(name)
-        self._fit_budget()
-        return Fields(fields)
+        return self._done(name, cv, now, req.id, {"seq": cv.seq, "count": cv.count})
 
     def get(self, req: Get) -> Turns:
         now = self._clock()
@@ -232,8 +225,7 @@ class Store:
         name = req.convo
         cv = self._live(name, now)
         if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
-            self._touch(name, cv, now)
-            return Fields(cv.ids[req.id])
+            return self._done(name, cv, now, None, cv.ids[req.id])
         old = self._live_key(name, cv, req.ns, req.key, now) if cv else None
         lim = self.limits
         if old is None and cv is not None and cv.nkeys >= lim.max_keys:
@@ -257,13 +249,7 @@ class Store:
         self.bytes += delta
         if req.ttl is not None:
             self._push_key_deadline(deadline, name, req.ns, req.key)
-        fields: dict[str, Any] = {}
-        if req.id is not None:
-            self._remember(cv, req.id, fields)
-        self._touch(name, cv, now)
-        self._changed(name)
-        self._fit_budget()
-        return Fields(fields)
+        return self._done(name, cv, now, req.id, {})
 
     def state_load(self, req: StateLoad) -> Loaded:
         now = self._clock()
@@ -424,6 +410,18 @@ class Store:
         while self.bytes > self.limits.max_bytes:
             name, cv = next(iter(convos.items()))
             self._evict(name, cv, c.REASON_MEMORY)
+
+    def _done(
+        self, name: str, cv: Convo, now: float, req_id: Any, fields: dict[str, Any]
+    ) -> Fields:
+        """Finish a write (or answer its repeat, with req_id None): remember its id, touch
+        the conversation, and keep the byte budget."""
+        if req_id is not None:
+            self._remember(cv, req_id, fields)
+        self._touch(name, cv, now)
+        self._changed(name)
+        self._fit_budget()
+        return Fields(fields)
 
     def _remember(self, cv: Convo, req_id: Any, fields: dict[str, Any]) -> None:
         if cv.ids is None:
