@@ -452,7 +452,7 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
+    p.add_argument("--seconds", type=float, default=2.5, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--window", type=int, default=64, help="requests outstanding")
     p.add_argument("--conversations", type=int, default=100)

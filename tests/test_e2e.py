@@ -234,7 +234,9 @@ async def test_worker_survives_broker_restart(
     """After a broker restart the worker reconnects, re-subscribes and its memory is intact."""
     async with worker_factory(own_broker) as w:
         async with device(own_broker.host, own_broker.port, w.cfg.prefix) as d:
-            await d.request("c", "append", {"role": "u", "content": "before"})
+            # With an id: a broker stopped before it took in our PUBACK delivers the
+            # request again after the restart, and only the id keeps it from counting twice.
+            await d.request("c", "append", {"role": "u", "content": "before", "id": "b1"})
         own_broker.restart()
         await asyncio.wait_for(w.wait_connections(2), 15)
         async with device(own_broker.host, own_broker.port, w.cfg.prefix) as d:
