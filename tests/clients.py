@@ -10,7 +10,6 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -177,7 +176,3 @@ async def next_message(queue: asyncio.Queue[aiomqtt.Message]) -> aiomqtt.Message
 
 def decode(message: aiomqtt.Message) -> Any:
     return msgpack.unpackb(message.payload, strict_map_key=False)
-
-
-def schema_files() -> list[Path]:
-    return sorted(SCHEMAS.glob("*.json"))

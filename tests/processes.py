@@ -37,7 +37,19 @@ def wait_port(
     raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
 
 
-class Mosquitto:
+class Server:
+    """A server process the tests own, listening on `port` once started."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+class Mosquitto(Server):
     """A Mosquitto started from the repo's mosquitto.conf (or another), on its own port."""
 
     def __init__(
@@ -71,12 +83,6 @@ class Mosquitto:
         wait_port(self.port, proc=self.proc)
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
     def restart(self, sig: int = signal.SIGTERM) -> None:
         self.stop(sig)
         self.start()
@@ -88,7 +94,7 @@ def redis_server() -> str | None:
     )
 
 
-class RedisServer:
+class RedisServer(Server):
     """A redis-server of the tests' own on a free port, keeping nothing on disk."""
 
     def __init__(self, workdir: Path) -> None:
@@ -122,9 +128,3 @@ class RedisServer:
         )
         wait_port(self.port, proc=self.proc)
         return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=10)
-        self.proc = None

@@ -263,3 +263,15 @@ def test_turn_size_reads_the_encoding(role: str, content: str) -> None:
     """The byte count read off an encoded turn equals its role and content in UTF-8."""
     turn = encode_turn(role, content, 1.5, 2**40)
     assert turn_size(turn) == len(role.encode()) + len(content.encode())
+
+
+def test_schemas_name_every_code_and_reason() -> None:
+    """The error codes and eviction reasons in schemas/ are exactly the worker's."""
+    from tests.clients import schema
+    from worker import constants
+    from worker.errors import ERROR_CODES
+
+    codes = schema("error.reply")["properties"]["error"]["properties"]["code"]["enum"]
+    assert sorted(codes) == sorted(ERROR_CODES)
+    reasons = schema("evicted.event")["properties"]["reason"]["enum"]
+    assert sorted(reasons) == sorted(constants.REASONS)

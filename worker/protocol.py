@@ -472,10 +472,6 @@ def _error_body(error: WorkerError, parsed: Parsed) -> dict[str, Any]:
     return body
 
 
-def encode_error(error: WorkerError, parsed: Parsed) -> bytes:
-    return _packb(_error_body(error, parsed))
-
-
 def encode_event(ev: Eviction) -> bytes:
     return _packb(
         {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts}
