@@ -57,7 +57,8 @@ class _Client(aiomqtt.Client):
     - Two paho costs are cut: it reads the socket a few bytes per system call (three calls
       per packet), so reads go through a 64 KiB buffer; and it scans every in-flight
       publish on each PUBACK, so the scan is skipped when nothing is queued behind them.
-    These reach into aiomqtt 2.5 and paho 2 internals; pyproject pins both for that reason.
+    These reach into aiomqtt 2.5 and paho 2.2 internals; pyproject pins both to the
+    versions tested.
     """
 
     def __init__(
