@@ -241,6 +241,8 @@ class Service:
         self._inbox: list[tuple[int, paho.MQTTMessage]] = []
         self._wake = asyncio.Event()
         self._generation = 0
+        self._busy = False  # a batch is being handled
+        self._closing = False  # shutting down: new requests stay unacknowledged, for later
         self._client: _Client | None = None
         self.connected = asyncio.Event()
         self.connections = 0
@@ -387,12 +389,7 @@ class Service:
 
     # --- the hot path ---------------------------------------------------------------------
 
-    _busy = False
-    _closing = False
-
     def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        if self._closing:
-            return
         if self._closing:
             return
         self._inbox.append((self._generation, msg))
