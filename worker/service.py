@@ -329,7 +329,7 @@ class Service:
                     attempt = 0
                     await self._on_connected(client)
                     await client.wait_disconnected()
-            except aiomqtt.MqttError as exc:
+            except Exception as exc:  # MqttError mostly; paho can also surface an OSError
                 self.connected.clear()
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
                 attempt += 1
