@@ -532,7 +532,10 @@ class Service:
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
             if self.connected.is_set():
-                self._publish_stats()
+                try:
+                    self._publish_stats()
+                except Exception:  # a stats message is never worth stopping the next one
+                    log.exception("publishing stats failed")
 
     def stats_body(self) -> dict[str, Any]:
         counts = self.backend.counts()
