@@ -503,3 +503,16 @@ async def test_lru_order_survives_restart(durable: Harness) -> None:
     assert h.take() == [("b", "lru", 1, 0)]
     await h.reopen()
     assert [len(await turns(h, n)) for n in "abc"] == [1, 0, 1]
+
+
+async def test_lru_order_survives_restart_with_ttl_off(tmp_path: Path) -> None:
+    """With --ttl 0 a get still counts as a use, and that order is what a restart keeps."""
+    h = Harness("sqlite", Limits(ttl=0), tmp_path, Clock())
+    await h.be.open()
+    for name in "abc":
+        await add(h, name)
+    await turns(h, "a")
+    await h.reopen(Limits(ttl=0, max_conversations=2))
+    await h.expire()
+    assert h.take() == [("b", "lru", 1, 0)]
+    await h.be.close()

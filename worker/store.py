@@ -112,7 +112,7 @@ class Store:
 
     Each operation that evicts appends to `evictions`, which the caller drains. When
     `dirty` is a set (durable backends enable it), every conversation an operation changed
-    is added to it, and one whose deadline alone moved is added to `touched`.
+    is added to it, and every one it used is moved to the end of `touched`.
     """
 
     def __init__(
@@ -380,9 +380,9 @@ class Store:
         self._convos.move_to_end(name)
         if self.limits.ttl:
             cv.deadline = now + self.limits.ttl
-            if self.dirty is not None:
-                self.touched.pop(name, None)
-                self.touched[name] = None
+        if self.dirty is not None:  # the order of use matters for LRU with TTL off too
+            self.touched.pop(name, None)
+            self.touched[name] = None
 
     def _create(self, name: str, now: float) -> Convo:
         convos = self._convos
