@@ -27,11 +27,16 @@ class MemoryBackend(Backend):
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
         run = self.store.execute
         results = [run(req) for req in requests]
+        await self._commit()
         return results, self.store.take_evictions()
 
     async def expire(self) -> tuple[bool, list[Eviction]]:
         more = self.store.expire()
+        await self._commit()
         return more, self.store.take_evictions()
+
+    async def _commit(self) -> None:
+        """Make what the store just did durable; nothing to do in memory (see sqlite.py)."""
 
     def counts(self) -> Counts:
         s = self.store

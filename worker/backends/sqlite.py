@@ -15,7 +15,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgpack
 
-from worker.backends.base import Backend, Counts
+from worker.backends.memory import MemoryBackend
 from worker.config import Limits
 from worker.errors import ConfigError
-from worker.protocol import Eviction, Request, Result
-from worker.store import NO_DEADLINE, Convo, Store
+from worker.store import NO_DEADLINE, Convo
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS convos (
@@ -73,7 +72,7 @@ def parse_url(url: str) -> tuple[Path, str]:
     return Path(raw), sync
 
 
-class SqliteBackend(Backend):
+class SqliteBackend(MemoryBackend):
     """Memory-speed reads, and every acknowledged change in a WAL-mode SQLite file.
 
     Args:
@@ -93,7 +92,7 @@ class SqliteBackend(Backend):
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.path, self.synchronous = parse_url(url)
-        self.store = Store(limits, clock=clock, wall=wall)
+        super().__init__(limits, clock=clock, wall=wall)
         self.store.dirty = set()
         self._clock = clock
         self._wall = wall
@@ -111,7 +110,7 @@ class SqliteBackend(Backend):
             self._restore(row)
         self.store.enforce_bounds()  # the limits may be lower than when these were stored
         self.store.touched.clear()
-        await self._persist()
+        await self._commit()
 
     def _connect(self) -> list[tuple[Any, ...]]:
         try:
@@ -139,24 +138,9 @@ class SqliteBackend(Backend):
 
     # --- the interface ----------------------------------------------------------------------
 
-    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
-        run = self.store.execute
-        results = [run(req) for req in requests]
-        await self._persist()
-        return results, self.store.take_evictions()
-
-    async def expire(self) -> tuple[bool, list[Eviction]]:
-        more = self.store.expire()
-        await self._persist()
-        return more, self.store.take_evictions()
-
-    def counts(self) -> Counts:
-        s = self.store
-        return Counts(s.conversations, s.turns, s.bytes, s.keys)
-
     # --- writing ----------------------------------------------------------------------------
 
-    async def _persist(self) -> None:
+    async def _commit(self) -> None:
         store = self.store
         assert store.dirty is not None
         dirty, touched = store.dirty, store.touched
