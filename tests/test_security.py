@@ -50,17 +50,21 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     mosq.stop()
 
 
-@pytest.fixture
-async def secured_worker(secured: Mosquitto) -> AsyncIterator[Service]:
-    cfg = Config(
+def worker_config(secured: Mosquitto, **overrides: Any) -> Config:
+    """The worker as deploy/ runs it: its own user, replies kept in each device's space."""
+    return Config(
         host=secured.host,
         port=secured.port,
         username="memory-worker",
         password=USERS["memory-worker"],
         route_prefix="reply/{convo}",
-        stats_interval=0.2,
+        **overrides,
     )
-    async with running(cfg) as service:
+
+
+@pytest.fixture
+async def secured_worker(secured: Mosquitto) -> AsyncIterator[Service]:
+    async with running(worker_config(secured, stats_interval=0.2)) as service:
         yield service
 
 
@@ -216,15 +220,10 @@ async def test_a_device_outside_the_secret_share_group_takes_nothing(secured: Mo
     device subscribing under any other group name gets its own (unreadable) copy, and the
     workers' group loses nothing."""
     group = f"workers-{uuid.uuid4().hex}"  # a secret, like a password
-    cfg = Config(
-        host=secured.host,
-        port=secured.port,
-        username="memory-worker",
-        password=USERS["memory-worker"],
-        route_prefix="reply/{convo}",
-        shared_group=group,
-    )
-    async with running(cfg) as w, login(secured, "kiosk-a") as a:
+    async with (
+        running(worker_config(secured, shared_group=group)) as w,
+        login(secured, "kiosk-a") as a,
+    ):
         await a.subscribe(
             [("$share/workers/mem/+/get", 1), ("$share/memory-worker/mem/#", 1), ("mem/#", 1)]
         )
