@@ -10,19 +10,19 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__
-from worker.backends import create_backend
+from worker.backends import Backend, create_backend
 from worker.config import Config, from_args, wants_version
 from worker.errors import ConfigError
 from worker.service import Service
 
 
-async def serve(cfg: Config) -> None:
-    """Run the worker until SIGINT or SIGTERM."""
+async def serve(cfg: Config, backend: Backend) -> None:
+    """Run the worker on `backend` until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(cfg, create_backend(cfg))
+    service = Service(cfg, backend)
     await service.run(stop)
 
 
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cfg = from_args(args, os.environ)
-        create_backend(cfg)
+        backend = create_backend(cfg)
     except ConfigError as exc:
         print(f"memory-worker: error: {exc}", file=sys.stderr)
         return 2
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("mqtt").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, backend))
     except ConfigError as exc:
         print(f"memory-worker: error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from worker import constants as c
+from worker.backend_url import FORMS, parse_backend_url
 from worker.errors import ConfigError
 from worker.protocol import topic_name_problem, validate_prefix
 
@@ -56,6 +57,10 @@ class Config:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.limits.max_ids != self.max_inflight:
+            # The id memory is --max-inflight however the Config is built (see Limits.max_ids).
+            limits = dataclasses.replace(self.limits, max_ids=self.max_inflight)
+            object.__setattr__(self, "limits", limits)
 
     @property
     def session_expiry_seconds(self) -> int:
@@ -130,11 +135,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--tls-cert and --tls-key need --tls-ca")
     if logging.getLevelName(cfg.log_level.upper()) not in (10, 20, 30, 40, 50):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {cfg.log_level}")
-    if not (cfg.backend == "memory" or cfg.backend.startswith(("sqlite://", "redis://"))):
-        raise ConfigError(
-            f"--backend must be memory, sqlite:///path.db or redis://host:port/db, "
-            f"got {cfg.backend!r}"
-        )
+    try:
+        parse_backend_url(cfg.backend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +173,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-bytes", int, c.DEFAULT_MAX_BYTES, "budget on stored role+content+state bytes"),
     _Flag("max-payload-bytes", int, c.DEFAULT_MAX_PAYLOAD_BYTES, "largest request accepted"),
     _Flag("max-keys", int, c.DEFAULT_MAX_KEYS, "live state keys per conversation"),
-    _Flag(
-        "backend", str, c.DEFAULT_BACKEND, "memory, sqlite:///rel.db, sqlite:////abs.db, redis://"
-    ),
+    _Flag("backend", str, c.DEFAULT_BACKEND, FORMS),
     _Flag("stats-interval", float, c.DEFAULT_STATS_INTERVAL, "seconds between stats messages"),
     _Flag(
         "session-expiry",

@@ -83,9 +83,14 @@ class RedisBackend(Backend):
         clock: Callable[[], float] = time.time,
         wall: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
+        ssl_ca_certs: str | None = None,
     ) -> None:
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(f"--backend {url!r}: expected redis://host:port/db")
+        tls: dict[str, Any] = {}
+        if parts.scheme == "rediss" and ssl_ca_certs and "ssl_ca_certs" not in parts.query:
+            tls["ssl_ca_certs"] = ssl_ca_certs  # --tls-ca, unless the URL names its own CA
         self.url = url
         self.limits = limits
         self.key = f"mw:{{{prefix}}}:"
@@ -93,7 +98,11 @@ class RedisBackend(Backend):
         self._wall = wall
         self.timeout = timeout
         self._redis = redis.asyncio.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=5
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=5,
+            **tls,
         )
         self._script = self._redis.register_script(SCRIPT)
         self._counts = Counts(0, 0, 0, 0)

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import msgpack
 
+from worker.backend_url import parse_backend_url
 from worker.backends.memory import MemoryBackend
 from worker.config import Limits
 from worker.errors import ConfigError
@@ -44,7 +44,6 @@ INSERT INTO convos(name, seq, turns, state, ids, used, tick) VALUES (?, ?, ?, ?,
 ON CONFLICT(name) DO UPDATE SET
     seq = excluded.seq, turns = excluded.turns, state = excluded.state, ids = excluded.ids
 """
-SYNC_MODES = ("full", "normal")
 
 
 log = logging.getLogger("memory_worker.sqlite")
@@ -57,19 +56,13 @@ def _log_failure(fut: asyncio.Future[None]) -> None:
 
 def parse_url(url: str) -> tuple[Path, str]:
     """(path, synchronous mode) of sqlite:///relative.db or sqlite:////absolute.db."""
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/"):
-        raise ConfigError(
-            f"--backend {url!r}: expected sqlite:///relative.db or sqlite:////absolute/path.db"
-        )
-    raw = parts.path[1:]
-    if not raw or raw.endswith("/"):
-        raise ConfigError(f"--backend {url!r}: no file name")
-    query = parse_qs(parts.query)
-    sync = query.pop("synchronous", ["full"])[0].lower()
-    if sync not in SYNC_MODES or query:
-        raise ConfigError(f"--backend {url!r}: the only option is synchronous=full|normal")
-    return Path(raw), sync
+    try:
+        parsed = parse_backend_url(url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if parsed.kind != "sqlite":
+        raise ConfigError(f"--backend {url!r}: expected sqlite:///relative.db")
+    return parsed.path, parsed.synchronous
 
 
 class SqliteBackend(MemoryBackend):

@@ -1,0 +1,213 @@
+"""Redis Cluster backend: the Redis backend's script, run on S index shards spread over the masters.
+
+A conversation belongs to shard crc32(id) % S. Shard i keeps its keys under `mw:{<tag_i>}:`,
+one hash slot, so each operation is still one atomic script on one node, and it has its own
+LRU order, deadline set and share of the limits (the shares add up to the limits exactly, so
+the totals are never exceeded). The tags are chosen so that shard i's slot lies in the i-th
+of S equal slot ranges: a cluster whose masters own equal contiguous ranges (what
+`redis-cli --cluster create` makes) gets S/masters shards each. Shards are served
+independently: a master that is down makes only its shards' requests `unavailable`.
+See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import NoScriptError
+
+from worker import constants as c
+from worker.backend_url import BackendUrl, parse_backend_url
+from worker.backends.base import Counts
+from worker.backends.redis import DEFAULT_TIMEOUT, SCRIPT, RedisBackend, _result
+from worker.config import Limits
+from worker.errors import ConfigError, Unavailable
+from worker.protocol import Eviction, Request, Result
+
+log = logging.getLogger("memory_worker.cluster")
+_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+_CONVOS, _BYTES = 4, 5  # where the script's arguments carry max_conversations and max_bytes
+
+
+def shard_of(convo: str, shards: int) -> int:
+    """The shard a conversation lives in: stable across processes and workers."""
+    return zlib.crc32(convo.encode()) % shards
+
+
+def shard_tag(prefix: str, shard: int, shards: int) -> str:
+    """A hash tag for `shard` whose slot lies in the shard's own 1/shards of the slot space."""
+    low = shard * REDIS_CLUSTER_HASH_SLOTS // shards
+    high = (shard + 1) * REDIS_CLUSTER_HASH_SLOTS // shards
+    n = 0
+    while True:
+        tag = f"{prefix}:{shard}:{n}"
+        if low <= key_slot(tag.encode()) < high:
+            return tag
+        n += 1
+
+
+def share(total: int, shard: int, shards: int) -> int:
+    """Shard `shard`'s part of a limit; the parts add up to `total`."""
+    return total // shards + (1 if shard < total % shards else 0)
+
+
+class ClusterBackend(RedisBackend):
+    """The Redis backend over a Redis Cluster, sharded; see the module docstring."""
+
+    name = "redis-cluster"
+
+    def __init__(
+        self,
+        url: BackendUrl | str,
+        limits: Limits,
+        prefix: str = c.DEFAULT_PREFIX,
+        clock: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_payload: int = 0,
+    ) -> None:
+        parsed = parse_backend_url(url) if isinstance(url, str) else url
+        s = parsed.shards
+        if limits.max_conversations < s:
+            raise ConfigError(
+                f"--max-conversations ({limits.max_conversations}) must be at least the "
+                f"{s} shards of {parsed.url!r}"
+            )
+        if limits.max_bytes // s < max_payload:
+            raise ConfigError(
+                f"--max-bytes ({limits.max_bytes}) over {s} shards leaves less than "
+                f"--max-payload-bytes ({max_payload}) per shard"
+            )
+        self.url = parsed.url
+        self.limits = limits
+        self.shards = s
+        self.keys = [f"mw:{{{shard_tag(prefix, i, s)}}}:" for i in range(s)]
+        self._limits = [
+            (share(limits.max_conversations, i, s), share(limits.max_bytes, i, s)) for i in range(s)
+        ]
+        self._clock = clock
+        self._wall = wall
+        self.timeout = timeout
+        self._rc = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            require_full_coverage=False,
+        )
+        self._shard_counts = [Counts(0, 0, 0, 0)] * s
+        self._counts = Counts(0, 0, 0, 0)
+        self._down: set[int] = set()
+
+    async def open(self) -> None:
+        await self._all("counts")
+        if self._down:
+            log.warning(
+                "redis cluster %s: shards %s not answering; their requests get 'unavailable'",
+                self.url,
+                sorted(self._down),
+            )
+
+    async def close(self) -> None:
+        await self._rc.aclose()
+
+    # --- calls --------------------------------------------------------------------------
+
+    def _shard_args(self, shard: int, args: list[Any]) -> list[Any]:
+        args[_CONVOS], args[_BYTES] = self._limits[shard]
+        return args
+
+    async def _eval(self, shard: int, args: list[Any]) -> Any:
+        key = self.keys[shard]
+        try:
+            return await self._rc.execute_command("EVALSHA", _SHA, 1, key, *args)
+        except NoScriptError:  # a master that restarted empty: nothing ran, send it whole
+            return await self._rc.execute_command("EVAL", SCRIPT, 1, key, *args)
+
+    async def _run_shard(
+        self, shard: int, calls: list[list[Any]], out: list[Any], at: list[int]
+    ) -> None:
+        """Run one shard's calls in order; those not done when it fails stay None."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                for args, i in zip(calls, at, strict=True):
+                    out[i] = await self._eval(shard, self._shard_args(shard, args))
+        except Exception as exc:  # connection refused, timeout, cluster down, ...
+            if shard not in self._down:
+                log.warning("redis cluster shard %d unavailable: %s", shard, type(exc).__name__)
+            self._down.add(shard)
+            return
+        if shard in self._down:
+            log.info("redis cluster shard %d answers again", shard)
+            self._down.discard(shard)
+
+    def _take_one(self, shard: int, reply: Any, now: float) -> tuple[Any, list[Eviction]]:
+        result, evicted, counts = reply
+        self._shard_counts[shard] = Counts(*(int(x) for x in counts))
+        evictions = [
+            Eviction(cv.decode(), reason.decode(), int(n), int(k), now)
+            for cv, reason, n, k in evicted
+        ]
+        return result, evictions
+
+    def _total(self) -> None:
+        sc = self._shard_counts
+        self._counts = Counts(
+            sum(x.conversations for x in sc),
+            sum(x.turns for x in sc),
+            sum(x.bytes for x in sc),
+            sum(x.keys for x in sc),
+        )
+
+    async def _all(self, op: str, *rest: Any) -> tuple[list[Any], list[Eviction]]:
+        """One call of `op` on every shard: the replies of those that answered, their events."""
+        out: list[Any] = [None] * self.shards
+        await asyncio.gather(
+            *(self._run_shard(i, [self._args(op, *rest)], out, [i]) for i in range(self.shards))
+        )
+        now = self._wall()
+        results, evictions = [], []
+        for i, reply in enumerate(out):
+            if reply is not None:
+                result, evs = self._take_one(i, reply, now)
+                results.append(result)
+                evictions += evs
+        self._total()
+        return results, evictions
+
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+        groups: dict[int, tuple[list[list[Any]], list[int]]] = {}
+        for i, req in enumerate(requests):
+            calls, at = groups.setdefault(shard_of(req.convo, self.shards), ([], []))
+            calls.append(self._call(req))
+            at.append(i)
+        out: list[Any] = [None] * len(requests)
+        await asyncio.gather(
+            *(self._run_shard(s, calls, out, at) for s, (calls, at) in groups.items())
+        )
+        now = self._wall()
+        results: list[Result] = []
+        evictions: list[Eviction] = []
+        shard = {i: s for s, (_, at) in groups.items() for i in at}
+        for i, (req, reply) in enumerate(zip(requests, out, strict=True)):
+            if reply is None:
+                results.append(Unavailable("storage unavailable: its redis cluster node"))
+                continue
+            raw, evs = self._take_one(shard[i], reply, now)
+            results.append(_result(req, raw))
+            evictions += evs
+        self._total()
+        return results, evictions
+
+    async def expire(self) -> tuple[bool, list[Eviction]]:
+        replies, evictions = await self._all("expire", c.SWEEP_CHUNK)
+        if not replies:
+            raise Unavailable("storage unavailable: no redis cluster node answers")
+        return any(r[1] == b"1" for r in replies), evictions
