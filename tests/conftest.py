@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.clients import Device, device
-from tests.processes import REPO, Mosquitto, RedisServer, redis_server
+from tests.processes import REPO, Mosquitto, RedisClusterServers, RedisServer, redis_server
 from worker.backends import create_backend
 from worker.config import Config, Limits
 from worker.service import Service
@@ -42,6 +42,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of three masters of the session's own, else the test is skipped."""
+    if redis_server() is None:
+        pytest.skip("redis-server is not installed: no Redis Cluster to test against")
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 
 from worker.backends.base import Backend
+from worker.backends.cluster import ClusterBackend
 from worker.backends.memory import MemoryBackend
 from worker.backends.redis import RedisBackend
 from worker.backends.sqlite import SqliteBackend
@@ -35,7 +36,10 @@ from worker.protocol import (
     Turns,
 )
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "cluster"]
+# The cluster backend runs this suite with one index shard, where its LRU is exact and the
+# small limits below mean what they say; tests/test_cluster.py covers many shards.
+CLUSTER_SUITE_SHARDS = 1
 
 
 class Clock:
@@ -62,6 +66,14 @@ class Harness:
         wall = self.clock  # one fake time drives both clocks
         if self.kind == "memory":
             return MemoryBackend(self.limits, clock=self.clock, wall=wall)
+        if self.kind == "cluster":
+            return ClusterBackend(
+                f"{self.redis_url}?shards={CLUSTER_SUITE_SHARDS}",
+                self.limits,
+                prefix=self.prefix,
+                clock=self.clock,
+                wall=wall,
+            )
         if self.kind == "redis":
             return RedisBackend(
                 self.redis_url, self.limits, prefix=self.prefix, clock=self.clock, wall=wall
@@ -105,11 +117,19 @@ class Harness:
 Make = Callable[..., Awaitable[Harness]]
 
 
+def _server_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    return ""
+
+
 @pytest.fixture(params=BACKENDS)
 async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
     made: list[Harness] = []
 
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    url = _server_url(request)
 
     async def factory(**limits: Any) -> Harness:
         h = Harness(request.param, Limits(**limits), tmp_path / str(len(made)), Clock(), url)
@@ -441,12 +461,12 @@ async def test_state_save_with_id_is_applied_once(make: Make) -> None:
 
 # --- durability (backends that outlive the worker) ----------------------------------------
 
-DURABLE = ["sqlite", "redis"]
+DURABLE = ["sqlite", "redis", "cluster"]
 
 
 @pytest.fixture(params=DURABLE)
 async def durable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    url = _server_url(request)
     h = Harness(request.param, Limits(ttl=100, max_turns=4), tmp_path, Clock(), url)
     await h.be.open()
     yield h
@@ -493,7 +513,7 @@ async def test_ttl_keeps_counting_while_down(durable: Harness) -> None:
 async def test_lru_order_survives_restart(durable: Harness) -> None:
     """A restart with a lower --max-conversations evicts the least recently used first."""
     h = durable
-    if h.kind == "redis":
+    if h.kind in ("redis", "cluster"):
         pytest.skip("Redis bounds are kept by each operation; nothing is loaded on start")
     for name in "abc":
         await add(h, name)
