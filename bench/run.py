@@ -28,7 +28,7 @@ from typing import Any
 
 import aiomqtt
 
-from tests.processes import REPO, Mosquitto, RedisServer, redis_server
+from tests.processes import REPO, Mosquitto, RedisClusterServers, RedisServer, redis_server
 from worker.config import Limits
 from worker.protocol import Append, Get
 from worker.store import Store
@@ -355,6 +355,35 @@ def scale_out(args: argparse.Namespace, b: Mosquitto, loadgen: Path, tmp: Path) 
     return out
 
 
+def cluster_vs_redis(
+    args: argparse.Namespace, b: Mosquitto, loadgen: Path, tmp: Path
+) -> dict[str, Any]:
+    """One worker on one Redis vs on a three-master Redis Cluster (16 shards): QoS 1."""
+    if redis_server() is None:
+        return {"skipped": "redis-server is not installed"}
+    (tmp / "cluster-single").mkdir()
+    single = RedisServer(tmp / "cluster-single").start()
+    cluster = RedisClusterServers(tmp / "cluster").start()
+    out: dict[str, Any] = {}
+    try:
+        for name, url in (("redis", single.url), ("cluster", cluster.url)):
+            with responder(worker_cmd(b, "--backend", url), "serving"):
+                runs = [
+                    load(loadgen, b, 1, args.window, args.warmup, args.seconds, args.conversations)
+                    for _ in range(args.rounds)
+                ]
+            out[name] = {k: median_of(runs, k) for k in ("rps", "p50_ms", "p99_ms")}
+            print(
+                f"  1 worker on {name}: {out[name]['rps']:.0f} req/s at QoS 1, "
+                f"p99 {out[name]['p99_ms']:.2f} ms",
+                file=sys.stderr,
+            )
+    finally:
+        single.stop()
+        cluster.stop()
+    return out
+
+
 def machine() -> dict[str, Any]:
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
     return {
@@ -441,6 +470,13 @@ def table(result: dict[str, Any]) -> str:
             f"{e['probe_p50_ms']:.2f} ms, p99 {e['probe_p99_ms']:.2f} ms, max "
             f"{e['probe_max_ms']:.2f} ms ({e['probe_requests']} requests)"
         ]
+    cl = result.get("cluster", {})
+    if "cluster" in cl:
+        lines += [
+            f"1 worker, QoS 1: one Redis {cl['redis']['rps']:.0f} req/s (p99 "
+            f"{cl['redis']['p99_ms']:.2f} ms) vs 3-master cluster {cl['cluster']['rps']:.0f} "
+            f"req/s (p99 {cl['cluster']['p99_ms']:.2f} ms)"
+        ]
     sq, mm = med["worker (sqlite)"], med["worker (memory)"]
     lines += [
         f"sqlite vs memory backend: {sq['qos1']['rps'] / mm['qos1']['rps']:.0%} at QoS 1, "
@@ -460,6 +496,7 @@ def main() -> None:
     p.add_argument("--skip-expiry", action="store_true")
     p.add_argument("--json", default=str(REPO / "bench-results" / "latest.json"))
     p.add_argument("--table", action="store_true", help="print the table of --json and exit")
+    p.add_argument("--only-cluster", action="store_true", help="run only redis vs cluster")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(Path(args.json).read_text())))
@@ -467,6 +504,14 @@ def main() -> None:
     if shutil.which("gcc") is None:
         sys.exit("scripts/bench: gcc and libmosquitto-dev are needed for the load generator")
     loadgen, echo_c = build_c()
+    if args.only_cluster:
+        with tempfile.TemporaryDirectory() as tmp:
+            b = Mosquitto(Path(tmp) / "mosquitto").start()
+            try:
+                print(json.dumps(cluster_vs_redis(args, b, loadgen, Path(tmp)), indent=2))
+            finally:
+                b.stop()
+        return
     result: dict[str, Any] = {
         "args": vars(args),
         "machine": machine(),
@@ -481,6 +526,8 @@ def main() -> None:
             result["latency_window_1"] = latency_window_1(args, b, loadgen)
             print("scale out ...", file=sys.stderr)
             result["scale_out"] = scale_out(args, b, loadgen, Path(tmp))
+            print("redis vs redis cluster ...", file=sys.stderr)
+            result["cluster"] = cluster_vs_redis(args, b, loadgen, Path(tmp))
             if not args.skip_expiry:
                 print("mass expiry ...", file=sys.stderr)
                 result["expiry"] = mass_expiry(args, b, loadgen)
