@@ -107,6 +107,7 @@ class ClusterBackend(RedisBackend):
         self._down: set[int] = set()
 
     async def open(self) -> None:
+        await self._initialize(self._deadline())
         await self._all("counts")
         if self._down:
             log.warning(
@@ -117,6 +118,16 @@ class ClusterBackend(RedisBackend):
 
     async def close(self) -> None:
         await self._rc.aclose()
+
+    async def _initialize(self, deadline: float) -> None:
+        """Read the slot map before the shards' concurrent calls: redis-py 8.1 lets concurrent
+        first calls race in its lazy initialization (AttributeError on a half-made
+        connection)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._rc.initialize()
+        except Exception as exc:  # the shards' own calls say which are unavailable
+            log.debug("redis cluster %s: no slot map yet: %s", self.url, exc)
 
     # --- calls --------------------------------------------------------------------------
 
@@ -131,12 +142,15 @@ class ClusterBackend(RedisBackend):
         except NoScriptError:  # a master that restarted empty: nothing ran, send it whole
             return await self._rc.execute_command("EVAL", SCRIPT, 1, key, *args)
 
+    def _deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self.timeout
+
     async def _run_shard(
-        self, shard: int, calls: list[list[Any]], out: list[Any], at: list[int]
+        self, shard: int, calls: list[list[Any]], out: list[Any], at: list[int], deadline: float
     ) -> None:
         """Run one shard's calls in order; those not done when it fails stay None."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 for args, i in zip(calls, at, strict=True):
                     out[i] = await self._eval(shard, self._shard_args(shard, args))
         except Exception as exc:  # connection refused, timeout, cluster down, ...
@@ -168,9 +182,15 @@ class ClusterBackend(RedisBackend):
 
     async def _all(self, op: str, *rest: Any) -> tuple[list[Any], list[Eviction]]:
         """One call of `op` on every shard: the replies of those that answered, their events."""
+        deadline = self._deadline()
+        if self._down:
+            await self._initialize(deadline)
         out: list[Any] = [None] * self.shards
         await asyncio.gather(
-            *(self._run_shard(i, [self._args(op, *rest)], out, [i]) for i in range(self.shards))
+            *(
+                self._run_shard(i, [self._args(op, *rest)], out, [i], deadline)
+                for i in range(self.shards)
+            )
         )
         now = self._wall()
         results, evictions = [], []
@@ -183,6 +203,9 @@ class ClusterBackend(RedisBackend):
         return results, evictions
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+        deadline = self._deadline()  # the whole batch is answered within the timeout
+        if self._down:
+            await self._initialize(deadline)
         groups: dict[int, tuple[list[list[Any]], list[int]]] = {}
         for i, req in enumerate(requests):
             calls, at = groups.setdefault(shard_of(req.convo, self.shards), ([], []))
@@ -190,7 +213,7 @@ class ClusterBackend(RedisBackend):
             at.append(i)
         out: list[Any] = [None] * len(requests)
         await asyncio.gather(
-            *(self._run_shard(s, calls, out, at) for s, (calls, at) in groups.items())
+            *(self._run_shard(s, calls, out, at, deadline) for s, (calls, at) in groups.items())
         )
         now = self._wall()
         results: list[Result] = []
