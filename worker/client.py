@@ -656,9 +656,22 @@ class BlockingMemoryClient:
             self._thread.join()
             loop.close()
 
-    def append(self, convo_id: str, role: str, content: str) -> Appended:
+    async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Await `coro` (a call on `self.memory`) from any event loop: it runs on the
+        client's own loop and connection, without blocking the caller's loop."""
+        assert self._loop is not None, "use BlockingMemoryClient in a with block"
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    @property
+    def memory(self) -> Memory:
+        """The async client (or memory:// store) this one drives."""
+        return self._memory
+
+    def append(
+        self, convo_id: str, role: str, content: str, *, request_id: str | None = None
+    ) -> Appended:
         """See MemoryClient.append."""
-        return self._run(self._memory.append(convo_id, role, content))
+        return self._run(self._memory.append(convo_id, role, content, request_id=request_id))
 
     def get(self, convo_id: str, last: int | None = None) -> list[Turn]:
         """See MemoryClient.get."""
@@ -669,10 +682,17 @@ class BlockingMemoryClient:
         return self._run(self._memory.forget(convo_id))
 
     def save(
-        self, session_id: str, namespace: str, key: str, value: Any, ttl: float | None = None
+        self,
+        session_id: str,
+        namespace: str,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        *,
+        request_id: str | None = None,
     ) -> None:
         """See MemoryClient.save."""
-        self._run(self._memory.save(session_id, namespace, key, value, ttl))
+        self._run(self._memory.save(session_id, namespace, key, value, ttl, request_id=request_id))
 
     def load(self, session_id: str, namespace: str, key: str) -> Any:
         """See MemoryClient.load."""
