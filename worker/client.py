@@ -353,6 +353,8 @@ class MemoryClient(_Api):
             socket_options=[_NODELAY],
             timeout=self.timeout,
         )
+        # Many concurrent requests are the point of one shared client, not a sign of trouble.
+        client.pending_calls_threshold = 1 << 30
         await client.__aenter__()
         try:
             await client.subscribe(self._inbox_filter(), qos=self.qos)
