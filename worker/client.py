@@ -630,6 +630,12 @@ class BlockingMemoryClient:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __enter__(self) -> BlockingMemoryClient:
+        return self.open()
+
+    def open(self) -> BlockingMemoryClient:
+        """Connect (once; opening an open client does nothing). A `with` block does it."""
+        if self._loop is not None:
+            return self
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="memory-client", daemon=True)
@@ -646,6 +652,12 @@ class BlockingMemoryClient:
         await self._memory.__aenter__()
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect and stop the private loop (closing a closed client does nothing)."""
+        if self._loop is None:
+            return
         try:
             self._run(self._memory.__aexit__(None, None, None))
         finally:
@@ -787,8 +799,9 @@ async def open_memory(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
 
 
 def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:
-    """`with open_blocking_memory(url) as memory:` the blocking API on `url`'s memory."""
-    return BlockingMemoryClient(_memory=memory_from_url(url, **kwargs))
+    """The blocking API on `url`'s memory, already open (as `open()` opens a file): keep it
+    (`store = open_blocking_memory(url)`, then `store.close()`) or use it in a `with` block."""
+    return BlockingMemoryClient(_memory=memory_from_url(url, **kwargs)).open()
 
 
 __all__ = [

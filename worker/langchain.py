@@ -73,12 +73,12 @@ class MqttChatMessageHistory(BaseChatMessageHistory):
     ) -> None:
         self.session_id = session_id
         self._owned = client is None
-        self.client = client if client is not None else open_blocking_memory(url).__enter__()
+        self.client = client if client is not None else open_blocking_memory(url)
 
     def close(self) -> None:
         """Close the connection the history opened for itself."""
         if self._owned:
-            self.client.__exit__(None, None, None)
+            self.client.close()
             self._owned = False
 
     @property
