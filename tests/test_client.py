@@ -335,3 +335,28 @@ async def test_appends_stored_once_across_a_worker_restart(
 async def _append_rest(m: MemoryClient) -> None:
     for i in range(10, 30):
         await m.append("c", "user", str(i))
+
+
+async def test_concurrent_stats_calls_each_get_the_snapshot(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Two stats() at once on one client both see the worker's retained snapshot."""
+    async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
+        await m.append("c", "user", "x")
+        first, second = await asyncio.gather(m.stats(), m.stats())
+    assert len(first) == len(second) == 1
+
+
+async def test_reply_prefix_with_convo_reaches_a_route_prefixed_worker(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """reply_prefix="reply/{convo}" puts each reply where --route-prefix reply/{convo} allows."""
+    async with (
+        worker_factory(route_prefix="reply/{convo}") as w,
+        MemoryClient(
+            broker.host, broker.port, w.cfg.prefix, reply_prefix="reply/{convo}", timeout=2
+        ) as m,
+    ):
+        assert (await m.append("k1", "user", "a")).seq == 1
+        assert (await m.append("k2", "user", "b")).seq == 1
+        assert [t["content"] for t in await m.get("k2")] == ["b"]

@@ -310,7 +310,7 @@ class MemoryClient(_Api):
         self._n = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._filters: dict[str, int] = {}  # extra subscriptions (events, stats) -> users
-        self._stats: asyncio.Queue[aiomqtt.Message] | None = None
+        self._stats: set[asyncio.Queue[aiomqtt.Message]] = set()  # one per stats() call
         self._events = _Fanout()
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -398,8 +398,9 @@ class MemoryClient(_Api):
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
-        if self._stats is not None and topic.startswith(f"{self.prefix}/{c.WORKER_LEVEL}/"):
-            self._stats.put_nowait(message)
+        if topic.startswith(f"{self.prefix}/{c.WORKER_LEVEL}/"):
+            for queue in self._stats:
+                queue.put_nowait(message)
             return
         if topic.startswith(self.prefix + "/") and topic.endswith("/" + c.EVICTED):
             with contextlib.suppress(Exception):
@@ -458,9 +459,11 @@ class MemoryClient(_Api):
 
     # -- events and stats --
 
-    async def _subscribe(self, topic_filter: str) -> None:
+    async def _subscribe(self, topic_filter: str, *, again: bool = False) -> None:
+        """Subscribe once per filter; `again` subscribes anyway, for the retained messages
+        a subscription brings."""
         self._filters[topic_filter] = self._filters.get(topic_filter, 0) + 1
-        if self._filters[topic_filter] == 1 and self._client is not None:
+        if (again or self._filters[topic_filter] == 1) and self._client is not None:
             await self._client.subscribe(topic_filter, qos=1)
 
     async def _unsubscribe(self, topic_filter: str) -> None:
@@ -488,9 +491,9 @@ class MemoryClient(_Api):
         """Each worker's latest (retained) stats snapshot; [] when no worker ever ran."""
         topic_filter = f"{self.prefix}/{c.WORKER_LEVEL}/+/stats"
         queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
-        self._stats = queue
+        self._stats.add(queue)
         seen: dict[str, dict[str, Any]] = {}
-        await self._subscribe(topic_filter)
+        await self._subscribe(topic_filter, again=True)
         try:
             wait = self.timeout
             while True:
@@ -504,7 +507,7 @@ class MemoryClient(_Api):
                 seen[message.topic.value] = msgpack.unpackb(message.payload, strict_map_key=False)
                 wait = _STATS_QUIET
         finally:
-            self._stats = None
+            self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return list(seen.values())
 
