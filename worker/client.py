@@ -630,6 +630,9 @@ class BlockingMemoryClient:
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         assert self._loop is not None, "use BlockingMemoryClient in a with block"
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a blocking call on the client's own loop would wait forever")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __enter__(self) -> BlockingMemoryClient:
