@@ -195,6 +195,66 @@ def latency_window_1(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> d
     return out
 
 
+async def _client_appends(b: Mosquitto, window: int, warmup: float, seconds: float) -> Any:
+    """`window` tasks appending through one MemoryClient: (req/s, p50 ms) after a warm-up."""
+    from worker.client import MemoryClient
+
+    lat: list[float] = []
+    async with MemoryClient(b.host, b.port, "mem", timeout=30) as m:
+        start = time.monotonic() + warmup
+        end = start + seconds
+
+        async def lane(i: int) -> None:
+            n = 0
+            while (now := time.monotonic()) < end:
+                t0 = time.perf_counter()
+                await m.append(f"client-{i}-{n % 8}", "user", "x" * 120)
+                if now >= start:
+                    lat.append((time.perf_counter() - t0) * 1000)
+                n += 1
+
+        await asyncio.gather(*(lane(i) for i in range(window)))
+    return len(lat) / seconds, statistics.median(lat)
+
+
+def client_costs(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
+    """The Python client against the C load generator on the same worker, appends only:
+    round trip at window 1, and throughput at window 64."""
+    out: dict[str, Any] = {}
+    with responder(worker_cmd(b), "serving"):
+        for window in (1, 64):
+            raw = [
+                load(loadgen, b, 1, window, args.warmup, args.seconds, 100, get_pct=0)
+                for _ in range(args.rounds)
+            ]
+            ours = [
+                asyncio.run(_client_appends(b, window, args.warmup, args.seconds))
+                for _ in range(args.rounds)
+            ]
+            out[str(window)] = {
+                "raw_rps": median_of(raw, "rps"),
+                "raw_p50_ms": median_of(raw, "p50_ms"),
+                "client_rps": float(statistics.median(r[0] for r in ours)),
+                "client_p50_ms": float(statistics.median(r[1] for r in ours)),
+            }
+    return out
+
+
+def _client_lines(result: dict[str, Any]) -> list[str]:
+    c = result.get("client")
+    if not c:
+        return []
+    one, many = c["1"], c["64"]
+    return [
+        f"Python client, QoS 1 append round trip at window 1: p50 {one['client_p50_ms']:.3f} ms "
+        f"vs raw MQTT {one['raw_p50_ms']:.3f} ms ({one['client_p50_ms'] / one['raw_p50_ms']:.2f}x;"
+        " target within 1.5x)",
+        f"Python client, 64 concurrent appends through one client: {many['client_rps']:,.0f} "
+        f"req/s vs load generator at window 64 {many['raw_rps']:,.0f} req/s "
+        f"({many['client_rps'] / many['raw_rps']:.0%}; target at least 50%)",
+    ]
+
+
 def store_costs() -> dict[str, Any]:
     """Append and get cost at 500, 10,000 and 100,000 conversations, with LRU evictions."""
     content = "x" * 120
@@ -425,6 +485,7 @@ def table(result: dict[str, Any]) -> str:
             f"{name}: p50 {v['p50_ms']:.3f}, p99 {v['p99_ms']:.3f}" for name, v in lat.items()
         ),
     ]
+    lines += _client_lines(result)
     costs = result["store"]
     base = costs["500"]
     lines += [
@@ -524,6 +585,8 @@ def main() -> None:
             result["throughput"] = throughput(args, b, loadgen, echo_c, Path(tmp))
             print("latency at window 1 ...", file=sys.stderr)
             result["latency_window_1"] = latency_window_1(args, b, loadgen)
+            print("Python client ...", file=sys.stderr)
+            result["client"] = client_costs(args, b, loadgen)
             print("scale out ...", file=sys.stderr)
             result["scale_out"] = scale_out(args, b, loadgen, Path(tmp))
             print("redis vs redis cluster ...", file=sys.stderr)

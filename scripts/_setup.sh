@@ -18,8 +18,9 @@ pick_python() {
 }
 
 # ensure_venv EXTRA: create .venv and install the package (with [EXTRA]) when pyproject changed.
+# EXTRA may name several, comma-separated ("dev,langchain").
 ensure_venv() {
-  local extra="$1" stamp=".venv/.installed-$1"
+  local extra="$1" stamp=".venv/.installed-${1//,/-}"
   if [ ! -x .venv/bin/python ]; then
     "$(pick_python)" -m venv .venv || {
       say "error: could not create .venv (Debian: apt-get install python3-venv)"; exit 1; }

@@ -133,9 +133,9 @@ async def test_memctl_append_get_delete(broker: Mosquitto, program_worker: Any) 
 async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None:
     """1 on an error reply, 3 when nobody answers."""
     prefix = program_worker[0]
-    rc, out = await memctl(broker, prefix, "get", "_reserved")
+    rc, out = await memctl(broker, prefix, "append", "c", "user", "x" * 70000)
     assert rc == 1
-    assert out[0]["error"]["code"] == "bad_topic"
+    assert out[0]["error"]["code"] == "too_large"
     rc, out = await memctl(broker, unique("nobody"), "get", "c", wait=0.5)
     assert (rc, out) == (3, [])
 
@@ -176,6 +176,50 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         assert rc == 0
         assert out[0]["client_id"] == program_worker[1]
         deleted = out[0]["evictions"].get("deleted", 0)
+        assert 0 <= out[0]["age"] < 60
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["append", "bad+convo", "user", "hi"], "wildcard"),
+        (["append", "a#", "user", "hi"], "wildcard"),
+        (["append", "a/b", "user", "hi"], "slash"),
+        (["get", ""], "1-128"),
+        (["get", "x" * 129], "1-128"),
+        (["get", "bell\x07"], "control"),
+        (["get", "_worker"], "reserved"),
+        (["append", "c", "", "hi"], "'role'"),
+        (["state", "save", "c", "n+s", "k", "1"], None),
+        (["state", "load", "c", "ns", "k" * 129], "'key'"),
+        (["state", "get-all", "c", ""], "'ns'"),
+        (["--reply-prefix", "a/#", "get", "c"], "reply prefix"),
+        (["--reply-prefix", "", "get", "c"], "reply prefix"),
+        (["--reply-prefix", "$SYS/x", "get", "c"], "reply prefix"),
+        (["--prefix", "a+b", "get", "c"], "--prefix"),
+        (["--id", "i" * 65, "append", "c", "user", "hi"], "'id'"),
+    ],
+)
+def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | None) -> None:
+    """Input the contract refuses: one line on stderr naming the problem, exit 2, no traceback.
+
+    Nothing listens on the port: a request sent would end in exit 3, not 2.
+    """
+    proc = subprocess.run(
+        [program("memctl"), "--port", str(free_port()), "--timeout", "0.5", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if words is None:  # a namespace may hold + and #: it is not a topic level
+        assert proc.returncode == 3, proc.stderr
+        return
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("memctl: ")
+    assert proc.stderr.count("\n") == 1
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_rr") is None, reason="mosquitto-clients missing")

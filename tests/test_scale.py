@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.clients import Device, decode, device, next_message, watcher
+from tests.clients import decode, device, next_message, watcher
 from tests.conftest import make_config, reap, running, spawn_worker, unique
 from tests.processes import Mosquitto, RedisServer, redis_server
+from worker.client import Appended, MemoryClient, UnavailableError
 from worker.service import Service
 
 pytestmark = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
@@ -36,12 +37,9 @@ async def workers(
         ]
 
 
-async def converse(d: Device, convo: str, count: int) -> list[int]:
-    """A device that waits for each reply: returns the seqs it was given."""
-    return [
-        (await d.request(convo, "append", {"role": "u", "content": str(i), "id": i}))["seq"]
-        for i in range(count)
-    ]
+async def converse(m: MemoryClient, convo: str, count: int) -> list[int]:
+    """An app that waits for each reply: returns the seqs it was given."""
+    return [(await m.append(convo, "u", str(i))).seq for i in range(count)]
 
 
 async def test_three_workers_share_the_load_and_keep_order(
@@ -52,14 +50,14 @@ async def test_three_workers_share_the_load_and_keep_order(
         prefix = ws[0].cfg.prefix
         async with watcher(broker.host, broker.port, f"{prefix}/+/evicted") as events:
             async with contextlib.AsyncExitStack() as stack:
-                devs = [
-                    await stack.enter_async_context(device(broker.host, broker.port, prefix))
+                apps = [
+                    await stack.enter_async_context(MemoryClient(broker.host, broker.port, prefix))
                     for _ in range(6)
                 ]
-                seqs = await asyncio.gather(*(converse(d, f"d{i}", 40) for i, d in enumerate(devs)))
-                turns = [(await devs[0].request(f"d{i}", "get"))["turns"] for i in range(6)]
+                seqs = await asyncio.gather(*(converse(m, f"d{i}", 40) for i, m in enumerate(apps)))
+                turns = [await apps[0].get(f"d{i}") for i in range(6)]
                 for i in range(6):
-                    await devs[0].request(f"d{i}", "delete")
+                    await apps[0].forget(f"d{i}")
             deleted: Counter[str] = Counter()
             while len(deleted) < 6:
                 ev = decode(await next_message(events))
@@ -96,8 +94,8 @@ async def test_each_expiry_is_announced_once(broker: Mosquitto, redis_url: str) 
 
 
 async def test_a_killed_worker_loses_nothing(broker: Mosquitto, redis_url: str) -> None:
-    """One of three SIGKILLed under load: the others serve; a device that retries with the
-    same id gets every append stored exactly once, in order."""
+    """One of three SIGKILLed under load: the others serve; the client, which retries with
+    the same id, gets every append stored exactly once, in order."""
     prefix, group = unique("mem"), unique("g")
     procs = [
         spawn_worker(
@@ -120,20 +118,14 @@ async def test_a_killed_worker_loses_nothing(broker: Mosquitto, redis_url: str) 
             online = 0
             while online < 3:
                 online += decode(await next_message(seen))["state"] == "online"
-        async with device(broker.host, broker.port, prefix) as d:
+        async with MemoryClient(broker.host, broker.port, prefix, timeout=1, attempts=30) as m:
             for i in range(300):
-                body = {"role": "u", "content": str(i), "id": i}
-                while True:  # what a careful device does: same id until it gets an answer
-                    fut = await d.send(f"{prefix}/c/append", body)
-                    if i == 100 and procs[0].poll() is None:
-                        procs[0].send_signal(signal.SIGKILL)  # with a request in flight
-                    try:
-                        reply = await asyncio.wait_for(fut, 1.0)
-                        break
-                    except TimeoutError:
-                        continue
-                assert decode(reply)["ok"]
-            turns = (await d.request("c", "get"))["turns"]
+                append = asyncio.ensure_future(m.append("c", "u", str(i)))
+                if i == 100:
+                    await asyncio.sleep(0)  # the append is sent...
+                    procs[0].send_signal(signal.SIGKILL)  # ...and in flight
+                await append
+            turns = await m.get("c")
         assert [int(t["content"]) for t in turns] == list(range(300))
         assert [t["seq"] for t in turns] == list(range(1, 301))
     finally:
@@ -148,17 +140,16 @@ async def test_redis_restart_gives_unavailable_then_full_service(
     try:
         async with (
             running(make_config(broker, backend=server.url)) as w,
-            device(broker.host, broker.port, w.cfg.prefix) as d,
+            MemoryClient(broker.host, broker.port, w.cfg.prefix) as m,
         ):
-            assert (await d.request("c", "append", {"role": "u", "content": "x"}))["ok"]
+            await m.append("c", "u", "x")
             server.stop()
             t0 = asyncio.get_running_loop().time()
-            reply = await d.request("c", "append", {"role": "u", "content": "y"})
-            assert reply["error"]["code"] == "unavailable"
+            with pytest.raises(UnavailableError):
+                await m.append("c", "u", "y")
             assert asyncio.get_running_loop().time() - t0 < 5
             server.start()
-            reply = await d.request("c", "append", {"role": "u", "content": "z"})
-            assert reply == {"ok": True, "seq": 1, "count": 1}  # that Redis kept nothing
+            assert await m.append("c", "u", "z") == Appended(1, 1)  # that Redis kept nothing
             assert w.connected.is_set()
             assert w.stats.errors["unavailable"] == 1
     finally:

@@ -12,6 +12,7 @@ import pytest
 from tests.clients import device
 from tests.conftest import running
 from tests.processes import Mosquitto, free_port
+from worker.client import open_memory
 from worker.config import Config, tls_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
@@ -105,3 +106,17 @@ async def test_worker_and_device_over_tls(tls_broker: tuple[Mosquitto, Path]) ->
         }
         futs = [await d.send("tls/c/append", {"role": "u", "content": str(i)}) for i in range(100)]
         assert [(await d.reply(f))["seq"] for f in futs] == list(range(2, 102))
+
+
+async def test_client_over_mqtts(tls_broker: tuple[Mosquitto, Path]) -> None:
+    """open_memory("mqtts://...?ca=") verifies the broker with that CA and talks the contract."""
+    broker, ca = tls_broker
+    cfg = Config(
+        host=broker.host, port=broker.port, tls_ca=str(ca), prefix="tls2", client_id="tls-worker2"
+    )
+    async with (
+        running(cfg),
+        open_memory(f"mqtts://{broker.host}:{broker.port}/tls2?ca={ca}") as memory,
+    ):
+        assert (await memory.append("c", "u", "sealed")).seq == 1
+        assert [t["content"] for t in await memory.get("c")] == ["sealed"]

@@ -10,19 +10,17 @@ import argparse
 import asyncio
 import base64
 import json
-import socket
 import sys
-import uuid
+import time
 from collections.abc import Sequence
 from typing import Any
 
-import aiomqtt
 import msgpack
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from worker import constants as c
-from worker.config import tls_context
+from worker.client import MemoryClient, MemoryWorkerError, NoReplyError, check_reply_prefix
+from worker.errors import WorkerError
+from worker.protocol import check_request, validate_prefix
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY = 0, 1, 2, 3
 
@@ -93,70 +91,62 @@ def _json_value(text: str) -> Any:
         return text
 
 
-def request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
-    """(convo, op, body) for a request command."""
-    if args.command == "append":
-        return args.convo, c.OP_APPEND, {"role": args.role, "content": args.content}
-    if args.command == "get":
-        return args.convo, c.OP_GET, {} if args.last is None else {"last": args.last}
-    if args.command == "delete":
-        return args.convo, c.OP_DELETE, {}
-    op = "state/" + args.state_command.replace("-", "_")
-    body: dict[str, Any] = {"ns": args.ns}
-    if args.state_command != "get-all":
-        body["key"] = args.key
-    if args.state_command == "save":
-        body["value"] = _json_value(args.value)
-        if args.ttl is not None:
-            body["ttl"] = args.ttl
-    return args.convo, op, body
-
-
-def _client(args: argparse.Namespace) -> aiomqtt.Client:
-    return aiomqtt.Client(
+def _client(args: argparse.Namespace) -> MemoryClient:
+    return MemoryClient(
         args.host,
         args.port,
+        args.prefix,
         username=args.username,
         password=args.password,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        identifier=f"memctl-{uuid.uuid4().hex[:12]}",
+        tls_ca=args.tls_ca,
         timeout=args.timeout,
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        tls_context=tls_context(args.tls_ca),
+        qos=args.qos,
+        reply_prefix=args.reply_prefix,
+        attempts=1,
     )
 
 
+async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]:
+    """One request command, answered as the worker's reply."""
+    rid = args.id
+    reply: dict[str, Any] = {"ok": True}
+    if args.command == "append":
+        done = await memory.append(args.convo, args.role, args.content, request_id=rid)
+        reply.update(seq=done.seq, count=done.count)
+    elif args.command == "get":
+        reply["turns"] = await memory.get(args.convo, args.last)
+    elif args.command == "delete":
+        reply["deleted"] = await memory.forget(args.convo)
+    elif args.state_command == "save":
+        value = _json_value(args.value)
+        await memory.save(args.convo, args.ns, args.key, value, args.ttl, request_id=rid)
+    elif args.state_command == "load":
+        value = await memory.load(args.convo, args.ns, args.key)
+        reply.update(found=value is not None, value=value)
+    elif args.state_command == "get-all":
+        reply["items"] = await memory.get_all(args.convo, args.ns)
+    else:
+        reply["deleted"] = await memory.delete(args.convo, args.ns, args.key)
+    return reply
+
+
 async def ask(args: argparse.Namespace) -> int:
-    convo, op, body = request_of(args)
-    if args.id is not None:
-        body["id"] = args.id
-    reply_topic = f"{args.reply_prefix}/{uuid.uuid4().hex}"
-    correlation = uuid.uuid4().bytes
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.ResponseTopic = reply_topic
-    props.CorrelationData = correlation
-    async with _client(args) as client:
-        await client.subscribe(reply_topic, qos=args.qos)
-        await client.publish(
-            f"{args.prefix}/{convo}/{op}", msgpack.packb(body), qos=args.qos, properties=props
-        )
-        async with asyncio.timeout(args.timeout):
-            async for message in client.messages:
-                got = getattr(message.properties, "CorrelationData", None)
-                if got != correlation:
-                    continue
-                reply = msgpack.unpackb(message.payload, strict_map_key=False)
-                emit(reply)
-                return EXIT_OK if reply.get("ok") else EXIT_ERROR
-    return EXIT_NO_REPLY  # pragma: no cover
+    async with _client(args) as memory:
+        try:
+            emit(await _ask(memory, args))
+        except NoReplyError:
+            raise
+        except MemoryWorkerError as exc:
+            emit({"ok": False, "error": {"code": exc.code, "message": exc.message}})
+            return EXIT_ERROR
+    return EXIT_OK
 
 
 async def watch(args: argparse.Namespace) -> int:
     seen = 0
-    async with _client(args) as client:
-        await client.subscribe(f"{args.prefix}/+/{c.EVICTED}", qos=1)
-        async for message in client.messages:
-            emit(msgpack.unpackb(message.payload))
+    async with _client(args) as memory:
+        async for event in memory.evictions():
+            emit(event)
             seen += 1
             if args.count is not None and seen >= args.count:
                 break
@@ -164,38 +154,60 @@ async def watch(args: argparse.Namespace) -> int:
 
 
 async def stats(args: argparse.Namespace) -> int:
-    """Each worker's retained stats, once; the broker sends all of them right on subscribe."""
-    seen: set[str] = set()
-    async with _client(args) as client:
-        await client.subscribe(f"{args.prefix}/{c.WORKER_LEVEL}/+/stats", qos=1)
-        messages = aiter(client.messages)
-        async with asyncio.timeout(args.timeout):
-            first = await anext(messages)
-        message: aiomqtt.Message | None = first
-        while message is not None and message.topic.value not in seen:
-            seen.add(message.topic.value)
-            emit(msgpack.unpackb(message.payload))
-            try:
-                async with asyncio.timeout(0.3):
-                    message = await anext(messages)
-            except TimeoutError:
-                message = None
+    """Each worker's retained stats, once, with how old the snapshot is (`age`, seconds)."""
+    async with _client(args) as memory:
+        snapshots = await memory.stats()
+    if not snapshots:
+        raise NoReplyError("no stats")
+    now = time.time()
+    for snapshot in snapshots:
+        ts = snapshot.get("ts")
+        if isinstance(ts, int | float):
+            snapshot["age"] = round(max(0.0, now - ts), 3)
+        emit(snapshot)
     return EXIT_OK
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What the contract refuses in the arguments, before anything is sent."""
+    try:
+        validate_prefix(args.prefix)
+    except ValueError as exc:
+        return f"--prefix {args.prefix!r}: {exc}"
+    try:
+        check_reply_prefix(args.reply_prefix, args.prefix)
+        if args.id is not None:
+            check_request("c", c.OP_GET, {"id": args.id})
+        if getattr(args, "convo", None) is not None:
+            check_request(args.convo, c.OP_GET, {})
+        if args.command == "append":
+            check_request(args.convo, c.OP_APPEND, {"role": args.role, "content": args.content})
+        if args.command == "state":
+            body = {"ns": args.ns, "key": getattr(args, "key", "k"), "value": 0}
+            check_request(args.convo, c.OP_STATE_SAVE, body)
+    except (WorkerError, MemoryWorkerError) as exc:
+        return exc.message
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = _usage_problem(args)
+    if problem:
+        print(f"memctl: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     run = {"watch": watch, "stats": stats}.get(args.command, ask)
     try:
         return asyncio.run(run(args))
-    except TimeoutError:
+    except NoReplyError:
         print(
             f"memctl: no answer within {args.timeout}s (is memory-worker running on "
             f"{args.host}:{args.port} with prefix {args.prefix!r}?)",
             file=sys.stderr,
         )
-    except aiomqtt.MqttError as exc:
-        print(f"memctl: cannot reach the broker at {args.host}:{args.port}: {exc}", file=sys.stderr)
+    except MemoryWorkerError as exc:
+        print(f"memctl: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_NO_REPLY

@@ -265,6 +265,21 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
     )
 
 
+def check_request(convo: str, op: str, body: dict[Any, Any]) -> Request:
+    """The request the worker would build from `body` on P/<convo>/<op>, or the WorkerError
+    its reply would carry (for clients that refuse bad input before sending)."""
+    if op not in c.OPERATIONS:
+        raise BadTopic(f"unknown operation {op!r}")
+    validate_convo(convo)
+    req_id = _check_id(body["id"]) if "id" in body else _MISSING
+    return _build(op, convo, body, req_id)
+
+
+def reply_parsed(req_id: Any = _MISSING) -> Parsed:
+    """A Parsed that only carries an id, for encoding a reply outside the service."""
+    return Parsed(None, None, None, None, req_id)
+
+
 class Router:
     """Knows the topics under one prefix: what to subscribe to and what a topic asks for."""
 

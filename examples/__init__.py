@@ -1,0 +1,1 @@
+"""Programs that use the client, each run by tests/test_examples.py."""

@@ -1,0 +1,33 @@
+"""Dashboard side: print every eviction the worker announces, one line each.
+
+MEMORY_URL=mqtt://127.0.0.1:1883/mem python examples/print_evictions.py [COUNT]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from worker.client import open_memory
+
+
+async def main(count: int | None) -> None:
+    async with open_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as memory:
+        events = memory.evictions()
+        waiting = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0)  # the iterator subscribes first...
+        await memory.stats()  # ...so after this round trip its subscription is in place
+        print("watching", flush=True)
+        seen = 0
+        while count is None or seen < count:
+            event = await waiting
+            what = f"{event['reason']}, {event['count']} turns, {event['keys']} keys"
+            print(f"{event['convo']}: {what}", flush=True)
+            seen += 1
+            waiting = asyncio.ensure_future(anext(events))
+        waiting.cancel()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else None))

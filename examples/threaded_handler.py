@@ -1,0 +1,75 @@
+"""A Flask-style threaded web app: every request thread shares one BlockingMemoryClient
+(one connection), as the old synchronous store's users do. Plain wsgiref, no Flask needed.
+
+    MEMORY_URL=mqtt://127.0.0.1:1883/mem python examples/threaded_handler.py [PORT]
+
+`--demo N` serves on a free port, sends N concurrent requests from N threads, prints each
+answer and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from worker.client import BlockingMemoryClient, open_blocking_memory
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def make_app(memory: BlockingMemoryClient) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """GET /chat?session=S&text=T: store the turn, answer with the session's count."""
+        q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        session, text = q["session"], q["text"]
+        memory.append(session, "user", text)  # the same call the old store had
+        visits = (memory.load(session, "web", "visits") or 0) + 1
+        memory.save(session, "web", "visits", visits)
+        body = json.dumps({"session": session, "turns": len(memory.get(session)), "visits": visits})
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body.encode()]
+
+    return app
+
+
+def demo(memory: BlockingMemoryClient, n: int) -> None:
+    with make_server("127.0.0.1", 0, make_app(memory), ThreadingWSGIServer, QuietHandler) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        answers: list[str] = [""] * n
+
+        def visit(i: int) -> None:
+            url = f"http://127.0.0.1:{srv.server_port}/chat?session=web-{i}&text=hi"
+            with urllib.request.urlopen(url) as response:
+                answers[i] = response.read().decode()
+
+        threads = [threading.Thread(target=visit, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        srv.shutdown()
+    print("\n".join(answers), flush=True)
+
+
+if __name__ == "__main__":
+    with open_blocking_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as mem:
+        if sys.argv[1:2] == ["--demo"]:
+            demo(mem, int(sys.argv[2]))
+        else:
+            port = int(sys.argv[1]) if len(sys.argv) > 1 else 8000
+            make_server("127.0.0.1", port, make_app(mem), ThreadingWSGIServer).serve_forever()

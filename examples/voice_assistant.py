@@ -1,0 +1,32 @@
+"""A minimal voice-assistant loop: each utterance is stored, the history read back, the
+answer stored. Utterances come from the command line (or stdin, one per line).
+
+    MEMORY_URL=mqtt://127.0.0.1:1883/mem python examples/voice_assistant.py kiosk-7 "hi"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from worker.client import Turn, open_memory
+
+
+def answer(history: list[Turn]) -> str:
+    """Stands in for the LLM: it sees the whole remembered history."""
+    said = [t["content"] for t in history if t["role"] == "user"]
+    return f"you said {said[-1]!r}; I remember {len(history)} turns"
+
+
+async def main(convo: str, utterances: list[str]) -> None:
+    async with open_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as memory:
+        for text in utterances:
+            await memory.append(convo, "user", text)
+            reply = answer(await memory.get(convo))
+            await memory.append(convo, "assistant", reply)
+            print(reply, flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2:] or [line.strip() for line in sys.stdin]))

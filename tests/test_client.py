@@ -1,0 +1,362 @@
+"""The Python client: one behaviour suite over mqtt:// (MQTT 5 and 3.1.1) and memory://,
+concurrency through one and several clients, and exactly-once appends across a drop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.clients import decode, next_message, watcher
+from tests.conftest import WorkerFactory, unique
+from tests.processes import Mosquitto
+from worker.client import (
+    BadRequestError,
+    BadTopicError,
+    BlockingMemoryClient,
+    LocalMemory,
+    Memory,
+    MemoryClient,
+    MemoryWorkerError,
+    NoReplyError,
+    TooLargeError,
+    open_blocking_memory,
+    open_memory,
+)
+from worker.service import Service
+
+
+@pytest.fixture(params=["mqtt5", "mqtt311", "memory"])
+async def memory(
+    request: pytest.FixtureRequest, broker: Mosquitto, worker_factory: WorkerFactory
+) -> AsyncIterator[Memory]:
+    """The same API over a worker (each protocol) and in this process, max_turns 4."""
+    if request.param == "memory":
+        async with open_memory("memory://?max_turns=4&ttl=3600&max_conversations=50") as m:
+            yield m
+        return
+    async with worker_factory(max_turns=4, max_conversations=50) as w:
+        protocol = 5 if request.param == "mqtt5" else 3
+        url = f"mqtt://{broker.host}:{broker.port}/{w.cfg.prefix}?protocol={protocol}"
+        async with open_memory(url) as m:
+            yield m
+
+
+async def test_append_and_get_keep_order_and_bound(memory: Memory) -> None:
+    """Appends answer seq and count; get returns the last max_turns turns, oldest first."""
+    convo = unique("c")
+    done = [await memory.append(convo, "user", f"m{i}") for i in range(6)]
+    assert [(d.seq, d.count) for d in done] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 4), (6, 4)]
+    turns = await memory.get(convo)
+    assert [(t["seq"], t["role"], t["content"]) for t in turns] == [
+        (3, "user", "m2"),
+        (4, "user", "m3"),
+        (5, "user", "m4"),
+        (6, "user", "m5"),
+    ]
+    assert all(isinstance(t["ts"], float) for t in turns)
+    assert [t["seq"] for t in await memory.get(convo, last=2)] == [5, 6]
+    assert await memory.get(unique("never")) == []
+
+
+async def test_state_round_trip(memory: Memory) -> None:
+    """save, load, get_all and delete keep the old store's signatures and answers."""
+    s = unique("s")
+    value: dict[str, Any] = {"a": [1, 2.5, None, True], "b": b"\x00\xff"}
+    await memory.save(s, "prefs", "k1", value)
+    await memory.save(s, "prefs", "k2", "two", ttl=60)
+    assert await memory.load(s, "prefs", "k1") == value
+    assert await memory.load(s, "prefs", "missing") is None
+    assert await memory.get_all(s, "prefs") == {"k1": value, "k2": "two"}
+    assert await memory.delete(s, "prefs", "k1") is True
+    assert await memory.delete(s, "prefs", "k1") is False
+    assert await memory.get_all(s, "prefs") == {"k2": "two"}
+
+
+async def test_forget_removes_turns_and_reports_eviction(memory: Memory) -> None:
+    """forget answers the turns removed, and a 'deleted' eviction reaches evictions()."""
+    convo = unique("c")
+    events = memory.evictions(convo)
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)  # let the iterator subscribe before the delete
+    if isinstance(memory, MemoryClient):
+        await memory.get(convo)  # a round trip after which the subscription is in place
+    await memory.append(convo, "user", "hi")
+    await memory.append(convo, "assistant", "hello")
+    assert await memory.forget(convo) == 2
+    event = await asyncio.wait_for(first, 10)
+    assert (event["convo"], event["reason"], event["count"]) == (convo, "deleted", 2)
+    assert await memory.get(convo) == []
+    await events.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda m: m.append("a+b", "user", "x"), BadTopicError),
+        (lambda m: m.append("a/b", "user", "x"), BadTopicError),
+        (lambda m: m.append("", "user", "x"), BadTopicError),
+        (lambda m: m.append("x" * 129, "user", "x"), BadTopicError),
+        (lambda m: m.append("_worker", "user", "x"), BadTopicError),
+        (lambda m: m.append("c", "", "x"), BadRequestError),
+        (lambda m: m.save("c", "ns", "k" * 129, 1), BadRequestError),
+        (lambda m: m.load("c", "", "k"), BadRequestError),
+        (lambda m: m.get("c", last=0), BadRequestError),
+        (lambda m: m.save("c", "ns", "k", 1, ttl=-1), BadRequestError),
+    ],
+)
+async def test_refused_input_raises_the_workers_code(
+    memory: Memory, call: Any, error: type[MemoryWorkerError]
+) -> None:
+    """Input the contract refuses raises the subclass of the code the worker would answer."""
+    with pytest.raises(error) as info:
+        await call(memory)
+    assert info.value.code == error.code
+    assert info.value.message
+
+
+async def test_too_large_comes_from_the_worker(broker: Mosquitto, worker: Service) -> None:
+    """A payload over --max-payload-bytes is refused by the worker itself: TooLargeError."""
+    async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
+        with pytest.raises(TooLargeError) as info:
+            await m.append("c", "user", "x" * 70000)
+    assert info.value.code == "too_large"
+
+
+async def test_no_worker_is_a_timeout(broker: Mosquitto) -> None:
+    """Without a worker the call raises NoReplyError, which is a TimeoutError."""
+    async with MemoryClient(broker.host, broker.port, unique("p"), timeout=0.2, attempts=2) as m:
+        with pytest.raises(TimeoutError) as info:
+            await m.get("c")
+    assert isinstance(info.value, NoReplyError)
+    assert info.value.code == "timeout"
+
+
+async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> None:
+    """stats() returns the worker's retained snapshot with its ts."""
+    async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
+        await m.append("c", "user", "x")
+        stats = await m.stats()
+    assert len(stats) == 1
+    assert {"conversations", "requests", "ts"} <= set(stats[0])
+
+
+def test_url_errors_are_clear() -> None:
+    """A bad URL is a one-line ValueError naming what is wrong."""
+    from worker.client import memory_from_url
+
+    for url, words in [
+        ("http://x", "scheme"),
+        ("memory://?max_turns=x", "bad number"),
+        ("memory://?colour=red", "colour"),
+        ("mqtt://h/p?colour=red", "colour"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            memory_from_url(url)
+    with pytest.raises(BadRequestError, match="reply prefix"):
+        memory_from_url("mqtt://h/p?reply_prefix=a/%23")
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def _gapless(turns: list[Any], n: int) -> None:
+    assert [t["seq"] for t in turns] == list(range(1, n + 1))
+
+
+async def test_500_concurrent_appends_through_one_client(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """500 appends gathered over 5 conversations through one client: each seq run gapless."""
+    async with (
+        worker_factory(max_turns=200) as w,
+        MemoryClient(broker.host, broker.port, w.cfg.prefix, timeout=30) as m,
+    ):
+        convos = [unique("c") for _ in range(5)]
+        done = await asyncio.gather(*(m.append(convos[i % 5], "user", str(i)) for i in range(500)))
+        assert sorted(d.seq for d in done) == sorted(list(range(1, 101)) * 5)
+        for convo in convos:
+            _gapless(await m.get(convo), 100)
+
+
+async def test_500_concurrent_appends_through_several_clients(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """500 appends from 4 clients at once into 3 shared conversations: seq gapless."""
+    async with worker_factory(max_turns=300) as w:
+        clients = [MemoryClient(broker.host, broker.port, w.cfg.prefix, timeout=30) for _ in "abcd"]
+        for c in clients:
+            await c.__aenter__()
+        try:
+            convos = [unique("c") for _ in range(3)]
+            await asyncio.gather(
+                *(clients[i % 4].append(convos[i % 3], "user", str(i)) for i in range(500))
+            )
+            sizes = [len(range(k, 500, 3)) for k in range(3)]
+            for convo, size in zip(convos, sizes, strict=True):
+                _gapless(await clients[0].get(convo), size)
+        finally:
+            for c in clients:
+                await c.__aexit__(None, None, None)
+
+
+@pytest.fixture(params=["mqtt", "memory"])
+def blocking_url(
+    request: pytest.FixtureRequest, broker: Mosquitto, worker: Service
+) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory://?max_turns=100"
+    else:
+        yield f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
+
+
+async def test_16_threads_share_one_blocking_client(blocking_url: str) -> None:
+    """16 threads on one BlockingMemoryClient each see only their own session's state."""
+    # The worker serves from this test's loop, so the threads run off it.
+    assert await asyncio.to_thread(_sixteen_threads, blocking_url) == []
+
+
+def _sixteen_threads(blocking_url: str) -> list[BaseException]:
+    errors: list[BaseException] = []
+    with open_blocking_memory(blocking_url) as memory:
+
+        def session(n: int) -> None:
+            try:
+                sid = f"thread-{n}-{unique()}"
+                for i in range(10):
+                    memory.append(sid, "user", f"{n}:{i}")
+                    memory.save(sid, "ns", "last", i)
+                assert [t["content"] for t in memory.get(sid, last=3)] == [
+                    f"{n}:{i}" for i in (7, 8, 9)
+                ]
+                assert memory.load(sid, "ns", "last") == 9
+                assert memory.get_all(sid, "ns") == {"last": 9}
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=session, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return errors
+
+
+async def test_blocking_client_refuses_like_the_async_one(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """The blocking client raises the same coded errors."""
+
+    def use() -> int:
+        with BlockingMemoryClient(broker.host, broker.port, worker.cfg.prefix) as memory:
+            with pytest.raises(BadTopicError):
+                memory.append("a#", "user", "x")
+            return memory.append("ok", "user", "x").seq
+
+    assert await asyncio.to_thread(use) == 1
+
+
+async def test_local_memory_expires_with_an_event() -> None:
+    """memory:// keeps the worker's TTL and announces the expiry as a 'ttl' eviction."""
+    async with open_memory("memory://?ttl=0.2") as memory:
+        assert isinstance(memory, LocalMemory)
+        events = memory.evictions()
+        await memory.append("c", "user", "x")
+        event = await asyncio.wait_for(anext(events), 10)
+        assert (event["convo"], event["reason"]) == ("c", "ttl")
+        assert await memory.get("c") == []
+
+
+# --- exactly once across a drop -------------------------------------------------------------
+
+
+async def _append_in_order(m: MemoryClient, convo: str, n: int, half: asyncio.Event) -> None:
+    for i in range(n):
+        await m.append(convo, "user", str(i))
+        if i == n // 2:
+            half.set()
+
+
+async def test_appends_stored_once_across_a_broker_restart(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """The broker restarts mid-stream: 60 appends, each stored exactly once, in order."""
+    async with (
+        worker_factory(own_broker, max_turns=100) as w,
+        MemoryClient(own_broker.host, own_broker.port, w.cfg.prefix, timeout=2, attempts=10) as m,
+    ):
+        half = asyncio.Event()
+        stream = asyncio.create_task(_append_in_order(m, "c", 60, half))
+        await half.wait()
+        own_broker.restart()
+        await stream
+        turns = await m.get("c")
+    assert [t["content"] for t in turns] == [str(i) for i in range(60)]
+    _gapless(turns, 60)
+
+
+async def test_appends_stored_once_across_a_worker_restart(
+    broker: Mosquitto, worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    """The worker stops mid-stream and starts only after the client has resent an append:
+    30 appends, each stored once, in order."""
+    prefix, cid = unique("mem"), unique("w-")
+    same = {
+        "prefix": prefix,
+        "client_id": cid,
+        "max_turns": 100,
+        "backend": f"sqlite:///{tmp_path}/m.db",
+    }
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/c/append") as sent,
+        MemoryClient(broker.host, broker.port, prefix, timeout=0.5, attempts=40) as m,
+    ):
+        async with worker_factory(**same):
+            for i in range(10):
+                await m.append("c", "user", str(i))
+        stream = asyncio.create_task(_append_rest(m))
+        ids: set[Any] = set()
+        while True:  # wait for the first request the client sends twice
+            req_id = decode(await next_message(sent)).get("id")
+            if req_id in ids:
+                break
+            ids.add(req_id)
+        async with worker_factory(**same):
+            await stream
+            turns = await m.get("c")
+    assert [t["content"] for t in turns] == [str(i) for i in range(30)]
+    _gapless(turns, 30)
+
+
+async def _append_rest(m: MemoryClient) -> None:
+    for i in range(10, 30):
+        await m.append("c", "user", str(i))
+
+
+async def test_concurrent_stats_calls_each_get_the_snapshot(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Two stats() at once on one client both see the worker's retained snapshot."""
+    async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
+        await m.append("c", "user", "x")
+        first, second = await asyncio.gather(m.stats(), m.stats())
+    assert len(first) == len(second) == 1
+
+
+async def test_reply_prefix_with_convo_reaches_a_route_prefixed_worker(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """reply_prefix="reply/{convo}" puts each reply where --route-prefix reply/{convo} allows."""
+    async with (
+        worker_factory(route_prefix="reply/{convo}") as w,
+        MemoryClient(
+            broker.host, broker.port, w.cfg.prefix, reply_prefix="reply/{convo}", timeout=2
+        ) as m,
+    ):
+        assert (await m.append("k1", "user", "a")).seq == 1
+        assert (await m.append("k2", "user", "b")).seq == 1
+        assert [t["content"] for t in await m.get("k2")] == ["b"]

@@ -1,0 +1,72 @@
+"""MqttChatMessageHistory: LangChain's chat-history interface on the worker (needs the
+optional langchain extra; skipped where langchain-core is not installed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMessage, SystemMessage
+
+from tests.conftest import unique
+from tests.processes import Mosquitto
+from worker.langchain import MqttChatMessageHistory
+from worker.service import Service
+
+
+def _conversation(url: str, session: str) -> tuple[list[BaseMessage], list[BaseMessage]]:
+    history = MqttChatMessageHistory(session, url=url)
+    try:
+        history.add_messages(
+            [
+                SystemMessage("be brief"),
+                HumanMessage("hi"),
+                AIMessage("hello"),
+                ChatMessage(role="tool", content="42"),
+            ]
+        )
+        seen = list(history.messages)
+        history.clear()
+        return seen, list(history.messages)
+    finally:
+        history.close()
+
+
+EXPECTED = [SystemMessage("be brief"), HumanMessage("hi"), AIMessage("hello")]
+
+
+async def test_sync_history_over_the_worker(broker: Mosquitto, worker: Service) -> None:
+    """Messages come back as the same LangChain types, in order; clear forgets them."""
+    url = f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
+    seen, after = await asyncio.to_thread(_conversation, url, unique("s"))
+    assert seen[:3] == EXPECTED
+    assert seen[3] == ChatMessage(role="tool", content="42")
+    assert after == []
+
+
+async def test_async_history_over_the_worker(broker: Mosquitto, worker: Service) -> None:
+    """The async methods give the same answers without blocking the caller's loop."""
+    url = f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
+    history = await asyncio.to_thread(MqttChatMessageHistory, unique("s"), url)
+    try:
+        await history.aadd_messages(EXPECTED)
+        assert await history.aget_messages() == EXPECTED
+        await history.aclear()
+        assert await history.aget_messages() == []
+    finally:
+        await asyncio.to_thread(history.close)
+
+
+def test_history_in_process_is_bounded() -> None:
+    """With memory:// the history keeps the worker's bounds: max_turns=2 keeps the last two."""
+    history = MqttChatMessageHistory("s", url="memory://?max_turns=2")
+    try:
+        history.add_user_message("one")
+        history.add_ai_message("two")
+        history.add_user_message("three")
+        assert history.messages == [AIMessage("two"), HumanMessage("three")]
+    finally:
+        history.close()
