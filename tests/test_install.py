@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
-from tests.processes import REPO
+from tests.conftest import running
+from tests.processes import REPO, Mosquitto, free_port
+from tests.test_security import ask, dynsec_plugin, refused
+from worker.config import Config
 
 INSTALL = REPO / "deploy" / "install"
 UNINSTALL = REPO / "deploy" / "uninstall"
@@ -27,18 +32,28 @@ def run(*args: str | Path, as_nobody: bool = False) -> subprocess.CompletedProce
     )
 
 
+def add_user(ctrl: Path, port: int, name: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [REPO / "deploy/add-user", name, password],
+        env={"CTRL_DIR": str(ctrl), "MQTT_PORT": str(port), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the installer runs as root only")
 
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A staging root with the worker installed by deploy/install --root --prefix."""
+    """A staging root with the worker installed by deploy/install --root --prefix --secure."""
     if os.geteuid() != 0:
         pytest.skip("the installer runs as root only")
     root = tmp_path_factory.mktemp("root")
     (root / "etc/mosquitto").mkdir(parents=True)
     (root / "etc/mosquitto/mosquitto.conf").write_text(MOSQUITTO_CONF)
-    done = run(INSTALL, "--root", root, "--prefix", PREFIX)
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--secure")
     assert done.returncode == 0, done.stderr
     root.joinpath("install.out").write_text(done.stdout)
     return root
@@ -153,7 +168,63 @@ def test_uninstall_removes_all_but_the_data(staged: Path, tmp_path: Path) -> Non
         PREFIX[1:],
         "etc/memory-worker",
         "etc/mosquitto/conf.d/memory-worker.conf",
+        "etc/mosquitto/conf.d/memory-worker-security.conf",
     ):
         assert not (staged / gone).exists(), gone
     assert (data / "memory.db").read_bytes() == b"kept"
     assert str(data) in done.stdout
+
+
+@needs_root
+async def test_the_secured_install_serves_devices_and_keeps_them_out_of_the_group(
+    staged: Path, tmp_path: Path
+) -> None:
+    """A broker from the installed conf.d files: the worker logs in with the env file's
+    password, a device added by deploy/add-user is served, and the share group is refused."""
+    if dynsec_plugin() is None:
+        pytest.skip("Mosquitto's dynamic-security plugin is not installed")
+    dynsec = staged / "var/lib/mosquitto/dynamic-security.json"
+    confd = sorted((staged / "etc/mosquitto/conf.d").glob("*.conf"))
+    text = "".join(f.read_text() + "\n" for f in confd)
+    text = text.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
+    (tmp_path / "base.conf").write_text(text)
+    port = free_port()
+    mosq = Mosquitto(tmp_path / "broker", conf=tmp_path / "base.conf", port=port).start()
+    try:
+        env = dict(
+            line.split("=", 1)
+            for line in (staged / "etc/memory-worker/memory-worker.env").read_text().splitlines()
+            if line.startswith("MEMORY_WORKER_")
+        )
+        for name, password in (("memory-worker", env["MEMORY_WORKER_PASSWORD"]), ("kiosk-a", "a")):
+            done = await asyncio.to_thread(
+                add_user, staged / "etc/memory-worker/ctrl", port, name, password
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        cfg = Config(
+            host=mosq.host,
+            port=port,
+            username=env["MEMORY_WORKER_USERNAME"],
+            password=env["MEMORY_WORKER_PASSWORD"],
+            route_prefix=env["MEMORY_WORKER_ROUTE_PREFIX"],
+            shared_group="workers",
+        )
+        async with (
+            running(cfg) as worker,
+            aiomqtt.Client(
+                mosq.host,
+                port,
+                username="kiosk-a",
+                password="a",
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as a,
+        ):
+            assert refused(await a.subscribe("$share/workers/mem/#", qos=1))
+            await a.subscribe("reply/kiosk-a/#", qos=1)
+            reply = await ask(
+                a, "kiosk-a", "append", {"role": "u", "content": "x"}, "reply/kiosk-a/r"
+            )
+            assert reply["ok"] is True
+            assert worker.stats.requests == 1
+    finally:
+        mosq.stop()
