@@ -178,3 +178,15 @@ def test_logs_under_journald_are_one_line_with_priority(broker: Mosquitto) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
+
+
+def test_a_vanished_notify_socket_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """systemd gone: sending fails quietly, with one warning however often it is tried."""
+    n = Notifier(str(tmp_path / "nobody-listens"), watchdog=1.0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            n.notify("WATCHDOG=1")
+    assert len(caplog.records) == 1
+    n.close()

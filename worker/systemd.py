@@ -40,6 +40,7 @@ class Notifier:
         self.watchdog = watchdog
         self._status = ""
         self._sock: socket.socket | None = None
+        self._failing = False
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Notifier:
@@ -61,7 +62,11 @@ class Notifier:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as exc:
-            log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+            if not self._failing:  # once, not at every watchdog ping
+                log.warning("could not notify systemd: %s", exc)
+            self._failing = True
+        else:
+            self._failing = False
 
     def ready(self, status: str) -> None:
         self._status = status
