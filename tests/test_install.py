@@ -98,6 +98,7 @@ def test_a_reinstall_keeps_the_settings_and_sizes_the_memory_ceiling(staged: Pat
     done = run(INSTALL, "--root", staged, "--prefix", PREFIX)
     assert done.returncode == 0, done.stderr
     assert "keeping" in done.stdout
+    assert "from these sources is installed already" in done.stdout
     assert env.read_text() == kept
     conf = (staged / "etc/mosquitto/mosquitto.conf").read_text()
     assert conf.count("include_dir /etc/mosquitto/conf.d") == 1
