@@ -82,22 +82,19 @@ class Notifier:
         self.notify("STOPPING=1", "STATUS=stopping")
 
     async def keep_alive(self, status: Callable[[], str], every: float = 5.0) -> None:
-        """Ping the watchdog every half of its interval, and refresh STATUS every `every` s.
+        """Ping the watchdog every half of its interval (or every `every` s without one),
+        refreshing STATUS at each tick.
 
         The pings come from the event loop itself, so a wedged loop stops them and systemd
         restarts the worker.
         """
         if self.address is None:
             return
-        period = every if self.watchdog is None else min(every, self.watchdog / 2)
-        loop = asyncio.get_running_loop()
-        next_status = loop.time()
+        period = every if self.watchdog is None else self.watchdog / 2
         while True:
             if self.watchdog is not None:
                 self.notify("WATCHDOG=1")
-            if loop.time() >= next_status:
-                self.status(status())
-                next_status = loop.time() + every
+            self.status(status())
             await asyncio.sleep(period)
 
     def close(self) -> None:
