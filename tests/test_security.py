@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import re
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from tests.clients import NODELAY, decode, next_message, props, watcher
 from tests.conftest import running
-from tests.processes import REPO, Mosquitto
+from tests.processes import REPO, Mosquitto, free_port
 from worker.config import Config
 from worker.service import Service
 
@@ -29,23 +28,52 @@ USERS = {
 }
 
 
+def dynsec_plugin() -> Path | None:
+    found = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    return found[0] if found else None
+
+
+def add_user(work: Path, name: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [REPO / "deploy" / "add-user", name, password],
+        env={"CTRL_DIR": str(work / "ctrl"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    """Mosquitto from deploy/mosquitto.conf, with users made by deploy/add-user."""
+    """Mosquitto from deploy/mosquitto.conf (dynamic security made by deploy/init-security),
+    with users added by deploy/add-user while it runs."""
+    plugin = dynsec_plugin()
+    if plugin is None:
+        pytest.skip("Mosquitto's dynamic-security plugin is not installed")
     work = tmp_path_factory.mktemp("secured")
-    passwd = work / "passwd"
-    for name, password in USERS.items():
-        subprocess.run(
-            [REPO / "deploy" / "add-user", name, password],
-            check=True,
-            env={"PASSWD_FILE": str(passwd), "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-        )
+    port = free_port()
+    subprocess.run(
+        [REPO / "deploy" / "init-security", "admin-secret"],
+        check=True,
+        env={
+            "DYNSEC_FILE": str(work / "dynsec.json"),
+            "CTRL_DIR": str(work / "ctrl"),
+            "MQTT_PORT": str(port),
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+    )
     conf = (REPO / "deploy" / "mosquitto.conf").read_text()
-    conf = re.sub(r"(?m)^password_file .*$", f"password_file {passwd}", conf)
-    conf = re.sub(r"(?m)^acl_file .*$", f"acl_file {REPO / 'deploy' / 'acl'}", conf)
+    conf = re.sub(r"(?m)^plugin .*$", f"plugin {plugin}", conf)
+    conf = re.sub(
+        r"(?m)^plugin_opt_config_file .*$", f"plugin_opt_config_file {work / 'dynsec.json'}", conf
+    )
     (work / "base.conf").write_text(conf)
-    mosq = Mosquitto(work, conf=work / "base.conf").start()
+    mosq = Mosquitto(work, conf=work / "base.conf", port=port).start()
+    for name, password in USERS.items():
+        done = add_user(work, name, password)
+        assert done.returncode == 0, done.stderr
+    mosq.work = work  # type: ignore[attr-defined]
     yield mosq
     mosq.stop()
 
@@ -143,13 +171,19 @@ async def test_a_device_cannot_touch_another_conversation(
 async def test_a_device_cannot_read_requests_or_other_replies(
     secured: Mosquitto, secured_worker: Service
 ) -> None:
-    """Mosquitto grants the subscriptions but delivers nothing the ACL forbids."""
+    """Mosquitto refuses the subscriptions, and delivers nothing the roles do not grant."""
     async with login(secured, "kiosk-a") as a, login(secured, "kiosk-b") as b:
-        await a.subscribe([("reply/#", 1), ("mem/#", 1)])
+        assert refused(await a.subscribe([("reply/#", 1), ("mem/#", 1), ("reply/kiosk-b/#", 1)]))
+        await a.subscribe("reply/kiosk-a/#", qos=1)
         await b.subscribe("reply/kiosk-b/#", qos=1)
         await ask(b, "kiosk-b", "append", {"role": "u", "content": "private"}, "reply/kiosk-b/r")
         # b's request and the worker's reply to it were published before a's own reply
         assert (await ask(a, "kiosk-a", "get", {}, "reply/kiosk-a/r"))["ok"] is True
+
+
+def refused(codes: Any) -> bool:
+    """True when every reason code of a SUBACK is a refusal (0x80 and up)."""
+    return all(getattr(code, "value", code) >= 0x80 for code in codes)
 
 
 async def test_replies_cannot_be_aimed_at_another_device(
@@ -209,25 +243,60 @@ def test_no_secret_is_committed() -> None:
     tracked = subprocess.run(
         ["git", "ls-files", "deploy"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
-    assert "deploy/passwd" not in tracked
-    assert Path(REPO / ".gitignore").read_text().count("deploy/passwd") == 1
+    ignored = Path(REPO / ".gitignore").read_text().splitlines()
+    for secret in ("deploy/passwd", "deploy/dynamic-security.json", "deploy/ctrl/"):
+        assert secret.rstrip("/") not in tracked
+        assert secret in ignored
 
 
-async def test_a_device_outside_the_secret_share_group_takes_nothing(secured: Mosquitto) -> None:
-    """Mosquitto 2.0 lets anyone subscribe to anything (its ACL file checks reads only on
-    delivery), and a member of the workers' share group takes its turn of the requests even
-    when it may not read them. A group name that devices cannot guess keeps them out: a
-    device subscribing under any other group name gets its own (unreadable) copy, and the
-    workers' group loses nothing."""
-    group = f"workers-{uuid.uuid4().hex}"  # a secret, like a password
+async def test_a_device_cannot_join_the_workers_share_group(secured: Mosquitto) -> None:
+    """A device subscribing to the workers' share group by its exact name is refused by the
+    broker and takes none of the requests (with Mosquitto's ACL file it took half)."""
+    group = "workers"
     async with (
         running(worker_config(secured, shared_group=group)) as w,
         login(secured, "kiosk-a") as a,
     ):
-        await a.subscribe(
-            [("$share/workers/mem/+/get", 1), ("$share/memory-worker/mem/#", 1), ("mem/#", 1)]
-        )
+        filters = [
+            f"$share/{group}/mem/#",
+            f"$share/{group}/mem/+/get",
+            f"$share/{group}/mem/+/append",
+        ]
+        assert refused(await a.subscribe([(f, 1) for f in filters]))
         await a.subscribe("reply/kiosk-a/#", qos=1)
         for _ in range(10):
             assert (await ask(a, "kiosk-a", "get", {}, "reply/kiosk-a/r"))["ok"] is True
         assert w.stats.requests == 10
+
+
+async def test_the_admin_cannot_join_the_workers_share_group(secured: Mosquitto) -> None:
+    """The admin deploy/init-security makes administers; it reads no application topic."""
+    async with login(secured, "admin", "admin-secret") as admin:
+        assert refused(await admin.subscribe([("$share/workers/mem/#", 1), ("mem/#", 1)]))
+
+
+def test_add_user_refuses_names_that_are_not_conversation_ids(secured: Mosquitto) -> None:
+    """A name with a wildcard or a slash would widen a device's rights: exit 2, one line."""
+    for name in ("a/b", "k+", "#", "_worker", "$SYS"):
+        done = add_user(secured.work, name, "x")  # type: ignore[attr-defined]
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1
+
+
+def test_add_user_says_when_the_broker_is_not_running(tmp_path: Path) -> None:
+    """Without a broker to talk to add-user fails in one line, and prints no password."""
+    subprocess.run(
+        [REPO / "deploy" / "init-security", "pw"],
+        check=True,
+        capture_output=True,
+        env={
+            "DYNSEC_FILE": str(tmp_path / "d.json"),
+            "CTRL_DIR": str(tmp_path / "ctrl"),
+            "MQTT_PORT": str(free_port()),
+            "PATH": "/usr/bin:/bin",
+        },
+    )
+    done = add_user(tmp_path, "kiosk-z", "")
+    assert done.returncode == 1
+    assert "not running" in done.stderr
+    assert "password" not in done.stdout

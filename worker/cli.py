@@ -14,6 +14,7 @@ from worker.backends import Backend, create_backend
 from worker.config import Config, from_args, wants_version
 from worker.errors import ConfigError
 from worker.service import Service
+from worker.systemd import JournalFormatter, under_journald
 
 
 async def serve(cfg: Config, backend: Backend) -> None:
@@ -37,10 +38,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"memory-worker: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if under_journald(os.environ):
+        handler = logging.StreamHandler()
+        handler.setFormatter(JournalFormatter())
+        logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=cfg.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     logging.getLogger("mqtt").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(cfg, backend))

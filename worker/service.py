@@ -38,6 +38,7 @@ from worker.config import Config, tls_context
 from worker.errors import WorkerError
 from worker.protocol import Eviction, Parsed, Request, Result, Router, encode, encode_event
 from worker.protocol import encode_result as encode_reply
+from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
 
@@ -250,6 +251,7 @@ class Service:
         self.status_topic = self.router.worker_topic(cfg.client_id, "status")
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
         self._reply_props = PackedProperties(c.CONTENT_TYPE)
+        self.systemd = Notifier.from_environ(os.environ)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -262,6 +264,7 @@ class Service:
             asyncio.create_task(self._process(), name="process"),
             asyncio.create_task(self._sweep(), name="sweep"),
             asyncio.create_task(self._publish_stats_forever(), name="stats"),
+            asyncio.create_task(self.systemd.keep_alive(self._systemd_status), name="systemd"),
         ]
         connection = asyncio.create_task(self._stay_connected(client, stop), name="connection")
         try:
@@ -275,6 +278,7 @@ class Service:
         # Requests that arrive from now on are left unacknowledged: the broker keeps them in
         # the session for the next start. Reading goes on, for the acks of our last publishes.
         self._closing = True
+        self.systemd.stopping()
         client.resume_reading()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained(), timeout=5)
@@ -290,6 +294,7 @@ class Service:
         connection.cancel()
         await asyncio.gather(connection, return_exceptions=True)
         await asyncio.shield(self.backend.close())
+        self.systemd.close()
 
     async def _drained(self) -> None:
         while self._inbox or self._busy:
@@ -341,6 +346,7 @@ class Service:
                     exc,
                     delay,
                 )
+                self.systemd.status(self._systemd_status())
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
@@ -359,6 +365,7 @@ class Service:
         self.connections += 1
         self._connection_made.set()
         self._publish_stats()
+        self.systemd.ready(self._systemd_status())
         log.info(
             "serving %s/# on %s:%d as %s (backend %s)",
             self.cfg.prefix,
@@ -366,6 +373,16 @@ class Service:
             self.cfg.port,
             self.cfg.client_id,
             self.backend.name,
+        )
+
+    def _systemd_status(self) -> str:
+        broker = f"{self.cfg.host}:{self.cfg.port}"
+        if not self.connected.is_set():
+            return f"waiting for the broker at {broker}"
+        return (
+            f"serving {self.cfg.prefix}/# on {broker} as {self.cfg.client_id}: "
+            f"{self.backend.counts().conversations} conversations, "
+            f"{self.stats.requests} requests"
         )
 
     async def wait_connections(self, n: int) -> None:
