@@ -59,7 +59,8 @@ async def test_other_workers_retained_status_is_not_counted(
             assert (await d.request("c", "get"))["ok"] is True
         assert first.stats.ignored_retained == 0
         assert second.stats.ignored_retained == 0
-        assert second.stats.errors == {} and first.stats.errors == {}
+        assert second.stats.errors == {}
+        assert first.stats.errors == {}
 
 
 async def test_first_stats_come_as_soon_as_it_serves(
@@ -72,4 +73,5 @@ async def test_first_stats_come_as_soon_as_it_serves(
         async with worker_factory(prefix=prefix, client_id=client_id, stats_interval=3600):
             body = decode(await next_message(seen))
     check("stats", body)
-    assert body["requests"] == 0 and body["taken_over"] == 0
+    assert body["requests"] == 0
+    assert body["taken_over"] == 0
