@@ -69,9 +69,11 @@ async def test_first_stats_come_as_soon_as_it_serves(
     """With a stats interval of an hour, the first stats still arrive on connect."""
     prefix, client_id = unique("mem"), unique("worker-")
     topic = f"{prefix}/_worker/{client_id}/stats"
-    async with watcher(broker.host, broker.port, topic) as seen:
-        async with worker_factory(prefix=prefix, client_id=client_id, stats_interval=3600):
-            body = decode(await next_message(seen))
+    async with (
+        watcher(broker.host, broker.port, topic) as seen,
+        worker_factory(prefix=prefix, client_id=client_id, stats_interval=3600),
+    ):
+        body = decode(await next_message(seen))
     check("stats", body)
     assert body["requests"] == 0
     assert body["taken_over"] == 0
