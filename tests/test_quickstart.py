@@ -71,6 +71,13 @@ def scripts_run(clone: Path, port: int) -> Iterator[subprocess.Popen[str]]:
         proc.communicate(timeout=20)
 
 
+def broker_alone(conf: Path, port: int) -> subprocess.Popen[bytes]:
+    """The broker as scripts/run configured it, started by hand without the worker."""
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], cwd=conf.parent)
+    wait_port(port, proc=proc)
+    return proc
+
+
 async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Path) -> None:
     """Stop scripts/run, queue QoS 1 appends on its broker, restart that broker, run again."""
     port = free_port()
@@ -80,9 +87,8 @@ async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Pat
     if os.geteuid() == 0:  # the folder was given to the user Mosquitto runs as
         assert "user root" not in conf.read_text()
         assert (clone / "var" / "mosquitto").owner() == "mosquitto"
-    alone = subprocess.Popen([MOSQUITTO, "-c", str(conf)], cwd=clone)
+    alone = broker_alone(conf, port)
     try:
-        wait_port(port, proc=alone)
         async with aiomqtt.Client("127.0.0.1", port) as client:
             for n in range(5):
                 body = msgpack.packb({"role": "user", "content": f"queued {n}"})
