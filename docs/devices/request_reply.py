@@ -28,9 +28,7 @@ CONVO = os.environ.get("CONVO", "kiosk-7")
 V5 = "--v311" not in sys.argv
 NODELAY = "--no-nodelay" not in sys.argv
 
-client = mqtt.Client(
-    CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if V5 else mqtt.MQTTv311
-)
+client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5 if V5 else mqtt.MQTTv311)
 inbox = f"reply/{CONVO}/{uuid.uuid4().hex}"  # this device's own reply topic
 replies: dict[object, dict] = {}
 arrived = threading.Condition()
