@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,12 @@ async def test_mosquitto_clients_recipe(broker: Mosquitto, worker: Service) -> N
     assert appended.startswith("{'ok': True, 'seq': 1")
     assert "hello from the shell" in got
     assert "hello from the shell" in got_311
+
+
+def test_the_doc_quotes_the_recipes_as_they_are() -> None:
+    """Every code block of docs/devices.md marked `from <file>` is that file's text verbatim."""
+    doc = (REPO / "docs" / "devices.md").read_text()
+    quoted = re.findall(r"<!-- from (\S+) -->\n```\w*\n(.*?)```", doc, flags=re.S)
+    assert len(quoted) >= 6
+    for path, block in quoted:
+        assert block in (REPO / path).read_text(), f"{path} no longer contains:\n{block}"
