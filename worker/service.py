@@ -415,7 +415,7 @@ class Service:
                     self._taken_over()
 
     async def _retained(self, client: _Client, topic: str) -> bytes | None:
-        """The retained message on `topic`, or None when none comes within half a second."""
+        """The retained message on `topic`, or None when there is none."""
         got: asyncio.Future[bytes] = self._loop_future()
 
         def on_retained(paho_client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -427,9 +427,11 @@ class Service:
         client.paho.message_callback_add(topic, on_retained)
         try:
             await client.subscribe(topic, qos=1)
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(got, 0.5)
-            return None
+            # The broker sends retained messages right after the SUBACK, so by the PUBACK of
+            # a later publish of ours any retained message has arrived.
+            probe = self.router.worker_topic(self.cfg.client_id, "probe")
+            await client.publish(probe, b"", qos=1, timeout=5)
+            return got.result() if got.done() else None
         finally:
             client.paho.message_callback_remove(topic)
             with contextlib.suppress(Exception):
