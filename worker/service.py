@@ -280,6 +280,7 @@ class Service:
         self._reply_props = PackedProperties(c.CONTENT_TYPE)
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
+        self._loss_explained = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -373,6 +374,7 @@ class Service:
                 since = 0.0
                 attempt += 1
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
+                self._loss_explained = client.taken_over
                 if client.taken_over:
                     self._taken_over(delay)
                 else:
@@ -406,8 +408,8 @@ class Service:
         """After a lost connection: is the retained status still ours? Mosquitto 2.0 closes a
         connection whose client id another client takes without saying why (no reason code,
         no Will), and that client, if it is a worker, has published its own "online"."""
-        if client.taken_over:
-            return  # the broker said so, and _stay_connected counted it
+        if self._loss_explained:
+            return  # the broker said so (reason code 0x8E), and it was counted
         retained = await self._retained(client, self.status_topic)
         if retained is not None and retained != self._online:
             with contextlib.suppress(Exception):
