@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -14,6 +15,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+SNIPPET = REPO / "deploy" / "mosquitto.d" / "memory-worker.conf"
+
+
+def run_as_line(folder: Path) -> str:
+    """The `user` line a config needs so that Mosquitto can write `folder` (scripts/run's rule).
+
+    Started as root, Mosquitto drops to the `mosquitto` user: the folder is given to it, and
+    only when that user still cannot reach it (a private parent, like pytest's temporary
+    folders or /root) does the broker stay root.
+    """
+    if os.geteuid() != 0:
+        return ""
+    with contextlib.suppress(KeyError, OSError):
+        shutil.chown(folder, "mosquitto", "mosquitto")
+        check = [
+            "runuser",
+            "-u",
+            "mosquitto",
+            "--",
+            "test",
+            "-w",
+            str(folder),
+            "-a",
+            "-x",
+            str(folder),
+        ]
+        if subprocess.run(check, check=False).returncode == 0:
+            return ""
+    return "user root\n"
 
 
 def free_port() -> int:
@@ -60,14 +90,14 @@ class Mosquitto(Server):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or free_port()
-        text = (conf or REPO / "mosquitto.conf").read_text()
+        if conf is None:  # the quick start's broker, as scripts/run builds it
+            text = (REPO / "mosquitto.conf").read_text() + "\n" + SNIPPET.read_text()
+        else:
+            text = conf.read_text()
         text = re.sub(r"(?m)^listener \d+.*$", f"listener {self.port} 127.0.0.1", text)
         text = re.sub(r"(?m)^persistence_location .*$", "", text)
-        text += f"\npersistence_location {workdir}/\n{extra}\n"
-        if os.geteuid() == 0:
-            # Mosquitto started as root drops to the `mosquitto` user, which cannot read
-            # or write the test's private temporary folder.
-            text += "user root\n"
+        text = re.sub(r"(?m)^include_dir (?!/)", f"include_dir {REPO}/", text)
+        text += f"\npersistence_location {workdir}/\n{extra}\n" + run_as_line(workdir)
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(text)
         self.log = workdir / "mosquitto.log"

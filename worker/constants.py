@@ -32,6 +32,8 @@ MAX_TOPIC_BYTES: Final = 256
 
 WORKER_LEVEL: Final = "_worker"
 EVICTED: Final = "evicted"
+# P/_worker/<client-id>/<leaf>: what workers publish about themselves (probe: a start-up check).
+WORKER_LEAVES: Final = ("status", "stats", "probe")
 
 OP_APPEND: Final = "append"
 OP_GET: Final = "get"

@@ -292,14 +292,29 @@ class Router:
         self.route_prefix = route_prefix
         self._head = prefix + "/"
         self._skip = len(self._head)
+        self._worker_level = c.WORKER_LEVEL + "/"
         self.split = functools.lru_cache(maxsize=_CACHE_SIZE)(self._split)
+        self.not_for_us = functools.lru_cache(maxsize=_CACHE_SIZE)(self._not_for_us)
         self.route_problem = functools.lru_cache(maxsize=_CACHE_SIZE)(self._route_problem)
 
     def filters(self) -> list[str]:
-        """Topic filters that receive every request (and nothing the worker itself publishes)."""
+        """Topic filters that receive every request, and every mistaken one (for bad_topic)."""
+        return [f"{self._head}#"]
+
+    def legacy_filters(self) -> list[str]:
+        """What earlier versions subscribed to: a session kept from them may still hold these."""
         return [f"{self.prefix}/+/{op}" for op in (c.OP_APPEND, c.OP_GET, c.OP_DELETE)] + [
             f"{self.prefix}/+/state/+"
         ]
+
+    def _not_for_us(self, topic: str) -> bool:
+        """Workers' own traffic under the prefix: events and worker topics, never requests."""
+        rest = topic[self._skip :] if topic.startswith(self._head) else ""
+        if rest.startswith(self._worker_level):
+            client_id, sep, leaf = rest[len(self._worker_level) :].rpartition("/")
+            return bool(sep and client_id) and leaf in c.WORKER_LEAVES
+        convo, sep, leaf = rest.partition("/")
+        return bool(sep) and leaf == c.EVICTED and "/" not in convo
 
     def evicted_topic(self, convo: str) -> str:
         return f"{self._head}{convo}/{c.EVICTED}"

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
+import msgpack
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -45,6 +46,14 @@ log = logging.getLogger("memory_worker")
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _READ_BURST = 256
 _READ_BUFFER = 65536
+_SESSION_TAKEN_OVER = 0x8E
+# A connection shorter than this does not reset the reconnect backoff: two workers sharing a
+# client id take each other's session at once, and must not do so several times a second.
+_STABLE_CONNECTION = 10.0
+# What deploy/mosquitto.d/memory-worker.conf sets; the worker warns about a broker below it.
+BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
+_WANT_INFLIGHT = 1000
+_SLOW_ROUND_TRIP = 0.02
 
 
 class _Client(aiomqtt.Client):
@@ -75,6 +84,9 @@ class _Client(aiomqtt.Client):
         self.sendable.set()
         self._rbuf = b""
         self._rpos = 0
+        self.broker_receive_max: int | None = None
+        self.broker_max_packet: int | None = None
+        self.taken_over = False
         scan = c._update_inflight
 
         def update_inflight() -> MQTTErrorCode:
@@ -104,6 +116,10 @@ class _Client(aiomqtt.Client):
         properties: Properties | None = None,
     ) -> None:
         receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
+        self.broker_receive_max = receive_max
+        self.broker_max_packet = (
+            getattr(properties, "MaximumPacketSize", None) if properties else None
+        )
         # The public setter refuses once connected; CONNACK is the first moment we know it.
         client._max_inflight_messages = receive_max or 65535
         super()._on_connect(client, userdata, flags, reason_code, properties)
@@ -138,6 +154,17 @@ class _Client(aiomqtt.Client):
             self._misc_task = self._loop.create_task(self._misc_loop())
 
         self._loop.call_soon_threadsafe(start)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
+        properties: Properties | None = None,
+    ) -> None:
+        self.taken_over = getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._fd = -1
@@ -224,6 +251,7 @@ class Stats:
         self.refused: Counter[str] = Counter()
         self.evictions: Counter[str] = Counter()
         self.ignored_retained = 0
+        self.taken_over = 0
 
 
 class Service:
@@ -252,6 +280,9 @@ class Service:
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
         self._reply_props = PackedProperties(c.CONTENT_TYPE)
         self.systemd = Notifier.from_environ(os.environ)
+        self.broker_round_trip: float | None = None
+        self._online = b""  # the last "online" status this worker published
+        self._loss_explained = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -325,42 +356,118 @@ class Service:
 
     async def _stay_connected(self, client: _Client, stop: asyncio.Event) -> None:
         attempt = 0
+        short_streak = 0  # connections in a row that lasted under _STABLE_CONNECTION
+        since = 0.0
         while not stop.is_set():
             # Messages of an earlier connection must not be acknowledged on this one (the
             # broker delivers them again); the count changes before any message can arrive.
             self._generation += 1
+            client.taken_over = False
             try:
                 async with client:
-                    attempt = 0
+                    since = time.monotonic()
+                    attempt = short_streak
                     await self._on_connected(client)
                     await client.wait_disconnected()
             except Exception as exc:  # MqttError mostly; paho can also surface an OSError
                 self.connected.clear()
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
+                short = bool(since) and time.monotonic() - since < _STABLE_CONNECTION
+                if since:
+                    short_streak = short_streak + 1 if short else 0
+                    attempt = short_streak
+                since = 0.0
                 attempt += 1
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
-                log.warning(
-                    "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
-                    self.cfg.host,
-                    self.cfg.port,
-                    exc,
-                    delay,
-                )
+                self._loss_explained = client.taken_over
+                if client.taken_over:
+                    self._taken_over(delay)
+                else:
+                    # Once a takeover was seen, each short connection is that fight again.
+                    log.log(
+                        logging.DEBUG if self.stats.taken_over and short else logging.WARNING,
+                        "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                        self.cfg.host,
+                        self.cfg.port,
+                        exc,
+                        delay,
+                    )
                 self.systemd.status(self._systemd_status())
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
 
+    def _taken_over(self, delay: float | None = None) -> None:
+        self.stats.taken_over += 1
+        if self.stats.taken_over == 1:  # once: the fight goes on until one of them stops
+            log.error(
+                "another client connected with client id %r and took this worker's session "
+                "(the broker closes the older connection); give each worker its own "
+                "--client-id. Reconnecting with backoff%s",
+                self.cfg.client_id,
+                "" if delay is None else f" (next in {delay:.1f}s)",
+            )
+        else:
+            log.debug("session taken over again (%d times)", self.stats.taken_over)
+
+    async def _check_taken_over(self, client: _Client) -> None:
+        """After a lost connection: is the retained status still ours? Mosquitto 2.0 closes a
+        connection whose client id another client takes without saying why (no reason code,
+        no Will), and that client, if it is a worker, has published its own "online"."""
+        if self._loss_explained:
+            return  # the broker said so (reason code 0x8E), and it was counted
+        retained = await self._retained(client, self.status_topic)
+        if retained is not None and retained != self._online:
+            with contextlib.suppress(Exception):
+                if msgpack.unpackb(retained).get("state") == "online":
+                    self._taken_over()
+
+    async def _retained(self, client: _Client, topic: str) -> bytes | None:
+        """The retained message on `topic`, or None when there is none."""
+        got: asyncio.Future[bytes] = self._loop_future()
+
+        def on_retained(paho_client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+            if msg.qos:
+                paho_client.ack(msg.mid, msg.qos)
+            if msg.retain and not got.done():
+                got.set_result(bytes(msg.payload))
+
+        client.paho.message_callback_add(topic, on_retained)
+        try:
+            await client.subscribe(topic, qos=1)
+            # The broker sends retained messages right after the SUBACK, so by the PUBACK of
+            # a later publish of ours any retained message has arrived.
+            probe = self.router.worker_topic(self.cfg.client_id, "probe")
+            await client.publish(probe, b"", qos=1, timeout=5)
+            return got.result() if got.done() else None
+        finally:
+            client.paho.message_callback_remove(topic)
+            with contextlib.suppress(Exception):
+                await client.unsubscribe(topic)
+
+    @staticmethod
+    def _loop_future() -> asyncio.Future[bytes]:
+        return asyncio.get_running_loop().create_future()
+
     async def _on_connected(self, client: _Client) -> None:
         filters = self.router.filters()
-        options = SubscribeOptions(qos=1, retainAsPublished=True)
+        # No Local: the worker's own events and stats are not sent back to it. MQTT 5 forbids
+        # it on shared subscriptions, where the Router drops them instead.
+        options = SubscribeOptions(qos=1, retainAsPublished=True, noLocal=not self.cfg.shared_group)
+        # A session kept from an earlier version or from a run outside the group holds other
+        # filters that overlap these: each request would be served twice.
+        stale = self.router.legacy_filters()
         if self.cfg.shared_group:
-            # A session kept from a run outside the group would go on receiving its own
-            # copy of every request besides the group's: each would be served twice.
-            await client.unsubscribe(filters)
+            stale += filters
             filters = [f"$share/{self.cfg.shared_group}/{f}" for f in filters]
+        await client.unsubscribe(stale)
+        if self.connections == 0:
+            await self._check_broker(client)
+        else:
+            await self._check_taken_over(client)
         await client.subscribe([(f, options) for f in filters])
-        await client.publish(self.status_topic, self._status("online"), qos=1, retain=True)
+        self._online = self._status("online")
+        await client.publish(self.status_topic, self._online, qos=1, retain=True)
         self.connected.set()
         self.connections += 1
         self._connection_made.set()
@@ -384,6 +491,78 @@ class Service:
             f"{self.backend.counts().conversations} conversations, "
             f"{self.stats.requests} requests"
         )
+
+    async def _check_broker(self, client: _Client) -> None:
+        """Warn, once, about broker settings the worker needs that this broker lacks."""
+        problems = []
+        receive_max = client.broker_receive_max or 65535
+        if receive_max < _WANT_INFLIGHT:
+            problems.append(
+                f"max_inflight_messages is {receive_max} (the broker's Receive Maximum); "
+                f"the worker needs {_WANT_INFLIGHT}, or it waits on acknowledgements under load"
+            )
+        packet = client.broker_max_packet
+        if packet is not None and packet < self.cfg.max_payload_bytes + 1024:
+            problems.append(
+                f"max_packet_size is {packet} bytes; requests of --max-payload-bytes "
+                f"({self.cfg.max_payload_bytes}) would be refused"
+            )
+        rtt = await self.probe_round_trip(client)
+        if rtt is None:
+            log.info("could not time a QoS 1 round trip through the broker (no delivery in 2 s)")
+        elif rtt > _SLOW_ROUND_TRIP:
+            problems.append(
+                f"a QoS 1 round trip through the broker takes {rtt * 1000:.0f} ms "
+                "(under 1 ms on loopback with set_tcp_nodelay true); set_tcp_nodelay is "
+                "probably off"
+            )
+        self.broker_round_trip = rtt
+        if problems:
+            log.warning(
+                "broker %s:%d lacks settings the worker needs:\n  - %s\n"
+                "add %s to the broker's configuration (Debian: copy it into "
+                "/etc/mosquitto/conf.d/) and restart it; serving anyway",
+                self.cfg.host,
+                self.cfg.port,
+                "\n  - ".join(problems),
+                BROKER_SNIPPET,
+            )
+
+    async def probe_round_trip(self, client: _Client, rounds: int = 3) -> float | None:
+        """The fastest of a few QoS 1 publishes to a topic of our own, until both the PUBACK and
+        the message are back. The message is acknowledged only then: a broker without
+        TCP_NODELAY holds its second packet until our delayed TCP ACK, as it does a device's
+        reply behind the PUBACK of its request."""
+        topic = self.router.worker_topic(self.cfg.client_id, "probe")
+        got: list[paho.MQTTMessage] = []
+        arrived = asyncio.Event()
+
+        def on_probe(_client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+            got.append(msg)
+            arrived.set()
+
+        paho_client = client.paho
+        paho_client.message_callback_add(topic, on_probe)
+        best: float | None = None
+        try:
+            await client.subscribe(topic, qos=1)
+            for _ in range(rounds):
+                arrived.clear()
+                started = time.perf_counter()
+                try:
+                    await client.publish(topic, b"", qos=1, timeout=2)
+                    await asyncio.wait_for(arrived.wait(), 2)
+                except (TimeoutError, aiomqtt.MqttError):
+                    return None
+                took = time.perf_counter() - started
+                best = took if best is None else min(best, took)
+                for msg in got:
+                    paho_client.ack(msg.mid, msg.qos)
+                got.clear()
+            await client.unsubscribe(topic)
+        finally:
+            paho_client.message_callback_remove(topic)
+        return best
 
     async def wait_connections(self, n: int) -> None:
         """Return once the worker has connected (and subscribed) `n` times in all."""
@@ -453,20 +632,24 @@ class Service:
 
     async def _handle(self, batch: list[tuple[int, paho.MQTTMessage]]) -> None:
         parse = self.router.parse
+        not_for_us = self.router.not_for_us
         stats = self.stats
         todo: list[tuple[int, paho.MQTTMessage, Parsed]] = []
         requests: list[Request] = []
         for gen, msg in batch:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                topic = ""
+            if not_for_us(topic):  # events and worker topics: ours or other workers'
+                self._ack(gen, msg)
+                continue
             if msg.retain:
                 stats.ignored_retained += 1
                 self._ack(gen, msg)
                 continue
             props = msg.properties
             response_topic = getattr(props, "ResponseTopic", None) if props else None
-            try:
-                topic = msg.topic
-            except UnicodeDecodeError:
-                topic = ""
             parsed = parse(topic, msg.payload, response_topic)  # type: ignore[arg-type]
             todo.append((gen, msg, parsed))
             if parsed.request is not None:
@@ -569,6 +752,7 @@ class Service:
             "errors": dict(s.errors),
             "refused": dict(s.refused),
             "ignored_retained": s.ignored_retained,
+            "taken_over": s.taken_over,
             "evictions": dict(s.evictions),
             "uptime": round(time.monotonic() - s.started, 3),
             "ts": time.time(),

@@ -1,0 +1,33 @@
+#!/bin/sh
+# A device's request/reply from the shell with Mosquitto's own clients.
+#   MQTT_HOST=127.0.0.1 MQTT_PORT=1883 CONVO=kiosk-7 PYTHON=.venv/bin/python sh request_reply.sh
+# Replies are msgpack; the Python with msgpack installed (the worker's .venv) prints them.
+set -eu
+HOST="${MQTT_HOST:-127.0.0.1}" PORT="${MQTT_PORT:-1883}" PREFIX="${PREFIX:-mem}"
+CONVO="${CONVO:-kiosk-7}" PYTHON="${PYTHON:-python3}"
+show() { "$PYTHON" -c 'import sys, msgpack; print(msgpack.unpackb(sys.stdin.buffer.read()))'; }
+pack() {  # pack JSON FILE: the request as msgpack, in a file for -f
+  "$PYTHON" -c 'import sys, json, msgpack; open(sys.argv[2], "wb").write(msgpack.packb(json.loads(sys.argv[1])))' "$1" "$2"
+}
+req="$(mktemp)" reply="$(mktemp)"
+trap 'rm -f "$req" "$reply"' EXIT
+
+# MQTT 5: mosquitto_rr sets the Response Topic and waits for one reply (-W: seconds);
+# --nodelay sets TCP_NODELAY on its socket (without it: ~44 ms per round trip).
+# mosquitto_rr 2.0.11 sends an empty payload with -f or -s, so the request goes in -m: fine
+# for msgpack without NUL bytes or a trailing newline (small maps of short strings).
+pack '{"role": "user", "content": "hello from the shell", "id": "sh-1"}' "$req"
+mosquitto_rr --nodelay -V 5 -h "$HOST" -p "$PORT" -q 1 -t "$PREFIX/$CONVO/append" \
+  -e "reply/$CONVO/sh" -m "$(cat "$req")" -N -W 5 | show
+mosquitto_rr --nodelay -V 5 -h "$HOST" -p "$PORT" -q 1 -t "$PREFIX/$CONVO/get" \
+  -e "reply/$CONVO/sh" -n -N -W 5 | show
+
+# MQTT 3.1.1: subscribe to a reply topic first, then name it in the payload's reply_to.
+inbox="reply/$CONVO/sh-311"
+mosquitto_sub --nodelay -V 311 -h "$HOST" -p "$PORT" -q 1 -t "$inbox" -C 1 -N -W 5 > "$reply" &
+sub=$!
+sleep 0.5  # mosquitto_sub says nothing once subscribed: give it time
+pack "{\"last\": 1, \"reply_to\": \"$inbox\"}" "$req"
+mosquitto_pub --nodelay -V 311 -h "$HOST" -p "$PORT" -q 1 -t "$PREFIX/$CONVO/get" -f "$req"
+wait "$sub"
+show < "$reply"

@@ -1,0 +1,103 @@
+"""The quick start as a new user meets it: scripts/run from a clean clone keeps queued requests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiomqtt
+import msgpack
+import pytest
+
+from tests.clients import device
+from tests.processes import MOSQUITTO, REPO, free_port, wait_port
+
+
+@pytest.fixture
+def clone() -> Iterator[Path]:
+    """A `git clone` of this repository's committed state, sharing its installed .venv.
+
+    Made under /tmp and readable by all, as a checkout in a home folder would be, so that
+    Mosquitto dropped to the `mosquitto` user can reach it.
+    """
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    top = Path(tempfile.mkdtemp(prefix="mw-clone-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        subprocess.run(["git", "clone", "-q", str(REPO), str(top / "mw")], check=True)
+        venv = REPO / ".venv"
+        (top / "mw" / ".venv").symlink_to(venv)
+        # What ensure_venv would write after installing: the shared .venv already has it all.
+        want = hashlib.sha256((top / "mw" / "pyproject.toml").read_bytes()).hexdigest()
+        (venv / ".installed-").write_text(want + "\n")
+        yield top / "mw"
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scripts_run(clone: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    """`scripts/run` in the clone until it says the worker serves; Ctrl-C at the end."""
+    proc = subprocess.Popen(
+        [str(clone / "scripts" / "run")],
+        cwd=clone,
+        env={**os.environ, "MEMORY_WORKER_PORT": str(port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "serving mem/#" in line:
+            break
+    else:
+        proc.wait(timeout=10)
+        pytest.fail("scripts/run did not serve:\n" + "".join(seen))
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=20)
+
+
+def broker_alone(conf: Path, port: int) -> subprocess.Popen[bytes]:
+    """The broker as scripts/run configured it, started by hand without the worker."""
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], cwd=conf.parent)
+    wait_port(port, proc=proc)
+    return proc
+
+
+async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Path) -> None:
+    """Stop scripts/run, queue QoS 1 appends on its broker, restart that broker, run again."""
+    port = free_port()
+    with scripts_run(clone, port):
+        pass
+    conf = clone / "var" / "mosquitto.conf"
+    if os.geteuid() == 0:  # the folder was given to the user Mosquitto runs as
+        assert "user root" not in conf.read_text()
+        assert (clone / "var" / "mosquitto").owner() == "mosquitto"
+    alone = broker_alone(conf, port)
+    try:
+        async with aiomqtt.Client("127.0.0.1", port) as client:
+            for n in range(5):
+                body = msgpack.packb({"role": "user", "content": f"queued {n}"})
+                await client.publish("mem/kiosk-7/append", body, qos=1)
+    finally:
+        alone.send_signal(signal.SIGTERM)
+        assert alone.wait(timeout=10) == 0
+    with scripts_run(clone, port):
+        async with device("127.0.0.1", port, "mem") as d:
+            reply = await d.request("kiosk-7", "get")
+    assert [t["content"] for t in reply["turns"]] == [f"queued {n}" for n in range(5)]
+    assert "Permission denied" not in (clone / "var" / "mosquitto.log").read_text()
