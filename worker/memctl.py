@@ -1,5 +1,7 @@
 """`memctl`: talk to a running memory worker from the shell, one JSON line per answer.
 
+--host, --port and --prefix default to MEMORY_WORKER_HOST, _PORT and _PREFIX when set.
+
 Exit status: 0 ok, 1 the worker answered with an error, 2 bad usage, 3 no answer in time
 (including a broker that cannot be reached).
 """
@@ -10,9 +12,10 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -39,11 +42,12 @@ def emit(value: Any) -> None:
     print(json.dumps(value, default=_jsonable, ensure_ascii=False), flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memctl", description=__doc__.split("\n")[0])
-    p.add_argument("--host", default=c.DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=c.DEFAULT_PORT)
-    p.add_argument("--prefix", default=c.DEFAULT_PREFIX)
+    # The worker's own variables, so that one `export` points both at the same broker.
+    p.add_argument("--host", default=env.get(f"{c.ENV_PREFIX}HOST", c.DEFAULT_HOST))
+    p.add_argument("--port", type=int, default=env.get(f"{c.ENV_PREFIX}PORT", str(c.DEFAULT_PORT)))
+    p.add_argument("--prefix", default=env.get(f"{c.ENV_PREFIX}PREFIX", c.DEFAULT_PREFIX))
     p.add_argument("--username")
     p.add_argument("--password")
     p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
@@ -201,8 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run(args))
     except NoReplyError:
         print(
-            f"memctl: no answer within {args.timeout}s (is memory-worker running on "
-            f"{args.host}:{args.port} with prefix {args.prefix!r}?)",
+            f"memctl: no answer within {args.timeout}s from {args.host}:{args.port} (is a "
+            f"broker listening there, and memory-worker running with prefix {args.prefix!r}?)",
             file=sys.stderr,
         )
     except MemoryWorkerError as exc:
