@@ -53,6 +53,8 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = c.DEFAULT_LOG_LEVEL
+    event_format: str = c.DEFAULT_EVENT_FORMAT
+    ha_discovery: str | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -130,6 +132,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--tls-cert and --tls-key need --tls-ca")
     if logging.getLevelName(cfg.log_level.upper()) not in (10, 20, 30, 40, 50):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {cfg.log_level}")
+    if cfg.event_format not in c.EVENT_FORMATS:
+        raise ConfigError(f"--event-format must be msgpack or json, got {cfg.event_format!r}")
+    if cfg.ha_discovery is not None:
+        try:
+            validate_prefix(cfg.ha_discovery)
+        except ValueError as exc:
+            raise ConfigError(f"--ha-discovery {cfg.ha_discovery!r}: {exc}") from None
+        if cfg.event_format != c.FORMAT_JSON:
+            # Home Assistant's value templates read JSON; msgpack stats would be unreadable.
+            raise ConfigError("--ha-discovery needs --event-format json (HA reads JSON)")
     if not (cfg.backend == "memory" or cfg.backend.startswith(("sqlite://", "redis://"))):
         raise ConfigError(
             f"--backend must be memory, sqlite:///path.db or redis://host:port/db, "
@@ -193,6 +205,19 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("tls-cert", str, None, "client certificate file, when the broker asks for one"),
     _Flag("tls-key", str, None, "client private key file (with --tls-cert)"),
     _Flag("log-level", str, c.DEFAULT_LOG_LEVEL, "debug, info, warning or error"),
+    _Flag(
+        "event-format",
+        str,
+        c.DEFAULT_EVENT_FORMAT,
+        "msgpack or json: encoding of eviction events, status and stats",
+    ),
+    _Flag(
+        "ha-discovery",
+        str,
+        None,
+        "publish retained Home Assistant discovery configs under this prefix "
+        "(e.g. homeassistant); needs --event-format json",
+    ),
 )
 
 
