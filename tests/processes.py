@@ -61,6 +61,17 @@ class Mosquitto(Server):
         self.port = port or free_port()
         text = (conf or REPO / "mosquitto.conf").read_text()
         text = re.sub(r"(?m)^listener \d+.*$", f"listener {self.port} 127.0.0.1", text)
+        # The dashboard's WebSockets listener (when the config has one) gets a port of its own
+        # and serves the repository's dashboard/ by absolute path.
+        self.ws_port: int | None = None
+        if "\nprotocol websockets" in text:
+            self.ws_port = free_port()
+            text = re.sub(
+                rf"(?m)^listener {self.port} 127.0.0.1\nprotocol websockets$",
+                f"listener {self.ws_port} 127.0.0.1\nprotocol websockets",
+                text,
+            )
+        text = re.sub(r"(?m)^http_dir (?!/)(.*)$", lambda m: f"http_dir {REPO / m[1]}", text)
         text = re.sub(r"(?m)^persistence_location .*$", "", text)
         text += f"\npersistence_location {workdir}/\n{extra}\n"
         if os.geteuid() == 0:
