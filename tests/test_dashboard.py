@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_security
 from tests.clients import device
-from tests.conftest import reap, spawn_worker, unique
+from tests.conftest import reap, running, spawn_worker, unique
 from tests.processes import REPO, Mosquitto, wait_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -26,6 +27,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip("chromium is missing: apt-get install chromium", allow_module_level=True)
 
 WAIT_MS = 10_000  # how long expect() waits for the page to show something
+secured = test_security.secured  # Mosquitto from deploy/: passwords and deploy/acl
 
 
 @pytest.fixture
@@ -163,3 +165,30 @@ async def test_dashboard_asks_for_a_login(browser: Browser, tmp_path: Path, pass
         await expect(page.locator("#login")).to_be_hidden()
     finally:
         mosq.stop()
+
+
+async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
+    browser: Browser, secured: Mosquitto
+) -> None:
+    """deploy/'s dashboard user logs in, sees the worker, and is told it may not inspect."""
+    cfg = test_security.worker_config(secured, stats_interval=0.3)
+    async with running(cfg):
+        assert secured.ws_port is not None
+        wait_port(secured.ws_port)
+        page = await (await browser.new_context()).new_page()
+        page.set_default_timeout(WAIT_MS)
+        await page.goto(f"http://127.0.0.1:{secured.ws_port}/?reply=reply/{{convo}}")
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "login")
+        await page.fill("#login input[name=username]", "dashboard")
+        await page.fill("#login input[name=password]", test_security.USERS["dashboard"])
+        await page.click("#login button")
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
+        card = page.locator(f'.card[data-client-id="{cfg.client_id}"]')
+        await expect(card).to_have_attribute("data-state", "online")
+        await expect(card.locator('[data-field="requests"]')).to_have_text("0")
+        await page.fill("#inspector input[name=convo]", "kiosk-a")
+        await page.click("#inspector button")
+        status = page.locator("#inspector-status")
+        await expect(status).to_have_attribute("data-state", "denied")
+        await expect(status).to_contain_text("may only watch")
+        await shot(page, "5-deploy-dashboard-user")

@@ -11,7 +11,11 @@
   const BAD_CONVO = /[/+#\u0000-\u001f\u007f-\u009f]|^[_$]/;
 
   class Inspector {
-    constructor(form, statusEl, list, getConnection, prefix) {
+    // replyTemplate: where the worker may answer; with --route-prefix 'reply/{convo}' the
+    // page is opened with ?reply=reply/{convo}.
+    constructor(form, statusEl, list, getConnection, prefix, replyTemplate) {
+      this.replyTemplate = replyTemplate;
+      this.replyTopics = new Set();
       this.statusEl = statusEl;
       this.list = list;
       this.getConnection = getConnection;
@@ -24,8 +28,9 @@
       });
     }
 
-    replyTopic(conn) {
-      return `dashboard/${conn.clientId}/reply`;
+    replyTopic(conn, convo) {
+      const base = this.replyTemplate ? this.replyTemplate.replaceAll("{convo}", convo) : "dashboard";
+      return `${base}/${conn.clientId}/reply`;
     }
 
     say(text, state) {
@@ -40,7 +45,7 @@
       if (!convo || BAD_CONVO.test(convo) || new TextEncoder().encode(convo).length > 128) {
         return this.say("Not a conversation id: 1-128 bytes, no / + #, not starting with _ or $.", "error");
       }
-      const replyTopic = this.replyTopic(conn);
+      const replyTopic = this.replyTopic(conn, convo);
       const id = crypto.getRandomValues(new Uint8Array(8));
       const hex = toHex(id);
       clearTimeout(this.pending?.timer);
@@ -59,15 +64,17 @@
           encodeRequest({}),
           { qos: 1, properties: { responseTopic: replyTopic, correlationData: id, contentType: "application/msgpack" } },
           (err) => {
-            if (err) this.refused(`The broker refused the request (${err.message}): this user may not ask the worker.`);
+            if (err) this.refused(`The broker refused the request (${err.message.replace(/^Publish error: /, "")}): this user may only watch, not ask the worker. docs/dashboards.md shows how to allow it.`);
           },
         );
-      if (this.subscribedOn === client) return send();
+      if (this.subscribedOn === client && this.replyTopics.has(replyTopic)) return send();
+      if (this.subscribedOn !== client) this.replyTopics.clear();
       client.subscribe(replyTopic, { qos: 1 }, (err, granted) => {
         if (err || !granted?.length || granted[0].qos >= 0x80) {
           return this.refused("The broker does not let this user read replies: this user may not ask the worker.");
         }
         this.subscribedOn = client;
+        this.replyTopics.add(replyTopic);
         send();
       });
     }
@@ -79,7 +86,7 @@
     }
 
     isReply(topic) {
-      return topic === this.replyTopic(this.getConnection());
+      return this.replyTopics.has(topic);
     }
 
     reply(payload, props) {

@@ -26,7 +26,7 @@
     onMessage,
     onState,
   });
-  const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), () => conn, prefix);
+  const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), () => conn, prefix, params.get("reply"));
 
   function onMessage(topic, payload, props) {
     if (inspector.isReply(topic)) return inspector.reply(payload, props);
