@@ -62,18 +62,18 @@ class Mosquitto(Server):
         text = (conf or REPO / "mosquitto.conf").read_text()
         text = re.sub(r"(?m)^listener \d+.*$", f"listener {self.port} 127.0.0.1", text)
         # The dashboard's WebSockets listener (when the config has one) gets a port of its own
-        # and serves the repository's dashboard/ by absolute path.
+        # and serves the repository's dashboard/ by absolute path. It goes last, so that
+        # listener settings in `extra` (TLS) still apply to the TCP listener.
         self.ws_port: int | None = None
-        if "\nprotocol websockets" in text:
+        web = re.search(r"(?m)^listener \d+.*\nprotocol websockets\nhttp_dir (.*)\n?", text)
+        if web:
             self.ws_port = free_port()
-            text = re.sub(
-                rf"(?m)^listener {self.port} 127.0.0.1\nprotocol websockets$",
-                f"listener {self.ws_port} 127.0.0.1\nprotocol websockets",
-                text,
-            )
-        text = re.sub(r"(?m)^http_dir (?!/)(.*)$", lambda m: f"http_dir {REPO / m[1]}", text)
+            text = text.replace(web[0], "")
         text = re.sub(r"(?m)^persistence_location .*$", "", text)
         text += f"\npersistence_location {workdir}/\n{extra}\n"
+        if web:
+            http_dir = web[1] if web[1].startswith("/") else REPO / web[1]
+            text += f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\nhttp_dir {http_dir}\n"
         if os.geteuid() == 0:
             # Mosquitto started as root drops to the `mosquitto` user, which cannot read
             # or write the test's private temporary folder.
