@@ -14,15 +14,23 @@ from tests.clients import check, device, next_message, watcher
 from tests.conftest import WorkerFactory, reap, spawn_worker, unique
 from tests.processes import Mosquitto
 from worker import constants as c
-from worker.protocol import Eviction, encode, encode_event, ha_discovery, ha_node_id
+from worker.protocol import (
+    Eviction,
+    content_type,
+    decode_event,
+    encode,
+    encode_event,
+    ha_discovery,
+    ha_node_id,
+)
 
 
-def content_type(msg: aiomqtt.Message) -> str | None:
+def content_type_of(msg: aiomqtt.Message) -> str | None:
     return getattr(msg.properties, "ContentType", None)
 
 
 def as_json(msg: aiomqtt.Message) -> Any:
-    assert content_type(msg) == "application/json"
+    assert content_type_of(msg) == "application/json"
     assert isinstance(msg.payload, bytes)
     return json.loads(msg.payload.decode("utf-8"))
 
@@ -32,6 +40,9 @@ def test_json_encoding_keeps_fields_and_numbers() -> None:
     ev = Eviction("kiosk-é", "lru", 3, 1, 1.5)
     assert json.loads(encode_event(ev, c.FORMAT_JSON)) == msgpack.unpackb(encode_event(ev))
     assert encode({"evictions": {"lru": 2}}, c.FORMAT_JSON) == b'{"evictions":{"lru":2}}'
+    for fmt in c.EVENT_FORMATS:
+        decoded = decode_event(encode_event(ev, fmt), content_type(fmt))
+        assert decoded == msgpack.unpackb(encode_event(ev))
 
 
 def test_ha_discovery_configs_are_stable_and_valid() -> None:
@@ -92,7 +103,7 @@ async def test_msgpack_stays_the_default_and_says_so(
         async with watcher(broker.host, broker.port, f"{base}/+") as queue:
             for _ in range(2):
                 msg = await next_message(queue)
-                assert content_type(msg) == "application/msgpack"
+                assert content_type_of(msg) == "application/msgpack"
                 assert isinstance(msg.payload, bytes)
                 body = msgpack.unpackb(msg.payload)
                 check("stats" if msg.topic.value.endswith("stats") else "status", body)

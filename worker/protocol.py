@@ -485,6 +485,13 @@ def encode(value: Any, fmt: str = c.FORMAT_MSGPACK) -> bytes:
     return _packb(value)
 
 
+def decode_event(payload: bytes, content_type: str | None) -> Any:
+    """An event, status or stats payload, in whichever --event-format the worker uses."""
+    if content_type == c.CONTENT_TYPE_JSON:
+        return json.loads(payload)
+    return msgpack.unpackb(payload, strict_map_key=False)
+
+
 def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
     return encode(
         {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts},
