@@ -41,8 +41,9 @@ def test_json_encoding_keeps_fields_and_numbers() -> None:
     assert json.loads(encode_event(ev, c.FORMAT_JSON)) == msgpack.unpackb(encode_event(ev))
     assert encode({"evictions": {"lru": 2}}, c.FORMAT_JSON) == b'{"evictions":{"lru":2}}'
     for fmt in c.EVENT_FORMATS:
-        decoded = decode_event(encode_event(ev, fmt), content_type(fmt))
-        assert decoded == msgpack.unpackb(encode_event(ev))
+        for ctype in (content_type(fmt), None):
+            decoded = decode_event(encode_event(ev, fmt), ctype)
+            assert decoded == msgpack.unpackb(encode_event(ev))
 
 
 def test_ha_discovery_configs_are_stable_and_valid() -> None:

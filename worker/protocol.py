@@ -486,8 +486,9 @@ def encode(value: Any, fmt: str = c.FORMAT_MSGPACK) -> bytes:
 
 
 def decode_event(payload: bytes, content_type: str | None) -> Any:
-    """An event, status or stats payload, in whichever --event-format the worker uses."""
-    if content_type == c.CONTENT_TYPE_JSON:
+    """An event, status or stats payload, in whichever --event-format the worker uses. Without
+    a Content Type (an MQTT 3.1.1 reader) the first byte tells: a msgpack map is never "{"."""
+    if content_type == c.CONTENT_TYPE_JSON or (content_type is None and payload[:1] == b"{"):
         return json.loads(payload)
     return msgpack.unpackb(payload, strict_map_key=False)
 

@@ -1,5 +1,5 @@
 // Payloads of events, status and stats: msgpack by default, JSON with --event-format json.
-// The MQTT 5 Content Type says which; without it, a payload that parses as JSON is JSON.
+// The MQTT 5 Content Type says which; without one, the first byte does.
 
 (() => {
   "use strict";
@@ -11,11 +11,8 @@
   function decodePayload(payload, contentType) {
     if (contentType === "application/json") return JSON.parse(text.decode(payload));
     if (contentType === "application/msgpack") return unpack(payload);
-    try {
-      return unpack(payload);
-    } catch {
-      return JSON.parse(text.decode(payload));
-    }
+    // No Content Type: our msgpack payloads are maps, which never start with "{".
+    return payload[0] === 0x7b ? JSON.parse(text.decode(payload)) : unpack(payload);
   }
 
   function encodeRequest(body) {
