@@ -95,9 +95,21 @@ class Mosquitto(Server):
         else:
             text = conf.read_text()
         text = re.sub(r"(?m)^listener \d+.*$", f"listener {self.port} 127.0.0.1", text)
+        # The dashboard's WebSockets listener (when the config has one) gets a port of its own
+        # and serves the repository's dashboard/ by absolute path. It goes last, so that
+        # listener settings in `extra` (TLS) still apply to the TCP listener.
+        self.ws_port: int | None = None
+        web = re.search(r"(?m)^listener \d+.*\nprotocol websockets\nhttp_dir (.*)\n?", text)
+        if web:
+            self.ws_port = free_port()
+            text = text.replace(web[0], "")
         text = re.sub(r"(?m)^persistence_location .*$", "", text)
         text = re.sub(r"(?m)^include_dir (?!/)", f"include_dir {REPO}/", text)
-        text += f"\npersistence_location {workdir}/\n{extra}\n" + run_as_line(workdir)
+        text += f"\npersistence_location {workdir}/\n{extra}\n"
+        if web:
+            http_dir = web[1] if web[1].startswith("/") else REPO / web[1]
+            text += f"listener {self.ws_port} 127.0.0.1\nprotocol websockets\nhttp_dir {http_dir}\n"
+        text += run_as_line(workdir)
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(text)
         self.log = workdir / "mosquitto.log"

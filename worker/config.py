@@ -54,6 +54,8 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = c.DEFAULT_LOG_LEVEL
+    event_format: str = c.DEFAULT_EVENT_FORMAT
+    ha_discovery: str | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -139,6 +141,16 @@ def validate(cfg: Config) -> None:
         parse_backend_url(cfg.backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.event_format not in c.EVENT_FORMATS:
+        raise ConfigError(f"--event-format must be msgpack or json, got {cfg.event_format!r}")
+    if cfg.ha_discovery is not None:
+        try:
+            validate_prefix(cfg.ha_discovery)
+        except ValueError as exc:
+            raise ConfigError(f"--ha-discovery {cfg.ha_discovery!r}: {exc}") from None
+        if cfg.event_format != c.FORMAT_JSON:
+            # Home Assistant's value templates read JSON; msgpack stats would be unreadable.
+            raise ConfigError("--ha-discovery needs --event-format json (HA reads JSON)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +207,19 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("tls-cert", str, None, "client certificate file, when the broker asks for one"),
     _Flag("tls-key", str, None, "client private key file (with --tls-cert)"),
     _Flag("log-level", str, c.DEFAULT_LOG_LEVEL, "debug, info, warning or error"),
+    _Flag(
+        "event-format",
+        str,
+        c.DEFAULT_EVENT_FORMAT,
+        "msgpack or json: encoding of eviction events, status and stats",
+    ),
+    _Flag(
+        "ha-discovery",
+        str,
+        None,
+        "publish retained Home Assistant discovery configs under this prefix "
+        "(e.g. homeassistant); needs --event-format json",
+    ),
 )
 
 

@@ -22,6 +22,11 @@ DEFAULT_LOG_LEVEL: Final = "info"
 ENV_PREFIX: Final = "MEMORY_WORKER_"
 
 CONTENT_TYPE: Final = "application/msgpack"
+CONTENT_TYPE_JSON: Final = "application/json"
+FORMAT_MSGPACK: Final = "msgpack"
+FORMAT_JSON: Final = "json"
+EVENT_FORMATS: Final = (FORMAT_MSGPACK, FORMAT_JSON)
+DEFAULT_EVENT_FORMAT: Final = FORMAT_MSGPACK
 
 # Limits of the contract itself, not tunables.
 MAX_CONVO_BYTES: Final = 128

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -502,11 +503,111 @@ def _error_body(error: WorkerError, parsed: Parsed) -> dict[str, Any]:
     return body
 
 
-def encode_event(ev: Eviction) -> bytes:
-    return _packb(
-        {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts}
+def content_type(fmt: str) -> str:
+    """The MQTT 5 Content Type of events, status and stats in `fmt` (msgpack or json)."""
+    return c.CONTENT_TYPE_JSON if fmt == c.FORMAT_JSON else c.CONTENT_TYPE
+
+
+def encode(value: Any, fmt: str = c.FORMAT_MSGPACK) -> bytes:
+    """`value` as msgpack, or as compact UTF-8 JSON for tools that cannot read msgpack."""
+    if fmt == c.FORMAT_JSON:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return _packb(value)
+
+
+def decode_event(payload: bytes, content_type: str | None) -> Any:
+    """An event, status or stats payload, in whichever --event-format the worker uses. Without
+    a Content Type (an MQTT 3.1.1 reader) the first byte tells: a msgpack map is never "{"."""
+    if content_type == c.CONTENT_TYPE_JSON or (content_type is None and payload[:1] == b"{"):
+        return json.loads(payload)
+    return msgpack.unpackb(payload, strict_map_key=False)
+
+
+def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
+    return encode(
+        {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts},
+        fmt,
     )
 
 
-def encode(value: Any) -> bytes:
-    return _packb(value)
+# Home Assistant sensors read from the JSON stats: (object id, name, template, unit, class).
+_HA_SENSORS: Final = (
+    ("conversations", "Conversations", "{{ value_json.conversations }}", None, None),
+    ("turns", "Turns", "{{ value_json.turns }}", None, None),
+    ("bytes", "Stored bytes", "{{ value_json.bytes }}", "B", "data_size"),
+    ("keys", "State keys", "{{ value_json['keys'] }}", None, None),
+    ("requests", "Requests", "{{ value_json.requests }}", None, None),
+    ("errors", "Errors", "{{ value_json.errors.values() | sum }}", None, None),
+    ("uptime", "Uptime", "{{ value_json.uptime | round(0) }}", "s", "duration"),
+    *(
+        (
+            f"evictions_{r}",
+            f"Evictions ({r})",
+            f"{{{{ value_json.evictions.{r} | default(0) }}}}",
+            None,
+            None,
+        )
+        for r in c.REASONS
+    ),
+)
+
+
+_HA_GAUGES: Final = frozenset({"conversations", "turns", "bytes", "keys", "uptime"})
+
+
+def ha_node_id(client_id: str) -> str:
+    """The worker's Home Assistant node id: its client id with only [A-Za-z0-9_-] kept."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", client_id)
+
+
+def ha_discovery(
+    ha_prefix: str, status_topic: str, stats_topic: str, client_id: str, version: str
+) -> list[tuple[str, bytes]]:
+    """Home Assistant MQTT discovery configs (topic, JSON payload), to be published retained:
+    one device per worker, its online state from the status topic and sensors on the stats."""
+    node = ha_node_id(client_id)
+    device = {
+        "identifiers": [f"memory_worker_{node}"],
+        "name": f"memory-worker {client_id}",
+        "model": "memory-worker",
+        "sw_version": version,
+    }
+    availability = {
+        "availability_topic": status_topic,
+        "availability_template": "{{ value_json.state }}",
+        "payload_available": "online",
+        "payload_not_available": "offline",
+    }
+    configs: list[tuple[str, dict[str, Any]]] = [
+        (
+            f"{ha_prefix}/binary_sensor/{node}/online/config",
+            {
+                "name": "Online",
+                "unique_id": f"memory_worker_{node}_online",
+                "object_id": f"memory_worker_{node}_online",
+                "state_topic": status_topic,
+                "value_template": "{{ value_json.state }}",
+                "payload_on": "online",
+                "payload_off": "offline",
+                "device_class": "connectivity",
+                "device": device,
+            },
+        )
+    ]
+    for obj, name, template, unit, dclass in _HA_SENSORS:
+        body: dict[str, Any] = {
+            "name": name,
+            "unique_id": f"memory_worker_{node}_{obj}",
+            "object_id": f"memory_worker_{node}_{obj}",
+            "state_topic": stats_topic,
+            "value_template": template,
+            "state_class": "measurement" if obj in _HA_GAUGES else "total_increasing",
+            "device": device,
+            **availability,
+        }
+        if unit:
+            body["unit_of_measurement"] = unit
+        if dclass:
+            body["device_class"] = dclass
+        configs.append((f"{ha_prefix}/sensor/{node}/{obj}/config", body))
+    return [(topic, encode(body, c.FORMAT_JSON)) for topic, body in configs]

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
-import msgpack
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -37,7 +36,18 @@ from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
 from worker.errors import WorkerError
-from worker.protocol import Eviction, Parsed, Request, Result, Router, encode, encode_event
+from worker.protocol import (
+    Eviction,
+    Parsed,
+    Request,
+    Result,
+    Router,
+    content_type,
+    decode_event,
+    encode,
+    encode_event,
+    ha_discovery,
+)
 from worker.protocol import encode_result as encode_reply
 from worker.systemd import Notifier
 
@@ -283,6 +293,7 @@ class Service:
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
         self._loss_explained = False
+        self._event_props = PackedProperties(content_type(cfg.event_format))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -320,7 +331,12 @@ class Service:
             with contextlib.suppress(Exception):
                 self._publish_stats()
                 await client.publish(
-                    self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2
+                    self.status_topic,
+                    self._status("offline"),
+                    qos=1,
+                    retain=True,
+                    timeout=2,
+                    properties=self._event_props,  # type: ignore[arg-type]
                 )
         connection.cancel()
         await asyncio.gather(connection, return_exceptions=True)
@@ -337,7 +353,11 @@ class Service:
         connect_props = _properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = cfg.session_expiry_seconds
         connect_props.ReceiveMaximum = min(cfg.max_inflight, 65535)
-        will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True)
+        will_props = _properties(PacketTypes.WILLMESSAGE)
+        will_props.ContentType = content_type(cfg.event_format)
+        will = aiomqtt.Will(
+            self.status_topic, self._status("offline"), qos=1, retain=True, properties=will_props
+        )
         return _Client(
             self._on_message,
             hostname=cfg.host,
@@ -419,7 +439,7 @@ class Service:
         retained = await self._retained(client, self.status_topic)
         if retained is not None and retained != self._online:
             with contextlib.suppress(Exception):
-                if msgpack.unpackb(retained).get("state") == "online":
+                if decode_event(retained, None).get("state") == "online":
                     self._taken_over()
 
     async def _retained(self, client: _Client, topic: str) -> bytes | None:
@@ -466,8 +486,29 @@ class Service:
         else:
             await self._check_taken_over(client)
         await client.subscribe([(f, options) for f in filters])
+        if self.cfg.ha_discovery:  # before "online", so that a reader of it finds them
+            for topic, config in ha_discovery(
+                self.cfg.ha_discovery,
+                self.status_topic,
+                self.stats_topic,
+                self.cfg.client_id,
+                __version__,
+            ):
+                await client.publish(
+                    topic,
+                    config,
+                    qos=1,
+                    retain=True,
+                    properties=self._event_props,  # type: ignore[arg-type]
+                )
         self._online = self._status("online")
-        await client.publish(self.status_topic, self._online, qos=1, retain=True)
+        await client.publish(
+            self.status_topic,
+            self._online,
+            qos=1,
+            retain=True,
+            properties=self._event_props,  # type: ignore[arg-type]
+        )
         self.connected.set()
         self.connections += 1
         self._connection_made.set()
@@ -580,7 +621,8 @@ class Service:
                 "backend": self.backend.name,
                 "pid": os.getpid(),
                 "ts": time.time(),
-            }
+            },
+            self.cfg.event_format,
         )
 
     # --- the hot path ---------------------------------------------------------------------
@@ -702,9 +744,10 @@ class Service:
             return
         publish = self._client.paho.publish
         topic = self.router.evicted_topic
+        fmt, props = self.cfg.event_format, self._event_props
         for ev in evictions:
             self.stats.evictions[ev.reason] += 1
-            publish(topic(ev.convo), encode_event(ev), 1, False)
+            publish(topic(ev.convo), encode_event(ev, fmt), 1, False, props)  # type: ignore[arg-type]
 
     # --- background work ------------------------------------------------------------------
 
@@ -739,7 +782,7 @@ class Service:
 
     def stats_body(self) -> dict[str, Any]:
         counts = self.backend.counts()
-        s = self.stats
+        s, lim = self.stats, self.cfg.limits
         return {
             "client_id": self.cfg.client_id,
             "version": __version__,
@@ -756,8 +799,16 @@ class Service:
             "evictions": dict(s.evictions),
             "uptime": round(time.monotonic() - s.started, 3),
             "ts": time.time(),
+            "limits": {
+                "max_bytes": lim.max_bytes,
+                "max_conversations": lim.max_conversations,
+                "max_turns": lim.max_turns,
+                "max_keys": lim.max_keys,
+                "ttl": lim.ttl,
+            },
         }
 
     def _publish_stats(self) -> None:
         if self._client is not None:
-            self._client.paho.publish(self.stats_topic, encode(self.stats_body()), 1, True)
+            body = encode(self.stats_body(), self.cfg.event_format)
+            self._client.paho.publish(self.stats_topic, body, 1, True, self._event_props)  # type: ignore[arg-type]

@@ -1,0 +1,86 @@
+// Time series drawn from the stats stream: rates from counter differences between two stats
+// messages, levels as they come. One small uPlot chart per measure.
+
+(() => {
+  "use strict";
+  const MW = (globalThis.MW ??= {});
+
+  const KEEP = 360; // points per series: an hour at the default --stats-interval of 10 s
+  const REASONS = ["ttl", "lru", "memory", "deleted"];
+  const ERROR_CODES = ["bad_payload", "bad_request", "too_large", "bad_topic", "unavailable", "internal"];
+  const PALETTE = ["#2b6cb0", "#c05621", "#2f855a", "#b83280", "#6b46c1", "#718096"];
+
+  // name, series labels, how to get each value from (stats, previous stats, seconds between)
+  const MEASURES = [
+    ["requests / s", ["req/s"], (s, p, dt) => [rate(s.requests, p?.requests, dt)]],
+    ["conversations and turns", ["conversations", "turns"], (s) => [s.conversations, s.turns]],
+    ["stored bytes vs --max-bytes", ["bytes", "budget"], (s) => [s.bytes, s.limits?.max_bytes ?? null]],
+    ["evictions / s by reason", REASONS, (s, p, dt) => REASONS.map((r) => rate(s.evictions?.[r] ?? 0, p ? p.evictions?.[r] ?? 0 : undefined, dt))],
+    ["errors / s by code", ERROR_CODES, (s, p, dt) => ERROR_CODES.map((c) => rate(s.errors?.[c] ?? 0, p ? p.errors?.[c] ?? 0 : undefined, dt))],
+  ];
+
+  function rate(now, before, dt) {
+    if (before === undefined || !(dt > 0) || now < before) return null;
+    return (now - before) / dt;
+  }
+
+  class WorkerCharts {
+    constructor(container) {
+      this.data = MEASURES.map(([, labels]) => [[], ...labels.map(() => [])]);
+      this.prev = null;
+      this.container = container;
+      container.hidden = true;
+      this.plots = MEASURES.map(([title, labels], i) => {
+        const box = document.createElement("figure");
+        box.className = "chart";
+        container.append(box);
+        return new globalThis.uPlot(
+          {
+            title,
+            width: chartWidth(container),
+            height: 120,
+            legend: { show: labels.length > 1 },
+            scales: { x: { time: true } },
+            axes: [{ size: 28 }, { size: 56, values: (u, ticks) => ticks.map(compact) }],
+            series: [{}, ...labels.map((label, j) => ({ label, stroke: PALETTE[j], width: 1.5, points: { show: false }, ...(label === "budget" ? { dash: [6, 4] } : {}) }))],
+          },
+          this.data[i],
+          box,
+        );
+      });
+      new ResizeObserver(() => this.plots.forEach((p) => p.setSize({ width: chartWidth(container), height: 120 }))).observe(container);
+    }
+
+    add(stats) {
+      const ts = stats.ts ?? Date.now() / 1000;
+      const dt = this.prev ? ts - (this.prev.ts ?? ts) : 0;
+      if (this.prev && dt <= 0) return; // a repeat (the retained copy after a reconnect)
+      MEASURES.forEach(([, , values], i) => {
+        const cols = this.data[i];
+        cols[0].push(ts);
+        values(stats, this.prev, dt).forEach((v, j) => cols[j + 1].push(v));
+        if (cols[0].length > KEEP) cols.forEach((c) => c.shift());
+      });
+      this.prev = stats;
+      // one point makes no line (and uPlot a time axis of years): wait for the second
+      if (this.data[0][0].length < 2) return;
+      this.container.hidden = false;
+      this.plots.forEach((p, i) => p.setData(this.data[i]));
+    }
+  }
+
+  // 60000000 -> "60M": axis labels that fit a phone (ticks are round decimal numbers).
+  function compact(n) {
+    const a = Math.abs(n);
+    if (a >= 1e9) return `${+(n / 1e9).toFixed(1)}G`;
+    if (a >= 1e6) return `${+(n / 1e6).toFixed(1)}M`;
+    if (a >= 1e4) return `${+(n / 1e3).toFixed(1)}k`;
+    return `${+n.toFixed(2)}`;
+  }
+
+  function chartWidth(container) {
+    return Math.max(200, container.clientWidth - 8);
+  }
+
+  MW.charts = { WorkerCharts, REASONS, ERROR_CODES };
+})();

@@ -1,0 +1,62 @@
+// Wires the page: reads ?url= and ?prefix=, opens the connection, routes each message to
+// its view.
+
+(() => {
+  "use strict";
+  const MW = (globalThis.MW ??= {});
+
+  const { Connection, defaultUrl } = MW.connection;
+  const { classify, decodePayload } = MW.decode;
+  const { EvictionsView } = MW.evictions;
+  const { Inspector } = MW.inspector;
+  const { WorkersView } = MW.workers;
+
+  const params = new URLSearchParams(location.search);
+  const url = params.get("url") || defaultUrl(location);
+  const prefix = (params.get("prefix") || "mem").replace(/\/+$/, "");
+  const $ = (id) => document.getElementById(id);
+
+  $("where").textContent = `broker ${url} · prefix ${prefix}`;
+  const workers = new WorkersView($("workers"), $("no-workers"));
+  const evictions = new EvictionsView($("eviction-feed"), $("eviction-counts"), $("no-evictions"));
+
+  const conn = new Connection({
+    url,
+    topics: [`${prefix}/_worker/+/status`, `${prefix}/_worker/+/stats`, `${prefix}/+/evicted`],
+    onMessage,
+    onState,
+  });
+  const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), () => conn, prefix, params.get("reply"));
+
+  function onMessage(topic, payload, props) {
+    if (inspector.isReply(topic)) return inspector.reply(payload, props);
+    const where = classify(topic, prefix);
+    if (!where || !payload.length) return;
+    let body;
+    try {
+      body = decodePayload(payload, props.contentType);
+    } catch (err) {
+      console.warn(`undecodable payload on ${topic}`, err);
+      return;
+    }
+    if (where.kind === "status") workers.status(where.clientId, body);
+    else if (where.kind === "stats") workers.stats(where.clientId, body);
+    else evictions.add(body);
+  }
+
+  function onState(state, words) {
+    const badge = $("conn");
+    badge.dataset.state = state;
+    badge.textContent = words;
+    $("login").hidden = state !== "login";
+    if (state === "login") $("login-why").textContent = `${words[0].toUpperCase()}${words.slice(1)}.`;
+  }
+
+  $("login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const form = new FormData(e.target);
+    conn.connect(form.get("username"), form.get("password"));
+  });
+
+  conn.connect();
+})();

@@ -1,0 +1,157 @@
+// One card per worker, from its retained status and stats: online or offline in words and
+// colour, what it runs, its gauges against its limits, and its charts.
+
+(() => {
+  "use strict";
+  const MW = (globalThis.MW ??= {});
+
+  const { WorkerCharts } = MW.charts;
+
+  class WorkersView {
+    constructor(root, empty) {
+      this.root = root;
+      this.empty = empty;
+      this.cards = new Map();
+      setInterval(() => this.cards.forEach((card) => card.tick()), 1000);
+    }
+
+    card(clientId) {
+      let card = this.cards.get(clientId);
+      if (!card) {
+        card = new WorkerCard(clientId);
+        const after = [...this.cards.keys()].sort().find((id) => id > clientId);
+        this.root.insertBefore(card.el, after ? this.cards.get(after).el : null);
+        this.cards.set(clientId, card);
+        this.empty.hidden = true;
+      }
+      return card;
+    }
+
+    status(clientId, body) {
+      this.card(clientId).status(body);
+    }
+
+    stats(clientId, body) {
+      this.card(clientId).stats(body);
+    }
+  }
+
+  class WorkerCard {
+    constructor(clientId) {
+      this.el = document.createElement("article");
+      this.el.className = "card";
+      this.el.dataset.clientId = clientId;
+      this.el.dataset.state = "unknown";
+      this.el.innerHTML = `
+        <header><h3></h3><span class="state badge">no status yet</span></header>
+        <dl class="facts">
+          <dt>version</dt><dd data-field="version">?</dd>
+          <dt>backend</dt><dd data-field="backend">?</dd>
+          <dt>uptime</dt><dd data-field="uptime">?</dd>
+          <dt>last stats</dt><dd data-field="age">none yet</dd>
+        </dl>
+        <div class="gauges">
+          ${gauge("conversations")}
+          ${gauge("bytes")}
+        </div>
+        <dl class="facts">
+          <dt>turns</dt><dd data-field="turns">?</dd>
+          <dt>state keys</dt><dd data-field="keys">?</dd>
+          <dt>requests</dt><dd data-field="requests">?</dd>
+          <dt>evictions</dt><dd data-field="evictions">?</dd>
+          <dt>errors</dt><dd data-field="errors">?</dd>
+          <dt>TTL</dt><dd data-field="ttl">?</dd>
+        </dl>
+        <p class="muted no-charts">Charts start with the next stats message.</p>
+        <div class="charts"></div>`;
+      this.el.querySelector("h3").textContent = clientId;
+      this.charts = new WorkerCharts(this.el.querySelector(".charts"));
+      this.online = false;
+      this.uptimeAt = null; // [uptime in the last stats, when they were sent]
+      this.statsAt = null;
+    }
+
+    set(field, text) {
+      this.el.querySelector(`[data-field="${field}"]`).textContent = text;
+    }
+
+    status(body) {
+      this.online = body.state === "online";
+      this.el.dataset.state = this.online ? "online" : "offline";
+      const badge = this.el.querySelector(".state");
+      badge.textContent = this.online ? "online" : "offline";
+      badge.title = `${body.state} since ${new Date((body.ts ?? 0) * 1000).toLocaleString()}`;
+      this.set("version", body.version ?? "?");
+      this.set("backend", body.backend ?? "?");
+      if (!this.online) this.set("uptime", "stopped");
+    }
+
+    stats(s) {
+      const lim = s.limits || {};
+      // the worker's own clock says how old the stats are: a retained copy may be old
+      this.statsAt = s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
+      this.uptimeAt = [s.uptime, this.statsAt];
+      this.fill("conversations", s.conversations, lim.max_conversations, (n) => n.toLocaleString());
+      this.fill("bytes", s.bytes, lim.max_bytes, bytes);
+      this.set("turns", `${s.turns.toLocaleString()}${lim.max_turns ? ` (at most ${lim.max_turns} per conversation)` : ""}`);
+      this.set("keys", s.keys.toLocaleString());
+      this.set("requests", s.requests.toLocaleString());
+      this.set("evictions", counts(s.evictions));
+      this.set("errors", counts(s.errors));
+      this.set("ttl", lim.ttl === undefined ? "?" : lim.ttl ? `${lim.ttl} s after last use` : "off");
+      this.el.dataset.requests = s.requests;
+      this.el.dataset.deleted = s.evictions?.deleted ?? 0;
+      this.charts.add(s);
+      this.el.querySelector(".no-charts").hidden = !this.charts.container.hidden;
+      this.tick();
+    }
+
+    fill(name, value, limit, fmt) {
+      const meter = this.el.querySelector(`[data-gauge="${name}"]`);
+      const share = limit ? value / limit : 0;
+      meter.querySelector("meter").value = Math.min(1, share);
+      meter.querySelector("meter").className = share > 0.9 ? "high" : "";
+      meter.querySelector(".value").textContent = limit
+        ? `${fmt(value)} of ${fmt(limit)} (${(share * 100).toFixed(share < 0.1 ? 1 : 0)}%)`
+        : fmt(value);
+    }
+
+    tick() {
+      if (this.uptimeAt && this.online) {
+        const [up, at] = this.uptimeAt;
+        this.set("uptime", duration(up + (Date.now() - at) / 1000));
+      }
+      if (this.statsAt) this.set("age", `${duration((Date.now() - this.statsAt) / 1000)} ago`);
+    }
+  }
+
+  function gauge(name) {
+    return `<div class="gauge" data-gauge="${name}"><span class="label">${name}</span><meter min="0" max="1" value="0"></meter><span class="value">?</span></div>`;
+  }
+
+  function counts(map) {
+    const parts = Object.entries(map || {}).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`);
+    return parts.length ? parts.join(", ") : "none";
+  }
+
+  function bytes(n) {
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) {
+      n /= 1024;
+      i++;
+    }
+    return `${i ? n.toFixed(1) : n} ${units[i]}`;
+  }
+
+  function duration(s) {
+    s = Math.max(0, Math.floor(s));
+    const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+    if (d) return `${d} d ${h} h`;
+    if (h) return `${h} h ${m} min`;
+    if (m) return `${m} min ${s % 60} s`;
+    return `${s} s`;
+  }
+
+  MW.workers = { WorkersView, bytes, duration };
+})();

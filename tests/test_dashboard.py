@@ -1,0 +1,194 @@
+"""The dashboard page in a real headless Chromium, served by a real Mosquitto's http_dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests import test_security
+from tests.clients import device
+from tests.conftest import reap, running, spawn_worker, unique
+from tests.processes import REPO, Mosquitto, wait_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts" / "dashboard"
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - scripts/test installs it
+    pytest.skip("playwright is not installed (scripts/test installs it)", allow_module_level=True)
+if not os.path.exists(CHROMIUM):
+    pytest.skip("chromium is missing: apt-get install chromium", allow_module_level=True)
+
+WAIT_MS = 10_000  # how long expect() waits for the page to show something
+secured = test_security.secured  # Mosquitto from deploy/: dynamic-security roles
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (its own browser download is not used)."""
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM)
+        yield b
+        await b.close()
+
+
+async def open_page(browser: Browser, mosq: Mosquitto, query: str, **context: object) -> Page:
+    assert mosq.ws_port is not None
+    wait_port(mosq.ws_port)
+    ctx = await browser.new_context(**context)  # type: ignore[arg-type]
+    page = await ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"http://127.0.0.1:{mosq.ws_port}/{query}")
+    page.set_default_timeout(WAIT_MS)
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
+    assert errors == []
+    return page
+
+
+async def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def test_dashboard_follows_a_worker_live(
+    browser: Browser, own_broker: Mosquitto, redis_url: str
+) -> None:
+    """Online, stats, evictions, the inspector, a broker restart and the Last Will, live."""
+    prefix, cid, cid2 = unique("mem"), unique("kitchen-"), unique("hall-")
+    # two workers in a share group on one Redis, as in the README's Scaling out
+    args = ["--prefix", prefix, "--stats-interval", "0.3", "--reconnect-max", "0.5"]
+    args += ["--backend", redis_url, "--shared-group", unique("g")]
+    worker = spawn_worker(own_broker, *args, "--client-id", cid, "--event-format", "json")
+    other = spawn_worker(own_broker, *args, "--client-id", cid2, "--max-bytes", "100000")
+    try:
+        # tall enough that the screenshot needs no scrolling (the header stays on top)
+        tall = {"width": 1280, "height": 1900}
+        page = await open_page(browser, own_broker, f"?prefix={prefix}", viewport=tall)
+        card = page.locator(f'.card[data-client-id="{cid}"]')
+        await expect(card).to_have_attribute("data-state", "online")
+        await expect(page.locator(f'.card[data-client-id="{cid2}"]')).to_have_attribute(
+            "data-state", "online"
+        )
+        await expect(card.locator(".state")).to_have_text("online")
+
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            for text in ("hello", "what's the weather?", "sunny"):
+                await d.request("kiosk-7", "append", {"role": "user", "content": text})
+            await d.request("gone-1", "append", {"role": "user", "content": "bye"})
+            await d.request("gone-1", "delete")
+        feed = page.locator('#eviction-feed li[data-reason="deleted"][data-convo="gone-1"]')
+        await expect(feed).to_have_count(1)
+        await expect(feed).to_contain_text("1 turn, 0 keys dropped")
+        await expect(page.locator('#eviction-counts [data-reason="deleted"]')).to_have_text(
+            "deleted: 1"
+        )
+        await expect(page.locator('.card[data-deleted="1"]')).to_have_count(1)
+        await expect(card.locator('[data-field="requests"]')).not_to_have_text("?")
+
+        await page.fill("#inspector input[name=convo]", "kiosk-7")
+        await page.click("#inspector button")
+        turns = page.locator("#inspector-turns li")
+        await expect(turns).to_have_count(3)
+        await expect(turns.nth(1)).to_contain_text("what's the weather?")
+        await expect(page.locator("#inspector-status")).to_have_attribute("data-state", "ok")
+        await shot(page, "1-live")
+
+        own_broker.restart()
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            await d.request("gone-2", "append", {"role": "user", "content": "again"})
+            await d.request("gone-2", "delete")
+        await expect(page.locator('#eviction-feed li[data-convo="gone-2"]')).to_have_count(1)
+        await expect(page.locator("#eviction-feed li").first).to_have_attribute(
+            "data-convo", "gone-2"
+        )
+
+        reap(worker, signal.SIGKILL)  # the broker sends its Last Will
+        await expect(card).to_have_attribute("data-state", "offline")
+        await expect(card.locator(".state")).to_have_text("offline")
+        await expect(page.locator(f'.card[data-client-id="{cid2}"]')).to_have_attribute(
+            "data-state", "online"
+        )
+        await shot(page, "2-one-offline")
+
+        phone = await open_page(
+            browser, own_broker, f"?prefix={prefix}", viewport={"width": 390, "height": 844}
+        )
+        await expect(phone.locator(".card")).to_have_count(2)
+        await shot(phone, "3-phone")
+    finally:
+        reap(worker)
+        reap(other)
+
+
+@pytest.fixture
+def passwd(tmp_path: Path) -> Path:
+    """A Mosquitto password file with the user dashboard, password s3cret."""
+    path = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(path), "dashboard", "s3cret"],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+async def test_dashboard_asks_for_a_login(browser: Browser, tmp_path: Path, passwd: Path) -> None:
+    """A broker that wants a password gets a login form; a refused one says so in words."""
+    mosq = Mosquitto(
+        tmp_path / "mosquitto", extra=f"allow_anonymous false\npassword_file {passwd}"
+    ).start()
+    try:
+        assert mosq.ws_port is not None
+        wait_port(mosq.ws_port)
+        ctx = await browser.new_context()
+        page = await ctx.new_page()
+        page.set_default_timeout(WAIT_MS)
+        await page.goto(f"http://127.0.0.1:{mosq.ws_port}/")
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "login")
+        await page.fill("#login input[name=password]", "wrong")
+        await page.click("#login button")
+        await expect(page.locator("#conn")).to_contain_text("refused")
+        await shot(page, "4-login-refused")
+        await page.fill("#login input[name=password]", "s3cret")
+        await page.click("#login button")
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
+        await expect(page.locator("#login")).to_be_hidden()
+    finally:
+        mosq.stop()
+
+
+async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
+    browser: Browser, secured: Mosquitto
+) -> None:
+    """deploy/'s dashboard user logs in, sees the worker, and is told it may not inspect."""
+    cfg = test_security.worker_config(secured, stats_interval=0.3)
+    async with running(cfg):
+        assert secured.ws_port is not None
+        wait_port(secured.ws_port)
+        page = await (await browser.new_context()).new_page()
+        page.set_default_timeout(WAIT_MS)
+        await page.goto(f"http://127.0.0.1:{secured.ws_port}/?reply=reply/{{convo}}")
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "login")
+        await page.fill("#login input[name=username]", "dashboard")
+        await page.fill("#login input[name=password]", test_security.USERS["dashboard"])
+        await page.click("#login button")
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
+        card = page.locator(f'.card[data-client-id="{cfg.client_id}"]')
+        await expect(card).to_have_attribute("data-state", "online")
+        await expect(card.locator('[data-field="requests"]')).to_have_text("0")
+        await page.fill("#inspector input[name=convo]", "kiosk-a")
+        await page.click("#inspector button")
+        status = page.locator("#inspector-status")
+        await expect(status).to_have_attribute("data-state", "denied")
+        await expect(status).to_contain_text("may only watch")
+        await shot(page, "5-deploy-dashboard-user")
