@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -169,3 +170,28 @@ def test_ha_discovery_without_json_is_refused(broker: Mosquitto) -> None:
     out, _ = proc.communicate(timeout=15)
     assert proc.returncode == 2
     assert "--event-format must be msgpack or json" in out
+
+
+async def test_client_reads_json_events_and_stats(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """The Python client (and so memctl watch and stats) reads a JSON worker's events and
+    stats as it reads msgpack ones."""
+    from worker.client import MemoryClient
+
+    async with (
+        worker_factory(event_format="json") as w,
+        MemoryClient(broker.host, broker.port, w.cfg.prefix) as m,
+    ):
+        events = m.evictions("c")
+        first = asyncio.ensure_future(anext(events))
+        while not first.done():  # until the client's subscription sees a deletion
+            await m.append("c", "user", "hi")
+            await m.forget("c")
+            await asyncio.wait({first}, timeout=0.5)
+        event = first.result()
+        assert event["convo"] == "c"
+        assert event["reason"] == "deleted"
+        stats = await m.stats()
+        assert [s["client_id"] for s in stats] == [w.cfg.client_id]
+        await events.aclose()

@@ -44,9 +44,22 @@ from paho.mqtt.properties import Properties
 from worker import constants as c
 from worker.config import Limits, tls_context
 from worker.errors import WorkerError
-from worker.protocol import check_request, encode_result, reply_parsed, topic_name_problem
+from worker.protocol import (
+    check_request,
+    decode_event,
+    encode_result,
+    reply_parsed,
+    topic_name_problem,
+)
 
 _T = TypeVar("_T")
+
+
+def _content_type(message: aiomqtt.Message) -> str | None:
+    """Events, status and stats come as msgpack or JSON (the worker's --event-format)."""
+    return getattr(message.properties, "ContentType", None) if message.properties else None
+
+
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_ATTEMPTS: Final = 3
 # Without it every request/reply round trip waits ~40 ms (Nagle against delayed ACKs).
@@ -404,7 +417,7 @@ class MemoryClient(_Api):
             return
         if topic.startswith(self.prefix + "/") and topic.endswith("/" + c.EVICTED):
             with contextlib.suppress(Exception):
-                self._events.publish(msgpack.unpackb(message.payload))
+                self._events.publish(decode_event(message.payload, _content_type(message)))
             return
         try:
             reply = msgpack.unpackb(message.payload, strict_map_key=False)
@@ -504,7 +517,7 @@ class MemoryClient(_Api):
                     break
                 if message.topic.value in seen:
                     break
-                seen[message.topic.value] = msgpack.unpackb(message.payload, strict_map_key=False)
+                seen[message.topic.value] = decode_event(message.payload, _content_type(message))
                 wait = _STATS_QUIET
         finally:
             self._stats.discard(queue)
