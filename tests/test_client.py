@@ -91,7 +91,7 @@ async def test_forget_removes_turns_and_reports_eviction(memory: Memory) -> None
     event = await asyncio.wait_for(first, 10)
     assert (event["convo"], event["reason"], event["count"]) == (convo, "deleted", 2)
     assert await memory.get(convo) == []
-    await events.aclose()  # type: ignore[attr-defined]
+    await events.aclose()
 
 
 @pytest.mark.parametrize(

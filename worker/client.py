@@ -31,7 +31,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, TypedDict, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -487,7 +487,7 @@ class MemoryClient(_Api):
                 with contextlib.suppress(aiomqtt.MqttError):
                     await self._client.unsubscribe(topic_filter)
 
-    async def evictions(self, convo_id: str | None = None) -> AsyncIterator[Eviction]:
+    async def evictions(self, convo_id: str | None = None) -> AsyncGenerator[Eviction, None]:
         """Eviction events as they come (of one conversation, or all), until you stop."""
         if convo_id is not None:
             _refuse(convo_id, c.OP_GET, {})
@@ -598,7 +598,7 @@ class LocalMemory(_Api):
         reply = msgpack.unpackb(encode_result(results[0], reply_parsed()), strict_map_key=False)
         return _ok(reply)
 
-    async def evictions(self, convo_id: str | None = None) -> AsyncIterator[Eviction]:
+    async def evictions(self, convo_id: str | None = None) -> AsyncGenerator[Eviction, None]:
         """Eviction events as they come (of one conversation, or all), until you stop."""
         if convo_id is not None:
             _refuse(convo_id, c.OP_GET, {})
@@ -751,7 +751,7 @@ class BlockingMemoryClient:
                 yield self._run(_next(events))
         finally:
             if self._loop is not None:
-                self._run(events.aclose())  # type: ignore[attr-defined]
+                self._run(events.aclose())
 
 
 async def _next(events: AsyncIterator[Eviction]) -> Eviction:
