@@ -58,4 +58,9 @@ REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 
 # How many conversations one sweep step expires before it yields to serving.
 SWEEP_CHUNK: Final = 500
+# The sweep sleeps until the next deadline, but runs at most this often (a wave of expiries
+# is taken in steps of this interval, not one wake-up per conversation).
 SWEEP_INTERVAL: Final = 0.25
+# Redis: other workers of a share group set deadlines this worker cannot see, so its sweep
+# sleeps at most this long (its own requests wake it earlier).
+REDIS_SWEEP_POLL: Final = 1.0

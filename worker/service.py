@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -250,6 +251,8 @@ class Service:
         self.status_topic = self.router.worker_topic(cfg.client_id, "status")
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
         self._reply_props = PackedProperties(c.CONTENT_TYPE)
+        self._sweep_kick = asyncio.Event()
+        self._sweep_due = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -471,6 +474,8 @@ class Service:
             self._reply(msg, parsed, result)
             self._ack(gen, msg)
         self._announce(evictions)
+        if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
+            self._sweep_kick.set()
 
     def _reply(self, msg: paho.MQTTMessage, parsed: Parsed, result: Result) -> None:
         stats = self.stats
@@ -509,9 +514,25 @@ class Service:
     # --- background work ------------------------------------------------------------------
 
     async def _sweep(self) -> None:
+        # Sleeps until the backend's next deadline (forever when nothing can expire), at
+        # most once per SWEEP_INTERVAL; `_sweep_kick` wakes it when a request made an
+        # earlier deadline than the one it sleeps to.
         failing = False
+        ran = -math.inf
         while True:
-            await asyncio.sleep(c.SWEEP_INTERVAL)
+            now = time.monotonic()
+            delay = max(0.0, self.backend.next_expiry(), ran + c.SWEEP_INTERVAL - now)
+            if failing:
+                delay = c.SWEEP_INTERVAL
+            self._sweep_due = now + delay
+            self._sweep_kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._sweep_kick.wait(), None if delay == math.inf else delay
+                )
+            if self._sweep_kick.is_set() and time.monotonic() < self._sweep_due:
+                continue  # woken by a request: sleep again, to its deadline
+            ran = time.monotonic()
             more = True
             while more:
                 await self._sendable()

@@ -251,7 +251,13 @@ elseif op == 'expire' then
     redis.call('ZREM', K .. 'kd', member)
     done = done + 1
   end
-  result = {'more', done >= limit and '1' or ''}
+  -- and the earliest deadline left ('' when none), for the sweep to sleep until
+  local first = ''
+  for _, zset in ipairs({'dl', 'kd'}) do
+    local head = redis.call('ZRANGE', K .. zset, 0, 0, 'WITHSCORES')
+    if head[2] and (first == '' or tonumber(head[2]) < tonumber(first)) then first = head[2] end
+  end
+  result = {'more', done >= limit and '1' or '', first}
 end
 
 if result == nil then result = {'ok', ''} end  -- 'counts': nothing but the counts

@@ -43,6 +43,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
+from worker.store import NO_DEADLINE
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
@@ -97,6 +98,7 @@ class RedisBackend(Backend):
         )
         self._script = self._redis.register_script(SCRIPT)
         self._counts = Counts(0, 0, 0, 0)
+        self._next_deadline = 0.0  # unknown until the first sweep
 
     async def open(self) -> None:
         try:
@@ -190,7 +192,12 @@ class RedisBackend(Backend):
 
     async def expire(self) -> tuple[bool, list[Eviction]]:
         raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
+        self._next_deadline = float(raw[0][2]) if raw[0][2] else NO_DEADLINE
         return raw[0][1] == b"1", evictions
+
+    def next_expiry(self) -> float:
+        # Exact for what this worker last saw; bounded, for deadlines other workers set.
+        return min(self._next_deadline - self._clock(), c.REDIS_SWEEP_POLL)
 
 
 def _id(req_id: Any) -> bytes:
