@@ -56,6 +56,17 @@ REASON_MEMORY: Final = "memory"
 REASON_DELETED: Final = "deleted"
 REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 
+# What --max-bytes counts besides the stored bytes themselves: resident memory per
+# conversation (plus its id's UTF-8 bytes), per turn (plus role and content) and per state key
+# (plus key and msgpack value). Measured as RSS deltas (/proc/self/status VmRSS) in a fresh
+# process filling the memory store with 200,000 one-turn conversations, 20,000 conversations
+# x 8 turns, 200,000 conversations with 128-byte ids, and 200,000 keys (100 per conversation)
+# of 100-byte values: `scripts/bench` re-measures them ("store RSS per item") and checks the
+# worker's growth against the budget. Rounded up, so the budget errs towards less memory.
+CONVO_COST: Final = 384
+TURN_COST: Final = 112
+KEY_COST: Final = 64
+
 # How many conversations one sweep step expires before it yields to serving.
 SWEEP_CHUNK: Final = 500
 # The sweep sleeps until the next deadline, but runs at most this often (a wave of expiries

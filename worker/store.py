@@ -1,7 +1,8 @@
 """The pure core: bounded conversation memory with no I/O.
 
 Bounds: turns per conversation, sliding TTL on a monotonic clock, an LRU cap on the
-number of conversations, and a byte budget over stored role, content and state. Every
+number of conversations, and a byte budget over stored role, content and state plus the
+measured memory overhead of each conversation, turn and key (Limits.*_cost). Every
 conversation lives in one OrderedDict kept in order of last use; since every conversation
 has the same TTL, that order is also the order of their deadlines, so both LRU eviction and
 expiry take from the front in O(1).
@@ -55,7 +56,7 @@ class Convo:
         self.turns = b""
         self.lens = array("I")
         self.seq = 0
-        self.nbytes = 0  # turns and state
+        self.nbytes = 0  # its base cost, turns and state
         self.sbytes = 0  # state alone
         self.nkeys = 0
         self.deadline = NO_DEADLINE
@@ -96,10 +97,6 @@ class Convo:
             out.append(self.turns[at : at + size])
             at += size
         return out
-
-
-def _key_size(key: str, value: bytes) -> int:
-    return len(key.encode()) + len(value)
 
 
 class Store:
@@ -183,22 +180,25 @@ class Store:
         cv = self._live(name, now)
         if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
             return self._done(name, cv, now, None, cv.ids[req.id])
-        size = len(req.role.encode()) + len(req.content.encode())
         lim = self.limits
-        if size + (cv.sbytes if cv else 0) > lim.max_bytes:
-            raise TooLarge(f"the turn ({size} bytes) does not fit in --max-bytes {lim.max_bytes}")
+        size = len(req.role.encode()) + len(req.content.encode()) + lim.turn_cost
+        if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
+            raise TooLarge(
+                f"the turn ({size} bytes with its overhead) does not fit in --max-bytes "
+                f"{lim.max_bytes}"
+            )
         if cv is None:
             cv = self._create(name, now)
         cv.seq += 1
         turn = encode_turn(req.role, req.content, self._wall(), cv.seq)
         over = max(0, cv.count + 1 - lim.max_turns)
         for dropped in cv.add_turn(turn, over):
-            size -= turn_size(dropped)
+            size -= turn_size(dropped) + lim.turn_cost
         self.turns += 1 - over
         cv.nbytes += size
         self.bytes += size
         while cv.nbytes > lim.max_bytes and cv.count > 1:
-            dropped_size = turn_size(cv.drop_oldest())
+            dropped_size = turn_size(cv.drop_oldest()) + lim.turn_cost
             cv.nbytes -= dropped_size
             self.bytes -= dropped_size
             self.turns -= 1
@@ -232,8 +232,8 @@ class Store:
             self._purge_expired_keys(cv, now, name)
             if cv.nkeys >= lim.max_keys:
                 raise TooLarge(f"the conversation has --max-keys {lim.max_keys} live keys")
-        delta = _key_size(req.key, req.value) - (_key_size(req.key, old[0]) if old else 0)
-        if (cv.nbytes if cv else 0) + delta > lim.max_bytes:
+        delta = self._key_size(req.key, req.value) - (self._key_size(req.key, old[0]) if old else 0)
+        if (cv.nbytes if cv else self._base(name)) + delta > lim.max_bytes:
             raise TooLarge(f"the value does not fit in --max-bytes {lim.max_bytes}")
         if cv is None:
             cv = self._create(name, now)
@@ -337,14 +337,13 @@ class Store:
         cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
         cv.lens = array("I", map(len, kept))
         cv.ids = ids or None
-        size = sum(turn_size(t) for t in kept)
-        cv.nbytes = size
+        cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
             for key, (value, key_deadline) in keys.items():
                 if cv.state is None:
                     cv.state = {}
                 cv.state.setdefault(ns, {})[key] = (value, key_deadline)
-                ks = _key_size(key, value)
+                ks = self._key_size(key, value)
                 cv.sbytes += ks
                 cv.nkeys += 1
                 if key_deadline != NO_DEADLINE:
@@ -364,6 +363,13 @@ class Store:
         self._fit_budget()
 
     # --- internals ----------------------------------------------------------------------
+
+    def _base(self, name: str) -> int:
+        """What a conversation costs the budget before its turns and keys."""
+        return self.limits.convo_cost + len(name.encode())
+
+    def _key_size(self, key: str, value: bytes) -> int:
+        return len(key.encode()) + len(value) + self.limits.key_cost
 
     def _changed(self, name: str) -> None:
         if self.dirty is not None:
@@ -392,6 +398,8 @@ class Store:
                 oldest_name, oldest, c.REASON_TTL if oldest.deadline <= now else c.REASON_LRU
             )
         cv = Convo()
+        cv.nbytes = self._base(name)
+        self.bytes += cv.nbytes
         convos[name] = cv
         return cv
 
@@ -446,7 +454,7 @@ class Store:
         value, _ = keys.pop(key)
         if not keys:
             del cv.state[ns]
-        size = _key_size(key, value)
+        size = self._key_size(key, value)
         cv.nbytes -= size
         cv.sbytes -= size
         cv.nkeys -= 1

@@ -129,13 +129,14 @@ class RedisBackend(Backend):
             lim.max_bytes,
             lim.max_keys,
             lim.max_ids,
+            lim.convo_cost,
             *rest,
         ]
 
     def _call(self, req: Request) -> list[Any]:
         match req:
             case Append():
-                size = len(req.role.encode()) + len(req.content.encode())
+                size = len(req.role.encode()) + len(req.content.encode()) + self.limits.turn_cost
                 head = turn_head(req.role, req.content, self._wall())
                 return self._args("append", req.convo, size, head, _id(req.id))
             case Get():
@@ -148,7 +149,7 @@ class RedisBackend(Backend):
                     "save",
                     req.convo,
                     _field(req.ns, req.key),
-                    len(req.key.encode()),
+                    len(req.key.encode()) + self.limits.key_cost,
                     req.value,
                     repr(ttl),
                     _id(req.id),
