@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -36,6 +35,7 @@ from worker.protocol import (
     StateSave,
     Turns,
     encode_turn,
+    turn_end,
     turn_size,
 )
 
@@ -46,15 +46,15 @@ class Convo:
     """One conversation.
 
     Its turns are msgpack-encoded once, when stored, and kept back to back in one bytes
-    object (`turns`), with each one's length in `lens`: a get is then one slice, and a turn
-    costs its encoding plus four bytes instead of a Python object of its own.
+    object (`turns`): a get is then one slice, and a turn costs its encoding and nothing
+    else (boundaries are read off the encoding, `turn_end`, rather than kept).
     """
 
-    __slots__ = ("deadline", "ids", "lens", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
+    __slots__ = ("count", "deadline", "ids", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
 
     def __init__(self) -> None:
         self.turns = b""
-        self.lens = array("I")
+        self.count = 0
         self.seq = 0
         self.nbytes = 0  # its base cost, turns and state
         self.sbytes = 0  # state alone
@@ -64,38 +64,41 @@ class Convo:
         self.state: dict[str, dict[str, tuple[bytes, float]]] | None = None
         self.ids: dict[Any, dict[str, Any]] | None = None
 
-    @property
-    def count(self) -> int:
-        return len(self.lens)
+    def _skip(self, n: int) -> int:
+        """Offset of the turn after the n oldest."""
+        at, turns = 0, self.turns
+        for _ in range(n):
+            at = turn_end(turns, at)
+        return at
 
     def add_turn(self, turn: bytes, drop: int) -> list[bytes]:
         """Append `turn` after dropping the `drop` oldest; returns the dropped ones."""
-        lens = self.lens
-        dropped, cut = [], 0
-        for size in lens[:drop]:
-            dropped.append(self.turns[cut : cut + size])
-            cut += size
-        self.turns = self.turns[cut:] + turn
-        del lens[:drop]
-        lens.append(len(turn))
+        dropped, cut, turns = [], 0, self.turns
+        for _ in range(drop):
+            end = turn_end(turns, cut)
+            dropped.append(turns[cut:end])
+            cut = end
+        self.turns = turns[cut:] + turn
+        self.count += 1 - drop
         return dropped
 
     def drop_oldest(self) -> bytes:
-        first = self.lens.pop(0)
-        turn, self.turns = self.turns[:first], self.turns[first:]
+        end = turn_end(self.turns, 0)
+        turn, self.turns = self.turns[:end], self.turns[end:]
+        self.count -= 1
         return turn
 
     def last(self, n: int | None) -> Turns:
-        lens = self.lens
-        if n is None or n >= len(lens):
-            return Turns(len(lens), self.turns)
-        return Turns(n, self.turns[len(self.turns) - sum(lens[len(lens) - n :]) :])
+        if n is None or n >= self.count:
+            return Turns(self.count, self.turns)
+        return Turns(n, self.turns[self._skip(self.count - n) :])
 
     def turn_list(self) -> list[bytes]:
-        out, at = [], 0
-        for size in self.lens:
-            out.append(self.turns[at : at + size])
-            at += size
+        out, at, turns = [], 0, self.turns
+        for _ in range(self.count):
+            end = turn_end(turns, at)
+            out.append(turns[at:end])
+            at = end
         return out
 
 
@@ -335,7 +338,7 @@ class Store:
         cv = Convo()
         kept = turns[-self.limits.max_turns :]
         cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
-        cv.lens = array("I", map(len, kept))
+        cv.count = len(kept)
         cv.ids = ids or None
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
