@@ -113,7 +113,7 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 
     async def factory(**limits: Any) -> Harness:
         # Budget tests count bytes by hand: no overheads unless a test asks for them.
-        limits = {"convo_cost": 0, "turn_cost": 0, "key_cost": 0, **limits}
+        limits = {"convo_cost": 0, "id_byte_cost": 1, "turn_cost": 0, "key_cost": 0, **limits}
         h = Harness(request.param, Limits(**limits), tmp_path / str(len(made)), Clock(), url)
         await h.be.open()
         made.append(h)
@@ -277,8 +277,8 @@ async def test_memory_budget_evicts_lru_with_reason_memory(make: Make) -> None:
 
 async def test_budget_counts_each_conversation_turn_and_key_overhead(make: Make) -> None:
     """--max-bytes counts the per-conversation, per-turn and per-key costs, on every backend."""
-    h = await make(max_bytes=400, convo_cost=100, turn_cost=10, key_cost=20)
-    await add(h, "a", "x" * 6, role="r")  # 100 + 1 + 10 + 7
+    h = await make(max_bytes=400, convo_cost=99, id_byte_cost=2, turn_cost=10, key_cost=20)
+    await add(h, "a", "x" * 6, role="r")  # 99 + 2 + 10 + 7
     await save(h, "a", "k", "v")  # 20 + 1 + 2
     assert h.counts.bytes == 118 + 23
     await add(h, "b", "x" * 6, role="r")  # 259
@@ -291,7 +291,7 @@ async def test_budget_counts_each_conversation_turn_and_key_overhead(make: Make)
     await h.ok(Delete("b"))
     await h.ok(Delete("c"))
     assert h.counts.bytes == 0
-    assert isinstance(await h.run(Append("d", "r", "x" * 290)), TooLarge)  # 100 + 1 + 10 + 291
+    assert isinstance(await h.run(Append("d", "r", "x" * 290)), TooLarge)  # 99 + 2 + 10 + 291
 
 
 async def test_budget_counts_utf8_bytes(make: Make) -> None:

@@ -15,7 +15,13 @@ from worker.protocol import Append, Delete, Get
 from worker.store import Store
 
 LIMITS = Limits(
-    max_turns=3, ttl=10, max_conversations=3, max_bytes=60, convo_cost=5, turn_cost=2, key_cost=0
+    max_turns=3,
+    ttl=10,
+    max_conversations=3,
+    max_bytes=60,
+    convo_cost=5,
+    id_byte_cost=2,
+    turn_cost=2,
 )
 names = st.sampled_from("abcde")
 texts = st.text(alphabet="xé", max_size=14)
@@ -62,7 +68,7 @@ class Model:
 
     def append(self, name: str, role: str, content: str, now: float) -> tuple[int, int] | None:
         cv = self.live(name, now)
-        base = LIMITS.convo_cost + len(name.encode())
+        base = LIMITS.convo_cost + LIMITS.id_byte_cost * len(name.encode())
         if base + len(role.encode()) + len(content.encode()) + LIMITS.turn_cost > LIMITS.max_bytes:
             return None
         if cv is None:

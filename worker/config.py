@@ -31,6 +31,7 @@ class Limits:
     # What --max-bytes counts per conversation, turn and key besides their bytes (measured
     # overheads, see constants.py; tests set their own).
     convo_cost: int = c.CONVO_COST
+    id_byte_cost: int = c.ID_BYTE_COST
     turn_cost: int = c.TURN_COST
     key_cost: int = c.KEY_COST
 

@@ -57,15 +57,20 @@ REASON_DELETED: Final = "deleted"
 REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 
 # What --max-bytes counts besides the stored bytes themselves: resident memory per
-# conversation (plus its id's UTF-8 bytes), per turn (plus role and content) and per state key
-# (plus key and msgpack value). Measured as RSS deltas (/proc/self/status VmRSS) in a fresh
-# process filling the memory store with 200,000 one-turn conversations, 20,000 conversations
-# x 8 turns, 200,000 conversations with 128-byte ids, and 200,000 keys (100 per conversation)
-# of 100-byte values: `scripts/bench` re-measures them ("store RSS per item") and checks the
-# worker's growth against the budget. Rounded up, so the budget errs towards less memory.
-CONVO_COST: Final = 384
+# conversation (plus ID_BYTE_COST per byte of its id), per turn (plus role and content) and
+# per state key (plus key and msgpack value). Measured as RSS deltas (/proc VmRSS), never
+# tracemalloc (the allocator's share is memory too), with `scripts/bench --only memory`:
+# in a fresh process filling the memory store alone (200,000 one-turn conversations, 20,000
+# conversations x 8 turns, 200,000 with 128-byte ids, 200,000 keys of 100-byte values: 523,
+# 193 per turn, 653 and 305 bytes each), and in the worker process filled to three times the
+# budget with each shape, which adds what churn costs (eviction after eviction leaves dict
+# tables sized for deleted entries and freed memory the allocator keeps): about 235 bytes
+# more per conversation, and an id's bytes counting about 1.6 times. Rounded up, so the
+# budget errs towards less memory.
+CONVO_COST: Final = 512
+ID_BYTE_COST: Final = 2
 TURN_COST: Final = 112
-KEY_COST: Final = 64
+KEY_COST: Final = 200
 
 # How many conversations one sweep step expires before it yields to serving.
 SWEEP_CHUNK: Final = 500

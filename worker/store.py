@@ -42,6 +42,11 @@ from worker.protocol import (
 NO_DEADLINE: Final = float("inf")
 
 
+def base_cost(limits: Limits, name: str) -> int:
+    """What a conversation costs the budget before its turns and keys."""
+    return limits.convo_cost + limits.id_byte_cost * len(name.encode())
+
+
 class Convo:
     """One conversation.
 
@@ -369,7 +374,7 @@ class Store:
 
     def _base(self, name: str) -> int:
         """What a conversation costs the budget before its turns and keys."""
-        return self.limits.convo_cost + len(name.encode())
+        return base_cost(self.limits, name)
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost

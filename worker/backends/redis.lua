@@ -1,9 +1,9 @@
 -- One operation of the memory store, atomically (Redis runs a script alone). Shared by
 -- every worker. KEYS[1] is the key prefix, with a {hash tag} so that all keys of one
 -- prefix live in one Redis Cluster slot. ARGV: op, now (s), ttl, max_turns,
--- max_conversations, max_bytes, max_keys, max_ids, convo_cost (what a conversation costs the
--- budget besides its id's bytes; turn and key costs come in their sizes), then the op's own
--- arguments.
+-- max_conversations, max_bytes, max_keys, max_ids, base (what this conversation costs the
+-- budget before its turns and keys; turn and key costs come in their sizes), then the op's
+-- own arguments.
 -- Returns {result, evictions, counts}; evictions are {convo, reason, turns, keys}.
 local K = KEYS[1]
 local op = ARGV[1]
@@ -14,7 +14,7 @@ local max_convos = tonumber(ARGV[5])
 local max_bytes = tonumber(ARGV[6])
 local max_keys = tonumber(ARGV[7])
 local max_ids = tonumber(ARGV[8])
-local convo_cost = tonumber(ARGV[9])
+local base = tonumber(ARGV[9])
 local ev = {}
 
 local function num(v) return tonumber(v) or 0 end
@@ -72,7 +72,6 @@ local function create(c)
     local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
     evict(victim, expired and 'ttl' or 'lru')
   end
-  local base = convo_cost + string.len(c)
   redis.call('HSET', meta(c), 'seq', 0, 'nbytes', base, 'sbytes', 0, 'nkeys', 0)
   redis.call('INCRBY', K .. 'bytes', base)
 end
@@ -131,8 +130,7 @@ if op == 'append' then
   if dup then
     touch(c)
     result = {'dup', dup}
-  elseif size + convo_cost + string.len(c)
-      + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0) > max_bytes then
+  elseif size + base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0) > max_bytes then
     result = {'too_large', 'the turn does not fit in --max-bytes'}
   else
     if not exists then create(c) end
@@ -185,8 +183,7 @@ elseif op == 'save' then
     local delta = ksize + string.len(value) - (old and (ksize + string.len(old)) or 0)
     if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
       result = {'too_large', 'the conversation has --max-keys live keys'}
-    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) or convo_cost + string.len(c))
-        + delta > max_bytes then
+    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) or base) + delta > max_bytes then
       result = {'too_large', 'the value does not fit in --max-bytes'}
     else
       if not exists then create(c) end

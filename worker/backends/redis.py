@@ -43,7 +43,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
-from worker.store import NO_DEADLINE
+from worker.store import NO_DEADLINE, base_cost
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
@@ -129,7 +129,7 @@ class RedisBackend(Backend):
             lim.max_bytes,
             lim.max_keys,
             lim.max_ids,
-            lim.convo_cost,
+            base_cost(lim, rest[0]) if op not in ("counts", "expire") else 0,
             *rest,
         ]
 
