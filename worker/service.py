@@ -45,6 +45,7 @@ log = logging.getLogger("memory_worker")
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _READ_BURST = 256
 _READ_BUFFER = 65536
+_EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 
 
 class _Client(aiomqtt.Client):
@@ -546,8 +547,26 @@ class Service:
                 if failing:
                     log.info("expiry sweep works again")
                 failing = False
-                self._announce(evictions)
-                await asyncio.sleep(0)  # let requests in between chunks
+                for at in range(0, len(evictions), _EVENT_SLICE):
+                    await self._room_for_events()
+                    self._announce(evictions[at : at + _EVENT_SLICE])
+                    await asyncio.sleep(0)  # let requests in between slices
+
+    async def _room_for_events(self) -> None:
+        """Wait until a slice of events fits in half the broker's Receive Maximum.
+
+        Past the Receive Maximum paho queues our publishes, and a QoS 1 reply would wait
+        behind every event queued before it for the broker's PUBACKs (the stall during an
+        expiry wave); keeping the sweep's events below half of it leaves replies room.
+        """
+        client = self._client
+        while client is not None and not client.paused:
+            room = client.paho._max_inflight_messages // 2
+            if client.backlog() + _EVENT_SLICE <= max(room, _EVENT_SLICE):
+                return
+            client.sendable.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.sendable.wait(), 0.005)
 
     async def _publish_stats_forever(self) -> None:
         while True:
