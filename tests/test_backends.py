@@ -5,6 +5,7 @@ Each test drives a backend through the same interface the service uses, on a fak
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -537,3 +538,18 @@ async def test_lru_order_survives_restart_with_ttl_off(tmp_path: Path) -> None:
     await h.expire()
     assert h.take() == [("b", "lru", 1, 0)]
     await h.be.close()
+
+
+async def test_next_expiry_tells_the_sweep_how_long_it_may_sleep(make: Make) -> None:
+    """next_expiry() is never past the next deadline, and is forever when nothing can expire."""
+    h = await make(ttl=10)
+    await h.expire()  # Redis reads its earliest deadline on a sweep
+    if h.kind != "redis":  # Redis polls for deadlines other workers set
+        assert h.be.next_expiry() == math.inf
+    await add(h, "a")
+    await h.expire()
+    assert 0 < h.be.next_expiry() <= 10
+    h.clock.now += 10
+    assert h.be.next_expiry() <= 0
+    await h.expire()
+    assert h.take() == [("a", "ttl", 1, 0)]
