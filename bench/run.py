@@ -439,6 +439,13 @@ def memory_budget(args: argparse.Namespace, b: Mosquitto) -> dict[str, Any]:
             grown = proc_rss(proc.pid) - idle
         out[shape] = {"requests": n, "idle_rss": idle, "growth": grown, "ratio": grown / budget}
         print(f"  {shape}: RSS grew {grown / budget:.2f}x the budget", file=sys.stderr)
+    cmd = worker_cmd(b, "--ttl", "0", "--max-bytes", str(2**30))
+    with responder(cmd, "serving") as proc:
+        time.sleep(1)
+        idle = proc_rss(proc.pid)
+        fill(b, "full", 160_000)
+        time.sleep(0.5)
+        out["worker_bytes_per_turn"] = (proc_rss(proc.pid) - idle) / 160_000
     return out
 
 
@@ -531,6 +538,10 @@ def frugal_table(result: dict[str, Any]) -> list[str]:
                 f"| {shape} | {v['requests']:,} | {v['growth'] / 2**20:.1f} MiB | "
                 f"{v['ratio']:.2f}x |"
             )
+        lines.append(
+            f"worker RSS per stored 120-byte turn: {m['worker_bytes_per_turn']:.0f} bytes "
+            "(20,000 conversations x 8 turns, no eviction)"
+        )
     if "store_rss" in result:
         r = result["store_rss"]
         lines += [
