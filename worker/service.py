@@ -560,7 +560,7 @@ class Service:
         expiry wave); keeping the sweep's events below half of it leaves replies room.
         """
         client = self._client
-        while client is not None and not client.paused:
+        while client is not None and not client.paused and self.connected.is_set():
             room = client.paho._max_inflight_messages // 2
             if client.backlog() + _EVENT_SLICE <= max(room, _EVENT_SLICE):
                 return
