@@ -553,15 +553,17 @@ class Service:
                     await asyncio.sleep(0)  # let requests in between slices
 
     async def _room_for_events(self) -> None:
-        """Wait until a slice of events fits in half the broker's Receive Maximum.
+        """Wait until a slice of events keeps our unacknowledged publishes within two
+        slices (or half the broker's Receive Maximum, if less).
 
         Past the Receive Maximum paho queues our publishes, and a QoS 1 reply would wait
         behind every event queued before it for the broker's PUBACKs (the stall during an
-        expiry wave); keeping the sweep's events below half of it leaves replies room.
+        expiry wave); a short event backlog leaves replies room, and the broker less to get
+        through before it reaches a reply.
         """
         client = self._client
         while client is not None and not client.paused and self.connected.is_set():
-            room = client.paho._max_inflight_messages // 2
+            room = min(client.paho._max_inflight_messages // 2, 2 * _EVENT_SLICE)
             if client.backlog() + _EVENT_SLICE <= max(room, _EVENT_SLICE):
                 return
             client.sendable.clear()
