@@ -444,6 +444,218 @@ def cluster_vs_redis(
     return out
 
 
+# --- frugality: memory against the budget, idle cost, eviction cost (issue 11) -----------
+
+SHAPES = ("one-turn", "full", "keys", "long-ids")
+
+
+def proc_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def proc_cpu_and_wakeups(pid: int) -> tuple[float, int]:
+    """(CPU seconds, voluntary context switches of all its threads) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    switches += int(line.split()[1])
+    return cpu, switches
+
+
+def _shape_request(shape: str, i: int) -> tuple[str, dict[str, Any]]:
+    """The i-th request of a fill: (topic after the prefix, payload)."""
+    content = "x" * 120
+    if shape == "one-turn":
+        return f"c{i}/append", {"role": "user", "content": content}
+    if shape == "full":
+        return f"c{i // 8}/append", {"role": "user", "content": content}
+    if shape == "long-ids":
+        return f"c{i:08d}{'y' * 119}/append", {"role": "user", "content": content}
+    return f"c{i // 100}/state/save", {"ns": "n", "key": f"key{i % 100}", "value": "v" * 100}
+
+
+def fill(b: Mosquitto, shape: str, n: int, window: int = 256) -> None:
+    """Publish n requests of one shape at QoS 0, at most `window` unanswered at a time."""
+    import threading
+
+    import msgpack
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    reply = f"bench/fill/{uuid.uuid4().hex[:8]}"
+    answered = threading.Semaphore(0)
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.on_message = lambda *_: answered.release()
+    client.connect(b.host, b.port)
+    client.subscribe(reply, 0)
+    client.loop_start()
+    try:
+        time.sleep(0.2)  # the subscription is in place before the first reply
+        for i in range(n):
+            if i >= window and not answered.acquire(timeout=10):
+                raise TimeoutError(f"the worker stopped answering the {shape} fill at {i}")
+            topic, body = _shape_request(shape, i)
+            client.publish(f"mem/{topic}", msgpack.packb({**body, "reply_to": reply}), 0)
+        for _ in range(min(n, window)):
+            answered.acquire(timeout=10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def memory_budget(args: argparse.Namespace, b: Mosquitto) -> dict[str, Any]:
+    """Resident memory growth of a worker filled far past --max-bytes with each data shape,
+    against the budget (the worker's own process, RSS from /proc)."""
+    budget = args.budget_bytes
+    out: dict[str, Any] = {"budget": budget}
+    per_request = {"one-turn": 630, "full": 290, "keys": 200, "long-ids": 750}
+    for shape in SHAPES:
+        cmd = worker_cmd(b, "--max-bytes", str(budget), "--ttl", "0")
+        cmd[cmd.index("--max-conversations") + 1] = "10000000"
+        with responder(cmd, "serving") as proc:
+            time.sleep(1)
+            idle = proc_rss(proc.pid)
+            n = int(args.budget_fill * budget / per_request[shape])
+            fill(b, shape, n)
+            time.sleep(0.5)
+            grown = proc_rss(proc.pid) - idle
+        out[shape] = {"requests": n, "idle_rss": idle, "growth": grown, "ratio": grown / budget}
+        print(f"  {shape}: RSS grew {grown / budget:.2f}x the budget", file=sys.stderr)
+    cmd = worker_cmd(b, "--ttl", "0", "--max-bytes", str(2**30))
+    with responder(cmd, "serving") as proc:
+        time.sleep(1)
+        idle = proc_rss(proc.pid)
+        fill(b, "full", 160_000)
+        time.sleep(0.5)
+        out["worker_bytes_per_turn"] = (proc_rss(proc.pid) - idle) / 160_000
+    return out
+
+
+def store_rss_child(shape: str, n: int) -> None:
+    """In a fresh process: RSS bytes per item of one shape in the memory store (prints JSON)."""
+    from worker.protocol import StateSave
+
+    s = Store(Limits(max_conversations=10**8, max_bytes=10**12, max_keys=10**6))
+    gc.collect()
+    before = proc_rss(os.getpid())
+    for i in range(n):
+        topic, body = _shape_request(shape, i)
+        name = topic.split("/", 1)[0]
+        if shape == "keys":
+            s.state_save(StateSave(name, body["ns"], body["key"], msgpack_packb(body["value"])))
+        else:
+            s.append(Append(name, body["role"], body["content"]))
+    gc.collect()
+    grown = proc_rss(os.getpid()) - before
+    print(json.dumps({"per_item": grown / n, "accounted_per_item": s.bytes / n}))
+
+
+def msgpack_packb(value: Any) -> bytes:
+    import msgpack
+
+    return bytes(msgpack.packb(value))
+
+
+def store_rss() -> dict[str, Any]:
+    """Store RSS per item of each shape, each in its own process (the costs in constants.py
+    come from these figures); per turn for full conversations (20,000 x 8 turns)."""
+    out: dict[str, Any] = {}
+    for shape, n in (("one-turn", 200_000), ("full", 160_000), ("keys", 200_000)):
+        code = f"from bench.run import store_rss_child; store_rss_child({shape!r}, {n})"
+        res = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+        out[shape] = json.loads(res.stdout)
+    code = "from bench.run import store_rss_child; store_rss_child('long-ids', 200000)"
+    res = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    out["long-ids"] = json.loads(res.stdout)
+    return out
+
+
+def idle_cost(args: argparse.Namespace, b: Mosquitto) -> dict[str, Any]:
+    """CPU and wake-ups (voluntary context switches) of a worker with default flags and no
+    traffic, over --idle-seconds."""
+    cmd = [str(Path(PY).parent / "memory-worker"), "--port", str(b.port), "--client-id"]
+    with responder([*cmd, f"bench-{uuid.uuid4().hex[:8]}"], "serving") as proc:
+        time.sleep(2)
+        cpu0, sw0 = proc_cpu_and_wakeups(proc.pid)
+        t0 = time.monotonic()
+        time.sleep(args.idle_seconds)
+        cpu1, sw1 = proc_cpu_and_wakeups(proc.pid)
+        wall = time.monotonic() - t0
+    return {
+        "seconds": wall,
+        "cpu_pct": (cpu1 - cpu0) / wall * 100,
+        "wakeups_per_s": (sw1 - sw0) / wall,
+    }
+
+
+def eviction_cost(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
+    """QoS 1 appends (window 64) to conversations within --max-conversations against appends
+    to ever new ones far past it (each evicts one, with its QoS 1 event): time per request."""
+    cmd = worker_cmd(b, "--ttl", "0")
+    cmd[cmd.index("--max-conversations") + 1] = "1000"
+    runs: dict[str, list[float]] = {"within": [], "evicting": []}
+    with responder(cmd, "serving"):
+        for _ in range(args.rounds):
+            for name, convos in (("within", 500), ("evicting", 100_000_000)):
+                res = load(loadgen, b, 1, 64, args.warmup, args.seconds, convos, get_pct=0)
+                runs[name].append(res["rps"])
+    within, evicting = (statistics.median(runs[k]) for k in ("within", "evicting"))
+    return {"within_rps": within, "evicting_rps": evicting, "ratio": within / evicting}
+
+
+def frugal_table(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if "memory_budget" in result:
+        m = result["memory_budget"]
+        lines += [
+            "",
+            f"resident memory growth filled far past --max-bytes {m['budget']:,} "
+            "(worker process, /proc VmRSS):",
+            "| data shape | requests | RSS growth | vs budget |",
+            "|---|---|---|---|",
+        ]
+        for shape in SHAPES:
+            v = m[shape]
+            lines.append(
+                f"| {shape} | {v['requests']:,} | {v['growth'] / 2**20:.1f} MiB | "
+                f"{v['ratio']:.2f}x |"
+            )
+        lines.append(
+            f"worker RSS per stored 120-byte turn: {m['worker_bytes_per_turn']:.0f} bytes "
+            "(20,000 conversations x 8 turns, no eviction)"
+        )
+    if "store_rss" in result:
+        r = result["store_rss"]
+        lines += [
+            "store RSS per item, fresh process (RSS / counted by the budget): "
+            + ", ".join(
+                f"{k} {v['per_item']:.0f} / {v['accounted_per_item']:.0f} B" for k, v in r.items()
+            ),
+            f"memory per stored 120-byte turn: {r['full']['per_item']:.0f} bytes "
+            "(RSS delta, 20,000 conversations x 8 turns)",
+        ]
+    if "idle" in result:
+        i = result["idle"]
+        lines.append(
+            f"idle worker, default flags, {i['seconds']:.0f} s: {i['cpu_pct']:.3f}% of a core, "
+            f"{i['wakeups_per_s']:.2f} wake-ups/s"
+        )
+    if "eviction_cost" in result:
+        e = result["eviction_cost"]
+        lines.append(
+            f"eviction cost: appends within --max-conversations {e['within_rps']:,.0f} req/s, "
+            f"each evicting one {e['evicting_rps']:,.0f} req/s: {e['ratio']:.2f}x per request"
+        )
+    return lines
+
+
 def machine() -> dict[str, Any]:
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
     return {
@@ -538,6 +750,7 @@ def table(result: dict[str, Any]) -> str:
             f"{cl['redis']['p99_ms']:.2f} ms) vs 3-master cluster {cl['cluster']['rps']:.0f} "
             f"req/s (p99 {cl['cluster']['p99_ms']:.2f} ms)"
         ]
+    lines += frugal_table(result)
     sq, mm = med["worker (sqlite)"], med["worker (memory)"]
     lines += [
         f"sqlite vs memory backend: {sq['qos1']['rps'] / mm['qos1']['rps']:.0%} at QoS 1, "
@@ -555,6 +768,14 @@ def main() -> None:
     p.add_argument("--conversations", type=int, default=100)
     p.add_argument("--expire-conversations", type=int, default=100_000)
     p.add_argument("--skip-expiry", action="store_true")
+    p.add_argument("--idle-seconds", type=float, default=60, help="idle cost measured over")
+    p.add_argument("--budget-bytes", type=int, default=16 * 2**20, help="--max-bytes to fill")
+    p.add_argument("--budget-fill", type=float, default=3, help="fill this many budgets")
+    p.add_argument(
+        "--only",
+        choices=["frugal", "memory", "idle", "eviction", "expiry"],
+        help="run only these scenarios and print their lines",
+    )
     p.add_argument("--json", default=str(REPO / "bench-results" / "latest.json"))
     p.add_argument("--table", action="store_true", help="print the table of --json and exit")
     p.add_argument("--only-cluster", action="store_true", help="run only redis vs cluster")
@@ -578,6 +799,9 @@ def main() -> None:
         "machine": machine(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if args.only:
+        only(args, result, loadgen)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         b = Mosquitto(Path(tmp) / "mosquitto").start()
         try:
@@ -594,17 +818,50 @@ def main() -> None:
             if not args.skip_expiry:
                 print("mass expiry ...", file=sys.stderr)
                 result["expiry"] = mass_expiry(args, b, loadgen)
+            frugal(args, result, b, loadgen, "frugal")
         finally:
             b.stop()
     print("store costs and memory ...", file=sys.stderr)
     result["store"] = store_costs()
     result["memory"] = memory_per_turn()
     result["expiry_at_once"] = expiry_at_once()
+    result["store_rss"] = store_rss()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"\n(full results: {out})")
+
+
+def frugal(
+    args: argparse.Namespace, result: dict[str, Any], b: Mosquitto, loadgen: Path, which: str
+) -> None:
+    if which in ("frugal", "eviction"):
+        print("eviction cost ...", file=sys.stderr)
+        result["eviction_cost"] = eviction_cost(args, b, loadgen)
+    if which in ("frugal", "memory"):
+        print("memory against the budget ...", file=sys.stderr)
+        result["memory_budget"] = memory_budget(args, b)
+    if which in ("frugal", "idle"):
+        print(f"idle cost over {args.idle_seconds:.0f} s ...", file=sys.stderr)
+        result["idle"] = idle_cost(args, b)
+
+
+def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> None:
+    """Some scenarios alone (results printed, latest.json left alone)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Mosquitto(Path(tmp) / "mosquitto").start()
+        try:
+            if args.only == "expiry":
+                result["expiry"] = mass_expiry(args, b, loadgen)
+            else:
+                frugal(args, result, b, loadgen, args.only)
+        finally:
+            b.stop()
+    if args.only in ("frugal", "memory"):
+        result["store_rss"] = store_rss()
+    print(json.dumps({k: v for k, v in result.items() if k not in ("args", "machine")}, indent=2))
+    print("\n".join(frugal_table(result)))
 
 
 if __name__ == "__main__":

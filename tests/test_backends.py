@@ -5,6 +5,7 @@ Each test drives a backend through the same interface the service uses, on a fak
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -132,6 +133,8 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
     url = _server_url(request)
 
     async def factory(**limits: Any) -> Harness:
+        # Budget tests count bytes by hand: no overheads unless a test asks for them.
+        limits = {"convo_cost": 0, "id_byte_cost": 1, "turn_cost": 0, "key_cost": 0, **limits}
         h = Harness(request.param, Limits(**limits), tmp_path / str(len(made)), Clock(), url)
         await h.be.open()
         made.append(h)
@@ -171,7 +174,7 @@ async def test_max_turns_drops_the_oldest_without_an_eviction(make: Make) -> Non
     assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5]
     assert await add(h, "c") == {"seq": 6, "count": 3}
     assert h.take() == []
-    assert (h.counts.turns, h.counts.bytes) == (3, 6 + 6 + 5)
+    assert (h.counts.turns, h.counts.bytes) == (3, 1 + 6 + 6 + 5)
 
 
 async def test_get_last_and_unknown(make: Make) -> None:
@@ -286,17 +289,36 @@ async def test_lru_report_says_ttl_when_the_victim_had_expired(make: Make) -> No
 async def test_memory_budget_evicts_lru_with_reason_memory(make: Make) -> None:
     """Past --max-bytes, least recently used conversations go (reason memory)."""
     h = await make(max_bytes=100)
-    await add(h, "a", "x" * 40, role="r")  # 41 bytes
-    await add(h, "b", "x" * 40, role="r")  # 82
-    await add(h, "c", "x" * 40, role="r")  # 123 -> a goes
+    await add(h, "a", "x" * 40, role="r")  # 41 bytes and the 1-byte id
+    await add(h, "b", "x" * 40, role="r")  # 84
+    await add(h, "c", "x" * 40, role="r")  # 126 -> a goes
     assert h.take() == [("a", "memory", 1, 0)]
-    assert h.counts.bytes == 82
+    assert h.counts.bytes == 84
+
+
+async def test_budget_counts_each_conversation_turn_and_key_overhead(make: Make) -> None:
+    """--max-bytes counts the per-conversation, per-turn and per-key costs, on every backend."""
+    h = await make(max_bytes=400, convo_cost=99, id_byte_cost=2, turn_cost=10, key_cost=20)
+    await add(h, "a", "x" * 6, role="r")  # 99 + 2 + 10 + 7
+    await save(h, "a", "k", "v")  # 20 + 1 + 2
+    assert h.counts.bytes == 118 + 23
+    await add(h, "b", "x" * 6, role="r")  # 259
+    await add(h, "c", "x" * 6, role="r")  # 377
+    assert h.take() == []
+    await add(h, "c", "x" * 6, role="r")  # 394
+    await add(h, "c", "x" * 6, role="r")  # 411 -> a goes
+    assert h.take() == [("a", "memory", 1, 1)]
+    assert h.counts.bytes == 411 - 141
+    await h.ok(Delete("b"))
+    await h.ok(Delete("c"))
+    assert h.counts.bytes == 0
+    assert isinstance(await h.run(Append("d", "r", "x" * 290)), TooLarge)  # 99 + 2 + 10 + 291
 
 
 async def test_budget_counts_utf8_bytes(make: Make) -> None:
     h = await make()
-    await add(h, "c", "é" * 10, role="ü")
-    assert h.counts.bytes == 22
+    await add(h, "ç", "é" * 10, role="ü")
+    assert h.counts.bytes == 2 + 22
 
 
 async def test_turn_larger_than_the_budget_is_refused(make: Make) -> None:
@@ -314,7 +336,7 @@ async def test_one_conversation_over_the_budget_trims_its_own_oldest_turns(make:
     for i in range(5):
         await add(h, "c", f"{i}" * 39, role="r")
     assert [t["content"][0] for t in await turns(h, "c")] == ["3", "4"]
-    assert h.counts.bytes == 80
+    assert h.counts.bytes == 1 + 80
     assert h.take() == []
 
 
@@ -407,9 +429,9 @@ async def test_state_values_round_trip_exactly(make: Make, value: Any) -> None:
 
 async def test_state_counts_toward_the_budget_and_goes_with_the_conversation(make: Make) -> None:
     h = await make()
-    await save(h, "c", "key", "v")  # 3 + 2
+    await save(h, "c", "key", "v")  # 3 + 2, and the id's 1
     await add(h, "c", "x")
-    assert h.counts.bytes == 5 + 5
+    assert h.counts.bytes == 1 + 5 + 5
     await h.ok(Delete("c"))
     assert h.take() == [("c", "deleted", 1, 1)]
     assert (h.counts.bytes, h.counts.keys) == (0, 0)
@@ -536,3 +558,18 @@ async def test_lru_order_survives_restart_with_ttl_off(tmp_path: Path) -> None:
     await h.expire()
     assert h.take() == [("b", "lru", 1, 0)]
     await h.be.close()
+
+
+async def test_next_expiry_tells_the_sweep_how_long_it_may_sleep(make: Make) -> None:
+    """next_expiry() is never past the next deadline, and is forever when nothing can expire."""
+    h = await make(ttl=10)
+    await h.expire()  # Redis reads its earliest deadline on a sweep
+    if h.kind != "redis":  # Redis polls for deadlines other workers set
+        assert h.be.next_expiry() == math.inf
+    await add(h, "a")
+    await h.expire()
+    assert 0 < h.be.next_expiry() <= 10
+    h.clock.now += 10
+    assert h.be.next_expiry() <= 0
+    await h.expire()
+    assert h.take() == [("a", "ttl", 1, 0)]

@@ -14,7 +14,15 @@ from worker.errors import TooLarge
 from worker.protocol import Append, Delete, Get
 from worker.store import Store
 
-LIMITS = Limits(max_turns=3, ttl=10, max_conversations=3, max_bytes=40)
+LIMITS = Limits(
+    max_turns=3,
+    ttl=10,
+    max_conversations=3,
+    max_bytes=60,
+    convo_cost=5,
+    id_byte_cost=2,
+    turn_cost=2,
+)
 names = st.sampled_from("abcde")
 texts = st.text(alphabet="xé", max_size=14)
 
@@ -25,9 +33,12 @@ class ModelConvo:
     seq: int = 0
     order: int = 0
     deadline: float = 0.0
+    base: int = 0
 
     def size(self) -> int:
-        return sum(len(r.encode()) + len(c.encode()) for r, c, _ in self.turns)
+        return self.base + sum(
+            len(r.encode()) + len(c.encode()) + LIMITS.turn_cost for r, c, _ in self.turns
+        )
 
 
 class Model:
@@ -57,15 +68,15 @@ class Model:
 
     def append(self, name: str, role: str, content: str, now: float) -> tuple[int, int] | None:
         cv = self.live(name, now)
-        size = len(role.encode()) + len(content.encode())
-        if size > LIMITS.max_bytes:
+        base = LIMITS.convo_cost + LIMITS.id_byte_cost * len(name.encode())
+        if base + len(role.encode()) + len(content.encode()) + LIMITS.turn_cost > LIMITS.max_bytes:
             return None
         if cv is None:
             while len(self.convos) >= LIMITS.max_conversations:
                 victim = self.lru()
                 expired = self.convos[victim].deadline <= now
                 self.evict(victim, "ttl" if expired else "lru")
-            cv = self.convos[name] = ModelConvo()
+            cv = self.convos[name] = ModelConvo(base=base)
         cv.seq += 1
         cv.turns.append((role, content, cv.seq))
         while len(cv.turns) > LIMITS.max_turns or (

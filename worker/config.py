@@ -29,6 +29,12 @@ class Limits:
     # --max-inflight: the broker never has more unacknowledged requests out to us than our
     # Receive Maximum, so no more than that many can come again after a crash.
     max_ids: int = c.DEFAULT_MAX_INFLIGHT
+    # What --max-bytes counts per conversation, turn and key besides their bytes (measured
+    # overheads, see constants.py; tests set their own).
+    convo_cost: int = c.CONVO_COST
+    id_byte_cost: int = c.ID_BYTE_COST
+    turn_cost: int = c.TURN_COST
+    key_cost: int = c.KEY_COST
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,27 @@ REASON_MEMORY: Final = "memory"
 REASON_DELETED: Final = "deleted"
 REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 
+# What --max-bytes counts besides the stored bytes themselves: resident memory per
+# conversation (plus ID_BYTE_COST per byte of its id), per turn (plus role and content) and
+# per state key (plus key and msgpack value). Measured as RSS deltas (/proc VmRSS), never
+# tracemalloc (the allocator's share is memory too), with `scripts/bench --only memory`:
+# in a fresh process filling the memory store alone (200,000 one-turn conversations, 20,000
+# conversations x 8 turns, 200,000 with 128-byte ids, 200,000 keys of 100-byte values: 523,
+# 193 per turn, 653 and 305 bytes each), and in the worker process filled to three times the
+# budget with each shape, which adds what churn costs (eviction after eviction leaves dict
+# tables sized for deleted entries and freed memory the allocator keeps): about 235 bytes
+# more per conversation (it varies between runs: 1.13-1.21x the budget with 512), and an
+# id's bytes counting about 1.6 times. Rounded up, so the budget errs towards less memory.
+CONVO_COST: Final = 640
+ID_BYTE_COST: Final = 2
+TURN_COST: Final = 112
+KEY_COST: Final = 256
+
 # How many conversations one sweep step expires before it yields to serving.
 SWEEP_CHUNK: Final = 500
+# The sweep sleeps until the next deadline, but runs at most this often (a wave of expiries
+# is taken in steps of this interval, not one wake-up per conversation).
 SWEEP_INTERVAL: Final = 0.25
+# Redis: other workers of a share group set deadlines this worker cannot see, so its sweep
+# sleeps at most this long (its own requests wake it earlier).
+REDIS_SWEEP_POLL: Final = 1.0

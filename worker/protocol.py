@@ -412,7 +412,7 @@ _NIL: Final = _packb(None)
 
 def encode_turn(role: str, content: str, ts: float, seq: int) -> bytes:
     """A stored turn, encoded once when stored so that a get only concatenates."""
-    return _packb({"role": role, "content": content, "ts": ts, "seq": seq})
+    return _packb({"role": role, "content": content, "ts": float(ts), "seq": seq})
 
 
 def _str_at(data: bytes, at: int) -> tuple[int, int]:
@@ -431,6 +431,22 @@ def turn_size(turn: bytes) -> int:
     role, head = _str_at(turn, 6)
     content, _ = _str_at(turn, 6 + head + role + 8)
     return role + content
+
+
+_UINT_WIDTH: Final = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
+
+
+def turn_end(turns: bytes, at: int) -> int:
+    """Where the turn made by `encode_turn` that starts at `at` ends: the store keeps turns
+    back to back and finds their boundaries this way instead of keeping their lengths.
+    Layout: map header, "role", role, "content", content, "ts" (3), float64 (9), "seq" (4),
+    uint."""
+    role, head = _str_at(turns, at + 6)
+    at += 6 + head + role + 8
+    content, head = _str_at(turns, at)
+    at += head + content + 16
+    first = turns[at]
+    return at + (1 if first < 0x80 else _UINT_WIDTH[first])
 
 
 def _array_header(n: int) -> bytes:

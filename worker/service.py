@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -64,6 +65,7 @@ _STABLE_CONNECTION = 10.0
 BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
 _SLOW_ROUND_TRIP = 0.02
+_EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 
 
 class _Client(aiomqtt.Client):
@@ -294,6 +296,8 @@ class Service:
         self._online = b""  # the last "online" status this worker published
         self._loss_explained = False
         self._event_props = PackedProperties(content_type(cfg.event_format))
+        self._sweep_kick = asyncio.Event()
+        self._sweep_due = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -713,6 +717,8 @@ class Service:
             self._reply(msg, parsed, result)
             self._ack(gen, msg)
         self._announce(evictions)
+        if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
+            self._sweep_kick.set()
 
     def _reply(self, msg: paho.MQTTMessage, parsed: Parsed, result: Result) -> None:
         stats = self.stats
@@ -752,9 +758,25 @@ class Service:
     # --- background work ------------------------------------------------------------------
 
     async def _sweep(self) -> None:
+        # Sleeps until the backend's next deadline (forever when nothing can expire), at
+        # most once per SWEEP_INTERVAL; `_sweep_kick` wakes it when a request made an
+        # earlier deadline than the one it sleeps to.
         failing = False
+        ran = -math.inf
         while True:
-            await asyncio.sleep(c.SWEEP_INTERVAL)
+            now = time.monotonic()
+            delay = max(0.0, self.backend.next_expiry(), ran + c.SWEEP_INTERVAL - now)
+            if failing:
+                delay = c.SWEEP_INTERVAL
+            self._sweep_due = now + delay
+            self._sweep_kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._sweep_kick.wait(), None if delay == math.inf else delay
+                )
+            if self._sweep_kick.is_set() and time.monotonic() < self._sweep_due:
+                continue  # woken by a request: sleep again, to its deadline
+            ran = time.monotonic()
             more = True
             while more:
                 await self._sendable()
@@ -768,8 +790,28 @@ class Service:
                 if failing:
                     log.info("expiry sweep works again")
                 failing = False
-                self._announce(evictions)
-                await asyncio.sleep(0)  # let requests in between chunks
+                for at in range(0, len(evictions), _EVENT_SLICE):
+                    await self._room_for_events()
+                    self._announce(evictions[at : at + _EVENT_SLICE])
+                    await asyncio.sleep(0)  # let requests in between slices
+
+    async def _room_for_events(self) -> None:
+        """Wait until a slice of events keeps our unacknowledged publishes within two
+        slices (or half the broker's Receive Maximum, if less).
+
+        Past the Receive Maximum paho queues our publishes, and a QoS 1 reply would wait
+        behind every event queued before it for the broker's PUBACKs (the stall during an
+        expiry wave); a short event backlog leaves replies room, and the broker less to get
+        through before it reaches a reply.
+        """
+        client = self._client
+        while client is not None and not client.paused and self.connected.is_set():
+            room = min(client.paho._max_inflight_messages // 2, 2 * _EVENT_SLICE)
+            if client.backlog() + _EVENT_SLICE <= max(room, _EVENT_SLICE):
+                return
+            client.sendable.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.sendable.wait(), 0.005)
 
     async def _publish_stats_forever(self) -> None:
         while True:

@@ -1,7 +1,8 @@
 """The pure core: bounded conversation memory with no I/O.
 
 Bounds: turns per conversation, sliding TTL on a monotonic clock, an LRU cap on the
-number of conversations, and a byte budget over stored role, content and state. Every
+number of conversations, and a byte budget over stored role, content and state plus the
+measured memory overhead of each conversation, turn and key (Limits.*_cost). Every
 conversation lives in one OrderedDict kept in order of last use; since every conversation
 has the same TTL, that order is also the order of their deadlines, so both LRU eviction and
 expiry take from the front in O(1).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -35,27 +35,33 @@ from worker.protocol import (
     StateSave,
     Turns,
     encode_turn,
+    turn_end,
     turn_size,
 )
 
 NO_DEADLINE: Final = float("inf")
 
 
+def base_cost(limits: Limits, name: str) -> int:
+    """What a conversation costs the budget before its turns and keys."""
+    return limits.convo_cost + limits.id_byte_cost * len(name.encode())
+
+
 class Convo:
     """One conversation.
 
     Its turns are msgpack-encoded once, when stored, and kept back to back in one bytes
-    object (`turns`), with each one's length in `lens`: a get is then one slice, and a turn
-    costs its encoding plus four bytes instead of a Python object of its own.
+    object (`turns`): a get is then one slice, and a turn costs its encoding and nothing
+    else (boundaries are read off the encoding, `turn_end`, rather than kept).
     """
 
-    __slots__ = ("deadline", "ids", "lens", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
+    __slots__ = ("count", "deadline", "ids", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
 
     def __init__(self) -> None:
         self.turns = b""
-        self.lens = array("I")
+        self.count = 0
         self.seq = 0
-        self.nbytes = 0  # turns and state
+        self.nbytes = 0  # its base cost, turns and state
         self.sbytes = 0  # state alone
         self.nkeys = 0
         self.deadline = NO_DEADLINE
@@ -63,43 +69,42 @@ class Convo:
         self.state: dict[str, dict[str, tuple[bytes, float]]] | None = None
         self.ids: dict[Any, dict[str, Any]] | None = None
 
-    @property
-    def count(self) -> int:
-        return len(self.lens)
+    def _skip(self, n: int) -> int:
+        """Offset of the turn after the n oldest."""
+        at, turns = 0, self.turns
+        for _ in range(n):
+            at = turn_end(turns, at)
+        return at
 
     def add_turn(self, turn: bytes, drop: int) -> list[bytes]:
         """Append `turn` after dropping the `drop` oldest; returns the dropped ones."""
-        lens = self.lens
-        dropped, cut = [], 0
-        for size in lens[:drop]:
-            dropped.append(self.turns[cut : cut + size])
-            cut += size
-        self.turns = self.turns[cut:] + turn
-        del lens[:drop]
-        lens.append(len(turn))
+        dropped, cut, turns = [], 0, self.turns
+        for _ in range(drop):
+            end = turn_end(turns, cut)
+            dropped.append(turns[cut:end])
+            cut = end
+        self.turns = turns[cut:] + turn
+        self.count += 1 - drop
         return dropped
 
     def drop_oldest(self) -> bytes:
-        first = self.lens.pop(0)
-        turn, self.turns = self.turns[:first], self.turns[first:]
+        end = turn_end(self.turns, 0)
+        turn, self.turns = self.turns[:end], self.turns[end:]
+        self.count -= 1
         return turn
 
     def last(self, n: int | None) -> Turns:
-        lens = self.lens
-        if n is None or n >= len(lens):
-            return Turns(len(lens), self.turns)
-        return Turns(n, self.turns[len(self.turns) - sum(lens[len(lens) - n :]) :])
+        if n is None or n >= self.count:
+            return Turns(self.count, self.turns)
+        return Turns(n, self.turns[self._skip(self.count - n) :])
 
     def turn_list(self) -> list[bytes]:
-        out, at = [], 0
-        for size in self.lens:
-            out.append(self.turns[at : at + size])
-            at += size
+        out, at, turns = [], 0, self.turns
+        for _ in range(self.count):
+            end = turn_end(turns, at)
+            out.append(turns[at:end])
+            at = end
         return out
-
-
-def _key_size(key: str, value: bytes) -> int:
-    return len(key.encode()) + len(value)
 
 
 class Store:
@@ -183,22 +188,25 @@ class Store:
         cv = self._live(name, now)
         if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
             return self._done(name, cv, now, None, cv.ids[req.id])
-        size = len(req.role.encode()) + len(req.content.encode())
         lim = self.limits
-        if size + (cv.sbytes if cv else 0) > lim.max_bytes:
-            raise TooLarge(f"the turn ({size} bytes) does not fit in --max-bytes {lim.max_bytes}")
+        size = len(req.role.encode()) + len(req.content.encode()) + lim.turn_cost
+        if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
+            raise TooLarge(
+                f"the turn ({size} bytes with its overhead) does not fit in --max-bytes "
+                f"{lim.max_bytes}"
+            )
         if cv is None:
             cv = self._create(name, now)
         cv.seq += 1
         turn = encode_turn(req.role, req.content, self._wall(), cv.seq)
         over = max(0, cv.count + 1 - lim.max_turns)
         for dropped in cv.add_turn(turn, over):
-            size -= turn_size(dropped)
+            size -= turn_size(dropped) + lim.turn_cost
         self.turns += 1 - over
         cv.nbytes += size
         self.bytes += size
         while cv.nbytes > lim.max_bytes and cv.count > 1:
-            dropped_size = turn_size(cv.drop_oldest())
+            dropped_size = turn_size(cv.drop_oldest()) + lim.turn_cost
             cv.nbytes -= dropped_size
             self.bytes -= dropped_size
             self.turns -= 1
@@ -232,8 +240,8 @@ class Store:
             self._purge_expired_keys(cv, now, name)
             if cv.nkeys >= lim.max_keys:
                 raise TooLarge(f"the conversation has --max-keys {lim.max_keys} live keys")
-        delta = _key_size(req.key, req.value) - (_key_size(req.key, old[0]) if old else 0)
-        if (cv.nbytes if cv else 0) + delta > lim.max_bytes:
+        delta = self._key_size(req.key, req.value) - (self._key_size(req.key, old[0]) if old else 0)
+        if (cv.nbytes if cv else self._base(name)) + delta > lim.max_bytes:
             raise TooLarge(f"the value does not fit in --max-bytes {lim.max_bytes}")
         if cv is None:
             cv = self._create(name, now)
@@ -335,16 +343,15 @@ class Store:
         cv = Convo()
         kept = turns[-self.limits.max_turns :]
         cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
-        cv.lens = array("I", map(len, kept))
+        cv.count = len(kept)
         cv.ids = ids or None
-        size = sum(turn_size(t) for t in kept)
-        cv.nbytes = size
+        cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
             for key, (value, key_deadline) in keys.items():
                 if cv.state is None:
                     cv.state = {}
                 cv.state.setdefault(ns, {})[key] = (value, key_deadline)
-                ks = _key_size(key, value)
+                ks = self._key_size(key, value)
                 cv.sbytes += ks
                 cv.nkeys += 1
                 if key_deadline != NO_DEADLINE:
@@ -364,6 +371,13 @@ class Store:
         self._fit_budget()
 
     # --- internals ----------------------------------------------------------------------
+
+    def _base(self, name: str) -> int:
+        """What a conversation costs the budget before its turns and keys."""
+        return base_cost(self.limits, name)
+
+    def _key_size(self, key: str, value: bytes) -> int:
+        return len(key.encode()) + len(value) + self.limits.key_cost
 
     def _changed(self, name: str) -> None:
         if self.dirty is not None:
@@ -392,6 +406,8 @@ class Store:
                 oldest_name, oldest, c.REASON_TTL if oldest.deadline <= now else c.REASON_LRU
             )
         cv = Convo()
+        cv.nbytes = self._base(name)
+        self.bytes += cv.nbytes
         convos[name] = cv
         return cv
 
@@ -446,7 +462,7 @@ class Store:
         value, _ = keys.pop(key)
         if not keys:
             del cv.state[ns]
-        size = _key_size(key, value)
+        size = self._key_size(key, value)
         cv.nbytes -= size
         cv.sbytes -= size
         cv.nkeys -= 1

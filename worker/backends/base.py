@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from worker import constants as c
 from worker.protocol import Eviction, Request, Result
 
 
@@ -45,6 +46,14 @@ class Backend(ABC):
     @abstractmethod
     async def expire(self) -> tuple[bool, list[Eviction]]:
         """Expire a bounded amount of what is due: (more is due, evictions)."""
+
+    def next_expiry(self) -> float:
+        """Seconds until `expire()` next has work (inf: not before a request makes some).
+
+        The sweep sleeps that long. A backend that cannot know (or may miss deadlines set by
+        others) returns a bounded poll; this default is the old fixed interval.
+        """
+        return c.SWEEP_INTERVAL
 
     @abstractmethod
     def counts(self) -> Counts:

@@ -23,6 +23,7 @@ class MemoryBackend(Backend):
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.store = Store(limits, clock=clock, wall=wall)
+        self._clock = clock
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
         run = self.store.execute
@@ -34,6 +35,9 @@ class MemoryBackend(Backend):
         more = self.store.expire()
         await self._commit()
         return more, self.store.take_evictions()
+
+    def next_expiry(self) -> float:
+        return self.store.next_deadline() - self._clock()
 
     async def _commit(self) -> None:
         """Make what the store just did durable; nothing to do in memory (see sqlite.py)."""

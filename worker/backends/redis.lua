@@ -1,7 +1,9 @@
 -- One operation of the memory store, atomically (Redis runs a script alone). Shared by
 -- every worker. KEYS[1] is the key prefix, with a {hash tag} so that all keys of one
 -- prefix live in one Redis Cluster slot. ARGV: op, now (s), ttl, max_turns,
--- max_conversations, max_bytes, max_keys, max_ids, then the op's own arguments.
+-- max_conversations, max_bytes, max_keys, max_ids, base (what this conversation costs the
+-- budget before its turns and keys; turn and key costs come in their sizes), then the op's
+-- own arguments.
 -- Returns {result, evictions, counts}; evictions are {convo, reason, turns, keys}.
 local K = KEYS[1]
 local op = ARGV[1]
@@ -12,6 +14,7 @@ local max_convos = tonumber(ARGV[5])
 local max_bytes = tonumber(ARGV[6])
 local max_keys = tonumber(ARGV[7])
 local max_ids = tonumber(ARGV[8])
+local base = tonumber(ARGV[9])
 local ev = {}
 
 local function num(v) return tonumber(v) or 0 end
@@ -69,7 +72,8 @@ local function create(c)
     local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
     evict(victim, expired and 'ttl' or 'lru')
   end
-  redis.call('HSET', meta(c), 'seq', 0, 'nbytes', 0, 'sbytes', 0, 'nkeys', 0)
+  redis.call('HSET', meta(c), 'seq', 0, 'nbytes', base, 'sbytes', 0, 'nkeys', 0)
+  redis.call('INCRBY', K .. 'bytes', base)
 end
 
 local function fit_budget()
@@ -117,16 +121,16 @@ local function trim_oldest(c)
 end
 
 local result
-local c = ARGV[9]
+local c = ARGV[10]
 if op == 'append' then
-  -- ARGV[10] size, ARGV[11] turn without its seq, ARGV[12] id
-  local size, head, id = tonumber(ARGV[10]), ARGV[11], ARGV[12]
+  -- ARGV[11] size, ARGV[12] turn without its seq, ARGV[13] id
+  local size, head, id = tonumber(ARGV[11]), ARGV[12], ARGV[13]
   local exists = live(c)
   local dup = exists and seen(c, id)
   if dup then
     touch(c)
     result = {'dup', dup}
-  elseif size + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0) > max_bytes then
+  elseif size + base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0) > max_bytes then
     result = {'too_large', 'the turn does not fit in --max-bytes'}
   else
     if not exists then create(c) end
@@ -149,7 +153,7 @@ if op == 'append' then
 elseif op == 'get' then
   if live(c) then
     touch(c)
-    local last = tonumber(ARGV[10])
+    local last = tonumber(ARGV[11])
     result = {'turns', redis.call('LRANGE', K .. 't:' .. c, last > 0 and -last or 0, -1)}
   else
     result = {'turns', {}}
@@ -163,9 +167,9 @@ elseif op == 'delete' then
     result = {'ok', '0'}
   end
 elseif op == 'save' then
-  -- ARGV[10] field, ARGV[11] key size, ARGV[12] value, ARGV[13] key ttl (0: none), ARGV[14] id
-  local field, ksize, value = ARGV[10], tonumber(ARGV[11]), ARGV[12]
-  local kttl, id = tonumber(ARGV[13]), ARGV[14]
+  -- ARGV[11] field, ARGV[12] key size, ARGV[13] value, ARGV[14] key ttl (0: none), ARGV[15] id
+  local field, ksize, value = ARGV[11], tonumber(ARGV[12]), ARGV[13]
+  local kttl, id = tonumber(ARGV[14]), ARGV[15]
   local exists = live(c)
   local dup = exists and seen(c, id)
   if dup then
@@ -179,7 +183,7 @@ elseif op == 'save' then
     local delta = ksize + string.len(value) - (old and (ksize + string.len(old)) or 0)
     if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
       result = {'too_large', 'the conversation has --max-keys live keys'}
-    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) or 0) + delta > max_bytes then
+    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) or base) + delta > max_bytes then
       result = {'too_large', 'the value does not fit in --max-bytes'}
     else
       if not exists then create(c) end
@@ -206,18 +210,18 @@ elseif op == 'save' then
   end
 elseif op == 'load' then
   if live(c) then
-    local value = live_key(c, ARGV[10])
+    local value = live_key(c, ARGV[11])
     touch(c)
     result = value and {'value', value} or {'none', ''}
   else
     result = {'none', ''}
   end
 elseif op == 'get_all' then
-  -- ARGV[10] the namespace's field prefix
+  -- ARGV[11] the namespace's field prefix
   local items = {}
   if live(c) then
     touch(c)
-    local prefix = ARGV[10]
+    local prefix = ARGV[11]
     local all = redis.call('HGETALL', K .. 's:' .. c)
     for i = 1, #all, 2 do
       if string.sub(all[i], 1, string.len(prefix)) == prefix and live_key(c, all[i]) then
@@ -230,14 +234,14 @@ elseif op == 'get_all' then
 elseif op == 'state_delete' then
   local found = false
   if live(c) then
-    found = live_key(c, ARGV[10]) and true or false
-    if found then drop_key(c, ARGV[10]) end
+    found = live_key(c, ARGV[11]) and true or false
+    if found then drop_key(c, ARGV[11]) end
     touch(c)
   end
   result = {'ok', found and '1' or ''}
 elseif op == 'expire' then
-  -- ARGV[9] limit
-  local limit = tonumber(ARGV[9])
+  -- ARGV[10] limit
+  local limit = tonumber(ARGV[10])
   local done = 0
   if ttl > 0 then
     for _, due in ipairs(redis.call('ZRANGEBYSCORE', K .. 'dl', '-inf', now, 'LIMIT', 0, limit)) do
@@ -251,7 +255,13 @@ elseif op == 'expire' then
     redis.call('ZREM', K .. 'kd', member)
     done = done + 1
   end
-  result = {'more', done >= limit and '1' or ''}
+  -- and the earliest deadline left ('' when none), for the sweep to sleep until
+  local first = ''
+  for _, zset in ipairs({'dl', 'kd'}) do
+    local head = redis.call('ZRANGE', K .. zset, 0, 0, 'WITHSCORES')
+    if head[2] and (first == '' or tonumber(head[2]) < tonumber(first)) then first = head[2] end
+  end
+  result = {'more', done >= limit and '1' or '', first}
 end
 
 if result == nil then result = {'ok', ''} end  -- 'counts': nothing but the counts

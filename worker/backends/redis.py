@@ -43,6 +43,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
+from worker.store import NO_DEADLINE, base_cost
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
@@ -106,6 +107,7 @@ class RedisBackend(Backend):
         )
         self._script = self._redis.register_script(SCRIPT)
         self._counts = Counts(0, 0, 0, 0)
+        self._next_deadline = 0.0  # unknown until the first sweep
 
     async def open(self) -> None:
         try:
@@ -136,13 +138,14 @@ class RedisBackend(Backend):
             lim.max_bytes,
             lim.max_keys,
             lim.max_ids,
+            base_cost(lim, rest[0]) if op not in ("counts", "expire") else 0,
             *rest,
         ]
 
     def _call(self, req: Request) -> list[Any]:
         match req:
             case Append():
-                size = len(req.role.encode()) + len(req.content.encode())
+                size = len(req.role.encode()) + len(req.content.encode()) + self.limits.turn_cost
                 head = turn_head(req.role, req.content, self._wall())
                 return self._args("append", req.convo, size, head, _id(req.id))
             case Get():
@@ -155,7 +158,7 @@ class RedisBackend(Backend):
                     "save",
                     req.convo,
                     _field(req.ns, req.key),
-                    len(req.key.encode()),
+                    len(req.key.encode()) + self.limits.key_cost,
                     req.value,
                     repr(ttl),
                     _id(req.id),
@@ -199,7 +202,12 @@ class RedisBackend(Backend):
 
     async def expire(self) -> tuple[bool, list[Eviction]]:
         raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
+        self._next_deadline = float(raw[0][2]) if raw[0][2] else NO_DEADLINE
         return raw[0][1] == b"1", evictions
+
+    def next_expiry(self) -> float:
+        # Exact for what this worker last saw; bounded, for deadlines other workers set.
+        return min(self._next_deadline - self._clock(), c.REDIS_SWEEP_POLL)
 
 
 def _id(req_id: Any) -> bytes:
