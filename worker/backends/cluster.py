@@ -31,6 +31,7 @@ from worker.backends.redis import DEFAULT_TIMEOUT, SCRIPT, RedisBackend, _result
 from worker.config import Limits
 from worker.errors import ConfigError, Unavailable
 from worker.protocol import Eviction, Request, Result
+from worker.store import NO_DEADLINE
 
 log = logging.getLogger("memory_worker.cluster")
 _SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
@@ -105,6 +106,7 @@ class ClusterBackend(RedisBackend):
         self._shard_counts = [Counts(0, 0, 0, 0)] * s
         self._counts = Counts(0, 0, 0, 0)
         self._down: set[int] = set()
+        self._next_deadline = 0.0  # unknown until the first sweep
 
     async def open(self) -> None:
         await self._initialize(self._deadline())
@@ -233,4 +235,6 @@ class ClusterBackend(RedisBackend):
         replies, evictions = await self._all("expire", c.SWEEP_CHUNK)
         if not replies:
             raise Unavailable("storage unavailable: no redis cluster node answers")
+        deadlines = [float(r[2]) for r in replies if r[2]]
+        self._next_deadline = min(deadlines) if deadlines else NO_DEADLINE
         return any(r[1] == b"1" for r in replies), evictions
