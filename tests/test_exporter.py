@@ -99,5 +99,5 @@ async def test_exporter_turns_stats_into_metrics(
         assert value(metrics, "memory_worker_requests_total", cid) == 3
         assert value(metrics, "memory_worker_conversations", cid) == 1
         assert value(metrics, "memory_worker_turns", cid) == 1
-        assert value(metrics, "memory_worker_stored_bytes", cid) == len("user") + len("hi")
+        assert value(metrics, "memory_worker_stored_bytes", cid) == w.backend.counts().bytes
         assert value(metrics, "memory_worker_limit_max_bytes", cid) == c.DEFAULT_MAX_BYTES

@@ -49,7 +49,11 @@ def scripts_run(clone: Path, port: int) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [str(clone / "scripts" / "run")],
         cwd=clone,
-        env={**os.environ, "MEMORY_WORKER_PORT": str(port)},
+        env={
+            **os.environ,
+            "MEMORY_WORKER_PORT": str(port),
+            "MEMORY_WORKER_DASHBOARD_PORT": str(free_port()),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

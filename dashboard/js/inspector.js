@@ -71,7 +71,7 @@
       if (this.subscribedOn !== client) this.replyTopics.clear();
       client.subscribe(replyTopic, { qos: 1 }, (err, granted) => {
         if (err || !granted?.length || granted[0].qos >= 0x80) {
-          return this.refused("The broker does not let this user read replies: this user may not ask the worker.");
+          return this.refused("The broker does not let this user read replies: this user may only watch, not ask the worker. docs/dashboards.md shows how to allow it.");
         }
         this.subscribedOn = client;
         this.replyTopics.add(replyTopic);
