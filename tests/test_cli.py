@@ -198,6 +198,8 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         (["--reply-prefix", "$SYS/x", "get", "c"], "reply prefix"),
         (["--prefix", "a+b", "get", "c"], "--prefix"),
         (["--id", "i" * 65, "append", "c", "user", "hi"], "'id'"),
+        (["get", "c", "--last", "0"], "'last'"),
+        (["--timeout", "0", "get", "c"], "--timeout"),
     ],
 )
 def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | None) -> None:

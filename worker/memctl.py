@@ -174,6 +174,8 @@ async def stats(args: argparse.Namespace) -> int:
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """What the contract refuses in the arguments, before anything is sent."""
+    if args.timeout <= 0:
+        return f"--timeout must be more than 0 seconds, got {args.timeout}"
     try:
         validate_prefix(args.prefix)
     except ValueError as exc:
@@ -183,7 +185,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if args.id is not None:
             check_request("c", c.OP_GET, {"id": args.id})
         if getattr(args, "convo", None) is not None:
-            check_request(args.convo, c.OP_GET, {})
+            last = getattr(args, "last", None)
+            check_request(args.convo, c.OP_GET, {} if last is None else {"last": last})
         if args.command == "append":
             check_request(args.convo, c.OP_APPEND, {"role": args.role, "content": args.content})
         if args.command == "state":
@@ -203,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"watch": watch, "stats": stats}.get(args.command, ask)
     try:
         return asyncio.run(run(args))
-    except NoReplyError:
+    except NoReplyError as exc:
+        if exc.message.startswith("cannot reach"):
+            print(f"memctl: {exc.message}", file=sys.stderr)
+            return EXIT_NO_REPLY
         print(
             f"memctl: no answer within {args.timeout}s from {args.host}:{args.port} (is a "
             f"broker listening there, and memory-worker running with prefix {args.prefix!r}?)",
