@@ -260,7 +260,8 @@ def store_costs() -> dict[str, Any]:
     content = "x" * 120
     out: dict[str, Any] = {}
     for n in (500, 10_000, 100_000):
-        s = Store(Limits(max_conversations=n, max_turns=8))
+        # A budget that never binds: this measures LRU by count alone.
+        s = Store(Limits(max_conversations=n, max_turns=8, max_bytes=1 << 40))
         for i in range(n):
             s.append(Append(f"conversation-{i}", "user", content))
         k = 100_000
@@ -323,7 +324,8 @@ def mass_expiry(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[s
     n = args.expire_conversations
     fill_seconds = n / 5_000
     ttl = fill_seconds + 1
-    with responder(worker_cmd(b, "--ttl", str(ttl)), "serving"):
+    # A budget that never binds: every conversation leaves by TTL, none for memory.
+    with responder(worker_cmd(b, "--ttl", str(ttl), "--max-bytes", str(2**30)), "serving"):
 
         async def run() -> dict[str, Any]:
             started = asyncio.Event()
@@ -350,7 +352,7 @@ def expiry_at_once(n: int = 100_000) -> dict[str, Any]:
     """The pure store expiring N conversations that all fell due at the same moment: total
     time, and the longest single sweep step (the longest any request can wait for one)."""
     now = [0.0]
-    s = Store(Limits(max_conversations=n, ttl=10), clock=lambda: now[0])
+    s = Store(Limits(max_conversations=n, ttl=10, max_bytes=1 << 40), clock=lambda: now[0])
     for i in range(n):
         s.append(Append(f"conversation-{i}", "user", "x" * 120))
     now[0] = 100.0
