@@ -84,6 +84,11 @@ class _Client(aiomqtt.Client):
         c._update_inflight = update_inflight  # type: ignore[method-assign]
 
     def _buffered_recv(self, bufsize: int) -> bytes:
+        if self.paused:
+            # paho reads up to one packet per publish of ours in flight per call, not one:
+            # stop it here, or a broker that ignores our Receive Maximum (Mosquitto 2.0.11
+            # does) makes a batch larger than the ids each conversation remembers.
+            raise BlockingIOError
         data, pos = self._rbuf, self._rpos
         if pos >= len(data):
             sock = self._client._sock
@@ -471,6 +476,11 @@ class Service:
             self._reply(msg, parsed, result)
             self._ack(gen, msg)
         self._announce(evictions)
+        if self._client is not None:
+            # Hand these acknowledgements to the kernel before the next batch is applied:
+            # a crash then leaves at most one batch applied but unacknowledged, and the
+            # broker's redelivery of it stays within the ids remembered.
+            self._client.paho.loop_write()
 
     def _reply(self, msg: paho.MQTTMessage, parsed: Parsed, result: Result) -> None:
         stats = self.stats
