@@ -99,6 +99,11 @@ class _Client(aiomqtt.Client):
         self._rpos = pos + bufsize
         return data[pos : pos + bufsize]
 
+    def _tls_recv(self, bufsize: int) -> bytes:
+        if self.paused:
+            raise BlockingIOError  # as in _buffered_recv
+        return paho.Client._sock_recv(self._client, bufsize)
+
     def _on_connect(
         self,
         client: paho.Client,
@@ -137,7 +142,7 @@ class _Client(aiomqtt.Client):
             if type(sock) is socket.socket:  # TLS sockets keep their own buffer
                 client._sock_recv = self._buffered_recv  # type: ignore[method-assign]
             else:
-                client.__dict__.pop("_sock_recv", None)
+                client._sock_recv = self._tls_recv  # type: ignore[method-assign]
             self._loop.add_reader(self._fd, self._read)
             self._misc_task = self._loop.create_task(self._misc_loop())
 
@@ -165,6 +170,14 @@ class _Client(aiomqtt.Client):
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
 
+    def flush(self) -> None:
+        """Write what paho has queued, now rather than on the next writable event.
+
+        Errors and what is left are the writer callback's, which stays registered: paho's
+        loop_write would also (un)register it, through callbacks that run later.
+        """
+        self._client._packet_write()
+
     def pause_reading(self) -> None:
         if not self.paused and self._fd >= 0:
             self.paused = True
@@ -174,7 +187,8 @@ class _Client(aiomqtt.Client):
         if self.paused and self._fd >= 0:
             self.paused = False
             self._loop.add_reader(self._fd, self._read)
-            if self._rpos < len(self._rbuf):
+            pending = getattr(self._client._sock, "pending", None)
+            if self._rpos < len(self._rbuf) or (pending is not None and pending()):
                 self._loop.call_soon(self._read)  # buffered bytes wake no epoll
 
     async def wait_disconnected(self) -> None:
@@ -476,11 +490,12 @@ class Service:
             self._reply(msg, parsed, result)
             self._ack(gen, msg)
         self._announce(evictions)
-        if self._client is not None:
+        if self._client is not None and self.connected.is_set():
             # Hand these acknowledgements to the kernel before the next batch is applied:
             # a crash then leaves at most one batch applied but unacknowledged, and the
-            # broker's redelivery of it stays within the ids remembered.
-            self._client.paho.loop_write()
+            # broker's redelivery of it stays within the ids remembered. (Not while a
+            # reconnection is under way: paho's connect runs on another thread.)
+            self._client.flush()
 
     def _reply(self, msg: paho.MQTTMessage, parsed: Parsed, result: Result) -> None:
         stats = self.stats
