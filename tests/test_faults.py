@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -144,3 +145,31 @@ async def test_broker_gone_neither_exits_nor_spins(own_broker: Mosquitto) -> Non
             assert (await d.request("c", "get"))["ok"]
     finally:
         reap(proc, signal.SIGTERM)
+
+
+async def test_at_most_max_inflight_requests_applied_before_their_acks_leave(
+    broker: Mosquitto, worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    """A broker past our Receive Maximum: batches stay within it, earlier acks already sent."""
+    # Mosquitto 2.0.11 sends a further Receive Maximum of messages on every PUBACK, so what
+    # the worker applies must be bounded by the worker itself: a SIGKILL loses at most the
+    # acknowledgements of one batch, and their redelivery stays within the ids remembered.
+    db = f"sqlite:///{tmp_path}/m.db"
+    async with worker_factory(backend=db, max_inflight=4, max_turns=1000) as w:
+        execute = w.backend.execute
+        seen: list[tuple[int, int]] = []
+
+        async def recording(requests: Any) -> Any:
+            assert w._client is not None
+            unsent_acks = sum(p["command"] == 0x40 for p in w._client.paho._out_packet)
+            seen.append((len(requests), unsent_acks))
+            return await execute(requests)
+
+        w.backend.execute = recording  # type: ignore[method-assign]
+        async with device(broker.host, broker.port, w.cfg.prefix) as d:
+            body = {"role": "u", "content": "x"}
+            futs = [await d.send(f"{w.cfg.prefix}/c/append", body) for _ in range(400)]
+            replies = [await d.reply(f) for f in futs]
+    assert [r["seq"] for r in replies] == list(range(1, 401))
+    assert max(size for size, _ in seen) <= 4
+    assert all(unsent == 0 for _, unsent in seen)

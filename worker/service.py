@@ -109,6 +109,11 @@ class _Client(aiomqtt.Client):
         c._update_inflight = update_inflight  # type: ignore[method-assign]
 
     def _buffered_recv(self, bufsize: int) -> bytes:
+        if self.paused:
+            # paho reads up to one packet per publish of ours in flight per call, not one:
+            # stop it here, or a broker that ignores our Receive Maximum (Mosquitto 2.0.11
+            # does) makes a batch larger than the ids each conversation remembers.
+            raise BlockingIOError
         data, pos = self._rbuf, self._rpos
         if pos >= len(data):
             sock = self._client._sock
@@ -118,6 +123,11 @@ class _Client(aiomqtt.Client):
             self._rbuf = data
         self._rpos = pos + bufsize
         return data[pos : pos + bufsize]
+
+    def _tls_recv(self, bufsize: int) -> bytes:
+        if self.paused:
+            raise BlockingIOError  # as in _buffered_recv
+        return paho.Client._sock_recv(self._client, bufsize)
 
     def _on_connect(
         self,
@@ -161,7 +171,7 @@ class _Client(aiomqtt.Client):
             if type(sock) is socket.socket:  # TLS sockets keep their own buffer
                 client._sock_recv = self._buffered_recv  # type: ignore[method-assign]
             else:
-                client.__dict__.pop("_sock_recv", None)
+                client._sock_recv = self._tls_recv  # type: ignore[method-assign]
             self._loop.add_reader(self._fd, self._read)
             self._misc_task = self._loop.create_task(self._misc_loop())
 
@@ -200,6 +210,14 @@ class _Client(aiomqtt.Client):
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
 
+    def flush(self) -> None:
+        """Write what paho has queued, now rather than on the next writable event.
+
+        Errors and what is left are the writer callback's, which stays registered: paho's
+        loop_write would also (un)register it, through callbacks that run later.
+        """
+        self._client._packet_write()
+
     def pause_reading(self) -> None:
         if not self.paused and self._fd >= 0:
             self.paused = True
@@ -209,7 +227,8 @@ class _Client(aiomqtt.Client):
         if self.paused and self._fd >= 0:
             self.paused = False
             self._loop.add_reader(self._fd, self._read)
-            if self._rpos < len(self._rbuf):
+            pending = getattr(self._client._sock, "pending", None)
+            if self._rpos < len(self._rbuf) or (pending is not None and pending()):
                 self._loop.call_soon(self._read)  # buffered bytes wake no epoll
 
     async def wait_disconnected(self) -> None:
@@ -717,6 +736,12 @@ class Service:
             self._reply(msg, parsed, result)
             self._ack(gen, msg)
         self._announce(evictions)
+        if self._client is not None and self.connected.is_set():
+            # Hand these acknowledgements to the kernel before the next batch is applied:
+            # a crash then leaves at most one batch applied but unacknowledged, and the
+            # broker's redelivery of it stays within the ids remembered. (Not while a
+            # reconnection is under way: paho's connect runs on another thread.)
+            self._client.flush()
         if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
             self._sweep_kick.set()
 
