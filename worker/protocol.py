@@ -11,8 +11,9 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Final
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
 
 import msgpack
 
@@ -544,6 +545,97 @@ def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
         {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts},
         fmt,
     )
+
+
+@dataclass
+class Stats:
+    """Counters for the stats topic, since `started` (a time.monotonic() reading)."""
+
+    started: float
+    requests: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    evictions: Counter[str] = field(default_factory=Counter)
+    ignored_retained: int = 0
+    taken_over: int = 0
+
+
+class _Counts(Protocol):
+    @property
+    def conversations(self) -> int: ...
+    @property
+    def turns(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def keys(self) -> int: ...
+
+
+class _Bounds(Protocol):
+    @property
+    def max_bytes(self) -> int: ...
+    @property
+    def max_conversations(self) -> int: ...
+    @property
+    def max_turns(self) -> int: ...
+    @property
+    def max_keys(self) -> int: ...
+    @property
+    def ttl(self) -> float: ...
+
+
+def status_payload(
+    state: str, *, version: str, client_id: str, prefix: str, backend: str, pid: int, ts: float
+) -> dict[str, Any]:
+    """The body of P/_worker/<client-id>/status (schemas/status.json)."""
+    return {
+        "state": state,
+        "version": version,
+        "client_id": client_id,
+        "prefix": prefix,
+        "backend": backend,
+        "pid": pid,
+        "ts": ts,
+    }
+
+
+def stats_payload(
+    stats: Stats,
+    counts: _Counts,
+    limits: _Bounds,
+    *,
+    client_id: str,
+    version: str,
+    backend: str,
+    now: float,
+    ts: float,
+) -> dict[str, Any]:
+    """The body of P/_worker/<client-id>/stats (schemas/stats.json); `now` is a
+    time.monotonic() reading, for the uptime."""
+    return {
+        "client_id": client_id,
+        "version": version,
+        "backend": backend,
+        "conversations": counts.conversations,
+        "turns": counts.turns,
+        "bytes": counts.bytes,
+        "keys": counts.keys,
+        "requests": stats.requests,
+        "errors": dict(stats.errors),
+        "refused": dict(stats.refused),
+        "ignored_retained": stats.ignored_retained,
+        "taken_over": stats.taken_over,
+        "evictions": dict(stats.evictions),
+        "uptime": round(now - stats.started, 3),
+        "ts": ts,
+        "limits": {
+            "max_bytes": limits.max_bytes,
+            "max_conversations": limits.max_conversations,
+            "max_turns": limits.max_turns,
+            "max_keys": limits.max_keys,
+            "ttl": limits.ttl,
+        },
+    }
 
 
 # Home Assistant sensors read from the JSON stats: (object id, name, template, unit, class).

@@ -21,7 +21,6 @@ import math
 import os
 import random
 import time
-from collections import Counter
 from typing import Any
 
 import aiomqtt
@@ -46,11 +45,14 @@ from worker.protocol import (
     Request,
     Result,
     Router,
+    Stats,
     content_type,
     decode_event,
     encode,
     encode_event,
     ha_discovery,
+    stats_payload,
+    status_payload,
 )
 from worker.protocol import encode_result as encode_reply
 from worker.systemd import Notifier
@@ -67,19 +69,6 @@ _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 
 
-class Stats:
-    """Counters for the stats topic."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.requests = 0
-        self.errors: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()
-        self.evictions: Counter[str] = Counter()
-        self.ignored_retained = 0
-        self.taken_over = 0
-
-
 class Service:
     """Serves one broker connection (kept up, re-made on loss) for one backend.
 
@@ -92,7 +81,7 @@ class Service:
         self.cfg = cfg
         self.backend = backend
         self.router = Router(cfg.prefix, cfg.max_payload_bytes, cfg.route_prefix)
-        self.stats = Stats()
+        self.stats = Stats(started=time.monotonic())
         self._inbox: list[tuple[int, Message]] = []
         self._wake = asyncio.Event()
         self._generation = 0
@@ -421,18 +410,16 @@ class Service:
             await self._connection_made.wait()
 
     def _status(self, state: str) -> bytes:
-        return encode(
-            {
-                "state": state,
-                "version": __version__,
-                "client_id": self.cfg.client_id,
-                "prefix": self.cfg.prefix,
-                "backend": self.backend.name,
-                "pid": os.getpid(),
-                "ts": time.time(),
-            },
-            self.cfg.event_format,
+        body = status_payload(
+            state,
+            version=__version__,
+            client_id=self.cfg.client_id,
+            prefix=self.cfg.prefix,
+            backend=self.backend.name,
+            pid=os.getpid(),
+            ts=time.time(),
         )
+        return encode(body, self.cfg.event_format)
 
     # --- the hot path ---------------------------------------------------------------------
 
@@ -624,32 +611,16 @@ class Service:
                     log.exception("publishing stats failed")
 
     def stats_body(self) -> dict[str, Any]:
-        counts = self.backend.counts()
-        s, lim = self.stats, self.cfg.limits
-        return {
-            "client_id": self.cfg.client_id,
-            "version": __version__,
-            "backend": self.backend.name,
-            "conversations": counts.conversations,
-            "turns": counts.turns,
-            "bytes": counts.bytes,
-            "keys": counts.keys,
-            "requests": s.requests,
-            "errors": dict(s.errors),
-            "refused": dict(s.refused),
-            "ignored_retained": s.ignored_retained,
-            "taken_over": s.taken_over,
-            "evictions": dict(s.evictions),
-            "uptime": round(time.monotonic() - s.started, 3),
-            "ts": time.time(),
-            "limits": {
-                "max_bytes": lim.max_bytes,
-                "max_conversations": lim.max_conversations,
-                "max_turns": lim.max_turns,
-                "max_keys": lim.max_keys,
-                "ttl": lim.ttl,
-            },
-        }
+        return stats_payload(
+            self.stats,
+            self.backend.counts(),
+            self.cfg.limits,
+            client_id=self.cfg.client_id,
+            version=__version__,
+            backend=self.backend.name,
+            now=time.monotonic(),
+            ts=time.time(),
+        )
 
     def _publish_stats(self) -> None:
         if self._client is not None:
