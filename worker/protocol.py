@@ -201,7 +201,7 @@ def _decode(payload: bytes) -> dict[Any, Any]:
     try:
         body = msgpack.unpackb(payload, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for bad input
-        raise BadPayload(f"payload is not msgpack ({type(exc).__name__})") from None
+        raise BadPayload(f"payload is not msgpack ({type(exc).__name__})") from exc
     if not isinstance(body, dict):
         raise BadPayload(f"payload must be a msgpack map, got {type(body).__name__}")
     return body

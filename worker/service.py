@@ -50,11 +50,11 @@ from worker.protocol import (
     decode_event,
     encode,
     encode_event,
+    encode_result,
     ha_discovery,
     stats_payload,
     status_payload,
 )
-from worker.protocol import encode_result as encode_reply
 from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
@@ -130,7 +130,7 @@ class Service:
         self.systemd.stopping()
         client.resume_reading()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained(), timeout=5)
+            await asyncio.wait_for(self._drained(), timeout=c.DRAIN_TIMEOUT)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -168,7 +168,7 @@ class Service:
             clean_start=False,
             properties=connect_properties(cfg.session_expiry_seconds, min(cfg.max_inflight, 65535)),
             will=will(self.status_topic, self._status("offline"), content_type(cfg.event_format)),
-            keepalive=30,
+            keepalive=c.KEEPALIVE,
             socket_options=[NODELAY],
             tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
         )
@@ -526,7 +526,7 @@ class Service:
             props = PackedProperties(c.CONTENT_TYPE, correlation)
         assert self._client is not None
         self._client.publish_packed(
-            parsed.route, encode_reply(result, parsed), msg.qos, False, props
+            parsed.route, encode_result(result, parsed), msg.qos, False, props
         )
 
     def _ack(self, gen: int, msg: Message) -> None:

@@ -47,7 +47,7 @@ from worker.store import NO_DEADLINE, base_cost
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
-DEFAULT_TIMEOUT = 2.0
+DEFAULT_TIMEOUT = c.REDIS_TIMEOUT
 _packb = msgpack.packb
 _HEAD_KEYS = (_packb("role"), _packb("content"), _packb("ts"), _packb("seq"))
 
@@ -181,7 +181,7 @@ class RedisBackend(Backend):
                     await self._script(keys=[self.key], args=args, client=pipe)
                 replies: list[Any] = await pipe.execute()
         except Exception as exc:  # connection refused, timeout, NOSCRIPT races, ...
-            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from exc
         return replies
 
     def _take(self, replies: list[Any]) -> tuple[list[Any], list[Eviction]]:

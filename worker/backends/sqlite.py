@@ -129,8 +129,6 @@ class SqliteBackend(MemoryBackend):
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
         self._writer.shutdown(wait=True)
 
-    # --- the interface ----------------------------------------------------------------------
-
     # --- writing ----------------------------------------------------------------------------
 
     async def _commit(self) -> None:
