@@ -19,7 +19,6 @@ from worker.backends.cluster import ClusterBackend
 from worker.backends.memory import MemoryBackend
 from worker.backends.redis import RedisBackend
 from worker.backends.sqlite import SqliteBackend
-from worker.config import Limits
 from worker.errors import TooLarge, WorkerError
 from worker.protocol import (
     Append,
@@ -36,6 +35,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
+from worker.store import Limits
 
 BACKENDS = ["memory", "sqlite", "redis", "cluster"]
 # The cluster backend runs this suite with one index shard, where its LRU is exact and the

@@ -8,8 +8,8 @@ import pytest
 from tests.clients import check
 from worker import constants as c
 from worker.backends.base import Counts
-from worker.config import Limits
 from worker.protocol import Stats, decode_event, encode, stats_payload, status_payload
+from worker.store import Limits
 
 
 def _stats(stats: Stats) -> dict[str, object]:

@@ -25,7 +25,6 @@ import redis.asyncio
 
 from worker import constants as c
 from worker.backends.base import Backend, Counts
-from worker.config import Limits
 from worker.errors import ConfigError, TooLarge, Unavailable, WorkerError
 from worker.protocol import (
     Append,
@@ -43,7 +42,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
-from worker.store import NO_DEADLINE, base_cost
+from worker.store import NO_DEADLINE, Limits, base_cost
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
