@@ -18,11 +18,10 @@ from worker.protocol import (
     StateSave,
     Turns,
     encode_result,
-    encode_turn,
     topic_name_problem,
-    turn_size,
     validate_prefix,
 )
+from worker.turns import encode_turn, turn_size
 
 R = Router("mem", 1024)
 

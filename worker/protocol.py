@@ -411,45 +411,6 @@ _VALUE_KEY: Final = _packb("value")
 _NIL: Final = _packb(None)
 
 
-def encode_turn(role: str, content: str, ts: float, seq: int) -> bytes:
-    """A stored turn, encoded once when stored so that a get only concatenates."""
-    return _packb({"role": role, "content": content, "ts": float(ts), "seq": seq})
-
-
-def _str_at(data: bytes, at: int) -> tuple[int, int]:
-    """(length, header size) of the msgpack str that starts at `at`."""
-    head = data[at]
-    if 0xA0 <= head <= 0xBF:
-        return head & 0x1F, 1
-    width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[head]
-    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), 1 + width
-
-
-def turn_size(turn: bytes) -> int:
-    """Role plus content bytes of a turn made by `encode_turn`, read off its str headers
-    (the budget needs it each time a turn is dropped; decoding would cost three times as
-    much). Layout: map header, "role" (5 bytes), role, "content" (8 bytes), content, ..."""
-    role, head = _str_at(turn, 6)
-    content, _ = _str_at(turn, 6 + head + role + 8)
-    return role + content
-
-
-_UINT_WIDTH: Final = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
-
-
-def turn_end(turns: bytes, at: int) -> int:
-    """Where the turn made by `encode_turn` that starts at `at` ends: the store keeps turns
-    back to back and finds their boundaries this way instead of keeping their lengths.
-    Layout: map header, "role", role, "content", content, "ts" (3), float64 (9), "seq" (4),
-    uint."""
-    role, head = _str_at(turns, at + 6)
-    at += 6 + head + role + 8
-    content, head = _str_at(turns, at)
-    at += head + content + 16
-    first = turns[at]
-    return at + (1 if first < 0x80 else _UINT_WIDTH[first])
-
-
 def _array_header(n: int) -> bytes:
     if n < 16:
         return bytes([0x90 | n])

@@ -34,10 +34,8 @@ from worker.protocol import (
     StateLoad,
     StateSave,
     Turns,
-    encode_turn,
-    turn_end,
-    turn_size,
 )
+from worker.turns import encode_turn, turn_end, turn_size
 
 NO_DEADLINE: Final = float("inf")
 
