@@ -4,7 +4,7 @@
 
 - idiomatic: aiomqtt as its documentation shows it, `async for message in client.messages`
   and `await client.publish(...)` per reply.
-- direct: the same connection class and hot path as the worker (`worker.service._Client`:
+- direct: the same connection class and hot path as the worker (`worker.mqtt.Connection`:
   paho's callback straight to a batch, replies handed to paho without awaiting, manual
   acknowledgement after the reply), with no parsing and no store. The worker's throughput
   over this one is the cost of the worker's own work.
@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker.constants import CONTENT_TYPE
-from worker.service import PackedProperties, _Client
+from worker.mqtt import Connection, PackedProperties
 
 OK = b"\x81\xa2ok\xc3"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -59,7 +59,7 @@ async def direct(host: str, port: int, prefix: str) -> None:
         inbox.append(msg)
         wake.set()
 
-    client = _Client(
+    client = Connection(
         on_message,
         hostname=host,
         port=port,
@@ -78,9 +78,9 @@ async def direct(host: str, port: int, prefix: str) -> None:
                 route = getattr(mp, "ResponseTopic", None)
                 if route:
                     props = PackedProperties(CONTENT_TYPE, getattr(mp, "CorrelationData", None))
-                    client.paho.publish(route, OK, msg.qos, False, props)  # type: ignore[arg-type]
+                    client.publish_packed(route, OK, msg.qos, False, props)
                 if msg.qos:
-                    client.paho.ack(msg.mid, msg.qos)
+                    client.acknowledge(msg.mid, msg.qos)
 
 
 def main() -> None:

@@ -29,9 +29,8 @@ from typing import Any
 import aiomqtt
 
 from tests.processes import REPO, Mosquitto, RedisClusterServers, RedisServer, redis_server
-from worker.config import Limits
 from worker.protocol import Append, Get
-from worker.store import Store
+from worker.store import Limits, Store
 
 BUILD = REPO / "bench" / "build"
 PY = sys.executable

@@ -18,8 +18,9 @@ import pytest
 from tests.clients import Device, device
 from tests.processes import REPO, Mosquitto, RedisClusterServers, RedisServer, redis_server
 from worker.backends import create_backend
-from worker.config import Config, Limits
+from worker.config import Config
 from worker.service import Service
+from worker.store import Limits
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,9 @@ from tests.test_cli import run_worker
 from worker import cli
 from worker.backend_url import parse_backend_url
 from worker.backends import create_backend
-from worker.config import Config, Limits
+from worker.config import Config
 from worker.protocol import Append, Fields, Get, Turns
+from worker.store import Limits
 
 needs_redis = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
 

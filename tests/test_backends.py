@@ -19,7 +19,6 @@ from worker.backends.cluster import ClusterBackend
 from worker.backends.memory import MemoryBackend
 from worker.backends.redis import RedisBackend
 from worker.backends.sqlite import SqliteBackend
-from worker.config import Limits
 from worker.errors import TooLarge, WorkerError
 from worker.protocol import (
     Append,
@@ -36,6 +35,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
+from worker.store import Limits
 
 BACKENDS = ["memory", "sqlite", "redis", "cluster"]
 # The cluster backend runs this suite with one index shard, where its LRU is exact and the
@@ -189,6 +189,7 @@ async def test_get_last_and_unknown(make: Make) -> None:
 
 
 async def test_turns_carry_role_and_timestamp(make: Make) -> None:
+    """A stored turn comes back with its role, the clock's timestamp and its sequence number."""
     h = await make()
     await add(h, "c", "hello", role="assistant")
     assert await turns(h, "c") == [
@@ -238,6 +239,7 @@ async def test_expired_conversation_is_never_visible_again(make: Make) -> None:
 
 
 async def test_get_on_expired_is_empty(make: Make) -> None:
+    """A get after the TTL finds nothing, and the conversation's expiry is reported as ttl."""
     h = await make(ttl=10)
     await add(h, "c")
     h.clock.now += 10
@@ -246,6 +248,7 @@ async def test_get_on_expired_is_empty(make: Make) -> None:
 
 
 async def test_ttl_zero_disables_expiry(make: Make) -> None:
+    """With ttl 0 nothing expires, however much time passes."""
     h = await make(ttl=0)
     await add(h, "c")
     h.clock.now += 1e9
@@ -279,6 +282,7 @@ async def test_lru_evicts_the_least_recently_used(make: Make) -> None:
 
 
 async def test_lru_report_says_ttl_when_the_victim_had_expired(make: Make) -> None:
+    """A conversation pushed out by LRU after its TTL had passed is reported as ttl, not lru."""
     h = await make(max_conversations=1, ttl=5)
     await add(h, "a")
     h.clock.now += 6
@@ -316,6 +320,7 @@ async def test_budget_counts_each_conversation_turn_and_key_overhead(make: Make)
 
 
 async def test_budget_counts_utf8_bytes(make: Make) -> None:
+    """The byte budget counts UTF-8 bytes of id, role and content, not characters."""
     h = await make()
     await add(h, "ç", "é" * 10, role="ü")
     assert h.counts.bytes == 2 + 22
@@ -341,6 +346,7 @@ async def test_one_conversation_over_the_budget_trims_its_own_oldest_turns(make:
 
 
 async def test_delete_reports_one_eviction(make: Make) -> None:
+    """Delete reports how many turns it removed, one deleted event, and a fresh start after it."""
     h = await make()
     await add(h, "c")
     await add(h, "c")
@@ -390,6 +396,7 @@ async def get_all(h: Harness, convo: str, ns: str = "n") -> dict[str, Any]:
 
 
 async def test_state_round_trip_and_namespaces(make: Make) -> None:
+    """Values round-trip per namespace; a missing key loads None; delete says if it deleted."""
     h = await make()
     await save(h, "c", "k", {"a": [1, None]})
     await save(h, "c", "k", "other", ns="m")
@@ -422,12 +429,14 @@ async def test_state_round_trip_and_namespaces(make: Make) -> None:
     ],
 )
 async def test_state_values_round_trip_exactly(make: Make, value: Any) -> None:
+    """Every msgpack value a device saves loads back equal."""
     h = await make()
     await save(h, "c", "k", value)
     assert await load(h, "c", "k") == value
 
 
 async def test_state_counts_toward_the_budget_and_goes_with_the_conversation(make: Make) -> None:
+    """State keys count toward the byte budget and go (counted) with their conversation."""
     h = await make()
     await save(h, "c", "key", "v")  # 3 + 2, and the id's 1
     await add(h, "c", "x")
@@ -438,6 +447,7 @@ async def test_state_counts_toward_the_budget_and_goes_with_the_conversation(mak
 
 
 async def test_key_ttl_expires_without_event(make: Make) -> None:
+    """A key's own TTL removes just that key, with no eviction event."""
     h = await make(ttl=0)
     await save(h, "c", "k", 1, ttl=5)
     await save(h, "c", "forever", 2)
@@ -452,6 +462,7 @@ async def test_key_ttl_expires_without_event(make: Make) -> None:
 
 
 async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:
+    """At max_keys a new key is too_large, an update is not, and an expired key frees its place."""
     h = await make(max_keys=2)
     await save(h, "c", "a", 1)
     await save(h, "c", "b", 1, ttl=1)
@@ -463,6 +474,7 @@ async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:
 
 
 async def test_state_touches_the_conversation(make: Make) -> None:
+    """A state request keeps its conversation alive (its TTL restarts)."""
     h = await make(ttl=10, max_conversations=2)
     await add(h, "a")
     await add(h, "b")
@@ -474,6 +486,7 @@ async def test_state_touches_the_conversation(make: Make) -> None:
 
 
 async def test_state_save_with_id_is_applied_once(make: Make) -> None:
+    """A save repeated with the same request id is not applied again."""
     h = await make()
     await save(h, "c", "k", 1, id=b"x")
     await save(h, "c", "k", 2)

@@ -45,6 +45,7 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_bad_configuration_is_one_line_and_exit_2(
     args: list[str], env: dict[str, str], needle: str
 ) -> None:
+    """A bad flag or environment value is one 'memory-worker: error:' line and exit 2."""
     done = run_worker(*args, **env)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
@@ -54,6 +55,7 @@ def test_bad_configuration_is_one_line_and_exit_2(
 
 
 def test_help_lists_every_flag_with_its_environment_variable() -> None:
+    """--help lists the flags and the environment variable of each."""
     done = run_worker("--help")
     assert done.returncode == 0
     for flag in (
@@ -118,6 +120,7 @@ async def memctl(
 
 
 async def test_memctl_append_get_delete(broker: Mosquitto, program_worker: Any) -> None:
+    """memctl appends, gets the last turns and deletes, printing each reply."""
     prefix = program_worker[0]
     for i in range(4):
         rc, out = await memctl(broker, prefix, "append", "kiosk-1", "user", f"hello {i}")
@@ -141,6 +144,7 @@ async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None
 
 
 async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) -> None:
+    """memctl watch prints an eviction event as JSON; memctl stats shows the worker counting it."""
     prefix = program_worker[0]
     proc = await asyncio.create_subprocess_exec(
         program("memctl"),
@@ -226,6 +230,7 @@ def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | N
 
 @pytest.mark.skipif(shutil.which("mosquitto_rr") is None, reason="mosquitto-clients missing")
 async def test_mosquitto_rr_gets_a_msgpack_reply(broker: Mosquitto, program_worker: Any) -> None:
+    """mosquitto_rr with a response topic gets the worker's msgpack reply."""
     prefix = program_worker[0]
     request = msgpack.packb({"role": "user", "content": "from the shell"})
     proc = await asyncio.create_subprocess_exec(

@@ -17,9 +17,9 @@ from tests.clients import decode, device, next_message, watcher
 from tests.conftest import make_config, running, unique
 from tests.processes import Mosquitto, RedisClusterServers, redis_server
 from worker.backends.cluster import ClusterBackend, shard_of, shard_tag, share
-from worker.config import Limits
 from worker.errors import Unavailable
 from worker.protocol import Append, Fields, Get, Turns
+from worker.store import Limits
 
 pytestmark = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
 

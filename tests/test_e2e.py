@@ -52,6 +52,7 @@ async def test_correlation_data_and_content_type(dev5: Device) -> None:
 
 @pytest.mark.parametrize("qos", [0, 1])
 async def test_reply_uses_the_request_qos(dev: Device, qos: int) -> None:
+    """The reply is published with the QoS of its request."""
     fut = await dev.send(f"{dev.prefix}/c/get", {}, qos=qos)
     message = await asyncio.wait_for(fut, 10)
     assert message.qos == qos
@@ -91,6 +92,7 @@ async def test_bad_request_via_reply_to(broker: Mosquitto, worker: Service) -> N
 
 @pytest.mark.parametrize("convo", ["_worker", "$x", "x" * 129])
 async def test_bad_conversation_id(dev: Device, convo: str) -> None:
+    """A conversation id the contract does not allow is answered bad_topic."""
     reply = await dev.request(convo, "get")
     assert reply["error"]["code"] == "bad_topic"
 

@@ -161,7 +161,7 @@ async def test_at_most_max_inflight_requests_applied_before_their_acks_leave(
 
         async def recording(requests: Any) -> Any:
             assert w._client is not None
-            unsent_acks = sum(p["command"] == 0x40 for p in w._client.paho._out_packet)
+            unsent_acks = sum(p["command"] == 0x40 for p in w._client._client._out_packet)
             seen.append((len(requests), unsent_acks))
             return await execute(requests)
 

@@ -158,6 +158,7 @@ payloads = st.one_of(
 )
 @given(payload=payloads)
 def test_malformed_payloads_get_the_right_code(rig: Rig, payload: bytes) -> None:
+    """Any malformed payload is answered with one of the codes it deserves."""
     reply = rig.call(rig.device.raw(f"{rig.prefix}/fz/append", payload))
     assert _code(reply) in expected_codes(payload)
 

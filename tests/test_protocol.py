@@ -18,11 +18,10 @@ from worker.protocol import (
     StateSave,
     Turns,
     encode_result,
-    encode_turn,
     topic_name_problem,
-    turn_size,
     validate_prefix,
 )
+from worker.turns import encode_turn, turn_size
 
 R = Router("mem", 1024)
 
@@ -78,6 +77,7 @@ def test_conversation_id_of_128_bytes_is_fine() -> None:
 
 
 def test_unknown_operation_is_bad_topic() -> None:
+    """An unknown operation or a foreign prefix is bad_topic."""
     assert isinstance(parse("mem/c/state/nope", {"ns": "n"}).error, BadTopic)
     assert isinstance(parse("other/c/get").error, BadTopic)
 
@@ -171,6 +171,7 @@ def test_bad_routes_are_refused(route: str) -> None:
 
 
 def test_non_string_reply_to_is_refused() -> None:
+    """A reply_to that is not a string is refused and no route is kept."""
     p = parse("mem/c/get", {"reply_to": 5})
     assert p.route is None
     assert p.refused is not None
@@ -182,6 +183,7 @@ def test_route_next_to_prefix_is_fine() -> None:
 
 
 def test_topic_name_rules() -> None:
+    """Topic names of up to 256 UTF-8 bytes pass; longer ones are named as a problem."""
     assert topic_name_problem("a/b/c") is None
     assert topic_name_problem("ü/ß") is None
     assert topic_name_problem("x" * 256) is None
@@ -190,6 +192,7 @@ def test_topic_name_rules() -> None:
 
 @pytest.mark.parametrize("prefix", ["", "$x", "/a", "a/", "a//b", "a/+", "a#"])
 def test_bad_prefixes(prefix: str) -> None:
+    """Each bad prefix is refused with a message."""
     with pytest.raises(ValueError, match=r"."):
         validate_prefix(prefix)
 
@@ -209,6 +212,7 @@ def test_turns_reply_is_a_plain_msgpack_map() -> None:
 
 
 def test_other_replies_echo_the_id() -> None:
+    """Field, load and get-all replies carry the request's id back."""
     assert _roundtrip(Fields({"seq": 1, "count": 1}), {"id": 7}) == {
         "ok": True,
         "seq": 1,
@@ -227,6 +231,7 @@ def test_other_replies_echo_the_id() -> None:
 
 
 def test_error_reply() -> None:
+    """An error reply carries ok false, the id, and the error's code and message."""
     assert _roundtrip(BadRequest("nope"), {"id": "z"}) == {
         "ok": False,
         "id": "z",

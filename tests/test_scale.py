@@ -136,6 +136,7 @@ async def test_a_killed_worker_loses_nothing(broker: Mosquitto, redis_url: str) 
 async def test_redis_restart_gives_unavailable_then_full_service(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
+    """With Redis down requests are answered unavailable; when it is back service resumes."""
     server = RedisServer(tmp_path).start()
     try:
         async with (

@@ -130,6 +130,7 @@ async def ask(
 async def test_anonymous_and_wrong_passwords_are_refused(
     secured: Mosquitto, user: str | None, password: str | None
 ) -> None:
+    """The secured broker refuses anonymous clients and wrong passwords."""
     with pytest.raises(aiomqtt.MqttError):
         async with login(secured, user, password):
             pass
@@ -138,6 +139,7 @@ async def test_anonymous_and_wrong_passwords_are_refused(
 async def test_a_device_uses_its_own_conversation(
     secured: Mosquitto, secured_worker: Service
 ) -> None:
+    """A device may append to its own conversation and gets the reply."""
     async with login(secured, "kiosk-a") as a:
         await a.subscribe("reply/kiosk-a/#", qos=1)
         reply = await ask(
@@ -149,6 +151,7 @@ async def test_a_device_uses_its_own_conversation(
 async def test_a_device_cannot_touch_another_conversation(
     secured: Mosquitto, secured_worker: Service
 ) -> None:
+    """A device can neither write, delete nor read another device's conversation."""
     async with login(secured, "kiosk-a") as a, login(secured, "kiosk-b") as b:
         await a.subscribe("reply/kiosk-a/#", qos=1)
         await b.subscribe("reply/kiosk-b/#", qos=1)
@@ -204,6 +207,7 @@ async def test_replies_cannot_be_aimed_at_another_device(
 async def test_nobody_can_impersonate_the_worker(
     secured: Mosquitto, secured_worker: Service
 ) -> None:
+    """A device cannot publish the worker's status or eviction events."""
     status = f"mem/_worker/{secured_worker.cfg.client_id}/status"
     async with login(secured, "kiosk-a") as a:
         await a.publish(status, msgpack.packb({"state": "offline"}), qos=1, retain=True)
@@ -218,6 +222,7 @@ async def test_nobody_can_impersonate_the_worker(
 async def test_dashboard_reads_events_status_and_stats(
     secured: Mosquitto, secured_worker: Service
 ) -> None:
+    """The dashboard user may subscribe to events, status and stats, and gets status and stats."""
     base = f"mem/_worker/{secured_worker.cfg.client_id}"
     async with watcher(
         secured.host,
@@ -240,6 +245,7 @@ async def test_dashboard_reads_events_status_and_stats(
 
 
 def test_no_secret_is_committed() -> None:
+    """deploy/'s password and security files are git-ignored and never tracked."""
     tracked = subprocess.run(
         ["git", "ls-files", "deploy"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()

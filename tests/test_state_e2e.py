@@ -45,6 +45,7 @@ async def test_state_operations(dev: Device) -> None:
 
 
 async def test_state_errors(dev: Device, worker_factory: WorkerFactory) -> None:
+    """A missing field or too long a key is bad_request; an unknown operation bad_topic."""
     reply = await dev.request("c", "state/save", {"ns": "n", "key": "k"})
     assert reply["error"]["code"] == "bad_request"
     reply = await dev.request("c", "state/save", {"ns": "n", "key": "k" * 200, "value": 1})
@@ -54,6 +55,7 @@ async def test_state_errors(dev: Device, worker_factory: WorkerFactory) -> None:
 
 
 async def test_max_keys_is_too_large(broker: Mosquitto, worker_factory: WorkerFactory) -> None:
+    """A new key past --max-keys is answered too_large."""
     async with worker_factory(max_keys=2) as w, device(broker.host, broker.port, w.cfg.prefix) as d:
         for key in "ab":
             await d.request("c", "state/save", {"ns": "n", "key": key, "value": 1})
@@ -84,6 +86,7 @@ async def test_key_ttl(broker: Mosquitto, worker: Any, dev5: Device) -> None:
 
 
 async def test_eviction_event_counts_keys(broker: Mosquitto, dev5: Device) -> None:
+    """The eviction event of a deleted conversation counts its turns and its keys."""
     async with watcher(broker.host, broker.port, f"{dev5.prefix}/+/evicted") as events:
         await dev5.request("c", "append", {"role": "u", "content": "x"})
         for key in "abc":
@@ -94,6 +97,7 @@ async def test_eviction_event_counts_keys(broker: Mosquitto, dev5: Device) -> No
 
 
 async def test_memctl_state(broker: Mosquitto, worker: Any) -> None:
+    """memctl state saves, loads, lists and deletes keys."""
     p = worker.cfg.prefix
     assert await memctl(broker, p, "state", "save", "c", "n", "k", '{"a": [1, 2]}') == (
         0,
@@ -120,6 +124,7 @@ async def test_memctl_state(broker: Mosquitto, worker: Any) -> None:
 async def test_sqlite_worker_keeps_everything_across_restart(
     broker: Mosquitto, worker_factory: WorkerFactory, tmp_path: Path
 ) -> None:
+    """A worker on SQLite finds turns, state and the next seq again after a restart."""
     backend = f"sqlite:///{tmp_path}/memory.db"
     prefix = unique("mem")
     async with (
@@ -193,6 +198,7 @@ async def test_sqlite_acknowledged_appends_survive_sigkill(
     "url", ["sqlite://", "sqlite:///", "sqlite:///x.db?foo=1", "sqlite:///x.db?synchronous=maybe"]
 )
 def test_bad_sqlite_urls(url: str) -> None:
+    """A bad sqlite URL is one line naming --backend and exit 2."""
     done = run_worker("--backend", url)
     assert done.returncode == 2
     assert "--backend" in done.stderr

@@ -9,10 +9,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from worker.config import Limits
 from worker.errors import TooLarge
 from worker.protocol import Append, Delete, Get
-from worker.store import Store
+from worker.store import Limits, Store
 
 LIMITS = Limits(
     max_turns=3,

@@ -91,6 +91,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mosqu
 
 
 async def test_worker_and_device_over_tls(tls_broker: tuple[Mosquitto, Path]) -> None:
+    """Worker and device talk over TLS: one request, then a hundred pipelined, answered in order."""
     broker, ca = tls_broker
     cfg = Config(
         host=broker.host, port=broker.port, tls_ca=str(ca), prefix="tls", client_id="tls-worker"

@@ -42,7 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from worker import constants as c
-from worker.config import Limits, tls_context
+from worker.config import tls_context
 from worker.errors import WorkerError
 from worker.protocol import (
     check_request,
@@ -51,6 +51,7 @@ from worker.protocol import (
     reply_parsed,
     topic_name_problem,
 )
+from worker.store import Limits
 
 _T = TypeVar("_T")
 

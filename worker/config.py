@@ -14,27 +14,7 @@ from worker import constants as c
 from worker.backend_url import FORMS, parse_backend_url
 from worker.errors import ConfigError
 from worker.protocol import topic_name_problem, validate_prefix
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The store's bounds: the pure core needs only these."""
-
-    max_turns: int = c.DEFAULT_MAX_TURNS
-    ttl: float = c.DEFAULT_TTL
-    max_conversations: int = c.DEFAULT_MAX_CONVERSATIONS
-    max_bytes: int = c.DEFAULT_MAX_BYTES
-    max_keys: int = c.DEFAULT_MAX_KEYS
-    # Request ids remembered per conversation for at-most-once appends and saves. It is
-    # --max-inflight: the broker never has more unacknowledged requests out to us than our
-    # Receive Maximum, so no more than that many can come again after a crash.
-    max_ids: int = c.DEFAULT_MAX_INFLIGHT
-    # What --max-bytes counts per conversation, turn and key besides their bytes (measured
-    # overheads, see constants.py; tests set their own).
-    convo_cost: int = c.CONVO_COST
-    id_byte_cost: int = c.ID_BYTE_COST
-    turn_cost: int = c.TURN_COST
-    key_cost: int = c.KEY_COST
+from worker.store import Limits
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,13 @@ ID_BYTE_COST: Final = 2
 TURN_COST: Final = 112
 KEY_COST: Final = 256
 
+# Seconds: how long a stopping worker waits for the batch in hand and its replies.
+DRAIN_TIMEOUT: Final = 5.0
+# Seconds between the worker's MQTT PINGREQs when nothing else is sent.
+KEEPALIVE: Final = 30
+# Seconds a Redis batch may take before its requests are answered `unavailable`.
+REDIS_TIMEOUT: Final = 2.0
+
 # How many conversations one sweep step expires before it yields to serving.
 SWEEP_CHUNK: Final = 500
 # The sweep sleeps until the next deadline, but runs at most this often (a wave of expiries

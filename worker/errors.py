@@ -49,7 +49,9 @@ class BadRoute(WorkerError):
     code = "bad_route"
 
 
-ERROR_CODES = ("bad_payload", "bad_request", "too_large", "bad_topic", "internal", "unavailable")
+# The codes an error reply can carry: every error's but BadRoute's, which is never answered.
+_ERRORS: tuple[type[WorkerError], ...] = (WorkerError, *WorkerError.__subclasses__())
+ERROR_CODES = tuple(e.code for e in _ERRORS if e is not BadRoute)
 
 
 class ConfigError(Exception):

@@ -11,8 +11,9 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Any, Final
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
 
 import msgpack
 
@@ -200,7 +201,7 @@ def _decode(payload: bytes) -> dict[Any, Any]:
     try:
         body = msgpack.unpackb(payload, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for bad input
-        raise BadPayload(f"payload is not msgpack ({type(exc).__name__})") from None
+        raise BadPayload(f"payload is not msgpack ({type(exc).__name__})") from exc
     if not isinstance(body, dict):
         raise BadPayload(f"payload must be a msgpack map, got {type(body).__name__}")
     return body
@@ -410,45 +411,6 @@ _VALUE_KEY: Final = _packb("value")
 _NIL: Final = _packb(None)
 
 
-def encode_turn(role: str, content: str, ts: float, seq: int) -> bytes:
-    """A stored turn, encoded once when stored so that a get only concatenates."""
-    return _packb({"role": role, "content": content, "ts": float(ts), "seq": seq})
-
-
-def _str_at(data: bytes, at: int) -> tuple[int, int]:
-    """(length, header size) of the msgpack str that starts at `at`."""
-    head = data[at]
-    if 0xA0 <= head <= 0xBF:
-        return head & 0x1F, 1
-    width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[head]
-    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), 1 + width
-
-
-def turn_size(turn: bytes) -> int:
-    """Role plus content bytes of a turn made by `encode_turn`, read off its str headers
-    (the budget needs it each time a turn is dropped; decoding would cost three times as
-    much). Layout: map header, "role" (5 bytes), role, "content" (8 bytes), content, ..."""
-    role, head = _str_at(turn, 6)
-    content, _ = _str_at(turn, 6 + head + role + 8)
-    return role + content
-
-
-_UINT_WIDTH: Final = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
-
-
-def turn_end(turns: bytes, at: int) -> int:
-    """Where the turn made by `encode_turn` that starts at `at` ends: the store keeps turns
-    back to back and finds their boundaries this way instead of keeping their lengths.
-    Layout: map header, "role", role, "content", content, "ts" (3), float64 (9), "seq" (4),
-    uint."""
-    role, head = _str_at(turns, at + 6)
-    at += 6 + head + role + 8
-    content, head = _str_at(turns, at)
-    at += head + content + 16
-    first = turns[at]
-    return at + (1 if first < 0x80 else _UINT_WIDTH[first])
-
-
 def _array_header(n: int) -> bytes:
     if n < 16:
         return bytes([0x90 | n])
@@ -544,6 +506,97 @@ def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
         {"convo": ev.convo, "reason": ev.reason, "count": ev.count, "keys": ev.keys, "ts": ev.ts},
         fmt,
     )
+
+
+@dataclass
+class Stats:
+    """Counters for the stats topic, since `started` (a time.monotonic() reading)."""
+
+    started: float
+    requests: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    evictions: Counter[str] = field(default_factory=Counter)
+    ignored_retained: int = 0
+    taken_over: int = 0
+
+
+class _Counts(Protocol):
+    @property
+    def conversations(self) -> int: ...
+    @property
+    def turns(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def keys(self) -> int: ...
+
+
+class _Bounds(Protocol):
+    @property
+    def max_bytes(self) -> int: ...
+    @property
+    def max_conversations(self) -> int: ...
+    @property
+    def max_turns(self) -> int: ...
+    @property
+    def max_keys(self) -> int: ...
+    @property
+    def ttl(self) -> float: ...
+
+
+def status_payload(
+    state: str, *, version: str, client_id: str, prefix: str, backend: str, pid: int, ts: float
+) -> dict[str, Any]:
+    """The body of P/_worker/<client-id>/status (schemas/status.json)."""
+    return {
+        "state": state,
+        "version": version,
+        "client_id": client_id,
+        "prefix": prefix,
+        "backend": backend,
+        "pid": pid,
+        "ts": ts,
+    }
+
+
+def stats_payload(
+    stats: Stats,
+    counts: _Counts,
+    limits: _Bounds,
+    *,
+    client_id: str,
+    version: str,
+    backend: str,
+    now: float,
+    ts: float,
+) -> dict[str, Any]:
+    """The body of P/_worker/<client-id>/stats (schemas/stats.json); `now` is a
+    time.monotonic() reading, for the uptime."""
+    return {
+        "client_id": client_id,
+        "version": version,
+        "backend": backend,
+        "conversations": counts.conversations,
+        "turns": counts.turns,
+        "bytes": counts.bytes,
+        "keys": counts.keys,
+        "requests": stats.requests,
+        "errors": dict(stats.errors),
+        "refused": dict(stats.refused),
+        "ignored_retained": stats.ignored_retained,
+        "taken_over": stats.taken_over,
+        "evictions": dict(stats.evictions),
+        "uptime": round(now - stats.started, 3),
+        "ts": ts,
+        "limits": {
+            "max_bytes": limits.max_bytes,
+            "max_conversations": limits.max_conversations,
+            "max_turns": limits.max_turns,
+            "max_keys": limits.max_keys,
+            "ttl": limits.ttl,
+        },
+    }
 
 
 # Home Assistant sensors read from the JSON stats: (object id, name, template, unit, class).

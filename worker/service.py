@@ -1,14 +1,15 @@
-"""The only module that talks to the broker.
+"""The worker's lifecycle and batch flow over one broker connection.
 
-One flow: paho hands a message to `_on_message` on the event loop's thread -> it waits in
-the inbox -> `_process` takes the whole inbox as a batch -> `Router.parse` turns each message
-into a request value -> `Backend.execute` applies the batch -> each reply and eviction event
-is handed to paho -> each QoS 1 request is acknowledged. A request is acknowledged only after
-its effect was stored and its reply handed to the client, so a worker killed in between gets
-the message again.
+One flow: the transport (worker/mqtt.py) hands a message to `_on_message` on the event
+loop's thread -> it waits in the inbox -> `_process` takes the whole inbox as a batch ->
+`Router.parse` turns each message into a request value -> `Backend.execute` applies the
+batch -> each reply and eviction event is handed to the transport -> each QoS 1 request is
+acknowledged. A request is acknowledged only after its effect was stored and its reply handed
+to the client, so a worker killed in between gets the message again.
 
 aiomqtt manages the connection; its message queue and awaited publishes are bypassed on the
-hot path (an asyncio task per message and a round trip per reply cost most of the time).
+hot path (an asyncio task per message and a round trip per reply cost most of the time), by
+`worker.mqtt.Connection`, the one place that touches aiomqtt and paho internals.
 """
 
 from __future__ import annotations
@@ -19,45 +20,45 @@ import logging
 import math
 import os
 import random
-import socket
 import time
-from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
-import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
 from worker.errors import WorkerError
+from worker.mqtt import (
+    NODELAY,
+    Connection,
+    Message,
+    PackedProperties,
+    connect_properties,
+    subscribe_options,
+    will,
+)
 from worker.protocol import (
     Eviction,
     Parsed,
     Request,
     Result,
     Router,
+    Stats,
     content_type,
     decode_event,
     encode,
     encode_event,
+    encode_result,
     ha_discovery,
+    stats_payload,
+    status_payload,
 )
-from worker.protocol import encode_result as encode_reply
 from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
 
-_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_READ_BURST = 256
-_READ_BUFFER = 65536
-_SESSION_TAKEN_OVER = 0x8E
 # A connection shorter than this does not reset the reconnect backoff: two workers sharing a
 # client id take each other's session at once, and must not do so several times a second.
 _STABLE_CONNECTION = 10.0
@@ -66,223 +67,6 @@ BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
 _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt's client, with the hot path and flow control taken over.
-
-    - Incoming messages go straight to `on_message` (no queue, no task per message).
-    - Acknowledgement is manual (paho would PUBACK before the request is stored).
-    - Reading the socket can be paused, so a flood waits in the broker, not in our memory.
-    - The broker's Receive Maximum (from CONNACK) caps our own in-flight publishes, since
-      Mosquitto disconnects a client that exceeds it.
-    - Two paho costs are cut: it reads the socket a few bytes per system call (three calls
-      per packet), so reads go through a 64 KiB buffer; and it scans every in-flight
-      publish on each PUBACK, so the scan is skipped when nothing is queued behind them.
-    These reach into aiomqtt 2.5 and paho 2.2 internals; pyproject pins both to the
-    versions tested.
-    """
-
-    def __init__(
-        self, on_message: Callable[[Any, Any, paho.MQTTMessage], None], **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        c = self._client
-        c.manual_ack_set(True)
-        c.on_message = on_message
-        self._fd = -1
-        self.paused = False
-        self.sendable = asyncio.Event()
-        self.sendable.set()
-        self._rbuf = b""
-        self._rpos = 0
-        self.broker_receive_max: int | None = None
-        self.broker_max_packet: int | None = None
-        self.taken_over = False
-        scan = c._update_inflight
-
-        def update_inflight() -> MQTTErrorCode:
-            if len(c._out_messages) <= c._inflight_messages:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS  # nothing queued to send
-            return scan()
-
-        c._update_inflight = update_inflight  # type: ignore[method-assign]
-
-    def _buffered_recv(self, bufsize: int) -> bytes:
-        if self.paused:
-            # paho reads up to one packet per publish of ours in flight per call, not one:
-            # stop it here, or a broker that ignores our Receive Maximum (Mosquitto 2.0.11
-            # does) makes a batch larger than the ids each conversation remembers.
-            raise BlockingIOError
-        data, pos = self._rbuf, self._rpos
-        if pos >= len(data):
-            sock = self._client._sock
-            if sock is None:
-                raise ConnectionError("not connected")
-            data, pos = sock.recv(_READ_BUFFER), 0  # BlockingIOError: paho waits for more
-            self._rbuf = data
-        self._rpos = pos + bufsize
-        return data[pos : pos + bufsize]
-
-    def _tls_recv(self, bufsize: int) -> bytes:
-        if self.paused:
-            raise BlockingIOError  # as in _buffered_recv
-        return paho.Client._sock_recv(self._client, bufsize)
-
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: Any,
-        reason_code: Any,
-        properties: Properties | None = None,
-    ) -> None:
-        receive_max = getattr(properties, "ReceiveMaximum", None) if properties else None
-        self.broker_receive_max = receive_max
-        self.broker_max_packet = (
-            getattr(properties, "MaximumPacketSize", None) if properties else None
-        )
-        # The public setter refuses once connected; CONNACK is the first moment we know it.
-        client._max_inflight_messages = receive_max or 65535
-        super()._on_connect(client, userdata, flags, reason_code, properties)
-
-    def backlog(self) -> int:
-        """Our publishes the broker has not acknowledged, plus packets not yet written."""
-        return len(self._client._out_messages) + len(self._client._out_packet)
-
-    def backlog_limit(self) -> int:
-        # Past what the broker lets be in flight, paho queues our publishes and scans the
-        # queue on every PUBACK: keep that queue short.
-        return max(256, 2 * self._client._max_inflight_messages)
-
-    def _on_publish(
-        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
-    ) -> None:
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-        if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
-            self.sendable.set()
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        # paho calls this from the executor thread that runs connect().
-        def start() -> None:
-            self._fd = sock.fileno()
-            self.paused = False
-            self._rbuf, self._rpos = b"", 0
-            if type(sock) is socket.socket:  # TLS sockets keep their own buffer
-                client._sock_recv = self._buffered_recv  # type: ignore[method-assign]
-            else:
-                client._sock_recv = self._tls_recv  # type: ignore[method-assign]
-            self._loop.add_reader(self._fd, self._read)
-            self._misc_task = self._loop.create_task(self._misc_loop())
-
-        self._loop.call_soon_threadsafe(start)
-
-    def _on_disconnect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: Any,
-        reason_code: Any,
-        properties: Properties | None = None,
-    ) -> None:
-        self.taken_over = getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER
-        super()._on_disconnect(client, userdata, flags, reason_code, properties)
-
-    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self._fd = -1
-        super()._on_socket_close(client, userdata, sock)
-
-    def _read(self) -> None:
-        client = self._client
-        try:
-            for _ in range(_READ_BURST):
-                client.loop_read()
-                sock = client._sock
-                if self.paused or sock is None:
-                    break
-                pending = getattr(sock, "pending", None)
-                if pending is not None:  # TLS: only bytes already decrypted can be counted
-                    if not pending():
-                        break
-                elif self._rpos >= len(self._rbuf):
-                    break  # the buffer took all the socket had; epoll says when there is more
-        except Exception as exc:  # paho raises OSError subclasses on a broken socket
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
-
-    def flush(self) -> None:
-        """Write what paho has queued, now rather than on the next writable event.
-
-        Errors and what is left are the writer callback's, which stays registered: paho's
-        loop_write would also (un)register it, through callbacks that run later.
-        """
-        self._client._packet_write()
-
-    def pause_reading(self) -> None:
-        if not self.paused and self._fd >= 0:
-            self.paused = True
-            self._loop.remove_reader(self._fd)
-
-    def resume_reading(self) -> None:
-        if self.paused and self._fd >= 0:
-            self.paused = False
-            self._loop.add_reader(self._fd, self._read)
-            pending = getattr(self._client._sock, "pending", None)
-            if self._rpos < len(self._rbuf) or (pending is not None and pending()):
-                self._loop.call_soon(self._read)  # buffered bytes wake no epoll
-
-    async def wait_disconnected(self) -> None:
-        await asyncio.shield(self._disconnected)
-
-    @property
-    def paho(self) -> paho.Client:
-        return self._client
-
-
-class PackedProperties:
-    """MQTT 5 PUBLISH properties already encoded: paho only ever calls `pack()` on them,
-    and building its Properties object for each reply costs more than the rest of a reply."""
-
-    __slots__ = ("packed",)
-
-    def __init__(self, content_type: str, correlation: bytes | None = None) -> None:
-        ct = content_type.encode()
-        body = b"\x03" + len(ct).to_bytes(2, "big") + ct
-        if correlation is not None:
-            body += b"\x09" + len(correlation).to_bytes(2, "big") + correlation
-        self.packed = _varint(len(body)) + body
-
-    def pack(self) -> bytes:
-        return self.packed
-
-    def __str__(self) -> str:
-        return f"[packed properties: {len(self.packed)} bytes]"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _properties(packet_type: int) -> Properties:
-    return Properties(packet_type)  # type: ignore[no-untyped-call]
-
-
-class Stats:
-    """Counters for the stats topic."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.requests = 0
-        self.errors: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()
-        self.evictions: Counter[str] = Counter()
-        self.ignored_retained = 0
-        self.taken_over = 0
 
 
 class Service:
@@ -297,13 +81,13 @@ class Service:
         self.cfg = cfg
         self.backend = backend
         self.router = Router(cfg.prefix, cfg.max_payload_bytes, cfg.route_prefix)
-        self.stats = Stats()
-        self._inbox: list[tuple[int, paho.MQTTMessage]] = []
+        self.stats = Stats(started=time.monotonic())
+        self._inbox: list[tuple[int, Message]] = []
         self._wake = asyncio.Event()
         self._generation = 0
         self._busy = False  # a batch is being handled
         self._closing = False  # shutting down: new requests stay unacknowledged, for later
-        self._client: _Client | None = None
+        self._client: Connection | None = None
         self.connected = asyncio.Event()
         self.connections = 0
         self._connection_made = asyncio.Event()
@@ -338,7 +122,7 @@ class Service:
             await self._shutdown(client, connection, tasks)
 
     async def _shutdown(
-        self, client: _Client, connection: asyncio.Task[None], tasks: list[asyncio.Task[None]]
+        self, client: Connection, connection: asyncio.Task[None], tasks: list[asyncio.Task[None]]
     ) -> None:
         # Requests that arrive from now on are left unacknowledged: the broker keeps them in
         # the session for the next start. Reading goes on, for the acks of our last publishes.
@@ -346,7 +130,7 @@ class Service:
         self.systemd.stopping()
         client.resume_reading()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained(), timeout=5)
+            await asyncio.wait_for(self._drained(), timeout=c.DRAIN_TIMEOUT)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -371,17 +155,9 @@ class Service:
             self._wake.set()
             await asyncio.sleep(0.01)
 
-    def _make_client(self) -> _Client:
+    def _make_client(self) -> Connection:
         cfg = self.cfg
-        connect_props = _properties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = cfg.session_expiry_seconds
-        connect_props.ReceiveMaximum = min(cfg.max_inflight, 65535)
-        will_props = _properties(PacketTypes.WILLMESSAGE)
-        will_props.ContentType = content_type(cfg.event_format)
-        will = aiomqtt.Will(
-            self.status_topic, self._status("offline"), qos=1, retain=True, properties=will_props
-        )
-        return _Client(
+        return Connection(
             self._on_message,
             hostname=cfg.host,
             port=cfg.port,
@@ -390,14 +166,14 @@ class Service:
             password=cfg.password,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
-            properties=connect_props,
-            will=will,
-            keepalive=30,
-            socket_options=[_NODELAY],
+            properties=connect_properties(cfg.session_expiry_seconds, min(cfg.max_inflight, 65535)),
+            will=will(self.status_topic, self._status("offline"), content_type(cfg.event_format)),
+            keepalive=c.KEEPALIVE,
+            socket_options=[NODELAY],
             tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
         )
 
-    async def _stay_connected(self, client: _Client, stop: asyncio.Event) -> None:
+    async def _stay_connected(self, client: Connection, stop: asyncio.Event) -> None:
         attempt = 0
         short_streak = 0  # connections in a row that lasted under _STABLE_CONNECTION
         since = 0.0
@@ -453,7 +229,7 @@ class Service:
         else:
             log.debug("session taken over again (%d times)", self.stats.taken_over)
 
-    async def _check_taken_over(self, client: _Client) -> None:
+    async def _check_taken_over(self, client: Connection) -> None:
         """After a lost connection: is the retained status still ours? Mosquitto 2.0 closes a
         connection whose client id another client takes without saying why (no reason code,
         no Will), and that client, if it is a worker, has published its own "online"."""
@@ -465,17 +241,17 @@ class Service:
                 if decode_event(retained, None).get("state") == "online":
                     self._taken_over()
 
-    async def _retained(self, client: _Client, topic: str) -> bytes | None:
+    async def _retained(self, client: Connection, topic: str) -> bytes | None:
         """The retained message on `topic`, or None when there is none."""
         got: asyncio.Future[bytes] = self._loop_future()
 
-        def on_retained(paho_client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        def on_retained(msg: Message) -> None:
             if msg.qos:
-                paho_client.ack(msg.mid, msg.qos)
+                client.acknowledge(msg.mid, msg.qos)
             if msg.retain and not got.done():
                 got.set_result(bytes(msg.payload))
 
-        client.paho.message_callback_add(topic, on_retained)
+        client.on_topic(topic, on_retained)
         try:
             await client.subscribe(topic, qos=1)
             # The broker sends retained messages right after the SUBACK, so by the PUBACK of
@@ -484,7 +260,7 @@ class Service:
             await client.publish(probe, b"", qos=1, timeout=5)
             return got.result() if got.done() else None
         finally:
-            client.paho.message_callback_remove(topic)
+            client.off_topic(topic)
             with contextlib.suppress(Exception):
                 await client.unsubscribe(topic)
 
@@ -492,11 +268,11 @@ class Service:
     def _loop_future() -> asyncio.Future[bytes]:
         return asyncio.get_running_loop().create_future()
 
-    async def _on_connected(self, client: _Client) -> None:
+    async def _on_connected(self, client: Connection) -> None:
         filters = self.router.filters()
         # No Local: the worker's own events and stats are not sent back to it. MQTT 5 forbids
         # it on shared subscriptions, where the Router drops them instead.
-        options = SubscribeOptions(qos=1, retainAsPublished=True, noLocal=not self.cfg.shared_group)
+        options = subscribe_options(no_local=not self.cfg.shared_group)
         # A session kept from an earlier version or from a run outside the group holds other
         # filters that overlap these: each request would be served twice.
         stale = self.router.legacy_filters()
@@ -556,7 +332,7 @@ class Service:
             f"{self.stats.requests} requests"
         )
 
-    async def _check_broker(self, client: _Client) -> None:
+    async def _check_broker(self, client: Connection) -> None:
         """Warn, once, about broker settings the worker needs that this broker lacks."""
         problems = []
         receive_max = client.broker_receive_max or 65535
@@ -592,21 +368,20 @@ class Service:
                 BROKER_SNIPPET,
             )
 
-    async def probe_round_trip(self, client: _Client, rounds: int = 3) -> float | None:
+    async def probe_round_trip(self, client: Connection, rounds: int = 3) -> float | None:
         """The fastest of a few QoS 1 publishes to a topic of our own, until both the PUBACK and
         the message are back. The message is acknowledged only then: a broker without
         TCP_NODELAY holds its second packet until our delayed TCP ACK, as it does a device's
         reply behind the PUBACK of its request."""
         topic = self.router.worker_topic(self.cfg.client_id, "probe")
-        got: list[paho.MQTTMessage] = []
+        got: list[Message] = []
         arrived = asyncio.Event()
 
-        def on_probe(_client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        def on_probe(msg: Message) -> None:
             got.append(msg)
             arrived.set()
 
-        paho_client = client.paho
-        paho_client.message_callback_add(topic, on_probe)
+        client.on_topic(topic, on_probe)
         best: float | None = None
         try:
             await client.subscribe(topic, qos=1)
@@ -621,11 +396,11 @@ class Service:
                 took = time.perf_counter() - started
                 best = took if best is None else min(best, took)
                 for msg in got:
-                    paho_client.ack(msg.mid, msg.qos)
+                    client.acknowledge(msg.mid, msg.qos)
                 got.clear()
             await client.unsubscribe(topic)
         finally:
-            paho_client.message_callback_remove(topic)
+            client.off_topic(topic)
         return best
 
     async def wait_connections(self, n: int) -> None:
@@ -635,22 +410,20 @@ class Service:
             await self._connection_made.wait()
 
     def _status(self, state: str) -> bytes:
-        return encode(
-            {
-                "state": state,
-                "version": __version__,
-                "client_id": self.cfg.client_id,
-                "prefix": self.cfg.prefix,
-                "backend": self.backend.name,
-                "pid": os.getpid(),
-                "ts": time.time(),
-            },
-            self.cfg.event_format,
+        body = status_payload(
+            state,
+            version=__version__,
+            client_id=self.cfg.client_id,
+            prefix=self.cfg.prefix,
+            backend=self.backend.name,
+            pid=os.getpid(),
+            ts=time.time(),
         )
+        return encode(body, self.cfg.event_format)
 
     # --- the hot path ---------------------------------------------------------------------
 
-    def _on_message(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, _client: Any, _userdata: Any, msg: Message) -> None:
         if self._closing:
             return
         self._inbox.append((self._generation, msg))
@@ -695,11 +468,11 @@ class Service:
                 if client is not None and client.paused and not self._inbox:
                     client.resume_reading()
 
-    async def _handle(self, batch: list[tuple[int, paho.MQTTMessage]]) -> None:
+    async def _handle(self, batch: list[tuple[int, Message]]) -> None:
         parse = self.router.parse
         not_for_us = self.router.not_for_us
         stats = self.stats
-        todo: list[tuple[int, paho.MQTTMessage, Parsed]] = []
+        todo: list[tuple[int, Message, Parsed]] = []
         requests: list[Request] = []
         for gen, msg in batch:
             try:
@@ -745,7 +518,7 @@ class Service:
         if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
             self._sweep_kick.set()
 
-    def _reply(self, msg: paho.MQTTMessage, parsed: Parsed, result: Result) -> None:
+    def _reply(self, msg: Message, parsed: Parsed, result: Result) -> None:
         stats = self.stats
         if isinstance(result, WorkerError):
             stats.errors[result.code] += 1
@@ -758,27 +531,23 @@ class Service:
         if correlation is not None:
             props = PackedProperties(c.CONTENT_TYPE, correlation)
         assert self._client is not None
-        self._client.paho.publish(
-            parsed.route,
-            encode_reply(result, parsed),
-            msg.qos,
-            False,
-            props,  # type: ignore[arg-type]
+        self._client.publish_packed(
+            parsed.route, encode_result(result, parsed), msg.qos, False, props
         )
 
-    def _ack(self, gen: int, msg: paho.MQTTMessage) -> None:
+    def _ack(self, gen: int, msg: Message) -> None:
         if msg.qos and gen == self._generation and self._client is not None:
-            self._client.paho.ack(msg.mid, msg.qos)
+            self._client.acknowledge(msg.mid, msg.qos)
 
     def _announce(self, evictions: list[Eviction]) -> None:
         if not evictions or self._client is None:
             return
-        publish = self._client.paho.publish
+        publish = self._client.publish_packed
         topic = self.router.evicted_topic
         fmt, props = self.cfg.event_format, self._event_props
         for ev in evictions:
             self.stats.evictions[ev.reason] += 1
-            publish(topic(ev.convo), encode_event(ev, fmt), 1, False, props)  # type: ignore[arg-type]
+            publish(topic(ev.convo), encode_event(ev, fmt), 1, False, props)
 
     # --- background work ------------------------------------------------------------------
 
@@ -831,7 +600,7 @@ class Service:
         """
         client = self._client
         while client is not None and not client.paused and self.connected.is_set():
-            room = min(client.paho._max_inflight_messages // 2, 2 * _EVENT_SLICE)
+            room = min(client.max_inflight // 2, 2 * _EVENT_SLICE)
             if client.backlog() + _EVENT_SLICE <= max(room, _EVENT_SLICE):
                 return
             client.sendable.clear()
@@ -848,34 +617,18 @@ class Service:
                     log.exception("publishing stats failed")
 
     def stats_body(self) -> dict[str, Any]:
-        counts = self.backend.counts()
-        s, lim = self.stats, self.cfg.limits
-        return {
-            "client_id": self.cfg.client_id,
-            "version": __version__,
-            "backend": self.backend.name,
-            "conversations": counts.conversations,
-            "turns": counts.turns,
-            "bytes": counts.bytes,
-            "keys": counts.keys,
-            "requests": s.requests,
-            "errors": dict(s.errors),
-            "refused": dict(s.refused),
-            "ignored_retained": s.ignored_retained,
-            "taken_over": s.taken_over,
-            "evictions": dict(s.evictions),
-            "uptime": round(time.monotonic() - s.started, 3),
-            "ts": time.time(),
-            "limits": {
-                "max_bytes": lim.max_bytes,
-                "max_conversations": lim.max_conversations,
-                "max_turns": lim.max_turns,
-                "max_keys": lim.max_keys,
-                "ttl": lim.ttl,
-            },
-        }
+        return stats_payload(
+            self.stats,
+            self.backend.counts(),
+            self.cfg.limits,
+            client_id=self.cfg.client_id,
+            version=__version__,
+            backend=self.backend.name,
+            now=time.monotonic(),
+            ts=time.time(),
+        )
 
     def _publish_stats(self) -> None:
         if self._client is not None:
             body = encode(self.stats_body(), self.cfg.event_format)
-            self._client.paho.publish(self.stats_topic, body, 1, True, self._event_props)  # type: ignore[arg-type]
+            self._client.publish_packed(self.stats_topic, body, 1, True, self._event_props)

@@ -14,10 +14,10 @@ import heapq
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from worker import constants as c
-from worker.config import Limits
 from worker.errors import BadRequest, TooLarge, WorkerError
 from worker.protocol import (
     Append,
@@ -34,12 +34,31 @@ from worker.protocol import (
     StateLoad,
     StateSave,
     Turns,
-    encode_turn,
-    turn_end,
-    turn_size,
 )
+from worker.turns import encode_turn, turn_end, turn_size
 
 NO_DEADLINE: Final = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The store's bounds: the pure core needs only these."""
+
+    max_turns: int = c.DEFAULT_MAX_TURNS
+    ttl: float = c.DEFAULT_TTL
+    max_conversations: int = c.DEFAULT_MAX_CONVERSATIONS
+    max_bytes: int = c.DEFAULT_MAX_BYTES
+    max_keys: int = c.DEFAULT_MAX_KEYS
+    # Request ids remembered per conversation for at-most-once appends and saves. It is
+    # --max-inflight: the broker never has more unacknowledged requests out to us than our
+    # Receive Maximum, so no more than that many can come again after a crash.
+    max_ids: int = c.DEFAULT_MAX_INFLIGHT
+    # What --max-bytes counts per conversation, turn and key besides their bytes (measured
+    # overheads, see constants.py; tests set their own).
+    convo_cost: int = c.CONVO_COST
+    id_byte_cost: int = c.ID_BYTE_COST
+    turn_cost: int = c.TURN_COST
+    key_cost: int = c.KEY_COST
 
 
 def base_cost(limits: Limits, name: str) -> int:

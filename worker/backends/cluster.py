@@ -28,10 +28,9 @@ from worker import constants as c
 from worker.backend_url import BackendUrl, parse_backend_url
 from worker.backends.base import Counts
 from worker.backends.redis import DEFAULT_TIMEOUT, SCRIPT, RedisBackend, _result
-from worker.config import Limits
 from worker.errors import ConfigError, Unavailable
 from worker.protocol import Eviction, Request, Result
-from worker.store import NO_DEADLINE
+from worker.store import NO_DEADLINE, Limits
 
 log = logging.getLogger("memory_worker.cluster")
 _SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()

@@ -6,9 +6,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from worker.backends.base import Backend, Counts
-from worker.config import Limits
 from worker.protocol import Eviction, Request, Result
-from worker.store import Store
+from worker.store import Limits, Store
 
 
 class MemoryBackend(Backend):

@@ -136,6 +136,7 @@ if op == 'append' then
     if not exists then create(c) end
     local seq = redis.call('HINCRBY', meta(c), 'seq', 1)
     local t = K .. 't:' .. c
+    -- the entry layout of worker/turns.py (redis_entry); tests/test_turns.py holds them equal
     redis.call('RPUSH', t, struct.pack('>I4', size) .. head .. struct.pack('>I4', seq))
     redis.call('HINCRBY', meta(c), 'nbytes', size)
     redis.call('INCRBY', K .. 'bytes', size)

@@ -25,7 +25,6 @@ import redis.asyncio
 
 from worker import constants as c
 from worker.backends.base import Backend, Counts
-from worker.config import Limits
 from worker.errors import ConfigError, TooLarge, Unavailable, WorkerError
 from worker.protocol import (
     Append,
@@ -43,19 +42,13 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
-from worker.store import NO_DEADLINE, base_cost
+from worker.store import NO_DEADLINE, Limits, base_cost
+from worker.turns import REDIS_SIZE_BYTES, content_size, turn_head
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
-DEFAULT_TIMEOUT = 2.0
+DEFAULT_TIMEOUT = c.REDIS_TIMEOUT
 _packb = msgpack.packb
-_HEAD_KEYS = (_packb("role"), _packb("content"), _packb("ts"), _packb("seq"))
-
-
-def turn_head(role: str, content: str, ts: float) -> bytes:
-    """A turn encoded up to its seq, which the script appends as a uint32 once it knows it."""
-    r, co, t, s = _HEAD_KEYS
-    return b"".join((b"\x84", r, _packb(role), co, _packb(content), t, _packb(ts), s, b"\xce"))
 
 
 def _field(ns: str, key: str = "") -> bytes:
@@ -145,7 +138,7 @@ class RedisBackend(Backend):
     def _call(self, req: Request) -> list[Any]:
         match req:
             case Append():
-                size = len(req.role.encode()) + len(req.content.encode()) + self.limits.turn_cost
+                size = content_size(req.role, req.content) + self.limits.turn_cost
                 head = turn_head(req.role, req.content, self._wall())
                 return self._args("append", req.convo, size, head, _id(req.id))
             case Get():
@@ -181,7 +174,7 @@ class RedisBackend(Backend):
                     await self._script(keys=[self.key], args=args, client=pipe)
                 replies: list[Any] = await pipe.execute()
         except Exception as exc:  # connection refused, timeout, NOSCRIPT races, ...
-            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from None
+            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from exc
         return replies
 
     def _take(self, replies: list[Any]) -> tuple[list[Any], list[Eviction]]:
@@ -223,7 +216,7 @@ def _result(req: Request, raw: list[Any]) -> Result:
             seq, count = data.split()
             return Fields({"seq": int(seq), "count": int(count)})
         case Get():
-            return Turns(len(data), b"".join(t[4:] for t in data))
+            return Turns(len(data), b"".join(t[REDIS_SIZE_BYTES:] for t in data))
         case Delete():
             return Fields({"deleted": int(data)})
         case StateSave():

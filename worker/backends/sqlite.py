@@ -24,9 +24,8 @@ import msgpack
 
 from worker.backend_url import parse_backend_url
 from worker.backends.memory import MemoryBackend
-from worker.config import Limits
 from worker.errors import ConfigError
-from worker.store import NO_DEADLINE, Convo
+from worker.store import NO_DEADLINE, Convo, Limits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS convos (
@@ -128,8 +127,6 @@ class SqliteBackend(MemoryBackend):
         if db is not None:
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
         self._writer.shutdown(wait=True)
-
-    # --- the interface ----------------------------------------------------------------------
 
     # --- writing ----------------------------------------------------------------------------
 

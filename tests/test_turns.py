@@ -1,0 +1,69 @@
+"""The stored-turn layout: one Python home, and the Redis script's copy agrees byte for byte."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgpack
+import pytest
+
+from worker.backends.redis import RedisBackend
+from worker.protocol import Append
+from worker.store import Limits
+from worker.turns import (
+    REDIS_SIZE_BYTES,
+    content_size,
+    encode_turn,
+    redis_entry,
+    turn_end,
+    turn_head,
+    turn_size,
+)
+
+TEXTS = [("user", "hi"), ("assistant", "é" * 40), ("r" * 32, "x" * 70_000)]
+
+
+@pytest.mark.parametrize(("role", "content"), TEXTS)
+@pytest.mark.parametrize("seq", [1, 200, 70_000, 2**33])
+def test_boundaries_and_sizes_are_read_off_the_encoding(role: str, content: str, seq: int) -> None:
+    """turn_end finds each of back-to-back turns, and turn_size their role and content bytes."""
+    turn = encode_turn(role, content, 1.5, seq)
+    both = turn + turn
+    assert turn_end(both, 0) == len(turn)
+    assert turn_end(both, len(turn)) == len(both)
+    assert turn_size(turn) == content_size(role, content)
+
+
+@pytest.mark.parametrize(("role", "content"), TEXTS)
+def test_a_redis_turn_reads_as_the_same_turn(role: str, content: str) -> None:
+    """A Redis entry without its size is the turn a get returns, with a uint32 seq."""
+    entry = redis_entry(123, turn_head(role, content, 2.5), 7)
+    turn = entry[REDIS_SIZE_BYTES:]
+    assert msgpack.unpackb(turn) == msgpack.unpackb(encode_turn(role, content, 2.5, 7))
+    assert turn_end(turn, 0) == len(turn)
+    assert turn_size(turn) == content_size(role, content)
+    assert int.from_bytes(entry[:REDIS_SIZE_BYTES], "big") == 123
+
+
+async def test_the_lua_script_stores_the_python_layout(redis_url: str) -> None:
+    """What redis.lua stores for an append is, byte for byte, redis_entry of turn_head."""
+    limits = Limits(ttl=0)
+    backend = RedisBackend(
+        redis_url, limits, prefix=f"t{uuid.uuid4().hex[:10]}", wall=lambda: 1700000000.25
+    )
+    await backend.open()
+    try:
+        for role, content in TEXTS:
+            await backend.execute([Append("c", role, content)])
+        stored = await backend._redis.lrange(f"{backend.key}t:c", 0, -1)
+    finally:
+        await backend.close()
+    expected = [
+        redis_entry(
+            content_size(role, content) + limits.turn_cost,
+            turn_head(role, content, 1700000000.25),
+            seq,
+        )
+        for seq, (role, content) in enumerate(TEXTS, 1)
+    ]
+    assert stored == expected
