@@ -360,3 +360,12 @@ async def test_reply_prefix_with_convo_reaches_a_route_prefixed_worker(
         assert (await m.append("k1", "user", "a")).seq == 1
         assert (await m.append("k2", "user", "b")).seq == 1
         assert [t["content"] for t in await m.get("k2")] == ["b"]
+
+
+def test_every_wire_code_has_its_exception() -> None:
+    """Each error code the worker answers with maps to its own client exception class."""
+    from worker.client import _BY_CODE, error_for
+    from worker.errors import ERROR_CODES
+
+    assert sorted(_BY_CODE) == sorted(ERROR_CODES)
+    assert all(type(error_for(code, "m")).code == code for code in ERROR_CODES)

@@ -112,16 +112,9 @@ class NoReplyError(MemoryWorkerError, TimeoutError):
     code = "timeout"
 
 
+# Every wire code's class, derived so that a new subclass cannot be forgotten here.
 _BY_CODE: Final[dict[str, type[MemoryWorkerError]]] = {
-    cls.code: cls
-    for cls in (
-        BadPayloadError,
-        BadRequestError,
-        TooLargeError,
-        BadTopicError,
-        UnavailableError,
-        InternalError,
-    )
+    cls.code: cls for cls in MemoryWorkerError.__subclasses__() if cls is not NoReplyError
 }
 
 
