@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import aiomqtt
@@ -147,8 +148,12 @@ def test_help_and_bad_options() -> None:
 @needs_root
 def test_it_refuses_to_run_as_another_user() -> None:
     """Not root: one clear line, exit 1, nothing done."""
-    for script in (INSTALL, UNINSTALL):
-        done = run(script, as_nobody=True)
+    # A copy another user can read: the clone may sit in a private folder (mktemp -d, /root).
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o755)
+        copies = [Path(shutil.copy(script, folder)) for script in (INSTALL, UNINSTALL)]
+        results = [run(copy, as_nobody=True) for copy in copies]
+    for done in results:
         assert done.returncode == 1
         assert "run as root" in done.stderr
         assert done.stdout == ""
