@@ -5,7 +5,8 @@
  * Keeps WINDOW requests outstanding, each with a Response Topic and Correlation Data,
  * alternating appends (120-byte content) and gets over CONVERSATIONS conversations. After
  * WARMUP seconds it counts replies for SECONDS seconds, then prints one JSON line:
- * {"replies", "seconds", "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms", "cpu_s"}.
+ * {"replies", "seconds", "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms", "cpu_s", "wall_s",
+ * "sent"}: "sent" counts every request of the run, warm-up included.
  * Written in C so that the load generator is never what limits the measurement.
  */
 #include <mosquitto.h>
@@ -137,9 +138,9 @@ int main(int argc, char **argv) {
                  ru.ru_stime.tv_usec / 1e6;
     printf("{\"replies\": %ld, \"seconds\": %.3f, \"rps\": %.1f, \"p50_ms\": %.3f, "
            "\"p99_ms\": %.3f, \"p999_ms\": %.3f, \"max_ms\": %.3f, \"cpu_s\": %.3f, "
-           "\"wall_s\": %.3f}\n",
+           "\"wall_s\": %.3f, \"sent\": %ld}\n",
            lat_n, seconds, lat_n / seconds, pct(0.5), pct(0.99), pct(0.999),
-           lat_n ? lat[lat_n - 1] * 1000 : 0, cpu, now() - start);
+           lat_n ? lat[lat_n - 1] * 1000 : 0, cpu, now() - start, counter);
     mosquitto_destroy(m);
     mosquitto_lib_cleanup();
     return 0;
