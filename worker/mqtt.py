@@ -1,32 +1,37 @@
 """The transport: the only module that touches aiomqtt and paho internals.
 
-aiomqtt manages the connection; `Connection` takes over its hot path and flow control and
-offers the service a narrow interface: publish pre-encoded (`publish_packed`, with
-`PackedProperties`), `acknowledge`, `pause_reading`/`resume_reading`, `backlog`, per-topic
-callbacks (`on_topic`), and what CONNACK and DISCONNECT said (`broker_receive_max`,
-`broker_max_packet`, `taken_over`). Every private attribute it relies on is named in
-`PRIVATE_ATTRIBUTES`, which tests/test_transport_guard.py checks against the installed
-versions, so an upgrade that moves one fails there and not deep in the hot path.
+aiomqtt keeps the connection (CONNECT, SUBSCRIBE, keepalive, reconnect, its public API);
+`Connection` takes the hot path from paho: it reads the socket itself, decodes PUBLISH and
+PUBACK with worker/packets.py and hands every other packet to paho, and it writes our
+PUBLISH and PUBACK packets itself, one socket write per batch. The service sees a narrow
+interface: `publish_packed`, `acknowledge`, `flush`, `pause_reading`/`resume_reading`,
+`backlog`, per-topic callbacks (`on_topic`), and what CONNACK and DISCONNECT said
+(`broker_receive_max`, `broker_max_packet`, `taken_over`). Every private attribute it relies
+on is named in `PRIVATE_ATTRIBUTES`, which tests/test_transport_guard.py checks against the
+installed versions, so an upgrade that moves one fails there and not deep in the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
+import ssl
+import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-Message = paho.MQTTMessage
-OnMessage = Callable[[Any, Any, paho.MQTTMessage], None]
-PublishPacked = Callable[[str, bytes, int, bool, "PackedProperties"], object]
-Acknowledge = Callable[[int, int], object]
+from worker import packets
+from worker.packets import PUBACK, PUBLISH, Incoming, MalformedPacket
+
+Message = Incoming
+OnMessage = Callable[[Incoming], None]
 
 # The versions these internals were read from; pyproject.toml pins both ranges.
 PINNED = "aiomqtt 2.5, paho-mqtt 2.2"
@@ -40,52 +45,42 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("aiomqtt.Client", "_misc_loop"),
     ("aiomqtt.Client", "_on_connect"),
     ("aiomqtt.Client", "_on_disconnect"),
-    ("aiomqtt.Client", "_on_publish"),
     ("aiomqtt.Client", "_on_socket_open"),
     ("aiomqtt.Client", "_on_socket_close"),
-    ("paho.Client", "_update_inflight"),
     ("paho.Client", "_out_messages"),
     ("paho.Client", "_out_packet"),
-    ("paho.Client", "_inflight_messages"),
     ("paho.Client", "_max_inflight_messages"),
+    ("paho.Client", "_mid_generate"),
     ("paho.Client", "_sock"),
     ("paho.Client", "_sock_recv"),
-    ("paho.Client", "_packet_write"),
+    ("paho.Client", "_sock_send"),
+    ("paho.Client", "_call_socket_register_write"),
+    ("paho.Client", "_last_msg_out"),
+    ("paho.Client", "_last_bytes_received"),
 )
 
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-_READ_BURST = 256
 _READ_BUFFER = 65536
 _SESSION_TAKEN_OVER = 0x8E
+# Of the broker's Receive Maximum, what paho keeps for its own QoS 1 publishes (status,
+# discovery, probes); the hot path has the rest.
+_PAHO_INFLIGHT = 16
 
 
 class PackedProperties:
-    """MQTT 5 PUBLISH properties already encoded: paho only ever calls `pack()` on them,
-    and building its Properties object for each reply costs more than the rest of a reply."""
+    """MQTT 5 PUBLISH properties already encoded, for paho's own (awaited) publishes:
+    paho only ever calls `pack()` on them."""
 
     __slots__ = ("packed",)
 
     def __init__(self, content_type: str, correlation: bytes | None = None) -> None:
-        ct = content_type.encode()
-        body = b"\x03" + len(ct).to_bytes(2, "big") + ct
-        if correlation is not None:
-            body += b"\x09" + len(correlation).to_bytes(2, "big") + correlation
-        self.packed = _varint(len(body)) + body
+        self.packed = packets.properties(content_type, correlation)
 
     def pack(self) -> bytes:
         return self.packed
 
     def __str__(self) -> str:
         return f"[packed properties: {len(self.packed)} bytes]"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _properties(packet_type: int) -> Properties:
@@ -115,17 +110,21 @@ def subscribe_options(*, no_local: bool) -> SubscribeOptions:
 class Connection(aiomqtt.Client):
     """aiomqtt's client, with the hot path and flow control taken over.
 
-    - Incoming messages go straight to `on_message` (no queue, no task per message).
-    - Acknowledgement is manual (paho would PUBACK before the request is stored).
+    - Incoming PUBLISH packets are decoded here and go straight to `on_message` as
+      `Incoming` values (no paho message, no queue, no task per message); acknowledgement is
+      manual (`acknowledge`), since paho would PUBACK before the request is stored.
+    - Our replies and events are encoded here and written with the acknowledgements in one
+      socket write per batch (`flush`, also scheduled on its own at the end of the loop's
+      turn). QoS 1 ones stay until the broker's PUBACK, are sent again (DUP) after a
+      reconnection, and never exceed the broker's Receive Maximum, since Mosquitto
+      disconnects a client that does: past it they wait here.
     - Reading the socket can be paused, so a flood waits in the broker, not in our memory.
-    - The broker's Receive Maximum (from CONNACK) caps our own in-flight publishes, since
-      Mosquitto disconnects a client that exceeds it.
-    - Two paho costs are cut: it reads the socket a few bytes per system call (three calls
-      per packet), so reads go through a 64 KiB buffer; and it scans every in-flight
-      publish on each PUBACK, so the scan is skipped when nothing is queued behind them.
+
+    paho still reads (from our buffer, one packet at a time) and writes every other packet,
+    so CONNECT, SUBSCRIBE, keepalive and aiomqtt's awaited publishes work as ever.
 
     Args:
-        on_message: called on the event loop's thread with paho's (client, userdata, message).
+        on_message: called on the event loop's thread with each PUBLISH.
         **kwargs: aiomqtt.Client's arguments.
     """
 
@@ -133,43 +132,201 @@ class Connection(aiomqtt.Client):
         super().__init__(**kwargs)
         paho_client = self._client
         paho_client.manual_ack_set(True)
-        paho_client.on_message = on_message
-        # Bound methods, so the hot path pays one call per reply and per acknowledgement.
-        self.publish_packed = cast(PublishPacked, paho_client.publish)
-        self.acknowledge: Acknowledge = paho_client.ack
+        paho_client._sock_recv = self._feed_recv  # type: ignore[method-assign]
+        self._on_message_cb = on_message
+        self._topic_callbacks: dict[str, Callable[[Incoming], None]] = {}
         self._fd = -1
         self.paused = False
         self.sendable = asyncio.Event()
         self.sendable.set()
         self._rbuf = b""
-        self._rpos = 0
+        self._feed = b""  # the one packet paho is reading
+        self._feed_pos = 0
+        self._feed_eof = False
+        self._online = False  # between an accepted CONNACK and the socket's close
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._inflight: dict[int, bytes] = {}  # mid -> our QoS 1 PUBLISH awaiting its PUBACK
+        self._waiting: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._queued: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._quota = 1
         self.broker_receive_max: int | None = None
         self.broker_max_packet: int | None = None
         self.taken_over = False
-        scan = paho_client._update_inflight
 
-        def update_inflight() -> MQTTErrorCode:
-            if len(paho_client._out_messages) <= paho_client._inflight_messages:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS  # nothing queued to send
-            return scan()
+    # --- reading ----------------------------------------------------------------------------
 
-        paho_client._update_inflight = update_inflight  # type: ignore[method-assign]
-
-    def _buffered_recv(self, bufsize: int) -> bytes:
-        if self.paused:
-            # paho reads up to one packet per publish of ours in flight per call, not one:
-            # stop it here, or a broker that ignores our Receive Maximum (Mosquitto 2.0.11
-            # does) makes a batch larger than the ids each conversation remembers.
+    def _feed_recv(self, bufsize: int) -> bytes:
+        pos = self._feed_pos
+        if pos >= len(self._feed):
+            if self._feed_eof:
+                return b""
             raise BlockingIOError
-        data, pos = self._rbuf, self._rpos
-        if pos >= len(data):
-            sock = self._client._sock
-            if sock is None:
-                raise ConnectionError("not connected")
-            data, pos = sock.recv(_READ_BUFFER), 0  # BlockingIOError: paho waits for more
-            self._rbuf = data
-        self._rpos = pos + bufsize
-        return data[pos : pos + bufsize]
+        self._feed_pos = pos + bufsize
+        return self._feed[pos : pos + bufsize]
+
+    def _to_paho(self, packet: bytes, *, eof: bool = False) -> None:
+        self._feed, self._feed_pos, self._feed_eof = packet, 0, eof
+        try:
+            self._client.loop_read()
+        finally:
+            self._feed, self._feed_eof = b"", False
+
+    def _read(self) -> None:
+        client = self._client
+        sock = client._sock
+        if sock is None or self.paused:
+            return
+        try:
+            try:
+                data = sock.recv(_READ_BUFFER)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._to_paho(b"", eof=True)  # paho reports the loss, as from its own read
+                return
+            client._last_bytes_received = time.monotonic()
+            self._rbuf = self._rbuf + data if self._rbuf else data
+            self._parse()
+            pending = getattr(sock, "pending", None)
+            if pending is not None and pending() and not self.paused:
+                self._loop.call_soon(self._read)  # TLS: decrypted bytes wake no epoll
+        except Exception as exc:  # a broken socket, a malformed packet
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def _parse(self) -> None:
+        buf, pos = self._rbuf, 0
+        acked = False
+        try:
+            while not self.paused:
+                start, end = packets.frame(buf, pos)
+                if start < 0:
+                    break
+                kind = buf[pos] & 0xF0
+                if kind == PUBLISH:
+                    msg = packets.decode_publish(buf[pos], buf, start, end)
+                    pos = end
+                    special = self._topic_callbacks
+                    callback = special.get(msg.topic) if special else None
+                    (callback or self._on_message_cb)(msg)
+                    continue
+                if kind == PUBACK and end - start >= 2:
+                    mid = (buf[start] << 8) | buf[start + 1]
+                    if self._inflight.pop(mid, None) is not None:
+                        pos = end
+                        acked = True
+                        continue
+                packet, pos = buf[pos:end], end
+                self._to_paho(packet)
+                if self._client._sock is None:
+                    return
+        finally:
+            self._rbuf = buf[pos:] if pos and self._client._sock is not None else buf
+            if self._client._sock is None:
+                self._rbuf = b""
+        if acked:
+            self._release_waiting()
+            if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
+                self.sendable.set()
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def publish_packed(
+        self, topic: str, payload: bytes, qos: int, retain: bool, props: bytes
+    ) -> None:
+        """Publish without waiting; `props` as worker.packets.properties makes them."""
+        if qos:
+            mid = self._client._mid_generate()
+            packet = packets.encode_publish(topic.encode(), payload, 1, retain, mid, props)
+            if self._online and len(self._inflight) < self._quota and not self._waiting:
+                self._inflight[mid] = packet
+                self._write(packet)
+            else:
+                self._waiting.append((mid, packet))
+        elif self._online:
+            self._write(packets.encode_publish(topic.encode(), payload, 0, retain, 0, props))
+
+    def acknowledge(self, mid: int, qos: int) -> None:
+        """PUBACK a QoS 1 message of this connection."""
+        if qos and self._online:
+            self._write(packets.puback(mid))
+
+    def _write(self, packet: bytes) -> None:
+        self._out.append(packet)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued now (one write), rather than at the end of the loop's turn."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out or not self._online:
+            out.clear()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        count = len(out)
+        out.clear()
+        client = self._client
+        if not client._out_packet:
+            try:
+                sent = client._sock_send(data)
+            except OSError:  # BlockingIOError too; paho's writer reports a broken socket
+                sent = 0
+            client._last_msg_out = time.monotonic()
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # Behind what paho has not written yet, as one packet of its own (PUBACK is a type
+        # paho writes without a callback), so that its writer finishes ours too, in order.
+        entry = {
+            "command": PUBACK,
+            "mid": 0,
+            "qos": 0,
+            "pos": 0,
+            "to_process": len(data),
+            "packet": data,
+            "info": None,
+        }
+        client._out_packet.append(entry)  # type: ignore[arg-type]
+        self._queued.append((entry, count))
+        client._call_socket_register_write()
+
+    def _release_waiting(self) -> None:
+        waiting, inflight = self._waiting, self._inflight
+        while waiting and len(inflight) < self._quota:
+            mid, packet = waiting.popleft()
+            inflight[mid] = packet
+            self._write(packet)
+
+    @property
+    def max_inflight(self) -> int:
+        """How many of our QoS 1 publishes may be in flight (the broker's Receive Maximum,
+        less what paho keeps for its own)."""
+        return self._quota
+
+    def backlog(self) -> int:
+        """Our publishes the broker has not acknowledged, plus packets not yet written."""
+        queued = self._queued
+        while queued and queued[0][0]["to_process"] == 0:
+            queued.popleft()
+        unwritten = sum(n for _, n in queued) if queued else 0
+        client = self._client
+        return (
+            len(self._inflight)
+            + len(self._waiting)
+            + len(client._out_messages)
+            + unwritten
+            + len(self._out)
+        )
+
+    def backlog_limit(self) -> int:
+        return max(256, 2 * self._quota)
+
+    # --- the connection's life ---------------------------------------------------------------
 
     def _on_connect(
         self,
@@ -184,46 +341,31 @@ class Connection(aiomqtt.Client):
         self.broker_max_packet = (
             getattr(properties, "MaximumPacketSize", None) if properties else None
         )
+        receive_max = receive_max or 65535
+        mine = max(1, min(_PAHO_INFLIGHT, receive_max // 4))
         # The public setter refuses once connected; CONNACK is the first moment we know it.
-        client._max_inflight_messages = receive_max or 65535
+        client._max_inflight_messages = mine
+        self._quota = max(1, receive_max - mine)
+        if not getattr(reason_code, "is_failure", False):
+            self._online = True
+            # Unacknowledged QoS 1 publishes go again, first and in order (MQTT 5, 4.4).
+            # What was queued for the old connection (QoS 0, acknowledgements) dies with it.
+            again = [packets.as_duplicate(p) for p in self._inflight.values()]
+            self._inflight = dict(zip(self._inflight, again, strict=True))
+            self._out = again
+            self._queued.clear()  # paho's reconnect() dropped its unwritten packets
+            self._release_waiting()
+            if self._out and not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self.flush)
         super()._on_connect(client, userdata, flags, reason_code, properties)
-
-    @property
-    def max_inflight(self) -> int:
-        """How many of our QoS 1 publishes the broker lets be in flight (its Receive Maximum)."""
-        return self._client._max_inflight_messages
-
-    def backlog(self) -> int:
-        """Our publishes the broker has not acknowledged, plus packets not yet written."""
-        return len(self._client._out_messages) + len(self._client._out_packet)
-
-    def backlog_limit(self) -> int:
-        # Past what the broker lets be in flight, paho queues our publishes and scans the
-        # queue on every PUBACK: keep that queue short.
-        return max(256, 2 * self._client._max_inflight_messages)
-
-    def _on_publish(
-        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
-    ) -> None:
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-        if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
-            self.sendable.set()
-
-    def _tls_recv(self, bufsize: int) -> bytes:
-        if self.paused:
-            raise BlockingIOError  # as in _buffered_recv
-        return paho.Client._sock_recv(self._client, bufsize)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this from the executor thread that runs connect().
         def start() -> None:
             self._fd = sock.fileno()
             self.paused = False
-            self._rbuf, self._rpos = b"", 0
-            if type(sock) is socket.socket:  # TLS sockets keep their own buffer
-                client._sock_recv = self._buffered_recv  # type: ignore[method-assign]
-            else:
-                client._sock_recv = self._tls_recv  # type: ignore[method-assign]
+            self._rbuf = b""
             self._loop.add_reader(self._fd, self._read)
             self._misc_task = self._loop.create_task(self._misc_loop())
 
@@ -241,34 +383,11 @@ class Connection(aiomqtt.Client):
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho may call this from the executor thread: flush drops what is queued once
+        # offline, and the next CONNACK starts a fresh queue.
         self._fd = -1
+        self._online = False
         super()._on_socket_close(client, userdata, sock)
-
-    def _read(self) -> None:
-        client = self._client
-        try:
-            for _ in range(_READ_BURST):
-                client.loop_read()
-                sock = client._sock
-                if self.paused or sock is None:
-                    break
-                pending = getattr(sock, "pending", None)
-                if pending is not None:  # TLS: only bytes already decrypted can be counted
-                    if not pending():
-                        break
-                elif self._rpos >= len(self._rbuf):
-                    break  # the buffer took all the socket had; epoll says when there is more
-        except Exception as exc:  # paho raises OSError subclasses on a broken socket
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
-
-    def flush(self) -> None:
-        """Write what paho has queued, now rather than on the next writable event.
-
-        Errors and what is left are the writer callback's, which stays registered: paho's
-        loop_write would also (un)register it, through callbacks that run later.
-        """
-        self._client._packet_write()
 
     def pause_reading(self) -> None:
         if not self.paused and self._fd >= 0:
@@ -279,18 +398,32 @@ class Connection(aiomqtt.Client):
         if self.paused and self._fd >= 0:
             self.paused = False
             self._loop.add_reader(self._fd, self._read)
-            pending = getattr(self._client._sock, "pending", None)
-            if self._rpos < len(self._rbuf) or (pending is not None and pending()):
-                self._loop.call_soon(self._read)  # buffered bytes wake no epoll
+            if self._rbuf:
+                self._loop.call_soon(self._resume_parse)  # buffered packets wake no epoll
+
+    def _resume_parse(self) -> None:
+        if self.paused or self._client._sock is None:
+            return
+        try:
+            self._parse()
+        except Exception as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+        pending = getattr(self._client._sock, "pending", None)
+        if pending is not None and pending() and not self.paused:
+            self._loop.call_soon(self._read)
 
     async def wait_disconnected(self) -> None:
         await asyncio.shield(self._disconnected)
 
-    def on_topic(self, topic: str, callback: Callable[[paho.MQTTMessage], None]) -> None:
+    def on_topic(self, topic: str, callback: Callable[[Incoming], None]) -> None:
         """Hand messages on `topic` to `callback` instead of `on_message` (they still need
         `acknowledge`)."""
-        self._client.message_callback_add(topic, lambda _c, _u, msg: callback(msg))
+        self._topic_callbacks[topic] = callback
 
     def off_topic(self, topic: str) -> None:
         """Undo `on_topic`."""
-        self._client.message_callback_remove(topic)
+        self._topic_callbacks.pop(topic, None)
+
+
+__all__ = ["NODELAY", "Connection", "MalformedPacket", "Message", "PackedProperties"]

@@ -39,6 +39,7 @@ from worker.mqtt import (
     subscribe_options,
     will,
 )
+from worker.packets import properties
 from worker.protocol import (
     Eviction,
     Parsed,
@@ -93,12 +94,13 @@ class Service:
         self._connection_made = asyncio.Event()
         self.status_topic = self.router.worker_topic(cfg.client_id, "status")
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
-        self._reply_props = PackedProperties(c.CONTENT_TYPE)
+        self._reply_props = properties(c.CONTENT_TYPE)
         self.systemd = Notifier.from_environ(os.environ)
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
         self._loss_explained = False
         self._event_props = PackedProperties(content_type(cfg.event_format))
+        self._event_packed = self._event_props.packed
         self._sweep_kick = asyncio.Event()
         self._sweep_due = 0.0
 
@@ -370,9 +372,9 @@ class Service:
 
     async def probe_round_trip(self, client: Connection, rounds: int = 3) -> float | None:
         """The fastest of a few QoS 1 publishes to a topic of our own, until both the PUBACK and
-        the message are back. The message is acknowledged only then: a broker without
-        TCP_NODELAY holds its second packet until our delayed TCP ACK, as it does a device's
-        reply behind the PUBACK of its request."""
+        the message are back. The messages are acknowledged after the last round: a broker
+        without TCP_NODELAY holds its second packet until our delayed TCP ACK, as it does a
+        device's reply behind the PUBACK of its request."""
         topic = self.router.worker_topic(self.cfg.client_id, "probe")
         got: list[Message] = []
         arrived = asyncio.Event()
@@ -395,12 +397,14 @@ class Service:
                     return None
                 took = time.perf_counter() - started
                 best = took if best is None else min(best, took)
-                for msg in got:
-                    client.acknowledge(msg.mid, msg.qos)
-                got.clear()
             await client.unsubscribe(topic)
         finally:
             client.off_topic(topic)
+            # Only now: an acknowledgement sent between rounds carries our TCP ACK, and the
+            # next round would miss the stall that a device, which sends nothing while it
+            # waits for its reply, meets.
+            for msg in got:
+                client.acknowledge(msg.mid, msg.qos)
         return best
 
     async def wait_connections(self, n: int) -> None:
@@ -423,7 +427,7 @@ class Service:
 
     # --- the hot path ---------------------------------------------------------------------
 
-    def _on_message(self, _client: Any, _userdata: Any, msg: Message) -> None:
+    def _on_message(self, msg: Message) -> None:
         if self._closing:
             return
         self._inbox.append((self._generation, msg))
@@ -475,10 +479,7 @@ class Service:
         todo: list[tuple[int, Message, Parsed]] = []
         requests: list[Request] = []
         for gen, msg in batch:
-            try:
-                topic = msg.topic
-            except UnicodeDecodeError:
-                topic = ""
+            topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
                 self._ack(gen, msg)
                 continue
@@ -486,9 +487,7 @@ class Service:
                 stats.ignored_retained += 1
                 self._ack(gen, msg)
                 continue
-            props = msg.properties
-            response_topic = getattr(props, "ResponseTopic", None) if props else None
-            parsed = parse(topic, msg.payload, response_topic)  # type: ignore[arg-type]
+            parsed = parse(topic, msg.payload, msg.response_topic)
             todo.append((gen, msg, parsed))
             if parsed.request is not None:
                 requests.append(parsed.request)
@@ -526,10 +525,10 @@ class Service:
             stats.refused[parsed.refused.code] += 1
         if parsed.route is None:
             return
-        props = self._reply_props
-        correlation = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-        if correlation is not None:
-            props = PackedProperties(c.CONTENT_TYPE, correlation)
+        correlation = msg.correlation
+        props = (
+            self._reply_props if correlation is None else properties(c.CONTENT_TYPE, correlation)
+        )
         assert self._client is not None
         self._client.publish_packed(
             parsed.route, encode_result(result, parsed), msg.qos, False, props
@@ -544,7 +543,7 @@ class Service:
             return
         publish = self._client.publish_packed
         topic = self.router.evicted_topic
-        fmt, props = self.cfg.event_format, self._event_props
+        fmt, props = self.cfg.event_format, self._event_packed
         for ev in evictions:
             self.stats.evictions[ev.reason] += 1
             publish(topic(ev.convo), encode_event(ev, fmt), 1, False, props)
@@ -631,4 +630,4 @@ class Service:
     def _publish_stats(self) -> None:
         if self._client is not None:
             body = encode(self.stats_body(), self.cfg.event_format)
-            self._client.publish_packed(self.stats_topic, body, 1, True, self._event_props)
+            self._client.publish_packed(self.stats_topic, body, 1, True, self._event_packed)

@@ -1,0 +1,178 @@
+"""The MQTT 5 packets of the hot path, as bytes: PUBLISH both ways, PUBACK both ways.
+
+Pure functions and one value type, no sockets. worker/mqtt.py uses them instead of paho's
+codec for these four packets, which carry every request and reply: paho turns each PUBLISH
+into a message object with a Properties object, and each PUBACK into a ReasonCode and a
+Properties object, which cost most of a request. Everything else (CONNECT, SUBSCRIBE,
+PINGREQ, ...) stays paho's.
+"""
+
+from __future__ import annotations
+
+PUBLISH = 0x30
+PUBACK = 0x40
+_DUP = 0x08
+
+# Property identifier -> how its value is laid out (MQTT 5, 2.2.2.2), for the properties a
+# PUBLISH may carry; "s" a 2-byte length and bytes, "p" two of those, "v" a varint.
+_FIXED = {0x01: 1, 0x02: 4, 0x23: 2}
+_RESPONSE_TOPIC = 0x08
+_CORRELATION_DATA = 0x09
+_CONTENT_TYPE = 0x03
+_USER_PROPERTY = 0x26
+_SUBSCRIPTION_ID = 0x0B
+# A Response Topic that is not UTF-8 becomes this, which no route check accepts.
+BAD_ROUTE = "\x00"
+
+
+class MalformedPacket(ValueError):
+    """The broker sent bytes that are not a valid packet."""
+
+
+class Incoming:
+    """A PUBLISH from the broker: what the worker reads of it, nothing more."""
+
+    __slots__ = ("correlation", "mid", "payload", "qos", "response_topic", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        mid: int,
+        response_topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.mid = mid
+        self.response_topic = response_topic
+        self.correlation = correlation
+
+
+def varint(n: int) -> bytes:
+    """MQTT's Variable Byte Integer."""
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it); (-1, pos) when `buf` ends inside it."""
+    value = shift = 0
+    for i in range(pos, min(pos + 4, len(buf))):
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i + 1
+        shift += 7
+    if len(buf) - pos >= 4:
+        raise MalformedPacket("remaining length over four bytes")
+    return -1, pos
+
+
+def frame(buf: bytes, pos: int) -> tuple[int, int]:
+    """(start of the packet's body, end of the packet) for the packet at `pos`, or (-1, -1)
+    when `buf` does not hold all of it yet."""
+    if pos + 2 > len(buf):
+        return -1, -1
+    length = buf[pos + 1]
+    if length < 0x80:
+        end = pos + 2 + length
+        return (pos + 2, end) if end <= len(buf) else (-1, -1)
+    length, start = read_varint(buf, pos + 1)
+    if length < 0 or start + length > len(buf):
+        return -1, -1
+    return start, start + length
+
+
+def decode_publish(first: int, buf: bytes, start: int, end: int) -> Incoming:
+    """The PUBLISH whose fixed header byte is `first` and whose body is buf[start:end]."""
+    try:
+        p = start + 2 + ((buf[start] << 8) | buf[start + 1])
+        raw_topic = buf[start + 2 : p]
+        qos = (first >> 1) & 3
+        mid = 0
+        if qos:
+            mid = (buf[p] << 8) | buf[p + 1]
+            p += 2
+        plen = buf[p]
+        if plen < 0x80:
+            p += 1
+        else:
+            plen, p = read_varint(buf, p)
+        pend = p + plen
+        response: str | None = None
+        correlation: bytes | None = None
+        while p < pend:
+            pid = buf[p]
+            p += 1
+            if pid in _FIXED:
+                p += _FIXED[pid]
+            elif pid == _SUBSCRIPTION_ID:
+                _, p = read_varint(buf, p)
+            else:
+                n = (buf[p] << 8) | buf[p + 1]
+                value = buf[p + 2 : p + 2 + n]
+                p += 2 + n
+                if pid == _RESPONSE_TOPIC:
+                    try:
+                        response = value.decode()
+                    except UnicodeDecodeError:
+                        response = BAD_ROUTE
+                elif pid == _CORRELATION_DATA:
+                    correlation = value
+                elif pid == _USER_PROPERTY:
+                    p += 2 + ((buf[p] << 8) | buf[p + 1])
+                elif pid != _CONTENT_TYPE:
+                    raise MalformedPacket(f"property {pid:#x} in a PUBLISH")
+    except IndexError as exc:
+        raise MalformedPacket("PUBLISH shorter than its fields") from exc
+    if p != pend or pend > end or qos == 3:
+        raise MalformedPacket("PUBLISH properties do not add up")
+    try:
+        topic = raw_topic.decode()
+    except UnicodeDecodeError:
+        topic = ""  # no operation matches it; Mosquitto does not forward such a topic anyway
+    return Incoming(topic, buf[pend:end], qos, bool(first & 1), mid, response, correlation)
+
+
+def properties(content_type: str, correlation: bytes | None = None) -> bytes:
+    """PUBLISH properties (length first): Content Type, and Correlation Data if given."""
+    ct = content_type.encode()
+    body = b"\x03" + len(ct).to_bytes(2, "big") + ct
+    if correlation is not None:
+        body += b"\x09" + len(correlation).to_bytes(2, "big") + correlation
+    return varint(len(body)) + body
+
+
+def encode_publish(
+    topic: bytes, payload: bytes, qos: int, retain: bool, mid: int, props: bytes
+) -> bytes:
+    """A PUBLISH packet; `props` as `properties` makes them, `mid` unused at QoS 0."""
+    head = len(topic).to_bytes(2, "big") + topic
+    if qos:
+        head += mid.to_bytes(2, "big")
+    length = len(head) + len(props) + len(payload)
+    first = PUBLISH | (qos << 1) | retain
+    if length < 0x80:
+        return b"".join((bytes((first, length)), head, props, payload))
+    return b"".join((bytes((first,)), varint(length), head, props, payload))
+
+
+def as_duplicate(packet: bytes) -> bytes:
+    """The same PUBLISH, sent again (DUP flag set)."""
+    return bytes((packet[0] | _DUP,)) + packet[1:]
+
+
+def puback(mid: int) -> bytes:
+    """A PUBACK with reason Success (MQTT 5 lets the reason code be left out then)."""
+    return bytes((PUBACK, 2, mid >> 8, mid & 0xFF))
