@@ -1,0 +1,182 @@
+"""worker/packets.py reads and writes PUBLISH and PUBACK exactly as paho does, byte for byte.
+
+paho is the reference here: its encoder (Client._send_publish) and its decoder
+(paho.mqtt._packet.decode_publish) are the code the lean path replaces, so these tests also
+fail loudly if either moves in a paho upgrade.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from paho.mqtt import _packet
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from worker import packets
+
+topics = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+payloads = st.binary(max_size=70_000)
+optional_bytes = st.none() | st.binary(max_size=300)
+
+
+def paho_publish(
+    topic: str, payload: bytes, qos: int, retain: bool, mid: int, props: Properties | None
+) -> bytes:
+    """The PUBLISH packet paho itself would write."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    left, right = socket.socketpair()  # _send_publish needs "connected"; nothing is sent
+    client._sock = left
+    client.on_socket_register_write = lambda *_: None  # queue the packet, do not write it
+    try:
+        client._send_publish(mid, topic.encode(), payload, qos, retain, False, None, props)
+        packet: bytes = bytes(client._out_packet.popleft()["packet"])
+    finally:
+        client._sock = None
+        left.close()
+        right.close()
+    return packet
+
+
+def paho_decode(packet: bytes) -> Any:
+    start, end = packets.frame(packet, 0)
+    assert end == len(packet)
+    return _packet.decode_publish(packet[0], packet[start:end], MQTTProtocolVersion.MQTTv5)
+
+
+@given(topics, payloads, st.sampled_from([0, 1]), st.booleans(), optional_bytes)
+def test_publish_encodes_as_paho_does(
+    topic: str, payload: bytes, qos: int, retain: bool, correlation: bytes | None
+) -> None:
+    """Our PUBLISH is byte for byte the one paho writes for the same message."""
+    mid = 4242 if qos else 0
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ContentType = "application/msgpack"
+    if correlation is not None:
+        props.CorrelationData = correlation
+    ours = packets.encode_publish(
+        topic.encode(),
+        payload,
+        qos,
+        retain,
+        mid,
+        packets.properties("application/msgpack", correlation),
+    )
+    assert ours == paho_publish(topic, payload, qos, retain, mid, props)
+    theirs = paho_decode(ours)
+    assert (theirs.topic, theirs.payload, theirs.qos, theirs.mid) == (
+        topic.encode(),
+        payload,
+        qos,
+        mid,
+    )
+
+
+@given(
+    topics,
+    payloads,
+    st.sampled_from([0, 1]),
+    st.booleans(),
+    st.none() | st.text(max_size=200),
+    optional_bytes,
+    st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20)), max_size=4),
+    st.none() | st.integers(0, 2**32 - 1),
+    st.none() | st.integers(1, 2**28 - 1),
+)
+def test_publish_decodes_what_paho_encodes(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    response: str | None,
+    correlation: bytes | None,
+    user: list[tuple[str, str]],
+    expiry: int | None,
+    subscription: int | None,
+) -> None:
+    """Every property a broker may put on a PUBLISH is read past; the route and the
+    correlation come out as paho reads them."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.PayloadFormatIndicator = 1
+    props.ContentType = "application/msgpack"
+    if response is not None:
+        props.ResponseTopic = response
+    if correlation is not None:
+        props.CorrelationData = correlation
+    if user:
+        props.UserProperty = user
+    if expiry is not None:
+        props.MessageExpiryInterval = expiry
+    if subscription is not None:
+        props.SubscriptionIdentifier = subscription
+    mid = 65535 if qos else 0
+    packet = paho_publish(topic, payload, qos, retain, mid, props)
+    start, end = packets.frame(packet, 0)
+    msg = packets.decode_publish(packet[0], packet, start, end)
+    assert (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid) == (
+        topic,
+        payload,
+        qos,
+        retain,
+        mid,
+    )
+    assert msg.response_topic == response
+    assert msg.correlation == correlation
+
+
+def test_a_packet_split_anywhere_is_framed_only_when_whole() -> None:
+    """The framer waits for the rest of a packet, whatever byte the socket stopped at."""
+    packet = packets.encode_publish(b"mem/c/append", b"x" * 300, 1, False, 7, b"\x00")
+    two = packet + packets.puback(7)
+    for cut in range(len(two)):
+        start, end = packets.frame(two[:cut], 0)
+        assert (start, end) == ((-1, -1) if cut < len(packet) else (3, len(packet)))
+    assert packets.frame(two, len(packet)) == (len(packet) + 2, len(two))
+
+
+def test_puback_and_duplicate_are_as_mqtt_says() -> None:
+    """PUBACK is type 4 with the packet id; a duplicate differs only in its DUP flag."""
+    assert packets.puback(0x1234) == b"\x40\x02\x12\x34"
+    packet = packets.encode_publish(b"t", b"p", 1, True, 9, b"\x00")
+    again = packets.as_duplicate(packet)
+    assert again[0] == packet[0] | 0x08
+    assert again[1:] == packet[1:]
+    assert paho_decode(again).dup
+
+
+def test_a_response_topic_that_is_not_utf8_is_no_route() -> None:
+    """Bad UTF-8 in the Response Topic yields a route that no route check accepts."""
+    body = b"\x00\x01t" + b"\x05\x08\x00\x02\xff\xfe" + b"payload"
+    packet = b"\x30" + bytes((len(body),)) + body
+    msg = packets.decode_publish(packet[0], packet, 2, len(packet))
+    assert msg.response_topic == packets.BAD_ROUTE
+    assert msg.payload == b"payload"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x05ab",  # topic longer than the packet
+        b"\x00\x01t\x03\x2a\x00\x00",  # a property no PUBLISH may carry
+        b"\x00\x01t\x09\x08\x00\x02ab",  # properties longer than said
+    ],
+)
+def test_malformed_publish_is_refused(body: bytes) -> None:
+    """A PUBLISH whose fields do not add up raises MalformedPacket, never a wrong message."""
+    packet = b"\x30" + bytes((len(body),)) + body
+    with pytest.raises(packets.MalformedPacket):
+        packets.decode_publish(packet[0], packet, 2, len(packet))
+
+
+def test_varint_round_trips_at_every_width() -> None:
+    """Remaining lengths of one to four bytes decode to what was encoded."""
+    for n in (0, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455):
+        encoded = packets.varint(n)
+        assert packets.read_varint(encoded, 0) == (n, len(encoded))
+        assert packets.read_varint(encoded[:-1], 0) == (-1, 0)
