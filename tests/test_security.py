@@ -113,11 +113,16 @@ async def login(
 
 
 async def ask(
-    client: aiomqtt.Client, convo: str, op: str, body: dict[str, Any], route: str
+    client: aiomqtt.Client,
+    convo: str,
+    op: str,
+    body: dict[str, Any],
+    route: str,
+    prefix: str = "mem",
 ) -> dict[str, Any]:
     """Publish a request with `route`; the next message the client gets must be its reply."""
     await client.publish(
-        f"mem/{convo}/{op}", msgpack.packb(body), qos=1, properties=props(ResponseTopic=route)
+        f"{prefix}/{convo}/{op}", msgpack.packb(body), qos=1, properties=props(ResponseTopic=route)
     )
     message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
     assert message.topic.value == route, f"got {message.topic.value} before the reply"
