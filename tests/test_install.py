@@ -418,6 +418,21 @@ async def test_the_secured_install_serves_devices_and_keeps_them_out_of_the_grou
 
 
 @needs_root
+def test_a_secured_reinstall_without_the_admins_options_says_what_to_do(
+    staged: Path, tmp_path: Path
+) -> None:
+    """After deploy/uninstall the broker's users are kept but the admin's options are not:
+    --secure then stops with one line naming the file to move away."""
+    root = Path(shutil.copytree(staged, tmp_path / "root", symlinks=True))
+    assert run(UNINSTALL, "--root", root, "--prefix", PREFIX).returncode == 0
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--secure")
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]  # after pip's, which reinstalls the removed venv
+    assert last.startswith("deploy/install: error: /var/lib/mosquitto/dynamic-security.json")
+    assert "move /var/lib/mosquitto/dynamic-security.json away" in last
+
+
+@needs_root
 async def test_the_broker_roles_follow_the_configured_prefix(staged: Path, tmp_path: Path) -> None:
     """MEMORY_WORKER_PREFIX in the settings before the first --secure install: the roles the
     installer makes and deploy/add-user's device roles are for that prefix, and work."""
