@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
 from tests.conftest import running
-from tests.processes import REPO, Mosquitto, free_port
+from tests.processes import REPO, Mosquitto, wait_port
 from tests.test_security import ask, dynsec_plugin, refused
 from worker.config import Config
 
@@ -22,6 +28,19 @@ UNINSTALL = REPO / "deploy" / "uninstall"
 PREFIX = "/opt/mw"
 # This machine's Mosquitto configuration, like many: no include_dir for conf.d.
 MOSQUITTO_CONF = "persistence true\npersistence_location /var/lib/mosquitto/\n"
+CONFD = "etc/mosquitto/conf.d"
+LISTENERS = f"{CONFD}/memory-worker-listeners.conf"
+WEB = f"{PREFIX}/share/dashboard"
+
+
+def mosquitto_version() -> tuple[int, ...]:
+    out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"mosquitto version ([0-9.]+)", out)
+    return tuple(int(n) for n in found[1].split(".")) if found else ()
+
+
+# Mosquitto before 2.0.12 opens a WebSockets listener on every interface, whatever address.
+WS_KEEPS_ADDRESS = mosquitto_version() >= (2, 0, 12)
 
 
 def run(*args: str | Path, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
@@ -34,8 +53,10 @@ def run(*args: str | Path, as_nobody: bool = False) -> subprocess.CompletedProce
 
 
 def add_user(ctrl: Path, port: int, name: str, password: str) -> subprocess.CompletedProcess[str]:
+    """deploy/add-user NAME -, the password on stdin as deploy/install passes it."""
     return subprocess.run(
-        [REPO / "deploy/add-user", name, password],
+        [REPO / "deploy/add-user", name, "-"],
+        input=password + "\n",
         env={"CTRL_DIR": str(ctrl), "MQTT_PORT": str(port), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -44,6 +65,61 @@ def add_user(ctrl: Path, port: int, name: str, password: str) -> subprocess.Comp
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the installer runs as root only")
+
+
+def restage(staged: Path, to: Path, mosquitto_conf: str = MOSQUITTO_CONF) -> Path:
+    """A copy of a staged root with Mosquitto's own configuration as a fresh install finds it:
+    `mosquitto_conf`, nothing of ours in conf.d (the venv is kept: a re-run reuses it)."""
+    root = Path(shutil.copytree(staged, to, symlinks=True))
+    shutil.rmtree(root / CONFD)
+    shutil.rmtree(root / "etc/memory-worker")
+    shutil.rmtree(root / "var/lib/mosquitto")
+    (root / "etc/mosquitto/mosquitto.conf").write_text(mosquitto_conf)
+    return root
+
+
+@contextlib.contextmanager
+def installed_broker(root: Path, work: Path) -> Iterator[Mosquitto]:
+    """A real Mosquitto from the staged conf.d files, read in Mosquitto's include_dir order,
+    with the staged paths for the dynamic-security file and http_dir; on free ports."""
+    text = "".join(f.read_text() + "\n" for f in sorted((root / CONFD).glob("*.conf")))
+    text = text.replace("/var/lib/mosquitto/", f"{root}/var/lib/mosquitto/")
+    text = text.replace(f"http_dir {WEB}", f"http_dir {root}{WEB}")
+    work.mkdir()
+    (work / "base.conf").write_text(text)
+    mosq = Mosquitto(work / "broker", conf=work / "base.conf").start()
+    try:
+        if mosq.ws_port is not None:
+            wait_port(mosq.ws_port, proc=mosq.proc)
+        yield mosq
+    finally:
+        mosq.stop()
+
+
+def page(port: int) -> str:
+    """What the broker's http_dir serves at /."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as reply:
+        text: str = reply.read().decode()
+        return text
+
+
+def over_websockets(
+    mosq: Mosquitto, username: str | None = None, password: str | None = None
+) -> aiomqtt.Client:
+    assert mosq.ws_port is not None
+    return aiomqtt.Client(
+        mosq.host,
+        mosq.ws_port,
+        transport="websockets",
+        username=username,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+    )
+
+
+def env_of(root: Path) -> dict[str, str]:
+    lines = (root / "etc/memory-worker/memory-worker.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.startswith("MEMORY_WORKER_"))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +156,104 @@ def test_the_layout(staged: Path) -> None:
     conf = (staged / "etc/mosquitto/mosquitto.conf").read_text()
     assert conf.startswith(MOSQUITTO_CONF)
     assert conf.count("include_dir /etc/mosquitto/conf.d") == 1
+
+
+@needs_root
+def test_the_secured_install_serves_the_dashboard_to_logged_in_users(staged: Path) -> None:
+    """--secure: MQTT on every interface and the dashboard's WebSockets listener, declared in
+    their own snippet; the security snippet declares none; the page is world-readable."""
+    listeners = (staged / LISTENERS).read_text()
+    assert "\nlistener 1883\n" in listeners
+    assert f"\nlistener 9001\nprotocol websockets\nhttp_dir {WEB}\n" in listeners
+    assert "allow_anonymous" not in listeners
+    security = (staged / CONFD / "memory-worker-security.conf").read_text()
+    assert "allow_anonymous false" in security
+    assert not re.search(r"(?m)^listener", security)
+    web = staged / WEB[1:]
+    assert (web / "index.html").read_bytes() == (REPO / "dashboard/index.html").read_bytes()
+    # Mosquitto started as root serves http_dir as `mosquitto`: every folder from the prefix
+    # down can be entered, every file read, by anyone.
+    for folder in (staged / PREFIX[1:], web.parent):
+        assert folder.stat().st_mode & 0o005 == 0o005, folder
+    for path in web.rglob("*"):
+        want = 0o005 if path.is_dir() else 0o004
+        assert stat.S_IMODE(path.stat().st_mode) & want == want, path
+    out = (staged / "install.out").read_text()
+    assert "dashboard: http://<this machine>:9001/ for logged-in users" in out
+
+
+@needs_root
+def test_without_secure_the_dashboard_waits_for_a_mosquitto_that_keeps_it_local(
+    staged: Path, tmp_path: Path
+) -> None:
+    """No --secure: the listener only where Mosquitto keeps it on 127.0.0.1 (2.0.12+); on
+    older ones no listener at all (Mosquitto's own localhost:1883 stays), saying why."""
+    root = restage(staged, tmp_path / "root")
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX)
+    assert done.returncode == 0, done.stderr
+    if WS_KEEPS_ADDRESS:
+        assert "listener 9001 127.0.0.1\nprotocol websockets\n" in (root / LISTENERS).read_text()
+    else:
+        assert not (root / LISTENERS).exists()
+        assert not (root / WEB[1:]).exists()
+        assert "dashboard: not served" in done.stdout
+        assert "--dashboard serves it anyway" in done.stdout
+
+
+@needs_root
+async def test_the_dashboard_opt_in_keeps_mqtt_on_loopback_and_anonymous(
+    staged: Path, tmp_path: Path
+) -> None:
+    """--dashboard without --secure: the snippet says again what Mosquitto 2.0 did with no
+    listener (1883 on loopback, anonymous); a broker started from it answers MQTT, serves the
+    page and MQTT over WebSockets; on Mosquitto < 2.0.12 the output warns of the LAN."""
+    root = restage(staged, tmp_path / "root")
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--dashboard")
+    assert done.returncode == 0, done.stderr
+    listeners = (root / LISTENERS).read_text()
+    assert "\nlistener 1883 127.0.0.1\nallow_anonymous true\n" in listeners
+    assert f"\nlistener 9001 127.0.0.1\nprotocol websockets\nhttp_dir {WEB}\n" in listeners
+    assert not (root / CONFD / "memory-worker-security.conf").exists()
+    assert ("opens port 9001 on every interface" in done.stdout) is not WS_KEEPS_ADDRESS
+    again = run(INSTALL, "--root", root, "--prefix", PREFIX)
+    assert f"{root}/{LISTENERS} is up to date" in again.stdout, "the choice is kept"
+    with installed_broker(root, tmp_path / "broker") as mosq:
+        assert mosq.ws_port is not None
+        assert "memory-worker" in await asyncio.to_thread(page, mosq.ws_port)
+        async with (
+            aiomqtt.Client(mosq.host, mosq.port, protocol=aiomqtt.ProtocolVersion.V5) as tcp,
+            over_websockets(mosq) as ws,
+        ):
+            await ws.subscribe("mem/_worker/#", qos=1)
+            await tcp.publish("mem/_worker/w/status", b"online", qos=1)
+            message = await asyncio.wait_for(anext(aiter(ws.messages)), 10)
+            assert message.payload == b"online"
+
+
+@needs_root
+def test_a_broker_with_its_own_mqtt_listener_keeps_it(staged: Path, tmp_path: Path) -> None:
+    """A broker configured with its own 1883 listener: the snippet adds only the dashboard's,
+    and leaves its anonymous setting alone."""
+    own = MOSQUITTO_CONF + "listener 1883 127.0.0.1\nallow_anonymous false\npassword_file /p\n"
+    root = restage(staged, tmp_path / "root", own)
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--dashboard")
+    assert done.returncode == 0, done.stderr
+    listeners = (root / LISTENERS).read_text()
+    assert re.findall(r"(?m)^listener .*$", listeners) == ["listener 9001 127.0.0.1"]
+    assert "allow_anonymous" not in listeners
+    assert "MQTT on the broker's own listener on port 1883" in done.stdout
+
+
+@needs_root
+def test_no_dashboard_takes_the_listener_and_the_page_away(staged: Path, tmp_path: Path) -> None:
+    """--no-dashboard after --dashboard: our listeners snippet and the copied page go."""
+    root = restage(staged, tmp_path / "root")
+    assert run(INSTALL, "--root", root, "--prefix", PREFIX, "--dashboard").returncode == 0
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--no-dashboard")
+    assert done.returncode == 0, done.stderr
+    assert not (root / LISTENERS).exists()
+    assert not (root / WEB[1:]).exists()
+    assert (root / CONFD / "memory-worker.conf").exists()
 
 
 @needs_root
@@ -186,30 +360,34 @@ async def test_the_secured_install_serves_devices_and_keeps_them_out_of_the_grou
     staged: Path, tmp_path: Path
 ) -> None:
     """A broker from the installed conf.d files: the worker logs in with the env file's
-    password, a device added by deploy/add-user is served, and the share group is refused."""
+    password, a device added by deploy/add-user is served, and the share group is refused;
+    the dashboard user logs in over WebSockets; anonymous clients are refused on both."""
     if dynsec_plugin() is None:
         pytest.skip("Mosquitto's dynamic-security plugin is not installed")
-    dynsec = staged / "var/lib/mosquitto/dynamic-security.json"
-    confd = sorted((staged / "etc/mosquitto/conf.d").glob("*.conf"))
-    text = "".join(f.read_text() + "\n" for f in confd)
-    text = text.replace("/var/lib/mosquitto/dynamic-security.json", str(dynsec))
-    (tmp_path / "base.conf").write_text(text)
-    port = free_port()
-    mosq = Mosquitto(tmp_path / "broker", conf=tmp_path / "base.conf", port=port).start()
-    try:
-        env = dict(
-            line.split("=", 1)
-            for line in (staged / "etc/memory-worker/memory-worker.env").read_text().splitlines()
-            if line.startswith("MEMORY_WORKER_")
+    with installed_broker(staged, tmp_path / "b") as mosq:
+        env = env_of(staged)
+        users = (
+            ("memory-worker", env["MEMORY_WORKER_PASSWORD"]),
+            ("kiosk-a", "a"),
+            ("dashboard", "d"),
         )
-        for name, password in (("memory-worker", env["MEMORY_WORKER_PASSWORD"]), ("kiosk-a", "a")):
+        for name, password in users:
             done = await asyncio.to_thread(
-                add_user, staged / "etc/memory-worker/ctrl", port, name, password
+                add_user, staged / "etc/memory-worker/ctrl", mosq.port, name, password
             )
             assert done.returncode == 0, done.stdout + done.stderr
+        for anonymous in (
+            aiomqtt.Client(mosq.host, mosq.port, protocol=aiomqtt.ProtocolVersion.V5),
+            over_websockets(mosq),
+        ):
+            with pytest.raises(aiomqtt.MqttError):
+                async with anonymous:
+                    pass
+        assert mosq.ws_port is not None
+        assert "memory-worker" in await asyncio.to_thread(page, mosq.ws_port)
         cfg = Config(
             host=mosq.host,
-            port=port,
+            port=mosq.port,
             username=env["MEMORY_WORKER_USERNAME"],
             password=env["MEMORY_WORKER_PASSWORD"],
             route_prefix=env["MEMORY_WORKER_ROUTE_PREFIX"],
@@ -219,18 +397,82 @@ async def test_the_secured_install_serves_devices_and_keeps_them_out_of_the_grou
             running(cfg) as worker,
             aiomqtt.Client(
                 mosq.host,
-                port,
+                mosq.port,
                 username="kiosk-a",
                 password="a",
                 protocol=aiomqtt.ProtocolVersion.V5,
             ) as a,
+            over_websockets(mosq, "dashboard", "d") as dashboard,
         ):
             assert refused(await a.subscribe("$share/workers/mem/#", qos=1))
             await a.subscribe("reply/kiosk-a/#", qos=1)
+            await dashboard.subscribe("mem/+/evicted", qos=1)
             reply = await ask(
                 a, "kiosk-a", "append", {"role": "u", "content": "x"}, "reply/kiosk-a/r"
             )
             assert reply["ok"] is True
             assert worker.stats.requests == 1
-    finally:
-        mosq.stop()
+            await a.publish("mem/kiosk-a/delete", b"\x80", qos=1)
+            event = await asyncio.wait_for(anext(aiter(dashboard.messages)), 10)
+            assert str(event.topic) == "mem/kiosk-a/evicted"
+
+
+@needs_root
+def test_a_secured_reinstall_without_the_admins_options_says_what_to_do(
+    staged: Path, tmp_path: Path
+) -> None:
+    """After deploy/uninstall the broker's users are kept but the admin's options are not:
+    --secure then stops with one line naming the file to move away."""
+    root = Path(shutil.copytree(staged, tmp_path / "root", symlinks=True))
+    assert run(UNINSTALL, "--root", root, "--prefix", PREFIX).returncode == 0
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--secure")
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]  # after pip's, which reinstalls the removed venv
+    assert last.startswith("deploy/install: error: /var/lib/mosquitto/dynamic-security.json")
+    assert "move /var/lib/mosquitto/dynamic-security.json away" in last
+
+
+@needs_root
+async def test_the_broker_roles_follow_the_configured_prefix(staged: Path, tmp_path: Path) -> None:
+    """MEMORY_WORKER_PREFIX in the settings before the first --secure install: the roles the
+    installer makes and deploy/add-user's device roles are for that prefix, and work."""
+    if dynsec_plugin() is None:
+        pytest.skip("Mosquitto's dynamic-security plugin is not installed")
+    root = restage(staged, tmp_path / "root")
+    (root / "etc/memory-worker").mkdir()
+    (root / "etc/memory-worker/memory-worker.env").write_text("MEMORY_WORKER_PREFIX=home/mem\n")
+    done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--secure")
+    assert done.returncode == 0, done.stderr
+    roles = json.loads((root / "var/lib/mosquitto/dynamic-security.json").read_text())["roles"]
+    topics = {acl["topic"] for role in roles for acl in role["acls"]}
+    assert {"home/mem/#", "$share/+/home/mem/#", "home/mem/_worker/#"} <= topics
+    assert not any(t.startswith("mem/") for t in topics)
+    with installed_broker(root, tmp_path / "b") as mosq:
+        env = env_of(root)
+        for name, password in (("memory-worker", env["MEMORY_WORKER_PASSWORD"]), ("kiosk-a", "a")):
+            added = await asyncio.to_thread(
+                add_user, root / "etc/memory-worker/ctrl", mosq.port, name, password
+            )
+            assert added.returncode == 0, added.stdout + added.stderr
+        cfg = Config(
+            host=mosq.host,
+            port=mosq.port,
+            prefix="home/mem",
+            username="memory-worker",
+            password=env["MEMORY_WORKER_PASSWORD"],
+            route_prefix=env["MEMORY_WORKER_ROUTE_PREFIX"],
+        )
+        async with (
+            running(cfg),
+            aiomqtt.Client(
+                mosq.host,
+                mosq.port,
+                username="kiosk-a",
+                password="a",
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as a,
+        ):
+            await a.subscribe("reply/kiosk-a/#", qos=1)
+            body = {"role": "u", "content": "x"}
+            reply = await ask(a, "kiosk-a", "append", body, "reply/kiosk-a/r", prefix="home/mem")
+            assert reply["ok"] is True

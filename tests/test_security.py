@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -113,11 +114,16 @@ async def login(
 
 
 async def ask(
-    client: aiomqtt.Client, convo: str, op: str, body: dict[str, Any], route: str
+    client: aiomqtt.Client,
+    convo: str,
+    op: str,
+    body: dict[str, Any],
+    route: str,
+    prefix: str = "mem",
 ) -> dict[str, Any]:
     """Publish a request with `route`; the next message the client gets must be its reply."""
     await client.publish(
-        f"mem/{convo}/{op}", msgpack.packb(body), qos=1, properties=props(ResponseTopic=route)
+        f"{prefix}/{convo}/{op}", msgpack.packb(body), qos=1, properties=props(ResponseTopic=route)
     )
     message = await asyncio.wait_for(anext(aiter(client.messages)), 10)
     assert message.topic.value == route, f"got {message.topic.value} before the reply"
@@ -306,3 +312,38 @@ def test_add_user_says_when_the_broker_is_not_running(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "not running" in done.stderr
     assert "password" not in done.stdout
+
+
+async def test_passwords_never_reach_mosquitto_ctrls_command_line(
+    secured: Mosquitto, tmp_path: Path
+) -> None:
+    """add-user (new client, then a new password) hands mosquitto_ctrl no password on its
+    command line, which ps shows to every local user; the client then logs in with it."""
+    real = shutil.which("mosquitto_ctrl")
+    assert real is not None
+    shim = tmp_path / "bin" / "mosquitto_ctrl"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {tmp_path}/argv\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    work = secured.work  # type: ignore[attr-defined]
+    path = f"{shim.parent}:/usr/bin:/bin"
+
+    def add(password: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [REPO / "deploy" / "add-user", "kiosk-ps", "-"],
+            input=password + "\n",
+            env={"CTRL_DIR": str(work / "ctrl"), "PATH": path},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    for password in ("first-secret", "second-secret"):
+        done = await asyncio.to_thread(add, password)
+        assert done.returncode == 0, done.stderr
+    argv = (tmp_path / "argv").read_text()
+    assert "createClient kiosk-ps" in argv
+    assert "setClientPassword kiosk-ps" in argv
+    assert "secret" not in argv
+    async with login(secured, "kiosk-ps", "second-secret"):
+        pass
