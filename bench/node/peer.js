@@ -13,7 +13,9 @@ const convos = new Map()
 const client = mqtt.connect({ host, port: Number(port), protocolVersion: 5, clean: true })
 
 client.on('connect', () => {
-  // MQTT.js leaves Nagle on: without this each reply at window 1 waits ~40 ms for an ACK.
+  // MQTT.js opens its socket without noDelay. mqtt-packet corks each tick's writes into one
+  // segment, so no 40 ms Nagle/delayed-ACK stall shows at window 1 either way; set as the
+  // other responders do, so a write in a later tick never waits for an ACK.
   client.stream.setNoDelay(true)
   client.subscribe(`${prefix}/+/+`, { qos: 1 }, (err) => {
     if (err) throw err
