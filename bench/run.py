@@ -33,6 +33,8 @@ from worker.protocol import Append, Get
 from worker.store import Limits, Store
 
 BUILD = REPO / "bench" / "build"
+NODE_PEER = REPO / "bench" / "node"
+NODE = "Node.js (MQTT.js, msgpack, Map)"
 PY = sys.executable
 
 
@@ -128,9 +130,20 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
+def node_missing() -> str | None:
+    """Why the Node.js peer (bench/node) cannot run here, or None when it can."""
+    if shutil.which("node") is None:
+        return "node is not installed (Debian: apt-get install nodejs npm)"
+    if not (NODE_PEER / "node_modules" / "mqtt").is_dir():
+        return "bench/node/node_modules is missing (scripts/bench runs npm ci there)"
+    return None
+
+
 def throughput(
     args: argparse.Namespace, b: Mosquitto, loadgen: Path, echo_c: Path, tmp: Path
 ) -> dict[str, Any]:
+    """Every responder under the same load, rounds in alternating order; each run also
+    measures the responder's own CPU time per request it served."""
     responders: dict[str, tuple[list[str], str]] = {
         "worker (memory)": (worker_cmd(b), "serving"),
         "echo, same transport as the worker": (
@@ -142,8 +155,17 @@ def throughput(
             "ready",
         ),
         "echo, C (libmosquitto)": ([str(echo_c), b.host, str(b.port), "mem"], "ready"),
-        "worker (sqlite)": (worker_cmd(b, "--backend", f"sqlite:///{tmp}/bench.db"), "serving"),
     }
+    missing = node_missing()
+    if missing:
+        print(f"  {NODE}: skipped, {missing}", file=sys.stderr)
+    else:
+        responders[NODE] = (
+            ["node", str(NODE_PEER / "peer.js"), b.host, str(b.port), "mem"],
+            "ready",
+        )
+    sqlite = f"sqlite:///{tmp}/bench.db"
+    responders["worker (sqlite)"] = (worker_cmd(b, "--backend", sqlite), "serving")
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {n: {0: [], 1: []} for n in responders}
     names = list(responders)
     for r in range(args.rounds):
@@ -151,16 +173,19 @@ def throughput(
             cmd, ready = responders[name]
             if name.startswith("worker"):
                 cmd = [*cmd[:4], f"bench-{uuid.uuid4().hex[:8]}", *cmd[5:]]  # a fresh session
-            with responder(cmd, ready):
+            with responder(cmd, ready) as proc:
                 for qos in (0, 1):
+                    cpu = proc_cpu_seconds(proc.pid)
                     res = load(
                         loadgen, b, qos, args.window, args.warmup, args.seconds, args.conversations
                     )
+                    res["responder_cpu_s"] = proc_cpu_seconds(proc.pid) - cpu
+                    res["cpu_us"] = res["responder_cpu_s"] / res["sent"] * 1e6
                     runs[name][qos].append(res)
                     print(
                         f"  round {r + 1} {name:38} qos {qos}: {res['rps']:8.0f} req/s "
-                        f"p99 {res['p99_ms']:.2f} ms (load generator CPU "
-                        f"{res['cpu_s'] / res['wall_s']:.0%})",
+                        f"p99 {res['p99_ms']:.2f} ms, {res['cpu_us']:5.1f} µs CPU/request "
+                        f"(load generator CPU {res['cpu_s'] / res['wall_s']:.0%})",
                         file=sys.stderr,
                     )
     summary: dict[str, Any] = {}
@@ -168,11 +193,11 @@ def throughput(
         summary[name] = {
             f"qos{q}": {
                 k: median_of(runs[name][q], k)
-                for k in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_s", "wall_s")
+                for k in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_s", "wall_s", "cpu_us")
             }
             for q in (0, 1)
         }
-    return {"runs": runs, "median": summary}
+    return {"runs": runs, "median": summary, "skipped": {NODE: missing} if missing else {}}
 
 
 def latency_window_1(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
@@ -457,10 +482,15 @@ def proc_rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_and_wakeups(pid: int) -> tuple[float, int]:
     """(CPU seconds, voluntary context switches of all its threads) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    cpu = proc_cpu_seconds(pid)
     switches = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):
@@ -668,28 +698,74 @@ def machine() -> dict[str, Any]:
     }
 
 
-def table(result: dict[str, Any]) -> str:
-    med = result["throughput"]["median"]
+def _cpu_us(m: dict[str, Any], qos: int) -> str:
+    us = m[f"qos{qos}"].get("cpu_us")  # absent from results older than issue 16
+    return "?" if us is None else f"{us:.1f}"
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], qos: int, key: str) -> str:
+    x, y = a[f"qos{qos}"].get(key), b[f"qos{qos}"].get(key)
+    return "?" if x is None or y is None else f"{x / y:.2f}x"
+
+
+def _target_lines(tp: dict[str, Any]) -> list[str]:
+    """Issue 16's targets, as measured in this run."""
+    med = tp["median"]
+    mem, c = med["worker (memory)"], med["echo, C (libmosquitto)"]
+    node = med.get(NODE)
+    if node is None:
+        why = tp.get("skipped", {}).get(NODE, "not in these results")
+        cpu = f"not measured, the Node.js peer was skipped: {why}"
+    else:
+        cpu = (
+            f"{_ratio(mem, node, 0, 'cpu_us')} at QoS 0, {_ratio(mem, node, 1, 'cpu_us')} at "
+            "QoS 1 (target at most 1.0x)"
+        )
+    return [
+        f"worker (memory) CPU per request vs Node.js: {cpu}",
+        f"worker (memory) throughput vs the C echo: {_ratio(mem, c, 0, 'rps')} at QoS 0, "
+        f"{_ratio(mem, c, 1, 'rps')} at QoS 1 (target at least 0.8x)",
+    ]
+
+
+def throughput_table(result: dict[str, Any]) -> list[str]:
+    """Every responder's req/s and CPU µs per request, and the targets as ratios."""
+    if "throughput" not in result:
+        return []
+    tp = result["throughput"]
+    med = tp["median"]
     floor = med["echo, same transport as the worker"]
     lines = [
-        f"machine: {result['machine']['system']}, {result['machine']['cpus']} CPUs, "
-        f"Python {result['machine']['python']}, {result['machine']['mosquitto']}",
         f"closed loop, window {result['args']['window']}, half append / half get, "
         f"120-byte contents, {result['args']['conversations']} conversations, "
-        f"median of {result['args']['rounds']} rounds",
+        f"median of {result['args']['rounds']} rounds; CPU µs/request is the responder "
+        "process's user+system time (/proc) over the requests it served",
         "",
-        "| responder | QoS 0 req/s | QoS 1 req/s | QoS 1 p50 / p99 / p99.9 ms "
+        "| responder | QoS 0 req/s | QoS 0 CPU µs/request | QoS 1 req/s "
+        "| QoS 1 CPU µs/request | QoS 1 p50 / p99 / p99.9 ms "
         "| vs same-transport echo (QoS 0 / 1) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in med.items():
         r0 = m["qos0"]["rps"] / floor["qos0"]["rps"]
         r1 = m["qos1"]["rps"] / floor["qos1"]["rps"]
         lines.append(
-            f"| {name} | {m['qos0']['rps']:,.0f} | {m['qos1']['rps']:,.0f} | "
-            f"{m['qos1']['p50_ms']:.2f} / {m['qos1']['p99_ms']:.2f} / "
+            f"| {name} | {m['qos0']['rps']:,.0f} | {_cpu_us(m, 0)} | {m['qos1']['rps']:,.0f} | "
+            f"{_cpu_us(m, 1)} | {m['qos1']['p50_ms']:.2f} / {m['qos1']['p99_ms']:.2f} / "
             f"{m['qos1']['p999_ms']:.2f} | {r0:.0%} / {r1:.0%} |"
         )
+    for name, why in tp.get("skipped", {}).items():
+        lines.append(f"{name}: skipped, {why}")
+    return [*lines, "", *_target_lines(tp)]
+
+
+def table(result: dict[str, Any]) -> str:
+    med = result["throughput"]["median"]
+    lines = [
+        f"machine: {result['machine']['system']}, {result['machine']['cpus']} CPUs, "
+        f"Python {result['machine']['python']}, {result['machine']['mosquitto']}",
+        *throughput_table(result),
+    ]
     lat = result["latency_window_1"]
     lines += [
         "",
@@ -774,7 +850,7 @@ def main() -> None:
     p.add_argument("--budget-fill", type=float, default=3, help="fill this many budgets")
     p.add_argument(
         "--only",
-        choices=["frugal", "memory", "idle", "eviction", "expiry"],
+        choices=["frugal", "memory", "idle", "eviction", "expiry", "throughput"],
         help="run only these scenarios and print their lines",
     )
     p.add_argument("--json", default=str(REPO / "bench-results" / "latest.json"))
@@ -855,6 +931,8 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
         try:
             if args.only == "expiry":
                 result["expiry"] = mass_expiry(args, b, loadgen)
+            elif args.only == "throughput":
+                result["throughput"] = throughput(args, b, loadgen, BUILD / "echo", Path(tmp))
             else:
                 frugal(args, result, b, loadgen, args.only)
         finally:
@@ -862,7 +940,7 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
     if args.only in ("frugal", "memory"):
         result["store_rss"] = store_rss()
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "machine")}, indent=2))
-    print("\n".join(frugal_table(result)))
+    print("\n".join(throughput_table(result) + frugal_table(result)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""scripts/bench's throughput table: CPU per request for every responder and issue 16's
+targets as ratios, from a result made here (no load is run and nothing is timed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.run import NODE, throughput_table
+
+ARGS = {"window": 64, "conversations": 100, "rounds": 3}
+
+
+def _median(rps: tuple[float, float], cpu_us: tuple[float, float]) -> dict[str, Any]:
+    return {
+        f"qos{q}": {"rps": rps[q], "cpu_us": cpu_us[q], "p50_ms": 1, "p99_ms": 2, "p999_ms": 3}
+        for q in (0, 1)
+    }
+
+
+def _result(node: bool) -> dict[str, Any]:
+    med = {
+        "worker (memory)": _median((10_000, 8_000), (75, 100)),
+        "echo, same transport as the worker": _median((12_000, 9_000), (60, 80)),
+        "echo, C (libmosquitto)": _median((40_000, 20_000), (10, 20)),
+    }
+    if node:
+        med[NODE] = _median((30_000, 16_000), (25, 40))
+    skipped = {} if node else {NODE: "node is not installed"}
+    return {"args": ARGS, "throughput": {"median": med, "skipped": skipped}}
+
+
+def test_table_states_cpu_per_request_and_the_targets_as_ratios() -> None:
+    """Each responder's row carries its CPU µs per request at QoS 0 and 1; the target lines
+    give the worker's CPU over Node's and its throughput over the C echo's."""
+    text = "\n".join(throughput_table(_result(node=True)))
+    assert f"| {NODE} | 30,000 | 25.0 | 16,000 | 40.0 |" in text
+    assert "| worker (memory) | 10,000 | 75.0 | 8,000 | 100.0 |" in text
+    assert "CPU per request vs Node.js: 3.00x at QoS 0, 2.50x at QoS 1" in text
+    assert "throughput vs the C echo: 0.25x at QoS 0, 0.40x at QoS 1" in text
+
+
+def test_table_says_why_the_node_peer_was_skipped() -> None:
+    """Without node the table has no Node.js row and says why in one line."""
+    text = "\n".join(throughput_table(_result(node=False)))
+    assert f"| {NODE} |" not in text
+    assert f"{NODE}: skipped, node is not installed" in text
+    assert "vs Node.js: not measured, the Node.js peer was skipped: node is not installed" in text
+
+
+def test_table_of_results_without_cpu_figures_still_prints() -> None:
+    """Results written before CPU per request was measured show '?' rather than failing."""
+    result = _result(node=True)
+    for m in result["throughput"]["median"].values():
+        for q in (0, 1):
+            del m[f"qos{q}"]["cpu_us"]
+    text = "\n".join(throughput_table(result))
+    assert "| worker (memory) | 10,000 | ? | 8,000 | ? |" in text
+    assert "vs Node.js: ? at QoS 0, ? at QoS 1" in text
