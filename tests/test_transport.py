@@ -1,0 +1,238 @@
+"""The worker's own transport (worker/mqtt.py) keeps paho's promises on the wire.
+
+Against a real Mosquitto where one can show it (a Receive Maximum of 20, replies too large for
+one socket write); against a scripted broker where Mosquitto cannot be made to do it (hold
+its PUBACKs, then drop the connection with our publishes in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgpack
+import pytest
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.clients import decode, device, next_message, watcher
+from tests.conftest import WorkerFactory, make_config, running, unique
+from tests.processes import Mosquitto
+from worker import packets
+
+
+@pytest.fixture
+def stock_broker(tmp_path: Path) -> Mosquitto:
+    """Mosquitto with Debian's stock settings: a Receive Maximum of 20."""
+    conf = tmp_path / "stock.conf"
+    conf.write_text("per_listener_settings false\nallow_anonymous true\nlistener 1883\n")
+    return Mosquitto(tmp_path / "stock", conf=conf)
+
+
+async def test_replies_and_events_past_the_brokers_receive_maximum(
+    stock_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """300 pipelined appends, each evicting a conversation, through a broker that lets 20 of
+    our publishes be in flight: every reply and every event arrives, on one connection."""
+    stock_broker.start()
+    try:
+        async with (
+            worker_factory(stock_broker, max_conversations=5) as w,
+            watcher(stock_broker.host, stock_broker.port, f"{w.cfg.prefix}/+/evicted") as events,
+            device(stock_broker.host, stock_broker.port, w.cfg.prefix) as d,
+        ):
+            assert w.broker_round_trip is not None
+            sent = [
+                await d.send(f"{w.cfg.prefix}/c{i}/append", {"role": "user", "content": "hi"})
+                for i in range(300)
+            ]
+            replies = [await d.reply(fut) for fut in sent]
+            assert all(r["ok"] and r["seq"] == 1 for r in replies)
+            evicted = [decode(await next_message(events))["convo"] for _ in range(295)]
+            assert sorted(evicted) == sorted(f"c{i}" for i in range(295))
+            assert w.connections == 1
+    finally:
+        stock_broker.stop()
+
+
+async def test_replies_larger_than_the_socket_buffer_arrive_whole(
+    worker_factory: WorkerFactory, broker: Mosquitto
+) -> None:
+    """40 gets answered in one batch with 19 MB of replies (many partial socket writes)
+    arrive whole and in the order of the stored turns."""
+    async with worker_factory() as w, device(broker.host, broker.port, w.cfg.prefix) as d:
+        contents = [f"{n:02d}" + "x" * 60_000 for n in range(8)]
+        for content in contents:
+            assert (await d.request("big", "append", {"role": "user", "content": content}))["ok"]
+        sent = [await d.send(f"{w.cfg.prefix}/big/get", {}) for _ in range(40)]
+        for fut in sent:
+            reply = await d.reply(fut)
+            assert [t["content"] for t in reply["turns"]] == contents
+
+
+class ScriptedBroker:
+    """Just enough of an MQTT 5 broker to watch the worker's publishes on the wire.
+
+    It grants every SUBSCRIBE, echoes a publish on a topic the worker subscribed to (the
+    worker's broker probe), acknowledges the worker's own topics at once and holds the
+    PUBACK of every other publish of the worker while `holding` is set.
+    """
+
+    def __init__(self, receive_maximum: int) -> None:
+        self.receive_maximum = receive_maximum
+        self.holding = True
+        self.connections: list[list[Any]] = []  # per connection: the worker's PUBLISH packets
+        self.pubacks: list[int] = []  # mids the worker acknowledged
+        self.unacked: set[int] = set()
+        self.most_unacked = 0
+        self.changed = asyncio.Condition()
+        self.writer: asyncio.StreamWriter | None = None
+        self._subscribed: set[str] = set()
+        self._mid = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self) -> AsyncIterator[int]:
+        server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        async with server:
+            try:
+                yield server.sockets[0].getsockname()[1]
+            finally:
+                for writer in self._writers:
+                    writer.close()
+                    with contextlib.suppress(ConnectionError):
+                        await writer.wait_closed()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._writers.append(writer)
+        self.unacked.clear()
+        self.connections.append([])
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                first = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                await self._packet(first, await reader.readexactly(length))
+                async with self.changed:
+                    self.changed.notify_all()
+
+    def send(self, data: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(data)
+
+    def _reply(self, kind: int, body: bytes) -> None:
+        self.send(bytes((kind,)) + packets.varint(len(body)) + body)
+
+    async def _packet(self, first: int, body: bytes) -> None:
+        kind = first & 0xF0
+        if kind == 0x10:  # CONNECT -> CONNACK, session present after the first
+            props = b"\x21" + self.receive_maximum.to_bytes(2, "big")
+            present = 1 if len(self.connections) > 1 else 0
+            self._reply(0x20, bytes((present, 0)) + packets.varint(len(props)) + props)
+        elif kind in (0x80, 0xA0):  # SUBSCRIBE, UNSUBSCRIBE -> SUBACK, UNSUBACK
+            mid, rest = body[:2], body[2:]
+            plen, pos = packets.read_varint(rest, 0)
+            pos += plen
+            codes = bytearray()
+            while pos < len(rest):
+                n = int.from_bytes(rest[pos : pos + 2], "big")
+                topic = rest[pos + 2 : pos + 2 + n].decode()
+                pos += 2 + n
+                if kind == 0x80:
+                    pos += 1
+                    self._subscribed.add(topic)
+                    codes.append(1)
+                else:
+                    self._subscribed.discard(topic)
+                    codes.append(0)
+            self._reply(0x90 if kind == 0x80 else 0xB0, mid + b"\x00" + bytes(codes))
+        elif kind == 0x30:
+            await self._publish(first, body)
+        elif kind == 0x40:
+            self.pubacks.append(int.from_bytes(body[:2], "big"))
+        elif kind == 0xC0:
+            self.send(b"\xd0\x00")
+
+    async def _publish(self, first: int, body: bytes) -> None:
+        msg = _packet.decode_publish(first, body, MQTTProtocolVersion.MQTTv5)
+        topic = msg.topic.decode()
+        if "/_worker/" in topic:
+            self.send(packets.puback(msg.mid))
+            if topic in self._subscribed:  # the probe
+                self.deliver(topic, msg.payload)
+            return
+        self.connections[-1].append(msg)
+        if self.holding:
+            self.unacked.add(msg.mid)
+            self.most_unacked = max(self.most_unacked, len(self.unacked))
+        else:
+            self.send(packets.puback(msg.mid))
+
+    def deliver(self, topic: str, payload: bytes, props: bytes = b"\x00") -> int:
+        self._mid += 1
+        self.send(packets.encode_publish(topic.encode(), payload, 1, False, self._mid, props))
+        return self._mid
+
+    async def until(self, what: Any) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(what), 10)
+
+
+async def test_publishes_wait_for_room_and_go_again_after_a_reconnect() -> None:
+    """With PUBACKs held, the worker keeps its publishes within the broker's Receive Maximum
+    (less what paho keeps); after the connection drops it sends the unacknowledged ones again
+    first, with the same packet ids and DUP set, then the rest: none lost, none invented."""
+    broker = ScriptedBroker(receive_maximum=4)
+    serving = broker.serve()
+    port = await anext(serving)
+    address = SimpleNamespace(host="127.0.0.1", port=port)
+    prefix = unique("mem")
+    cfg = make_config(
+        address,  # type: ignore[arg-type]
+        prefix=prefix,
+        max_conversations=1,
+        stats_interval=3600,
+        reconnect_max=0.2,
+    )
+    try:
+        async with running(cfg) as w:
+            requests = []
+            for i in range(6):  # each append but the first evicts the one before
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.ResponseTopic = "reply"
+                props.CorrelationData = bytes((i,))
+                body = msgpack.packb({"role": "user", "content": f"turn {i}"})
+                requests.append(broker.deliver(f"{prefix}/c{i}/append", body, props.pack()))
+            await broker.until(
+                lambda: set(requests) <= set(broker.pubacks) and len(broker.unacked) == 3
+            )
+            held = list(broker.connections[0])
+            assert broker.writer is not None
+            broker.holding = False
+            broker.writer.close()  # the connection drops with three publishes in flight
+            await broker.until(lambda: len(broker.connections) == 2)
+            await broker.until(lambda: len(broker.connections[1]) == 11)
+            again = broker.connections[1]
+            assert [(m.mid, m.dup, m.topic, m.payload) for m in again[:3]] == [
+                (m.mid, True, m.topic, m.payload) for m in held
+            ]
+            assert not any(m.dup for m in again[3:])
+            topics = sorted(m.topic.decode() for m in again)
+            assert topics == sorted([f"{prefix}/c{i}/evicted" for i in range(5)] + ["reply"] * 6)
+            seqs = [msgpack.unpackb(m.payload)["seq"] for m in again if m.topic == b"reply"]
+            assert seqs == [1] * 6
+            assert broker.most_unacked == 3
+            await asyncio.wait_for(w.wait_connections(2), 10)
+    finally:
+        await serving.aclose()
