@@ -21,7 +21,7 @@ from paho.mqtt.properties import Properties
 
 from worker import packets
 
-topics = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+topics = st.text(st.characters(exclude_categories=["Cs"]), max_size=300)
 payloads = st.binary(max_size=70_000)
 optional_bytes = st.none() | st.binary(max_size=300)
 

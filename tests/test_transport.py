@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -97,7 +97,7 @@ class ScriptedBroker:
         self._mid = 0
         self._writers: list[asyncio.StreamWriter] = []
 
-    async def serve(self) -> AsyncIterator[int]:
+    async def serve(self) -> AsyncGenerator[int, None]:
         server = await asyncio.start_server(self._client, "127.0.0.1", 0)
         async with server:
             try:
@@ -170,7 +170,7 @@ class ScriptedBroker:
         if "/_worker/" in topic:
             self.send(packets.puback(msg.mid))
             if topic in self._subscribed:  # the probe
-                self.deliver(topic, msg.payload)
+                self.deliver(topic, bytes(msg.payload))
             return
         self.connections[-1].append(msg)
         if self.holding:
@@ -213,7 +213,7 @@ async def test_publishes_wait_for_room_and_go_again_after_a_reconnect() -> None:
                 props.ResponseTopic = "reply"
                 props.CorrelationData = bytes((i,))
                 body = msgpack.packb({"role": "user", "content": f"turn {i}"})
-                requests.append(broker.deliver(f"{prefix}/c{i}/append", body, props.pack()))
+                requests.append(broker.deliver(f"{prefix}/c{i}/append", body, props.pack()))  # type: ignore[no-untyped-call]
             await broker.until(
                 lambda: set(requests) <= set(broker.pubacks) and len(broker.unacked) == 3
             )
