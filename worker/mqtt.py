@@ -139,7 +139,10 @@ class Connection(aiomqtt.Client):
         self.paused = False
         self.sendable = asyncio.Event()
         self.sendable.set()
-        self._rbuf = b""
+        self._rbuf = b""  # bytes read and not yet handled: the start of a packet at most
+        self._need = 0  # the length of that packet, once its header is in
+        self._chunks: list[bytes] = []  # the rest of a large packet, joined once it is whole
+        self._chunked = 0
         self._feed = b""  # the one packet paho is reading
         self._feed_pos = 0
         self._feed_eof = False
@@ -188,6 +191,14 @@ class Connection(aiomqtt.Client):
                 self._to_paho(b"", eof=True)  # paho reports the loss, as from its own read
                 return
             client._last_bytes_received = time.monotonic()
+            if self._chunks or len(self._rbuf) + len(data) < self._need:
+                # A large packet comes in 64 KiB reads: join it once, not once per read.
+                self._chunks.append(data)
+                self._chunked += len(data)
+                if len(self._rbuf) + self._chunked < self._need:
+                    return
+                data = b"".join(self._chunks)
+                self._chunks, self._chunked = [], 0
             self._rbuf = self._rbuf + data if self._rbuf else data
             self._parse()
             pending = getattr(sock, "pending", None)
@@ -224,9 +235,11 @@ class Connection(aiomqtt.Client):
                 if self._client._sock is None:
                     return
         finally:
-            self._rbuf = buf[pos:] if pos and self._client._sock is not None else buf
             if self._client._sock is None:
-                self._rbuf = b""
+                self._rbuf, self._need = b"", 0
+            else:
+                self._rbuf = buf[pos:] if pos else buf
+                self._need = packets.length(self._rbuf)
         if acked:
             self._release_waiting()
             if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
@@ -365,7 +378,7 @@ class Connection(aiomqtt.Client):
         def start() -> None:
             self._fd = sock.fileno()
             self.paused = False
-            self._rbuf = b""
+            self._rbuf, self._need, self._chunks, self._chunked = b"", 0, [], 0
             self._loop.add_reader(self._fd, self._read)
             self._misc_task = self._loop.create_task(self._misc_loop())
 

@@ -94,6 +94,14 @@ def frame(buf: bytes, pos: int) -> tuple[int, int]:
     return start, start + length
 
 
+def length(buf: bytes) -> int:
+    """The whole length of the packet `buf` starts with, or 0 while its header is not in."""
+    if len(buf) < 2:
+        return 0
+    n, start = read_varint(buf, 1)
+    return start + n if n >= 0 else 0
+
+
 def decode_publish(first: int, buf: bytes, start: int, end: int) -> Incoming:
     """The PUBLISH whose fixed header byte is `first` and whose body is buf[start:end]."""
     try:
