@@ -774,7 +774,7 @@ def main() -> None:
     p.add_argument("--budget-fill", type=float, default=3, help="fill this many budgets")
     p.add_argument(
         "--only",
-        choices=["frugal", "memory", "idle", "eviction", "expiry"],
+        choices=["frugal", "memory", "idle", "eviction", "expiry", "client"],
         help="run only these scenarios and print their lines",
     )
     p.add_argument("--json", default=str(REPO / "bench-results" / "latest.json"))
@@ -855,6 +855,8 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
         try:
             if args.only == "expiry":
                 result["expiry"] = mass_expiry(args, b, loadgen)
+            elif args.only == "client":
+                result["client"] = client_costs(args, b, loadgen)
             else:
                 frugal(args, result, b, loadgen, args.only)
         finally:
@@ -862,7 +864,7 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
     if args.only in ("frugal", "memory"):
         result["store_rss"] = store_rss()
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "machine")}, indent=2))
-    print("\n".join(frugal_table(result)))
+    print("\n".join(_client_lines(result) if args.only == "client" else frugal_table(result)))
 
 
 if __name__ == "__main__":
