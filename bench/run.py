@@ -225,18 +225,15 @@ async def _client_appends(b: Mosquitto, window: int, warmup: float, seconds: flo
 
 def client_costs(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
     """The Python client against the C load generator on the same worker, appends only:
-    round trip at window 1, and throughput at window 64."""
+    round trip at window 1, and throughput at window 64. The two take turns, round by round,
+    so that other load on the machine falls on both alike."""
     out: dict[str, Any] = {}
     with responder(worker_cmd(b), "serving"):
         for window in (1, 64):
-            raw = [
-                load(loadgen, b, 1, window, args.warmup, args.seconds, 100, get_pct=0)
-                for _ in range(args.rounds)
-            ]
-            ours = [
-                asyncio.run(_client_appends(b, window, args.warmup, args.seconds))
-                for _ in range(args.rounds)
-            ]
+            raw, ours = [], []
+            for _ in range(args.rounds):
+                raw.append(load(loadgen, b, 1, window, args.warmup, args.seconds, 100, get_pct=0))
+                ours.append(asyncio.run(_client_appends(b, window, args.warmup, args.seconds)))
             out[str(window)] = {
                 "raw_rps": median_of(raw, "rps"),
                 "raw_p50_ms": median_of(raw, "p50_ms"),
