@@ -470,27 +470,31 @@ class MemoryClient(_Api):
             last = attempt == self.attempts or not safe
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             sending: asyncio.Future[None] | None = None
+            timer: asyncio.TimerHandle | None = None
             answered = False
             try:
-                async with asyncio.timeout(self.timeout):
-                    client = self._client
-                    if client is None:
+                deadline = loop.time() + self.timeout
+                client = self._client
+                if client is None:
+                    async with asyncio.timeout_at(deadline):
                         await self._connected.wait()
-                        client = self._client
-                        assert client is not None
-                    self._waiting[key] = fut
-                    # The reply implies delivery, so the request waits for it alone, not for
-                    # the PUBACK first; the publish fails the request when it fails. Its own
-                    # timeout is ours (math.inf spares aiomqtt's wait_for a task and a timer).
-                    sending = asyncio.ensure_future(
-                        client.publish(
-                            topic, payload, qos=self.qos, properties=properties, timeout=math.inf
-                        )
+                    client = self._client
+                    assert client is not None
+                self._waiting[key] = fut
+                # A timer that fails the reply's future: a third of what asyncio.timeout costs.
+                timer = loop.call_at(deadline, _expire, fut)
+                # The reply implies delivery, so the request waits for it alone, not for the
+                # PUBACK first; the publish fails the request when it fails. Its own timeout is
+                # ours (math.inf spares aiomqtt's wait_for a task and a timer).
+                sending = asyncio.ensure_future(
+                    client.publish(
+                        topic, payload, qos=self.qos, properties=properties, timeout=math.inf
                     )
-                    sending.add_done_callback(functools.partial(_fail_with_publish, fut))
-                    reply = await fut
-                    answered = True
-                    return _ok(reply)
+                )
+                sending.add_done_callback(functools.partial(_fail_with_publish, fut))
+                reply = await fut
+                answered = True
+                return _ok(reply)
             except (TimeoutError, _Lost, aiomqtt.MqttError) as exc:
                 if last:
                     why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
@@ -500,6 +504,8 @@ class MemoryClient(_Api):
                         + (f", {attempt} attempts" if attempt > 1 else "")
                     ) from None
             finally:
+                if timer is not None:
+                    timer.cancel()
                 if not answered:  # timed out, lost, failed or cancelled: nothing waits now
                     self._waiting.pop(key, None)
                     if sending is not None:
@@ -568,6 +574,11 @@ class MemoryClient(_Api):
             self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return list(seen.values())
+
+
+def _expire(reply: asyncio.Future[Any]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())
 
 
 def _fail_with_publish(reply: asyncio.Future[Any], sending: asyncio.Future[None]) -> None:
