@@ -136,6 +136,33 @@ async def test_no_worker_is_a_timeout(broker: Mosquitto) -> None:
     assert info.value.code == "timeout"
 
 
+async def test_a_timed_out_or_cancelled_request_leaves_no_task(broker: Mosquitto) -> None:
+    """A request that times out, or is cancelled while it waits, leaves no task running."""
+    prefix = unique("p")
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/c/get") as sent,
+        MemoryClient(broker.host, broker.port, prefix, timeout=0.2, attempts=1) as m,
+    ):
+        before = asyncio.all_tasks()
+        with pytest.raises(NoReplyError):
+            await m.get("c")
+        await next_message(sent)
+        m.timeout = 30
+        call = asyncio.create_task(m.get("c"))
+        await next_message(sent)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # aiomqtt's `messages` makes a Queue.get task per message; those are not the call's.
+        left = {
+            t
+            for t in asyncio.all_tasks() - before - {asyncio.current_task()}
+            if t.get_coro().__qualname__ != "Queue.get"  # type: ignore[union-attr]
+        }
+        async with asyncio.timeout(2):
+            await asyncio.gather(*left, return_exceptions=True)
+
+
 async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> None:
     """stats() returns the worker's retained snapshot with its ts."""
     async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:

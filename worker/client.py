@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import itertools
+import math
 import socket
 import ssl
 import threading
@@ -320,6 +323,7 @@ class MemoryClient(_Api):
         self._stats: set[asyncio.Queue[aiomqtt.Message]] = set()  # one per stats() call
         self._events = _Fanout()
         self._client: aiomqtt.Client | None = None
+        self._properties: dict[str, Properties] = {}  # reply topic -> a request's template
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -359,6 +363,7 @@ class MemoryClient(_Api):
             tls_context=self._tls,
             socket_options=[_NODELAY],
             timeout=self.timeout,
+            queue_type=self._inbox(),
         )
         # Many concurrent requests are the point of one shared client, not a sign of trouble.
         client.pending_calls_threshold = 1 << 30
@@ -381,8 +386,21 @@ class MemoryClient(_Api):
             with contextlib.suppress(aiomqtt.MqttError, RuntimeError):
                 await client.__aexit__(None, None, None)
 
+    def _inbox(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """aiomqtt's incoming queue (its `queue_type`), which hands each reply to its request
+        as paho reads it: a reply then costs no trip through the queue and `messages` (a
+        task and an `asyncio.wait` per message). Events and stats are queued as usual."""
+        answer = self._answer
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                if not answer(item):
+                    super().put_nowait(item)
+
+        return Inbox
+
     async def _read(self) -> None:
-        """Hand each message to whoever waits for it; reconnect when the connection drops."""
+        """Hand events and stats to their listeners; reconnect when the connection drops."""
         backoff = 0.05
         while not self._closing:
             client = self._client
@@ -403,26 +421,32 @@ class MemoryClient(_Api):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        if topic.startswith(f"{self.prefix}/{c.WORKER_LEVEL}/"):
-            for queue in self._stats:
-                queue.put_nowait(message)
-            return
-        if topic.startswith(self.prefix + "/") and topic.endswith("/" + c.EVICTED):
-            with contextlib.suppress(Exception):
-                self._events.publish(decode_event(message.payload, _content_type(message)))
-            return
+    def _answer(self, message: aiomqtt.Message) -> bool:
+        """Complete the request a reply answers; False for messages under the prefix (events
+        and stats). Runs inside paho's read callback, so it must not raise."""
+        if message.topic.value.startswith(self.prefix + "/"):
+            return False
         try:
             reply = msgpack.unpackb(message.payload, strict_map_key=False)
         except Exception:  # not a reply of ours: nobody waits for it
-            return
+            return True
         key: Any = getattr(message.properties, "CorrelationData", None)
         if key is None and isinstance(reply, dict):
             key = _key(reply.get("id"))
         fut = self._waiting.pop(key, None) if isinstance(key, bytes) else None
         if fut is not None and not fut.done():
             fut.set_result(reply)
+        return True
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        if topic.startswith(f"{self.prefix}/{c.WORKER_LEVEL}/"):
+            for queue in self._stats:
+                queue.put_nowait(message)
+            return
+        if topic.endswith("/" + c.EVICTED):
+            with contextlib.suppress(Exception):
+                self._events.publish(decode_event(message.payload, _content_type(message)))
 
     # -- requests --
 
@@ -435,26 +459,43 @@ class MemoryClient(_Api):
         key = _key(body.get("id")) or next(self._n).to_bytes(8, "big")
         properties = None
         if self.protocol == 5:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.ResponseTopic = inbox
+            properties = copy.copy(self._properties.get(inbox) or self._template(inbox))
             properties.CorrelationData = key
         else:
             body["reply_to"] = inbox
         payload = msgpack.packb(body)
         topic = f"{self.prefix}/{convo}/{op}"
+        loop = asyncio.get_running_loop()
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts or not safe
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            sending: asyncio.Future[None] | None = None
+            timer: asyncio.TimerHandle | None = None
+            answered = False
             try:
-                async with asyncio.timeout(self.timeout):
-                    await self._connected.wait()
+                deadline = loop.time() + self.timeout
+                client = self._client
+                if client is None:
+                    async with asyncio.timeout_at(deadline):
+                        await self._connected.wait()
                     client = self._client
                     assert client is not None
-                    self._waiting[key] = fut
-                    await client.publish(topic, payload, qos=self.qos, properties=properties)
-                    return _ok(await fut)
+                self._waiting[key] = fut
+                # A timer that fails the reply's future: a third of what asyncio.timeout costs.
+                timer = loop.call_at(deadline, _expire, fut)
+                # The reply implies delivery, so the request waits for it alone, not for the
+                # PUBACK first; the publish fails the request when it fails. Its own timeout is
+                # ours (math.inf spares aiomqtt's wait_for a task and a timer).
+                sending = asyncio.ensure_future(
+                    client.publish(
+                        topic, payload, qos=self.qos, properties=properties, timeout=math.inf
+                    )
+                )
+                sending.add_done_callback(functools.partial(_fail_with_publish, fut))
+                reply = await fut
+                answered = True
+                return _ok(reply)
             except (TimeoutError, _Lost, aiomqtt.MqttError) as exc:
-                self._waiting.pop(key, None)
                 if last:
                     why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
                     raise NoReplyError(
@@ -462,7 +503,23 @@ class MemoryClient(_Api):
                         f"(prefix {self.prefix!r}) within {self.timeout}s"
                         + (f", {attempt} attempts" if attempt > 1 else "")
                     ) from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if not answered:  # timed out, lost, failed or cancelled: nothing waits now
+                    self._waiting.pop(key, None)
+                    if sending is not None:
+                        sending.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _template(self, inbox: str) -> Properties:
+        """The properties of requests answered on `inbox`, but their Correlation Data: copying
+        it costs a third of building paho's Properties anew."""
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ResponseTopic = inbox
+        if "{convo}" not in self.reply_prefix:
+            self._properties[inbox] = properties
+        return properties
 
     # -- events and stats --
 
@@ -517,6 +574,20 @@ class MemoryClient(_Api):
             self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return list(seen.values())
+
+
+def _expire(reply: asyncio.Future[Any]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError())
+
+
+def _fail_with_publish(reply: asyncio.Future[Any], sending: asyncio.Future[None]) -> None:
+    """A failed publish fails the request waiting for its reply (it is then sent again)."""
+    if sending.cancelled():
+        return
+    exc = sending.exception()
+    if exc is not None and not reply.done():
+        reply.set_exception(exc)
 
 
 def _key(req_id: Any) -> bytes | None:
