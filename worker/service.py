@@ -4,12 +4,13 @@ One flow: the transport (worker/mqtt.py) hands a message to `_on_message` on the
 loop's thread -> it waits in the inbox -> `_process` takes the whole inbox as a batch ->
 `Router.parse` turns each message into a request value -> `Backend.execute` applies the
 batch -> each reply and eviction event is handed to the transport -> each QoS 1 request is
-acknowledged. A request is acknowledged only after its effect was stored and its reply handed
-to the client, so a worker killed in between gets the message again.
+acknowledged -> the batch's replies and acknowledgements leave in one socket write. A request
+is acknowledged only after its effect was stored and its reply queued before the
+acknowledgement, so a worker killed in between gets the message again.
 
-aiomqtt manages the connection; its message queue and awaited publishes are bypassed on the
-hot path (an asyncio task per message and a round trip per reply cost most of the time), by
-`worker.mqtt.Connection`, the one place that touches aiomqtt and paho internals.
+aiomqtt manages the connection; on the hot path its message queue, its awaited publishes and
+paho's packet codec are bypassed by `worker.mqtt.Connection` (with worker/packets.py), the one
+place that touches aiomqtt and paho internals.
 """
 
 from __future__ import annotations
