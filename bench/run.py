@@ -329,7 +329,8 @@ async def _count_events(b: Mosquitto, total: int, started: asyncio.Event) -> tup
 
 async def broker_backlog(b: Mosquitto) -> dict[str, int | None]:
     """Sessions of disconnected clients the broker keeps, and the messages it stores (its
-    retained $SYS figures): what its autosave has to write."""
+    retained $SYS figures): what its autosave has to write. A figure not seen within 12 s
+    is None (Mosquitto 2.0 republishes some only when they change, and they can expire)."""
     topics = {
         "$SYS/broker/clients/disconnected": "stopped_sessions",
         "$SYS/broker/store/messages/count": "stored_messages",
@@ -779,9 +780,10 @@ def table(result: dict[str, Any]) -> str:
         ]
         before = e.get("broker_before")
         if before:
+            known = {k: "?" if v is None else f"{v:,}" for k, v in before.items()}
             lines.append(
-                f"  the broker before the wave: {before['stopped_sessions']} sessions of stopped "
-                f"clients, {before['stored_messages']} stored messages"
+                f"  the broker before the wave: {known['stopped_sessions']} sessions of stopped "
+                f"clients, {known['stored_messages']} stored messages"
             )
     cl = result.get("cluster", {})
     if "cluster" in cl:
