@@ -21,7 +21,7 @@ from worker.protocol import (
     topic_name_problem,
     validate_prefix,
 )
-from worker.turns import encode_turn, turn_size
+from worker.turns import encode_turn, pack_turn, turn_size
 
 R = Router("mem", 1024)
 
@@ -265,8 +265,8 @@ def test_route_prefix_keeps_replies_in_the_conversation_s_own_space() -> None:
     ],
 )
 def test_turn_size_reads_the_encoding(role: str, content: str) -> None:
-    """The byte count read off an encoded turn equals its role and content in UTF-8."""
-    turn = encode_turn(role, content, 1.5, 2**40)
+    """The byte count read off a stored turn equals its role and content in UTF-8."""
+    turn = pack_turn(role, content, 1.5, 2**40)
     assert turn_size(turn) == len(role.encode()) + len(content.encode())
 
 

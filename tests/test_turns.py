@@ -12,26 +12,42 @@ from worker.protocol import Append
 from worker.store import Limits
 from worker.turns import (
     REDIS_SIZE_BYTES,
+    ROLE_CODES,
     content_size,
     encode_turn,
+    expand_turns,
+    pack_turn,
     redis_entry,
+    repack_turn,
     turn_end,
     turn_head,
     turn_size,
 )
 
-TEXTS = [("user", "hi"), ("assistant", "é" * 40), ("r" * 32, "x" * 70_000)]
+TEXTS = [("user", "hi"), ("assistant", "é" * 40), ("r" * 32, "x" * 70_000), ("me", "x" * 200)]
 
 
 @pytest.mark.parametrize(("role", "content"), TEXTS)
 @pytest.mark.parametrize("seq", [1, 200, 70_000, 2**33])
 def test_boundaries_and_sizes_are_read_off_the_encoding(role: str, content: str, seq: int) -> None:
     """turn_end finds each of back-to-back turns, and turn_size their role and content bytes."""
-    turn = encode_turn(role, content, 1.5, seq)
+    turn = pack_turn(role, content, 1.5, seq)
     both = turn + turn
     assert turn_end(both, 0) == len(turn)
     assert turn_end(both, len(turn)) == len(both)
     assert turn_size(turn) == content_size(role, content)
+
+
+@pytest.mark.parametrize(("role", "content"), TEXTS)
+@pytest.mark.parametrize("seq", [1, 200, 70_000, 2**33])
+def test_packed_turns_expand_to_what_a_get_returns(role: str, content: str, seq: int) -> None:
+    """Packed turns back to back expand to the maps encode_turn makes, and repack to the same."""
+    packed = pack_turn(role, content, 1700000000.25, seq)
+    turn = encode_turn(role, content, 1700000000.25, seq)
+    assert expand_turns(packed + packed) == turn + turn
+    assert repack_turn(turn) == packed
+    saved = 20 + (len(msgpack.packb(role)) - 1 if role in ROLE_CODES else 0)
+    assert len(turn) - len(packed) == saved
 
 
 @pytest.mark.parametrize(("role", "content"), TEXTS)
@@ -40,8 +56,6 @@ def test_a_redis_turn_reads_as_the_same_turn(role: str, content: str) -> None:
     entry = redis_entry(123, turn_head(role, content, 2.5), 7)
     turn = entry[REDIS_SIZE_BYTES:]
     assert msgpack.unpackb(turn) == msgpack.unpackb(encode_turn(role, content, 2.5, 7))
-    assert turn_end(turn, 0) == len(turn)
-    assert turn_size(turn) == content_size(role, content)
     assert int.from_bytes(entry[:REDIS_SIZE_BYTES], "big") == 123
 
 

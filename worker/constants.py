@@ -74,6 +74,9 @@ REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 # tables sized for deleted entries and freed memory the allocator keeps): about 235 bytes
 # more per conversation (it varies between runs: 1.13-1.21x the budget with 512), and an
 # id's bytes counting about 1.6 times. Rounded up, so the budget errs towards less memory.
+# Measured before the memory store packed its turns without their keys (worker/turns.py),
+# which made a full conversation's turn 24 bytes smaller (169 bytes, not 193); the costs were
+# kept, since SQLite and Redis count the same ones and Redis still stores the maps.
 CONVO_COST: Final = 640
 ID_BYTE_COST: Final = 2
 TURN_COST: Final = 112

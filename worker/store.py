@@ -35,7 +35,7 @@ from worker.protocol import (
     StateSave,
     Turns,
 )
-from worker.turns import encode_turn, turn_end, turn_size
+from worker.turns import expand_turns, pack_turn, repack_turn, turn_end, turn_size
 
 NO_DEADLINE: Final = float("inf")
 
@@ -70,8 +70,9 @@ class Convo:
     """One conversation.
 
     Its turns are msgpack-encoded once, when stored, and kept back to back in one bytes
-    object (`turns`): a get is then one slice, and a turn costs its encoding and nothing
-    else (boundaries are read off the encoding, `turn_end`, rather than kept).
+    object (`turns`), packed as arrays without their keys (`pack_turn`): a get is one slice,
+    expanded into the maps it returns, and a turn costs its packed encoding and nothing else
+    (boundaries are read off the encoding, `turn_end`, rather than kept).
     """
 
     __slots__ = ("count", "deadline", "ids", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
@@ -114,14 +115,15 @@ class Convo:
 
     def last(self, n: int | None) -> Turns:
         if n is None or n >= self.count:
-            return Turns(self.count, self.turns)
-        return Turns(n, self.turns[self._skip(self.count - n) :])
+            return Turns(self.count, expand_turns(self.turns))
+        return Turns(n, expand_turns(self.turns[self._skip(self.count - n) :]))
 
     def turn_list(self) -> list[bytes]:
+        """The turns, each as the map a get returns (what SQLite persists)."""
         out, at, turns = [], 0, self.turns
         for _ in range(self.count):
             end = turn_end(turns, at)
-            out.append(turns[at:end])
+            out.append(expand_turns(turns[at:end]))
             at = end
         return out
 
@@ -217,7 +219,7 @@ class Store:
         if cv is None:
             cv = self._create(name, now)
         cv.seq += 1
-        turn = encode_turn(req.role, req.content, self._wall(), cv.seq)
+        turn = pack_turn(req.role, req.content, self._wall(), cv.seq)
         over = max(0, cv.count + 1 - lim.max_turns)
         for dropped in cv.add_turn(turn, over):
             size -= turn_size(dropped) + lim.turn_cost
@@ -358,9 +360,10 @@ class Store:
         deadline: float,
         ids: dict[Any, dict[str, Any]],
     ) -> None:
-        """Put back a conversation read from storage; call in order of last use."""
+        """Put back a conversation read from storage (`turns` as `turn_list` gave them); call
+        in order of last use."""
         cv = Convo()
-        kept = turns[-self.limits.max_turns :]
+        kept = [repack_turn(t) for t in turns[-self.limits.max_turns :]]
         cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
         cv.count = len(kept)
         cv.ids = ids or None
