@@ -92,33 +92,26 @@ def expand_turns(turns: bytes) -> bytes:
     """Packed turns back to back, as the maps a get returns back to back: the four keys put
     back between slices of the packed values (no decoding, no re-encoding of the content)."""
     out: list[bytes] = []
-    add = out.append
+    add = out.extend
     at, end = 0, len(turns)
     while at < end:
         code = turns[at + 1]
         if code < 0x80:  # a role of ROLE_CODES
-            add(_HEADS[code])
             content_at = at + 2
+            head = _HEADS[code]
         else:
-            role, head = _str_at(turns, at + 1)
-            content_at = at + 1 + head + role
-            add(_MAP_ROLE)
-            add(turns[at + 1 : content_at])
-            add(_CONTENT)
-        head = turns[content_at]
-        if head == 0xD9:  # str8: the common size of a turn's content
+            role, width = _str_at(turns, at + 1)
+            content_at = at + 1 + width + role
+            head = _MAP_ROLE + turns[at + 1 : content_at] + _CONTENT
+        if turns[content_at] == 0xD9:  # str8: the common size of a turn's content
             ts_at = content_at + 2 + turns[content_at + 1]
         else:
             content, width = _str_at(turns, content_at)
             ts_at = content_at + width + content
-        first = turns[ts_at + 9]
-        next_at = ts_at + 10 if first < 0x80 else ts_at + 9 + _UINT_WIDTH[first]
-        add(turns[content_at:ts_at])
-        add(_TS)
-        add(turns[ts_at : ts_at + 9])
-        add(_SEQ)
-        add(turns[ts_at + 9 : next_at])
-        at = next_at
+        seq_at = ts_at + 9
+        first = turns[seq_at]
+        at = seq_at + 1 if first < 0x80 else seq_at + _UINT_WIDTH[first]
+        add((head, turns[content_at:ts_at], _TS, turns[ts_at:seq_at], _SEQ, turns[seq_at:at]))
     return b"".join(out)
 
 
