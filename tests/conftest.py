@@ -63,6 +63,15 @@ def own_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     mosq.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def stock_broker(tmp_path: Path) -> Mosquitto:
+    """Mosquitto with Debian's stock settings (not started): no set_tcp_nodelay, a Receive
+    Maximum of 20."""
+    conf = tmp_path / "stock.conf"
+    conf.write_text("per_listener_settings false\nallow_anonymous true\nlistener 1883\n")
+    return Mosquitto(tmp_path / "stock", conf=conf)
+
+
 def unique(stem: str = "t") -> str:
     return f"{stem}{uuid.uuid4().hex[:10]}"
 

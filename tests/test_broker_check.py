@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -13,14 +12,6 @@ from tests.clients import decode, next_message, watcher
 from tests.conftest import WorkerFactory, spawn_worker, unique
 from tests.processes import Mosquitto
 from worker.service import BROKER_SNIPPET
-
-
-@pytest.fixture
-def stock_broker(tmp_path: Path) -> Mosquitto:
-    """Mosquitto with Debian's stock settings: no set_tcp_nodelay, default in-flight window."""
-    conf = tmp_path / "stock.conf"
-    conf.write_text("per_listener_settings false\nallow_anonymous true\nlistener 1883\n")
-    return Mosquitto(tmp_path / "stock", conf=conf)
 
 
 async def test_a_stock_broker_is_named_with_the_snippet(

@@ -33,6 +33,13 @@ LISTENERS = f"{CONFD}/memory-worker-listeners.conf"
 WEB = f"{PREFIX}/share/dashboard"
 
 
+def kiosk_a(mosq: Mosquitto) -> aiomqtt.Client:
+    """The device kiosk-a (password "a") of the secured broker, over MQTT 5."""
+    return aiomqtt.Client(
+        mosq.host, mosq.port, username="kiosk-a", password="a", protocol=aiomqtt.ProtocolVersion.V5
+    )
+
+
 def mosquitto_version() -> tuple[int, ...]:
     out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, check=False).stdout
     found = re.search(r"mosquitto version ([0-9.]+)", out)
@@ -395,13 +402,7 @@ async def test_the_secured_install_serves_devices_and_keeps_them_out_of_the_grou
         )
         async with (
             running(cfg) as worker,
-            aiomqtt.Client(
-                mosq.host,
-                mosq.port,
-                username="kiosk-a",
-                password="a",
-                protocol=aiomqtt.ProtocolVersion.V5,
-            ) as a,
+            kiosk_a(mosq) as a,
             over_websockets(mosq, "dashboard", "d") as dashboard,
         ):
             assert refused(await a.subscribe("$share/workers/mem/#", qos=1))
@@ -464,13 +465,7 @@ async def test_the_broker_roles_follow_the_configured_prefix(staged: Path, tmp_p
         )
         async with (
             running(cfg),
-            aiomqtt.Client(
-                mosq.host,
-                mosq.port,
-                username="kiosk-a",
-                password="a",
-                protocol=aiomqtt.ProtocolVersion.V5,
-            ) as a,
+            kiosk_a(mosq) as a,
         ):
             await a.subscribe("reply/kiosk-a/#", qos=1)
             body = {"role": "u", "content": "x"}

@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import msgpack
-import pytest
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -25,14 +23,6 @@ from tests.clients import decode, device, next_message, watcher
 from tests.conftest import WorkerFactory, make_config, running, unique
 from tests.processes import Mosquitto
 from worker import packets
-
-
-@pytest.fixture
-def stock_broker(tmp_path: Path) -> Mosquitto:
-    """Mosquitto with Debian's stock settings: a Receive Maximum of 20."""
-    conf = tmp_path / "stock.conf"
-    conf.write_text("per_listener_settings false\nallow_anonymous true\nlistener 1883\n")
-    return Mosquitto(tmp_path / "stock", conf=conf)
 
 
 async def test_replies_and_events_past_the_brokers_receive_maximum(
