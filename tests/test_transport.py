@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
 import msgpack
+import pytest
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.clients import decode, device, next_message, watcher
-from tests.conftest import WorkerFactory, make_config, running, unique
+from tests.conftest import WorkerFactory, make_config, running
 from tests.processes import Mosquitto
 from worker import packets
+from worker.service import Service
 
 
 async def test_replies_and_events_past_the_brokers_receive_maximum(
@@ -79,6 +81,8 @@ class ScriptedBroker:
         self.holding = True
         self.connections: list[list[Any]] = []  # per connection: the worker's PUBLISH packets
         self.pubacks: list[int] = []  # mids the worker acknowledged
+        self.replies: list[Any] = []  # the worker's publishes to "reply", all connections
+        self.closed = 0  # connections the worker closed
         self.unacked: set[int] = set()
         self.most_unacked = 0
         self.changed = asyncio.Condition()
@@ -116,6 +120,9 @@ class ScriptedBroker:
                 await self._packet(first, await reader.readexactly(length))
                 async with self.changed:
                     self.changed.notify_all()
+        self.closed += 1
+        async with self.changed:
+            self.changed.notify_all()
 
     def send(self, data: bytes) -> None:
         assert self.writer is not None
@@ -163,6 +170,8 @@ class ScriptedBroker:
                 self.deliver(topic, bytes(msg.payload))
             return
         self.connections[-1].append(msg)
+        if topic == "reply":
+            self.replies.append(msg)
         if self.holding:
             self.unacked.add(msg.mid)
             self.most_unacked = max(self.most_unacked, len(self.unacked))
@@ -179,53 +188,116 @@ class ScriptedBroker:
             await asyncio.wait_for(self.changed.wait_for(what), 10)
 
 
+def request_props(correlation: int) -> bytes:
+    """PUBLISH properties of a request answered on "reply"."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = "reply"
+    props.CorrelationData = correlation.to_bytes(4, "big")
+    packed: bytes = props.pack()  # type: ignore[no-untyped-call]
+    return packed
+
+
+@contextlib.asynccontextmanager
+async def scripted(broker: ScriptedBroker, **overrides: Any) -> AsyncIterator[Service]:
+    """A worker connected to `broker`."""
+    serving = broker.serve()
+    port = await anext(serving)
+    address = SimpleNamespace(host="127.0.0.1", port=port)
+    cfg = make_config(address, stats_interval=3600, reconnect_max=0.2, **overrides)  # type: ignore[arg-type]
+    try:
+        async with running(cfg) as w:
+            yield w
+    finally:
+        await serving.aclose()
+
+
+async def test_a_batch_waits_until_the_last_ones_acknowledgements_are_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the broker not reading and 19 MB of replies behind its socket, the worker applies
+    no further batch until the last batch's PUBACKs are in the kernel: requests applied but
+    not acknowledged stay within the ids a conversation remembers (--max-inflight)."""
+    starts: list[bool] = []
+    first_done = asyncio.Event()
+    handle = Service._handle
+
+    async def recording(self: Service, batch: list[Any]) -> None:
+        assert self._client is not None
+        starts.append(self._client.written.is_set())
+        await handle(self, batch)
+        first_done.set()
+
+    monkeypatch.setattr(Service, "_handle", recording)
+    broker = ScriptedBroker(receive_maximum=1000)
+    broker.holding = False
+    async with scripted(broker) as w:
+        prefix = w.cfg.prefix
+        for i in range(8):
+            turn = msgpack.packb({"role": "user", "content": "x" * 60_000})
+            broker.deliver(f"{prefix}/big/append", turn, request_props(i))
+        await broker.until(lambda: len(broker.replies) == 8)
+        assert broker.writer is not None
+        broker.writer.transport.pause_reading()  # type: ignore[attr-defined]
+        starts.clear()
+        first_done.clear()
+        for i in range(40):
+            broker.deliver(f"{prefix}/big/get", msgpack.packb({}), request_props(100 + i))
+        for i in range(600):
+            body = msgpack.packb({"role": "user", "content": "t", "id": f"r{i}"})
+            broker.deliver(f"{prefix}/ids/append", body, request_props(1000 + i))
+        await asyncio.wait_for(first_done.wait(), 10)
+        broker.writer.transport.resume_reading()  # type: ignore[attr-defined]
+        await broker.until(lambda: len(broker.replies) == 8 + 640)
+    assert len(starts) >= 10
+    assert all(starts), starts
+
+
+async def test_a_malformed_packet_closes_the_connection_and_the_worker_comes_back() -> None:
+    """A PUBLISH that breaks the protocol ends its connection, and the worker reconnects and
+    serves."""
+    broker = ScriptedBroker(receive_maximum=100)
+    broker.holding = False
+    async with scripted(broker) as w:
+        broker.send(b"\x36\x03\x00\x01t")  # QoS bits 3
+        await broker.until(lambda: broker.closed == 1 and len(broker.connections) == 2)
+        await asyncio.wait_for(w.wait_connections(2), 10)
+        body = msgpack.packb({"role": "user", "content": "hi"})
+        broker.deliver(f"{w.cfg.prefix}/c/append", body, request_props(1))
+        await broker.until(lambda: len(broker.replies) == 1)
+        assert msgpack.unpackb(broker.replies[0].payload)["seq"] == 1
+
+
 async def test_publishes_wait_for_room_and_go_again_after_a_reconnect() -> None:
     """With PUBACKs held, the worker keeps its publishes within the broker's Receive Maximum
     (less what paho keeps); after the connection drops it sends the unacknowledged ones again
     first, with the same packet ids and DUP set, then the rest: none lost, none invented."""
     broker = ScriptedBroker(receive_maximum=4)
-    serving = broker.serve()
-    port = await anext(serving)
-    address = SimpleNamespace(host="127.0.0.1", port=port)
-    prefix = unique("mem")
-    cfg = make_config(
-        address,  # type: ignore[arg-type]
-        prefix=prefix,
-        max_conversations=1,
-        stats_interval=3600,
-        reconnect_max=0.2,
-    )
-    try:
-        async with running(cfg) as w:
-            requests = []
-            for i in range(6):  # each append but the first evicts the one before
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.ResponseTopic = "reply"
-                props.CorrelationData = bytes((i,))
-                body = msgpack.packb({"role": "user", "content": f"turn {i}"})
-                requests.append(broker.deliver(f"{prefix}/c{i}/append", body, props.pack()))  # type: ignore[no-untyped-call]
-            await broker.until(
-                lambda: set(requests) <= set(broker.pubacks) and len(broker.unacked) == 3
-            )
-            held = list(broker.connections[0])
-            assert broker.writer is not None
-            broker.holding = False
-            broker.writer.close()  # the connection drops with three publishes in flight
-            await broker.until(lambda: len(broker.connections) == 2)
-            await broker.until(lambda: len(broker.connections[1]) == 11)
-            again = broker.connections[1]
-            assert [(m.mid, m.dup, m.topic, m.payload) for m in again[:3]] == [
-                (m.mid, True, m.topic, m.payload) for m in held
-            ]
-            assert not any(m.dup for m in again[3:])
-            topics = sorted(m.topic.decode() for m in again)
-            assert topics == sorted([f"{prefix}/c{i}/evicted" for i in range(5)] + ["reply"] * 6)
-            seqs = [msgpack.unpackb(m.payload)["seq"] for m in again if m.topic == b"reply"]
-            assert seqs == [1] * 6
-            assert broker.most_unacked == 3
-            await asyncio.wait_for(w.wait_connections(2), 10)
-    finally:
-        await serving.aclose()
+    async with scripted(broker, max_conversations=1) as w:
+        prefix = w.cfg.prefix
+        requests = []
+        for i in range(6):  # each append but the first evicts the one before
+            body = msgpack.packb({"role": "user", "content": f"turn {i}"})
+            requests.append(broker.deliver(f"{prefix}/c{i}/append", body, request_props(i)))
+        await broker.until(
+            lambda: set(requests) <= set(broker.pubacks) and len(broker.unacked) == 3
+        )
+        held = list(broker.connections[0])
+        assert broker.writer is not None
+        broker.holding = False
+        broker.writer.close()  # the connection drops with three publishes in flight
+        await broker.until(lambda: len(broker.connections) == 2)
+        await broker.until(lambda: len(broker.connections[1]) == 11)
+        again = broker.connections[1]
+        assert [(m.mid, m.dup, m.topic, m.payload) for m in again[:3]] == [
+            (m.mid, True, m.topic, m.payload) for m in held
+        ]
+        assert not any(m.dup for m in again[3:])
+        topics = sorted(m.topic.decode() for m in again)
+        assert topics == sorted([f"{prefix}/c{i}/evicted" for i in range(5)] + ["reply"] * 6)
+        seqs = [msgpack.unpackb(m.payload)["seq"] for m in again if m.topic == b"reply"]
+        assert seqs == [1] * 6
+        assert broker.most_unacked == 3
+        await asyncio.wait_for(w.wait_connections(2), 10)
 
 
 async def test_a_huge_request_is_refused_and_the_next_one_served(

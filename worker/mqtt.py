@@ -23,6 +23,7 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -65,6 +66,7 @@ _SESSION_TAKEN_OVER = 0x8E
 # Of the broker's Receive Maximum, what paho keeps for its own QoS 1 publishes (status,
 # discovery, probes); the hot path has the rest.
 _PAHO_INFLIGHT = 16
+_TLS_RECORDS = 64  # TLS records read per readable event, beyond the first
 
 
 class PackedProperties:
@@ -116,8 +118,9 @@ class Connection(aiomqtt.Client):
     - Our replies and events are encoded here and written with the acknowledgements in one
       socket write per batch (`flush`, also scheduled on its own at the end of the loop's
       turn). QoS 1 ones stay until the broker's PUBACK, are sent again (DUP) after a
-      reconnection, and never exceed the broker's Receive Maximum, since Mosquitto
-      disconnects a client that does: past it they wait here.
+      reconnection, and never exceed the broker's Receive Maximum, since a broker may
+      disconnect a client that does (MQTT 5, 4.9; Mosquitto 2.0.11 does not): past it they
+      wait here.
     - Reading the socket can be paused, so a flood waits in the broker, not in our memory.
 
     paho still reads (from our buffer, one packet at a time) and writes every other packet,
@@ -133,12 +136,25 @@ class Connection(aiomqtt.Client):
         paho_client = self._client
         paho_client.manual_ack_set(True)
         paho_client._sock_recv = self._feed_recv  # type: ignore[method-assign]
+        write = paho_client.loop_write
+
+        def loop_write() -> MQTTErrorCode:  # aiomqtt's writer callback calls this
+            try:
+                return write()
+            finally:
+                if not self.written.is_set() and not self._unwritten():
+                    self.written.set()
+
+        paho_client.loop_write = loop_write  # type: ignore[method-assign]
         self._on_message_cb = on_message
         self._topic_callbacks: dict[str, Callable[[Incoming], None]] = {}
         self._fd = -1
         self.paused = False
         self.sendable = asyncio.Event()
         self.sendable.set()
+        # Set while nothing of ours waits behind paho's writer: all we queued is in the kernel.
+        self.written = asyncio.Event()
+        self.written.set()
         self._rbuf = b""  # bytes read and not yet handled: the start of a packet at most
         self._need = 0  # the length of that packet, once its header is in
         self._chunks: list[bytes] = []  # the rest of a large packet, joined once it is whole
@@ -183,6 +199,8 @@ class Connection(aiomqtt.Client):
         try:
             try:
                 data = sock.recv(_READ_BUFFER)
+                if type(sock) is not socket.socket:  # TLS: a recv returns one record
+                    data += self._more_tls(sock)
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError:
@@ -205,8 +223,30 @@ class Connection(aiomqtt.Client):
             if pending is not None and pending() and not self.paused:
                 self._loop.call_soon(self._read)  # TLS: decrypted bytes wake no epoll
         except Exception as exc:  # a broken socket, a malformed packet
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
+            self._fail(exc)
+
+    @staticmethod
+    def _more_tls(sock: Any) -> bytes:
+        more = []
+        for _ in range(_TLS_RECORDS):
+            try:
+                more.append(sock.recv(_READ_BUFFER))
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break
+            if not more[-1]:
+                break
+        return b"".join(more)
+
+    def _fail(self, exc: Exception) -> None:
+        """The connection is unusable: say why, and let paho close it here, on the loop's
+        thread (left open, the next connect() would close it from the executor's)."""
+        if not self._disconnected.done():
+            self._disconnected.set_exception(exc)
+        if self._client._sock is not None:
+            try:
+                self._to_paho(b"", eof=True)
+            except Exception:  # the reason is given above; closing is best effort
+                self._client._sock_close()
 
     def _parse(self) -> None:
         buf, pos = self._rbuf, 0
@@ -306,6 +346,7 @@ class Connection(aiomqtt.Client):
         }
         client._out_packet.append(entry)  # type: ignore[arg-type]
         self._queued.append((entry, count))
+        self.written.clear()
         client._call_socket_register_write()
 
     def _release_waiting(self) -> None:
@@ -321,18 +362,20 @@ class Connection(aiomqtt.Client):
         less what paho keeps for its own)."""
         return self._quota
 
-    def backlog(self) -> int:
-        """Our publishes the broker has not acknowledged, plus packets not yet written."""
+    def _unwritten(self) -> int:
+        """Our packets still behind paho's writer."""
         queued = self._queued
         while queued and queued[0][0]["to_process"] == 0:
             queued.popleft()
-        unwritten = sum(n for _, n in queued) if queued else 0
-        client = self._client
+        return sum(n for _, n in queued) if queued else 0
+
+    def backlog(self) -> int:
+        """Our publishes the broker has not acknowledged, plus packets not yet written."""
         return (
             len(self._inflight)
             + len(self._waiting)
-            + len(client._out_messages)
-            + unwritten
+            + len(self._client._out_messages)
+            + self._unwritten()
             + len(self._out)
         )
 
@@ -363,10 +406,15 @@ class Connection(aiomqtt.Client):
             self._online = True
             # Unacknowledged QoS 1 publishes go again, first and in order (MQTT 5, 4.4).
             # What was queued for the old connection (QoS 0, acknowledgements) dies with it.
-            again = [packets.as_duplicate(p) for p in self._inflight.values()]
-            self._inflight = dict(zip(self._inflight, again, strict=True))
-            self._out = again
+            held = list(self._inflight.items())
+            again = [(mid, packets.as_duplicate(p)) for mid, p in held[: self._quota]]
+            # The new quota may be smaller: the rest go again as room comes.
+            rest = [(mid, packets.as_duplicate(p)) for mid, p in held[self._quota :]]
+            self._waiting.extendleft(reversed(rest))
+            self._inflight = dict(again)
+            self._out = [p for _, p in again]
             self._queued.clear()  # paho's reconnect() dropped its unwritten packets
+            self.written.set()
             self._release_waiting()
             if self._out and not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -397,10 +445,16 @@ class Connection(aiomqtt.Client):
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho may call this from the executor thread: flush drops what is queued once
-        # offline, and the next CONNACK starts a fresh queue.
+        # offline, and the next CONNACK starts a fresh queue; the rest is the loop's.
         self._fd = -1
         self._online = False
+        self._loop.call_soon_threadsafe(self._closed)
         super()._on_socket_close(client, userdata, sock)
+
+    def _closed(self) -> None:
+        if self._fd < 0:  # not a newer socket's state
+            self.paused = False  # a pause ends with its socket: no reads to hold back
+            self.written.set()  # what was not written never will be
 
     def pause_reading(self) -> None:
         if not self.paused and self._fd >= 0:
@@ -420,8 +474,8 @@ class Connection(aiomqtt.Client):
         try:
             self._parse()
         except Exception as exc:
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
+            self._fail(exc)
+            return
         pending = getattr(self._client._sock, "pending", None)
         if pending is not None and pending() and not self.paused:
             self._loop.call_soon(self._read)

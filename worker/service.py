@@ -437,12 +437,18 @@ class Service:
         self._wake.set()
 
     async def _sendable(self) -> None:
-        """Wait while the broker has not yet acknowledged a backlog of our publishes.
+        """Wait until what the last batch wrote is in the kernel, and while the broker has not
+        yet acknowledged a backlog of our publishes.
 
         Holding the next batch (and, once the inbox is full, reading) or the next expiry
-        chunk there keeps paho's outgoing queue short instead of letting it grow.
+        chunk there keeps the outgoing queue short instead of letting it grow, and keeps the
+        requests applied but not acknowledged to one batch: the ids a conversation remembers.
         """
         client = self._client
+        if client is not None and not client.written.is_set():
+            # Even while reading is paused: writing does not wait on our reading (the
+            # broker, not blocking, goes on reading what we send). A lost connection sets it.
+            await client.written.wait()
         # Not while reading is paused: the broker's PUBACKs that would shrink the backlog
         # wait in the socket behind the requests we are not reading, so waiting would never
         # end. Input is bounded by the pause; the backlog grows by one batch at most.
