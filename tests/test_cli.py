@@ -40,6 +40,8 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (["--max-bytes", "10"], {}, "--max-bytes"),
         (["--backend", "mongodb://x"], {}, "--backend"),
         ([], {"MEMORY_WORKER_TTL": "soon"}, "MEMORY_WORKER_TTL"),
+        ([], {"MEMORY_WORKER_MAX_TURNS": "abc"}, "expected an integer"),
+        (["--prefix", "rp", "--route-prefix", "rp/x"], {}, "may not go under --prefix"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(

@@ -109,9 +109,14 @@ def validate(cfg: Config) -> None:
     ):
         raise ConfigError(f"--shared-group must be a name without / + #, got {cfg.shared_group!r}")
     if cfg.route_prefix is not None:
-        problem = topic_name_problem(cfg.route_prefix.replace("{convo}", "c"))
-        if problem or cfg.route_prefix.startswith("$"):
-            raise ConfigError(f"--route-prefix {cfg.route_prefix!r}: {problem or 'starts with $'}")
+        route = cfg.route_prefix
+        problem = topic_name_problem(route.replace("{convo}", "c"))
+        if not problem and route.startswith("$"):
+            problem = "starts with $"
+        if not problem and (route == cfg.prefix or route.startswith(cfg.prefix + "/")):
+            problem = f"replies may not go under --prefix {cfg.prefix!r}, so none could be sent"
+        if problem:
+            raise ConfigError(f"--route-prefix {route!r}: {problem}")
     for name, path in (
         ("tls-ca", cfg.tls_ca),
         ("tls-cert", cfg.tls_cert),
@@ -247,7 +252,8 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         try:
             value = flag.kind(raw)
         except ValueError:
-            raise ConfigError(f"{source}: expected a {flag.kind.__name__}, got {raw!r}") from None
+            kind = _KIND_NAMES.get(flag.kind, flag.kind.__name__)
+            raise ConfigError(f"{source}: expected {kind}, got {raw!r}") from None
         (limits if flag.dest in _LIMIT_FIELDS else top)[flag.dest] = value
     if "max_inflight" in top:
         limits["max_ids"] = top["max_inflight"]
@@ -264,6 +270,13 @@ def tls_context(
     if cert is not None:
         context.load_cert_chain(cert, key)
     return context
+
+
+_KIND_NAMES: dict[Callable[[str], object], str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
 
 
 def wants_version(argv: Sequence[str]) -> bool:
