@@ -176,6 +176,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     """What the contract refuses in the arguments, before anything is sent."""
     if args.timeout <= 0:
         return f"--timeout must be more than 0 seconds, got {args.timeout}"
+    if not 1 <= args.port <= 65535:
+        return f"--port must be 1-65535, got {args.port}"
     try:
         validate_prefix(args.prefix)
     except ValueError as exc:
@@ -219,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memctl: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:  # `memctl watch | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     return EXIT_NO_REPLY
 
