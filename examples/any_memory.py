@@ -1,7 +1,7 @@
 """One program, two homes for its memory, chosen by one environment variable:
 
-MEMORY_URL=memory://?max_turns=8 python examples/any_memory.py      # in this process
-MEMORY_URL=mqtt://pi.local/mem    python examples/any_memory.py      # on the bus
+MEMORY_URL=memory://?max_turns=8 .venv/bin/python examples/any_memory.py      # in this process
+MEMORY_URL=mqtt://pi.local/mem    .venv/bin/python examples/any_memory.py      # on the bus
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from worker.client import open_memory
 
 
 async def main() -> None:
-    async with open_memory(os.environ["MEMORY_URL"]) as memory:
+    async with open_memory(os.environ.get("MEMORY_URL", "memory://?max_turns=8")) as memory:
         await memory.forget("demo")
         await memory.save("demo", "prefs", "units", "metric")
         for text in ("hello", "how warm is it?"):

@@ -1,11 +1,12 @@
 """Dashboard side: print every eviction the worker announces, one line each.
 
-MEMORY_URL=mqtt://127.0.0.1:1883/mem python examples/print_evictions.py [COUNT]
+MEMORY_URL=mqtt://127.0.0.1:1883/mem .venv/bin/python examples/print_evictions.py [COUNT]
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -30,4 +31,7 @@ async def main(count: int | None) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else None))
+    if sys.argv[1:] and not sys.argv[1].isdigit():
+        sys.exit("usage: examples/print_evictions.py [COUNT] (stop it with Ctrl-C)")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else None))

@@ -1,7 +1,7 @@
 """A Flask-style threaded web app: every request thread shares one BlockingMemoryClient
 (one connection), as the old synchronous store's users do. Plain wsgiref, no Flask needed.
 
-    MEMORY_URL=mqtt://127.0.0.1:1883/mem python examples/threaded_handler.py [PORT]
+    MEMORY_URL=mqtt://127.0.0.1:1883/mem .venv/bin/python examples/threaded_handler.py [PORT]
 
 `--demo N` serves on a free port, sends N concurrent requests from N threads, prints each
 answer and stops.
@@ -9,6 +9,7 @@ answer and stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -66,10 +67,18 @@ def demo(memory: BlockingMemoryClient, n: int) -> None:
     print("\n".join(answers), flush=True)
 
 
+USAGE = "usage: examples/threaded_handler.py [PORT] | --demo THREADS"
+
 if __name__ == "__main__":
+    demo_mode = sys.argv[1:2] == ["--demo"]
+    number = sys.argv[2:3] if demo_mode else sys.argv[1:2]
+    if (demo_mode and not number) or (number and not number[0].isdigit()):
+        sys.exit(USAGE)
     with open_blocking_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as mem:
-        if sys.argv[1:2] == ["--demo"]:
-            demo(mem, int(sys.argv[2]))
+        if demo_mode:
+            demo(mem, int(number[0]))
         else:
-            port = int(sys.argv[1]) if len(sys.argv) > 1 else 8000
-            make_server("127.0.0.1", port, make_app(mem), ThreadingWSGIServer).serve_forever()
+            port = int(number[0]) if number else 8000
+            print(f"serving http://127.0.0.1:{port}/chat?session=S&text=T (Ctrl-C stops)")
+            with contextlib.suppress(KeyboardInterrupt):
+                make_server("127.0.0.1", port, make_app(mem), ThreadingWSGIServer).serve_forever()

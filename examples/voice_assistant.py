@@ -1,7 +1,7 @@
 """A minimal voice-assistant loop: each utterance is stored, the history read back, the
 answer stored. Utterances come from the command line (or stdin, one per line).
 
-    MEMORY_URL=mqtt://127.0.0.1:1883/mem python examples/voice_assistant.py kiosk-7 "hi"
+    MEMORY_URL=mqtt://127.0.0.1:1883/mem .venv/bin/python examples/voice_assistant.py kiosk-7 "hi"
 """
 
 from __future__ import annotations
@@ -29,4 +29,7 @@ async def main(convo: str, utterances: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2:] or [line.strip() for line in sys.stdin]))
+    if len(sys.argv) < 2:
+        sys.exit("usage: examples/voice_assistant.py CONVERSATION [UTTERANCE ...] (or on stdin)")
+    lines = sys.argv[2:] or [line.strip() for line in sys.stdin]
+    asyncio.run(main(sys.argv[1], [line for line in lines if line]))
