@@ -24,7 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker.constants import CONTENT_TYPE
 from worker.mqtt import Connection, Message
-from worker.packets import properties
+from worker.packets import ReplyProperties
 
 OK = b"\x81\xa2ok\xc3"
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -59,6 +59,7 @@ async def direct(host: str, port: int, prefix: str) -> None:
         inbox.append(msg)
         wake.set()
 
+    reply_props = ReplyProperties(CONTENT_TYPE)
     client = Connection(
         on_message,
         hostname=host,
@@ -76,8 +77,7 @@ async def direct(host: str, port: int, prefix: str) -> None:
             for msg in batch:
                 route = msg.response_topic
                 if route:
-                    props = properties(CONTENT_TYPE, msg.correlation)
-                    client.publish_packed(route, OK, msg.qos, False, props)
+                    client.publish_packed(route, OK, msg.qos, False, reply_props(msg.correlation))
                 if msg.qos:
                     client.acknowledge(msg.mid, msg.qos)
             client.flush()

@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker import packets
-from worker.packets import PUBACK, PUBLISH, Incoming, MalformedPacket
+from worker.packets import PUBACK, PUBLISH, Incoming
 
 Message = Incoming
 OnMessage = Callable[[Incoming], None]
@@ -218,12 +218,15 @@ class Connection(aiomqtt.Client):
                 data = b"".join(self._chunks)
                 self._chunks, self._chunked = [], 0
             self._rbuf = self._rbuf + data if self._rbuf else data
-            self._parse()
-            pending = getattr(sock, "pending", None)
-            if pending is not None and pending() and not self.paused:
-                self._loop.call_soon(self._read)  # TLS: decrypted bytes wake no epoll
+            self._handle_buffered()
         except Exception as exc:  # a broken socket, a malformed packet
             self._fail(exc)
+
+    def _handle_buffered(self) -> None:
+        self._parse()
+        pending = getattr(self._client._sock, "pending", None)
+        if pending is not None and pending() and not self.paused:
+            self._loop.call_soon(self._read)  # TLS: decrypted bytes wake no epoll
 
     @staticmethod
     def _more_tls(sock: Any) -> bytes:
@@ -309,6 +312,9 @@ class Connection(aiomqtt.Client):
 
     def _write(self, packet: bytes) -> None:
         self._out.append(packet)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -416,9 +422,8 @@ class Connection(aiomqtt.Client):
             self._queued.clear()  # paho's reconnect() dropped its unwritten packets
             self.written.set()
             self._release_waiting()
-            if self._out and not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self.flush)
+            if self._out:
+                self._flush_soon()
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -472,13 +477,9 @@ class Connection(aiomqtt.Client):
         if self.paused or self._client._sock is None:
             return
         try:
-            self._parse()
+            self._handle_buffered()
         except Exception as exc:
             self._fail(exc)
-            return
-        pending = getattr(self._client._sock, "pending", None)
-        if pending is not None and pending() and not self.paused:
-            self._loop.call_soon(self._read)
 
     async def wait_disconnected(self) -> None:
         await asyncio.shield(self._disconnected)
@@ -493,4 +494,4 @@ class Connection(aiomqtt.Client):
         self._topic_callbacks.pop(topic, None)
 
 
-__all__ = ["NODELAY", "Connection", "MalformedPacket", "Message", "PackedProperties"]
+__all__ = ["NODELAY", "Connection", "Message", "PackedProperties"]

@@ -153,13 +153,27 @@ def decode_publish(first: int, buf: bytes, start: int, end: int) -> Incoming:
     return Incoming(topic, buf[pend:end], qos, bool(first & 1), mid, response, correlation)
 
 
+class ReplyProperties:
+    """PUBLISH properties (length first) with one Content Type, encoded once; called with a
+    reply's Correlation Data, it appends that alone."""
+
+    __slots__ = ("_body", "plain")
+
+    def __init__(self, content_type: str) -> None:
+        ct = content_type.encode()
+        self._body = b"\x03" + len(ct).to_bytes(2, "big") + ct
+        self.plain = varint(len(self._body)) + self._body
+
+    def __call__(self, correlation: bytes | None = None) -> bytes:
+        if correlation is None:
+            return self.plain
+        body = self._body + b"\x09" + len(correlation).to_bytes(2, "big") + correlation
+        return varint(len(body)) + body
+
+
 def properties(content_type: str, correlation: bytes | None = None) -> bytes:
     """PUBLISH properties (length first): Content Type, and Correlation Data if given."""
-    ct = content_type.encode()
-    body = b"\x03" + len(ct).to_bytes(2, "big") + ct
-    if correlation is not None:
-        body += b"\x09" + len(correlation).to_bytes(2, "big") + correlation
-    return varint(len(body)) + body
+    return ReplyProperties(content_type)(correlation)
 
 
 def encode_publish(

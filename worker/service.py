@@ -40,7 +40,7 @@ from worker.mqtt import (
     subscribe_options,
     will,
 )
-from worker.packets import properties
+from worker.packets import ReplyProperties
 from worker.protocol import (
     Eviction,
     Parsed,
@@ -95,13 +95,12 @@ class Service:
         self._connection_made = asyncio.Event()
         self.status_topic = self.router.worker_topic(cfg.client_id, "status")
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
-        self._reply_props = properties(c.CONTENT_TYPE)
+        self._reply_props = ReplyProperties(c.CONTENT_TYPE)
         self.systemd = Notifier.from_environ(os.environ)
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
         self._loss_explained = False
         self._event_props = PackedProperties(content_type(cfg.event_format))
-        self._event_packed = self._event_props.packed
         self._sweep_kick = asyncio.Event()
         self._sweep_due = 0.0
 
@@ -532,13 +531,13 @@ class Service:
             stats.refused[parsed.refused.code] += 1
         if parsed.route is None:
             return
-        correlation = msg.correlation
-        props = (
-            self._reply_props if correlation is None else properties(c.CONTENT_TYPE, correlation)
-        )
         assert self._client is not None
         self._client.publish_packed(
-            parsed.route, encode_result(result, parsed), msg.qos, False, props
+            parsed.route,
+            encode_result(result, parsed),
+            msg.qos,
+            False,
+            self._reply_props(msg.correlation),
         )
 
     def _ack(self, gen: int, msg: Message) -> None:
@@ -550,7 +549,7 @@ class Service:
             return
         publish = self._client.publish_packed
         topic = self.router.evicted_topic
-        fmt, props = self.cfg.event_format, self._event_packed
+        fmt, props = self.cfg.event_format, self._event_props.packed
         for ev in evictions:
             self.stats.evictions[ev.reason] += 1
             publish(topic(ev.convo), encode_event(ev, fmt), 1, False, props)
@@ -637,4 +636,4 @@ class Service:
     def _publish_stats(self) -> None:
         if self._client is not None:
             body = encode(self.stats_body(), self.cfg.event_format)
-            self._client.publish_packed(self.stats_topic, body, 1, True, self._event_packed)
+            self._client.publish_packed(self.stats_topic, body, 1, True, self._event_props.packed)
