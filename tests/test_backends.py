@@ -6,6 +6,7 @@ Each test drives a backend through the same interface the service uses, on a fak
 from __future__ import annotations
 
 import math
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ from worker.protocol import (
     Turns,
 )
 from worker.store import Limits
+from worker.turns import expand_turns
 
 BACKENDS = ["memory", "sqlite", "redis", "cluster"]
 # The cluster backend runs this suite with one index shard, where its LRU is exact and the
@@ -588,3 +590,25 @@ async def test_next_expiry_tells_the_sweep_how_long_it_may_sleep(make: Make) -> 
     assert h.be.next_expiry() <= 0
     await h.expire()
     assert h.take() == [("a", "ttl", 1, 0)]
+
+
+async def test_an_sqlite_file_of_unpacked_turns_still_loads(tmp_path: Path) -> None:
+    """A file written before turns were packed (each turn the map a get returns) loads with
+    the same turns, and is written packed from then on."""
+    h = Harness("sqlite", Limits(ttl=0), tmp_path, Clock())
+    await h.be.open()
+    for content in ("one", "two", "three"):
+        await add(h, "a", content, role="assistant" if content == "two" else "user")
+    before = await turns(h, "a")
+    await h.be.close()
+    db = sqlite3.connect(tmp_path / "memory.db")
+    with db:
+        (blob,) = db.execute("SELECT turns FROM convos WHERE name = 'a'").fetchone()
+        maps = [expand_turns(t) for t in msgpack.unpackb(blob)]
+        db.execute("UPDATE convos SET turns = ? WHERE name = 'a'", (msgpack.packb(maps),))
+    db.close()
+    await h.reopen()
+    assert await turns(h, "a") == before
+    await add(h, "a", "four")
+    assert [t["content"] for t in await turns(h, "a")] == ["one", "two", "three", "four"]
+    await h.be.close()

@@ -46,6 +46,7 @@ def test_packed_turns_expand_to_what_a_get_returns(role: str, content: str, seq:
     turn = encode_turn(role, content, 1700000000.25, seq)
     assert expand_turns(packed + packed) == turn + turn
     assert repack_turn(turn) == packed
+    assert repack_turn(packed) == packed
     saved = 20 + (len(msgpack.packb(role)) - 1 if role in ROLE_CODES else 0)
     assert len(turn) - len(packed) == saved
 

@@ -119,11 +119,11 @@ class Convo:
         return Turns(n, expand_turns(self.turns[self._skip(self.count - n) :]))
 
     def turn_list(self) -> list[bytes]:
-        """The turns, each as the map a get returns (what SQLite persists)."""
+        """The packed turns, one by one (what SQLite persists)."""
         out, at, turns = [], 0, self.turns
         for _ in range(self.count):
             end = turn_end(turns, at)
-            out.append(expand_turns(turns[at:end]))
+            out.append(turns[at:end])
             at = end
         return out
 

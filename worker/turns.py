@@ -5,13 +5,13 @@ What a get returns for each turn is the msgpack map `encode_turn` makes: map hea
 which persists through it) keeps each turn as the msgpack array `pack_turn` makes, [role,
 content, ts, seq], a common role as a one-byte index: the same values without the four
 keys, 20 bytes less per turn (24 for "user"), expanded into maps when they are read
-(`expand_turns`, by slicing, never decoding).
-It keeps packed turns back to back and reads sizes and boundaries off the encoding
-(`turn_size`, `turn_end`). Redis keeps each turn as one list entry: a uint32 size (role +
-content bytes plus the turn overhead, for the budget), then the map a get returns with its
-seq as a uint32, since the script appends it once it knows it. worker/backends/redis.lua
-keeps its own copy of that entry layout; tests/test_turns.py checks that the two agree byte
-for byte.
+(`expand_turns`, by slicing, never decoding); SQLite files written before turns were packed
+hold the maps, which `repack_turn` packs on loading. The store keeps packed turns back to
+back and reads sizes and boundaries off the encoding (`turn_size`, `turn_end`). Redis keeps
+each turn as one list entry: a uint32 size (role + content bytes plus the turn overhead, for
+the budget), then the map a get returns with its seq as a uint32, since the script appends
+it once it knows it. worker/backends/redis.lua keeps its own copy of that entry layout;
+tests/test_turns.py checks that the two agree byte for byte.
 """
 
 from __future__ import annotations
@@ -116,7 +116,10 @@ def expand_turns(turns: bytes) -> bytes:
 
 
 def repack_turn(turn: bytes) -> bytes:
-    """A turn made by `encode_turn` (as SQLite persists them), packed as the store keeps it."""
+    """A turn as SQLite persisted it, packed as the store keeps it: files written before turns
+    were packed hold the maps `encode_turn` makes; later ones hold the packed turn itself."""
+    if turn[0] != _MAP_ROLE[0]:
+        return turn
     fields = msgpack.unpackb(turn)
     return pack_turn(fields["role"], fields["content"], fields["ts"], fields["seq"])
 
