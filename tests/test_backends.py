@@ -20,10 +20,12 @@ from worker.backends.cluster import ClusterBackend
 from worker.backends.memory import MemoryBackend
 from worker.backends.redis import RedisBackend
 from worker.backends.sqlite import SqliteBackend
-from worker.errors import TooLarge, WorkerError
+from worker.errors import Conflict, TooLarge, WorkerError
 from worker.protocol import (
     Append,
     Delete,
+    Event,
+    Eviction,
     Fields,
     Get,
     Items,
@@ -34,6 +36,7 @@ from worker.protocol import (
     StateGetAll,
     StateLoad,
     StateSave,
+    Summary,
     Turns,
 )
 from worker.store import Limits
@@ -63,6 +66,7 @@ class Harness:
         self.redis_url = redis_url
         self.prefix = f"t{uuid.uuid4().hex[:10]}"  # each harness its own keys in Redis
         self.events: list[tuple[str, str, int, int]] = []
+        self.trimmed: list[tuple[str, list[int], int]] = []  # (convo, seqs, summary_upto)
         self.be = self._new()
 
     def _new(self) -> Backend:
@@ -92,9 +96,17 @@ class Harness:
         self.be = self._new()
         await self.be.open()
 
+    def _note(self, events: list[Event]) -> None:
+        for e in events:
+            if isinstance(e, Eviction):
+                self.events.append((e.convo, e.reason, e.count, e.keys))
+            else:
+                seqs = [t["seq"] for t in Turns(e.count, e.turns).decoded()]
+                self.trimmed.append((e.convo, seqs, e.summary_upto))
+
     async def run(self, req: Request) -> Result:
-        results, evictions = await self.be.execute([req])
-        self.events += [(e.convo, e.reason, e.count, e.keys) for e in evictions]
+        results, events = await self.be.execute([req])
+        self._note(events)
         return results[0]
 
     async def ok(self, req: Request) -> Any:
@@ -104,8 +116,8 @@ class Harness:
         return result
 
     async def expire(self) -> bool:
-        more, evictions = await self.be.expire()
-        self.events += [(e.convo, e.reason, e.count, e.keys) for e in evictions]
+        more, events = await self.be.expire()
+        self._note(events)
         return more
 
     def take(self) -> list[tuple[str, str, int, int]]:
@@ -195,7 +207,7 @@ async def test_turns_carry_role_and_timestamp(make: Make) -> None:
     h = await make()
     await add(h, "c", "hello", role="assistant")
     assert await turns(h, "c") == [
-        {"role": "assistant", "content": "hello", "ts": h.clock.now, "seq": 1}
+        {"role": "assistant", "content": "hello", "ts": h.clock.now, "seq": 1, "tokens": 2}
     ]
 
 
@@ -604,11 +616,168 @@ async def test_an_sqlite_file_of_unpacked_turns_still_loads(tmp_path: Path) -> N
     db = sqlite3.connect(tmp_path / "memory.db")
     with db:
         (blob,) = db.execute("SELECT turns FROM convos WHERE name = 'a'").fetchone()
-        maps = [expand_turns(t) for t in msgpack.unpackb(blob)]
+        maps = []
+        for t in msgpack.unpackb(blob):
+            old = msgpack.unpackb(expand_turns(t)[0])
+            del old["tokens"]
+            maps.append(msgpack.packb(old))
         db.execute("UPDATE convos SET turns = ? WHERE name = 'a'", (msgpack.packb(maps),))
+        db.execute("ALTER TABLE convos DROP COLUMN summary")
     db.close()
     await h.reopen()
     assert await turns(h, "a") == before
     await add(h, "a", "four")
     assert [t["content"] for t in await turns(h, "a")] == ["one", "two", "three", "four"]
     await h.be.close()
+
+
+# --- tokens, budgets and summaries ------------------------------------------------------------
+
+
+async def window(h: Harness, convo: str, **kw: Any) -> Turns:
+    result = await h.ok(Get(convo, **kw))
+    assert isinstance(result, Turns)
+    return result
+
+
+async def summarize(h: Harness, convo: str, text: str, upto: int, base: int, **kw: Any) -> Any:
+    return await h.run(Summary(convo, text, upto, base, **kw))
+
+
+async def test_turns_carry_their_tokens_said_or_estimated(make: Make) -> None:
+    """A turn keeps the tokens its append said, or ceil(UTF-8 bytes / 4); get totals them."""
+    h = await make()
+    await add(h, "c", "x" * 9, tokens=2)
+    await add(h, "c", "é" * 5)  # 10 bytes: 3 tokens
+    await add(h, "c", "", tokens=0)
+    got = await window(h, "c")
+    assert [t["tokens"] for t in got.decoded()] == [2, 3, 0]
+    assert got.tokens == 5
+    assert got.summary is None
+
+
+async def test_max_tokens_returns_the_newest_whole_turns_that_fit(make: Make) -> None:
+    """The budget takes whole turns from the newest back and stops at the first that does not
+    fit; with last, both limits apply; a turn bigger than the budget returns nothing."""
+    h = await make(max_turns=10)
+    for i, tokens in enumerate([5, 1, 4, 3]):
+        await add(h, "c", f"m{i}", tokens=tokens)
+    got = await window(h, "c", max_tokens=7)
+    assert [t["content"] for t in got.decoded()] == ["m2", "m3"]
+    assert (got.count, got.tokens) == (2, 7)
+    assert [t["content"] for t in (await window(h, "c", max_tokens=8)).decoded()] == [
+        "m1",
+        "m2",
+        "m3",
+    ]
+    assert [t["content"] for t in (await window(h, "c", max_tokens=100, last=1)).decoded()] == [
+        "m3"
+    ]
+    nothing = await window(h, "c", max_tokens=2)
+    assert (nothing.count, nothing.tokens, nothing.decoded()) == (0, 0, [])
+
+
+async def test_a_summary_replaces_the_turns_it_covers(make: Make) -> None:
+    """A saved summary removes the turns with seq <= upto, and get returns it before the rest."""
+    h = await make(max_turns=10)
+    for i in range(5):
+        await add(h, "c", f"m{i}", tokens=10)
+    saved = await summarize(h, "c", "the first three", 3, 0, tokens=4)
+    assert isinstance(saved, Fields)
+    assert saved.fields == {"upto": 3, "dropped": 3}
+    got = await window(h, "c")
+    assert [t["seq"] for t in got.decoded()] == [4, 5]
+    assert got.summary == ("the first three", 3, 4)
+    assert got.tokens == 24
+    assert (await window(h, "c", summary=False)).summary is None
+    assert h.counts.turns == 2
+
+
+async def test_the_summary_counts_first_against_max_tokens(make: Make) -> None:
+    """The summary's tokens come off the budget first; alone over it, it comes without turns."""
+    h = await make(max_turns=10)
+    for _ in range(4):
+        await add(h, "c", "x", tokens=10)
+    await h.ok(Summary("c", "s", 1, 0, tokens=15))
+    got = await window(h, "c", max_tokens=35)
+    assert [t["seq"] for t in got.decoded()] == [3, 4]
+    assert got.tokens == 35
+    alone = await window(h, "c", max_tokens=14)
+    assert (alone.count, alone.summary, alone.tokens) == (0, ("s", 1, 15), 15)
+    unsummarized = await window(h, "c", max_tokens=14, summary=False)
+    assert [t["seq"] for t in unsummarized.decoded()] == [4]
+
+
+async def test_summary_compare_and_set_refuses_with_conflict(make: Make) -> None:
+    """A stale base, an upto out of range or a conversation that is not live is a conflict
+    carrying the current upto and newest seq; nothing changes."""
+    h = await make(max_turns=10)
+    for _ in range(4):
+        await add(h, "c")
+    await h.ok(Summary("c", "one", 2, 0))
+    for base, upto in ((0, 3), (1, 3), (2, 2), (2, 5)):
+        refused = await summarize(h, "c", "two", upto, base)
+        assert isinstance(refused, Conflict)
+        assert (refused.upto, refused.seq) == (2, 4)
+    gone = await summarize(h, "nobody", "x", 1, 0)
+    assert isinstance(gone, Conflict)
+    assert (gone.upto, gone.seq) == (0, 0)
+    assert await turns(h, "nobody") == []
+    assert (await h.ok(Summary("c", "two", 4, 2))).fields == {"upto": 4, "dropped": 2}
+    got = await window(h, "c")
+    assert (got.count, got.summary) == (0, ("two", 4, 1))
+
+
+async def test_the_summary_counts_in_the_budget_and_goes_with_the_conversation(
+    make: Make,
+) -> None:
+    """A summary costs its text plus the turn overhead; one that could never fit is too_large;
+    delete removes it, and the next append starts a conversation without one."""
+    h = await make(max_bytes=60, max_turns=10, turn_cost=5)
+    for _ in range(3):
+        await add(h, "c", "x" * 5, role="r")  # 1 + 11 each
+    assert isinstance(await summarize(h, "c", "y" * 60, 1, 0), TooLarge)
+    await h.ok(Summary("c", "y" * 20, 1, 0))
+    assert h.counts.bytes == 1 + 2 * 11 + 25
+    await h.ok(Delete("c"))
+    assert h.take() == [("c", "deleted", 2, 0)]
+    await add(h, "c")
+    assert (await window(h, "c")).summary is None
+    assert h.counts.bytes == 1 + len("user") + 1 + 5
+
+
+async def test_trimmed_events_announce_every_uncovered_turn_once(make: Make) -> None:
+    """With trimmed_events each turn that leaves the window (max_turns or the conversation's
+    own budget) is announced once with the summary's upto; covered turns and evictions not."""
+    h = await make(max_turns=2, max_bytes=40, trimmed_events=True)
+    for i in range(4):
+        await add(h, "c", f"m{i}")
+    assert h.trimmed == [("c", [1], 0), ("c", [2], 0)]
+    await h.ok(Summary("c", "s", 3, 0))
+    await add(h, "c", "x" * 30)  # the budget pushes out turn 4
+    assert h.trimmed[2:] == [("c", [4], 3)]
+    await h.ok(Delete("c"))
+    assert len(h.trimmed) == 3
+    quiet = await make(max_turns=1)
+    await add(quiet, "c")
+    await add(quiet, "c")
+    assert quiet.trimmed == []
+
+
+async def test_summary_survives_a_restart(durable: Harness) -> None:
+    """A saved summary and the turns' tokens are there after a restart."""
+    h = durable
+    for i in range(4):
+        await add(h, "c", f"m{i}", tokens=i)
+    await h.ok(Summary("c", "early", 2, 0, tokens=9))
+    before = await window(h, "c")
+    await h.reopen()
+    after = await window(h, "c")
+    assert (after.summary, after.tokens, after.decoded()) == (
+        before.summary,
+        before.tokens,
+        before.decoded(),
+    )
+    conflict = await summarize(h, "c", "again", 3, 0)
+    assert isinstance(conflict, Conflict)
+    assert conflict.upto == 2

@@ -203,11 +203,22 @@ def _roundtrip(result: Any, body: Any = None) -> Any:
 
 def test_turns_reply_is_a_plain_msgpack_map() -> None:
     """Pre-encoded turns are spliced into a reply any msgpack decoder reads."""
-    turns = [encode_turn("user", f"m{i}", 1.5, i) for i in range(1, 20)]
-    assert _roundtrip(Turns(len(turns), b"".join(turns)), {"id": b"\x01"}) == {
+    turns = [encode_turn("user", f"m{i}", 1.5, i, 2) for i in range(1, 20)]
+    assert _roundtrip(Turns(len(turns), b"".join(turns), 38), {"id": b"\x01"}) == {
         "ok": True,
         "id": b"\x01",
-        "turns": [{"role": "user", "content": f"m{i}", "ts": 1.5, "seq": i} for i in range(1, 20)],
+        "turns": [
+            {"role": "user", "content": f"m{i}", "ts": 1.5, "seq": i, "tokens": 2}
+            for i in range(1, 20)
+        ],
+        "tokens": 38,
+    }
+    with_summary = Turns(0, b"", 7, ("earlier", 4, 7))
+    assert _roundtrip(with_summary) == {
+        "ok": True,
+        "turns": [],
+        "tokens": 7,
+        "summary": {"text": "earlier", "upto": 4, "tokens": 7},
     }
 
 
@@ -266,7 +277,7 @@ def test_route_prefix_keeps_replies_in_the_conversation_s_own_space() -> None:
 )
 def test_turn_size_reads_the_encoding(role: str, content: str) -> None:
     """The byte count read off a stored turn equals its role and content in UTF-8."""
-    turn = pack_turn(role, content, 1.5, 2**40)
+    turn = pack_turn(role, content, 1.5, 2**40, 1_000_000)
     assert turn_size(turn) == len(role.encode()) + len(content.encode())
 
 

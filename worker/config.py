@@ -161,6 +161,17 @@ class _Flag:
         return c.ENV_PREFIX + self.dest.upper()
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _boolean(raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(raw)
+
+
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
 
 FLAGS: tuple[_Flag, ...] = (
@@ -176,6 +187,13 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-bytes", int, c.DEFAULT_MAX_BYTES, "budget on stored role+content+state bytes"),
     _Flag("max-payload-bytes", int, c.DEFAULT_MAX_PAYLOAD_BYTES, "largest request accepted"),
     _Flag("max-keys", int, c.DEFAULT_MAX_KEYS, "live state keys per conversation"),
+    _Flag(
+        "trimmed-events",
+        _boolean,
+        False,
+        "publish each turn that leaves a window without a summary on P/<convo>/trimmed "
+        "(for memory-summarizer)",
+    ),
     _Flag("backend", str, c.DEFAULT_BACKEND, FORMS),
     _Flag("stats-interval", float, c.DEFAULT_STATS_INTERVAL, "seconds between stats messages"),
     _Flag(
@@ -226,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
         "set as MEMORY_WORKER_<FLAG> in the environment (e.g. MEMORY_WORKER_MAX_TURNS).",
     )
     for flag in FLAGS:
+        if flag.default is False:  # a switch: --flag alone, or --flag false
+            parser.add_argument(
+                f"--{flag.name}",
+                dest=flag.dest,
+                default=None,
+                nargs="?",
+                const="true",
+                metavar="BOOL",
+                help=f"{flag.help} (default: off; env {flag.env}=1)",
+            )
+            continue
         parser.add_argument(
             f"--{flag.name}",
             dest=flag.dest,
@@ -273,6 +302,7 @@ def tls_context(
 
 
 _KIND_NAMES: dict[Callable[[str], object], str] = {
+    _boolean: "true or false",
     int: "an integer",
     float: "a number",
     str: "a string",

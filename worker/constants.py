@@ -37,12 +37,15 @@ MAX_TOPIC_BYTES: Final = 256
 
 WORKER_LEVEL: Final = "_worker"
 EVICTED: Final = "evicted"
+TRIMMED: Final = "trimmed"
+EVENT_LEAVES: Final = (EVICTED, TRIMMED)
 # P/_worker/<client-id>/<leaf>: what workers publish about themselves (probe: a start-up check).
 WORKER_LEAVES: Final = ("status", "stats", "probe")
 
 OP_APPEND: Final = "append"
 OP_GET: Final = "get"
 OP_DELETE: Final = "delete"
+OP_SUMMARY: Final = "summary"
 OP_STATE_SAVE: Final = "state/save"
 OP_STATE_LOAD: Final = "state/load"
 OP_STATE_GET_ALL: Final = "state/get_all"
@@ -51,6 +54,7 @@ OPERATIONS: Final = (
     OP_APPEND,
     OP_GET,
     OP_DELETE,
+    OP_SUMMARY,
     OP_STATE_SAVE,
     OP_STATE_LOAD,
     OP_STATE_GET_ALL,

@@ -6,6 +6,7 @@
     +-- TooLarge             payload, value, or key count over its limit
     +-- BadTopic             a conversation id or operation the contract does not allow
     +-- Unavailable          the storage engine cannot be reached in time
+    +-- Conflict             a summary whose base is not the current one (carries `upto`)
     +-- BadRoute             a reply route that must not be published to (never sent)
 ConfigError                  a flag or environment value is invalid (one-line message)
 """
@@ -21,6 +22,10 @@ class WorkerError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def details(self) -> dict[str, object]:
+        """Fields the error map carries besides `code` and `message`."""
+        return {}
 
 
 class BadPayload(WorkerError):
@@ -41,6 +46,21 @@ class BadTopic(WorkerError):
 
 class Unavailable(WorkerError):
     code = "unavailable"
+
+
+class Conflict(WorkerError):
+    """A summary refused by its compare-and-set: the error map carries the conversation's
+    current summary `upto` (0 without one) and its newest `seq` (0 when it is not live)."""
+
+    code = "conflict"
+
+    def __init__(self, message: str, upto: int, seq: int) -> None:
+        super().__init__(message)
+        self.upto = upto
+        self.seq = seq
+
+    def details(self) -> dict[str, object]:
+        return {"upto": self.upto, "seq": self.seq}
 
 
 class BadRoute(WorkerError):

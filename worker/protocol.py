@@ -19,6 +19,7 @@ import msgpack
 
 from worker import constants as c
 from worker.errors import BadPayload, BadRequest, BadRoute, BadTopic, TooLarge, WorkerError
+from worker.turns import MAX_TOKENS, estimate_tokens
 
 # What Mosquitto refuses in a topic name (it disconnects the publisher): control characters
 # (C0, DEL, C1) and Unicode non-characters. Wildcards are refused in names by MQTT itself.
@@ -77,12 +78,36 @@ class Append:
     role: str
     content: str
     id: Any = None
+    tokens: int | None = None  # None: estimated from the content
+
+    @property
+    def token_count(self) -> int:
+        return estimate_tokens(self.content) if self.tokens is None else self.tokens
 
 
 @dataclass(slots=True)
 class Get:
     convo: str
     last: int | None = None
+    max_tokens: int | None = None
+    summary: bool = True
+
+
+@dataclass(slots=True)
+class Summary:
+    """Save a conversation's summary, compare-and-set on its `upto`, dropping the turns it
+    covers."""
+
+    convo: str
+    text: str
+    upto: int
+    base: int
+    tokens: int | None = None
+    id: Any = None
+
+    @property
+    def token_count(self) -> int:
+        return estimate_tokens(self.text) if self.tokens is None else self.tokens
 
 
 @dataclass(slots=True)
@@ -120,7 +145,7 @@ class StateDelete:
     key: str
 
 
-Request = Append | Get | Delete | StateSave | StateLoad | StateGetAll | StateDelete
+Request = Append | Get | Delete | Summary | StateSave | StateLoad | StateGetAll | StateDelete
 
 
 @dataclass(slots=True)
@@ -143,10 +168,13 @@ class Parsed:
 
 @dataclass(slots=True)
 class Turns:
-    """A get's answer: `count` msgpack-encoded turns back to back, oldest first."""
+    """A get's answer: `count` msgpack-encoded turns back to back, oldest first, their
+    tokens and the summary's in all, and the summary (text, upto, tokens) when returned."""
 
     count: int
     data: bytes
+    tokens: int = 0
+    summary: tuple[str, int, int] | None = None
 
     def decoded(self) -> list[Any]:
         """The turns as maps (for tests and tools; the worker itself never decodes them)."""
@@ -184,6 +212,21 @@ class Eviction:
     count: int
     keys: int
     ts: float
+
+
+@dataclass(slots=True)
+class Trimmed:
+    """Turns that left a conversation's window without a summary covering them: `count`
+    turns as a get returns them, back to back, in seq order."""
+
+    convo: str
+    count: int
+    turns: bytes
+    summary_upto: int
+    ts: float
+
+
+Event = Eviction | Trimmed
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -226,6 +269,18 @@ def _check_id(value: Any) -> Any:
     return value
 
 
+def _int(body: dict[Any, Any], field: str, low: int, high: int | None = None) -> int | None:
+    """The optional integer `field` of `body`, in low..high, or None when absent (or nil)."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BadRequest(f"'{field}' must be an integer >= {low}")
+    if high is not None and value > high:
+        raise BadRequest(f"'{field}' must be an integer {low}-{high}")
+    return value
+
+
 def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
     if op == c.OP_APPEND:
         role, content = body.get("role"), body.get("content")
@@ -233,14 +288,33 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
             raise BadRequest(f"'role' must be a string of 1-{c.MAX_ROLE_CHARS} characters")
         if not isinstance(content, str):
             raise BadRequest("'content' must be a string")
-        return Append(convo, role, content, None if req_id is _MISSING else req_id)
+        tokens = _int(body, "tokens", 0, MAX_TOKENS) if "tokens" in body else None
+        return Append(convo, role, content, None if req_id is _MISSING else req_id, tokens)
     if op == c.OP_GET:
-        last = body.get("last")
-        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
-            raise BadRequest("'last' must be an integer >= 1")
-        return Get(convo, last)
+        last = _int(body, "last", 1)
+        if "max_tokens" not in body and "summary" not in body:
+            return Get(convo, last)
+        summary = body.get("summary", True)
+        if not isinstance(summary, bool):
+            raise BadRequest("'summary' must be true or false")
+        return Get(convo, last, _int(body, "max_tokens", 1), summary)
     if op == c.OP_DELETE:
         return Delete(convo)
+    if op == c.OP_SUMMARY:
+        text = body.get("text")
+        if not isinstance(text, str):
+            raise BadRequest("'text' must be a string")
+        upto, base = _int(body, "upto", 1), _int(body, "base", 0)
+        if upto is None or base is None:
+            raise BadRequest("'upto' (>= 1) and 'base' (>= 0) are required")
+        return Summary(
+            convo,
+            text,
+            upto,
+            base,
+            _int(body, "tokens", 0, MAX_TOKENS),
+            None if req_id is _MISSING else req_id,
+        )
     ns = _name(body, "ns")
     if op == c.OP_STATE_GET_ALL:
         return StateGetAll(convo, ns)
@@ -316,10 +390,13 @@ class Router:
             client_id, sep, leaf = rest[len(self._worker_level) :].rpartition("/")
             return bool(sep and client_id) and leaf in c.WORKER_LEAVES
         convo, sep, leaf = rest.partition("/")
-        return bool(sep) and leaf == c.EVICTED and "/" not in convo
+        return bool(sep) and leaf in c.EVENT_LEAVES and "/" not in convo
 
     def evicted_topic(self, convo: str) -> str:
         return f"{self._head}{convo}/{c.EVICTED}"
+
+    def trimmed_topic(self, convo: str) -> str:
+        return f"{self._head}{convo}/{c.TRIMMED}"
 
     def worker_topic(self, client_id: str, leaf: str) -> str:
         return f"{self._head}{c.WORKER_LEVEL}/{client_id}/{leaf}"
@@ -408,6 +485,8 @@ _ITEMS_KEY: Final = _packb("items")
 _ID_KEY: Final = _packb("id")
 _FOUND_KEY: Final = _packb("found")
 _VALUE_KEY: Final = _packb("value")
+_TOKENS_KEY: Final = _packb("tokens")
+_SUMMARY_KEY: Final = _packb("summary")
 _NIL: Final = _packb(None)
 
 
@@ -434,14 +513,22 @@ def encode_result(result: Result, parsed: Parsed) -> bytes:
     if isinstance(result, WorkerError):
         return _packb(_error_body(result, parsed))
     if isinstance(result, Turns):
+        summary = b""
+        if result.summary is not None:
+            text, upto, tokens = result.summary
+            summary = _SUMMARY_KEY + _packb({"text": text, "upto": upto, "tokens": tokens})
+            extra += 1
         return b"".join(
             (
-                _map_header(2 + extra),
+                _map_header(3 + extra),
                 _OK_TRUE,
                 id_part,
                 _TURNS_KEY,
                 _array_header(result.count),
                 result.data,
+                _TOKENS_KEY,
+                _packb(result.tokens),
+                summary,
             )
         )
     if isinstance(result, Items):
@@ -475,7 +562,8 @@ def encode_result(result: Result, parsed: Parsed) -> bytes:
 
 
 def _error_body(error: WorkerError, parsed: Parsed) -> dict[str, Any]:
-    body: dict[str, Any] = {"ok": False, "error": {"code": error.code, "message": error.message}}
+    details = {"code": error.code, "message": error.message, **error.details()}
+    body: dict[str, Any] = {"ok": False, "error": details}
     if parsed.has_id:
         body["id"] = parsed.req_id
     return body
@@ -508,6 +596,37 @@ def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
     )
 
 
+_TRIMMED_HEAD: Final = _map_header(4) + _packb("convo")
+_TRIMMED_TURNS: Final = _packb("turns")
+_TRIMMED_REST: Final = _packb("summary_upto")
+_TS_KEY: Final = _packb("ts")
+
+
+def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
+    """The P/<convo>/trimmed event: in msgpack the turns are spliced in as stored."""
+    if fmt == c.FORMAT_JSON:
+        body = {
+            "convo": ev.convo,
+            "turns": _unpack_all(ev.turns),
+            "summary_upto": ev.summary_upto,
+            "ts": ev.ts,
+        }
+        return encode(body, fmt)
+    return b"".join(
+        (
+            _TRIMMED_HEAD,
+            _packb(ev.convo),
+            _TRIMMED_TURNS,
+            _array_header(ev.count),
+            ev.turns,
+            _TRIMMED_REST,
+            _packb(ev.summary_upto),
+            _TS_KEY,
+            _packb(ev.ts),
+        )
+    )
+
+
 @dataclass
 class Stats:
     """Counters for the stats topic, since `started` (a time.monotonic() reading)."""
@@ -519,6 +638,8 @@ class Stats:
     evictions: Counter[str] = field(default_factory=Counter)
     ignored_retained: int = 0
     taken_over: int = 0
+    summaries: int = 0
+    trimmed: int = 0
 
 
 class _Counts(Protocol):
@@ -586,6 +707,8 @@ def stats_payload(
         "refused": dict(stats.refused),
         "ignored_retained": stats.ignored_retained,
         "taken_over": stats.taken_over,
+        "summaries": stats.summaries,
+        "trimmed": stats.trimmed,
         "evictions": dict(stats.evictions),
         "uptime": round(now - stats.started, 3),
         "ts": ts,

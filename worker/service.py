@@ -42,17 +42,21 @@ from worker.mqtt import (
 )
 from worker.packets import ReplyProperties
 from worker.protocol import (
+    Event,
     Eviction,
+    Fields,
     Parsed,
     Request,
     Result,
     Router,
     Stats,
+    Summary,
     content_type,
     decode_event,
     encode,
     encode_event,
     encode_result,
+    encode_trimmed,
     ha_discovery,
     stats_payload,
     status_payload,
@@ -499,7 +503,7 @@ class Service:
                 requests.append(parsed.request)
         stats.requests += len(todo)
         results: list[Result]
-        evictions: list[Eviction]
+        evictions: list[Event]
         try:
             results, evictions = await self.backend.execute(requests) if requests else ([], [])
         except WorkerError as exc:
@@ -527,6 +531,8 @@ class Service:
         stats = self.stats
         if isinstance(result, WorkerError):
             stats.errors[result.code] += 1
+        elif isinstance(parsed.request, Summary) and isinstance(result, Fields):
+            stats.summaries += 1
         if parsed.refused is not None:
             stats.refused[parsed.refused.code] += 1
         if parsed.route is None:
@@ -544,15 +550,19 @@ class Service:
         if msg.qos and gen == self._generation and self._client is not None:
             self._client.acknowledge(msg.mid, msg.qos)
 
-    def _announce(self, evictions: list[Eviction]) -> None:
-        if not evictions or self._client is None:
+    def _announce(self, events: list[Event]) -> None:
+        if not events or self._client is None:
             return
         publish = self._client.publish_packed
-        topic = self.router.evicted_topic
+        router = self.router
         fmt, props = self.cfg.event_format, self._event_props.packed
-        for ev in evictions:
-            self.stats.evictions[ev.reason] += 1
-            publish(topic(ev.convo), encode_event(ev, fmt), 1, False, props)
+        for ev in events:
+            if isinstance(ev, Eviction):
+                self.stats.evictions[ev.reason] += 1
+                publish(router.evicted_topic(ev.convo), encode_event(ev, fmt), 1, False, props)
+            else:
+                self.stats.trimmed += ev.count
+                publish(router.trimmed_topic(ev.convo), encode_trimmed(ev, fmt), 1, False, props)
 
     # --- background work ------------------------------------------------------------------
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from worker import constants as c
-from worker.errors import BadRequest, TooLarge, WorkerError
+from worker.errors import BadRequest, Conflict, TooLarge, WorkerError
 from worker.protocol import (
     Append,
     Delete,
+    Event,
     Eviction,
     Fields,
     Get,
@@ -33,9 +34,11 @@ from worker.protocol import (
     StateGetAll,
     StateLoad,
     StateSave,
+    Summary,
+    Trimmed,
     Turns,
 )
-from worker.turns import expand_turns, pack_turn, repack_turn, turn_end, turn_size
+from worker.turns import expand_turns, pack_turn, repack_turn, turn_end, turn_marks, turn_size
 
 NO_DEADLINE: Final = float("inf")
 
@@ -59,6 +62,8 @@ class Limits:
     id_byte_cost: int = c.ID_BYTE_COST
     turn_cost: int = c.TURN_COST
     key_cost: int = c.KEY_COST
+    # Announce each turn that leaves a window uncovered by a summary (--trimmed-events).
+    trimmed_events: bool = False
 
 
 def base_cost(limits: Limits, name: str) -> int:
@@ -75,19 +80,31 @@ class Convo:
     (boundaries are read off the encoding, `turn_end`, rather than kept).
     """
 
-    __slots__ = ("count", "deadline", "ids", "nbytes", "nkeys", "sbytes", "seq", "state", "turns")
+    __slots__ = (
+        "count",
+        "deadline",
+        "ids",
+        "nbytes",
+        "nkeys",
+        "sbytes",
+        "seq",
+        "state",
+        "summary",
+        "turns",
+    )
 
     def __init__(self) -> None:
         self.turns = b""
         self.count = 0
         self.seq = 0
-        self.nbytes = 0  # its base cost, turns and state
-        self.sbytes = 0  # state alone
+        self.nbytes = 0  # its base cost, turns, state and summary
+        self.sbytes = 0  # state and summary: what dropping turns cannot free
         self.nkeys = 0
         self.deadline = NO_DEADLINE
         # ns -> key -> (msgpack value, monotonic deadline or NO_DEADLINE)
         self.state: dict[str, dict[str, tuple[bytes, float]]] | None = None
         self.ids: dict[Any, dict[str, Any]] | None = None
+        self.summary: tuple[str, int, int] | None = None  # (text, upto, tokens)
 
     def _skip(self, n: int) -> int:
         """Offset of the turn after the n oldest."""
@@ -113,10 +130,40 @@ class Convo:
         self.count -= 1
         return turn
 
-    def last(self, n: int | None) -> Turns:
-        if n is None or n >= self.count:
-            return Turns(self.count, expand_turns(self.turns))
-        return Turns(n, expand_turns(self.turns[self._skip(self.count - n) :]))
+    def drop_upto(self, upto: int) -> list[bytes]:
+        """Drop the turns with seq <= upto; returns them."""
+        turns, dropped, cut = self.turns, [], 0
+        for at, seq, _ in turn_marks(turns):
+            if seq > upto:
+                break
+            cut = turn_end(turns, at)
+            dropped.append(turns[at:cut])
+        self.turns = turns[cut:]
+        self.count -= len(dropped)
+        return dropped
+
+    def last(
+        self, n: int | None, max_tokens: int | None = None, with_summary: bool = True
+    ) -> Turns:
+        """The newest `n` turns (all: None) that fit `max_tokens` with the summary."""
+        summary = self.summary if with_summary else None
+        extra = summary[2] if summary is not None else 0
+        if max_tokens is not None:
+            turns, budget, start, count = self.turns, max_tokens - extra, len(self.turns), 0
+            marks = turn_marks(turns)
+            for at, _, tokens in reversed(marks[-n:] if n else marks):
+                if tokens > budget:
+                    break
+                budget -= tokens
+                start, count = at, count + 1
+            data, total = expand_turns(turns[start:])
+        elif n is None or n >= self.count:
+            count = self.count
+            data, total = expand_turns(self.turns)
+        else:
+            count = n
+            data, total = expand_turns(self.turns[self._skip(self.count - n) :])
+        return Turns(count, data, total + extra, summary)
 
     def turn_list(self) -> list[bytes]:
         """The packed turns, one by one (what SQLite persists)."""
@@ -152,7 +199,7 @@ class Store:
         self._wall = wall
         self._convos: OrderedDict[str, Convo] = OrderedDict()
         self._key_heap: list[tuple[float, str, str, str]] = []
-        self.evictions: list[Eviction] = []
+        self.evictions: list[Event] = []  # and Trimmed events, with limits.trimmed_events
         self.dirty: set[str] | None = None
         self.touched: dict[str, None] = {}  # in order of use, most recent last
         self.turns = 0
@@ -175,7 +222,7 @@ class Store:
     def get_convo(self, convo: str) -> Convo | None:
         return self._convos.get(convo)
 
-    def take_evictions(self) -> list[Eviction]:
+    def take_evictions(self) -> list[Event]:
         out, self.evictions = self.evictions, []
         return out
 
@@ -191,6 +238,8 @@ class Store:
                     return self.get(req)
                 case Delete():
                     return self.delete(req)
+                case Summary():
+                    return self.summary(req)
                 case StateSave():
                     return self.state_save(req)
                 case StateLoad():
@@ -219,18 +268,15 @@ class Store:
         if cv is None:
             cv = self._create(name, now)
         cv.seq += 1
-        turn = pack_turn(req.role, req.content, self._wall(), cv.seq)
+        turn = pack_turn(req.role, req.content, self._wall(), cv.seq, req.token_count)
         over = max(0, cv.count + 1 - lim.max_turns)
-        for dropped in cv.add_turn(turn, over):
-            size -= turn_size(dropped) + lim.turn_cost
+        dropped = cv.add_turn(turn, over)
+        for old in dropped:
+            size -= turn_size(old) + lim.turn_cost
         self.turns += 1 - over
         cv.nbytes += size
         self.bytes += size
-        while cv.nbytes > lim.max_bytes and cv.count > 1:
-            dropped_size = turn_size(cv.drop_oldest()) + lim.turn_cost
-            cv.nbytes -= dropped_size
-            self.bytes -= dropped_size
-            self.turns -= 1
+        self._trim_own(name, cv, 1, dropped)
         return self._done(name, cv, now, req.id, {"seq": cv.seq, "count": cv.count})
 
     def get(self, req: Get) -> Turns:
@@ -239,7 +285,38 @@ class Store:
         if cv is None:
             return Turns(0, b"")
         self._touch(req.convo, cv, now)
-        return cv.last(req.last)
+        return cv.last(req.last, req.max_tokens, req.summary)
+
+    def summary(self, req: Summary) -> Fields:
+        now = self._clock()
+        name = req.convo
+        cv = self._live(name, now)
+        if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
+            return self._done(name, cv, now, None, cv.ids[req.id])
+        current = cv.summary[1] if cv is not None and cv.summary else 0
+        if cv is None:
+            raise Conflict("the conversation is not live", 0, 0)
+        if req.base != current:
+            raise Conflict(f"the summary's upto is {current}, not base {req.base}", current, cv.seq)
+        if not req.base < req.upto <= cv.seq:
+            raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq)
+        lim = self.limits
+        size = len(req.text.encode("utf-8", "surrogatepass")) + lim.turn_cost
+        old = self._summary_size(cv)
+        if size + self._base(name) + cv.sbytes - old > lim.max_bytes:
+            raise TooLarge(
+                f"the summary ({size} bytes with its overhead) does not fit in --max-bytes "
+                f"{lim.max_bytes}"
+            )
+        covered = cv.drop_upto(req.upto)
+        freed = sum(turn_size(t) + lim.turn_cost for t in covered)
+        self.turns -= len(covered)
+        cv.summary = (req.text, req.upto, req.token_count)
+        cv.sbytes += size - old
+        cv.nbytes += size - old - freed
+        self.bytes += size - old - freed
+        self._trim_own(name, cv, 0, [])
+        return self._done(name, cv, now, req.id, {"upto": req.upto, "dropped": len(covered)})
 
     def delete(self, req: Delete) -> Fields:
         cv = self._live(req.convo, self._clock())
@@ -359,6 +436,7 @@ class Store:
         state: dict[str, dict[str, tuple[bytes, float]]],
         deadline: float,
         ids: dict[Any, dict[str, Any]],
+        summary: tuple[str, int, int] | None = None,
     ) -> None:
         """Put back a conversation read from storage (`turns` as `turn_list` gave them); call
         in order of last use."""
@@ -367,6 +445,8 @@ class Store:
         cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
         cv.count = len(kept)
         cv.ids = ids or None
+        cv.summary = summary
+        cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
             for key, (value, key_deadline) in keys.items():
@@ -397,6 +477,27 @@ class Store:
     def _base(self, name: str) -> int:
         """What a conversation costs the budget before its turns and keys."""
         return base_cost(self.limits, name)
+
+    def _summary_size(self, cv: Convo) -> int:
+        if cv.summary is None:
+            return 0
+        return len(cv.summary[0].encode("utf-8", "surrogatepass")) + self.limits.turn_cost
+
+    def _trim_own(self, name: str, cv: Convo, keep: int, dropped: list[bytes]) -> None:
+        """Drop the oldest turns while the conversation alone is over --max-bytes (keeping
+        `keep`), and announce them with the `dropped` ones when --trimmed-events is on."""
+        lim = self.limits
+        while cv.nbytes > lim.max_bytes and cv.count > keep:
+            turn = cv.drop_oldest()
+            dropped_size = turn_size(turn) + lim.turn_cost
+            cv.nbytes -= dropped_size
+            self.bytes -= dropped_size
+            self.turns -= 1
+            dropped.append(turn)
+        if dropped and lim.trimmed_events:
+            data, _ = expand_turns(b"".join(dropped))
+            upto = cv.summary[1] if cv.summary else 0
+            self.evictions.append(Trimmed(name, len(dropped), data, upto, self._wall()))
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost

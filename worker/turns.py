@@ -1,17 +1,19 @@
 """The stored-turn byte layouts, in one place (pure; no I/O).
 
 What a get returns for each turn is the msgpack map `encode_turn` makes: map header,
-"role", role, "content", content, "ts", float64, "seq", uint. The memory store (and SQLite,
-which persists through it) keeps each turn as the msgpack array `pack_turn` makes, [role,
-content, ts, seq], a common role as a one-byte index: the same values without the four
-keys, 20 bytes less per turn (24 for "user"), expanded into maps when they are read
-(`expand_turns`, by slicing, never decoding); SQLite files written before turns were packed
-hold the maps, which `repack_turn` packs on loading. The store keeps packed turns back to
-back and reads sizes and boundaries off the encoding (`turn_size`, `turn_end`). Redis keeps
-each turn as one list entry: a uint32 size (role + content bytes plus the turn overhead, for
-the budget), then the map a get returns with its seq as a uint32, since the script appends
-it once it knows it. worker/backends/redis.lua keeps its own copy of that entry layout;
-tests/test_turns.py checks that the two agree byte for byte.
+"role", role, "content", content, "ts", float64, "seq", uint, "tokens", uint. The memory
+store (and SQLite, which persists through it) keeps each turn as the msgpack array
+`pack_turn` makes, [role, content, ts, seq, tokens], a common role as a one-byte index: the
+same values without the five keys, 27 bytes less per turn (31 for "user"), expanded into
+maps when they are read (`expand_turns`, by slicing, never decoding); SQLite files written
+before turns were packed hold the maps, and before turns had tokens the four-field arrays,
+which `repack_turn` packs on loading. The store keeps packed turns back to back and reads
+sizes, boundaries, seqs and tokens off the encoding (`turn_size`, `turn_end`,
+`turn_marks`). Redis keeps each turn as one list entry: a uint32 size (role + content bytes
+plus the turn overhead, for the budget), then the map a get returns with its tokens and seq
+as uint32s, tokens before seq, since the script appends the seq once it knows it: both sit at
+fixed offsets from the entry's end. worker/backends/redis.lua keeps its own copy of that
+entry layout; tests/test_turns.py checks that the two agree byte for byte.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from typing import Final
 import msgpack
 
 _packb = msgpack.packb
-_HEAD_KEYS: Final = (_packb("role"), _packb("content"), _packb("ts"), _packb("seq"))
+_HEAD_KEYS: Final = (
+    _packb("role"),
+    _packb("content"),
+    _packb("ts"),
+    _packb("seq"),
+    _packb("tokens"),
+)
 _UINT_WIDTH: Final = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
-_MAP_ROLE: Final = b"\x84" + _HEAD_KEYS[0]
-_CONTENT, _TS, _SEQ = _HEAD_KEYS[1:]
+_MAP_ROLE: Final = b"\x85" + _HEAD_KEYS[0]
+_CONTENT, _TS, _SEQ, _TOKENS = _HEAD_KEYS[1:]
+_PACKED: Final = 0x95  # the array header of a packed turn; 0x94 before turns had tokens
+# The largest token count a turn or summary may carry (the contract's limit).
+MAX_TOKENS: Final = 1_000_000
 # Roles a packed turn names by their index (a one-byte msgpack int) instead of their string.
 ROLE_CODES: Final = ("user", "assistant", "system", "tool")
 _ROLE_INDEX: Final = {role: i for i, role in enumerate(ROLE_CODES)}
@@ -33,17 +44,24 @@ _HEADS: Final = tuple(_MAP_ROLE + _packb(role) + _CONTENT for role in ROLE_CODES
 _ROLE_BYTES: Final = tuple(len(role.encode()) for role in ROLE_CODES)
 # Bytes before the turn in a Redis list entry (its size, a uint32).
 REDIS_SIZE_BYTES: Final = 4
+# Where a Redis entry's tokens (uint32) start, counted from its end: tokens, "seq", 0xCE, seq.
+REDIS_TOKENS_FROM_END: Final = 4 + len(_SEQ) + 1 + 4
 
 
-def encode_turn(role: str, content: str, ts: float, seq: int) -> bytes:
-    """A turn as a get returns it: the msgpack map of its four fields."""
-    return _packb({"role": role, "content": content, "ts": float(ts), "seq": seq})
+def estimate_tokens(content: str) -> int:
+    """The contract's estimate when a device does not say: ceil(UTF-8 bytes / 4)."""
+    return (len(content.encode("utf-8", "surrogatepass")) + 3) // 4
 
 
-def pack_turn(role: str, content: str, ts: float, seq: int) -> bytes:
-    """A turn as the memory store keeps it: the msgpack array [role, content, ts, seq], with
-    a role of ROLE_CODES as its index."""
-    return _packb((_ROLE_INDEX.get(role, role), content, float(ts), seq))
+def encode_turn(role: str, content: str, ts: float, seq: int, tokens: int) -> bytes:
+    """A turn as a get returns it: the msgpack map of its five fields."""
+    return _packb({"role": role, "content": content, "ts": float(ts), "seq": seq, "tokens": tokens})
+
+
+def pack_turn(role: str, content: str, ts: float, seq: int, tokens: int) -> bytes:
+    """A turn as the memory store keeps it: the msgpack array [role, content, ts, seq,
+    tokens], with a role of ROLE_CODES as its index."""
+    return _packb((_ROLE_INDEX.get(role, role), content, float(ts), seq, tokens))
 
 
 def content_size(role: str, content: str) -> int:
@@ -60,6 +78,15 @@ def _str_at(data: bytes, at: int) -> tuple[int, int]:
     return int.from_bytes(data[at + 1 : at + 1 + width], "big"), 1 + width
 
 
+def _uint_at(data: bytes, at: int) -> tuple[int, int]:
+    """(value, where it ends) of the msgpack uint that starts at `at`."""
+    first = data[at]
+    if first < 0x80:
+        return first, at + 1
+    width = _UINT_WIDTH[first]
+    return int.from_bytes(data[at + 1 : at + width], "big"), at + width
+
+
 def _content_at(turns: bytes, at: int) -> tuple[int, int]:
     """(role bytes, where the content starts) of the packed turn that starts at `at`."""
     code = turns[at + 1]
@@ -72,27 +99,44 @@ def _content_at(turns: bytes, at: int) -> tuple[int, int]:
 def turn_size(turn: bytes) -> int:
     """Role plus content bytes of a turn made by `pack_turn`, read off its headers (the
     budget needs it each time a turn is dropped; decoding would cost three times as much).
-    Layout: array header, role (str or index), content, float64, uint."""
+    Layout: array header, role (str or index), content, float64, uint, uint."""
     role, at = _content_at(turn, 0)
     content, _ = _str_at(turn, at)
     return role + content
 
 
+def _seq_at(turns: bytes, at: int) -> int:
+    """Where the seq of the packed turn that starts at `at` starts."""
+    _, at = _content_at(turns, at)
+    content, head = _str_at(turns, at)
+    return at + head + content + 9
+
+
 def turn_end(turns: bytes, at: int) -> int:
     """Where the turn made by `pack_turn` that starts at `at` ends: the store keeps turns
     back to back and finds their boundaries this way instead of keeping their lengths."""
-    _, at = _content_at(turns, at)
-    content, head = _str_at(turns, at)
-    at += head + content + 9
-    first = turns[at]
-    return at + (1 if first < 0x80 else _UINT_WIDTH[first])
+    _, at = _uint_at(turns, _seq_at(turns, at))
+    return _uint_at(turns, at)[1]
 
 
-def expand_turns(turns: bytes) -> bytes:
-    """Packed turns back to back, as the maps a get returns back to back: the four keys put
-    back between slices of the packed values (no decoding, no re-encoding of the content)."""
+def turn_marks(turns: bytes) -> list[tuple[int, int, int]]:
+    """(start, seq, tokens) of each of packed turns back to back, oldest first."""
+    out, at, end = [], 0, len(turns)
+    while at < end:
+        seq, after = _uint_at(turns, _seq_at(turns, at))
+        tokens, nxt = _uint_at(turns, after)
+        out.append((at, seq, tokens))
+        at = nxt
+    return out
+
+
+def expand_turns(turns: bytes) -> tuple[bytes, int]:
+    """Packed turns back to back, as the maps a get returns back to back, and their tokens in
+    all: the five keys put back between slices of the packed values (no decoding, no
+    re-encoding of the content)."""
     out: list[bytes] = []
     add = out.extend
+    total = 0
     at, end = 0, len(turns)
     while at < end:
         code = turns[at + 1]
@@ -110,24 +154,81 @@ def expand_turns(turns: bytes) -> bytes:
             ts_at = content_at + width + content
         seq_at = ts_at + 9
         first = turns[seq_at]
-        at = seq_at + 1 if first < 0x80 else seq_at + _UINT_WIDTH[first]
-        add((head, turns[content_at:ts_at], _TS, turns[ts_at:seq_at], _SEQ, turns[seq_at:at]))
-    return b"".join(out)
+        tokens_at = seq_at + 1 if first < 0x80 else seq_at + _UINT_WIDTH[first]
+        first = turns[tokens_at]
+        if first < 0x80:
+            at = tokens_at + 1
+            total += first
+        else:
+            at = tokens_at + _UINT_WIDTH[first]
+            total += int.from_bytes(turns[tokens_at + 1 : at], "big")
+        add(
+            (
+                head,
+                turns[content_at:ts_at],
+                _TS,
+                turns[ts_at:seq_at],
+                _SEQ,
+                turns[seq_at:tokens_at],
+                _TOKENS,
+                turns[tokens_at:at],
+            )
+        )
+    return b"".join(out), total
 
 
 def repack_turn(turn: bytes) -> bytes:
     """A turn as SQLite persisted it, packed as the store keeps it: files written before turns
-    were packed hold the maps `encode_turn` makes; later ones hold the packed turn itself."""
-    if turn[0] != _MAP_ROLE[0]:
+    were packed hold the maps `encode_turn` makes (without tokens), files written before turns
+    had tokens the four-field arrays; later ones hold the packed turn itself."""
+    if turn[0] == _PACKED:
         return turn
     fields = msgpack.unpackb(turn)
-    return pack_turn(fields["role"], fields["content"], fields["ts"], fields["seq"])
+    if isinstance(fields, dict):
+        role, content, ts, seq = fields["role"], fields["content"], fields["ts"], fields["seq"]
+    else:
+        role, content, ts, seq = fields
+        role = ROLE_CODES[role] if isinstance(role, int) else role
+    return pack_turn(role, content, ts, seq, estimate_tokens(content))
 
 
-def turn_head(role: str, content: str, ts: float) -> bytes:
+def turn_head(role: str, content: str, ts: float, tokens: int) -> bytes:
     """A turn encoded up to its seq, which the Redis script appends as a uint32."""
-    r, co, t, s = _HEAD_KEYS
-    return b"".join((b"\x84", r, _packb(role), co, _packb(content), t, _packb(ts), s, b"\xce"))
+    r, co, t, s, to = _HEAD_KEYS
+    return b"".join(
+        (
+            b"\x85",
+            r,
+            _packb(role),
+            co,
+            _packb(content),
+            t,
+            _packb(ts),
+            to,
+            b"\xce",
+            tokens.to_bytes(4, "big"),
+            s,
+            b"\xce",
+        )
+    )
+
+
+def redis_tokens(entry: bytes) -> int:
+    """The tokens of a Redis list entry, read at their fixed place from its end."""
+    if entry[REDIS_SIZE_BYTES] != 0x85:  # stored before turns had tokens
+        return estimate_tokens(msgpack.unpackb(entry[REDIS_SIZE_BYTES:])["content"])
+    at = len(entry) - REDIS_TOKENS_FROM_END
+    return int.from_bytes(entry[at : at + 4], "big")
+
+
+def redis_turn(entry: bytes) -> bytes:
+    """The turn a get returns from a Redis list entry: the entry without its size. An entry
+    stored before turns had tokens gets them, estimated."""
+    if entry[REDIS_SIZE_BYTES] == 0x85:
+        return entry[REDIS_SIZE_BYTES:]
+    fields = msgpack.unpackb(entry[REDIS_SIZE_BYTES:])
+    fields["tokens"] = estimate_tokens(fields["content"])
+    return _packb(fields)
 
 
 def redis_entry(size: int, head: bytes, seq: int) -> bytes:

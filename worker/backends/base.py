@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker import constants as c
-from worker.protocol import Eviction, Request, Result
+from worker.protocol import Event, Request, Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +40,12 @@ class Backend(ABC):
         """Flush and release everything; the backend is unusable afterwards."""
 
     @abstractmethod
-    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
-        """Apply requests in order: one result each, plus every eviction they caused."""
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
+        """Apply requests in order: one result each, plus every event they caused (evictions,
+        and trimmed turns with --trimmed-events)."""
 
     @abstractmethod
-    async def expire(self) -> tuple[bool, list[Eviction]]:
+    async def expire(self) -> tuple[bool, list[Event]]:
         """Expire a bounded amount of what is due: (more is due, evictions)."""
 
     def next_expiry(self) -> float:

@@ -27,9 +27,9 @@ from redis.exceptions import NoScriptError
 from worker import constants as c
 from worker.backend_url import BackendUrl, parse_backend_url
 from worker.backends.base import Counts
-from worker.backends.redis import DEFAULT_TIMEOUT, SCRIPT, RedisBackend, _result
+from worker.backends.redis import DEFAULT_TIMEOUT, SCRIPT, RedisBackend, _reply, _result
 from worker.errors import ConfigError, Unavailable
-from worker.protocol import Eviction, Request, Result
+from worker.protocol import Event, Request, Result
 from worker.store import NO_DEADLINE, Limits
 
 log = logging.getLogger("memory_worker.cluster")
@@ -163,14 +163,11 @@ class ClusterBackend(RedisBackend):
             log.info("redis cluster shard %d answers again", shard)
             self._down.discard(shard)
 
-    def _take_one(self, shard: int, reply: Any, now: float) -> tuple[Any, list[Eviction]]:
-        result, evicted, counts = reply
-        self._shard_counts[shard] = Counts(*(int(x) for x in counts))
-        evictions = [
-            Eviction(cv.decode(), reason.decode(), int(n), int(k), now)
-            for cv, reason, n, k in evicted
-        ]
-        return result, evictions
+    def _take_one(
+        self, shard: int, reply: Any, now: float, convo: str = ""
+    ) -> tuple[Any, list[Event]]:
+        result, events, self._shard_counts[shard] = _reply(reply, convo, now)
+        return result, events
 
     def _total(self) -> None:
         sc = self._shard_counts
@@ -181,7 +178,7 @@ class ClusterBackend(RedisBackend):
             sum(x.keys for x in sc),
         )
 
-    async def _all(self, op: str, *rest: Any) -> tuple[list[Any], list[Eviction]]:
+    async def _all(self, op: str, *rest: Any) -> tuple[list[Any], list[Event]]:
         """One call of `op` on every shard: the replies of those that answered, their events."""
         deadline = self._deadline()
         if self._down:
@@ -203,7 +200,7 @@ class ClusterBackend(RedisBackend):
         self._total()
         return results, evictions
 
-    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
         deadline = self._deadline()  # the whole batch is answered within the timeout
         if self._down:
             await self._initialize(deadline)
@@ -218,19 +215,19 @@ class ClusterBackend(RedisBackend):
         )
         now = self._wall()
         results: list[Result] = []
-        evictions: list[Eviction] = []
+        evictions: list[Event] = []
         shard = {i: s for s, (_, at) in groups.items() for i in at}
         for i, (req, reply) in enumerate(zip(requests, out, strict=True)):
             if reply is None:
                 results.append(Unavailable("storage unavailable: its redis cluster node"))
                 continue
-            raw, evs = self._take_one(shard[i], reply, now)
+            raw, evs = self._take_one(shard[i], reply, now, req.convo)
             results.append(_result(req, raw))
             evictions += evs
         self._total()
         return results, evictions
 
-    async def expire(self) -> tuple[bool, list[Eviction]]:
+    async def expire(self) -> tuple[bool, list[Event]]:
         replies, evictions = await self._all("expire", c.SWEEP_CHUNK)
         if not replies:
             raise Unavailable("storage unavailable: no redis cluster node answers")

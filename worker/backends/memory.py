@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from worker.backends.base import Backend, Counts
-from worker.protocol import Eviction, Request, Result
+from worker.protocol import Event, Request, Result
 from worker.store import Limits, Store
 
 
@@ -24,13 +24,13 @@ class MemoryBackend(Backend):
         self.store = Store(limits, clock=clock, wall=wall)
         self._clock = clock
 
-    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
         run = self.store.execute
         results = [run(req) for req in requests]
         await self._commit()
         return results, self.store.take_evictions()
 
-    async def expire(self) -> tuple[bool, list[Eviction]]:
+    async def expire(self) -> tuple[bool, list[Event]]:
         more = self.store.expire()
         await self._commit()
         return more, self.store.take_evictions()

@@ -2,9 +2,12 @@
 -- every worker. KEYS[1] is the key prefix, with a {hash tag} so that all keys of one
 -- prefix live in one Redis Cluster slot. ARGV: op, now (s), ttl, max_turns,
 -- max_conversations, max_bytes, max_keys, max_ids, base (what this conversation costs the
--- budget before its turns and keys; turn and key costs come in their sizes), then the op's
--- own arguments.
--- Returns {result, evictions, counts}; evictions are {convo, reason, turns, keys}.
+-- budget before its turns and keys; turn and key costs come in their sizes), trimmed ('1':
+-- return the turns that leave the window uncovered), then the op's own arguments.
+-- Returns {result, evictions, counts, trimmed}; evictions are {convo, reason, turns, keys};
+-- trimmed is {} or {summary upto, entry, ...}. A conversation's meta hash holds seq, nbytes,
+-- sbytes (state and summary: what dropping turns cannot free), nkeys, and its summary as
+-- sum_text, sum_upto, sum_tokens, sum_size.
 local K = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -15,7 +18,9 @@ local max_bytes = tonumber(ARGV[6])
 local max_keys = tonumber(ARGV[7])
 local max_ids = tonumber(ARGV[8])
 local base = tonumber(ARGV[9])
+local announce = ARGV[10] == '1'
 local ev = {}
+local tr = {}
 
 local function num(v) return tonumber(v) or 0 end
 local function meta(c) return K .. 'm:' .. c end
@@ -112,19 +117,39 @@ local function purge_keys(c)
   end
 end
 
-local function trim_oldest(c)
+local function drop_oldest(c)
   local turn = redis.call('LPOP', K .. 't:' .. c)
   local size = struct.unpack('>I4', turn)
   redis.call('HINCRBY', meta(c), 'nbytes', -size)
   redis.call('DECRBY', K .. 'bytes', size)
   redis.call('DECRBY', K .. 'turns', 1)
+  return turn
+end
+
+local function trim_oldest(c)
+  local turn = drop_oldest(c)
+  if announce then
+    if #tr == 0 then tr[1] = num(redis.call('HGET', meta(c), 'sum_upto')) end
+    tr[#tr + 1] = turn
+  end
+end
+
+-- tokens and seq of an entry sit at fixed places from its end (worker/turns.py)
+local function entry_seq(e)
+  local seq = struct.unpack('>I4', e, #e - 3)
+  return seq
+end
+local function entry_tokens(e)
+  if string.byte(e, 5) ~= 0x85 then return math.ceil((#e - 30) / 4) end  -- stored before tokens
+  local tokens = struct.unpack('>I4', e, #e - 12)
+  return tokens
 end
 
 local result
-local c = ARGV[10]
+local c = ARGV[11]
 if op == 'append' then
-  -- ARGV[11] size, ARGV[12] turn without its seq, ARGV[13] id
-  local size, head, id = tonumber(ARGV[11]), ARGV[12], ARGV[13]
+  -- ARGV[12] size, ARGV[13] turn without its seq, ARGV[14] id
+  local size, head, id = tonumber(ARGV[12]), ARGV[13], ARGV[14]
   local exists = live(c)
   local dup = exists and seen(c, id)
   if dup then
@@ -152,12 +177,30 @@ if op == 'append' then
     result = {'ok', seq .. ' ' .. count}
   end
 elseif op == 'get' then
+  -- ARGV[12] last (0: all), ARGV[13] max_tokens (0: no budget), ARGV[14] '1': with summary
   if live(c) then
     touch(c)
-    local last = tonumber(ARGV[11])
-    result = {'turns', redis.call('LRANGE', K .. 't:' .. c, last > 0 and -last or 0, -1)}
+    local last, budget = tonumber(ARGV[12]), tonumber(ARGV[13])
+    local turns = redis.call('LRANGE', K .. 't:' .. c, last > 0 and -last or 0, -1)
+    local summary = {}
+    if ARGV[14] == '1' then
+      local s = redis.call('HMGET', meta(c), 'sum_text', 'sum_upto', 'sum_tokens')
+      if s[1] then summary = s end
+    end
+    if budget > 0 then
+      budget = budget - num(summary[3])
+      local first = #turns + 1
+      while first > 1 and entry_tokens(turns[first - 1]) <= budget do
+        budget = budget - entry_tokens(turns[first - 1])
+        first = first - 1
+      end
+      local kept = {}
+      for i = first, #turns do kept[#kept + 1] = turns[i] end
+      turns = kept
+    end
+    result = {'turns', turns, summary}
   else
-    result = {'turns', {}}
+    result = {'turns', {}, {}}
   end
 elseif op == 'delete' then
   if live(c) then
@@ -167,10 +210,55 @@ elseif op == 'delete' then
   else
     result = {'ok', '0'}
   end
+elseif op == 'summary' then
+  -- ARGV[12] text, ARGV[13] upto, ARGV[14] base, ARGV[15] tokens, ARGV[16] size, ARGV[17] id
+  local text, upto, sbase = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
+  local tokens, size, id = ARGV[15], tonumber(ARGV[16]), ARGV[17]
+  local exists = live(c)
+  local dup = exists and seen(c, id)
+  local current = exists and num(redis.call('HGET', meta(c), 'sum_upto')) or 0
+  local newest = exists and num(redis.call('HGET', meta(c), 'seq')) or 0
+  if dup then
+    touch(c)
+    result = {'dup', dup}
+  elseif not exists or sbase ~= current or upto <= sbase or upto > newest then
+    local why = 'the conversation is not live'
+    if exists and sbase ~= current then
+      why = "the summary's upto is " .. current .. ', not base ' .. sbase
+    elseif exists then
+      why = "'upto' must be " .. (sbase + 1) .. '-' .. newest
+    end
+    result = {'conflict', why, current, newest}
+  else
+    local old = num(redis.call('HGET', meta(c), 'sum_size'))
+    if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then
+      result = {'too_large', 'the summary (' .. size ..
+                ' bytes with its overhead) does not fit in --max-bytes ' .. max_bytes}
+    else
+      local t = K .. 't:' .. c
+      local dropped = 0
+      while redis.call('LLEN', t) > 0 and entry_seq(redis.call('LINDEX', t, 0)) <= upto do
+        drop_oldest(c)
+        dropped = dropped + 1
+      end
+      redis.call('HSET', meta(c), 'sum_text', text, 'sum_upto', upto, 'sum_tokens', tokens,
+                 'sum_size', size)
+      redis.call('HINCRBY', meta(c), 'sbytes', size - old)
+      redis.call('HINCRBY', meta(c), 'nbytes', size - old)
+      redis.call('INCRBY', K .. 'bytes', size - old)
+      while num(redis.call('HGET', meta(c), 'nbytes')) > max_bytes and redis.call('LLEN', t) > 0 do
+        trim_oldest(c)
+      end
+      remember(c, id, upto .. ' ' .. dropped)
+      touch(c)
+      fit_budget()
+      result = {'ok', upto .. ' ' .. dropped}
+    end
+  end
 elseif op == 'save' then
-  -- ARGV[11] field, ARGV[12] key size, ARGV[13] value, ARGV[14] key ttl (0: none), ARGV[15] id
-  local field, ksize, value = ARGV[11], tonumber(ARGV[12]), ARGV[13]
-  local kttl, id = tonumber(ARGV[14]), ARGV[15]
+  -- ARGV[12] field, ARGV[13] key size, ARGV[14] value, ARGV[15] key ttl (0: none), ARGV[16] id
+  local field, ksize, value = ARGV[12], tonumber(ARGV[13]), ARGV[14]
+  local kttl, id = tonumber(ARGV[15]), ARGV[16]
   local exists = live(c)
   local dup = exists and seen(c, id)
   if dup then
@@ -211,18 +299,18 @@ elseif op == 'save' then
   end
 elseif op == 'load' then
   if live(c) then
-    local value = live_key(c, ARGV[11])
+    local value = live_key(c, ARGV[12])
     touch(c)
     result = value and {'value', value} or {'none', ''}
   else
     result = {'none', ''}
   end
 elseif op == 'get_all' then
-  -- ARGV[11] the namespace's field prefix
+  -- ARGV[12] the namespace's field prefix
   local items = {}
   if live(c) then
     touch(c)
-    local prefix = ARGV[11]
+    local prefix = ARGV[12]
     local all = redis.call('HGETALL', K .. 's:' .. c)
     for i = 1, #all, 2 do
       if string.sub(all[i], 1, string.len(prefix)) == prefix and live_key(c, all[i]) then
@@ -235,14 +323,14 @@ elseif op == 'get_all' then
 elseif op == 'state_delete' then
   local found = false
   if live(c) then
-    found = live_key(c, ARGV[11]) and true or false
-    if found then drop_key(c, ARGV[11]) end
+    found = live_key(c, ARGV[12]) and true or false
+    if found then drop_key(c, ARGV[12]) end
     touch(c)
   end
   result = {'ok', found and '1' or ''}
 elseif op == 'expire' then
-  -- ARGV[10] limit
-  local limit = tonumber(ARGV[10])
+  -- ARGV[11] limit
+  local limit = tonumber(ARGV[11])
   local done = 0
   if ttl > 0 then
     for _, due in ipairs(redis.call('ZRANGEBYSCORE', K .. 'dl', '-inf', now, 'LIMIT', 0, limit)) do
@@ -268,4 +356,4 @@ end
 if result == nil then result = {'ok', ''} end  -- 'counts': nothing but the counts
 local counts = redis.call('MGET', K .. 'turns', K .. 'bytes', K .. 'keys')
 return {result, ev, {redis.call('ZCARD', K .. 'lru'), num(counts[1]), num(counts[2]),
-                     num(counts[3])}}
+                     num(counts[3])}, tr}

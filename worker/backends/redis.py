@@ -25,10 +25,11 @@ import redis.asyncio
 
 from worker import constants as c
 from worker.backends.base import Backend, Counts
-from worker.errors import ConfigError, TooLarge, Unavailable, WorkerError
+from worker.errors import ConfigError, Conflict, TooLarge, Unavailable, WorkerError
 from worker.protocol import (
     Append,
     Delete,
+    Event,
     Eviction,
     Fields,
     Get,
@@ -40,10 +41,12 @@ from worker.protocol import (
     StateGetAll,
     StateLoad,
     StateSave,
+    Summary,
+    Trimmed,
     Turns,
 )
 from worker.store import NO_DEADLINE, Limits, base_cost
-from worker.turns import REDIS_SIZE_BYTES, content_size, turn_head
+from worker.turns import content_size, redis_tokens, redis_turn, turn_head
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
@@ -132,6 +135,7 @@ class RedisBackend(Backend):
             lim.max_keys,
             lim.max_ids,
             base_cost(lim, rest[0]) if op not in ("counts", "expire") else 0,
+            "1" if lim.trimmed_events else "",
             *rest,
         ]
 
@@ -139,10 +143,24 @@ class RedisBackend(Backend):
         match req:
             case Append():
                 size = content_size(req.role, req.content) + self.limits.turn_cost
-                head = turn_head(req.role, req.content, self._wall())
+                head = turn_head(req.role, req.content, self._wall(), req.token_count)
                 return self._args("append", req.convo, size, head, _id(req.id))
             case Get():
-                return self._args("get", req.convo, req.last or 0)
+                return self._args(
+                    "get", req.convo, req.last or 0, req.max_tokens or 0, "1" if req.summary else ""
+                )
+            case Summary():
+                size = len(req.text.encode("utf-8", "surrogatepass")) + self.limits.turn_cost
+                return self._args(
+                    "summary",
+                    req.convo,
+                    req.text,
+                    req.upto,
+                    req.base,
+                    req.token_count,
+                    size,
+                    _id(req.id),
+                )
             case Delete():
                 return self._args("delete", req.convo)
             case StateSave():
@@ -177,23 +195,24 @@ class RedisBackend(Backend):
             raise Unavailable(f"storage unavailable: {type(exc).__name__}") from exc
         return replies
 
-    def _take(self, replies: list[Any]) -> tuple[list[Any], list[Eviction]]:
+    def _take(
+        self, replies: list[Any], requests: Sequence[Request] = ()
+    ) -> tuple[list[Any], list[Event]]:
         now = self._wall()
-        results, evictions = [], []
-        for result, evicted, counts in replies:
+        results: list[Any] = []
+        events: list[Event] = []
+        for i, reply in enumerate(replies):
+            result, evs, counts = _reply(reply, requests[i].convo if requests else "", now)
             results.append(result)
-            evictions += [
-                Eviction(cv.decode(), reason.decode(), int(n), int(k), now)
-                for cv, reason, n, k in evicted
-            ]
-            self._counts = Counts(*(int(x) for x in counts))
-        return results, evictions
+            events += evs
+            self._counts = counts
+        return results, events
 
-    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Eviction]]:
-        raw, evictions = self._take(await self._run([self._call(r) for r in requests]))
-        return [_result(req, r) for req, r in zip(requests, raw, strict=True)], evictions
+    async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
+        raw, events = self._take(await self._run([self._call(r) for r in requests]), requests)
+        return [_result(req, r) for req, r in zip(requests, raw, strict=True)], events
 
-    async def expire(self) -> tuple[bool, list[Eviction]]:
+    async def expire(self) -> tuple[bool, list[Event]]:
         raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
         self._next_deadline = float(raw[0][2]) if raw[0][2] else NO_DEADLINE
         return raw[0][1] == b"1", evictions
@@ -207,16 +226,38 @@ def _id(req_id: Any) -> bytes:
     return b"" if req_id is None else _packb(req_id)
 
 
+def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], Counts]:
+    """One script call's reply: (its result, the events it caused, the counts after it)."""
+    result, evicted, counts, trimmed = reply
+    events: list[Event] = [
+        Eviction(cv.decode(), reason.decode(), int(n), int(k), now) for cv, reason, n, k in evicted
+    ]
+    if trimmed:
+        turns = [redis_turn(e) for e in trimmed[1:]]
+        events.insert(0, Trimmed(convo, len(turns), b"".join(turns), int(trimmed[0]), now))
+    return result, events, Counts(*(int(x) for x in counts))
+
+
 def _result(req: Request, raw: list[Any]) -> Result:
     kind, data = raw[0].decode(), raw[1]
     if kind == "too_large":
         return TooLarge(data.decode())
+    if kind == "conflict":
+        return Conflict(data.decode(), int(raw[2]), int(raw[3]))
     match req:
         case Append():
             seq, count = data.split()
             return Fields({"seq": int(seq), "count": int(count)})
         case Get():
-            return Turns(len(data), b"".join(t[REDIS_SIZE_BYTES:] for t in data))
+            total, summary = sum(redis_tokens(t) for t in data), None
+            if raw[2]:
+                text, upto, tokens = raw[2]
+                summary = (text.decode(), int(upto), int(tokens))
+                total += summary[2]
+            return Turns(len(data), b"".join(redis_turn(t) for t in data), total, summary)
+        case Summary():
+            upto, dropped = data.split()
+            return Fields({"upto": int(upto), "dropped": int(dropped)})
         case Delete():
             return Fields({"deleted": int(data)})
         case StateSave():
