@@ -9,8 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from worker.errors import TooLarge
-from worker.protocol import Append, Delete, Eviction, Get
+from worker.errors import Conflict, TooLarge
+from worker.protocol import Append, Delete, Eviction, Get, Summary
 from worker.store import Limits, Store
 
 LIMITS = Limits(
@@ -29,14 +29,21 @@ texts = st.text(alphabet="xé", max_size=14)
 @dataclass
 class ModelConvo:
     turns: list[tuple[str, str, int]] = field(default_factory=list)
+    tokens: dict[int, int] = field(default_factory=dict)  # seq -> tokens
     seq: int = 0
     order: int = 0
     deadline: float = 0.0
     base: int = 0
+    summary: tuple[str, int, int] | None = None
+
+    def summary_size(self) -> int:
+        return len(self.summary[0].encode()) + LIMITS.turn_cost if self.summary else 0
 
     def size(self) -> int:
-        return self.base + sum(
-            len(r.encode()) + len(c.encode()) + LIMITS.turn_cost for r, c, _ in self.turns
+        return (
+            self.base
+            + self.summary_size()
+            + sum(len(r.encode()) + len(c.encode()) + LIMITS.turn_cost for r, c, _ in self.turns)
         )
 
 
@@ -65,10 +72,13 @@ class Model:
     def lru(self, but: str | None = None) -> str:
         return min((n for n in self.convos if n != but), key=lambda n: self.convos[n].order)
 
-    def append(self, name: str, role: str, content: str, now: float) -> tuple[int, int] | None:
+    def append(
+        self, name: str, role: str, content: str, tokens: int, now: float
+    ) -> tuple[int, int] | None:
         cv = self.live(name, now)
         base = LIMITS.convo_cost + LIMITS.id_byte_cost * len(name.encode())
-        if base + len(role.encode()) + len(content.encode()) + LIMITS.turn_cost > LIMITS.max_bytes:
+        fixed = base + (cv.summary_size() if cv else 0)
+        if fixed + len(role.encode()) + len(content.encode()) + LIMITS.turn_cost > LIMITS.max_bytes:
             return None
         if cv is None:
             while len(self.convos) >= LIMITS.max_conversations:
@@ -78,14 +88,34 @@ class Model:
             cv = self.convos[name] = ModelConvo(base=base)
         cv.seq += 1
         cv.turns.append((role, content, cv.seq))
+        cv.tokens[cv.seq] = tokens
         while len(cv.turns) > LIMITS.max_turns or (
             cv.size() > LIMITS.max_bytes and len(cv.turns) > 1
         ):
             cv.turns.pop(0)
         self.touch(cv, now)
+        self.fit(name)
+        return cv.seq, len(cv.turns)
+
+    def fit(self, name: str) -> None:
         while sum(c.size() for c in self.convos.values()) > LIMITS.max_bytes:
             self.evict(self.lru(but=name), "memory")
-        return cv.seq, len(cv.turns)
+
+    def summarize(self, name: str, text: str, upto: int, base: int, now: float) -> str:
+        """ "ok", "conflict" or "too_large"."""
+        cv = self.live(name, now)
+        current = cv.summary[1] if cv and cv.summary else 0
+        if cv is None or base != current or not base < upto <= cv.seq:
+            return "conflict"
+        if cv.base + len(text.encode()) + LIMITS.turn_cost > LIMITS.max_bytes:
+            return "too_large"
+        cv.turns = [t for t in cv.turns if t[2] > upto]
+        cv.summary = (text, upto, (len(text.encode()) + 3) // 4)
+        while cv.size() > LIMITS.max_bytes and cv.turns:
+            cv.turns.pop(0)
+        self.touch(cv, now)
+        self.fit(name)
+        return "ok"
 
 
 class StoreMatchesModel(RuleBasedStateMachine):
@@ -104,11 +134,17 @@ class StoreMatchesModel(RuleBasedStateMachine):
         assert got == self.model.evictions
         self.model.evictions = []
 
-    @rule(name=names, role=st.sampled_from(["user", "é"]), content=texts)
-    def append(self, name: str, role: str, content: str) -> None:
-        expected = self.model.append(name, role, content, self.now)
+    @rule(
+        name=names,
+        role=st.sampled_from(["user", "é"]),
+        content=texts,
+        tokens=st.none() | st.integers(0, 9),
+    )
+    def append(self, name: str, role: str, content: str, tokens: int | None) -> None:
+        counted = (len(content.encode()) + 3) // 4 if tokens is None else tokens
+        expected = self.model.append(name, role, content, counted, self.now)
         try:
-            got = self.store.append(Append(name, role, content)).fields
+            got = self.store.append(Append(name, role, content, tokens=tokens)).fields
         except TooLarge:
             assert expected is None
         else:
@@ -116,15 +152,47 @@ class StoreMatchesModel(RuleBasedStateMachine):
             assert (got["seq"], got["count"]) == expected
         self.check_evictions()
 
-    @rule(name=names, last=st.none() | st.integers(1, 4))
-    def get(self, name: str, last: int | None) -> None:
+    @rule(
+        name=names,
+        last=st.none() | st.integers(1, 4),
+        max_tokens=st.none() | st.integers(1, 12),
+        summary=st.booleans(),
+    )
+    def get(self, name: str, last: int | None, max_tokens: int | None, summary: bool) -> None:
         cv = self.model.live(name, self.now)
         expected: list[tuple[str, str, int]] = []
+        said = None
         if cv is not None:
             self.model.touch(cv, self.now)
             expected = cv.turns[-last:] if last else list(cv.turns)
-        got = self.store.get(Get(name, last)).decoded()
-        assert [(t["role"], t["content"], t["seq"]) for t in got] == expected
+            said = cv.summary if summary else None
+            if max_tokens is not None:
+                budget = max_tokens - (said[2] if said else 0)
+                fit: list[tuple[str, str, int]] = []
+                for turn in reversed(expected):
+                    if cv.tokens[turn[2]] > budget:
+                        break
+                    budget -= cv.tokens[turn[2]]
+                    fit.insert(0, turn)
+                expected = fit
+        got = self.store.get(Get(name, last, max_tokens, summary))
+        assert [(t["role"], t["content"], t["seq"]) for t in got.decoded()] == expected
+        assert got.summary == said
+        assert cv is None or got.tokens == sum(cv.tokens[t[2]] for t in expected) + (
+            said[2] if said else 0
+        )
+        self.check_evictions()
+
+    @rule(
+        name=names,
+        text=st.text(alphabet="sé", max_size=30),
+        upto=st.integers(1, 8),
+        base=st.integers(0, 8),
+    )
+    def summarize(self, name: str, text: str, upto: int, base: int) -> None:
+        expected = self.model.summarize(name, text, upto, base, self.now)
+        result = self.store.execute(Summary(name, text, upto, base))
+        assert {Conflict: "conflict", TooLarge: "too_large"}.get(type(result), "ok") == expected
         self.check_evictions()
 
     @rule(name=names)
