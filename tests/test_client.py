@@ -391,7 +391,8 @@ async def test_reply_prefix_with_convo_reaches_a_route_prefixed_worker(
 
 def test_every_wire_code_has_its_exception() -> None:
     """Each error code the worker answers with maps to its own client exception class."""
-    from worker.client import _BY_CODE, error_for
+    from worker.client import error_for
+    from worker.client._errors import _BY_CODE
     from worker.errors import ERROR_CODES
 
     assert sorted(_BY_CODE) == sorted(ERROR_CODES)
