@@ -9,11 +9,13 @@ would have sent, for input refused before sending).
     +-- UnavailableError         unavailable
     +-- InternalError            internal
     +-- NoReplyError             timeout; also a TimeoutError
+    +-- RefusedError             refused; also a PermissionError (the broker said no)
 
 They are not worker.errors' classes: those are the worker's reasons to answer with an error
 (raised by the pure core, caught by the service), these are what an application catches
 after the reply came back; `error_for` maps one code onto the other, and a test checks that
-every wire code in worker.errors has its class here.
+every wire code in worker.errors has its class here. The last two are the client's own:
+nothing came back, or the broker (not the worker) refused.
 """
 
 from __future__ import annotations
@@ -61,9 +63,27 @@ class NoReplyError(MemoryWorkerError, TimeoutError):
     code = "timeout"
 
 
+class RefusedError(MemoryWorkerError, PermissionError):
+    """The broker refused a subscription (SUBACK) or a publish (PUBACK) of this client,
+    usually its ACL: the message names the topic, the broker's reason and what to change.
+
+    Attributes:
+        topic: the topic or filter refused.
+        reason: the broker's reason ("Not authorized", ...).
+    """
+
+    code = "refused"
+
+    def __init__(self, message: str, topic: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.topic, self.reason = topic, reason
+
+
 # Every wire code's class, derived so that a new subclass cannot be forgotten here.
 _BY_CODE: Final[dict[str, type[MemoryWorkerError]]] = {
-    cls.code: cls for cls in MemoryWorkerError.__subclasses__() if cls is not NoReplyError
+    cls.code: cls
+    for cls in MemoryWorkerError.__subclasses__()
+    if cls not in (NoReplyError, RefusedError)
 }
 
 

@@ -21,9 +21,10 @@ from paho.mqtt.properties import Properties
 
 from worker import constants as c
 from worker.client._api import _Api, _Fanout, _ok, _refuse
-from worker.client._errors import BadRequestError, NoReplyError
+from worker.client._errors import BadRequestError, NoReplyError, RefusedError
 from worker.client._models import Eviction
 from worker.config import tls_context
+from worker.mqtt import refusal
 from worker.protocol import decode_event, topic_name_problem
 
 DEFAULT_TIMEOUT: Final = 5.0
@@ -148,15 +149,43 @@ class MemoryClient(_Api):
         client.pending_calls_threshold = 1 << 30
         await client.__aenter__()
         try:
-            await client.subscribe(self._inbox_filter(), qos=self.qos)
+            await self._subscribe_on(client, self._inbox_filter(), self.qos)
             for f in self._filters:
-                await client.subscribe(f, qos=1)
+                await self._subscribe_on(client, f, 1)
         except BaseException:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
             raise
         self._client = client
         self._connected.set()
+
+    async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+        """Subscribe; RefusedError at once when the broker refuses (its ACL), rather than a
+        NoReplyError after every attempt's timeout."""
+        reason = refusal(await client.subscribe(topic_filter, qos=qos))
+        if reason is not None:
+            raise self._refused("subscription to", topic_filter, reason)
+
+    def _refused(self, what: str, topic: str, reason: str) -> RefusedError:
+        user = self._auth[0] or "<username>"
+        if topic == self._inbox_filter():
+            hint = (
+                "replies come there: set reply_prefix to a topic this user may read "
+                f"(with the project's ACL: reply_prefix='reply/{user}', memctl --reply-prefix "
+                f"reply/{user})"
+            )
+        else:
+            hint = (
+                f"check the prefix ({self.prefix!r}) and the broker's ACL for this user "
+                f"(the project's lets a device ask under {self.prefix}/{user}/ and read "
+                f"replies under reply_prefix='reply/{user}')"
+            )
+        return RefusedError(
+            f"the broker at {self.host}:{self.port} refused the {what} {topic!r} ({reason}): "
+            + hint,
+            topic,
+            reason,
+        )
 
     async def _disconnect(self) -> None:
         self._connected.clear()
@@ -183,6 +212,7 @@ class MemoryClient(_Api):
         backoff = 0.05
         while not self._closing:
             client = self._client
+            lost: Exception = _Lost()
             try:
                 if client is None:
                     await self._connect()
@@ -192,10 +222,12 @@ class MemoryClient(_Api):
                     self._dispatch(message)
             except aiomqtt.MqttError:
                 pass
+            except RefusedError as exc:  # on reconnecting: the ACL changed since
+                lost = exc
             await self._disconnect()
             for fut in self._waiting.values():
                 if not fut.done():
-                    fut.set_exception(_Lost())
+                    fut.set_exception(lost)
             self._waiting.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
@@ -235,12 +267,14 @@ class MemoryClient(_Api):
             body["id"] = f"{self.tag}-{next(self._n)}"
         _refuse(convo, op, body)
         inbox = f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
-        key = _key(body.get("id")) or next(self._n).to_bytes(8, "big")
         properties = None
         if self.protocol == 5:
+            # Each request's own: the same request_id twice at once gets two replies.
+            key = next(self._n).to_bytes(8, "big")
             properties = copy.copy(self._properties.get(inbox) or self._template(inbox))
             properties.CorrelationData = key
         else:
+            key = _key(body["id"]) or b""
             body["reply_to"] = inbox
         payload = msgpack.packb(body)
         topic = f"{self.prefix}/{convo}/{op}"
@@ -252,6 +286,10 @@ class MemoryClient(_Api):
             timer: asyncio.TimerHandle | None = None
             answered = False
             try:
+                # MQTT 3.1.1: a reply names only its id, so a request whose id is in flight
+                # (the same request_id twice at once) waits for that one's answer first.
+                while (other := self._waiting.get(key)) is not None:
+                    await asyncio.wait([other])
                 deadline = loop.time() + self.timeout
                 client = self._client
                 if client is None:
@@ -286,7 +324,8 @@ class MemoryClient(_Api):
                 if timer is not None:
                     timer.cancel()
                 if not answered:  # timed out, lost, failed or cancelled: nothing waits now
-                    self._waiting.pop(key, None)
+                    if self._waiting.get(key) is fut:
+                        del self._waiting[key]
                     if sending is not None:
                         sending.cancel()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -307,15 +346,24 @@ class MemoryClient(_Api):
         a subscription brings."""
         self._filters[topic_filter] = self._filters.get(topic_filter, 0) + 1
         if (again or self._filters[topic_filter] == 1) and self._client is not None:
-            await self._client.subscribe(topic_filter, qos=1)
+            try:
+                await self._subscribe_on(self._client, topic_filter, 1)
+            except BaseException:
+                self._drop_filter(topic_filter)
+                raise
+
+    def _drop_filter(self, topic_filter: str) -> bool:
+        """One user fewer; whether it was the last."""
+        self._filters[topic_filter] -= 1
+        if self._filters[topic_filter]:
+            return False
+        del self._filters[topic_filter]
+        return True
 
     async def _unsubscribe(self, topic_filter: str) -> None:
-        self._filters[topic_filter] -= 1
-        if not self._filters[topic_filter]:
-            del self._filters[topic_filter]
-            if self._client is not None:
-                with contextlib.suppress(aiomqtt.MqttError):
-                    await self._client.unsubscribe(topic_filter)
+        if self._drop_filter(topic_filter) and self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.unsubscribe(topic_filter)
 
     async def evictions(self, convo_id: str | None = None) -> AsyncGenerator[Eviction, None]:
         """Eviction events as they come (of one conversation, or all), until you stop."""
