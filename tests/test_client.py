@@ -195,6 +195,23 @@ def _gapless(turns: list[Any], n: int) -> None:
     assert [t["seq"] for t in turns] == list(range(1, n + 1))
 
 
+@pytest.mark.parametrize("protocol", [5, 3])
+async def test_the_same_request_id_twice_at_once_gets_both_answers(
+    broker: Mosquitto, worker: Service, protocol: int
+) -> None:
+    """Two concurrent appends with one request_id each get the answer (one attempt each,
+    no retry), and the turn is stored once."""
+    async with MemoryClient(
+        broker.host, broker.port, worker.cfg.prefix, protocol=protocol, attempts=1, timeout=3
+    ) as m:
+        first, second = await asyncio.gather(
+            m.append("twins", "user", "once", request_id="r-1"),
+            m.append("twins", "user", "once", request_id="r-1"),
+        )
+        assert first == second
+        assert [t["content"] for t in await m.get("twins")] == ["once"]
+
+
 async def test_500_concurrent_appends_through_one_client(
     broker: Mosquitto, worker_factory: WorkerFactory
 ) -> None:
@@ -391,7 +408,8 @@ async def test_reply_prefix_with_convo_reaches_a_route_prefixed_worker(
 
 def test_every_wire_code_has_its_exception() -> None:
     """Each error code the worker answers with maps to its own client exception class."""
-    from worker.client import _BY_CODE, error_for
+    from worker.client import error_for
+    from worker.client._errors import _BY_CODE
     from worker.errors import ERROR_CODES
 
     assert sorted(_BY_CODE) == sorted(ERROR_CODES)

@@ -21,11 +21,17 @@ from typing import Any
 import msgpack
 
 from worker import constants as c
-from worker.client import MemoryClient, MemoryWorkerError, NoReplyError, check_reply_prefix
+from worker.client import (
+    MemoryClient,
+    MemoryWorkerError,
+    NoReplyError,
+    RefusedError,
+    check_reply_prefix,
+)
 from worker.errors import WorkerError
 from worker.protocol import check_request, validate_prefix
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
 def _jsonable(value: Any) -> Any:
@@ -138,7 +144,7 @@ async def ask(args: argparse.Namespace) -> int:
     async with _client(args) as memory:
         try:
             emit(await _ask(memory, args))
-        except NoReplyError:
+        except (NoReplyError, RefusedError):
             raise
         except MemoryWorkerError as exc:
             emit({"ok": False, "error": {"code": exc.code, "message": exc.message}})
@@ -217,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"broker listening there, and memory-worker running with prefix {args.prefix!r}?)",
             file=sys.stderr,
         )
+    except RefusedError as exc:
+        print(f"memctl: {exc.message}", file=sys.stderr)
+        return EXIT_REFUSED
     except MemoryWorkerError as exc:
         print(f"memctl: {exc.message}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,7 +18,7 @@ import collections
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -102,6 +102,16 @@ def will(topic: str, payload: bytes, content_type: str) -> aiomqtt.Will:
     props = _properties(PacketTypes.WILLMESSAGE)
     props.ContentType = content_type
     return aiomqtt.Will(topic, payload, qos=1, retain=True, properties=props)
+
+
+def refusal(reason_codes: Sequence[Any]) -> str | None:
+    """The broker's reason ("Not authorized", ...) when a SUBACK refused a subscription, or
+    None: what aiomqtt's `subscribe` returns, paho's reason codes for MQTT 5 and 3.1.1 alike
+    (3.1.1's only refusal, 0x80, reads "Unspecified error")."""
+    for code in reason_codes:
+        if getattr(code, "is_failure", False):
+            return str(code)
+    return None
 
 
 def subscribe_options(*, no_local: bool) -> SubscribeOptions:
@@ -494,4 +504,4 @@ class Connection(aiomqtt.Client):
         self._topic_callbacks.pop(topic, None)
 
 
-__all__ = ["NODELAY", "Connection", "Message", "PackedProperties"]
+__all__ = ["NODELAY", "Connection", "Message", "PackedProperties", "refusal"]

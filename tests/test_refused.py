@@ -1,0 +1,85 @@
+"""A broker that refuses (its ACL): the client and memctl say so at once, naming the topic,
+rather than waiting out their timeouts."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import program
+from tests.processes import Mosquitto
+from tests.test_security import USERS, secured
+from worker.client import MemoryClient, RefusedError
+
+# deploy/'s secured broker (dynamic security): kiosk-a may ask under mem/kiosk-a/ and read
+# replies under reply/kiosk-a/, nothing else. Mosquitto's plain acl_file grants every
+# SUBSCRIBE and only filters deliveries, so it cannot show a refused one.
+__all__ = ["secured"]
+USER, PASSWORD = "kiosk-a", USERS["kiosk-a"]
+
+
+async def first_eviction(m: MemoryClient) -> None:
+    async for _ in m.evictions():
+        break
+
+
+@pytest.mark.parametrize("protocol", [5, 3])
+async def test_a_refused_reply_subscription_is_an_error_naming_it(
+    secured: Mosquitto, protocol: int
+) -> None:
+    """A SUBACK refusing the reply topic raises RefusedError on connecting, naming the topic
+    and suggesting reply_prefix (MQTT 5 and 3.1.1)."""
+    client = MemoryClient(
+        secured.host, secured.port, "mem", protocol=protocol, username=USER, password=PASSWORD
+    )
+    with pytest.raises(RefusedError) as info:
+        async with client:
+            pass
+    assert info.value.topic == f"mem-reply/{client.tag}"
+    assert info.value.code == "refused"
+    assert isinstance(info.value, PermissionError)
+    assert f"'mem-reply/{client.tag}'" in info.value.message
+    assert "reply_prefix='reply/kiosk-a'" in info.value.message
+
+
+async def test_a_refused_event_subscription_is_an_error(secured: Mosquitto) -> None:
+    """evictions() of conversations the user may not read raises RefusedError naming the filter,
+    each time it is asked."""
+    async with MemoryClient(
+        secured.host,
+        secured.port,
+        "mem",
+        reply_prefix="reply/kiosk-a",
+        timeout=2,
+        username=USER,
+        password=PASSWORD,
+    ) as m:
+        with pytest.raises(RefusedError) as info:
+            await first_eviction(m)
+        assert info.value.topic == "mem/+/evicted"
+        with pytest.raises(RefusedError):  # not left counted as subscribed
+            await first_eviction(m)
+
+
+def test_memctl_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None:
+    """memctl on a broker refusing its reply topic prints one line naming it and exits 4."""
+    done = subprocess.run(
+        [
+            program("memctl"),
+            *("--host", secured.host, "--port", str(secured.port)),
+            *("--username", "kiosk-a", "--password", USERS["kiosk-a"]),
+            *("--timeout", "30", "get", "kiosk-a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 4, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("memctl: the broker at")
+    assert "'memctl/" in lines[0]
+    assert "--reply-prefix reply/kiosk-a" in lines[0]
+    assert done.stdout == ""

@@ -1,0 +1,135 @@
+"""A Python client for memory-worker, with the API of the in-process store it replaces.
+
+    async with MemoryClient("127.0.0.1") as memory:      # or: open_memory("mqtt://pi.local")
+        await memory.append("kiosk-7", "user", "hello")
+        turns = await memory.get("kiosk-7")
+
+`BlockingMemoryClient` offers the same methods without `await`, for threaded programs;
+`open_memory(url)` / `open_blocking_memory(url)` pick a broker (`mqtt://`, `mqtts://`) or the
+worker's own store in this process (`memory://`) from a URL. See docs/client.md.
+
+One private module per concern: `_errors` (the exception tree, by wire code), `_models`
+(what calls return), `_api` (the methods every memory shares), `_mqtt` (`MemoryClient`),
+`_local` (`LocalMemory`), `_blocking` (`BlockingMemoryClient`); the URL factory is here.
+Framework adapters live beside them (`worker.client.langchain`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from worker import constants as c
+from worker.client._blocking import BlockingMemoryClient, Memory
+from worker.client._errors import (
+    BadPayloadError,
+    BadRequestError,
+    BadTopicError,
+    InternalError,
+    MemoryWorkerError,
+    NoReplyError,
+    RefusedError,
+    TooLargeError,
+    UnavailableError,
+    error_for,
+)
+from worker.client._local import LocalMemory
+from worker.client._models import Appended, Eviction, Turn
+from worker.client._mqtt import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_TIMEOUT,
+    MemoryClient,
+    check_reply_prefix,
+)
+from worker.store import Limits
+
+
+def memory_from_url(url: str, **kwargs: Any) -> Memory:
+    """An (unopened) async memory for `url`; keyword arguments go to MemoryClient.
+
+    `mqtt://[user:password@]host[:port][/prefix]`, `mqtts://...` (TLS; `?ca=FILE`), with
+    `?timeout=S&qos=N&reply_prefix=T&protocol=3` as options; or
+    `memory://?max_turns=8&ttl=3600&max_conversations=500` (also `max_bytes`, `max_keys`).
+    """
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.scheme == "memory":
+        fields = {f: query.pop(f) for f in list(query) if f in Limits.__slots__}
+        if query:
+            raise ValueError(f"memory:// does not take {', '.join(sorted(query))}")
+        try:
+            numbers: dict[str, Any] = {
+                f: (float(v) if f == "ttl" else int(v)) for f, v in fields.items()
+            }
+            limits = Limits(**numbers)
+        except ValueError:
+            raise ValueError(f"bad number in {url!r}") from None
+        return LocalMemory(limits)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError(f"{url!r}: the scheme must be mqtt, mqtts or memory")
+    options: dict[str, Any] = {
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "tls": parts.scheme == "mqtts",
+    }
+    if parts.path.strip("/"):
+        options["prefix"] = unquote(parts.path.strip("/"))
+    convert: dict[str, Any] = {
+        "ca": ("tls_ca", str),
+        "timeout": ("timeout", float),
+        "qos": ("qos", int),
+        "reply_prefix": ("reply_prefix", str),
+        "protocol": ("protocol", int),
+        "attempts": ("attempts", int),
+    }
+    for name, text in query.items():
+        if name not in convert:
+            raise ValueError(f"{url!r}: unknown option {name!r}")
+        field, kind = convert[name]
+        options[field] = kind(text)
+    options.update(kwargs)
+    port = parts.port or (8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT)
+    return MemoryClient(parts.hostname or c.DEFAULT_HOST, port, **options)
+
+
+@contextlib.asynccontextmanager
+async def open_memory(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
+    """`async with open_memory(url) as memory:` a client or in-process store (see
+    memory_from_url), opened for the block."""
+    async with memory_from_url(url, **kwargs) as memory:
+        yield memory
+
+
+def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:
+    """The blocking API on `url`'s memory, already open (as `open()` opens a file): keep it
+    (`store = open_blocking_memory(url)`, then `store.close()`) or use it in a `with` block."""
+    return BlockingMemoryClient(_memory=memory_from_url(url, **kwargs)).open()
+
+
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "DEFAULT_TIMEOUT",
+    "Appended",
+    "BadPayloadError",
+    "BadRequestError",
+    "BadTopicError",
+    "BlockingMemoryClient",
+    "Eviction",
+    "InternalError",
+    "LocalMemory",
+    "Memory",
+    "MemoryClient",
+    "MemoryWorkerError",
+    "NoReplyError",
+    "RefusedError",
+    "TooLargeError",
+    "Turn",
+    "UnavailableError",
+    "check_reply_prefix",
+    "error_for",
+    "memory_from_url",
+    "open_blocking_memory",
+    "open_memory",
+]

@@ -1,0 +1,120 @@
+"""The API shape every memory shares: the store's methods on top of one `_request`, the
+checks and reply handling around it, and the fan-out of eviction events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from worker import constants as c
+from worker.client._errors import BadPayloadError, error_for
+from worker.client._models import Appended, Eviction, Turn
+from worker.errors import WorkerError
+from worker.protocol import check_request
+
+
+def _refuse(convo: str, op: str, body: dict[str, Any]) -> None:
+    """Raise what the worker would answer to this request, before sending it."""
+    try:
+        check_request(convo, op, body)
+    except WorkerError as exc:
+        raise error_for(exc.code, exc.message) from None
+
+
+def _ok(reply: Any) -> dict[str, Any]:
+    if not isinstance(reply, dict):
+        raise BadPayloadError("reply is not a msgpack map")
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise error_for(str(error.get("code", "internal")), str(error.get("message", "")))
+    return reply
+
+
+class _Api:
+    """The store's API on top of one `_request`, shared by every implementation."""
+
+    async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def append(
+        self, convo_id: str, role: str, content: str, *, request_id: str | None = None
+    ) -> Appended:
+        """Store a turn; its `seq` and the conversation's turn `count`.
+
+        `request_id` replaces the id the client makes: a repeat of the same id is stored once.
+        """
+        body: dict[str, Any] = {"role": role, "content": content}
+        if request_id is not None:
+            body["id"] = request_id
+        reply = await self._request(convo_id, c.OP_APPEND, body)
+        return Appended(reply["seq"], reply["count"])
+
+    async def get(self, convo_id: str, last: int | None = None) -> list[Turn]:
+        """The conversation's turns (the `last` ones), oldest first; [] when unknown."""
+        body = {} if last is None else {"last": last}
+        turns: list[Turn] = (await self._request(convo_id, c.OP_GET, body))["turns"]
+        return turns
+
+    async def forget(self, convo_id: str) -> int:
+        """Delete a conversation and its state; how many turns were removed."""
+        deleted: int = (await self._request(convo_id, c.OP_DELETE, {}))["deleted"]
+        return deleted
+
+    async def save(
+        self,
+        session_id: str,
+        namespace: str,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> None:
+        """Save a state value (any msgpack value), for `ttl` seconds if given."""
+        body: dict[str, Any] = {"ns": namespace, "key": key, "value": value}
+        if request_id is not None:
+            body["id"] = request_id
+        if ttl is not None:
+            body["ttl"] = ttl
+        await self._request(session_id, c.OP_STATE_SAVE, body)
+
+    async def load(self, session_id: str, namespace: str, key: str) -> Any:
+        """A state value, or None when there is none."""
+        body = {"ns": namespace, "key": key}
+        return (await self._request(session_id, c.OP_STATE_LOAD, body))["value"]
+
+    async def get_all(self, session_id: str, namespace: str) -> dict[str, Any]:
+        """Every live key of a namespace with its value."""
+        items: dict[str, Any] = (
+            await self._request(session_id, c.OP_STATE_GET_ALL, {"ns": namespace})
+        )["items"]
+        return items
+
+    async def delete(self, session_id: str, namespace: str, key: str) -> bool:
+        """Delete a state key; whether it existed."""
+        body = {"ns": namespace, "key": key}
+        deleted: bool = (await self._request(session_id, c.OP_STATE_DELETE, body))["deleted"]
+        return deleted
+
+
+class _Fanout:
+    """Eviction events handed to every open `evictions()` iterator."""
+
+    def __init__(self) -> None:
+        self.queues: dict[asyncio.Queue[Eviction], str | None] = {}
+
+    def publish(self, event: Eviction) -> None:
+        for queue, convo in self.queues.items():
+            if convo is None or convo == event["convo"]:
+                queue.put_nowait(event)
+
+    @contextlib.contextmanager
+    def listen(self, convo: str | None) -> Iterator[asyncio.Queue[Eviction]]:
+        queue: asyncio.Queue[Eviction] = asyncio.Queue()
+        self.queues[queue] = convo
+        try:
+            yield queue
+        finally:
+            del self.queues[queue]

@@ -1,0 +1,146 @@
+"""`BlockingMemoryClient`: the API without `await`, on a private event-loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from worker.client._local import LocalMemory
+from worker.client._models import Appended, Eviction, Turn
+from worker.client._mqtt import MemoryClient
+
+_T = TypeVar("_T")
+
+Memory = MemoryClient | LocalMemory
+
+
+class BlockingMemoryClient:
+    """The same API without `await`, for threaded programs (Flask, Django, scripts).
+
+    The async client (or `memory://` store) runs on a private event-loop thread; every
+    thread's calls share its one connection. Use it as a plain context manager. Arguments
+    are `MemoryClient`'s.
+    """
+
+    def __init__(self, *args: Any, _memory: Memory | None = None, **kwargs: Any) -> None:
+        self._memory: Memory = _memory if _memory is not None else MemoryClient(*args, **kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        assert self._loop is not None, "use BlockingMemoryClient in a with block"
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a blocking call on the client's own loop would wait forever")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> BlockingMemoryClient:
+        return self.open()
+
+    def open(self) -> BlockingMemoryClient:
+        """Connect (once; opening an open client does nothing). A `with` block does it."""
+        if self._loop is not None:
+            return self
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="memory-client", daemon=True)
+        self._thread.start()
+        try:
+            self._run(self._enter())
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    async def _enter(self) -> None:
+        # The client's events and tasks must be made on the loop they run on.
+        await self._memory.__aenter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect and stop the private loop (closing a closed client does nothing)."""
+        if self._loop is None:
+            return
+        try:
+            self._run(self._memory.__aexit__(None, None, None))
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and self._thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join()
+            loop.close()
+
+    async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Await `coro` (a call on `self.memory`) from any event loop: it runs on the
+        client's own loop and connection, without blocking the caller's loop."""
+        assert self._loop is not None, "use BlockingMemoryClient in a with block"
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    @property
+    def memory(self) -> Memory:
+        """The async client (or memory:// store) this one drives."""
+        return self._memory
+
+    def append(
+        self, convo_id: str, role: str, content: str, *, request_id: str | None = None
+    ) -> Appended:
+        """See MemoryClient.append."""
+        return self._run(self._memory.append(convo_id, role, content, request_id=request_id))
+
+    def get(self, convo_id: str, last: int | None = None) -> list[Turn]:
+        """See MemoryClient.get."""
+        return self._run(self._memory.get(convo_id, last))
+
+    def forget(self, convo_id: str) -> int:
+        """See MemoryClient.forget."""
+        return self._run(self._memory.forget(convo_id))
+
+    def save(
+        self,
+        session_id: str,
+        namespace: str,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> None:
+        """See MemoryClient.save."""
+        self._run(self._memory.save(session_id, namespace, key, value, ttl, request_id=request_id))
+
+    def load(self, session_id: str, namespace: str, key: str) -> Any:
+        """See MemoryClient.load."""
+        return self._run(self._memory.load(session_id, namespace, key))
+
+    def get_all(self, session_id: str, namespace: str) -> dict[str, Any]:
+        """See MemoryClient.get_all."""
+        return self._run(self._memory.get_all(session_id, namespace))
+
+    def delete(self, session_id: str, namespace: str, key: str) -> bool:
+        """See MemoryClient.delete."""
+        return self._run(self._memory.delete(session_id, namespace, key))
+
+    def stats(self) -> list[dict[str, Any]]:
+        """See MemoryClient.stats."""
+        return self._run(self._memory.stats())
+
+    def evictions(self, convo_id: str | None = None) -> Iterator[Eviction]:
+        """Eviction events as they come, until you stop iterating."""
+        events = self._memory.evictions(convo_id)
+        try:
+            while True:
+                yield self._run(_next(events))
+        finally:
+            if self._loop is not None:
+                self._run(events.aclose())
+
+
+async def _next(events: AsyncIterator[Eviction]) -> Eviction:
+    return await anext(events)

@@ -1,0 +1,92 @@
+"""`LocalMemory`: the worker's own store in this process (what `memory://` opens)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import msgpack
+
+from worker import constants as c
+from worker.client._api import _Api, _Fanout, _ok, _refuse
+from worker.client._errors import error_for
+from worker.client._models import Eviction
+from worker.errors import WorkerError
+from worker.protocol import check_request, encode_result, reply_parsed
+from worker.store import Limits
+
+
+class LocalMemory(_Api):
+    """The worker's own store and protocol, in this process: the client's API without a
+    broker (what `memory://` opens). Requests are checked, executed and answered by the
+    same code the worker runs, so answers and errors are the same."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        from worker.backends.memory import MemoryBackend
+
+        self.limits = limits or Limits()
+        self._backend = MemoryBackend(self.limits)
+        self._events = _Fanout()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
+
+    async def __aenter__(self) -> LocalMemory:
+        await self._backend.open()
+        self._sweeper = asyncio.create_task(self._sweep(), name="memory-sweeper")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self._backend.close()
+
+    async def _sweep(self) -> None:
+        while True:
+            more, evictions = await self._backend.expire()
+            self._announce(evictions)
+            if not more:
+                await asyncio.sleep(c.SWEEP_INTERVAL)
+
+    def _announce(self, evictions: list[Any]) -> None:
+        for ev in evictions:
+            self._events.publish(
+                Eviction(convo=ev.convo, reason=ev.reason, count=ev.count, keys=ev.keys, ts=ev.ts)
+            )
+
+    async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            request = check_request(convo, op, body)
+        except WorkerError as exc:
+            raise error_for(exc.code, exc.message) from None
+        results, evictions = await self._backend.execute([request])
+        self._announce(evictions)
+        reply = msgpack.unpackb(encode_result(results[0], reply_parsed()), strict_map_key=False)
+        return _ok(reply)
+
+    async def evictions(self, convo_id: str | None = None) -> AsyncGenerator[Eviction, None]:
+        """Eviction events as they come (of one conversation, or all), until you stop."""
+        if convo_id is not None:
+            _refuse(convo_id, c.OP_GET, {})
+        with self._events.listen(convo_id) as queue:
+            while True:
+                yield await queue.get()
+
+    async def stats(self) -> list[dict[str, Any]]:
+        """This store's counts, shaped like one worker's stats."""
+        n = self._backend.counts()
+        return [
+            {
+                "client_id": "memory",
+                "conversations": n.conversations,
+                "turns": n.turns,
+                "bytes": n.bytes,
+                "keys": n.keys,
+                "uptime": round(time.monotonic() - self._started, 3),
+                "ts": time.time(),
+            }
+        ]
