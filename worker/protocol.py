@@ -104,6 +104,7 @@ class Summary:
     base: int
     tokens: int | None = None
     id: Any = None
+    born: int | None = None  # applied only to the conversation started then
 
     @property
     def token_count(self) -> int:
@@ -224,6 +225,7 @@ class Trimmed:
     turns: bytes
     summary_upto: int
     ts: float
+    born: int  # when the conversation was started (Unix ms): which one these turns were of
 
 
 Event = Eviction | Trimmed
@@ -314,6 +316,7 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
             base,
             _int(body, "tokens", 0, MAX_TOKENS),
             None if req_id is _MISSING else req_id,
+            _int(body, "born", 0),
         )
     ns = _name(body, "ns")
     if op == c.OP_STATE_GET_ALL:
@@ -596,10 +599,11 @@ def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
     )
 
 
-_TRIMMED_HEAD: Final = _map_header(4) + _packb("convo")
+_TRIMMED_HEAD: Final = _map_header(5) + _packb("convo")
 _TRIMMED_TURNS: Final = _packb("turns")
 _TRIMMED_REST: Final = _packb("summary_upto")
 _TS_KEY: Final = _packb("ts")
+_BORN_KEY: Final = _packb("born")
 
 
 def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
@@ -610,6 +614,7 @@ def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
             "turns": _unpack_all(ev.turns),
             "summary_upto": ev.summary_upto,
             "ts": ev.ts,
+            "born": ev.born,
         }
         return encode(body, fmt)
     return b"".join(
@@ -623,6 +628,8 @@ def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
             _packb(ev.summary_upto),
             _TS_KEY,
             _packb(ev.ts),
+            _BORN_KEY,
+            _packb(ev.born),
         )
     )
 

@@ -81,6 +81,7 @@ class Convo:
     """
 
     __slots__ = (
+        "born",
         "count",
         "deadline",
         "ids",
@@ -105,6 +106,7 @@ class Convo:
         self.state: dict[str, dict[str, tuple[bytes, float]]] | None = None
         self.ids: dict[Any, dict[str, Any]] | None = None
         self.summary: tuple[str, int, int] | None = None  # (text, upto, tokens)
+        self.born = 0  # Unix ms when it was started: tells a conversation from a later one
 
     def _skip(self, n: int) -> int:
         """Offset of the turn after the n oldest."""
@@ -296,10 +298,14 @@ class Store:
         current = cv.summary[1] if cv is not None and cv.summary else 0
         if cv is None:
             raise Conflict("the conversation is not live", 0, 0)
+        if req.born is not None and req.born != cv.born:
+            why = f"the conversation was started again (born {cv.born}, not {req.born})"
+            raise Conflict(why, current, cv.seq, cv.born)
         if req.base != current:
-            raise Conflict(f"the summary's upto is {current}, not base {req.base}", current, cv.seq)
+            why = f"the summary's upto is {current}, not base {req.base}"
+            raise Conflict(why, current, cv.seq, cv.born)
         if not req.base < req.upto <= cv.seq:
-            raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq)
+            raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq, cv.born)
         lim = self.limits
         size = len(req.text.encode("utf-8", "surrogatepass")) + lim.turn_cost
         old = self._summary_size(cv)
@@ -437,6 +443,7 @@ class Store:
         deadline: float,
         ids: dict[Any, dict[str, Any]],
         summary: tuple[str, int, int] | None = None,
+        born: int = 0,
     ) -> None:
         """Put back a conversation read from storage (`turns` as `turn_list` gave them); call
         in order of last use."""
@@ -445,7 +452,7 @@ class Store:
         cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
         cv.count = len(kept)
         cv.ids = ids or None
-        cv.summary = summary
+        cv.summary, cv.born = summary, born
         cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
@@ -497,7 +504,8 @@ class Store:
         if dropped and lim.trimmed_events:
             data, _ = expand_turns(b"".join(dropped))
             upto = cv.summary[1] if cv.summary else 0
-            self.evictions.append(Trimmed(name, len(dropped), data, upto, self._wall()))
+            trimmed = Trimmed(name, len(dropped), data, upto, self._wall(), cv.born)
+            self.evictions.append(trimmed)
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost
@@ -530,6 +538,7 @@ class Store:
             )
         cv = Convo()
         cv.nbytes = self._base(name)
+        cv.born = int(self._wall() * 1000)
         self.bytes += cv.nbytes
         convos[name] = cv
         return cv

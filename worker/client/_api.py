@@ -95,13 +95,17 @@ class _Api:
         *,
         tokens: int | None = None,
         request_id: str | None = None,
+        born: int | None = None,
     ) -> Summarized:
         """Save the conversation's summary, covering its turns up to seq `upto`, in place of
         the one whose upto is `base` (0: none); the covered turns are removed with it.
+        With `born` (a trimmed event's), only if the conversation is still that one.
         Raises ConflictError (with the current `upto`) when `base` is not current."""
         body: dict[str, Any] = {"text": text, "upto": upto, "base": base}
         if tokens is not None:
             body["tokens"] = tokens
+        if born is not None:
+            body["born"] = born
         if request_id is not None:
             body["id"] = request_id
         reply = await self._request(convo_id, c.OP_SUMMARY, body)

@@ -60,13 +60,14 @@ class ConflictError(MemoryWorkerError):
     Attributes:
         upto: the conversation's current summary upto (0 without one).
         seq: its newest seq (0 when the conversation is not live).
+        born: when it was started, Unix ms (0 when it is not live).
     """
 
     code = "conflict"
 
-    def __init__(self, message: str, upto: int = 0, seq: int = 0) -> None:
+    def __init__(self, message: str, upto: int = 0, seq: int = 0, born: int = 0) -> None:
         super().__init__(message)
-        self.upto, self.seq = upto, seq
+        self.upto, self.seq, self.born = upto, seq, born
 
 
 class InternalError(MemoryWorkerError):
@@ -110,8 +111,6 @@ def error_for(
     `details` is the rest of the error map (a conflict's upto and seq)."""
     if code == ConflictError.code:
         extra = details or {}
-        upto, seq = extra.get("upto", 0), extra.get("seq", 0)
-        return ConflictError(
-            message, upto if isinstance(upto, int) else 0, seq if isinstance(seq, int) else 0
-        )
+        upto, seq, born = (extra.get(k, 0) for k in ("upto", "seq", "born"))
+        return ConflictError(message, *(v if isinstance(v, int) else 0 for v in (upto, seq, born)))
     return _BY_CODE.get(code, InternalError)(message)
