@@ -132,7 +132,7 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
     ):
         async with (
             device("127.0.0.1", port, "mem") as d,
-            watcher("127.0.0.1", port, "mem-reply/#") as replies,
+            watcher("127.0.0.1", port, "reply/+/_summarizer/#") as replies,
         ):
             for n in range(1, 5):
                 await d.request("voice-1", "append", {"role": "user", "content": f"t{n}"})

@@ -87,7 +87,7 @@ async def test_trimmed_turns_are_folded_into_the_summary(
         worker_factory(max_turns=2, trimmed_events=True) as w,
         summarizing(_config(broker, w.cfg.prefix, model)) as s,
         device(broker.host, broker.port, w.cfg.prefix, v5=False) as d,
-        watcher(broker.host, broker.port, f"{w.cfg.prefix}-reply/#") as replies,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):
         await talk(d, "kiosk", 1, 12)
         assert await summary_upto(d, replies, "kiosk", 10) == words(1, 10)
@@ -111,7 +111,7 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
         worker_factory(max_turns=2, trimmed_events=True) as w,
         summarizing(_config(broker, w.cfg.prefix, model)),
         device(broker.host, broker.port, w.cfg.prefix) as d,
-        watcher(broker.host, broker.port, f"{w.cfg.prefix}-reply/#") as replies,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):
         model.set_mode("down")
         await talk(d, "c", 1, 5)
@@ -135,7 +135,7 @@ async def test_two_summarizers_racing_on_one_conversation(
         summarizing(_config(broker, w.cfg.prefix, model)) as a,
         summarizing(_config(broker, w.cfg.prefix, model)) as b,
         device(broker.host, broker.port, w.cfg.prefix) as d,
-        watcher(broker.host, broker.port, f"{w.cfg.prefix}-reply/#") as replies,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):
         await talk(d, "c", 1, 30)
         assert await summary_upto(d, replies, "c", 28) == words(1, 28)
@@ -182,7 +182,7 @@ async def test_a_summarizer_killed_mid_fold_resumes_where_it_was(
     async with (
         worker_factory(max_turns=2, trimmed_events=True) as w,
         device(broker.host, broker.port, w.cfg.prefix) as d,
-        watcher(broker.host, broker.port, f"{w.cfg.prefix}-reply/#") as replies,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):
         model.set_mode("hold")
         proc = await asyncio.to_thread(spawn_summarizer, broker, w.cfg.prefix, model, cid)
@@ -220,7 +220,7 @@ async def test_a_broker_restart_loses_no_trimmed_turn(
         await asyncio.wait_for(s.connected.wait(), 15)
         async with (
             device(b.host, b.port, w.cfg.prefix) as d,
-            watcher(b.host, b.port, f"{w.cfg.prefix}-reply/#") as replies,
+            watcher(b.host, b.port, "reply/+/_summarizer/#") as replies,
         ):
             await talk(d, "c", 5, 6)
             assert await summary_upto(d, replies, "c", 4) == words(1, 4)

@@ -41,7 +41,13 @@ import aiomqtt
 
 from worker import __version__
 from worker import constants as c
-from worker.client import ConflictError, MemoryClient, MemoryWorkerError, TooLargeError
+from worker.client import (
+    ConflictError,
+    MemoryClient,
+    MemoryWorkerError,
+    TooLargeError,
+    check_reply_prefix,
+)
 from worker.config import tls_context
 from worker.errors import ConfigError
 from worker.llm import (
@@ -53,7 +59,7 @@ from worker.llm import (
     Folded,
     ModelError,
 )
-from worker.mqtt import NODELAY, Connection, Message, connect_properties
+from worker.mqtt import NODELAY, Connection, Message, connect_properties, refusal
 from worker.protocol import decode_event, validate_prefix
 from worker.systemd import Notifier, configure_logging
 
@@ -63,6 +69,9 @@ DEFAULT_CLIENT_ID = "memory-summarizer"
 DEFAULT_GROUP = "summarizers"
 DEFAULT_CONCURRENCY = 2
 DEFAULT_GAP_WAIT = 60.0
+# Under each conversation's reply/<convo>/, where a worker run with --route-prefix
+# reply/{convo} (deploy/'s) may answer, and the summarizer role may read.
+DEFAULT_REPLY_PREFIX = "reply/{convo}/_summarizer"
 ENV_PREFIX = "MEMORY_SUMMARIZER_"
 # Events handed to us and not yet acknowledged: the broker holds the rest.
 _RECEIVE_MAXIMUM = 1000
@@ -80,6 +89,7 @@ class SummarizerConfig:
     prefix: str = c.DEFAULT_PREFIX
     client_id: str = DEFAULT_CLIENT_ID
     group: str = DEFAULT_GROUP
+    reply_prefix: str = DEFAULT_REPLY_PREFIX
     username: str | None = None
     password: str | None = None
     tls_ca: str | None = None
@@ -115,6 +125,10 @@ class SummarizerConfig:
         ):
             if number <= 0:
                 raise ConfigError(f"--{name} must be more than 0, got {number}")
+        try:
+            check_reply_prefix(self.reply_prefix, self.prefix)
+        except MemoryWorkerError as exc:
+            raise ConfigError(f"--reply-prefix: {exc.message}") from None
         if self.gap_wait < 0:
             raise ConfigError(f"--gap-wait must be 0 or more seconds, got {self.gap_wait}")
         if not self.llm_url.startswith(("http://", "https://")):
@@ -133,6 +147,7 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], str], ...] = (
     ("prefix", str, "the worker's topic prefix P"),
     ("client-id", str, "MQTT client id: give each instance its own, stable across restarts"),
     ("group", str, "share group: summarizers of one group split the trimmed events"),
+    ("reply-prefix", str, "where the worker's replies to it go; {convo}: the conversation id"),
     ("username", str, "broker username"),
     ("password", str, "broker password (prefer the environment variable)"),
     ("tls-ca", str, "CA certificate file: connect with TLS, verifying the broker"),
@@ -252,7 +267,7 @@ class Summarizer:
             username=cfg.username,
             password=cfg.password,
             tls_ca=cfg.tls_ca,
-            reply_prefix=f"{cfg.prefix}-reply/{cfg.client_id}",
+            reply_prefix=cfg.reply_prefix,
         )
         conn = Connection(
             self._on_message,
@@ -293,7 +308,13 @@ class Summarizer:
             self._generation += 1  # acknowledgements of an older connection are not sent
             try:
                 async with conn:
-                    await conn.subscribe(self.topic_filter, qos=1)
+                    refused = refusal(await conn.subscribe(self.topic_filter, qos=1))
+                    if refused:
+                        raise aiomqtt.MqttError(
+                            f"the broker refused the subscription to {self.topic_filter} "
+                            f"({refused}): on a secured broker this client needs the "
+                            "summarizer role (deploy/add-user summarizer)"
+                        )
                     attempt = 0
                     self.connected.set()
                     self.systemd.ready(f"folding {self.cfg.prefix}/+/trimmed")
