@@ -38,7 +38,16 @@ from worker.protocol import (
     Trimmed,
     Turns,
 )
-from worker.turns import expand_turns, pack_turn, repack_turn, turn_end, turn_marks, turn_size
+from worker.turns import (
+    TURN_PARTS,
+    expand_parts,
+    expand_turns,
+    pack_turn,
+    repack_turn,
+    turn_end,
+    turn_marks,
+    turn_size,
+)
 
 NO_DEADLINE: Final = float("inf")
 
@@ -150,22 +159,24 @@ class Convo:
         """The newest `n` turns (all: None) that fit `max_tokens` with the summary."""
         summary = self.summary if with_summary else None
         extra = summary[2] if summary is not None else 0
-        if max_tokens is not None:
-            turns, budget, start, count = self.turns, max_tokens - extra, len(self.turns), 0
-            marks = turn_marks(turns)
-            for at, _, tokens in reversed(marks[-n:] if n else marks):
+        if n is None or n >= self.count:
+            count, turns = self.count, self.turns
+        else:
+            count, turns = n, self.turns[self._skip(self.count - n) :]
+        if max_tokens is None:
+            data, total = expand_turns(turns)
+            return Turns(count, data, total + extra, summary)
+        each: list[int] = []
+        parts, total = expand_parts(turns, each)
+        if total + extra > max_tokens:  # walk back from the newest turn while they fit
+            budget, count, total = max_tokens - extra, 0, 0
+            for tokens in reversed(each):
                 if tokens > budget:
                     break
                 budget -= tokens
-                start, count = at, count + 1
-            data, total = expand_turns(turns[start:])
-        elif n is None or n >= self.count:
-            count = self.count
-            data, total = expand_turns(self.turns)
-        else:
-            count = n
-            data, total = expand_turns(self.turns[self._skip(self.count - n) :])
-        return Turns(count, data, total + extra, summary)
+                count, total = count + 1, total + tokens
+            parts = parts[len(parts) - count * TURN_PARTS :] if count else []
+        return Turns(count, b"".join(parts), total + extra, summary)
 
     def turn_list(self) -> list[bytes]:
         """The packed turns, one by one (what SQLite persists)."""
