@@ -197,6 +197,8 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         (["get", "_worker"], "reserved"),
         (["append", "c", "", "hi"], "'role'"),
         (["state", "save", "c", "n+s", "k", "1"], None),
+        (["state", "save", "c", "ns", "flag", "TRUE"], "not JSON"),
+        (["state", "save", "c", "ns", "lang", "en"], "--string"),
         (["state", "load", "c", "ns", "k" * 129], "'key'"),
         (["state", "get-all", "c", ""], "'ns'"),
         (["--reply-prefix", "a/#", "get", "c"], "reply prefix"),

@@ -75,24 +75,23 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     sub.add_parser("stats", help="print each worker's latest stats")
     s = sub.add_parser("state", help="per-conversation state: save, load, get-all, delete")
     ssub = s.add_subparsers(dest="state_command", required=True)
-    sv = ssub.add_parser("save", help="save a key; VALUE is JSON (a bare word is a string)")
+    sv = ssub.add_parser("save", help="save a key; VALUE is JSON ('\"en\"', 3, true, [1])")
     for q in (sv, ssub.add_parser("load"), ssub.add_parser("delete")):
         q.add_argument("convo")
         q.add_argument("ns")
         q.add_argument("key")
     sv.add_argument("value")
     sv.add_argument("--ttl", type=float)
+    sv.add_argument("--string", action="store_true", help="VALUE is a string, not JSON")
     ga = ssub.add_parser("get-all")
     ga.add_argument("convo")
     ga.add_argument("ns")
     return p
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def _state_value(args: argparse.Namespace) -> Any:
+    """The value of `state save`: JSON, or with --string the text as it is."""
+    return args.value if args.string else json.loads(args.value)
 
 
 def _client(args: argparse.Namespace) -> MemoryClient:
@@ -122,7 +121,7 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     elif args.command == "delete":
         reply["deleted"] = await memory.forget(args.convo)
     elif args.state_command == "save":
-        value = _json_value(args.value)
+        value = _state_value(args)
         await memory.save(args.convo, args.ns, args.key, value, args.ttl, request_id=rid)
     elif args.state_command == "load":
         value = await memory.load(args.convo, args.ns, args.key)
@@ -194,8 +193,12 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if args.command == "state":
             body = {"ns": args.ns, "key": getattr(args, "key", "k"), "value": 0}
             check_request(args.convo, c.OP_STATE_SAVE, body)
+        if getattr(args, "state_command", None) == "save":
+            _state_value(args)
     except (WorkerError, MemoryWorkerError) as exc:
         return exc.message
+    except json.JSONDecodeError:
+        return f"VALUE {args.value!r} is not JSON: quote a string ('\"{args.value}\"') or add --string"
     return None
 
 
