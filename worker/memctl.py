@@ -198,7 +198,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     except (WorkerError, MemoryWorkerError) as exc:
         return exc.message
     except json.JSONDecodeError:
-        return f"VALUE {args.value!r} is not JSON: quote a string ('\"{args.value}\"') or add --string"
+        value = args.value
+        return f"VALUE {value!r} is not JSON: quote a string ('\"{value}\"') or add --string"
     return None
 
 
