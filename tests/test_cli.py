@@ -185,6 +185,22 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         assert 0 <= out[0]["age"] < 60
 
 
+async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
+    broker: Mosquitto, program_worker: Any
+) -> None:
+    """memctl retire refuses an online worker; once it stopped, clears its retained status and
+    stats, so that memctl stats (and the page) no longer show it."""
+    prefix, client_id, proc = program_worker
+    rc, out = await memctl(broker, prefix, "retire", client_id)
+    assert (rc, out) == (1, [])
+    assert (await memctl(broker, prefix, "stats"))[0] == 0
+    assert reap(proc, signal.SIGTERM) == 0
+    rc, out = await memctl(broker, prefix, "retire", client_id)
+    assert (rc, out) == (0, [{"ok": True, "retired": client_id}])
+    assert await memctl(broker, prefix, "stats", wait=0.5) == (3, [])
+    assert (await memctl(broker, prefix, "retire", client_id, wait=0.5))[0] == 1
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -208,6 +224,7 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         (["--id", "i" * 65, "append", "c", "user", "hi"], "'id'"),
         (["get", "c", "--last", "0"], "'last'"),
         (["--timeout", "0", "get", "c"], "--timeout"),
+        (["retire", "a/b"], "client id"),
     ],
 )
 def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | None) -> None:
