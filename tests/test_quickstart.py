@@ -17,6 +17,7 @@ import aiomqtt
 import msgpack
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.clients import device
 from tests.processes import MOSQUITTO, REPO, Mosquitto, free_port, wait_port
@@ -84,7 +85,7 @@ def scripts_run(clone: Path, port: int, *args: str) -> Iterator[list[str]]:
 def session_present(port: int, client_id: str) -> bool:
     """Whether the broker on `port` still keeps a session for `client_id` (MQTT 5 CONNACK)."""
     flags: list[bool] = []
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id, protocol=paho.MQTTv5)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id, protocol=paho.MQTTv5)
     client.on_connect = lambda _c, _u, f, _rc, _p: flags.append(f.session_present)
     client.connect("127.0.0.1", port, clean_start=False)
     deadline = time.monotonic() + 10
