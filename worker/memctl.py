@@ -203,7 +203,7 @@ async def retire(args: argparse.Namespace) -> int:
                         found[message.topic.value.rsplit("/", 1)[1]] = body
                         if {"status", "stats"} <= found.keys():
                             break
-            if "status" in found and msgpack_or_json(found["status"]).get("state") == "online":
+            if "status" in found and _status_body(found["status"]).get("state") == "online":
                 print(f"memctl: {args.client_id} is online: stop it first", file=sys.stderr)
                 return EXIT_ERROR
             if not found:
@@ -219,7 +219,7 @@ async def retire(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def msgpack_or_json(payload: bytes) -> dict[str, Any]:
+def _status_body(payload: bytes) -> dict[str, Any]:
     """A status body, whichever --event-format the worker ran with."""
     try:
         body = decode_event(payload, None)
