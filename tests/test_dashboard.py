@@ -218,7 +218,8 @@ async def test_dashboard_asks_for_a_login(browser: Browser, tmp_path: Path, pass
 async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
     browser: Browser, secured: Mosquitto
 ) -> None:
-    """deploy/'s dashboard user logs in, sees the worker, and is told it may not inspect."""
+    """deploy/'s dashboard user logs in, sees the worker, and is told it may not inspect, nor
+    remove the worker once stopped."""
     cfg = test_security.worker_config(secured, stats_interval=0.3)
     async with running(cfg):
         assert secured.ws_port is not None
@@ -240,3 +241,8 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
         await expect(status).to_have_attribute("data-state", "denied")
         await expect(status).to_contain_text("may only watch")
         await shot(page, "5-deploy-dashboard-user")
+    await expect(card).to_have_attribute("data-state", "offline")  # the worker stopped
+    await card.locator(".retire button").click()
+    await expect(card.locator(".retire .refused")).to_contain_text("may only watch")
+    await expect(card).to_have_count(1)
+    await shot(page, "8-deploy-remove-refused")

@@ -53,7 +53,7 @@
     let refused = null;
     for (const kind of ["stats", "status"]) {
       client.publish(`${prefix}/_worker/${clientId}/${kind}`, "", { qos: 1, retain: true }, (err) => {
-        refused ??= err ? `the broker refused (${err.message}); this login may only watch` : null;
+        refused ??= err ? `the broker refused (${err.message}): this login may only watch; memctl retire ${clientId} with one that may` : null;
         if (--left === 0) done(refused);
       });
     }
