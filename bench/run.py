@@ -523,7 +523,7 @@ def cluster_vs_redis(
 
 # --- frugality: memory against the budget, idle cost, eviction cost (issue 11) -----------
 
-SHAPES = ("one-turn", "full", "keys", "long-ids")
+SHAPES = ("one-turn", "full", "interleaved", "keys", "long-ids")
 
 
 def proc_rss(pid: int) -> int:
@@ -558,6 +558,8 @@ def _shape_request(shape: str, i: int) -> tuple[str, dict[str, Any]]:
         return f"c{i}/append", {"role": "user", "content": content}
     if shape == "full":
         return f"c{i // 8}/append", {"role": "user", "content": content}
+    if shape == "interleaved":  # a fleet: 20,000 conversations in turn, one turn each
+        return f"c{i % 20_000}/append", {"role": "user", "content": content}
     if shape == "long-ids":
         return f"c{i:08d}{'y' * 119}/append", {"role": "user", "content": content}
     return f"c{i // 100}/state/save", {"ns": "n", "key": f"key{i % 100}", "value": "v" * 100}
@@ -597,7 +599,7 @@ def memory_budget(args: argparse.Namespace, b: Mosquitto) -> dict[str, Any]:
     against the budget (the worker's own process, RSS from /proc)."""
     budget = args.budget_bytes
     out: dict[str, Any] = {"budget": budget}
-    per_request = {"one-turn": 630, "full": 290, "keys": 200, "long-ids": 750}
+    per_request = {"one-turn": 630, "full": 290, "interleaved": 290, "keys": 200, "long-ids": 750}
     for shape in SHAPES:
         cmd = worker_cmd(b, "--max-bytes", str(budget), "--ttl", "0")
         cmd[cmd.index("--max-conversations") + 1] = "10000000"
@@ -610,13 +612,17 @@ def memory_budget(args: argparse.Namespace, b: Mosquitto) -> dict[str, Any]:
             grown = proc_rss(proc.pid) - idle
         out[shape] = {"requests": n, "idle_rss": idle, "growth": grown, "ratio": grown / budget}
         print(f"  {shape}: RSS grew {grown / budget:.2f}x the budget", file=sys.stderr)
-    cmd = worker_cmd(b, "--ttl", "0", "--max-bytes", str(2**30))
-    with responder(cmd, "serving") as proc:
-        time.sleep(1)
-        idle = proc_rss(proc.pid)
-        fill(b, "full", 160_000)
-        time.sleep(0.5)
-        out["worker_bytes_per_turn"] = (proc_rss(proc.pid) - idle) / 160_000
+    # 20,000 conversations of 8 turns, filled one conversation after the other ("full") and
+    # as a fleet speaks, the conversations in turn, one turn each ("interleaved")
+    for shape, key in (("full", ""), ("interleaved", "_interleaved")):
+        cmd = worker_cmd(b, "--ttl", "0", "--max-bytes", str(2**30))
+        cmd[cmd.index("--max-conversations") + 1] = "20000"
+        with responder(cmd, "serving") as proc:
+            time.sleep(1)
+            idle = proc_rss(proc.pid)
+            fill(b, shape, 160_000)
+            time.sleep(0.5)
+            out[f"worker_bytes_per_turn{key}"] = (proc_rss(proc.pid) - idle) / 160_000
     return out
 
 
@@ -649,7 +655,12 @@ def store_rss() -> dict[str, Any]:
     """Store RSS per item of each shape, each in its own process (the costs in constants.py
     come from these figures); per turn for full conversations (20,000 x 8 turns)."""
     out: dict[str, Any] = {}
-    for shape, n in (("one-turn", 200_000), ("full", 160_000), ("keys", 200_000)):
+    for shape, n in (
+        ("one-turn", 200_000),
+        ("full", 160_000),
+        ("interleaved", 160_000),
+        ("keys", 200_000),
+    ):
         code = f"from bench.run import store_rss_child; store_rss_child({shape!r}, {n})"
         res = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
         out[shape] = json.loads(res.stdout)
@@ -777,7 +788,9 @@ def frugal_table(result: dict[str, Any]) -> list[str]:
             )
         lines.append(
             f"worker RSS per stored 120-byte turn: {m['worker_bytes_per_turn']:.0f} bytes "
-            "(20,000 conversations x 8 turns, no eviction)"
+            "filled one conversation after the other, "
+            f"{m.get('worker_bytes_per_turn_interleaved', float('nan')):.0f} bytes filled "
+            "interleaved (20,000 conversations x 8 turns, no eviction)"
         )
     if "store_rss" in result:
         r = result["store_rss"]
@@ -787,7 +800,12 @@ def frugal_table(result: dict[str, Any]) -> list[str]:
                 f"{k} {v['per_item']:.0f} / {v['accounted_per_item']:.0f} B" for k, v in r.items()
             ),
             f"memory per stored 120-byte turn: {r['full']['per_item']:.0f} bytes "
-            "(RSS delta, 20,000 conversations x 8 turns)",
+            "(RSS delta, 20,000 conversations x 8 turns)"
+            + (
+                f", {r['interleaved']['per_item']:.0f} bytes filled interleaved"
+                if "interleaved" in r
+                else ""
+            ),
         ]
     if "idle" in result:
         i = result["idle"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.run import NODE, throughput_table
+from bench.run import NODE, SHAPES, _shape_request, frugal_table, throughput_table
 
 ARGS = {"window": 64, "conversations": 100, "rounds": 3}
 
@@ -56,3 +56,25 @@ def test_table_of_results_without_cpu_figures_still_prints() -> None:
     text = "\n".join(throughput_table(result))
     assert "| worker (memory) | 10,000 | ? | 8,000 | ? |" in text
     assert "vs Node.js: ? at QoS 0, ? at QoS 1" in text
+
+
+def test_memory_lines_report_both_fills() -> None:
+    """The memory lines give RSS per turn filled one conversation after the other and
+    interleaved, as a fleet speaks (each conversation in turn, one turn each)."""
+    shape = {"requests": 1, "idle_rss": 0, "growth": 2**20, "ratio": 0.8}
+    budget = {"budget": 2**24, **dict.fromkeys(SHAPES, shape)}
+    budget |= {"worker_bytes_per_turn": 189.4, "worker_bytes_per_turn_interleaved": 228.0}
+    item = {"per_item": 169.0, "accounted_per_item": 317.0}
+    stored = {"full": item, "interleaved": {**item, "per_item": 203.0}}
+    text = "\n".join(frugal_table({"memory_budget": budget, "store_rss": stored}))
+    assert "| interleaved | 1 | 1.0 MiB | 0.80x |" in text
+    assert "189 bytes filled one conversation after the other, 228 bytes filled interleaved" in text
+    assert (
+        "169 bytes (RSS delta, 20,000 conversations x 8 turns), 203 bytes filled interleaved"
+        in text
+    )
+    assert [_shape_request("interleaved", i)[0] for i in (0, 1, 20_000)] == [
+        "c0/append",
+        "c1/append",
+        "c0/append",
+    ]
