@@ -27,10 +27,16 @@ optional_bytes = st.none() | st.binary(max_size=300)
 
 
 def paho_publish(
-    topic: str, payload: bytes, qos: int, retain: bool, mid: int, props: Properties | None
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    mid: int,
+    props: Properties | None,
+    protocol: int = paho.MQTTv5,
 ) -> bytes:
     """The PUBLISH packet paho itself would write."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
     left, right = socket.socketpair()  # _send_publish needs "connected"; nothing is sent
     client._sock = left
     client.on_socket_register_write = lambda *_: None  # queue the packet, do not write it
@@ -76,6 +82,40 @@ def test_publish_encodes_as_paho_does(
         qos,
         mid,
     )
+
+
+@given(topics, st.text(max_size=200), st.binary(max_size=300))
+def test_request_properties_encode_as_paho_does(
+    topic: str, response: str, correlation: bytes
+) -> None:
+    """A client's request (Response Topic, Correlation Data) is the PUBLISH paho writes."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = response
+    props.CorrelationData = correlation
+    ours = packets.PublishProperties(response_topic=response)(correlation)
+    packet = packets.encode_publish(topic.encode(), b"{}", 1, False, 9, ours)
+    assert packet == paho_publish(topic, b"{}", 1, False, 9, props)
+
+
+@given(topics, payloads, st.sampled_from([0, 1]), st.booleans())
+def test_mqtt311_publish_both_ways_as_paho(
+    topic: str, payload: bytes, qos: int, retain: bool
+) -> None:
+    """MQTT 3.1.1 (the client's protocol=3): no properties; written as paho writes it, and
+    read back."""
+    mid = 513 if qos else 0
+    ours = packets.encode_publish(topic.encode(), payload, qos, retain, mid, b"")
+    assert ours == paho_publish(topic, payload, qos, retain, mid, None, paho.MQTTv311)
+    start, end = packets.frame(ours, 0)
+    msg = packets.decode_publish(ours[0], ours, start, end, v5=False)
+    assert (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid) == (
+        topic,
+        payload,
+        qos,
+        retain,
+        mid,
+    )
+    assert (msg.response_topic, msg.correlation) == (None, None)
 
 
 @given(
