@@ -33,7 +33,7 @@ def paho_publish(
     retain: bool,
     mid: int,
     props: Properties | None,
-    protocol: int = paho.MQTTv5,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
 ) -> bytes:
     """The PUBLISH packet paho itself would write."""
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
@@ -105,7 +105,9 @@ def test_mqtt311_publish_both_ways_as_paho(
     read back."""
     mid = 513 if qos else 0
     ours = packets.encode_publish(topic.encode(), payload, qos, retain, mid, b"")
-    assert ours == paho_publish(topic, payload, qos, retain, mid, None, paho.MQTTv311)
+    assert ours == paho_publish(
+        topic, payload, qos, retain, mid, None, MQTTProtocolVersion.MQTTv311
+    )
     start, end = packets.frame(ours, 0)
     msg = packets.decode_publish(ours[0], ours, start, end, v5=False)
     assert (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid) == (

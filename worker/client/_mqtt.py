@@ -220,8 +220,6 @@ class MemoryClient(_Api):
     def _on_message(self, client: Connection, message: Message) -> None:
         """Every PUBLISH, as the transport reads it: a reply completes its request at once (no
         queue, no task); events and stats go to their listeners."""
-        if message.qos:
-            client.acknowledge(message.mid, message.qos)
         if not message.topic.startswith(self._under_prefix):
             self._answer(message)
         elif message.topic.startswith(self._worker_topics):
@@ -230,6 +228,10 @@ class MemoryClient(_Api):
         elif message.topic.endswith("/" + c.EVICTED):
             with contextlib.suppress(Exception):
                 self._events.publish(decode_event(message.payload, None))
+        if message.qos:
+            # After the answer, whose task then runs first on the next turn of the loop: the
+            # request it sends next goes out in the same write as this acknowledgement.
+            client.acknowledge(message.mid, message.qos)
 
     def _answer(self, message: Message) -> None:
         try:
