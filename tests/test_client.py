@@ -414,3 +414,14 @@ def test_every_wire_code_has_its_exception() -> None:
 
     assert sorted(_BY_CODE) == sorted(ERROR_CODES)
     assert all(type(error_for(code, "m")).code == code for code in ERROR_CODES)
+
+
+def test_the_client_and_the_worker_share_one_error_tree() -> None:
+    """Each client error for a wire code is also the worker's error class for that code."""
+    from worker import errors
+    from worker.client import error_for
+
+    worker_classes = [errors.WorkerError, *errors.WorkerError.__subclasses__()]
+    for cls in worker_classes:
+        if cls.code in errors.ERROR_CODES:
+            assert isinstance(error_for(cls.code, "m"), cls), cls

@@ -56,6 +56,15 @@ def paho_decode(packet: bytes) -> Any:
     return _packet.decode_publish(packet[0], packet[start:end], MQTTProtocolVersion.MQTTv5)
 
 
+def read_back(packet: bytes, v5: bool = True) -> packets.Incoming:
+    start, end = packets.frame(packet, 0)
+    return packets.decode_publish(packet[0], packet, start, end, v5)
+
+
+def fields(msg: packets.Incoming) -> tuple[str, bytes, int, bool, int]:
+    return (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid)
+
+
 @given(topics, payloads, st.sampled_from([0, 1]), st.booleans(), optional_bytes)
 def test_publish_encodes_as_paho_does(
     topic: str, payload: bytes, qos: int, retain: bool, correlation: bytes | None
@@ -108,15 +117,8 @@ def test_mqtt311_publish_both_ways_as_paho(
     assert ours == paho_publish(
         topic, payload, qos, retain, mid, None, MQTTProtocolVersion.MQTTv311
     )
-    start, end = packets.frame(ours, 0)
-    msg = packets.decode_publish(ours[0], ours, start, end, v5=False)
-    assert (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid) == (
-        topic,
-        payload,
-        qos,
-        retain,
-        mid,
-    )
+    msg = read_back(ours, v5=False)
+    assert fields(msg) == (topic, payload, qos, retain, mid)
     assert (msg.response_topic, msg.correlation) == (None, None)
 
 
@@ -159,15 +161,8 @@ def test_publish_decodes_what_paho_encodes(
         props.SubscriptionIdentifier = subscription
     mid = 65535 if qos else 0
     packet = paho_publish(topic, payload, qos, retain, mid, props)
-    start, end = packets.frame(packet, 0)
-    msg = packets.decode_publish(packet[0], packet, start, end)
-    assert (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid) == (
-        topic,
-        payload,
-        qos,
-        retain,
-        mid,
-    )
+    msg = read_back(packet)
+    assert fields(msg) == (topic, payload, qos, retain, mid)
     assert msg.response_topic == response
     assert msg.correlation == correlation
 
