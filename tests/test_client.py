@@ -196,6 +196,18 @@ def _gapless(turns: list[Any], n: int) -> None:
 
 
 @pytest.mark.parametrize("protocol", [5, 3])
+async def test_qos_0_requests_are_answered(
+    broker: Mosquitto, worker: Service, protocol: int
+) -> None:
+    """qos=0 sends requests and takes replies at QoS 0, under MQTT 5 and 3.1.1 alike."""
+    async with MemoryClient(
+        broker.host, broker.port, worker.cfg.prefix, qos=0, protocol=protocol
+    ) as m:
+        assert (await m.append("q0", "user", "a")).seq == 1
+        assert [t["content"] for t in await m.get("q0")] == ["a"]
+
+
+@pytest.mark.parametrize("protocol", [5, 3])
 async def test_the_same_request_id_twice_at_once_gets_both_answers(
     broker: Mosquitto, worker: Service, protocol: int
 ) -> None:
