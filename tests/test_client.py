@@ -433,7 +433,10 @@ def test_the_client_and_the_worker_share_one_error_tree() -> None:
     from worker import errors
     from worker.client import error_for
 
-    worker_classes = [errors.WorkerError, *errors.WorkerError.__subclasses__()]
+    worker_classes: list[type[errors.WorkerError]] = [
+        errors.WorkerError,
+        *errors.WorkerError.__subclasses__(),
+    ]
     for cls in worker_classes:
         if cls.code in errors.ERROR_CODES:
             assert isinstance(error_for(cls.code, "m"), cls), cls
