@@ -78,3 +78,25 @@ def test_memory_lines_report_both_fills() -> None:
         "c1/append",
         "c0/append",
     ]
+
+
+def test_client_lines_state_the_four_targets_as_ratios() -> None:
+    """The client's lines give its window-1 round trip over raw MQTT's, its window-64
+    throughput over the load generator's, its CPU over the worker's, and the blocking
+    client's throughput over the async client's."""
+    from bench.run import _client_lines
+
+    window = {"raw_rps": 20_000, "raw_p50_ms": 0.1, "client_p50_ms": 0.15, "worker_cpu_us": 20}
+    client = {
+        "1": {**window, "client_rps": 5_000, "client_cpu_us": 60},
+        "8": {**window, "client_rps": 12_000, "client_cpu_us": 30, "blocking_rps": 6_000},
+        "64": {**window, "client_rps": 15_000, "client_cpu_us": 30},
+    }
+    text = "\n".join(_client_lines({"client": client}))
+    assert "(1.50x; client CPU 60 us per append; target within 1.5x)" in text
+    assert "15,000 req/s vs load generator at window 64 20,000 req/s (75%;" in text
+    assert (
+        "30.0 us vs the worker's 20.0 us per request it serves (1.50x; target at most 2x)" in text
+    )
+    assert "6,000 req/s vs the async client at window 64 15,000 req/s (40%;" in text
+    assert "at window 8 12,000 req/s (50%)" in text
