@@ -802,3 +802,31 @@ async def test_a_summary_for_a_conversation_started_again_is_a_conflict(make: Ma
     assert (refused.upto, refused.seq, refused.born) == (0, 1, born + 1000)
     assert [t["content"] for t in await turns(h, "c")] == ["new"]
     assert isinstance(await summarize(h, "c", "new", 1, 0, born=born + 1000), Fields)
+
+
+async def test_an_id_is_remembered_per_operation(make: Make) -> None:
+    """The same id on an append, a state save and a summary is three requests: each is
+    applied once, and a repeat of each gets its own reply."""
+    h = await make(max_turns=10)
+    for _ in range(2):
+        assert await add(h, "c", "x", id="same") == {"seq": 1, "count": 1}
+        await save(h, "c", "k", 1, id="same")
+    await add(h, "c", "y")
+    for _ in range(2):
+        saved = await h.ok(Summary("c", "s", 1, 0, id="same"))
+        assert saved.fields == {"upto": 1, "dropped": 1}
+    assert [t["content"] for t in await turns(h, "c")] == ["y"]
+
+
+async def test_born_is_unique_within_one_millisecond(make: Make) -> None:
+    """A conversation deleted and started again at the same instant gets another born, so a
+    summary meant for the first cannot apply to the second."""
+    h = await make(max_turns=1, trimmed_events=True)
+    await add(h, "c", "a")
+    await add(h, "c", "b")
+    (born,) = h.born
+    await h.ok(Delete("c"))
+    await add(h, "c", "a")
+    refused = await summarize(h, "c", "old", 1, 0, born=born)
+    assert isinstance(refused, Conflict)
+    assert refused.born == born + 1

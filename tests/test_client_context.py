@@ -68,3 +68,20 @@ async def test_the_blocking_client_speaks_context_too() -> None:
             assert store.get("c", max_tokens=1) == ctx.turns
 
     await asyncio.to_thread(run)
+
+
+async def test_text_that_is_not_utf8_is_refused_in_process() -> None:
+    """memory:// refuses a lone surrogate with bad_request, as no msgpack message could carry
+    one, and the conversation stays readable."""
+    from worker.client import open_memory
+
+    async with open_memory("memory://") as local:
+        await local.append("c", "user", "fine")
+        for call in (
+            local.append("c", "user", "bad \ud800"),
+            local.summarize("c", "bad \udfff", 1, 0),
+            local.save("c", "ns", "k", ["bad \ud800"]),
+        ):
+            with pytest.raises(BadRequestError, match="UTF-8"):
+                await call
+        assert [t["content"] for t in await local.get("c")] == ["fine"]

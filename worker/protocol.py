@@ -31,6 +31,7 @@ _BAD_NAME_CHARS: Final = re.compile(f"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\uf
 _BAD_CONVO_CHARS: Final = re.compile(
     f"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef{_NONCHARS}+#/]"
 )
+_SURROGATES: Final = re.compile("[\ud800-\udfff]")
 # Devices reuse their reply topics and conversations: what was checked once is remembered.
 _CACHE_SIZE: Final = 4096
 
@@ -297,7 +298,9 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
         last = _int(body, "last", 1)
         if "max_tokens" not in body and "summary" not in body:
             return Get(convo, last)
-        summary = body.get("summary", True)
+        summary = body.get("summary")
+        if summary is None:
+            summary = True
         if not isinstance(summary, bool):
             raise BadRequest("'summary' must be true or false")
         return Get(convo, last, _int(body, "max_tokens", 1), summary)
@@ -334,7 +337,10 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
         isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
     ):
         raise BadRequest("'ttl' must be a number of seconds > 0")
-    value = msgpack.packb(body["value"])
+    try:
+        value = msgpack.packb(body["value"])
+    except UnicodeEncodeError:  # a Python caller's str with lone surrogates (memory://)
+        raise BadRequest("'value' holds text that is not valid UTF-8") from None
     return StateSave(
         convo,
         ns,
@@ -352,7 +358,13 @@ def check_request(convo: str, op: str, body: dict[Any, Any]) -> Request:
         raise BadTopic(f"unknown operation {op!r}")
     validate_convo(convo)
     req_id = _check_id(body["id"]) if "id" in body else _MISSING
-    return _build(op, convo, body, req_id)
+    request = _build(op, convo, body, req_id)
+    # A Python caller's str may hold lone surrogates, which no msgpack message can carry.
+    for name in ("role", "content", "text", "ns", "key"):
+        text = getattr(request, name, None)
+        if isinstance(text, str) and _SURROGATES.search(text):
+            raise BadRequest(f"'{name}' is not valid UTF-8 (it holds a lone surrogate)")
+    return request
 
 
 def reply_parsed(req_id: Any = _MISSING) -> Parsed:

@@ -40,10 +40,12 @@ from worker.protocol import (
 )
 from worker.turns import (
     TURN_PARTS,
+    content_size,
     expand_parts,
     expand_turns,
     pack_turn,
     repack_turn,
+    summary_size,
     turn_end,
     turn_marks,
     turn_size,
@@ -218,6 +220,7 @@ class Store:
         self.turns = 0
         self.bytes = 0
         self.keys = 0
+        self._last_born = 0
 
     # --- reading the bounds -------------------------------------------------------------
 
@@ -269,10 +272,11 @@ class Store:
         now = self._clock()
         name = req.convo
         cv = self._live(name, now)
-        if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
-            return self._done(name, cv, now, None, cv.ids[req.id])
+        key = (c.OP_APPEND, req.id)
+        if cv is not None and req.id is not None and cv.ids and key in cv.ids:
+            return self._done(name, cv, now, None, cv.ids[key])
         lim = self.limits
-        size = len(req.role.encode()) + len(req.content.encode()) + lim.turn_cost
+        size = content_size(req.role, req.content) + lim.turn_cost
         if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
             raise TooLarge(
                 f"the turn ({size} bytes with its overhead) does not fit in --max-bytes "
@@ -290,7 +294,7 @@ class Store:
         cv.nbytes += size
         self.bytes += size
         self._trim_own(name, cv, 1, dropped)
-        return self._done(name, cv, now, req.id, {"seq": cv.seq, "count": cv.count})
+        return self._done(name, cv, now, key, {"seq": cv.seq, "count": cv.count})
 
     def get(self, req: Get) -> Turns:
         now = self._clock()
@@ -304,11 +308,12 @@ class Store:
         now = self._clock()
         name = req.convo
         cv = self._live(name, now)
-        if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
-            return self._done(name, cv, now, None, cv.ids[req.id])
-        current = cv.summary[1] if cv is not None and cv.summary else 0
+        key = (c.OP_SUMMARY, req.id)
+        if cv is not None and req.id is not None and cv.ids and key in cv.ids:
+            return self._done(name, cv, now, None, cv.ids[key])
         if cv is None:
             raise Conflict("the conversation is not live", 0, 0)
+        current = cv.summary[1] if cv.summary else 0
         if req.born is not None and req.born != cv.born:
             why = f"the conversation was started again (born {cv.born}, not {req.born})"
             raise Conflict(why, current, cv.seq, cv.born)
@@ -318,7 +323,7 @@ class Store:
         if not req.base < req.upto <= cv.seq:
             raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq, cv.born)
         lim = self.limits
-        size = len(req.text.encode("utf-8", "surrogatepass")) + lim.turn_cost
+        size = summary_size(req.text, lim.turn_cost)
         old = self._summary_size(cv)
         if size + self._base(name) + cv.sbytes - old > lim.max_bytes:
             raise TooLarge(
@@ -333,7 +338,7 @@ class Store:
         cv.nbytes += size - old - freed
         self.bytes += size - old - freed
         self._trim_own(name, cv, 0, [])
-        return self._done(name, cv, now, req.id, {"upto": req.upto, "dropped": len(covered)})
+        return self._done(name, cv, now, key, {"upto": req.upto, "dropped": len(covered)})
 
     def delete(self, req: Delete) -> Fields:
         cv = self._live(req.convo, self._clock())
@@ -347,8 +352,9 @@ class Store:
         now = self._clock()
         name = req.convo
         cv = self._live(name, now)
-        if cv is not None and req.id is not None and cv.ids and req.id in cv.ids:
-            return self._done(name, cv, now, None, cv.ids[req.id])
+        key = (c.OP_STATE_SAVE, req.id)
+        if cv is not None and req.id is not None and cv.ids and key in cv.ids:
+            return self._done(name, cv, now, None, cv.ids[key])
         old = self._live_key(name, cv, req.ns, req.key, now) if cv else None
         lim = self.limits
         if old is None and cv is not None and cv.nkeys >= lim.max_keys:
@@ -372,7 +378,7 @@ class Store:
         self.bytes += delta
         if req.ttl is not None:
             self._push_key_deadline(deadline, name, req.ns, req.key)
-        return self._done(name, cv, now, req.id, {})
+        return self._done(name, cv, now, key, {})
 
     def state_load(self, req: StateLoad) -> Loaded:
         now = self._clock()
@@ -464,6 +470,7 @@ class Store:
         cv.count = len(kept)
         cv.ids = ids or None
         cv.summary, cv.born = summary, born
+        self._last_born = max(self._last_born, born)
         cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
@@ -497,9 +504,7 @@ class Store:
         return base_cost(self.limits, name)
 
     def _summary_size(self, cv: Convo) -> int:
-        if cv.summary is None:
-            return 0
-        return len(cv.summary[0].encode("utf-8", "surrogatepass")) + self.limits.turn_cost
+        return 0 if cv.summary is None else summary_size(cv.summary[0], self.limits.turn_cost)
 
     def _trim_own(self, name: str, cv: Convo, keep: int, dropped: list[bytes]) -> None:
         """Drop the oldest turns while the conversation alone is over --max-bytes (keeping
@@ -549,7 +554,9 @@ class Store:
             )
         cv = Convo()
         cv.nbytes = self._base(name)
-        cv.born = int(self._wall() * 1000)
+        # Unique, even for one started again within the same millisecond (or after the
+        # clock stepped back): a summary of the old one must never apply to the new.
+        cv.born = self._last_born = max(int(self._wall() * 1000), self._last_born + 1)
         self.bytes += cv.nbytes
         convos[name] = cv
         return cv
@@ -571,21 +578,27 @@ class Store:
             self._evict(name, cv, c.REASON_MEMORY)
 
     def _done(
-        self, name: str, cv: Convo, now: float, req_id: Any, fields: dict[str, Any]
+        self,
+        name: str,
+        cv: Convo,
+        now: float,
+        key: tuple[str, Any] | None,
+        fields: dict[str, Any],
     ) -> Fields:
-        """Finish a write (or answer its repeat, with req_id None): remember its id, touch
-        the conversation, and keep the byte budget."""
-        if req_id is not None:
-            self._remember(cv, req_id, fields)
+        """Finish a write (or answer its repeat, with key None): remember its (operation,
+        id) when it has an id, touch the conversation, and keep the byte budget. An id is
+        remembered per operation: the same id on another operation is another request."""
+        if key is not None and key[1] is not None:
+            self._remember(cv, key, fields)
         self._touch(name, cv, now)
         self._changed(name)
         self._fit_budget()
         return Fields(fields)
 
-    def _remember(self, cv: Convo, req_id: Any, fields: dict[str, Any]) -> None:
+    def _remember(self, cv: Convo, key: tuple[str, Any], fields: dict[str, Any]) -> None:
         if cv.ids is None:
             cv.ids = {}
-        cv.ids[req_id] = fields
+        cv.ids[key] = fields
         if len(cv.ids) > self.limits.max_ids:
             del cv.ids[next(iter(cv.ids))]
 

@@ -65,6 +65,11 @@ def pack_turn(role: str, content: str, ts: float, seq: int, tokens: int) -> byte
     return _packb((_ROLE_INDEX.get(role, role), content, float(ts), seq, tokens))
 
 
+def summary_size(text: str, turn_cost: int) -> int:
+    """What a summary counts toward the byte budget: its text plus a turn's overhead."""
+    return len(text.encode()) + turn_cost
+
+
 def content_size(role: str, content: str) -> int:
     """What a turn counts toward the byte budget before its overhead: role plus content."""
     return len(role.encode()) + len(content.encode())
@@ -224,8 +229,8 @@ def turn_head(role: str, content: str, ts: float, tokens: int) -> bytes:
 
 def redis_tokens(entry: bytes) -> int:
     """The tokens of a Redis list entry, read at their fixed place from its end."""
-    if entry[REDIS_SIZE_BYTES] != 0x85:  # stored before turns had tokens
-        return estimate_tokens(msgpack.unpackb(entry[REDIS_SIZE_BYTES:])["content"])
+    if entry[REDIS_SIZE_BYTES] != 0x85:
+        return _legacy_tokens(entry)
     at = len(entry) - REDIS_TOKENS_FROM_END
     return int.from_bytes(entry[at : at + 4], "big")
 
@@ -236,8 +241,14 @@ def redis_turn(entry: bytes) -> bytes:
     if entry[REDIS_SIZE_BYTES] == 0x85:
         return entry[REDIS_SIZE_BYTES:]
     fields = msgpack.unpackb(entry[REDIS_SIZE_BYTES:])
-    fields["tokens"] = estimate_tokens(fields["content"])
+    fields["tokens"] = _legacy_tokens(entry)
     return _packb(fields)
+
+
+def _legacy_tokens(entry: bytes) -> int:
+    """The tokens of a Redis entry stored before turns had them: the estimate redis.lua makes
+    from the entry's length (the 30 bytes of its map's keys and numbers taken off)."""
+    return max(0, (len(entry) - 30 + 3) // 4)
 
 
 def redis_entry(size: int, head: bytes, seq: int) -> bytes:

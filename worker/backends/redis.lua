@@ -77,8 +77,11 @@ local function create(c)
     local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
     evict(victim, expired and 'ttl' or 'lru')
   end
+  -- born: unique in this keyspace, even within one millisecond (worker/store.py)
+  local born = math.max(math.floor(now * 1000), num(redis.call('GET', K .. 'born')) + 1)
+  redis.call('SET', K .. 'born', string.format('%.0f', born))
   redis.call('HSET', meta(c), 'seq', 0, 'nbytes', base, 'sbytes', 0, 'nkeys', 0,
-             'born', string.format('%.0f', math.floor(now * 1000)))
+             'born', string.format('%.0f', born))
   redis.call('INCRBY', K .. 'bytes', base)
 end
 

@@ -46,7 +46,7 @@ from worker.protocol import (
     Turns,
 )
 from worker.store import NO_DEADLINE, Limits, base_cost
-from worker.turns import content_size, redis_tokens, redis_turn, turn_head
+from worker.turns import content_size, redis_tokens, redis_turn, summary_size, turn_head
 
 log = logging.getLogger("memory_worker.redis")
 SCRIPT = (Path(__file__).parent / "redis.lua").read_text()
@@ -144,13 +144,13 @@ class RedisBackend(Backend):
             case Append():
                 size = content_size(req.role, req.content) + self.limits.turn_cost
                 head = turn_head(req.role, req.content, self._wall(), req.token_count)
-                return self._args("append", req.convo, size, head, _id(req.id))
+                return self._args("append", req.convo, size, head, _id(b"a", req.id))
             case Get():
                 return self._args(
                     "get", req.convo, req.last or 0, req.max_tokens or 0, "1" if req.summary else ""
                 )
             case Summary():
-                size = len(req.text.encode("utf-8", "surrogatepass")) + self.limits.turn_cost
+                size = summary_size(req.text, self.limits.turn_cost)
                 return self._args(
                     "summary",
                     req.convo,
@@ -159,7 +159,7 @@ class RedisBackend(Backend):
                     req.base,
                     req.token_count,
                     size,
-                    _id(req.id),
+                    _id(b"m", req.id),
                     "" if req.born is None else req.born,
                 )
             case Delete():
@@ -173,7 +173,7 @@ class RedisBackend(Backend):
                     len(req.key.encode()) + self.limits.key_cost,
                     req.value,
                     repr(ttl),
-                    _id(req.id),
+                    _id(b"s", req.id),
                 )
             case StateLoad():
                 return self._args("load", req.convo, _field(req.ns, req.key))
@@ -223,8 +223,10 @@ class RedisBackend(Backend):
         return min(self._next_deadline - self._clock(), c.REDIS_SWEEP_POLL)
 
 
-def _id(req_id: Any) -> bytes:
-    return b"" if req_id is None else _packb(req_id)
+def _id(op: bytes, req_id: Any) -> bytes:
+    """An id as the script remembers it: per operation (the same id on another operation is
+    another request)."""
+    return b"" if req_id is None else op + _packb(req_id)
 
 
 def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], Counts]:

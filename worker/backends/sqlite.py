@@ -220,7 +220,11 @@ class SqliteBackend(MemoryBackend):
                     k: (v, NO_DEADLINE if d is None else d + to_mono)
                     for k, (v, d) in entries.items()
                 }
-        remembered = dict(msgpack.unpackb(ids)) if ids is not None else {}
+        # (operation, id) pairs come back as lists; files of before kept the ids alone.
+        remembered = {
+            tuple(key) if isinstance(key, list) else key: fields
+            for key, fields in (msgpack.unpackb(ids) if ids is not None else [])
+        }
         self.store.restore(
             name,
             turns=msgpack.unpackb(turns),
