@@ -18,7 +18,7 @@ from tests.conftest import make_config, running, unique
 from tests.processes import Mosquitto, RedisClusterServers, redis_server
 from worker.backends.cluster import ClusterBackend, shard_of, shard_tag, share
 from worker.errors import Unavailable
-from worker.protocol import Append, Fields, Get, Turns
+from worker.protocol import Append, Fields, Get, ListConvos, Turns, decode_cursor
 from worker.store import Limits
 
 pytestmark = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
@@ -241,3 +241,20 @@ async def migrate(src: int, dst: int, slot: int) -> None:
             await cmd(s, "MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
         for r in (d, s):
             await cmd(r, "CLUSTER SETSLOT", slot, "NODE", dst_id)
+
+
+async def test_listing_spans_every_master_in_id_order(redis_cluster: RedisClusterServers) -> None:
+    """A listing merges all 16 shards (on three masters): every id once, in order, in pages."""
+    names = [f"c{i:03}" for i in range(150)]
+    async with backend(redis_cluster.url, max_conversations=10_000) as be:
+        await be.execute([Append(n, "u", "x") for n in names])
+        seen, after = [], ""
+        while True:
+            (result,), _ = await be.execute([ListConvos(limit=11, after=after, prefix="c0")])
+            assert isinstance(result, Fields)
+            assert len(result.fields["conversations"]) <= 11
+            seen += [e["convo"] for e in result.fields["conversations"]]
+            if result.fields["cursor"] is None:
+                break
+            after = decode_cursor(result.fields["cursor"])
+    assert seen == names[:100]
