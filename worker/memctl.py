@@ -79,6 +79,12 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     w = sub.add_parser("watch", help="print eviction events as they come")
     w.add_argument("--count", type=int, help="stop after this many events")
     sub.add_parser("stats", help="print each worker's latest stats")
+    ls = sub.add_parser("list", help="print every live conversation, one line each, in id order")
+    # after `list`, --prefix filters ids (the topic prefix is the one before the command)
+    ls.add_argument("--prefix", dest="id_prefix", help="only ids that start with this")
+    ls.add_argument(
+        "--limit", type=int, default=c.DEFAULT_LIST_LIMIT, help="conversations per page (1-1000)"
+    )
     s = sub.add_parser("state", help="per-conversation state: save, load, get-all, delete")
     ssub = s.add_subparsers(dest="state_command", required=True)
     sv = ssub.add_parser("save", help="save a key; VALUE is JSON (a bare word is a string)")
@@ -91,6 +97,7 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     ga = ssub.add_parser("get-all")
     ga.add_argument("convo")
     ga.add_argument("ns")
+    ssub.add_parser("namespaces", help="the namespaces holding live keys").add_argument("convo")
     return p
 
 
@@ -135,6 +142,8 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
         reply.update(found=value is not None, value=value)
     elif args.state_command == "get-all":
         reply["items"] = await memory.get_all(args.convo, args.ns)
+    elif args.state_command == "namespaces":
+        reply["namespaces"] = await memory.namespaces(args.convo)
     else:
         reply["deleted"] = await memory.delete(args.convo, args.ns, args.key)
     return reply
@@ -160,6 +169,20 @@ async def watch(args: argparse.Namespace) -> int:
             seen += 1
             if args.count is not None and seen >= args.count:
                 break
+    return EXIT_OK
+
+
+async def list_all(args: argparse.Namespace) -> int:
+    """Every live conversation, a JSON line each, all pages."""
+    async with _client(args) as memory:
+        try:
+            async for info in memory.conversations(args.id_prefix, page_size=args.limit):
+                emit(info)
+        except (NoReplyError, RefusedError):
+            raise
+        except MemoryWorkerError as exc:
+            emit({"ok": False, "error": {"code": exc.code, "message": exc.message}})
+            return EXIT_ERROR
     return EXIT_OK
 
 
@@ -197,7 +220,10 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
             check_request(args.convo, c.OP_GET, {} if last is None else {"last": last})
         if args.command == "append":
             check_request(args.convo, c.OP_APPEND, {"role": args.role, "content": args.content})
-        if args.command == "state":
+        if args.command == "list":
+            body = {"limit": args.limit, "prefix": args.id_prefix}
+            check_request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
+        if args.command == "state" and args.state_command != "namespaces":
             body = {"ns": args.ns, "key": getattr(args, "key", "k"), "value": 0}
             check_request(args.convo, c.OP_STATE_SAVE, body)
     except (WorkerError, MemoryWorkerError) as exc:
@@ -211,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"memctl: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    run = {"watch": watch, "stats": stats}.get(args.command, ask)
+    run = {"watch": watch, "stats": stats, "list": list_all}.get(args.command, ask)
     try:
         return asyncio.run(run(args))
     except NoReplyError as exc:

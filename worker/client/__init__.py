@@ -36,7 +36,7 @@ from worker.client._errors import (
     error_for,
 )
 from worker.client._local import LocalMemory
-from worker.client._models import Appended, Eviction, Turn
+from worker.client._models import Appended, ConversationInfo, Eviction, Turn
 from worker.client._mqtt import (
     DEFAULT_ATTEMPTS,
     DEFAULT_TIMEOUT,
@@ -116,6 +116,7 @@ __all__ = [
     "BadRequestError",
     "BadTopicError",
     "BlockingMemoryClient",
+    "ConversationInfo",
     "Eviction",
     "InternalError",
     "LocalMemory",

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from worker.client._local import LocalMemory
-from worker.client._models import Appended, Eviction, Turn
+from worker.client._models import Appended, ConversationInfo, Eviction, Turn
 from worker.client._mqtt import MemoryClient
 
 _T = TypeVar("_T")
@@ -141,6 +141,25 @@ class BlockingMemoryClient:
             if self._loop is not None:
                 self._run(events.aclose())
 
+    def conversations(
+        self, prefix: str | None = None, *, page_size: int = 100
+    ) -> Iterator[ConversationInfo]:
+        """See MemoryClient.conversations: an iterator, paging underneath."""
+        pages = self._memory.conversations(prefix, page_size=page_size)
+        try:
+            while True:
+                try:
+                    yield self._run(_next(pages))
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._loop is not None:
+                self._run(pages.aclose())
 
-async def _next(events: AsyncIterator[Eviction]) -> Eviction:
-    return await anext(events)
+    def namespaces(self, session_id: str) -> list[str]:
+        """See MemoryClient.namespaces."""
+        return self._run(self._memory.namespaces(session_id))
+
+
+async def _next(items: AsyncIterator[_T]) -> _T:
+    return await anext(items)
