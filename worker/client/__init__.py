@@ -11,7 +11,7 @@ worker's own store in this process (`memory://`) from a URL. See docs/client.md.
 One private module per concern: `_errors` (the exception tree, by wire code), `_models`
 (what calls return), `_api` (the methods every memory shares), `_mqtt` (`MemoryClient`),
 `_local` (`LocalMemory`), `_blocking` (`BlockingMemoryClient`); the URL factory is here.
-Framework adapters live beside them (`worker.client.langchain`).
+Framework adapters live beside them (`worker.client.langchain`, `worker.client.langgraph`).
 """
 
 from __future__ import annotations

@@ -77,6 +77,11 @@ class BlockingMemoryClient:
             self._thread.join()
             loop.close()
 
+    def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coro` (a call on `self.memory`) on the client's loop and wait for it, from
+        any thread but the client's own (as the methods below do)."""
+        return self._run(coro)
+
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Await `coro` (a call on `self.memory`) from any event loop: it runs on the
         client's own loop and connection, without blocking the caller's loop."""
