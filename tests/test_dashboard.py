@@ -13,7 +13,7 @@ import pytest
 
 from tests import test_security
 from tests.clients import device
-from tests.conftest import reap, running, spawn_worker, unique
+from tests.conftest import reap, running, spawn_worker, unique, wait_serving
 from tests.processes import REPO, Mosquitto, wait_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -192,3 +192,39 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
         await expect(status).to_have_attribute("data-state", "denied")
         await expect(status).to_contain_text("may only watch")
         await shot(page, "5-deploy-dashboard-user")
+
+
+async def test_dashboard_lists_live_conversations(browser: Browser, own_broker: Mosquitto) -> None:
+    """The inspector's list: live conversations, most recently used first, refreshing, filtered
+    by prefix, counted, and a click shows one's turns."""
+    prefix = unique("mem")
+    proc = spawn_worker(own_broker, "--prefix", prefix, "--client-id", unique("lister-"))
+    try:
+        wait_serving(proc)
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            for convo in ("kiosk-1", "kiosk-2"):
+                await d.request(convo, "append", {"role": "user", "content": f"hi from {convo}"})
+            page = await open_page(
+                browser, own_broker, f"?prefix={prefix}", viewport={"width": 1280, "height": 1400}
+            )
+            items = page.locator("#convo-list li")
+            await expect(items).to_have_count(2)
+            await expect(page.locator("#convo-count")).to_have_text("2 live conversations")
+            await d.request("hall-1", "append", {"role": "user", "content": "hello"})
+            await expect(items).to_have_count(3)  # the list refreshes by itself
+            await expect(items.first).to_have_attribute("data-convo", "hall-1")
+            await expect(items.first).to_contain_text("1 turn · 0 keys")
+            await page.fill("#convo-filter input[name=prefix]", "kiosk")
+            await expect(items).to_have_count(2)
+            await expect(page.locator("#convo-count")).to_contain_text(
+                '2 conversations starting with "kiosk"'
+            )
+            await page.click('#convo-list li[data-convo="kiosk-2"] button')
+            await expect(page.locator("#inspector-turns li")).to_have_count(1)
+            await expect(page.locator("#inspector-turns li")).to_contain_text("hi from kiosk-2")
+            await expect(page.locator("#inspector input[name=convo]")).to_have_value("kiosk-2")
+            await page.fill("#convo-filter input[name=prefix]", "")
+            await expect(items).to_have_count(3)
+            await shot(page, "6-conversations")
+    finally:
+        reap(proc)

@@ -13,7 +13,7 @@ pytest.importorskip("langchain_tests")
 
 from langchain_tests.integration_tests import BaseStoreAsyncTests, BaseStoreSyncTests
 
-from tests.conftest import reap, spawn_worker, unique
+from tests.conftest import reap, spawn_worker, unique, wait_serving
 from tests.processes import Mosquitto
 from worker.client.langchain import MqttByteStore
 
@@ -24,12 +24,7 @@ def store_url(broker: Mosquitto) -> Iterator[str]:
     prefix = unique("mem")
     proc = spawn_worker(broker, "--prefix", prefix, "--client-id", unique("stores-"))
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the worker logs "serving ..." once it has subscribed
-            if "serving" in line:
-                break
-        else:
-            raise AssertionError("the worker exited before serving")
+        wait_serving(proc)
         yield f"mqtt://{broker.host}:{broker.port}/{prefix}"
     finally:
         reap(proc)
