@@ -170,7 +170,8 @@ async def test_dashboard_asks_for_a_login(browser: Browser, tmp_path: Path, pass
 async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
     browser: Browser, secured: Mosquitto
 ) -> None:
-    """deploy/'s dashboard user logs in, sees the worker, and is told it may not inspect."""
+    """deploy/'s dashboard user logs in, sees the worker, lists the live conversations, and is
+    told it may not read their turns."""
     cfg = test_security.worker_config(secured, stats_interval=0.3)
     async with running(cfg):
         assert secured.ws_port is not None
@@ -185,7 +186,7 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
         await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
         card = page.locator(f'.card[data-client-id="{cfg.client_id}"]')
         await expect(card).to_have_attribute("data-state", "online")
-        await expect(card.locator('[data-field="requests"]')).to_have_text("0")
+        await expect(page.locator("#convo-count")).to_have_text("0 live conversations")
         await page.fill("#inspector input[name=convo]", "kiosk-a")
         await page.click("#inspector button")
         status = page.locator("#inspector-status")
