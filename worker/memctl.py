@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -149,16 +149,27 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     return reply
 
 
-async def ask(args: argparse.Namespace) -> int:
+async def _answer(
+    args: argparse.Namespace, lines: Callable[[MemoryClient], AsyncIterator[Any]]
+) -> int:
+    """Print each of the lines a command's requests answer; an error reply as the last."""
     async with _client(args) as memory:
         try:
-            emit(await _ask(memory, args))
+            async for line in lines(memory):
+                emit(line)
         except (NoReplyError, RefusedError):
             raise
         except MemoryWorkerError as exc:
             emit({"ok": False, "error": {"code": exc.code, "message": exc.message}})
             return EXIT_ERROR
     return EXIT_OK
+
+
+async def ask(args: argparse.Namespace) -> int:
+    async def reply(memory: MemoryClient) -> AsyncIterator[dict[str, Any]]:
+        yield await _ask(memory, args)
+
+    return await _answer(args, reply)
 
 
 async def watch(args: argparse.Namespace) -> int:
@@ -174,16 +185,9 @@ async def watch(args: argparse.Namespace) -> int:
 
 async def list_all(args: argparse.Namespace) -> int:
     """Every live conversation, a JSON line each, all pages."""
-    async with _client(args) as memory:
-        try:
-            async for info in memory.conversations(args.id_prefix, page_size=args.limit):
-                emit(info)
-        except (NoReplyError, RefusedError):
-            raise
-        except MemoryWorkerError as exc:
-            emit({"ok": False, "error": {"code": exc.code, "message": exc.message}})
-            return EXIT_ERROR
-    return EXIT_OK
+    return await _answer(
+        args, lambda memory: memory.conversations(args.id_prefix, page_size=args.limit)
+    )
 
 
 async def stats(args: argparse.Namespace) -> int:
