@@ -4,7 +4,9 @@
  *
  * Keeps WINDOW requests outstanding, each with a Response Topic and Correlation Data,
  * alternating appends (120-byte content) and gets over CONVERSATIONS conversations. After
- * WARMUP seconds it counts replies for SECONDS seconds, then prints one JSON line:
+ * WARMUP seconds it counts replies for SECONDS seconds, then prints one JSON line (with
+ * LOADGEN_MAX_TOKENS=N in the environment, each get also asks for max_tokens N; with
+ * LOADGEN_LAST=N, for the last N turns instead of 8):
  * {"replies", "seconds", "rps", "p50_ms", "p99_ms", "p999_ms", "max_ms", "cpu_s", "wall_s",
  * "sent"}: "sent" counts every request of the run, warm-up included.
  * Written in C so that the load generator is never what limits the measurement.
@@ -25,7 +27,7 @@ static double *sent_at;
 static double *lat;
 static long lat_n, lat_cap, counter;
 static char reply_topic[64];
-static unsigned char append_body[160], get_body[16];
+static unsigned char append_body[160], get_body[48];
 static int append_len, get_len;
 static int done;
 
@@ -105,7 +107,15 @@ int main(int argc, char **argv) {
     memset(p, 'x', 120); p += 120;
     append_len = (int)(p - append_body);
     p = get_body;
-    *p++ = 0x81; *p++ = 0xa4; memcpy(p, "last", 4); p += 4; *p++ = 0x08;
+    const char *max_tokens = getenv("LOADGEN_MAX_TOKENS");
+    const char *last = getenv("LOADGEN_LAST");
+    *p++ = max_tokens ? 0x82 : 0x81; *p++ = 0xa4; memcpy(p, "last", 4); p += 4;
+    *p++ = last ? (unsigned char)atoi(last) & 0x7f : 0x08;
+    if (max_tokens) { /* "max_tokens": uint32 */
+        uint32_t n = (uint32_t)atol(max_tokens);
+        *p++ = 0xaa; memcpy(p, "max_tokens", 10); p += 10; *p++ = 0xce;
+        *p++ = n >> 24; *p++ = n >> 16; *p++ = n >> 8; *p++ = n;
+    }
     get_len = (int)(p - get_body);
     snprintf(reply_topic, sizeof reply_topic, "bench/%d/r", (int)getpid());
 

@@ -113,7 +113,14 @@ def load(
     convos: int,
     *,
     get_pct: int = 50,
+    max_tokens: int | None = None,
+    last: int | None = None,
 ) -> dict[str, Any]:
+    env = dict(os.environ)
+    if max_tokens:
+        env["LOADGEN_MAX_TOKENS"] = str(max_tokens)
+    if last:
+        env["LOADGEN_LAST"] = str(last)
     out = subprocess.run(
         [
             str(loadgen),
@@ -131,6 +138,7 @@ def load(
         text=True,
         check=True,
         timeout=warmup + seconds + 30,
+        env=env,
     )
     result: dict[str, Any] = json.loads(out.stdout)
     return result
@@ -796,6 +804,72 @@ def eviction_cost(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict
     return {"within_rps": within, "evicting_rps": evicting, "ratio": within / evicting}
 
 
+def _cpu_per_request(
+    loadgen: Path, b: Mosquitto, proc: subprocess.Popen[str], args: argparse.Namespace, **kw: Any
+) -> float:
+    """The responder's CPU µs per request of one QoS 1, window 64 run."""
+    cpu = proc_cpu_seconds(proc.pid)
+    res = load(loadgen, b, 1, 64, args.warmup, args.seconds, 100, **kw)
+    return float((proc_cpu_seconds(proc.pid) - cpu) / res["sent"] * 1e6)
+
+
+def context_costs(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
+    """Issue 21's costs, as the worker's CPU per request in the same run: appends past the
+    window with --trimmed-events against without (a trimmed event per append, nobody
+    subscribed); gets of the same 8 turns with and without a max_tokens they all fit; and
+    a max_tokens that keeps 4 of the 8 (each turn 30 tokens, estimated) against last=4."""
+    runs: dict[str, list[float]] = {
+        k: [] for k in ("append", "append_trimmed", "get", "get_budget", "get4", "get4_budget")
+    }
+    gets = {
+        "get": {},
+        "get_budget": {"max_tokens": 100_000},
+        "get4": {"last": 4},
+        "get4_budget": {"max_tokens": 120},
+    }
+    for r in range(args.rounds):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        for trimmed in order:
+            cmd = worker_cmd(b, *(["--trimmed-events"] if trimmed else []))
+            with responder(cmd, "serving") as proc:
+                cost = _cpu_per_request(loadgen, b, proc, args, get_pct=0)
+                runs["append_trimmed" if trimmed else "append"].append(cost)
+                if trimmed:
+                    continue
+                for name in list(gets) if r % 2 == 0 else list(gets)[::-1]:
+                    cost = _cpu_per_request(loadgen, b, proc, args, get_pct=100, **gets[name])
+                    runs[name].append(cost)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "runs": runs,
+        "median_us": med,
+        "trimmed_ratio": med["append_trimmed"] / med["append"],
+        "budget_ratio": med["get_budget"] / med["get"],
+        "cut_ratio": med["get4_budget"] / med["get4"],
+    }
+
+
+def _context_lines(result: dict[str, Any]) -> list[str]:
+    if "context" not in result:
+        return []
+    c = result["context"]
+    m = c["median_us"]
+    return [
+        "",
+        "| context for the model (worker CPU per QoS 1 request, window 64) | µs | ratio | target |",
+        "|---|---|---|---|",
+        f"| append past the window | {m['append']:.1f} | | |",
+        f"| the same with --trimmed-events | {m['append_trimmed']:.1f} | "
+        f"{c['trimmed_ratio']:.2f}x | <= 1.3x |",
+        f"| get of 8 turns | {m['get']:.1f} | | |",
+        f"| the same with max_tokens (all fit) | {m['get_budget']:.1f} | "
+        f"{c['budget_ratio']:.2f}x | <= 1.1x |",
+        f"| get last=4 | {m['get4']:.1f} | | |",
+        f"| max_tokens that keeps the same 4 | {m['get4_budget']:.1f} | "
+        f"{c['cut_ratio']:.2f}x | <= 1.1x |",
+    ]
+
+
 def frugal_table(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if "memory_budget" in result:
@@ -930,6 +1004,7 @@ def table(result: dict[str, Any]) -> str:
         ),
     ]
     lines += _client_lines(result)
+    lines += _context_lines(result)
     costs = result["store"]
     base = costs["500"]
     lines += [
@@ -1023,6 +1098,7 @@ def main() -> None:
             "expiry",
             "throughput",
             "client",
+            "context",
             "listing",
         ],
         help="run only these scenarios and print their lines",
@@ -1062,6 +1138,8 @@ def main() -> None:
             result["latency_window_1"] = latency_window_1(args, b, loadgen)
             print("Python client ...", file=sys.stderr)
             result["client"] = client_costs(args, b, loadgen)
+            print("context for the model ...", file=sys.stderr)
+            result["context"] = context_costs(args, b, loadgen)
             print("scale out ...", file=sys.stderr)
             result["scale_out"] = scale_out(args, b, loadgen, Path(tmp))
             print("redis vs redis cluster ...", file=sys.stderr)
@@ -1112,6 +1190,8 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
                 result["throughput"] = throughput(args, b, loadgen, BUILD / "echo", Path(tmp))
             elif args.only == "client":
                 result["client"] = client_costs(args, b, loadgen)
+            elif args.only == "context":
+                result["context"] = context_costs(args, b, loadgen)
             elif args.only == "listing":
                 result["listing_load"] = listing_load(args, b, loadgen)
             else:
@@ -1123,7 +1203,8 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
     if args.only == "listing":
         result["listing_pages"] = listing_pages()
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "machine")}, indent=2))
-    lines = throughput_table(result) + _client_lines(result) + _listing_lines(result)
+    lines = throughput_table(result) + _client_lines(result) + _context_lines(result)
+    lines += _listing_lines(result)
     print("\n".join(lines + frugal_table(result)))
 
 

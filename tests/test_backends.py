@@ -70,6 +70,7 @@ class Harness:
         self.prefix = f"t{uuid.uuid4().hex[:10]}"  # each harness its own keys in Redis
         self.events: list[tuple[str, str, int, int]] = []
         self.trimmed: list[tuple[str, list[int], int]] = []  # (convo, seqs, summary_upto)
+        self.born: list[int] = []  # each trimmed event's
         self.be = self._new()
 
     def _new(self) -> Backend:
@@ -106,6 +107,7 @@ class Harness:
             else:
                 seqs = [t["seq"] for t in Turns(e.count, e.turns).decoded()]
                 self.trimmed.append((e.convo, seqs, e.summary_upto))
+                self.born.append(e.born)
 
     async def run(self, req: Request) -> Result:
         results, events = await self.be.execute([req])
@@ -626,6 +628,7 @@ async def test_an_sqlite_file_of_unpacked_turns_still_loads(tmp_path: Path) -> N
             maps.append(msgpack.packb(old))
         db.execute("UPDATE convos SET turns = ? WHERE name = 'a'", (msgpack.packb(maps),))
         db.execute("ALTER TABLE convos DROP COLUMN summary")
+        db.execute("ALTER TABLE convos DROP COLUMN born")
     db.close()
     await h.reopen()
     assert await turns(h, "a") == before
@@ -784,6 +787,24 @@ async def test_summary_survives_a_restart(durable: Harness) -> None:
     conflict = await summarize(h, "c", "again", 3, 0)
     assert isinstance(conflict, Conflict)
     assert conflict.upto == 2
+
+
+async def test_a_summary_for_a_conversation_started_again_is_a_conflict(make: Make) -> None:
+    """A trimmed event names the conversation's born; a summary carrying an older born is a
+    conflict, so turns of a deleted conversation never cover those of the next one."""
+    h = await make(max_turns=1, trimmed_events=True)
+    await add(h, "c", "old")
+    await add(h, "c", "old")
+    (born,) = h.born
+    assert born == int(h.clock.now * 1000)
+    await h.ok(Delete("c"))
+    h.clock.now += 1
+    await add(h, "c", "new")
+    refused = await summarize(h, "c", "old", 1, 0, born=born)
+    assert isinstance(refused, Conflict)
+    assert (refused.upto, refused.seq, refused.born) == (0, 1, born + 1000)
+    assert [t["content"] for t in await turns(h, "c")] == ["new"]
+    assert isinstance(await summarize(h, "c", "new", 1, 0, born=born + 1000), Fields)
 
 
 # --- listing ------------------------------------------------------------------------------

@@ -135,6 +135,27 @@ async def test_memctl_append_get_delete(broker: Mosquitto, program_worker: Any) 
     assert (rc, out) == (0, [{"ok": True, "deleted": 3}])
 
 
+async def test_memctl_budgets_and_summaries(broker: Mosquitto, program_worker: Any) -> None:
+    """memctl get --max-tokens prints what fits with the summary; summary shows and saves one,
+    a stale one exits 1 with the conflict and the current upto."""
+    prefix = program_worker[0]
+    for i, tokens in enumerate([5, 6, 7]):
+        await memctl(broker, prefix, "append", "k2", "user", f"m{i}", "--tokens", str(tokens))
+    rc, out = await memctl(broker, prefix, "summary", "k2")
+    assert (rc, out) == (0, [{"ok": True, "summary": None}])
+    rc, out = await memctl(broker, prefix, "summary", "k2", "--save", "m0 said", "--upto", "1")
+    assert (rc, out) == (0, [{"ok": True, "upto": 1, "dropped": 1}])
+    rc, out = await memctl(broker, prefix, "get", "k2", "--max-tokens", "10")
+    assert rc == 0
+    assert out[0]["summary"] == {"text": "m0 said", "upto": 1, "tokens": 2}
+    assert [t["content"] for t in out[0]["turns"]] == ["m2"]
+    assert out[0]["tokens"] == 9
+    args = ("summary", "k2", "--save", "x", "--upto", "2", "--base", "0")
+    rc, out = await memctl(broker, prefix, *args)
+    assert rc == 1
+    assert (out[0]["error"]["code"], out[0]["error"]["upto"]) == ("conflict", 1)
+
+
 async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None:
     """1 on an error reply, 3 when nobody answers."""
     prefix = program_worker[0]
@@ -205,6 +226,10 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         (["--prefix", "a+b", "get", "c"], "--prefix"),
         (["--id", "i" * 65, "append", "c", "user", "hi"], "'id'"),
         (["get", "c", "--last", "0"], "'last'"),
+        (["get", "c", "--max-tokens", "0"], "'max_tokens'"),
+        (["append", "c", "user", "hi", "--tokens", "-1"], "'tokens'"),
+        (["summary", "c", "--save", "s"], "--upto"),
+        (["summary", "c", "--save", "s", "--upto", "0"], "'upto'"),
         (["--timeout", "0", "get", "c"], "--timeout"),
     ],
 )

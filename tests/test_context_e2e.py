@@ -33,6 +33,9 @@ async def test_a_stale_summary_is_a_conflict_with_the_current_upto(dev: Device) 
         await dev.request("c", "append", {"role": "user", "content": "hi"})
     await dev.request("c", "summary", {"text": "s", "upto": 1, "base": 0})
     reply = await dev.request("c", "summary", {"text": "s2", "upto": 2, "base": 0, "id": 7})
+    born = reply["error"].pop("born")
+    assert isinstance(born, int)
+    assert born > 0
     assert reply == {
         "ok": False,
         "id": 7,
@@ -43,6 +46,10 @@ async def test_a_stale_summary_is_a_conflict_with_the_current_upto(dev: Device) 
             "seq": 3,
         },
     }
+    again = {"text": "s2", "upto": 2, "base": 1, "born": born + 1}
+    assert (await dev.request("c", "summary", again))["error"]["code"] == "conflict"
+    again["born"] = born
+    assert (await dev.request("c", "summary", again))["ok"]
     bad = await dev.request("c", "summary", {"text": "s", "upto": 0, "base": 0})
     assert bad["error"]["code"] == "bad_request"
     bad = await dev.request("c", "get", {"max_tokens": 0})

@@ -82,6 +82,8 @@ async def test_dashboard_follows_a_worker_live(
         async with device(own_broker.host, own_broker.port, prefix) as d:
             for text in ("hello", "what's the weather?", "sunny"):
                 await d.request("kiosk-7", "append", {"role": "user", "content": text})
+            summary = {"text": "They greeted each other.", "upto": 1, "base": 0}
+            assert (await d.request("kiosk-7", "summary", summary))["ok"]
             await d.request("gone-1", "append", {"role": "user", "content": "bye"})
             await d.request("gone-1", "delete")
         feed = page.locator('#eviction-feed li[data-reason="deleted"][data-convo="gone-1"]')
@@ -97,7 +99,11 @@ async def test_dashboard_follows_a_worker_live(
         await page.click("#inspector button")
         turns = page.locator("#inspector-turns li")
         await expect(turns).to_have_count(3)
+        await expect(turns.nth(0)).to_have_class("summary")
+        await expect(turns.nth(0)).to_contain_text("They greeted each other.")
+        await expect(turns.nth(0)).to_contain_text("up to #1")
         await expect(turns.nth(1)).to_contain_text("what's the weather?")
+        await expect(turns.nth(1)).to_contain_text("#2 · 5 tokens")
         await expect(page.locator("#inspector-status")).to_have_attribute("data-state", "ok")
         await shot(page, "1-live")
 

@@ -35,6 +35,7 @@ def test_every_stats_field_has_a_metric() -> None:
 
     codes = {cls.code for cls in WorkerError.__subclasses__()} - {"bad_route"} | {"internal"}
     wanted = {"conversations", "turns", "bytes", "keys", "requests", "ignored_retained", "uptime"}
+    wanted |= {"summaries", "trimmed"}
     wanted |= {f"evictions.{r}" for r in c.REASONS} | {f"errors.{code}" for code in codes}
     wanted |= {"refused.bad_route"}
     wanted |= {

@@ -70,3 +70,33 @@ def test_history_in_process_is_bounded() -> None:
         assert history.messages == [AIMessage("two"), HumanMessage("three")]
     finally:
         history.close()
+
+
+def test_a_summary_comes_first_and_the_budget_holds() -> None:
+    """With a summary, messages start with a SystemMessage holding it; max_tokens keeps the
+    newest messages that fit with it; summary=False leaves it out."""
+    history = MqttChatMessageHistory("s", url="memory://?max_turns=10", max_tokens=5)
+    try:
+        for text in ("aaaa", "bbbbbbbb", "cccc", "dddd"):  # 1, 2, 1, 1 tokens
+            history.add_user_message(text)
+        history.client.summarize("s", "they said a", upto=1, base=0, tokens=2)
+        assert history.messages == [
+            SystemMessage("they said a"),
+            HumanMessage("cccc"),
+            HumanMessage("dddd"),
+        ]
+        plain = MqttChatMessageHistory("s", client=history.client, summary=False, max_tokens=3)
+        assert plain.messages == [HumanMessage("cccc"), HumanMessage("dddd")]
+    finally:
+        history.close()
+
+
+async def test_async_messages_carry_the_summary_too() -> None:
+    """aget_messages gives what messages gives."""
+    history = await asyncio.to_thread(MqttChatMessageHistory, "s", "memory://")
+    try:
+        await history.aadd_messages([HumanMessage("one"), AIMessage("two")])
+        await history.client.run(history.client.memory.summarize("s", "one", 1, 0))
+        assert await history.aget_messages() == [SystemMessage("one"), AIMessage("two")]
+    finally:
+        await asyncio.to_thread(history.close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -16,7 +17,8 @@ import aiomqtt
 import msgpack
 import pytest
 
-from tests.clients import device
+from tests.clients import device, watcher
+from tests.fake_llm import fake_model
 from tests.processes import MOSQUITTO, REPO, free_port, wait_port
 
 
@@ -44,10 +46,13 @@ def clone() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def scripts_run(clone: Path, port: int) -> Iterator[subprocess.Popen[str]]:
-    """`scripts/run` in the clone until it says the worker serves; Ctrl-C at the end."""
+def scripts_run(
+    clone: Path, port: int, *args: str, until: tuple[str, ...] = ("serving mem/#",)
+) -> Iterator[subprocess.Popen[str]]:
+    """`scripts/run` in the clone until it says the worker serves (and whatever else `until`
+    names); Ctrl-C at the end."""
     proc = subprocess.Popen(
-        [str(clone / "scripts" / "run")],
+        [str(clone / "scripts" / "run"), *args],
         cwd=clone,
         env={
             **os.environ,
@@ -61,9 +66,11 @@ def scripts_run(clone: Path, port: int) -> Iterator[subprocess.Popen[str]]:
     )
     assert proc.stdout is not None
     seen = []
+    waiting = set(until)
     for line in proc.stdout:
         seen.append(line)
-        if "serving mem/#" in line:
+        waiting -= {word for word in waiting if word in line}
+        if not waiting:
             break
     else:
         proc.wait(timeout=10)
@@ -105,3 +112,32 @@ async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Pat
             reply = await d.request("kiosk-7", "get")
     assert [t["content"] for t in reply["turns"]] == [f"queued {n}" for n in range(5)]
     assert "Permission denied" not in (clone / "var" / "mosquitto.log").read_text()
+
+
+async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) -> None:
+    """`scripts/run --summarizer URL` runs the worker with trimmed events and a summarizer
+    folding them with the model server at URL."""
+    port = free_port()
+    with (
+        fake_model() as model,
+        scripts_run(
+            clone,
+            port,
+            "--max-turns",
+            "2",
+            "--summarizer",
+            model.url,
+            until=("serving mem/#", "folding mem/+/trimmed"),
+        ),
+    ):
+        async with (
+            device("127.0.0.1", port, "mem") as d,
+            watcher("127.0.0.1", port, "reply/+/_summarizer/#") as replies,
+        ):
+            for n in range(1, 5):
+                await d.request("voice-1", "append", {"role": "user", "content": f"t{n}"})
+            while (await d.request("voice-1", "get")).get("summary", {}).get("upto") != 2:
+                await asyncio.wait_for(replies.get(), 30)
+            reply = await d.request("voice-1", "get")
+    assert reply["summary"]["text"] == "t1 t2"
+    assert [t["content"] for t in reply["turns"]] == ["t3", "t4"]

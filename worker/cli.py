@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ from worker.backends import Backend, create_backend
 from worker.config import Config, from_args, wants_version
 from worker.errors import ConfigError
 from worker.service import Service
-from worker.systemd import JournalFormatter, under_journald
+from worker.systemd import configure_logging
 
 
 async def serve(cfg: Config, backend: Backend) -> None:
@@ -38,16 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"memory-worker: error: {exc}", file=sys.stderr)
         return 2
-    if under_journald(os.environ):
-        handler = logging.StreamHandler()
-        handler.setFormatter(JournalFormatter())
-        logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
-    else:
-        logging.basicConfig(
-            level=cfg.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-    logging.getLogger("mqtt").setLevel(logging.WARNING)
+    configure_logging(cfg.log_level, os.environ)
     try:
         asyncio.run(serve(cfg, backend))
     except ConfigError as exc:

@@ -50,17 +50,19 @@ class Unavailable(WorkerError):
 
 class Conflict(WorkerError):
     """A summary refused by its compare-and-set: the error map carries the conversation's
-    current summary `upto` (0 without one) and its newest `seq` (0 when it is not live)."""
+    current summary `upto` (0 without one), its newest `seq` and its `born` (both 0 when it is
+    not live)."""
 
     code = "conflict"
 
-    def __init__(self, message: str, upto: int, seq: int) -> None:
+    def __init__(self, message: str, upto: int, seq: int, born: int = 0) -> None:
         super().__init__(message)
         self.upto = upto
         self.seq = seq
+        self.born = born
 
     def details(self) -> dict[str, object]:
-        return {"upto": self.upto, "seq": self.seq}
+        return {"upto": self.upto, "seq": self.seq, "born": self.born}
 
 
 class BadRoute(WorkerError):

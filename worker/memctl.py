@@ -22,6 +22,7 @@ import msgpack
 
 from worker import constants as c
 from worker.client import (
+    ConflictError,
     MemoryClient,
     MemoryWorkerError,
     NoReplyError,
@@ -71,9 +72,23 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     a.add_argument("convo")
     a.add_argument("role")
     a.add_argument("content")
-    g = sub.add_parser("get", help="print a conversation's turns, oldest first")
+    a.add_argument("--tokens", type=int, help="the turn's length in your model's tokens")
+    g = sub.add_parser(
+        "get", help="print a conversation's summary and turns, oldest first, and their tokens"
+    )
     g.add_argument("convo")
     g.add_argument("--last", type=int)
+    g.add_argument(
+        "--max-tokens", type=int, help="only the newest turns that fit, with the summary"
+    )
+    sm = sub.add_parser(
+        "summary", help="print a conversation's summary, or save one (--save TEXT --upto N)"
+    )
+    sm.add_argument("convo")
+    sm.add_argument("--save", metavar="TEXT", help="the new summary's text")
+    sm.add_argument("--upto", type=int, help="the newest seq it covers (those turns are removed)")
+    sm.add_argument("--base", type=int, default=None, help="the upto it replaces (default: now's)")
+    sm.add_argument("--tokens", type=int, help="its length in your model's tokens")
     d = sub.add_parser("delete", help="forget a conversation")
     d.add_argument("convo")
     w = sub.add_parser("watch", help="print eviction events as they come")
@@ -128,10 +143,17 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     rid = args.id
     reply: dict[str, Any] = {"ok": True}
     if args.command == "append":
-        done = await memory.append(args.convo, args.role, args.content, request_id=rid)
+        done = await memory.append(
+            args.convo, args.role, args.content, request_id=rid, tokens=args.tokens
+        )
         reply.update(seq=done.seq, count=done.count)
     elif args.command == "get":
-        reply["turns"] = await memory.get(args.convo, args.last)
+        ctx = await memory.context(args.convo, args.max_tokens, last=args.last)
+        if ctx.summary is not None:
+            reply["summary"] = ctx.summary
+        reply.update(turns=ctx.turns, tokens=ctx.tokens)
+    elif args.command == "summary":
+        reply.update(await _summary(memory, args))
     elif args.command == "delete":
         reply["deleted"] = await memory.forget(args.convo)
     elif args.state_command == "save":
@@ -149,6 +171,20 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     return reply
 
 
+async def _summary(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]:
+    """Show the summary, or save one on the current one (or on --base)."""
+    if args.save is None:
+        return {"summary": (await memory.context(args.convo, last=1)).summary}
+    base = args.base
+    if base is None:
+        current = (await memory.context(args.convo, last=1)).summary
+        base = current["upto"] if current else 0
+    done = await memory.summarize(
+        args.convo, args.save, args.upto, base, tokens=args.tokens, request_id=args.id
+    )
+    return {"upto": done.upto, "dropped": done.dropped}
+
+
 async def _answer(
     args: argparse.Namespace, lines: Callable[[MemoryClient], AsyncIterator[Any]]
 ) -> int:
@@ -160,7 +196,10 @@ async def _answer(
         except (NoReplyError, RefusedError):
             raise
         except MemoryWorkerError as exc:
-            emit({"ok": False, "error": {"code": exc.code, "message": exc.message}})
+            error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+            if isinstance(exc, ConflictError):
+                error.update(upto=exc.upto, seq=exc.seq)
+            emit({"ok": False, "error": error})
             return EXIT_ERROR
     return EXIT_OK
 
@@ -220,10 +259,19 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if args.id is not None:
             check_request("c", c.OP_GET, {"id": args.id})
         if getattr(args, "convo", None) is not None:
-            last = getattr(args, "last", None)
-            check_request(args.convo, c.OP_GET, {} if last is None else {"last": last})
+            get = {
+                "last": getattr(args, "last", None),
+                "max_tokens": getattr(args, "max_tokens", None),
+            }
+            check_request(args.convo, c.OP_GET, {k: v for k, v in get.items() if v is not None})
         if args.command == "append":
-            check_request(args.convo, c.OP_APPEND, {"role": args.role, "content": args.content})
+            body = {"role": args.role, "content": args.content}
+            check_request(args.convo, c.OP_APPEND, {**body, "tokens": args.tokens})
+        if args.command == "summary" and args.save is not None:
+            if args.upto is None:
+                return "summary --save needs --upto (the newest seq it covers)"
+            body = {"text": args.save, "upto": args.upto, "base": args.base or 0}
+            check_request(args.convo, c.OP_SUMMARY, {**body, "tokens": args.tokens})
         if args.command == "list":
             body = {"limit": args.limit, "prefix": args.id_prefix}
             check_request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)

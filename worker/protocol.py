@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -105,6 +106,7 @@ class Summary:
     base: int
     tokens: int | None = None
     id: Any = None
+    born: int | None = None  # applied only to the conversation started then
 
     @property
     def token_count(self) -> int:
@@ -301,6 +303,7 @@ class Trimmed:
     turns: bytes
     summary_upto: int
     ts: float
+    born: int  # when the conversation was started (Unix ms): which one these turns were of
 
 
 Event = Eviction | Trimmed
@@ -391,6 +394,7 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
             base,
             _int(body, "tokens", 0, MAX_TOKENS),
             None if req_id is _MISSING else req_id,
+            _int(body, "born", 0),
         )
     if op == c.OP_LIST:
         return _build_list(body)
@@ -702,10 +706,14 @@ def encode_event(ev: Eviction, fmt: str = c.FORMAT_MSGPACK) -> bytes:
     )
 
 
-_TRIMMED_HEAD: Final = _map_header(4) + _packb("convo")
+_TRIMMED_HEAD: Final = _map_header(5) + _packb("convo")
 _TRIMMED_TURNS: Final = _packb("turns")
-_TRIMMED_REST: Final = _packb("summary_upto")
-_TS_KEY: Final = _packb("ts")
+# One per appended turn past the window: the fixed-width numbers are packed with struct
+# (msgpack.packb builds a Packer per call, half this function's time).
+_TRIMMED_KEYS: Final = (_packb("summary_upto"), _packb("ts"), _packb("born"))
+_TRIMMED_TAIL: Final = struct.Struct(
+    ">{}sBQ{}sBd{}sBQ".format(*(len(key) for key in _TRIMMED_KEYS))
+)
 
 
 def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
@@ -716,8 +724,13 @@ def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
             "turns": _unpack_all(ev.turns),
             "summary_upto": ev.summary_upto,
             "ts": ev.ts,
+            "born": ev.born,
         }
         return encode(body, fmt)
+    upto_key, ts_key, born_key = _TRIMMED_KEYS
+    tail = _TRIMMED_TAIL.pack(
+        upto_key, 0xCF, ev.summary_upto, ts_key, 0xCB, ev.ts, born_key, 0xCF, ev.born
+    )
     return b"".join(
         (
             _TRIMMED_HEAD,
@@ -725,10 +738,7 @@ def encode_trimmed(ev: Trimmed, fmt: str = c.FORMAT_MSGPACK) -> bytes:
             _TRIMMED_TURNS,
             _array_header(ev.count),
             ev.turns,
-            _TRIMMED_REST,
-            _packb(ev.summary_upto),
-            _TS_KEY,
-            _packb(ev.ts),
+            tail,
         )
     )
 

@@ -46,7 +46,16 @@ from worker.protocol import (
     convo_info,
     list_page,
 )
-from worker.turns import expand_turns, pack_turn, repack_turn, turn_end, turn_marks, turn_size
+from worker.turns import (
+    TURN_PARTS,
+    expand_parts,
+    expand_turns,
+    pack_turn,
+    repack_turn,
+    turn_end,
+    turn_marks,
+    turn_size,
+)
 
 NO_DEADLINE: Final = float("inf")
 
@@ -89,6 +98,7 @@ class Convo:
     """
 
     __slots__ = (
+        "born",
         "count",
         "deadline",
         "ids",
@@ -115,6 +125,7 @@ class Convo:
         self.state: dict[str, dict[str, tuple[bytes, float]]] | None = None
         self.ids: dict[Any, dict[str, Any]] | None = None
         self.summary: tuple[str, int, int] | None = None  # (text, upto, tokens)
+        self.born = 0  # Unix ms when it was started: tells a conversation from a later one
 
     def _skip(self, n: int) -> int:
         """Offset of the turn after the n oldest."""
@@ -158,22 +169,24 @@ class Convo:
         """The newest `n` turns (all: None) that fit `max_tokens` with the summary."""
         summary = self.summary if with_summary else None
         extra = summary[2] if summary is not None else 0
-        if max_tokens is not None:
-            turns, budget, start, count = self.turns, max_tokens - extra, len(self.turns), 0
-            marks = turn_marks(turns)
-            for at, _, tokens in reversed(marks[-n:] if n else marks):
+        if n is None or n >= self.count:
+            count, turns = self.count, self.turns
+        else:
+            count, turns = n, self.turns[self._skip(self.count - n) :]
+        if max_tokens is None:
+            data, total = expand_turns(turns)
+            return Turns(count, data, total + extra, summary)
+        each: list[int] = []
+        parts, total = expand_parts(turns, each)
+        if total + extra > max_tokens:  # walk back from the newest turn while they fit
+            budget, count, total = max_tokens - extra, 0, 0
+            for tokens in reversed(each):
                 if tokens > budget:
                     break
                 budget -= tokens
-                start, count = at, count + 1
-            data, total = expand_turns(turns[start:])
-        elif n is None or n >= self.count:
-            count = self.count
-            data, total = expand_turns(self.turns)
-        else:
-            count = n
-            data, total = expand_turns(self.turns[self._skip(self.count - n) :])
-        return Turns(count, data, total + extra, summary)
+                count, total = count + 1, total + tokens
+            parts = parts[len(parts) - count * TURN_PARTS :] if count else []
+        return Turns(count, b"".join(parts), total + extra, summary)
 
     def turn_list(self) -> list[bytes]:
         """The packed turns, one by one (what SQLite persists)."""
@@ -311,10 +324,14 @@ class Store:
         current = cv.summary[1] if cv is not None and cv.summary else 0
         if cv is None:
             raise Conflict("the conversation is not live", 0, 0)
+        if req.born is not None and req.born != cv.born:
+            why = f"the conversation was started again (born {cv.born}, not {req.born})"
+            raise Conflict(why, current, cv.seq, cv.born)
         if req.base != current:
-            raise Conflict(f"the summary's upto is {current}, not base {req.base}", current, cv.seq)
+            why = f"the summary's upto is {current}, not base {req.base}"
+            raise Conflict(why, current, cv.seq, cv.born)
         if not req.base < req.upto <= cv.seq:
-            raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq)
+            raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq, cv.born)
         lim = self.limits
         size = len(req.text.encode("utf-8", "surrogatepass")) + lim.turn_cost
         old = self._summary_size(cv)
@@ -491,6 +508,7 @@ class Store:
         used: float,
         ids: dict[Any, dict[str, Any]],
         summary: tuple[str, int, int] | None = None,
+        born: int = 0,
     ) -> None:
         """Put back a conversation read from storage (`turns` as `turn_list` gave them, `used`
         the monotonic time of its last use); call in order of last use."""
@@ -501,7 +519,7 @@ class Store:
             cv.deadline = used + self.limits.ttl
         cv.count = len(kept)
         cv.ids = ids or None
-        cv.summary = summary
+        cv.summary, cv.born = summary, born
         cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
@@ -554,7 +572,8 @@ class Store:
         if dropped and lim.trimmed_events:
             data, _ = expand_turns(b"".join(dropped))
             upto = cv.summary[1] if cv.summary else 0
-            self.evictions.append(Trimmed(name, len(dropped), data, upto, self._wall()))
+            trimmed = Trimmed(name, len(dropped), data, upto, self._wall(), cv.born)
+            self.evictions.append(trimmed)
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost
@@ -589,6 +608,7 @@ class Store:
         cv = Convo()
         cv.nbytes = self._base(name)
         cv.used = now
+        cv.born = int(self._wall() * 1000)
         self.bytes += cv.nbytes
         convos[name] = cv
         self._index.add(name)

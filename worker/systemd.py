@@ -125,3 +125,16 @@ def under_journald(environ: Mapping[str, str], stream_fd: int = 2) -> bool:
     except OSError:
         return False
     return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+def configure_logging(level: str, environ: Mapping[str, str]) -> None:
+    """Log at `level` to stderr: journald's priorities under systemd, timestamps otherwise."""
+    if under_journald(environ):
+        handler = logging.StreamHandler()
+        handler.setFormatter(JournalFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+    logging.getLogger("mqtt").setLevel(logging.WARNING)

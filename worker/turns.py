@@ -34,6 +34,7 @@ _UINT_WIDTH: Final = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
 _MAP_ROLE: Final = b"\x85" + _HEAD_KEYS[0]
 _CONTENT, _TS, _SEQ, _TOKENS = _HEAD_KEYS[1:]
 _PACKED: Final = 0x95  # the array header of a packed turn; 0x94 before turns had tokens
+TURN_PARTS: Final = 8  # slices per turn in what expand_parts returns
 # The largest token count a turn or summary may carry (the contract's limit).
 MAX_TOKENS: Final = 1_000_000
 # Roles a packed turn names by their index (a one-byte msgpack int) instead of their string.
@@ -130,10 +131,16 @@ def turn_marks(turns: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-def expand_turns(turns: bytes) -> tuple[bytes, int]:
+def expand_turns(turns: bytes, each: list[int] | None = None) -> tuple[bytes, int]:
     """Packed turns back to back, as the maps a get returns back to back, and their tokens in
     all: the five keys put back between slices of the packed values (no decoding, no
-    re-encoding of the content)."""
+    re-encoding of the content). With `each`, each turn's tokens are appended to it."""
+    out, parts = expand_parts(turns, each)
+    return b"".join(out), parts
+
+
+def expand_parts(turns: bytes, each: list[int] | None = None) -> tuple[list[bytes], int]:
+    """What `expand_turns` joins: TURN_PARTS slices per turn, in order, and the tokens."""
     out: list[bytes] = []
     add = out.extend
     total = 0
@@ -157,11 +164,13 @@ def expand_turns(turns: bytes) -> tuple[bytes, int]:
         tokens_at = seq_at + 1 if first < 0x80 else seq_at + _UINT_WIDTH[first]
         first = turns[tokens_at]
         if first < 0x80:
-            at = tokens_at + 1
-            total += first
+            at, tokens = tokens_at + 1, first
         else:
             at = tokens_at + _UINT_WIDTH[first]
-            total += int.from_bytes(turns[tokens_at + 1 : at], "big")
+            tokens = int.from_bytes(turns[tokens_at + 1 : at], "big")
+        total += tokens
+        if each is not None:
+            each.append(tokens)
         add(
             (
                 head,
@@ -174,7 +183,7 @@ def expand_turns(turns: bytes) -> tuple[bytes, int]:
                 turns[tokens_at:at],
             )
         )
-    return b"".join(out), total
+    return out, total
 
 
 def repack_turn(turn: bytes) -> bytes:

@@ -49,15 +49,26 @@
       this.list.replaceChildren();
       if (!body.ok) return this.say(`The worker answered ${body.error?.code}: ${body.error?.message}`, "error");
       const turns = body.turns || [];
-      this.say(turns.length ? `${convo}: ${turns.length} turn${turns.length === 1 ? "" : "s"}, oldest first` : `${convo}: no turns (unknown, expired or deleted)`, "ok");
+      const summary = body.summary;
+      const tokens = typeof body.tokens === "number" ? `, ${body.tokens} tokens` : "";
+      this.say(turns.length || summary
+        ? `${convo}: ${summary ? "a summary and " : ""}${turns.length} turn${turns.length === 1 ? "" : "s"}, oldest first${tokens}`
+        : `${convo}: no turns (unknown, expired or deleted)`, "ok");
+      if (summary) this.list.append(this.item("summary", summary.text, `up to #${summary.upto} · ${summary.tokens} tokens`, "summary"));
       for (const t of turns) {
-        const li = document.createElement("li");
-        li.innerHTML = `<span class="role"></span> <span class="content"></span> <span class="muted"></span>`;
-        li.querySelector(".role").textContent = t.role;
-        li.querySelector(".content").textContent = t.content;
-        li.querySelector(".muted").textContent = `#${t.seq} ${new Date(t.ts * 1000).toLocaleTimeString()}`;
-        this.list.append(li);
+        const count = typeof t.tokens === "number" ? ` · ${t.tokens} tokens` : "";
+        this.list.append(this.item(t.role, t.content, `#${t.seq}${count} · ${new Date(t.ts * 1000).toLocaleTimeString()}`));
       }
+    }
+
+    item(role, content, note, kind) {
+      const li = document.createElement("li");
+      if (kind) li.className = kind;
+      li.innerHTML = `<span class="role"></span> <span class="content"></span> <span class="muted"></span>`;
+      li.querySelector(".role").textContent = role;
+      li.querySelector(".content").textContent = content;
+      li.querySelector(".muted").textContent = note;
+      return li;
     }
   }
 

@@ -5,10 +5,11 @@
 -- budget before its turns and keys; turn and key costs come in their sizes), trimmed ('1':
 -- return the turns that leave the window uncovered), then the op's own arguments.
 -- Returns {result, evictions, counts, trimmed}; evictions are {convo, reason, turns, keys};
--- trimmed is {} or {summary upto, entry, ...}. A conversation's meta hash holds seq, nbytes,
--- sbytes (state and summary: what dropping turns cannot free), nkeys, and its summary as
--- sum_text, sum_upto, sum_tokens, sum_size, and used (the time of its last use). The sorted
--- set ix holds every conversation's id with score 0, for listing in id order (ZRANGEBYLEX).
+-- trimmed is {} or {summary upto, born, entry, ...}. A conversation's meta hash holds seq,
+-- nbytes, sbytes (state and summary: what dropping turns cannot free), nkeys, born (Unix ms
+-- when it was started), its summary as sum_text, sum_upto, sum_tokens, sum_size, and used
+-- (the time of its last use). The sorted set ix holds every conversation's id with score 0,
+-- for listing in id order (ZRANGEBYLEX).
 local K = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -80,7 +81,8 @@ local function create(c)
     local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
     evict(victim, expired and 'ttl' or 'lru')
   end
-  redis.call('HSET', meta(c), 'seq', 0, 'nbytes', base, 'sbytes', 0, 'nkeys', 0)
+  redis.call('HSET', meta(c), 'seq', 0, 'nbytes', base, 'sbytes', 0, 'nkeys', 0,
+             'born', string.format('%.0f', math.floor(now * 1000)))
   redis.call('ZADD', K .. 'ix', 0, c)
   redis.call('INCRBY', K .. 'bytes', base)
 end
@@ -133,7 +135,10 @@ end
 local function trim_oldest(c)
   local turn = drop_oldest(c)
   if announce then
-    if #tr == 0 then tr[1] = num(redis.call('HGET', meta(c), 'sum_upto')) end
+    if #tr == 0 then
+      local m = redis.call('HMGET', meta(c), 'sum_upto', 'born')
+      tr[1], tr[2] = num(m[1]), m[2] or '0'
+    end
     tr[#tr + 1] = turn
   end
 end
@@ -215,24 +220,29 @@ elseif op == 'delete' then
     result = {'ok', '0'}
   end
 elseif op == 'summary' then
-  -- ARGV[12] text, ARGV[13] upto, ARGV[14] base, ARGV[15] tokens, ARGV[16] size, ARGV[17] id
+  -- ARGV[12] text, ARGV[13] upto, ARGV[14] base, ARGV[15] tokens, ARGV[16] size, ARGV[17] id,
+  -- ARGV[18] born ('': any)
   local text, upto, sbase = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
-  local tokens, size, id = ARGV[15], tonumber(ARGV[16]), ARGV[17]
+  local tokens, size, id, want = ARGV[15], tonumber(ARGV[16]), ARGV[17], ARGV[18]
   local exists = live(c)
   local dup = exists and seen(c, id)
   local current = exists and num(redis.call('HGET', meta(c), 'sum_upto')) or 0
   local newest = exists and num(redis.call('HGET', meta(c), 'seq')) or 0
+  local born = exists and (redis.call('HGET', meta(c), 'born') or '0') or '0'
+  local other = want ~= '' and tonumber(want) ~= tonumber(born)
   if dup then
     touch(c)
     result = {'dup', dup}
-  elseif not exists or sbase ~= current or upto <= sbase or upto > newest then
+  elseif not exists or other or sbase ~= current or upto <= sbase or upto > newest then
     local why = 'the conversation is not live'
-    if exists and sbase ~= current then
+    if exists and other then
+      why = 'the conversation was started again (born ' .. born .. ', not ' .. want .. ')'
+    elseif exists and sbase ~= current then
       why = "the summary's upto is " .. current .. ', not base ' .. sbase
     elseif exists then
       why = "'upto' must be " .. (sbase + 1) .. '-' .. newest
     end
-    result = {'conflict', why, current, newest}
+    result = {'conflict', why, current, newest, born}
   else
     local old = num(redis.call('HGET', meta(c), 'sum_size'))
     if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then

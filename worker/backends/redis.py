@@ -164,6 +164,7 @@ class RedisBackend(Backend):
                     req.token_count,
                     size,
                     _id(req.id),
+                    "" if req.born is None else req.born,
                 )
             case Delete():
                 return self._args("delete", req.convo)
@@ -274,8 +275,9 @@ def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], 
         Eviction(cv.decode(), reason.decode(), int(n), int(k), now) for cv, reason, n, k in evicted
     ]
     if trimmed:
-        turns = [redis_turn(e) for e in trimmed[1:]]
-        events.insert(0, Trimmed(convo, len(turns), b"".join(turns), int(trimmed[0]), now))
+        turns = [redis_turn(e) for e in trimmed[2:]]
+        trim = Trimmed(convo, len(turns), b"".join(turns), int(trimmed[0]), now, int(trimmed[1]))
+        events.insert(0, trim)
     return result, events, Counts(*(int(x) for x in counts))
 
 
@@ -287,7 +289,7 @@ def _result(req: Request, raw: list[Any], ttl: float) -> Result:
     if kind == "too_large":
         return TooLarge(data.decode())
     if kind == "conflict":
-        return Conflict(data.decode(), int(raw[2]), int(raw[3]))
+        return Conflict(data.decode(), int(raw[2]), int(raw[3]), int(raw[4]))
     match req:
         case Append():
             seq, count = data.split()

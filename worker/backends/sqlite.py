@@ -38,14 +38,17 @@ CREATE TABLE IF NOT EXISTS convos (
     tick  INTEGER NOT NULL  -- order of last use, for LRU (times can tie)
 ) WITHOUT ROWID;
 """
-# Files made before summaries existed get the column when opened.
-SUMMARY_COLUMN = "ALTER TABLE convos ADD COLUMN summary BLOB"  # msgpack [text, upto, tokens]
+# Files made before summaries existed get their columns when opened.
+NEW_COLUMNS = {
+    "summary": "ALTER TABLE convos ADD COLUMN summary BLOB",  # msgpack [text, upto, tokens]
+    "born": "ALTER TABLE convos ADD COLUMN born INTEGER NOT NULL DEFAULT 0",  # Unix ms
+}
 UPSERT = """
-INSERT INTO convos(name, seq, turns, state, ids, summary, used, tick)
-VALUES (?, ?, ?, ?, ?, ?, 0, 0)
+INSERT INTO convos(name, seq, turns, state, ids, summary, born, used, tick)
+VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)
 ON CONFLICT(name) DO UPDATE SET
     seq = excluded.seq, turns = excluded.turns, state = excluded.state, ids = excluded.ids,
-    summary = excluded.summary
+    summary = excluded.summary, born = excluded.born
 """
 
 
@@ -115,13 +118,15 @@ class SqliteBackend(MemoryBackend):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             db.executescript(SCHEMA)
-            if "summary" not in {row[1] for row in db.execute("PRAGMA table_info(convos)")}:
-                db.execute(SUMMARY_COLUMN)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(convos)")}
+            for column, add in NEW_COLUMNS.items():
+                if column not in columns:
+                    db.execute(add)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
         rows = db.execute(
-            "SELECT name, seq, turns, state, ids, summary, used FROM convos ORDER BY tick"
+            "SELECT name, seq, turns, state, ids, summary, born, used FROM convos ORDER BY tick"
         ).fetchall()
         self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         return rows
@@ -201,10 +206,10 @@ class SqliteBackend(MemoryBackend):
             )
         ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
         summary = msgpack.packb(cv.summary) if cv.summary else None
-        return name, cv.seq, msgpack.packb(cv.turn_list()), state, ids, summary
+        return name, cv.seq, msgpack.packb(cv.turn_list()), state, ids, summary, cv.born
 
     def _restore(self, row: tuple[Any, ...]) -> None:
-        name, seq, turns, state, ids, summary, used = row
+        name, seq, turns, state, ids, summary, born, used = row
         to_mono = self._clock() - self._wall()
         keys: dict[str, dict[str, tuple[bytes, float]]] = {}
         if state is not None:
@@ -222,4 +227,5 @@ class SqliteBackend(MemoryBackend):
             used=used + to_mono,
             ids=remembered,
             summary=tuple(msgpack.unpackb(summary)) if summary is not None else None,
+            born=born,
         )

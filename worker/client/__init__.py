@@ -27,6 +27,7 @@ from worker.client._errors import (
     BadPayloadError,
     BadRequestError,
     BadTopicError,
+    ConflictError,
     InternalError,
     MemoryWorkerError,
     NoReplyError,
@@ -36,7 +37,15 @@ from worker.client._errors import (
     error_for,
 )
 from worker.client._local import LocalMemory
-from worker.client._models import Appended, ConversationInfo, Eviction, Turn
+from worker.client._models import (
+    Appended,
+    Context,
+    ConversationInfo,
+    Eviction,
+    Summarized,
+    Summary,
+    Turn,
+)
 from worker.client._mqtt import (
     DEFAULT_ATTEMPTS,
     DEFAULT_TIMEOUT,
@@ -116,6 +125,8 @@ __all__ = [
     "BadRequestError",
     "BadTopicError",
     "BlockingMemoryClient",
+    "ConflictError",
+    "Context",
     "ConversationInfo",
     "Eviction",
     "InternalError",
@@ -125,6 +136,8 @@ __all__ = [
     "MemoryWorkerError",
     "NoReplyError",
     "RefusedError",
+    "Summarized",
+    "Summary",
     "TooLargeError",
     "Turn",
     "UnavailableError",

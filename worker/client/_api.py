@@ -10,7 +10,14 @@ from typing import Any
 
 from worker import constants as c
 from worker.client._errors import BadPayloadError, error_for
-from worker.client._models import Appended, ConversationInfo, Eviction, Turn
+from worker.client._models import (
+    Appended,
+    Context,
+    ConversationInfo,
+    Eviction,
+    Summarized,
+    Turn,
+)
 from worker.errors import WorkerError
 from worker.protocol import check_request
 
@@ -28,7 +35,8 @@ def _ok(reply: Any) -> dict[str, Any]:
         raise BadPayloadError("reply is not a msgpack map")
     if not reply.get("ok"):
         error = reply.get("error") or {}
-        raise error_for(str(error.get("code", "internal")), str(error.get("message", "")))
+        code, message = str(error.get("code", "internal")), str(error.get("message", ""))
+        raise error_for(code, message, error)
     return reply
 
 
@@ -39,23 +47,76 @@ class _Api:
         raise NotImplementedError
 
     async def append(
-        self, convo_id: str, role: str, content: str, *, request_id: str | None = None
+        self,
+        convo_id: str,
+        role: str,
+        content: str,
+        *,
+        request_id: str | None = None,
+        tokens: int | None = None,
     ) -> Appended:
         """Store a turn; its `seq` and the conversation's turn `count`.
 
         `request_id` replaces the id the client makes: a repeat of the same id is stored once.
+        `tokens` is the turn's length in your model's tokenizer; without it the worker
+        estimates ceil(UTF-8 bytes / 4).
         """
         body: dict[str, Any] = {"role": role, "content": content}
         if request_id is not None:
             body["id"] = request_id
+        if tokens is not None:
+            body["tokens"] = tokens
         reply = await self._request(convo_id, c.OP_APPEND, body)
         return Appended(reply["seq"], reply["count"])
 
-    async def get(self, convo_id: str, last: int | None = None) -> list[Turn]:
-        """The conversation's turns (the `last` ones), oldest first; [] when unknown."""
-        body = {} if last is None else {"last": last}
+    async def get(
+        self, convo_id: str, last: int | None = None, max_tokens: int | None = None
+    ) -> list[Turn]:
+        """The conversation's turns (the `last` ones, the newest that fit `max_tokens`), oldest
+        first; [] when unknown. The summary is not returned (see `context`), nor counted."""
+        body: dict[str, Any] = {} if last is None else {"last": last}
+        if max_tokens is not None:
+            body.update(max_tokens=max_tokens, summary=False)
         turns: list[Turn] = (await self._request(convo_id, c.OP_GET, body))["turns"]
         return turns
+
+    async def context(
+        self, convo_id: str, max_tokens: int | None = None, *, last: int | None = None
+    ) -> Context:
+        """What fits a model of `max_tokens`: the summary, counted first, and the newest whole
+        turns that fit with it (all of them without a budget)."""
+        body: dict[str, Any] = {"summary": True}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if last is not None:
+            body["last"] = last
+        reply = await self._request(convo_id, c.OP_GET, body)
+        return Context(reply.get("summary"), reply["turns"], reply.get("tokens", 0))
+
+    async def summarize(
+        self,
+        convo_id: str,
+        text: str,
+        upto: int,
+        base: int,
+        *,
+        tokens: int | None = None,
+        request_id: str | None = None,
+        born: int | None = None,
+    ) -> Summarized:
+        """Save the conversation's summary, covering its turns up to seq `upto`, in place of
+        the one whose upto is `base` (0: none); the covered turns are removed with it.
+        With `born` (a trimmed event's), only if the conversation is still that one.
+        Raises ConflictError (with the current `upto`) when `base` is not current."""
+        body: dict[str, Any] = {"text": text, "upto": upto, "base": base}
+        if tokens is not None:
+            body["tokens"] = tokens
+        if born is not None:
+            body["born"] = born
+        if request_id is not None:
+            body["id"] = request_id
+        reply = await self._request(convo_id, c.OP_SUMMARY, body)
+        return Summarized(reply["upto"], reply["dropped"])
 
     async def forget(self, convo_id: str) -> int:
         """Delete a conversation and its state; how many turns were removed."""

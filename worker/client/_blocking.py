@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from worker.client._local import LocalMemory
-from worker.client._models import Appended, ConversationInfo, Eviction, Turn
+from worker.client._models import (
+    Appended,
+    Context,
+    ConversationInfo,
+    Eviction,
+    Summarized,
+    Turn,
+)
 from worker.client._mqtt import MemoryClient
 
 _T = TypeVar("_T")
@@ -94,14 +101,45 @@ class BlockingMemoryClient:
         return self._memory
 
     def append(
-        self, convo_id: str, role: str, content: str, *, request_id: str | None = None
+        self,
+        convo_id: str,
+        role: str,
+        content: str,
+        *,
+        request_id: str | None = None,
+        tokens: int | None = None,
     ) -> Appended:
         """See MemoryClient.append."""
-        return self._run(self._memory.append(convo_id, role, content, request_id=request_id))
+        return self._run(
+            self._memory.append(convo_id, role, content, request_id=request_id, tokens=tokens)
+        )
 
-    def get(self, convo_id: str, last: int | None = None) -> list[Turn]:
+    def get(
+        self, convo_id: str, last: int | None = None, max_tokens: int | None = None
+    ) -> list[Turn]:
         """See MemoryClient.get."""
-        return self._run(self._memory.get(convo_id, last))
+        return self._run(self._memory.get(convo_id, last, max_tokens))
+
+    def context(
+        self, convo_id: str, max_tokens: int | None = None, *, last: int | None = None
+    ) -> Context:
+        """See MemoryClient.context."""
+        return self._run(self._memory.context(convo_id, max_tokens, last=last))
+
+    def summarize(
+        self,
+        convo_id: str,
+        text: str,
+        upto: int,
+        base: int,
+        *,
+        tokens: int | None = None,
+        request_id: str | None = None,
+    ) -> Summarized:
+        """See MemoryClient.summarize."""
+        return self._run(
+            self._memory.summarize(convo_id, text, upto, base, tokens=tokens, request_id=request_id)
+        )
 
     def forget(self, convo_id: str) -> int:
         """See MemoryClient.forget."""

@@ -7,6 +7,7 @@ would have sent, for input refused before sending).
     +-- TooLargeError            too_large
     +-- BadTopicError            bad_topic
     +-- UnavailableError         unavailable
+    +-- ConflictError            conflict (a summary's compare-and-set; carries upto, seq)
     +-- InternalError            internal
     +-- NoReplyError             timeout; also a TimeoutError
     +-- RefusedError             refused; also a PermissionError (the broker said no)
@@ -53,6 +54,22 @@ class UnavailableError(MemoryWorkerError):
     code = "unavailable"
 
 
+class ConflictError(MemoryWorkerError):
+    """A summary refused because its `base` is not the conversation's current summary.
+
+    Attributes:
+        upto: the conversation's current summary upto (0 without one).
+        seq: its newest seq (0 when the conversation is not live).
+        born: when it was started, Unix ms (0 when it is not live).
+    """
+
+    code = "conflict"
+
+    def __init__(self, message: str, upto: int = 0, seq: int = 0, born: int = 0) -> None:
+        super().__init__(message)
+        self.upto, self.seq, self.born = upto, seq, born
+
+
 class InternalError(MemoryWorkerError):
     code = "internal"
 
@@ -87,6 +104,13 @@ _BY_CODE: Final[dict[str, type[MemoryWorkerError]]] = {
 }
 
 
-def error_for(code: str, message: str) -> MemoryWorkerError:
-    """The exception for an error reply's code (InternalError for codes this client lacks)."""
+def error_for(
+    code: str, message: str, details: dict[str, object] | None = None
+) -> MemoryWorkerError:
+    """The exception for an error reply's code (InternalError for codes this client lacks);
+    `details` is the rest of the error map (a conflict's upto and seq)."""
+    if code == ConflictError.code:
+        extra = details or {}
+        upto, seq, born = (extra.get(k, 0) for k in ("upto", "seq", "born"))
+        return ConflictError(message, *(v if isinstance(v, int) else 0 for v in (upto, seq, born)))
     return _BY_CODE.get(code, InternalError)(message)

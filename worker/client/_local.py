@@ -11,11 +11,12 @@ from typing import Any
 import msgpack
 
 from worker import constants as c
+from worker import protocol
 from worker.client._api import _Api, _Fanout, _ok, _refuse
 from worker.client._errors import error_for
 from worker.client._models import Eviction
 from worker.errors import WorkerError
-from worker.protocol import check_request, encode_result, reply_parsed
+from worker.protocol import Event, check_request, encode_result, reply_parsed
 from worker.store import Limits
 
 
@@ -55,8 +56,10 @@ class LocalMemory(_Api):
             if not more:
                 await asyncio.sleep(c.SWEEP_INTERVAL)
 
-    def _announce(self, evictions: list[Any]) -> None:
-        for ev in evictions:
+    def _announce(self, events: list[Event]) -> None:
+        for ev in events:
+            if not isinstance(ev, protocol.Eviction):
+                continue
             self._events.publish(
                 Eviction(convo=ev.convo, reason=ev.reason, count=ev.count, keys=ev.keys, ts=ev.ts)
             )

@@ -11,6 +11,15 @@ class Turn(TypedDict):
     content: str
     ts: float
     seq: int
+    tokens: int
+
+
+class Summary(TypedDict):
+    """A conversation's summary: its text, the newest seq it covers, its tokens."""
+
+    text: str
+    upto: int
+    tokens: int
 
 
 class Eviction(TypedDict):
@@ -39,3 +48,21 @@ class Appended:
 
     seq: int
     count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What fits a model: the summary (None without one), the newest turns that fit with it,
+    oldest first, and their tokens in all (the summary's included)."""
+
+    summary: Summary | None
+    turns: list[Turn]
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Summarized:
+    """A saved summary: the newest seq it covers and how many stored turns it replaced."""
+
+    upto: int
+    dropped: int

@@ -8,7 +8,11 @@ this module.
     history.add_user_message("hi")
     history.messages            # [HumanMessage("hi")]
 
-The history is bounded as the worker bounds it (`--max-turns`, `--ttl`, ...).
+The history is bounded as the worker bounds it (`--max-turns`, `--ttl`, ...). With
+`max_tokens`, `messages` holds only the newest turns that fit that many tokens. When the
+conversation has a summary (memory-summarizer keeps one of what the window dropped),
+`messages` starts with a SystemMessage holding it, counted first against `max_tokens`;
+`summary=False` leaves it out.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from langchain_core.messages import (
 )
 from langchain_core.stores import BaseStore
 
-from worker.client import BlockingMemoryClient, Turn
+from worker.client import BlockingMemoryClient, Context, Turn
 from worker.client._adapters import DEFAULT_URL, OnClient
 
 _ROLE_OF = {"human": "user", "ai": "assistant", "system": "system"}
@@ -67,6 +71,8 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         url: where the memory is, as for `open_blocking_memory`.
         client: an open BlockingMemoryClient to share (then `url` is not used and
             `close()` leaves it open); by default the history opens its own.
+        max_tokens: `messages` holds the newest turns that fit this many tokens (all: None).
+        summary: start `messages` with the conversation's summary as a SystemMessage.
     """
 
     def __init__(
@@ -75,14 +81,27 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         url: str = DEFAULT_URL,
         *,
         client: BlockingMemoryClient | None = None,
+        max_tokens: int | None = None,
+        summary: bool = True,
     ) -> None:
         super().__init__(url, client)
         self.session_id = session_id
+        self.max_tokens = max_tokens
+        self.summary = summary
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
-        """The stored messages, oldest first."""
-        return [message_of(t) for t in self.client.get(self.session_id)]
+        """The summary (as a SystemMessage) and the stored messages that fit, oldest first."""
+        if not self.summary:
+            return [message_of(t) for t in self.client.get(self.session_id, None, self.max_tokens)]
+        return self._messages(self.client.context(self.session_id, self.max_tokens))
+
+    @staticmethod
+    def _messages(ctx: Context) -> list[BaseMessage]:
+        head: list[BaseMessage] = []
+        if ctx.summary is not None:
+            head.append(SystemMessage(content=ctx.summary["text"]))
+        return head + [message_of(t) for t in ctx.turns]
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append each message as a turn, in order."""
@@ -94,9 +113,14 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         self.client.forget(self.session_id)
 
     async def aget_messages(self) -> list[BaseMessage]:
-        """The stored messages, oldest first, without blocking the caller's loop."""
-        turns = await self.client.run(self.client.memory.get(self.session_id))
-        return [message_of(t) for t in turns]
+        """As `messages`, without blocking the caller's loop."""
+        memory = self.client.memory
+        if not self.summary:
+            turns = await self.client.run(memory.get(self.session_id, None, self.max_tokens))
+            return [message_of(t) for t in turns]
+        return self._messages(
+            await self.client.run(memory.context(self.session_id, self.max_tokens))
+        )
 
     async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append each message as a turn, in order, without blocking the caller's loop."""

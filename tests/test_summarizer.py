@@ -1,0 +1,269 @@
+"""memory-summarizer against a real worker and broker, with the chat-completions stand-in:
+whatever fails (the model, the summarizer, the broker), every trimmed turn ends up in the
+saved summary exactly once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from tests.clients import Device, device, watcher
+from tests.conftest import WorkerFactory, program, reap, unique
+from tests.fake_llm import FakeModel, fake_model
+from tests.processes import REPO, Mosquitto
+from worker.errors import ConfigError
+from worker.summarizer import Summarizer, SummarizerConfig, from_args
+
+Replies = asyncio.Queue[aiomqtt.Message]
+
+
+@pytest.fixture
+def model() -> Any:
+    with fake_model() as m:
+        yield m
+
+
+def _config(broker: Mosquitto, prefix: str, model: FakeModel, **kw: Any) -> SummarizerConfig:
+    fields: dict[str, Any] = {
+        "host": broker.host,
+        "port": broker.port,
+        "prefix": prefix,
+        "client_id": unique("summarizer-"),
+        "llm_url": model.url,
+        "retry_max": 0.2,
+        "reconnect_max": 0.5,
+        **kw,
+    }
+    return SummarizerConfig(**fields)
+
+
+@contextlib.asynccontextmanager
+async def summarizing(cfg: SummarizerConfig) -> AsyncIterator[Summarizer]:
+    """A summarizer served from this event loop, subscribed before the block starts."""
+    s = Summarizer(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(s.run(stop))
+    await asyncio.wait_for(s.connected.wait(), 10)
+    try:
+        yield s
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def talk(d: Device, convo: str, first: int, last: int) -> None:
+    for i in range(first, last + 1):
+        assert (await d.request(convo, "append", {"role": "user", "content": f"t{i}"}))["ok"]
+
+
+async def summary_upto(d: Device, replies: Replies, convo: str, upto: int) -> list[str]:
+    """The summary's words once it covers `upto`: read, then wait for the next saved one."""
+    while True:
+        reply = await d.request(convo, "get", {"last": 1})
+        if reply.get("summary", {}).get("upto", 0) >= upto:
+            words: list[str] = reply["summary"]["text"].split()
+            return words
+        await asyncio.wait_for(replies.get(), 30)
+
+
+def words(first: int, last: int) -> list[str]:
+    return [f"t{i}" for i in range(first, last + 1)]
+
+
+async def test_trimmed_turns_are_folded_into_the_summary(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """Each turn past the window reaches the summary once, in order; a get then returns the
+    summary and the window, none of the folded turns twice."""
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)) as s,
+        device(broker.host, broker.port, w.cfg.prefix, v5=False) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        await talk(d, "kiosk", 1, 12)
+        assert await summary_upto(d, replies, "kiosk", 10) == words(1, 10)
+        reply = await d.request("kiosk", "get", {"max_tokens": 1000})
+        assert [t["content"] for t in reply["turns"]] == ["t11", "t12"]
+        assert reply["summary"]["upto"] == 10
+        assert model.seen == words(1, 10)
+        assert s.folds == 10
+        assert w.stats.summaries == 10
+
+
+async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
+    broker: Mosquitto,
+    worker_factory: WorkerFactory,
+    model: FakeModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the model fails the events wait; the failure is logged once per conversation;
+    once it answers, every trimmed turn is folded."""
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)),
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        model.set_mode("down")
+        await talk(d, "c", 1, 5)
+        await model.wait_calls(3)
+        model.set_mode("garbage")
+        await model.wait_calls(model.calls + 3)
+        model.set_mode("ok")
+        assert await summary_upto(d, replies, "c", 3) == words(1, 3)
+    failures = [r for r in caplog.records if "the model failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].levelno == logging.WARNING
+
+
+async def test_two_summarizers_racing_on_one_conversation(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """Two members of one share group get alternate events of the same conversation; compare-
+    and-set and the seq order make every turn land in the summary exactly once."""
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)) as a,
+        summarizing(_config(broker, w.cfg.prefix, model)) as b,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        await talk(d, "c", 1, 30)
+        assert await summary_upto(d, replies, "c", 28) == words(1, 28)
+        assert a.acknowledged > 0
+        assert b.acknowledged > 0
+
+
+def spawn_summarizer(broker: Mosquitto, prefix: str, model: FakeModel, cid: str) -> Any:
+    """`memory-summarizer` as a program, started and subscribed."""
+    proc = subprocess.Popen(
+        [
+            program("memory-summarizer"),
+            "--host",
+            broker.host,
+            "--port",
+            str(broker.port),
+            "--prefix",
+            prefix,
+            "--client-id",
+            cid,
+            "--llm-url",
+            model.url,
+            "--retry-max",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "folding" in line:
+            return proc
+    raise AssertionError(f"memory-summarizer ended: {proc.wait()}")
+
+
+async def test_a_summarizer_killed_mid_fold_resumes_where_it_was(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """SIGKILL while the model folds: nothing was acknowledged, so the restarted summarizer
+    (same client id, its persistent session) gets the events again and folds them once."""
+    cid = unique("summarizer-")
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        model.set_mode("hold")
+        proc = await asyncio.to_thread(spawn_summarizer, broker, w.cfg.prefix, model, cid)
+        try:
+            await talk(d, "c", 1, 5)
+            await model.wait_calls(1)
+        finally:
+            reap(proc, signal.SIGKILL)
+        await talk(d, "c", 6, 7)  # trimmed while no summarizer runs: kept in its session
+        model.set_mode("ok")
+        proc = await asyncio.to_thread(spawn_summarizer, broker, w.cfg.prefix, model, cid)
+        try:
+            assert await summary_upto(d, replies, "c", 5) == words(1, 5)
+        finally:
+            reap(proc, signal.SIGTERM)
+
+
+async def test_a_broker_restart_loses_no_trimmed_turn(
+    own_broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """The broker restarts while a fold is in the model: the worker and the summarizer come
+    back, the event is delivered again, and the summary covers every turn once."""
+    b = own_broker
+    async with (
+        worker_factory(b, max_turns=2, trimmed_events=True) as w,
+        summarizing(_config(b, w.cfg.prefix, model)) as s,
+    ):
+        model.set_mode("hold")
+        async with device(b.host, b.port, w.cfg.prefix) as d:
+            await talk(d, "c", 1, 4)
+        await model.wait_calls(1)
+        b.restart(signal.SIGTERM)
+        model.set_mode("ok")
+        await asyncio.wait_for(w.wait_connections(2), 15)
+        await asyncio.wait_for(s.connected.wait(), 15)
+        async with (
+            device(b.host, b.port, w.cfg.prefix) as d,
+            watcher(b.host, b.port, "reply/+/_summarizer/#") as replies,
+        ):
+            await talk(d, "c", 5, 6)
+            assert await summary_upto(d, replies, "c", 4) == words(1, 4)
+
+
+async def test_a_gone_conversation_acknowledges_its_events(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """Events of a conversation deleted before its fold are acknowledged without a summary,
+    and a conversation started again under the same id is not given the old turns."""
+    async with (
+        worker_factory(max_turns=1, trimmed_events=True) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)) as s,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+    ):
+        model.set_mode("hold")
+        await talk(d, "c", 1, 3)
+        await model.wait_calls(1)
+        await d.request("c", "delete")
+        await talk(d, "c", 1, 1)
+        model.set_mode("ok")
+        await asyncio.wait_for(s.wait_acknowledged(2), 10)
+        reply = await d.request("c", "get")
+        assert "summary" not in reply
+        assert [t["content"] for t in reply["turns"]] == ["t1"]
+
+
+def test_the_command_line_refuses_bad_flags_in_one_line() -> None:
+    """Bad values name the flag; the broker's variables are shared with the worker's."""
+    cfg = from_args([], {"MEMORY_WORKER_PORT": "1999", "OPENAI_API_KEY": "k"})
+    assert (cfg.port, cfg.api_key, cfg.llm_url) == (1999, "k", "http://127.0.0.1:11434/v1")
+    cfg = from_args(["--port", "2000"], {"MEMORY_SUMMARIZER_PORT": "1998"})
+    assert cfg.port == 2000
+    for argv, message in (
+        (["--port", "x"], "--port: expected an integer"),
+        (["--llm-url", "ftp://x"], "--llm-url must be an http"),
+        (["--group", "a/b"], "--group must be a name"),
+        (["--nope"], "unrecognized arguments"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            from_args(argv, {})
+    done = subprocess.run(
+        [program("memory-summarizer"), "--port", "0"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert done.stderr == "memory-summarizer: error: --port must be 1-65535, got 0\n"

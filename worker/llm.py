@@ -1,0 +1,123 @@
+"""The one call memory-summarizer makes to a language model: fold turns into a summary, over
+any OpenAI-compatible chat-completions endpoint (Ollama's /v1, llama.cpp's llama-server, a
+hosted API).
+
+The standard library's urllib in a thread is enough for one POST per fold: no HTTP client
+dependency for a call that takes seconds of model time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_LLM_URL = "http://127.0.0.1:11434/v1"
+DEFAULT_MODEL = "llama3.2"
+DEFAULT_SUMMARY_TOKENS = 256
+DEFAULT_LLM_TIMEOUT = 120.0
+
+SYSTEM_PROMPT = (
+    "You keep the running summary of a conversation between a user and an assistant, for a "
+    "small language model with little context. Fold the new turns into the summary: keep "
+    "names, facts, preferences, decisions and open questions; drop greetings and filler. "
+    "Write at most {tokens} tokens, in the conversation's language. Answer with the summary "
+    "alone."
+)
+
+
+class ModelError(Exception):
+    """The model could not fold (down, slow, refused, or answered something unusable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Folded:
+    """A model's new summary, and its length in the model's tokens when it said."""
+
+    text: str
+    tokens: int | None
+
+
+def fold_messages(
+    summary: str, turns: Sequence[dict[str, Any]], tokens: int
+) -> list[dict[str, str]]:
+    """The chat messages asking for the summary that folds `turns` into `summary`."""
+    lines = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT.format(tokens=tokens)},
+        {
+            "role": "user",
+            "content": f"Summary so far:\n{summary or '(none yet)'}\n\nNew turns:\n{lines}",
+        },
+    ]
+
+
+class ChatModel:
+    """A chat-completions endpoint.
+
+    Args:
+        url: the API's base URL (…/v1); `/chat/completions` is appended.
+        model: the model's name on that server.
+        api_key: sent as a Bearer token when given (OPENAI_API_KEY).
+        summary_tokens: the summary's length to ask for (and max_tokens of the answer).
+        timeout: seconds one call may take.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_LLM_URL,
+        model: str = DEFAULT_MODEL,
+        *,
+        api_key: str | None = None,
+        summary_tokens: int = DEFAULT_SUMMARY_TOKENS,
+        timeout: float = DEFAULT_LLM_TIMEOUT,
+    ) -> None:
+        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key = api_key
+        self.summary_tokens = summary_tokens
+        self.timeout = timeout
+
+    async def fold(self, summary: str, turns: Sequence[dict[str, Any]]) -> Folded:
+        """The summary with `turns` folded in; ModelError when none came back."""
+        body = {
+            "model": self.model,
+            "messages": fold_messages(summary, turns, self.summary_tokens),
+            "max_tokens": self.summary_tokens,
+            "temperature": 0.2,
+            "stream": False,
+        }
+        return await asyncio.to_thread(self._post, json.dumps(body).encode())
+
+    def _post(self, data: bytes) -> Folded:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.endpoint, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(300).decode("utf-8", "replace").strip()
+            raise ModelError(f"{self.endpoint} answered {exc.code}: {detail}") from None
+        except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
+            raise ModelError(f"{self.endpoint}: {exc}") from None
+        return parse_completion(raw)
+
+
+def parse_completion(raw: bytes) -> Folded:
+    """The summary in a chat-completions answer; ModelError for anything else."""
+    try:
+        body = json.loads(raw)
+        text = body["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ModelError(f"not a chat completion: {raw[:200]!r}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ModelError("the model answered an empty summary")
+    usage = body.get("usage") if isinstance(body, dict) else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return Folded(text.strip(), tokens if isinstance(tokens, int) and tokens >= 0 else None)

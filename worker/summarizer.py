@@ -1,0 +1,517 @@
+"""`memory-summarizer`: folds the turns a worker trims into the conversation's summary, with
+any OpenAI-compatible model server, losing none.
+
+One flow: the worker publishes each turn that leaves a window on P/<convo>/trimmed (with
+--trimmed-events) -> the broker hands it to one summarizer of the share group, kept in its
+persistent session until acknowledged -> `_on_message` queues it behind that conversation's
+earlier events -> `_fold` reads the summary (`get`), asks the model for the new one (the old
+summary plus the trimmed turns it does not cover yet), saves it with compare-and-set
+(`summary`, base = the upto it read) -> only then acknowledges the event.
+
+What makes it lose nothing:
+- The acknowledgement follows the save: a summarizer killed mid-fold gets the event again
+  (from the broker, on the restart of its persistent session, or another member's).
+- Compare-and-set: a fold saved on a summary that changed meanwhile is refused (`conflict`),
+  and the summarizer reads again and folds again; a trim is never undone.
+- Turns are folded in seq order: an event whose first turn does not follow the summary's
+  upto waits for the events before it (held by another member, or redelivered), for
+  --gap-wait seconds; past that its turns are folded anyway, and the log names the turns
+  that never came (trimmed when no summarizer's session existed).
+- An event that the summary already covers, or whose conversation is gone (deleted, evicted,
+  or started again since: the save names the conversation's `born`), is acknowledged without
+  a fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from worker import __version__
+from worker import constants as c
+from worker.client import (
+    ConflictError,
+    MemoryClient,
+    MemoryWorkerError,
+    TooLargeError,
+    check_reply_prefix,
+)
+from worker.config import tls_context
+from worker.errors import ConfigError
+from worker.llm import (
+    DEFAULT_LLM_TIMEOUT,
+    DEFAULT_LLM_URL,
+    DEFAULT_MODEL,
+    DEFAULT_SUMMARY_TOKENS,
+    ChatModel,
+    Folded,
+    ModelError,
+)
+from worker.mqtt import NODELAY, Connection, Message, connect_properties, refusal
+from worker.protocol import decode_event, validate_prefix
+from worker.systemd import Notifier, configure_logging
+
+log = logging.getLogger("memory_summarizer")
+
+DEFAULT_CLIENT_ID = "memory-summarizer"
+DEFAULT_GROUP = "summarizers"
+DEFAULT_CONCURRENCY = 2
+DEFAULT_GAP_WAIT = 60.0
+# Under each conversation's reply/<convo>/, where a worker run with --route-prefix
+# reply/{convo} (deploy/'s) may answer, and the summarizer role may read.
+DEFAULT_REPLY_PREFIX = "reply/{convo}/_summarizer"
+ENV_PREFIX = "MEMORY_SUMMARIZER_"
+# Events handed to us and not yet acknowledged: the broker holds the rest.
+_RECEIVE_MAXIMUM = 1000
+_RETRY_FIRST = 0.5
+DEFAULT_RETRY_MAX = 30.0
+_DRAIN_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SummarizerConfig:
+    """Everything `memory-summarizer` is told; see `memory-summarizer --help`."""
+
+    host: str = c.DEFAULT_HOST
+    port: int = c.DEFAULT_PORT
+    prefix: str = c.DEFAULT_PREFIX
+    client_id: str = DEFAULT_CLIENT_ID
+    group: str = DEFAULT_GROUP
+    reply_prefix: str = DEFAULT_REPLY_PREFIX
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    llm_url: str = DEFAULT_LLM_URL
+    model: str = DEFAULT_MODEL
+    api_key: str | None = field(default=None, repr=False)
+    summary_tokens: int = DEFAULT_SUMMARY_TOKENS
+    llm_timeout: float = DEFAULT_LLM_TIMEOUT
+    concurrency: int = DEFAULT_CONCURRENCY
+    gap_wait: float = DEFAULT_GAP_WAIT
+    retry_max: float = DEFAULT_RETRY_MAX
+    session_expiry: int = c.DEFAULT_SESSION_EXPIRY
+    reconnect_max: float = c.DEFAULT_RECONNECT_MAX
+    log_level: str = c.DEFAULT_LOG_LEVEL
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 1-65535, got {self.port}")
+        try:
+            validate_prefix(self.prefix)
+        except ValueError as exc:
+            raise ConfigError(f"--prefix {self.prefix!r}: {exc}") from None
+        for name, value in (("client-id", self.client_id), ("group", self.group)):
+            if not value or any(ch in value for ch in "/+#"):
+                raise ConfigError(f"--{name} must be a name without / + #, got {value!r}")
+        for name, number in (
+            ("summary-tokens", self.summary_tokens),
+            ("concurrency", self.concurrency),
+            ("llm-timeout", self.llm_timeout),
+            ("retry-max", self.retry_max),
+        ):
+            if number <= 0:
+                raise ConfigError(f"--{name} must be more than 0, got {number}")
+        try:
+            check_reply_prefix(self.reply_prefix, self.prefix)
+        except MemoryWorkerError as exc:
+            raise ConfigError(f"--reply-prefix: {exc.message}") from None
+        if self.gap_wait < 0:
+            raise ConfigError(f"--gap-wait must be 0 or more seconds, got {self.gap_wait}")
+        if not self.llm_url.startswith(("http://", "https://")):
+            raise ConfigError(f"--llm-url must be an http:// or https:// URL, got {self.llm_url!r}")
+        for name, path in (("tls-ca", self.tls_ca), ("tls-cert", self.tls_cert)):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"--{name}: no such file {path!r}")
+
+
+# (flag, kind, help); broker flags also read the worker's MEMORY_WORKER_* variables, so one
+# environment file can serve both.
+_BROKER_FLAGS = ("host", "port", "prefix", "username", "password", "tls-ca", "tls-cert", "tls-key")
+_FLAGS: tuple[tuple[str, Callable[[str], object], str], ...] = (
+    ("host", str, "broker host"),
+    ("port", int, "broker port"),
+    ("prefix", str, "the worker's topic prefix P"),
+    ("client-id", str, "MQTT client id: give each instance its own, stable across restarts"),
+    ("group", str, "share group: summarizers of one group split the trimmed events"),
+    ("reply-prefix", str, "where the worker's replies to it go; {convo}: the conversation id"),
+    ("username", str, "broker username"),
+    ("password", str, "broker password (prefer the environment variable)"),
+    ("tls-ca", str, "CA certificate file: connect with TLS, verifying the broker"),
+    ("tls-cert", str, "client certificate file"),
+    ("tls-key", str, "client private key file"),
+    ("llm-url", str, "OpenAI-compatible API base URL (Ollama, llama.cpp's llama-server)"),
+    ("model", str, "the model's name on that server"),
+    ("summary-tokens", int, "the summary's length to ask the model for, in tokens"),
+    ("llm-timeout", float, "seconds one model call may take"),
+    ("concurrency", int, "conversations folded at once"),
+    ("gap-wait", float, "seconds an event waits for earlier ones of its conversation"),
+    ("retry-max", float, "cap of the backoff between tries of a fold (s)"),
+    ("session-expiry", int, "seconds the broker keeps our session (and events) while we are away"),
+    ("reconnect-max", float, "cap of the reconnect backoff (s)"),
+    ("log-level", str, "debug, info, warning or error"),
+)
+
+
+def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> SummarizerConfig:
+    """A flag wins over MEMORY_SUMMARIZER_<FLAG>, then MEMORY_WORKER_<FLAG> (broker flags),
+    then the default; the API key comes from OPENAI_API_KEY."""
+    parser = _Parser(
+        prog="memory-summarizer",
+        description="Fold the turns memory-worker trims (--trimmed-events) into each "
+        "conversation's summary, with an OpenAI-compatible model server. Every flag can also "
+        f"be set as {ENV_PREFIX}<FLAG>; broker flags also as MEMORY_WORKER_<FLAG>.",
+    )
+    defaults = SummarizerConfig()
+    for name, _, text in _FLAGS:
+        dest = name.replace("-", "_")
+        parser.add_argument(
+            f"--{name}",
+            dest=dest,
+            metavar=dest.upper(),
+            help=f"{text} (default: {getattr(defaults, dest)})",
+        )
+    ns = parser.parse_args(list(argv))
+    values: dict[str, Any] = {}
+    for name, kind, _ in _FLAGS:
+        dest = name.replace("-", "_")
+        raw, source = getattr(ns, dest), f"--{name}"
+        for env in (ENV_PREFIX, c.ENV_PREFIX) if name in _BROKER_FLAGS else (ENV_PREFIX,):
+            if raw is None and env + dest.upper() in environ:
+                raw, source = environ[env + dest.upper()], env + dest.upper()
+        if raw is None:
+            continue
+        try:
+            values[dest] = kind(raw)
+        except ValueError:
+            kind_name = "an integer" if kind is int else "a number" if kind is float else "text"
+            raise ConfigError(f"{source}: expected {kind_name}, got {raw!r}") from None
+    return SummarizerConfig(api_key=environ.get("OPENAI_API_KEY") or None, **values)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+@dataclass(slots=True)
+class _Event:
+    """A trimmed event, until it is acknowledged."""
+
+    generation: int
+    mid: int
+    qos: int
+    turns: list[dict[str, Any]]
+    born: int | None = None  # the conversation they were trimmed from (a later one differs)
+
+    @property
+    def last(self) -> int:
+        return int(self.turns[-1]["seq"])
+
+
+class Summarizer:
+    """Folds trimmed turns into summaries until stopped; see the module docstring.
+
+    Args:
+        cfg: the frozen configuration.
+        model: the model to fold with (tests pass their own); by default cfg's server.
+    """
+
+    def __init__(self, cfg: SummarizerConfig, model: ChatModel | None = None) -> None:
+        self.cfg = cfg
+        self.model = model or ChatModel(
+            cfg.llm_url,
+            cfg.model,
+            api_key=cfg.api_key,
+            summary_tokens=cfg.summary_tokens,
+            timeout=cfg.llm_timeout,
+        )
+        self.head = f"{cfg.prefix}/"
+        self.topic_filter = f"$share/{cfg.group}/{cfg.prefix}/+/{c.TRIMMED}"
+        self.connected = asyncio.Event()
+        self.folds = 0  # summaries saved
+        self.acknowledged = 0  # events acknowledged
+        self._progress = asyncio.Event()
+        self._queues: dict[str, list[_Event]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._generation = 0
+        self._closing = False
+        self._refusing: set[str] = set()  # conversations whose model failure was logged
+        self._conn: Connection | None = None
+        self._memory: MemoryClient | None = None
+        self.systemd = Notifier.from_environ(os.environ)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; then finish the folds in hand (within a deadline)."""
+        cfg = self.cfg
+        memory = MemoryClient(
+            cfg.host,
+            cfg.port,
+            cfg.prefix,
+            username=cfg.username,
+            password=cfg.password,
+            tls_ca=cfg.tls_ca,
+            reply_prefix=cfg.reply_prefix,
+        )
+        conn = Connection(
+            self._on_message,
+            hostname=cfg.host,
+            port=cfg.port,
+            identifier=cfg.client_id,
+            username=cfg.username,
+            password=cfg.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=connect_properties(cfg.session_expiry, _RECEIVE_MAXIMUM),
+            keepalive=c.KEEPALIVE,
+            socket_options=[NODELAY],
+            tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
+        )
+        self._conn = conn
+        async with memory:
+            self._memory = memory
+            connection = asyncio.create_task(self._stay_connected(conn, stop), name="connection")
+            try:
+                await stop.wait()
+            finally:
+                self._closing = True  # events from now on stay with the broker
+                self.systemd.stopping()
+                folds = list(self._tasks.values())
+                if folds:
+                    await asyncio.wait(folds, timeout=_DRAIN_TIMEOUT)
+                for task in folds:
+                    task.cancel()
+                await asyncio.gather(*folds, return_exceptions=True)
+                connection.cancel()
+                await asyncio.gather(connection, return_exceptions=True)
+                self.systemd.close()
+
+    async def _stay_connected(self, conn: Connection, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            self._generation += 1  # acknowledgements of an older connection are not sent
+            try:
+                async with conn:
+                    refused = refusal(await conn.subscribe(self.topic_filter, qos=1))
+                    if refused:
+                        raise aiomqtt.MqttError(
+                            f"the broker refused the subscription to {self.topic_filter} "
+                            f"({refused}): on a secured broker this client needs the "
+                            "summarizer role (deploy/add-user summarizer)"
+                        )
+                    attempt = 0
+                    self.connected.set()
+                    self.systemd.ready(f"folding {self.cfg.prefix}/+/trimmed")
+                    log.info(
+                        "folding %s/+/trimmed from %s:%d as %s (group %s) with %s at %s",
+                        self.cfg.prefix,
+                        self.cfg.host,
+                        self.cfg.port,
+                        self.cfg.client_id,
+                        self.cfg.group,
+                        self.cfg.model,
+                        self.cfg.llm_url,
+                    )
+                    await conn.wait_disconnected()
+            except aiomqtt.MqttError as exc:
+                attempt += 1
+                delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
+                log.warning(
+                    "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                    self.cfg.host,
+                    self.cfg.port,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self.connected.clear()
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> None:
+        if self._closing:
+            return  # unacknowledged: the broker keeps it for us or another member
+        event = self._parse(msg)
+        if event is None:
+            return
+        convo, ev = event
+        self._queues.setdefault(convo, []).append(ev)
+        if convo not in self._tasks:
+            self._tasks[convo] = asyncio.create_task(self._drain(convo), name=f"fold {convo}")
+
+    def _parse(self, msg: Message) -> tuple[str, _Event] | None:
+        convo = msg.topic[len(self.head) : -len(c.TRIMMED) - 1]
+        try:
+            body = decode_event(msg.payload, None)
+            turns = sorted(body["turns"], key=lambda t: t["seq"])
+            if not turns or not all(isinstance(t["seq"], int) for t in turns):
+                raise ValueError("no turns")
+        except Exception as exc:  # nothing in it can ever be folded: do not hold it forever
+            log.warning("dropping an unreadable trimmed event on %s: %s", msg.topic, exc)
+            self._ack(_Event(self._generation, msg.mid, msg.qos, []))
+            return None
+        born = body.get("born")
+        return convo, _Event(
+            self._generation, msg.mid, msg.qos, turns, born if isinstance(born, int) else None
+        )
+
+    def _ack(self, ev: _Event) -> None:
+        conn = self._conn
+        if ev.generation == self._generation and conn is not None and self.connected.is_set():
+            conn.acknowledge(ev.mid, ev.qos)
+            self.acknowledged += 1
+            self._progress.set()
+
+    async def wait_acknowledged(self, n: int) -> None:
+        """Return once `n` events have been acknowledged in all."""
+        while self.acknowledged < n:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def _drain(self, convo: str) -> None:
+        """Fold a conversation's events one after the other, in the order they came."""
+        queue = self._queues[convo]
+        retries = 0
+        try:
+            while queue:
+                try:
+                    async with self._slots:
+                        await self._fold(convo, queue[0])
+                except Exception:  # a bug must not leave the event unacknowledged for good
+                    log.exception("%s: folding failed", convo)
+                    retries = await self._back_off(convo, retries, None)
+                    continue
+                queue.pop(0)
+        finally:
+            del self._tasks[convo]
+            if not queue:
+                del self._queues[convo]
+
+    async def _fold(self, convo: str, ev: _Event) -> None:
+        """Fold one event's turns into the summary and save it; acknowledge once saved (or
+        once nothing is left to fold). Retries, with backoff, until then."""
+        assert self._memory is not None
+        memory, retries, gap_since = self._memory, 0, 0.0
+        while True:
+            try:
+                ctx = await memory.context(convo, last=1)
+            except MemoryWorkerError as exc:
+                retries = await self._back_off(convo, retries, f"reading the summary: {exc}")
+                continue
+            summary = ctx.summary
+            upto = summary["upto"] if summary else 0
+            newest = max([upto] + [t["seq"] for t in ctx.turns])
+            todo = [t for t in ev.turns if t["seq"] > upto]
+            if newest < ev.last or not todo:
+                if newest < ev.last:
+                    log.debug("%s is gone or started again: its trimmed turns are dropped", convo)
+                self._ack(ev)
+                return
+            if todo[0]["seq"] > upto + 1:
+                gap_since = gap_since or time.monotonic()
+                if time.monotonic() - gap_since < self.cfg.gap_wait:
+                    retries = await self._back_off(convo, retries, None)
+                    continue
+                log.warning(
+                    "%s: turns %d-%d were trimmed but never reached a summarizer; folding "
+                    "the turns after them",
+                    convo,
+                    upto + 1,
+                    todo[0]["seq"] - 1,
+                )
+            try:
+                folded = await self.model.fold(summary["text"] if summary else "", todo)
+            except ModelError as exc:
+                retries = await self._back_off(convo, retries, f"the model failed: {exc}")
+                continue
+            try:
+                await self._save(convo, folded, ev, upto)
+            except ConflictError as exc:
+                if exc.seq == 0 or (ev.born is not None and exc.born != ev.born):
+                    log.debug("%s is gone or started again: its trimmed turns are dropped", convo)
+                    self._ack(ev)
+                    return
+                continue  # the summary moved on: read it again, fold again
+            except MemoryWorkerError as exc:
+                retries = await self._back_off(convo, retries, f"saving the summary: {exc}")
+                continue
+            if convo in self._refusing:
+                self._refusing.discard(convo)
+                log.info("%s: folded again", convo)
+            self.folds += 1
+            self._ack(ev)
+            return
+
+    async def _save(self, convo: str, folded: Folded, ev: _Event, base: int) -> None:
+        assert self._memory is not None
+        text = folded.text
+        while True:
+            try:
+                await self._memory.summarize(
+                    convo, text, ev.last, base, tokens=folded.tokens, born=ev.born
+                )
+                return
+            except TooLargeError:
+                if len(text) < 64:
+                    raise
+                # A model that ignored the length asked for: keep the start, which holds
+                # the oldest facts, rather than lose the fold.
+                text = text[: len(text) // 2]
+                log.warning("%s: the summary did not fit --max-bytes; saving half of it", convo)
+
+    async def _back_off(self, convo: str, retries: int, problem: str | None) -> int:
+        if problem is not None:
+            if convo not in self._refusing:  # once per conversation, not per event
+                self._refusing.add(convo)
+                log.warning("%s: %s; retrying with backoff", convo, problem)
+            else:
+                log.debug("%s: %s", convo, problem)
+        delay = min(self.cfg.retry_max, _RETRY_FIRST * 2**retries) * random.uniform(0.5, 1)
+        await asyncio.sleep(delay)
+        return min(retries + 1, 16)
+
+
+async def serve(cfg: SummarizerConfig) -> None:
+    """Run a summarizer until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await Summarizer(cfg).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--version" in args:
+        print(__version__)
+        return 0
+    try:
+        cfg = from_args(args, os.environ)
+    except ConfigError as exc:
+        print(f"memory-summarizer: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_level, os.environ)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
