@@ -105,6 +105,11 @@ async def test_dashboard_follows_a_worker_live(
         await expect(turns.nth(1)).to_contain_text("what's the weather?")
         await expect(turns.nth(1)).to_contain_text("#2 · 5 tokens")
         await expect(page.locator("#inspector-status")).to_have_attribute("data-state", "ok")
+        # the list of the store both workers share, refreshed by itself
+        listed = page.locator('#convo-list li[data-convo="kiosk-7"]')
+        await expect(listed).to_contain_text("2 turns · 0 keys · 13 tokens")
+        await expect(listed).to_contain_text("summary up to #1")
+        await expect(page.locator("#convo-count")).to_have_text("1 live conversation")
         await shot(page, "1-live")
 
         own_broker.restart()

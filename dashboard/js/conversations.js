@@ -86,6 +86,7 @@
           li.querySelector("button").textContent = c.convo;
           li.querySelector("button").addEventListener("click", () => this.onPick(c.convo));
           const parts = [`${c.turns} turn${c.turns === 1 ? "" : "s"}`, `${c.keys} key${c.keys === 1 ? "" : "s"}`, `${c.tokens} tokens`, `used ${ago(now - c.last_used)}`];
+          if (c.upto) parts.push(`summary up to #${c.upto}`);
           if (c.expires_at != null) parts.push(`expires in ${ago(c.expires_at - now)}`);
           li.querySelector(".muted").textContent = parts.join(" · ");
           return li;
