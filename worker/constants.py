@@ -89,7 +89,8 @@ REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 # which made a full conversation's turn 24 bytes smaller (169 bytes, not 193); the costs were
 # kept, since SQLite and Redis count the same ones and Redis still stores the maps.
 # Listing (issue 22) added 48 to the conversation's: its time of last use (a slot and the
-# float it holds) and its place in the sorted index of ids, estimated, not re-measured.
+# float it holds) and its place in the sorted index of ids, measured as 42 bytes more RSS per
+# one-turn conversation in the store alone (200,000 in a fresh process: 558 -> 600).
 CONVO_COST: Final = 688
 ID_BYTE_COST: Final = 2
 TURN_COST: Final = 112
