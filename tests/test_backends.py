@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import redis.asyncio
 
 from worker.backends.base import Backend
 from worker.backends.cluster import ClusterBackend
@@ -972,3 +973,22 @@ async def test_listing_survives_a_restart(durable: Harness) -> None:
     before = await page(h)
     await h.reopen()
     assert await page(h) == before
+
+
+async def test_redis_data_stored_before_listing_is_indexed_on_open(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Conversations a Redis holds from before listing existed (no index) are listed after
+    the next worker opens it."""
+    h = Harness("redis", Limits(), tmp_path, Clock(), redis_url)
+    await h.be.open()
+    try:
+        for name in ("b", "a", "c"):
+            await add(h, name)
+        async with redis.asyncio.from_url(redis_url) as r:
+            assert await r.delete(f"mw:{{{h.prefix}}}:ix") == 1
+        assert await listing(h) == []
+        await h.reopen()
+        assert await listing(h) == ["a", "b", "c"]
+    finally:
+        await h.be.close()

@@ -162,8 +162,8 @@ async def test_two_workers_in_a_share_group_keep_the_bound(
 
 
 async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
-    """Its shards answer `unavailable`, the others are served; once it is back, all are,
-    with what it stored before (AOF)."""
+    """Its shards answer `unavailable`, the others are served, and a listing is `unavailable`
+    (never a page silently short); once it is back, all are, with what it stored (AOF)."""
     cluster = RedisClusterServers(tmp_path).start()
     try:
         async with backend(cluster.url) as be:
@@ -189,6 +189,8 @@ async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
             failed = {n for n, r in zip(names, results, strict=True) if isinstance(r, Unavailable)}
             assert failed == on_stopped, took
             assert all(r.fields["seq"] == 2 for r in results if isinstance(r, Fields))
+            (listed,), _ = await be.execute([ListConvos()])
+            assert isinstance(listed, Unavailable)
             cluster.start_node(1)
             await asyncio.to_thread(cluster.wait_ok)
             while True:  # the client reconnects by itself; no new backend
@@ -200,6 +202,9 @@ async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
                 for n, r in zip(names, results, strict=True)
             }
             assert all(seqs[n] == (2 if n in on_stopped else 3) for n in names), seqs
+            (listed,), _ = await be.execute([ListConvos()])
+            assert isinstance(listed, Fields)
+            assert [e["convo"] for e in listed.fields["conversations"]] == sorted(names)
     finally:
         cluster.stop()
 

@@ -24,6 +24,7 @@ match. Results come in namespace order (tuples compared as LangGraph does), then
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -165,16 +166,18 @@ class MqttStore(OnClient, BaseStore):
                 "namespace prefix and filter, without query="
             )
         found: list[tuple[tuple[str, ...], str, Any]] = []
-        for namespace, convo in await self._namespaces(memory, op.namespace_prefix):
-            items = await memory.get_all(convo, ITEMS)
+        spaces = await self._namespaces(memory, op.namespace_prefix)
+        contents = await asyncio.gather(*(memory.get_all(convo, ITEMS) for _, convo in spaces))
+        for (namespace, _), items in zip(spaces, contents, strict=True):
             for key in sorted(items):
                 saved = items[key]
                 if all(_compare_values(saved["v"].get(k), v) for k, v in (op.filter or {}).items()):
                     found.append((namespace, key, saved))
         page = found[op.offset : op.offset + op.limit]
         if op.refresh_ttl:
-            for namespace, key, saved in page:
-                await self._refresh(memory, self.convo_of(namespace), key, saved)
+            await asyncio.gather(
+                *(self._refresh(memory, self.convo_of(ns), key, saved) for ns, key, saved in page)
+            )
         return [_item(SearchItem, namespace, key, saved) for namespace, key, saved in page]
 
     async def _list_namespaces(self, memory: Memory, op: ListNamespacesOp) -> list[Any]:
