@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from worker.client._local import LocalMemory
@@ -176,28 +176,27 @@ class BlockingMemoryClient:
 
     def evictions(self, convo_id: str | None = None) -> Iterator[Eviction]:
         """Eviction events as they come, until you stop iterating."""
-        events = self._memory.evictions(convo_id)
-        try:
-            while True:
-                yield self._run(_next(events))
-        finally:
-            if self._loop is not None:
-                self._run(events.aclose())
+        return self._iterate(lambda: self._memory.evictions(convo_id))
 
     def conversations(
         self, prefix: str | None = None, *, page_size: int = 100
     ) -> Iterator[ConversationInfo]:
         """See MemoryClient.conversations: an iterator, paging underneath."""
-        pages = self._memory.conversations(prefix, page_size=page_size)
+        return self._iterate(lambda: self._memory.conversations(prefix, page_size=page_size))
+
+    def _iterate(self, make: Callable[[], AsyncGenerator[_T, None]]) -> Iterator[_T]:
+        """One of the async client's iterators, as a plain iterator run on the client's loop
+        (closed on the loop when you stop)."""
+        items = make()
         try:
             while True:
                 try:
-                    yield self._run(_next(pages))
+                    yield self._run(_next(items))
                 except StopAsyncIteration:
                     return
         finally:
             if self._loop is not None:
-                self._run(pages.aclose())
+                self._run(items.aclose())
 
     def namespaces(self, session_id: str) -> list[str]:
         """See MemoryClient.namespaces."""

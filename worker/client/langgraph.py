@@ -51,6 +51,7 @@ from langgraph.store.memory import _compare_values, _does_match
 
 from worker.client import BlockingMemoryClient, Memory
 from worker.client._adapters import DEFAULT_URL, OnClient
+from worker.constants import MAX_LIST_LIMIT
 from worker.protocol import _BAD_CONVO_CHARS
 
 ITEMS = "items"  # the state namespace that holds a LangGraph namespace's items
@@ -203,7 +204,7 @@ class MqttStore(OnClient, BaseStore):
         namespace order."""
         head = self.convo_of(prefix) if prefix else f"{self.prefix}."
         found = []
-        async for info in memory.conversations(head):
+        async for info in memory.conversations(head, page_size=MAX_LIST_LIMIT):
             namespace = self.namespace_of(info["convo"])
             if info["keys"] and namespace[: len(prefix)] == prefix and namespace:
                 found.append((namespace, info["convo"]))
