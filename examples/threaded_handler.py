@@ -21,7 +21,15 @@ from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from worker.client import BlockingMemoryClient, open_blocking_memory
+from worker.client import (
+    BadRequestError,
+    BadTopicError,
+    BlockingMemoryClient,
+    TooLargeError,
+    open_blocking_memory,
+)
+
+ROUTE = "GET /chat?session=S&text=T"
 
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -37,15 +45,27 @@ def make_app(memory: BlockingMemoryClient) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """GET /chat?session=S&text=T: store the turn, answer with the session's count."""
         q = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-        session, text = q["session"], q["text"]
-        memory.append(session, "user", text)  # the same call the old store had
-        visits = (memory.load(session, "web", "visits") or 0) + 1
-        memory.save(session, "web", "visits", visits)
-        body = json.dumps({"session": session, "turns": len(memory.get(session)), "visits": visits})
+        session, text = q.get("session"), q.get("text")
+        if environ.get("PATH_INFO") != "/chat" or not session or text is None:
+            return bad_request(start_response, f"usage: {ROUTE}")
+        try:
+            memory.append(session, "user", text)  # the same call the old store had
+            visits = (memory.load(session, "web", "visits") or 0) + 1
+            memory.save(session, "web", "visits", visits)
+            turns = len(memory.get(session))
+        except (BadRequestError, BadTopicError, TooLargeError) as exc:  # what the worker refused
+            return bad_request(start_response, exc.message)
+        body = json.dumps({"session": session, "turns": turns, "visits": visits})
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body.encode()]
 
     return app
+
+
+def bad_request(start_response: Callable[..., Any], reason: str) -> Iterable[bytes]:
+    """A 400 whose body is the one-line reason."""
+    start_response("400 Bad Request", [("Content-Type", "text/plain; charset=utf-8")])
+    return [f"{reason}\n".encode()]
 
 
 def demo(memory: BlockingMemoryClient, n: int) -> None:
@@ -79,6 +99,9 @@ if __name__ == "__main__":
             demo(mem, int(number[0]))
         else:
             port = int(number[0]) if number else 8000
-            print(f"serving http://127.0.0.1:{port}/chat?session=S&text=T (Ctrl-C stops)")
-            with contextlib.suppress(KeyboardInterrupt):
-                make_server("127.0.0.1", port, make_app(mem), ThreadingWSGIServer).serve_forever()
+            server = make_server("127.0.0.1", port, make_app(mem), ThreadingWSGIServer)
+            print(
+                f"serving http://127.0.0.1:{port}/chat?session=S&text=T (Ctrl-C stops)", flush=True
+            )
+            with contextlib.suppress(KeyboardInterrupt), server:
+                server.serve_forever()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.run import NODE, throughput_table
+from bench.run import NODE, SHAPES, _shape_request, frugal_table, throughput_table
 
 ARGS = {"window": 64, "conversations": 100, "rounds": 3}
 
@@ -56,3 +56,47 @@ def test_table_of_results_without_cpu_figures_still_prints() -> None:
     text = "\n".join(throughput_table(result))
     assert "| worker (memory) | 10,000 | ? | 8,000 | ? |" in text
     assert "vs Node.js: ? at QoS 0, ? at QoS 1" in text
+
+
+def test_memory_lines_report_both_fills() -> None:
+    """The memory lines give RSS per turn filled one conversation after the other and
+    interleaved, as a fleet speaks (each conversation in turn, one turn each)."""
+    shape = {"requests": 1, "idle_rss": 0, "growth": 2**20, "ratio": 0.8}
+    budget = {"budget": 2**24, **dict.fromkeys(SHAPES, shape)}
+    budget |= {"worker_bytes_per_turn": 189.4, "worker_bytes_per_turn_interleaved": 228.0}
+    item = {"per_item": 169.0, "accounted_per_item": 317.0}
+    stored = {"full": item, "interleaved": {**item, "per_item": 203.0}}
+    text = "\n".join(frugal_table({"memory_budget": budget, "store_rss": stored}))
+    assert "| interleaved | 1 | 1.0 MiB | 0.80x |" in text
+    assert "189 bytes filled one conversation after the other, 228 bytes filled interleaved" in text
+    assert (
+        "169 bytes (RSS delta, 20,000 conversations x 8 turns), 203 bytes filled interleaved"
+        in text
+    )
+    assert [_shape_request("interleaved", i)[0] for i in (0, 1, 20_000)] == [
+        "c0/append",
+        "c1/append",
+        "c0/append",
+    ]
+
+
+def test_client_lines_state_the_four_targets_as_ratios() -> None:
+    """The client's lines give its window-1 round trip over raw MQTT's, its window-64
+    throughput over the load generator's, its CPU over the worker's, and the blocking
+    client's throughput over the async client's."""
+    from bench.run import _client_lines
+
+    window = {"raw_rps": 20_000, "raw_p50_ms": 0.1, "client_p50_ms": 0.15, "worker_cpu_us": 20}
+    client = {
+        "1": {**window, "client_rps": 5_000, "client_cpu_us": 60},
+        "8": {**window, "client_rps": 12_000, "client_cpu_us": 30, "blocking_rps": 6_000},
+        "64": {**window, "client_rps": 15_000, "client_cpu_us": 30},
+    }
+    text = "\n".join(_client_lines({"client": client}))
+    assert "(1.50x; client CPU 60 us per append; target within 1.5x)" in text
+    assert "15,000 req/s vs load generator at window 64 20,000 req/s (75%;" in text
+    assert (
+        "30.0 us vs the worker's 20.0 us per request it serves (1.50x; target at most 2x)" in text
+    )
+    assert "6,000 req/s vs the async client at window 64 15,000 req/s (40%;" in text
+    assert "at window 8 12,000 req/s (50%)" in text

@@ -206,6 +206,22 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         assert 0 <= out[0]["age"] < 60
 
 
+async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
+    broker: Mosquitto, program_worker: Any
+) -> None:
+    """memctl retire refuses an online worker; once it stopped, clears its retained status and
+    stats, so that memctl stats (and the page) no longer show it."""
+    prefix, client_id, proc = program_worker
+    rc, out = await memctl(broker, prefix, "retire", client_id)
+    assert (rc, out) == (1, [])
+    assert (await memctl(broker, prefix, "stats"))[0] == 0
+    assert reap(proc, signal.SIGTERM) == 0
+    rc, out = await memctl(broker, prefix, "retire", client_id)
+    assert (rc, out) == (0, [{"ok": True, "retired": client_id}])
+    assert await memctl(broker, prefix, "stats", wait=0.5) == (3, [])
+    assert (await memctl(broker, prefix, "retire", client_id, wait=0.5))[0] == 1
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -218,6 +234,8 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         (["get", "_worker"], "reserved"),
         (["append", "c", "", "hi"], "'role'"),
         (["state", "save", "c", "n+s", "k", "1"], None),
+        (["state", "save", "c", "ns", "flag", "TRUE"], "not JSON"),
+        (["state", "save", "c", "ns", "lang", "en"], "--string"),
         (["state", "load", "c", "ns", "k" * 129], "'key'"),
         (["state", "get-all", "c", ""], "'ns'"),
         (["--reply-prefix", "a/#", "get", "c"], "reply prefix"),
@@ -231,6 +249,7 @@ async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) ->
         (["summary", "c", "--save", "s"], "--upto"),
         (["summary", "c", "--save", "s", "--upto", "0"], "'upto'"),
         (["--timeout", "0", "get", "c"], "--timeout"),
+        (["retire", "a/b"], "client id"),
     ],
 )
 def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | None) -> None:

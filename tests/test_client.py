@@ -196,6 +196,18 @@ def _gapless(turns: list[Any], n: int) -> None:
 
 
 @pytest.mark.parametrize("protocol", [5, 3])
+async def test_qos_0_requests_are_answered(
+    broker: Mosquitto, worker: Service, protocol: int
+) -> None:
+    """qos=0 sends requests and takes replies at QoS 0, under MQTT 5 and 3.1.1 alike."""
+    async with MemoryClient(
+        broker.host, broker.port, worker.cfg.prefix, qos=0, protocol=protocol
+    ) as m:
+        assert (await m.append("q0", "user", "a")).seq == 1
+        assert [t["content"] for t in await m.get("q0")] == ["a"]
+
+
+@pytest.mark.parametrize("protocol", [5, 3])
 async def test_the_same_request_id_twice_at_once_gets_both_answers(
     broker: Mosquitto, worker: Service, protocol: int
 ) -> None:
@@ -414,3 +426,17 @@ def test_every_wire_code_has_its_exception() -> None:
 
     assert sorted(_BY_CODE) == sorted(ERROR_CODES)
     assert all(type(error_for(code, "m")).code == code for code in ERROR_CODES)
+
+
+def test_the_client_and_the_worker_share_one_error_tree() -> None:
+    """Each client error for a wire code is also the worker's error class for that code."""
+    from worker import errors
+    from worker.client import error_for
+
+    worker_classes: list[type[errors.WorkerError]] = [
+        errors.WorkerError,
+        *errors.WorkerError.__subclasses__(),
+    ]
+    for cls in worker_classes:
+        if cls.code in errors.ERROR_CODES:
+            assert isinstance(error_for(cls.code, "m"), cls), cls

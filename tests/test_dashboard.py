@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,53 @@ async def test_dashboard_follows_a_worker_live(
         reap(other)
 
 
+async def test_dashboard_on_a_laptop_and_a_phone(browser: Browser, own_broker: Mosquitto) -> None:
+    """One worker's card uses a laptop's width, legends show the latest values with clock times,
+    and a stopped worker can be removed: its retained status and stats are cleared."""
+    prefix, cid = unique("mem"), unique("kiosk-hall-")
+    worker = spawn_worker(
+        own_broker, "--prefix", prefix, "--client-id", cid, "--stats-interval", "1"
+    )
+    try:
+        laptop = {"width": 1366, "height": 768}
+        page = await open_page(browser, own_broker, f"?prefix={prefix}", viewport=laptop)
+        card = page.locator(f'.card[data-client-id="{cid}"]')
+        await expect(card).to_have_attribute("data-state", "online")
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            for n in range(20):
+                await d.request(f"kiosk-{n % 4}", "append", {"role": "user", "content": "hi"})
+        await expect(card.locator(".charts")).to_be_visible(timeout=15_000)
+        box = await card.bounding_box()
+        assert box is not None
+        assert box["width"] > 1200, box
+        charts = await card.locator(".chart").evaluate_all(
+            "els => els.map(e => e.getBoundingClientRect().top)"
+        )
+        assert len(set(charts)) < len(charts), "the charts stand side by side on a laptop"
+        legend = card.locator(".chart").nth(1).locator(".u-legend .u-value")
+        await expect(legend.first).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
+        await expect(legend.nth(1)).to_have_text("4")  # conversations, the latest value
+        await expect(legend.nth(2)).to_have_text("20")  # turns
+        await expect(card.locator(".retire")).to_be_hidden()
+        await shot(page, "6-laptop-one-worker")
+        phone = await open_page(
+            browser, own_broker, f"?prefix={prefix}", viewport={"width": 390, "height": 844}
+        )
+        await expect(phone.locator(".card .charts")).to_be_visible(timeout=15_000)
+        await shot(phone, "7-phone-one-worker")
+
+        assert reap(worker, signal.SIGTERM) == 0
+        await expect(card).to_have_attribute("data-state", "offline")
+        await card.locator(".retire button").click()
+        await expect(card).to_have_count(0)
+        await expect(page.locator("#no-workers")).to_be_visible()
+        again = await open_page(browser, own_broker, f"?prefix={prefix}", viewport=laptop)
+        await expect(again.locator("#no-workers")).to_be_visible()
+        await expect(again.locator(".card")).to_have_count(0)
+    finally:
+        reap(worker)
+
+
 @pytest.fixture
 def passwd(tmp_path: Path) -> Path:
     """A Mosquitto password file with the user dashboard, password s3cret."""
@@ -182,7 +230,7 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
     browser: Browser, secured: Mosquitto
 ) -> None:
     """deploy/'s dashboard user logs in, sees the worker, lists the live conversations, and is
-    told it may not read their turns."""
+    told it may not read their turns, nor remove the worker once stopped."""
     cfg = test_security.worker_config(secured, stats_interval=0.3)
     async with running(cfg):
         assert secured.ws_port is not None
@@ -204,6 +252,11 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
         await expect(status).to_have_attribute("data-state", "denied")
         await expect(status).to_contain_text("may only watch")
         await shot(page, "5-deploy-dashboard-user")
+    await expect(card).to_have_attribute("data-state", "offline")  # the worker stopped
+    await card.locator(".retire button").click()
+    await expect(card.locator(".retire .refused")).to_contain_text("may only watch")
+    await expect(card).to_have_count(1)
+    await shot(page, "8-deploy-remove-refused")
 
 
 async def test_dashboard_lists_live_conversations(browser: Browser, own_broker: Mosquitto) -> None:

@@ -20,8 +20,10 @@ from worker.service import Service
 RECIPES = REPO / "docs" / "devices"
 
 
-async def run(broker: Mosquitto, worker: Service, *cmd: str, cwd: Path = RECIPES) -> str:
-    """Run a recipe against `worker` (its own conversation) and return what it printed."""
+async def run(
+    broker: Mosquitto, worker: Service, *cmd: str, cwd: Path = RECIPES, convo: str = ""
+) -> str:
+    """Run a recipe against `worker` on `convo` (else one of its own); return what it printed."""
     proc = await asyncio.create_subprocess_exec(
         *cmd,
         cwd=cwd,
@@ -30,7 +32,7 @@ async def run(broker: Mosquitto, worker: Service, *cmd: str, cwd: Path = RECIPES
             "MQTT_HOST": broker.host,
             "MQTT_PORT": str(broker.port),
             "PREFIX": worker.cfg.prefix,
-            "CONVO": unique("dev-"),
+            "CONVO": convo or unique("dev-"),
             "PYTHON": sys.executable,
         },
         stdout=asyncio.subprocess.PIPE,
@@ -118,22 +120,28 @@ def c_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_paho_c_recipe(
     broker: Mosquitto, worker: Service, c_recipe: Path, version: str
 ) -> None:
-    """request_reply.c appends, gets it back, and prints the msgpack replies."""
-    out = await run(broker, worker, str(c_recipe), version)
-    appended, got = out.splitlines()
-    assert appended.startswith('{"ok"=>true, "seq"=>1')
-    assert '"content"=>"hello from C"' in got
+    """request_reply.c appends, gets it back, and prints the msgpack replies; run twice on one
+    conversation, it stores both turns (each request has an id of its own)."""
+    convo = unique("dev-")
+    for seq in (1, 2):
+        out = await run(broker, worker, str(c_recipe), version, convo=convo)
+        appended, got = out.splitlines()
+        assert appended.startswith(f'{{"ok"=>true, "seq"=>{seq}'), out
+        assert got.count('"content"=>"hello from C"') == seq, got
 
 
 async def test_mosquitto_clients_recipe(broker: Mosquitto, worker: Service) -> None:
-    """request_reply.sh: mosquitto_rr at MQTT 5, mosquitto_sub/pub with reply_to at 3.1.1."""
+    """request_reply.sh: mosquitto_rr at MQTT 5, mosquitto_sub/pub with reply_to at 3.1.1;
+    run twice on one conversation, it stores both turns."""
     if shutil.which("mosquitto_rr") is None:
         pytest.skip("mosquitto-clients is not installed")
-    out = await run(broker, worker, "sh", "request_reply.sh")
-    appended, got, got_311 = out.splitlines()
-    assert appended.startswith("{'ok': True, 'seq': 1")
-    assert "hello from the shell" in got
-    assert "hello from the shell" in got_311
+    convo = unique("dev-")
+    for seq in (1, 2):  # run twice on one conversation: each request has an id of its own
+        out = await run(broker, worker, "sh", "request_reply.sh", convo=convo)
+        appended, got, got_311 = out.splitlines()
+        assert appended.startswith(f"{{'ok': True, 'seq': {seq}"), out
+        assert got.count("hello from the shell") == seq, got
+        assert "hello from the shell" in got_311
 
 
 def test_the_doc_quotes_the_recipes_as_they_are() -> None:

@@ -1,11 +1,12 @@
-"""The docs cannot drift: every shell block marked `<!-- runnable -->` in README.md and docs/
-runs against a real broker and worker, as a user would paste it."""
+"""The docs cannot drift: every shell or Python block marked `<!-- runnable -->` in README.md
+and docs/ runs against a real broker and worker, as a user would paste it."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,12 +15,17 @@ import pytest
 from tests.conftest import reap, spawn_worker, unique
 from tests.processes import REPO, Mosquitto
 
-RUNNABLE = re.compile(r"<!-- runnable -->\n```(?:sh|bash)\n(.*?)```", re.S)
+RUNNABLE = re.compile(r"<!-- runnable -->\n```(sh|bash|python)\n(.*?)```", re.S)
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def blocks(doc: Path) -> list[str]:
-    return RUNNABLE.findall(doc.read_text())
+def blocks(doc: Path) -> list[list[str]]:
+    """Each runnable block as the command that runs it: bash, or this Python."""
+    shells = {"python": [sys.executable, "-c"]}
+    return [
+        [*shells.get(lang, ["bash", "-euo", "pipefail", "-c"]), block]
+        for lang, block in RUNNABLE.findall(doc.read_text())
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,9 @@ def test_the_readme_has_runnable_blocks() -> None:
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_runnable_blocks_run(doc: Path, shell_env: dict[str, str]) -> None:
     """Each runnable block of the document exits 0, in order, against a running worker."""
-    for block in blocks(doc):
+    for *shell, block in blocks(doc):
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block],
+            [*shell, block],
             check=False,
             cwd=REPO,
             env=shell_env,

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
+import urllib.error
+import urllib.request
 
 from tests.conftest import unique
-from tests.processes import REPO, Mosquitto
+from tests.processes import REPO, Mosquitto, free_port
 from worker.client import MemoryClient
 from worker.service import Service
 
@@ -59,6 +62,45 @@ async def test_threaded_handler_shares_one_client(broker: Mosquitto, worker: Ser
     answers = [json.loads(line) for line in out.splitlines()]
     assert sorted(a["session"] for a in answers) == sorted(f"web-{i}" for i in range(12))
     assert all(a["turns"] == 1 and a["visits"] == 1 for a in answers)
+
+
+def _http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def test_threaded_handler_answers_bad_requests_400(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """A request without text, to /, or with a conversation id the worker refuses gets a 400
+    with a one-line reason, and the server goes on answering."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO / "examples" / "threaded_handler.py"),
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MEMORY_URL": _url(broker, worker), "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    try:
+        assert b"serving" in await asyncio.wait_for(proc.stdout.readline(), 30)
+        base = f"http://127.0.0.1:{port}"
+        for path in ("/chat?session=s1", "/", "/chat?session=a%2Bb&text=hi"):
+            status, body = await asyncio.to_thread(_http_get, base + path)
+            assert status == 400, (path, body)
+            assert body.count("\n") == 1, body
+            assert len(body) < 200, body
+        status, body = await asyncio.to_thread(_http_get, f"{base}/chat?session=s1&text=hi")
+        assert (status, json.loads(body)["turns"]) == (200, 1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert b"Traceback" not in err, err.decode()
 
 
 async def test_eviction_printer_prints_each_eviction(broker: Mosquitto, worker: Service) -> None:

@@ -27,10 +27,16 @@ optional_bytes = st.none() | st.binary(max_size=300)
 
 
 def paho_publish(
-    topic: str, payload: bytes, qos: int, retain: bool, mid: int, props: Properties | None
+    topic: str,
+    payload: bytes,
+    qos: int,
+    retain: bool,
+    mid: int,
+    props: Properties | None,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
 ) -> bytes:
     """The PUBLISH packet paho itself would write."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
     left, right = socket.socketpair()  # _send_publish needs "connected"; nothing is sent
     client._sock = left
     client.on_socket_register_write = lambda *_: None  # queue the packet, do not write it
@@ -48,6 +54,15 @@ def paho_decode(packet: bytes) -> Any:
     start, end = packets.frame(packet, 0)
     assert end == len(packet)
     return _packet.decode_publish(packet[0], packet[start:end], MQTTProtocolVersion.MQTTv5)
+
+
+def read_back(packet: bytes, v5: bool = True) -> packets.Incoming:
+    start, end = packets.frame(packet, 0)
+    return packets.decode_publish(packet[0], packet, start, end, v5)
+
+
+def fields(msg: packets.Incoming) -> tuple[str, bytes, int, bool, int]:
+    return (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid)
 
 
 @given(topics, payloads, st.sampled_from([0, 1]), st.booleans(), optional_bytes)
@@ -76,6 +91,35 @@ def test_publish_encodes_as_paho_does(
         qos,
         mid,
     )
+
+
+@given(topics, st.text(max_size=200), st.binary(max_size=300))
+def test_request_properties_encode_as_paho_does(
+    topic: str, response: str, correlation: bytes
+) -> None:
+    """A client's request (Response Topic, Correlation Data) is the PUBLISH paho writes."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = response
+    props.CorrelationData = correlation
+    ours = packets.PublishProperties(response_topic=response)(correlation)
+    packet = packets.encode_publish(topic.encode(), b"{}", 1, False, 9, ours)
+    assert packet == paho_publish(topic, b"{}", 1, False, 9, props)
+
+
+@given(topics, payloads, st.sampled_from([0, 1]), st.booleans())
+def test_mqtt311_publish_both_ways_as_paho(
+    topic: str, payload: bytes, qos: int, retain: bool
+) -> None:
+    """MQTT 3.1.1 (the client's protocol=3): no properties; written as paho writes it, and
+    read back."""
+    mid = 513 if qos else 0
+    ours = packets.encode_publish(topic.encode(), payload, qos, retain, mid, b"")
+    assert ours == paho_publish(
+        topic, payload, qos, retain, mid, None, MQTTProtocolVersion.MQTTv311
+    )
+    msg = read_back(ours, v5=False)
+    assert fields(msg) == (topic, payload, qos, retain, mid)
+    assert (msg.response_topic, msg.correlation) == (None, None)
 
 
 @given(
@@ -117,15 +161,8 @@ def test_publish_decodes_what_paho_encodes(
         props.SubscriptionIdentifier = subscription
     mid = 65535 if qos else 0
     packet = paho_publish(topic, payload, qos, retain, mid, props)
-    start, end = packets.frame(packet, 0)
-    msg = packets.decode_publish(packet[0], packet, start, end)
-    assert (msg.topic, msg.payload, msg.qos, msg.retain, msg.mid) == (
-        topic,
-        payload,
-        qos,
-        retain,
-        mid,
-    )
+    msg = read_back(packet)
+    assert fields(msg) == (topic, payload, qos, retain, mid)
     assert msg.response_topic == response
     assert msg.correlation == correlation
 

@@ -10,16 +10,20 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
 import msgpack
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.clients import device, watcher
 from tests.fake_llm import fake_model
-from tests.processes import MOSQUITTO, REPO, free_port, wait_port
+from tests.processes import MOSQUITTO, REPO, Mosquitto, free_port, wait_port
+from worker.constants import DEFAULT_CLIENT_ID
 
 
 @pytest.fixture
@@ -48,9 +52,12 @@ def clone() -> Iterator[Path]:
 @contextlib.contextmanager
 def scripts_run(
     clone: Path, port: int, *args: str, until: tuple[str, ...] = ("serving mem/#",)
-) -> Iterator[subprocess.Popen[str]]:
-    """`scripts/run` in the clone until it says the worker serves (and whatever else `until`
-    names); Ctrl-C at the end."""
+) -> Iterator[list[str]]:
+    """`scripts/run ARGS` in the clone until it says the worker serves (and whatever else
+    `until` names); Ctrl-C at the end.
+
+    Yields the lines it printed so far; the rest are added once it has stopped.
+    """
     proc = subprocess.Popen(
         [str(clone / "scripts" / "run"), *args],
         cwd=clone,
@@ -76,10 +83,24 @@ def scripts_run(
         proc.wait(timeout=10)
         pytest.fail("scripts/run did not serve:\n" + "".join(seen))
     try:
-        yield proc
+        yield seen
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.communicate(timeout=20)
+        seen.extend(proc.communicate(timeout=20)[0].splitlines(keepends=True))
+
+
+def session_present(port: int, client_id: str) -> bool:
+    """Whether the broker on `port` still keeps a session for `client_id` (MQTT 5 CONNACK)."""
+    flags: list[bool] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id, protocol=paho.MQTTv5)
+    client.on_connect = lambda _c, _u, f, _rc, _p: flags.append(f.session_present)
+    client.connect("127.0.0.1", port, clean_start=False)
+    deadline = time.monotonic() + 10
+    while not flags and time.monotonic() < deadline:
+        client.loop(timeout=0.5)
+    client.disconnect()
+    assert flags, "no CONNACK"
+    return flags[0]
 
 
 def broker_alone(conf: Path, port: int) -> subprocess.Popen[bytes]:
@@ -141,3 +162,18 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
             reply = await d.request("voice-1", "get")
     assert reply["summary"]["text"] == "t1 t2"
     assert [t["content"] for t in reply["turns"]] == ["t3", "t4"]
+
+
+async def test_on_a_broker_it_did_not_start(clone: Path, stock_broker: Mosquitto) -> None:
+    """With Mosquitto already listening, `scripts/run --dashboard` names the command that
+    serves the page, and the worker leaves no session on that broker once stopped."""
+    stock_broker.start()
+    try:
+        with scripts_run(clone, stock_broker.port, "--dashboard") as said:
+            async with device("127.0.0.1", stock_broker.port, "mem") as d:
+                assert (await d.request("kiosk-7", "get"))["ok"] is True
+        text = "".join(said)
+        assert "'scripts/run --own-broker --dashboard'" in text, text
+        assert session_present(stock_broker.port, DEFAULT_CLIENT_ID) is False
+    finally:
+        stock_broker.stop()

@@ -3,6 +3,7 @@ rather than waiting out their timeouts."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -60,6 +61,28 @@ async def test_a_refused_event_subscription_is_an_error(secured: Mosquitto) -> N
         assert info.value.topic == "mem/+/evicted"
         with pytest.raises(RefusedError):  # not left counted as subscribed
             await first_eviction(m)
+
+
+async def test_a_refused_request_is_an_error_naming_its_topic(secured: Mosquitto) -> None:
+    """A request the broker refuses (MQTT 5 PUBACK 'Not authorized': another device's
+    conversation) raises RefusedError at once, naming the topic; the next request still goes."""
+    async with MemoryClient(
+        secured.host,
+        secured.port,
+        "mem",
+        reply_prefix="reply/kiosk-a",
+        timeout=60,
+        username=USER,
+        password=PASSWORD,
+    ) as m:
+        async with asyncio.timeout(30):  # far below the client's own 60 s
+            with pytest.raises(RefusedError) as info:
+                await m.get("kiosk-b")
+        assert info.value.topic == "mem/kiosk-b/get"
+        assert info.value.reason == "Not authorized"
+        assert "'mem/kiosk-b/get' (Not authorized)" in info.value.message
+        with pytest.raises(RefusedError):
+            await m.forget("kiosk-b")
 
 
 def test_memctl_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None:

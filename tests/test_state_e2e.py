@@ -97,23 +97,27 @@ async def test_eviction_event_counts_keys(broker: Mosquitto, dev5: Device) -> No
 
 
 async def test_memctl_state(broker: Mosquitto, worker: Any) -> None:
-    """memctl state saves, loads, lists and deletes keys."""
+    """memctl state saves (JSON, or text as it is with --string), loads, lists and deletes."""
     p = worker.cfg.prefix
-    assert await memctl(broker, p, "state", "save", "c", "n", "k", '{"a": [1, 2]}') == (
-        0,
-        [{"ok": True}],
-    )
-    assert await memctl(broker, p, "state", "save", "c", "n", "word", "hello", "--ttl", "60") == (
-        0,
-        [{"ok": True}],
-    )
+    for args in (
+        ("k", '{"a": [1, 2]}'),
+        ("word", "hello", "--ttl", "60", "--string"),
+        ("flag", "true"),
+        ("shout", "--string", "TRUE"),
+    ):
+        assert await memctl(broker, p, "state", "save", "c", "n", *args) == (0, [{"ok": True}])
     assert await memctl(broker, p, "state", "load", "c", "n", "k") == (
         0,
         [{"ok": True, "found": True, "value": {"a": [1, 2]}}],
     )
     assert await memctl(broker, p, "state", "get-all", "c", "n") == (
         0,
-        [{"ok": True, "items": {"k": {"a": [1, 2]}, "word": "hello"}}],
+        [
+            {
+                "ok": True,
+                "items": {"k": {"a": [1, 2]}, "word": "hello", "flag": True, "shout": "TRUE"},
+            }
+        ],
     )
     assert await memctl(broker, p, "state", "delete", "c", "n", "k") == (
         0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
+import aiomqtt
 import msgpack
 
 from worker import constants as c
@@ -29,8 +31,9 @@ from worker.client import (
     RefusedError,
     check_reply_prefix,
 )
+from worker.config import tls_context
 from worker.errors import WorkerError
-from worker.protocol import check_request, validate_prefix
+from worker.protocol import check_request, decode_event, topic_name_problem, validate_prefix
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -94,6 +97,10 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     w = sub.add_parser("watch", help="print eviction events as they come")
     w.add_argument("--count", type=int, help="stop after this many events")
     sub.add_parser("stats", help="print each worker's latest stats")
+    r = sub.add_parser(
+        "retire", help="clear a stopped worker's retained status and stats (pages drop it)"
+    )
+    r.add_argument("client_id", help="the worker's --client-id")
     ls = sub.add_parser("list", help="print every live conversation, one line each, in id order")
     # after `list`, --prefix filters ids (the topic prefix is the one before the command)
     ls.add_argument("--prefix", dest="id_prefix", help="only ids that start with this")
@@ -102,13 +109,14 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     )
     s = sub.add_parser("state", help="per-conversation state: save, load, get-all, delete")
     ssub = s.add_subparsers(dest="state_command", required=True)
-    sv = ssub.add_parser("save", help="save a key; VALUE is JSON (a bare word is a string)")
+    sv = ssub.add_parser("save", help="save a key; VALUE is JSON ('\"en\"', 3, true, [1])")
     for q in (sv, ssub.add_parser("load"), ssub.add_parser("delete")):
         q.add_argument("convo")
         q.add_argument("ns")
         q.add_argument("key")
     sv.add_argument("value")
     sv.add_argument("--ttl", type=float)
+    sv.add_argument("--string", action="store_true", help="VALUE is a string, not JSON")
     ga = ssub.add_parser("get-all")
     ga.add_argument("convo")
     ga.add_argument("ns")
@@ -116,11 +124,9 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     return p
 
 
-def _json_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def _state_value(args: argparse.Namespace) -> Any:
+    """The value of `state save`: JSON, or with --string the text as it is."""
+    return args.value if args.string else json.loads(args.value)
 
 
 def _client(args: argparse.Namespace) -> MemoryClient:
@@ -157,7 +163,7 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     elif args.command == "delete":
         reply["deleted"] = await memory.forget(args.convo)
     elif args.state_command == "save":
-        value = _json_value(args.value)
+        value = _state_value(args)
         await memory.save(args.convo, args.ns, args.key, value, args.ttl, request_id=rid)
     elif args.state_command == "load":
         value = await memory.load(args.convo, args.ns, args.key)
@@ -244,12 +250,64 @@ async def stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def retire(args: argparse.Namespace) -> int:
+    """Clear the retained status and stats of a worker that is not running: dashboards (the
+    page, `memctl stats`) forget it. Refused while its status says online."""
+    base = f"{args.prefix}/{c.WORKER_LEVEL}/{args.client_id}"
+    found: dict[str, bytes] = {}
+    client = aiomqtt.Client(
+        args.host,
+        args.port,
+        username=args.username,
+        password=args.password,
+        tls_context=tls_context(args.tls_ca),
+        protocol=aiomqtt.ProtocolVersion.V5,
+        timeout=args.timeout,
+    )
+    try:
+        async with client:
+            await client.subscribe(f"{base}/+", qos=1)
+            # retained messages come right behind the SUBACK: a short quiet means none is left
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(1.0, args.timeout)):
+                    async for message in client.messages:
+                        body = message.payload if isinstance(message.payload, bytes) else b""
+                        found[message.topic.value.rsplit("/", 1)[1]] = body
+                        if {"status", "stats"} <= found.keys():
+                            break
+            if "status" in found and _status_body(found["status"]).get("state") == "online":
+                print(f"memctl: {args.client_id} is online: stop it first", file=sys.stderr)
+                return EXIT_ERROR
+            if not found:
+                print(
+                    f"memctl: no worker {args.client_id!r} under {args.prefix!r}", file=sys.stderr
+                )
+                return EXIT_ERROR
+            for kind in ("stats", "status"):
+                await client.publish(f"{base}/{kind}", b"", qos=1, retain=True)
+    except aiomqtt.MqttError as exc:
+        raise NoReplyError(f"cannot reach the broker at {args.host}:{args.port}: {exc}") from exc
+    emit({"ok": True, "retired": args.client_id})
+    return EXIT_OK
+
+
+def _status_body(payload: bytes) -> dict[str, Any]:
+    """A status body, whichever --event-format the worker ran with."""
+    try:
+        body = decode_event(payload, None)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """What the contract refuses in the arguments, before anything is sent."""
     if args.timeout <= 0:
         return f"--timeout must be more than 0 seconds, got {args.timeout}"
     if not 1 <= args.port <= 65535:
         return f"--port must be 1-65535, got {args.port}"
+    if args.command == "retire" and (topic_name_problem(args.client_id) or "/" in args.client_id):
+        return f"not a worker's client id: {args.client_id!r}"
     try:
         validate_prefix(args.prefix)
     except ValueError as exc:
@@ -278,8 +336,13 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if args.command == "state" and args.state_command != "namespaces":
             body = {"ns": args.ns, "key": getattr(args, "key", "k"), "value": 0}
             check_request(args.convo, c.OP_STATE_SAVE, body)
+        if getattr(args, "state_command", None) == "save":
+            _state_value(args)
     except (WorkerError, MemoryWorkerError) as exc:
         return exc.message
+    except json.JSONDecodeError:
+        value = args.value
+        return f"VALUE {value!r} is not JSON: quote a string ('\"{value}\"') or add --string"
     return None
 
 
@@ -289,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"memctl: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    run = {"watch": watch, "stats": stats, "list": list_all}.get(args.command, ask)
+    run = {"watch": watch, "stats": stats, "retire": retire, "list": list_all}.get(
+        args.command, ask
+    )
     try:
         return asyncio.run(run(args))
     except NoReplyError as exc:

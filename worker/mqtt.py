@@ -26,6 +26,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker import packets
@@ -33,6 +34,8 @@ from worker.packets import PUBACK, PUBLISH, Incoming
 
 Message = Incoming
 OnMessage = Callable[[Incoming], None]
+# (message id, the broker's reason): a QoS 1 publish of ours the broker refused.
+OnRefused = Callable[[int, str], None]
 
 # The versions these internals were read from; pyproject.toml pins both ranges.
 PINNED = "aiomqtt 2.5, paho-mqtt 2.2"
@@ -136,13 +139,21 @@ class Connection(aiomqtt.Client):
     paho still reads (from our buffer, one packet at a time) and writes every other packet,
     so CONNECT, SUBSCRIBE, keepalive and aiomqtt's awaited publishes work as ever.
 
+    It speaks MQTT 3.1.1 too (`protocol`), for the client's `protocol=3`: no properties.
+
     Args:
         on_message: called on the event loop's thread with each PUBLISH.
+        on_refused: called with the message id and the broker's reason when an MQTT 5 broker
+            refuses a QoS 1 publish of `publish_packed` (its PUBACK's reason code).
         **kwargs: aiomqtt.Client's arguments.
     """
 
-    def __init__(self, on_message: OnMessage, **kwargs: Any) -> None:
+    def __init__(
+        self, on_message: OnMessage, *, on_refused: OnRefused | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self._v5 = kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5
+        self._on_refused = on_refused
         paho_client = self._client
         paho_client.manual_ack_set(True)
         paho_client._sock_recv = self._feed_recv  # type: ignore[method-assign]
@@ -271,7 +282,7 @@ class Connection(aiomqtt.Client):
                     break
                 kind = buf[pos] & 0xF0
                 if kind == PUBLISH:
-                    msg = packets.decode_publish(buf[pos], buf, start, end)
+                    msg = packets.decode_publish(buf[pos], buf, start, end, self._v5)
                     pos = end
                     special = self._topic_callbacks
                     callback = special.get(msg.topic) if special else None
@@ -280,6 +291,8 @@ class Connection(aiomqtt.Client):
                 if kind == PUBACK and end - start >= 2:
                     mid = (buf[start] << 8) | buf[start + 1]
                     if self._inflight.pop(mid, None) is not None:
+                        if end - start > 2 and buf[start + 2] >= 0x80:  # MQTT 5: refused
+                            self._refused(mid, buf[start + 2])
                         pos = end
                         acked = True
                         continue
@@ -298,12 +311,19 @@ class Connection(aiomqtt.Client):
             if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
                 self.sendable.set()
 
+    def _refused(self, mid: int, code: int) -> None:
+        if self._on_refused is not None:
+            reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
+            self._on_refused(mid, str(reason))
+
     # --- writing ----------------------------------------------------------------------------
 
     def publish_packed(
         self, topic: str, payload: bytes, qos: int, retain: bool, props: bytes
-    ) -> None:
-        """Publish without waiting; `props` as worker.packets.properties makes them."""
+    ) -> int:
+        """Publish without waiting; `props` as worker.packets.properties makes them (b"" for
+        MQTT 3.1.1). The message id, for `on_refused` (0 at QoS 0)."""
+        mid = 0
         if qos:
             mid = self._client._mid_generate()
             packet = packets.encode_publish(topic.encode(), payload, 1, retain, mid, props)
@@ -314,6 +334,7 @@ class Connection(aiomqtt.Client):
                 self._waiting.append((mid, packet))
         elif self._online:
             self._write(packets.encode_publish(topic.encode(), payload, 0, retain, 0, props))
+        return mid
 
     def acknowledge(self, mid: int, qos: int) -> None:
         """PUBACK a QoS 1 message of this connection."""

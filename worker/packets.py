@@ -1,4 +1,5 @@
-"""The MQTT 5 packets of the hot path, as bytes: PUBLISH both ways, PUBACK both ways.
+"""The MQTT packets of the hot path, as bytes: PUBLISH both ways, PUBACK both ways (MQTT 5,
+and 3.1.1 for the client's `protocol=3`).
 
 Pure functions and one value type, no sockets. worker/mqtt.py uses them instead of paho's
 codec for these four packets, which carry every request and reply: paho turns each PUBLISH
@@ -102,8 +103,11 @@ def length(buf: bytes) -> int:
     return start + n if n >= 0 else 0
 
 
-def decode_publish(first: int, buf: bytes, start: int, end: int) -> Incoming:
-    """The PUBLISH whose fixed header byte is `first` and whose body is buf[start:end]."""
+def decode_publish(first: int, buf: bytes, start: int, end: int, v5: bool = True) -> Incoming:
+    """The PUBLISH whose fixed header byte is `first` and whose body is buf[start:end]; an
+    MQTT 3.1.1 one (no properties) when not `v5`."""
+    response: str | None = None
+    correlation: bytes | None = None
     try:
         p = start + 2 + ((buf[start] << 8) | buf[start + 1])
         raw_topic = buf[start + 2 : p]
@@ -112,14 +116,15 @@ def decode_publish(first: int, buf: bytes, start: int, end: int) -> Incoming:
         if qos:
             mid = (buf[p] << 8) | buf[p + 1]
             p += 2
-        plen = buf[p]
-        if plen < 0x80:
-            p += 1
+        if v5:
+            plen = buf[p]
+            if plen < 0x80:
+                p += 1
+            else:
+                plen, p = read_varint(buf, p)
         else:
-            plen, p = read_varint(buf, p)
+            plen = 0
         pend = p + plen
-        response: str | None = None
-        correlation: bytes | None = None
         while p < pend:
             pid = buf[p]
             p += 1
@@ -153,15 +158,24 @@ def decode_publish(first: int, buf: bytes, start: int, end: int) -> Incoming:
     return Incoming(topic, buf[pend:end], qos, bool(first & 1), mid, response, correlation)
 
 
-class ReplyProperties:
-    """PUBLISH properties (length first) with one Content Type, encoded once; called with a
-    reply's Correlation Data, it appends that alone."""
+def _string(pid: int, value: str) -> bytes:
+    raw = value.encode()
+    return bytes((pid,)) + len(raw).to_bytes(2, "big") + raw
+
+
+class PublishProperties:
+    """PUBLISH properties (length first) with a Content Type (a reply's, an event's) or a
+    Response Topic (a request's), encoded once; called with a Correlation Data, it appends
+    that alone."""
 
     __slots__ = ("_body", "plain")
 
-    def __init__(self, content_type: str) -> None:
-        ct = content_type.encode()
-        self._body = b"\x03" + len(ct).to_bytes(2, "big") + ct
+    def __init__(self, content_type: str | None = None, response_topic: str | None = None) -> None:
+        self._body = b""
+        if content_type is not None:
+            self._body += _string(_CONTENT_TYPE, content_type)
+        if response_topic is not None:
+            self._body += _string(_RESPONSE_TOPIC, response_topic)
         self.plain = varint(len(self._body)) + self._body
 
     def __call__(self, correlation: bytes | None = None) -> bytes:
@@ -171,9 +185,13 @@ class ReplyProperties:
         return varint(len(body)) + body
 
 
+# The worker's name for it: what its replies and events carry.
+ReplyProperties = PublishProperties
+
+
 def properties(content_type: str, correlation: bytes | None = None) -> bytes:
     """PUBLISH properties (length first): Content Type, and Correlation Data if given."""
-    return ReplyProperties(content_type)(correlation)
+    return PublishProperties(content_type)(correlation)
 
 
 def encode_publish(

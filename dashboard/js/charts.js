@@ -9,6 +9,9 @@
   const REASONS = ["ttl", "lru", "memory", "deleted"];
   const ERROR_CODES = ["bad_payload", "bad_request", "too_large", "bad_topic", "unavailable", "internal"];
   const PALETTE = ["#2b6cb0", "#c05621", "#2f855a", "#b83280", "#6b46c1", "#718096"];
+  // time-axis steps in seconds: whole seconds at least, so that labels read as clock times
+  const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400];
+  const HEIGHT = 120;
 
   // name, series labels, how to get each value from (stats, previous stats, seconds between)
   const MEASURES = [
@@ -34,21 +37,29 @@
         const box = document.createElement("figure");
         box.className = "chart";
         container.append(box);
-        return new globalThis.uPlot(
+        const plot = new globalThis.uPlot(
           {
             title,
-            width: chartWidth(container),
-            height: 120,
-            legend: { show: labels.length > 1 },
+            width: chartWidth(box),
+            height: HEIGHT,
             scales: { x: { time: true } },
-            axes: [{ size: 28 }, { size: 56, values: (u, ticks) => ticks.map(compact) }],
-            series: [{}, ...labels.map((label, j) => ({ label, stroke: PALETTE[j], width: 1.5, points: { show: false }, ...(label === "budget" ? { dash: [6, 4] } : {}) }))],
+            axes: [
+              { size: 28, space: 64, incrs: TIME_STEPS, values: (u, ticks, _i, _space, step) => ticks.map((t) => clock(t, step < 60)) },
+              { size: 56, values: (u, ticks) => ticks.map(compact) },
+            ],
+            series: [
+              { label: "time", value: (u, t) => (t == null ? "--" : clock(t, true)) },
+              ...labels.map((label, j) => ({ label, stroke: PALETTE[j], width: 1.5, points: { show: false }, value: (u, v) => (v == null ? "--" : compact(v)), ...(label === "budget" ? { dash: [6, 4] } : {}) })),
+            ],
+            // the legend shows the latest values unless the pointer picks a moment
+            hooks: { setCursor: [(u) => u.cursor.idx == null && showLatest(u)] },
           },
           this.data[i],
           box,
         );
+        new ResizeObserver(() => plot.setSize({ width: chartWidth(box), height: HEIGHT })).observe(box);
+        return plot;
       });
-      new ResizeObserver(() => this.plots.forEach((p) => p.setSize({ width: chartWidth(container), height: 120 }))).observe(container);
     }
 
     add(stats) {
@@ -65,22 +76,37 @@
       // one point makes no line (and uPlot a time axis of years): wait for the second
       if (this.data[0][0].length < 2) return;
       this.container.hidden = false;
-      this.plots.forEach((p, i) => p.setData(this.data[i]));
+      this.plots.forEach((p, i) => {
+        p.setData(this.data[i]);
+        if (p.cursor.idx == null) showLatest(p);
+      });
     }
+  }
+
+  function showLatest(u) {
+    const n = u.data[0].length;
+    if (n) u.setLegend({ idx: n - 1 }, false);
+  }
+
+  // seconds since the epoch -> "14:05" or, for steps under a minute, "14:05:30" (local time)
+  function clock(t, seconds) {
+    const opts = { hour: "2-digit", minute: "2-digit", hourCycle: "h23", ...(seconds ? { second: "2-digit" } : {}) };
+    return new Date(t * 1000).toLocaleTimeString([], opts);
   }
 
   // 60000000 -> "60M": axis labels that fit a phone (ticks are round decimal numbers).
   function compact(n) {
     const a = Math.abs(n);
+    if (!Number.isFinite(a)) return "--";
     if (a >= 1e9) return `${+(n / 1e9).toFixed(1)}G`;
     if (a >= 1e6) return `${+(n / 1e6).toFixed(1)}M`;
     if (a >= 1e4) return `${+(n / 1e3).toFixed(1)}k`;
     return `${+n.toFixed(2)}`;
   }
 
-  function chartWidth(container) {
-    return Math.max(200, container.clientWidth - 8);
+  function chartWidth(box) {
+    return Math.max(200, Math.floor(box.clientWidth));
   }
 
-  MW.charts = { WorkerCharts, REASONS, ERROR_CODES };
+  MW.charts = { WorkerCharts, REASONS, ERROR_CODES, clock };
 })();

@@ -19,7 +19,7 @@
   const $ = (id) => document.getElementById(id);
 
   $("where").textContent = `broker ${url} · prefix ${prefix}`;
-  const workers = new WorkersView($("workers"), $("no-workers"));
+  const workers = new WorkersView($("workers"), $("no-workers"), retire);
   const evictions = new EvictionsView($("eviction-feed"), $("eviction-counts"), $("no-evictions"));
 
   const conn = new Connection({
@@ -35,6 +35,7 @@
   function onMessage(topic, payload, props) {
     if (requests.isReply(topic)) return requests.reply(payload, props);
     const where = classify(topic, prefix);
+    if (where?.kind === "status" && !payload.length) return workers.remove(where.clientId);
     if (!where || !payload.length) return;
     let body;
     try {
@@ -46,6 +47,20 @@
     if (where.kind === "status") workers.status(where.clientId, body);
     else if (where.kind === "stats") workers.stats(where.clientId, body);
     else evictions.add(body);
+  }
+
+  // Clear a worker's retained status and stats: empty retained messages, as memctl retire does.
+  function retire(clientId, done) {
+    const client = conn.client;
+    if (!client || !client.connected) return done("not connected to the broker");
+    let left = 2;
+    let refused = null;
+    for (const kind of ["stats", "status"]) {
+      client.publish(`${prefix}/_worker/${clientId}/${kind}`, "", { qos: 1, retain: true }, (err) => {
+        refused ??= err ? `the broker refused (${err.message}): this login may only watch; memctl retire ${clientId} with one that may` : null;
+        if (--left === 0) done(refused);
+      });
+    }
   }
 
   function onState(state, words) {

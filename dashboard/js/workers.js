@@ -1,5 +1,6 @@
 // One card per worker, from its retained status and stats: online or offline in words and
-// colour, what it runs, its gauges against its limits, and its charts.
+// colour, what it runs, its gauges against its limits, and its charts. A worker that is not
+// online can be removed: its retained status and stats are cleared on the broker.
 
 (() => {
   "use strict";
@@ -8,9 +9,11 @@
   const { WorkerCharts } = MW.charts;
 
   class WorkersView {
-    constructor(root, empty) {
+    // retire(clientId, done): clear the worker's retained messages; done(null) or done(why)
+    constructor(root, empty, retire) {
       this.root = root;
       this.empty = empty;
+      this.retire = retire;
       this.cards = new Map();
       setInterval(() => this.cards.forEach((card) => card.tick()), 1000);
     }
@@ -18,7 +21,7 @@
     card(clientId) {
       let card = this.cards.get(clientId);
       if (!card) {
-        card = new WorkerCard(clientId);
+        card = new WorkerCard(clientId, this.retire);
         const after = [...this.cards.keys()].sort().find((id) => id > clientId);
         this.root.insertBefore(card.el, after ? this.cards.get(after).el : null);
         this.cards.set(clientId, card);
@@ -31,19 +34,31 @@
       this.card(clientId).status(body);
     }
 
+    // The worker's retained status was cleared (from this page, memctl retire or elsewhere).
+    remove(clientId) {
+      const card = this.cards.get(clientId);
+      if (!card) return;
+      card.el.remove();
+      this.cards.delete(clientId);
+      this.empty.hidden = this.cards.size > 0;
+    }
+
     stats(clientId, body) {
       this.card(clientId).stats(body);
     }
   }
 
   class WorkerCard {
-    constructor(clientId) {
+    constructor(clientId, retire) {
       this.el = document.createElement("article");
       this.el.className = "card";
       this.el.dataset.clientId = clientId;
       this.el.dataset.state = "unknown";
       this.el.innerHTML = `
         <header><h3></h3><span class="state badge">no status yet</span></header>
+        <p class="retire"><button type="button">Remove this worker</button>
+          <span class="muted">clears its retained status and stats on the broker</span></p>
+        <div class="card-body"><div class="summary">
         <dl class="facts">
           <dt>version</dt><dd data-field="version">?</dd>
           <dt>backend</dt><dd data-field="backend">?</dd>
@@ -61,10 +76,21 @@
           <dt>evictions</dt><dd data-field="evictions">?</dd>
           <dt>errors</dt><dd data-field="errors">?</dd>
           <dt>TTL</dt><dd data-field="ttl">?</dd>
-        </dl>
-        <p class="muted no-charts">Charts start with the next stats message.</p>
-        <div class="charts"></div>`;
+        </dl></div>
+        <div><p class="muted no-charts">Charts start with the next stats message.</p>
+        <div class="charts"></div></div></div>`;
       this.el.querySelector("h3").textContent = clientId;
+      const button = this.el.querySelector(".retire button");
+      const note = this.el.querySelector(".retire span");
+      button.addEventListener("click", () => {
+        button.disabled = true;
+        note.textContent = "removing...";
+        retire(clientId, (why) => {
+          button.disabled = false;
+          note.textContent = why ? `not removed: ${why}` : "removed";
+          note.classList.toggle("refused", Boolean(why));
+        });
+      });
       this.charts = new WorkerCharts(this.el.querySelector(".charts"));
       this.online = false;
       this.uptimeAt = null; // [uptime in the last stats, when they were sent]

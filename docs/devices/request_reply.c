@@ -1,6 +1,6 @@
 /* A device's request/reply with the Eclipse Paho C client (MQTTClient, synchronous) and
  * msgpack-c: MQTT 5 by default, 3.1.1 with --v311.
- *   cc request_reply.c -o request_reply -lpaho-mqtt3c -lmsgpack-c    (Debian: -lmsgpackc)
+ *   cc request_reply.c -o request_reply -lpaho-mqtt3c -lmsgpackc  (msgpack-c 6 and later: -lmsgpack-c)
  *   MQTT_HOST=127.0.0.1 MQTT_PORT=1883 CONVO=kiosk-7 ./request_reply [--v311]
  * Paho C does not set TCP_NODELAY itself and has no option for it: a device that needs fast
  * round trips sets it on the socket (or accepts ~40 ms per round trip). */
@@ -9,10 +9,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 static const char *env(const char *name, const char *fallback) {
     const char *v = getenv(name);
     return v ? v : fallback;
+}
+
+/* A request id unique to this request: the worker stores an append at most once per id, so
+ * a fixed id would make every run after the first get the first run's reply, unstored. Keep
+ * it for the retries of one request, and make a new one for the next request. */
+static void new_id(char *out, size_t size) {
+    static unsigned n;
+    snprintf(out, size, "c-%lx-%x-%u", (unsigned long)time(NULL), (unsigned)getpid(), n++);
 }
 
 /* One request at QoS 1; the reply (a msgpack map) is printed. Returns 0 on {ok: true}. */
@@ -87,7 +97,9 @@ int main(int argc, char **argv) {
     char uri[256], inbox[256], topic[256];
     const char *prefix = env("PREFIX", "mem"), *convo = env("CONVO", "kiosk-7");
     snprintf(uri, sizeof uri, "tcp://%s:%s", env("MQTT_HOST", "127.0.0.1"), env("MQTT_PORT", "1883"));
-    snprintf(inbox, sizeof inbox, "reply/%s/c-%d", convo, rand());
+    char id[64];
+    new_id(id, sizeof id);
+    snprintf(inbox, sizeof inbox, "reply/%s/%s", convo, id); /* this device's own reply topic */
 
     MQTTClient c;
     MQTTClient_createOptions create = MQTTClient_createOptions_initializer;
@@ -111,9 +123,11 @@ int main(int argc, char **argv) {
         MQTTClient_subscribe(c, inbox, 1);
 
     snprintf(topic, sizeof topic, "%s/%s/append", prefix, convo);
-    int bad = request(c, v5, topic, inbox, "append", "c-append-1", "user", "hello from C");
+    new_id(id, sizeof id);
+    int bad = request(c, v5, topic, inbox, "append", id, "user", "hello from C");
     snprintf(topic, sizeof topic, "%s/%s/get", prefix, convo);
-    bad |= request(c, v5, topic, inbox, "get", "c-get-1", NULL, NULL);
+    new_id(id, sizeof id);
+    bad |= request(c, v5, topic, inbox, "get", id, NULL, NULL);
     MQTTClient_disconnect(c, 1000);
     MQTTClient_destroy(&c);
     return bad;

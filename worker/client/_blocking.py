@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from worker.client._api import _Api
 from worker.client._local import LocalMemory
-from worker.client._models import (
-    Appended,
-    Context,
-    ConversationInfo,
-    Eviction,
-    Summarized,
-    Turn,
-)
+from worker.client._models import ConversationInfo, Eviction
 from worker.client._mqtt import MemoryClient
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 Memory = MemoryClient | LocalMemory
+
+
+def _blocking(
+    method: Callable[Concatenate[Any, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[BlockingMemoryClient, _P], _T]:
+    """The blocking twin of an async method of the memory, called by name on whichever
+    memory the client drives."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self: BlockingMemoryClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        coro: Coroutine[Any, Any, _T] = getattr(self.memory, name)(*args, **kwargs)
+        return self._run(coro)
+
+    return call
 
 
 class BlockingMemoryClient:
@@ -100,79 +111,20 @@ class BlockingMemoryClient:
         """The async client (or memory:// store) this one drives."""
         return self._memory
 
-    def append(
-        self,
-        convo_id: str,
-        role: str,
-        content: str,
-        *,
-        request_id: str | None = None,
-        tokens: int | None = None,
-    ) -> Appended:
-        """See MemoryClient.append."""
-        return self._run(
-            self._memory.append(convo_id, role, content, request_id=request_id, tokens=tokens)
-        )
-
-    def get(
-        self, convo_id: str, last: int | None = None, max_tokens: int | None = None
-    ) -> list[Turn]:
-        """See MemoryClient.get."""
-        return self._run(self._memory.get(convo_id, last, max_tokens))
-
-    def context(
-        self, convo_id: str, max_tokens: int | None = None, *, last: int | None = None
-    ) -> Context:
-        """See MemoryClient.context."""
-        return self._run(self._memory.context(convo_id, max_tokens, last=last))
-
-    def summarize(
-        self,
-        convo_id: str,
-        text: str,
-        upto: int,
-        base: int,
-        *,
-        tokens: int | None = None,
-        request_id: str | None = None,
-    ) -> Summarized:
-        """See MemoryClient.summarize."""
-        return self._run(
-            self._memory.summarize(convo_id, text, upto, base, tokens=tokens, request_id=request_id)
-        )
-
-    def forget(self, convo_id: str) -> int:
-        """See MemoryClient.forget."""
-        return self._run(self._memory.forget(convo_id))
-
-    def save(
-        self,
-        session_id: str,
-        namespace: str,
-        key: str,
-        value: Any,
-        ttl: float | None = None,
-        *,
-        request_id: str | None = None,
-    ) -> None:
-        """See MemoryClient.save."""
-        self._run(self._memory.save(session_id, namespace, key, value, ttl, request_id=request_id))
-
-    def load(self, session_id: str, namespace: str, key: str) -> Any:
-        """See MemoryClient.load."""
-        return self._run(self._memory.load(session_id, namespace, key))
-
-    def get_all(self, session_id: str, namespace: str) -> dict[str, Any]:
-        """See MemoryClient.get_all."""
-        return self._run(self._memory.get_all(session_id, namespace))
-
-    def delete(self, session_id: str, namespace: str, key: str) -> bool:
-        """See MemoryClient.delete."""
-        return self._run(self._memory.delete(session_id, namespace, key))
-
-    def stats(self) -> list[dict[str, Any]]:
-        """See MemoryClient.stats."""
-        return self._run(self._memory.stats())
+    # The store's methods, each `MemoryClient`'s (or `LocalMemory`'s) run to its end on the
+    # private loop: one line here per method of the API, its signature and docstring taken
+    # from the async one.
+    append = _blocking(_Api.append)
+    get = _blocking(_Api.get)
+    context = _blocking(_Api.context)
+    summarize = _blocking(_Api.summarize)
+    forget = _blocking(_Api.forget)
+    save = _blocking(_Api.save)
+    load = _blocking(_Api.load)
+    get_all = _blocking(_Api.get_all)
+    delete = _blocking(_Api.delete)
+    namespaces = _blocking(_Api.namespaces)
+    stats = _blocking(MemoryClient.stats)
 
     def evictions(self, convo_id: str | None = None) -> Iterator[Eviction]:
         """Eviction events as they come, until you stop iterating."""
@@ -197,10 +149,6 @@ class BlockingMemoryClient:
         finally:
             if self._loop is not None:
                 self._run(items.aclose())
-
-    def namespaces(self, session_id: str) -> list[str]:
-        """See MemoryClient.namespaces."""
-        return self._run(self._memory.namespaces(session_id))
 
 
 async def _next(items: AsyncIterator[_T]) -> _T:

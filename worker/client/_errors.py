@@ -12,50 +12,56 @@ would have sent, for input refused before sending).
     +-- NoReplyError             timeout; also a TimeoutError
     +-- RefusedError             refused; also a PermissionError (the broker said no)
 
-They are not worker.errors' classes: those are the worker's reasons to answer with an error
-(raised by the pure core, caught by the service), these are what an application catches
-after the reply came back; `error_for` maps one code onto the other, and a test checks that
-every wire code in worker.errors has its class here. The last two are the client's own:
+One tree with the worker's (worker/errors.py): MemoryWorkerError is a WorkerError, and each
+class for a wire code is also the worker's class for it (BadRequestError is a BadRequest),
+whose code it takes; `except worker.errors.BadRequest` catches either. The client's names
+stay their own, for the apps that already catch them. The last two are the client's alone:
 nothing came back, or the broker (not the worker) refused.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Final
+from typing import Final
+
+from worker.errors import (
+    BadPayload,
+    BadRequest,
+    BadTopic,
+    Conflict,
+    TooLarge,
+    Unavailable,
+    WorkerError,
+)
 
 
-class MemoryWorkerError(Exception):
-    """An error reply from the worker (or refused input), with its wire `code`."""
-
-    code: ClassVar[str] = "internal"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+class MemoryWorkerError(WorkerError):
+    """An error reply from the worker (or refused input), with its wire `code` and
+    `message`."""
 
 
-class BadPayloadError(MemoryWorkerError):
-    code = "bad_payload"
+class BadPayloadError(MemoryWorkerError, BadPayload):
+    pass
 
 
-class BadRequestError(MemoryWorkerError):
-    code = "bad_request"
+class BadRequestError(MemoryWorkerError, BadRequest):
+    pass
 
 
-class TooLargeError(MemoryWorkerError):
-    code = "too_large"
+class TooLargeError(MemoryWorkerError, TooLarge):
+    pass
 
 
-class BadTopicError(MemoryWorkerError):
-    code = "bad_topic"
+class BadTopicError(MemoryWorkerError, BadTopic):
+    pass
 
 
-class UnavailableError(MemoryWorkerError):
-    code = "unavailable"
+class UnavailableError(MemoryWorkerError, Unavailable):
+    pass
 
 
-class ConflictError(MemoryWorkerError):
-    """A summary refused because its `base` is not the conversation's current summary.
+class ConflictError(MemoryWorkerError, Conflict):
+    """A summary refused because its `base` is not the conversation's current summary (or it
+    names another `born`).
 
     Attributes:
         upto: the conversation's current summary upto (0 without one).
@@ -63,15 +69,12 @@ class ConflictError(MemoryWorkerError):
         born: when it was started, Unix ms (0 when it is not live).
     """
 
-    code = "conflict"
-
     def __init__(self, message: str, upto: int = 0, seq: int = 0, born: int = 0) -> None:
-        super().__init__(message)
-        self.upto, self.seq, self.born = upto, seq, born
+        super().__init__(message, upto, seq, born)
 
 
 class InternalError(MemoryWorkerError):
-    code = "internal"
+    pass
 
 
 class NoReplyError(MemoryWorkerError, TimeoutError):

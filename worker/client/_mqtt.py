@@ -1,14 +1,17 @@
-"""`MemoryClient`: the async client of memory-worker over one MQTT connection."""
+"""`MemoryClient`: the async client of memory-worker over one MQTT connection.
+
+It rides the worker's own transport (worker/mqtt.py's `Connection`, with worker/packets.py's
+codec), not aiomqtt's public publish and message queue: paho's decoding of every reply and
+PUBACK into Properties objects, and aiomqtt's publish path, were two thirds of the client's
+CPU. So the house has one MQTT path for both directions, under the same pinned versions and
+guard tests; nothing of it shows in the client's API.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import functools
 import itertools
-import math
-import socket
 import ssl
 import uuid
 from collections.abc import AsyncGenerator
@@ -16,28 +19,20 @@ from typing import Any, Final
 
 import aiomqtt
 import msgpack
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from worker import constants as c
 from worker.client._api import _Api, _Fanout, _ok, _refuse
 from worker.client._errors import BadRequestError, NoReplyError, RefusedError
 from worker.client._models import Eviction
 from worker.config import tls_context
-from worker.mqtt import refusal
+from worker.mqtt import NODELAY, Connection, Message, refusal
+from worker.packets import PublishProperties
 from worker.protocol import decode_event, topic_name_problem
 
 DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_ATTEMPTS: Final = 3
-# Without it every request/reply round trip waits ~40 ms (Nagle against delayed ACKs).
-_NODELAY: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 # memctl's stats waited this long for more retained snapshots after the first one.
 _STATS_QUIET: Final = 0.3
-
-
-def _content_type(message: aiomqtt.Message) -> str | None:
-    """Events, status and stats come as msgpack or JSON (the worker's --event-format)."""
-    return getattr(message.properties, "ContentType", None) if message.properties else None
 
 
 class _Lost(Exception):
@@ -100,10 +95,13 @@ class MemoryClient(_Api):
         self._n = itertools.count(1)
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._filters: dict[str, int] = {}  # extra subscriptions (events, stats) -> users
-        self._stats: set[asyncio.Queue[aiomqtt.Message]] = set()  # one per stats() call
+        self._mids: dict[bytes, int] = {}  # a waiting request's key -> its publish's id
+        self._stats: set[asyncio.Queue[Message]] = set()  # one per stats() call
         self._events = _Fanout()
-        self._client: aiomqtt.Client | None = None
-        self._properties: dict[str, Properties] = {}  # reply topic -> a request's template
+        self._under_prefix = prefix + "/"
+        self._worker_topics = f"{prefix}/{c.WORKER_LEVEL}/"
+        self._client: Connection | None = None  # once subscribed: requests may go
+        self._properties: dict[str, PublishProperties] = {}  # reply topic -> its properties
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -133,20 +131,21 @@ class MemoryClient(_Api):
 
     async def _connect(self) -> None:
         version = aiomqtt.ProtocolVersion.V5 if self.protocol == 5 else aiomqtt.ProtocolVersion.V311
-        client = aiomqtt.Client(
-            self.host,
-            self.port,
+        # A fresh connection each time: a request the old one lost is the request's to send
+        # again (with its id), not the connection's.
+        client = Connection(
+            lambda message: self._on_message(client, message),
+            on_refused=self._on_refused,
+            hostname=self.host,
+            port=self.port,
             username=self._auth[0],
             password=self._auth[1],
             identifier=f"memory-client-{self.tag}",
             protocol=version,
             tls_context=self._tls,
-            socket_options=[_NODELAY],
+            socket_options=[NODELAY],
             timeout=self.timeout,
-            queue_type=self._inbox(),
         )
-        # Many concurrent requests are the point of one shared client, not a sign of trouble.
-        client.pending_calls_threshold = 1 << 30
         await client.__aenter__()
         try:
             await self._subscribe_on(client, self._inbox_filter(), self.qos)
@@ -159,7 +158,7 @@ class MemoryClient(_Api):
         self._client = client
         self._connected.set()
 
-    async def _subscribe_on(self, client: aiomqtt.Client, topic_filter: str, qos: int) -> None:
+    async def _subscribe_on(self, client: Connection, topic_filter: str, qos: int) -> None:
         """Subscribe; RefusedError at once when the broker refuses (its ACL), rather than a
         NoReplyError after every attempt's timeout."""
         reason = refusal(await client.subscribe(topic_filter, qos=qos))
@@ -194,21 +193,8 @@ class MemoryClient(_Api):
             with contextlib.suppress(aiomqtt.MqttError, RuntimeError):
                 await client.__aexit__(None, None, None)
 
-    def _inbox(self) -> type[asyncio.Queue[aiomqtt.Message]]:
-        """aiomqtt's incoming queue (its `queue_type`), which hands each reply to its request
-        as paho reads it: a reply then costs no trip through the queue and `messages` (a
-        task and an `asyncio.wait` per message). Events and stats are queued as usual."""
-        answer = self._answer
-
-        class Inbox(asyncio.Queue[aiomqtt.Message]):
-            def put_nowait(self, item: aiomqtt.Message) -> None:
-                if not answer(item):
-                    super().put_nowait(item)
-
-        return Inbox
-
     async def _read(self) -> None:
-        """Hand events and stats to their listeners; reconnect when the connection drops."""
+        """Reconnect when the connection drops; what waited then is sent again."""
         backoff = 0.05
         while not self._closing:
             client = self._client
@@ -218,8 +204,7 @@ class MemoryClient(_Api):
                     await self._connect()
                     backoff = 0.05
                     continue
-                async for message in client.messages:
-                    self._dispatch(message)
+                await client.wait_disconnected()
             except aiomqtt.MqttError:
                 pass
             except RefusedError as exc:  # on reconnecting: the ACL changed since
@@ -232,32 +217,42 @@ class MemoryClient(_Api):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    def _answer(self, message: aiomqtt.Message) -> bool:
-        """Complete the request a reply answers; False for messages under the prefix (events
-        and stats). Runs inside paho's read callback, so it must not raise."""
-        if message.topic.value.startswith(self.prefix + "/"):
-            return False
+    def _on_message(self, client: Connection, message: Message) -> None:
+        """Every PUBLISH, as the transport reads it: a reply completes its request at once (no
+        queue, no task); events and stats go to their listeners."""
+        if not message.topic.startswith(self._under_prefix):
+            self._answer(message)
+        elif message.topic.startswith(self._worker_topics):
+            for queue in self._stats:
+                queue.put_nowait(message)
+        elif message.topic.endswith("/" + c.EVICTED):
+            with contextlib.suppress(Exception):
+                self._events.publish(decode_event(message.payload, None))
+        if message.qos:
+            # After the answer, whose task then runs first on the next turn of the loop: the
+            # request it sends next goes out in the same write as this acknowledgement.
+            client.acknowledge(message.mid, message.qos)
+
+    def _answer(self, message: Message) -> None:
         try:
             reply = msgpack.unpackb(message.payload, strict_map_key=False)
         except Exception:  # not a reply of ours: nobody waits for it
-            return True
-        key: Any = getattr(message.properties, "CorrelationData", None)
+            return
+        key: Any = message.correlation
         if key is None and isinstance(reply, dict):
             key = _key(reply.get("id"))
         fut = self._waiting.pop(key, None) if isinstance(key, bytes) else None
         if fut is not None and not fut.done():
             fut.set_result(reply)
-        return True
 
-    def _dispatch(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        if topic.startswith(f"{self.prefix}/{c.WORKER_LEVEL}/"):
-            for queue in self._stats:
-                queue.put_nowait(message)
-            return
-        if topic.endswith("/" + c.EVICTED):
-            with contextlib.suppress(Exception):
-                self._events.publish(decode_event(message.payload, _content_type(message)))
+    def _on_refused(self, mid: int, reason: str) -> None:
+        """The broker refused a request's publish (an MQTT 5 PUBACK said so): fail it now."""
+        for key, sent in self._mids.items():
+            if sent == mid:
+                fut = self._waiting.get(key)
+                if fut is not None and not fut.done():
+                    fut.set_exception(_PublishRefused(reason))
+                return
 
     # -- requests --
 
@@ -267,24 +262,21 @@ class MemoryClient(_Api):
             body["id"] = f"{self.tag}-{next(self._n)}"
         _refuse(convo, op, body)
         inbox = f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
-        properties = None
         if self.protocol == 5:
             # Each request's own: the same request_id twice at once gets two replies.
             key = next(self._n).to_bytes(8, "big")
-            properties = copy.copy(self._properties.get(inbox) or self._template(inbox))
-            properties.CorrelationData = key
+            props = (self._properties.get(inbox) or self._template(inbox))(key)
         else:
             key = _key(body["id"]) or b""
             body["reply_to"] = inbox
+            props = b""
         payload = msgpack.packb(body)
         topic = f"{self.prefix}/{convo}/{op}"
         loop = asyncio.get_running_loop()
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts or not safe
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-            sending: asyncio.Future[None] | None = None
             timer: asyncio.TimerHandle | None = None
-            answered = False
             try:
                 # MQTT 3.1.1: a reply names only its id, so a request whose id is in flight
                 # (the same request_id twice at once) waits for that one's answer first.
@@ -301,18 +293,12 @@ class MemoryClient(_Api):
                 # A timer that fails the reply's future: a third of what asyncio.timeout costs.
                 timer = loop.call_at(deadline, _expire, fut)
                 # The reply implies delivery, so the request waits for it alone, not for the
-                # PUBACK first; the publish fails the request when it fails. Its own timeout is
-                # ours (math.inf spares aiomqtt's wait_for a task and a timer).
-                sending = asyncio.ensure_future(
-                    client.publish(
-                        topic, payload, qos=self.qos, properties=properties, timeout=math.inf
-                    )
-                )
-                sending.add_done_callback(functools.partial(_fail_with_publish, fut))
-                reply = await fut
-                answered = True
-                return _ok(reply)
-            except (TimeoutError, _Lost, aiomqtt.MqttError) as exc:
+                # PUBACK; a PUBACK that refuses fails it (_on_refused), as a lost connection does.
+                self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
+                return _ok(await fut)
+            except _PublishRefused as exc:
+                raise self._refused("publish to", topic, exc.reason) from None
+            except (TimeoutError, _Lost) as exc:
                 if last:
                     why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
                     raise NoReplyError(
@@ -323,18 +309,15 @@ class MemoryClient(_Api):
             finally:
                 if timer is not None:
                     timer.cancel()
-                if not answered:  # timed out, lost, failed or cancelled: nothing waits now
-                    if self._waiting.get(key) is fut:
-                        del self._waiting[key]
-                    if sending is not None:
-                        sending.cancel()
+                if self._waiting.get(key) is fut:  # timed out, lost or cancelled
+                    del self._waiting[key]
+                self._mids.pop(key, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _template(self, inbox: str) -> Properties:
-        """The properties of requests answered on `inbox`, but their Correlation Data: copying
-        it costs a third of building paho's Properties anew."""
-        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        properties.ResponseTopic = inbox
+    def _template(self, inbox: str) -> PublishProperties:
+        """The properties of requests answered on `inbox`, encoded once (but their Correlation
+        Data) when every request is answered there."""
+        properties = PublishProperties(response_topic=inbox)
         if "{convo}" not in self.reply_prefix:
             self._properties[inbox] = properties
         return properties
@@ -381,7 +364,7 @@ class MemoryClient(_Api):
     async def stats(self) -> list[dict[str, Any]]:
         """Each worker's latest (retained) stats snapshot; [] when no worker ever ran."""
         topic_filter = f"{self.prefix}/{c.WORKER_LEVEL}/+/stats"
-        queue: asyncio.Queue[aiomqtt.Message] = asyncio.Queue()
+        queue: asyncio.Queue[Message] = asyncio.Queue()
         self._stats.add(queue)
         seen: dict[str, dict[str, Any]] = {}
         await self._subscribe(topic_filter, again=True)
@@ -393,9 +376,9 @@ class MemoryClient(_Api):
                         message = await queue.get()
                 except TimeoutError:
                     break
-                if message.topic.value in seen:
+                if message.topic in seen:
                     break
-                seen[message.topic.value] = decode_event(message.payload, _content_type(message))
+                seen[message.topic] = decode_event(message.payload, None)
                 wait = _STATS_QUIET
         finally:
             self._stats.discard(queue)
@@ -408,13 +391,10 @@ def _expire(reply: asyncio.Future[Any]) -> None:
         reply.set_exception(TimeoutError())
 
 
-def _fail_with_publish(reply: asyncio.Future[Any], sending: asyncio.Future[None]) -> None:
-    """A failed publish fails the request waiting for its reply (it is then sent again)."""
-    if sending.cancelled():
-        return
-    exc = sending.exception()
-    if exc is not None and not reply.done():
-        reply.set_exception(exc)
+class _PublishRefused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _key(req_id: Any) -> bytes | None:
