@@ -30,7 +30,7 @@ from typing import Any
 import aiomqtt
 
 from tests.processes import REPO, Mosquitto, RedisClusterServers, RedisServer, redis_server
-from worker.protocol import Append, Get
+from worker.protocol import Append, Get, ListConvos, decode_cursor
 from worker.store import Limits, Store
 
 BUILD = REPO / "bench" / "build"
@@ -380,6 +380,118 @@ def store_costs() -> dict[str, Any]:
         assert evicted == k  # every append evicted one
         out[str(n)] = {"append_us": (t1 - t0) / k * 1e6, "get_us": (t2 - t1) / k * 1e6}
     return out
+
+
+def listing_pages(
+    sizes: tuple[int, ...] = (1_000, 1_000_000), pages: int = 2_000
+) -> dict[str, Any]:
+    """The pure store's cost of one listing page of 100 at 1,000 and at 1,000,000
+    conversations (pages from random places, the cursor being an id; the median, and the mean,
+    which takes in the garbage collector's passes over a bigger heap), and of a full listing."""
+    import random
+
+    out: dict[str, Any] = {}
+    rng = random.Random(22)
+    for n in sizes:
+        s = Store(Limits(max_conversations=n, max_turns=8, max_bytes=1 << 40, ttl=0))
+        for i in range(n):
+            s.append(Append(f"conversation-{i}", "user", "x"))
+        took = []
+        for _ in range(pages):
+            request = ListConvos(100, f"conversation-{rng.randrange(n)}")
+            t0 = time.perf_counter()
+            s.list_convos(request)
+            took.append(time.perf_counter() - t0)
+        t0, after, listed = time.perf_counter(), "", 0
+        while True:
+            fields = s.list_convos(ListConvos(1000, after)).fields
+            listed += len(fields["conversations"])
+            if fields["cursor"] is None:
+                break
+            after = decode_cursor(fields["cursor"])
+        assert listed == n
+        out[str(n)] = {
+            "page_us": statistics.median(took) * 1e6,
+            "page_mean_us": statistics.fmean(took) * 1e6,
+            "full_listing_s": time.perf_counter() - t0,
+        }
+        del s
+        gc.collect()
+    return out
+
+
+async def _list_everything(port: int, page: int, stop: asyncio.Event) -> tuple[int, float]:
+    """Page through every conversation of the worker until done or `stop`: (listed, seconds)."""
+    from worker.client import MemoryClient
+
+    listed, t0 = 0, time.monotonic()
+    async with MemoryClient("127.0.0.1", port, "mem", timeout=30) as m:
+        async for _ in m.conversations(page_size=page):
+            listed += 1
+            if stop.is_set():
+                break
+    return listed, time.monotonic() - t0
+
+
+def listing_load(args: argparse.Namespace, b: Mosquitto, loadgen: Path) -> dict[str, Any]:
+    """A worker holding N conversations: a device's QoS 1 round trips (window 1) alone, then
+    while a client pages through all of them (pages of 100), on the same worker."""
+    n = args.list_conversations
+    cmd = worker_cmd(b, "--ttl", "0", "--max-bytes", str(2**32))
+    cmd[cmd.index("--max-conversations") + 1] = str(2 * n)
+    with responder(cmd, "serving") as proc:
+        t0 = time.monotonic()
+        fill(b, "one-turn", n)
+        filled_s = time.monotonic() - t0
+        rss = proc_rss(proc.pid)
+        seconds = args.list_probe_seconds
+        alone = load(loadgen, b, 1, 1, 0.5, seconds, 50)
+
+        async def during() -> tuple[dict[str, Any], int, float]:
+            stop = asyncio.Event()
+            lister = asyncio.create_task(_list_everything(b.port, 100, stop))
+            probe = await asyncio.to_thread(load, loadgen, b, 1, 1, 0.5, seconds, 50)
+            running = not lister.done()
+            stop.set()
+            listed, took = await lister
+            assert running, "the listing ended before the probe: raise --list-conversations"
+            return probe, listed, took
+
+        probed, listed, took = asyncio.run(during())
+    return {
+        "conversations": n,
+        "fill_seconds": filled_s,
+        "worker_rss": rss,
+        "alone": {k: alone[k] for k in ("p50_ms", "p99_ms", "max_ms", "replies")},
+        "listing": {k: probed[k] for k in ("p50_ms", "p99_ms", "max_ms", "replies")},
+        "listed_during_probe": listed,
+        "listed_per_s": listed / took,
+    }
+
+
+def _listing_lines(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    pages = result.get("listing_pages")
+    if pages:
+        small, big = pages["1000"], pages["1000000"]
+        lines += [
+            f"listing, store alone: a page of 100 at 1,000 conversations {small['page_us']:.1f} "
+            f"µs, at 1,000,000 {big['page_us']:.1f} µs ({big['page_us'] / small['page_us']:.2f}x;"
+            f" target within 2x; medians; means {small['page_mean_us']:.1f} and "
+            f"{big['page_mean_us']:.1f} µs); a full listing of 1,000,000 in pages of 1,000: "
+            f"{big['full_listing_s']:.1f} s"
+        ]
+    ll = result.get("listing_load")
+    if ll:
+        a, w = ll["alone"], ll["listing"]
+        lines += [
+            f"listing through the worker at {ll['conversations']:,} conversations: a device's "
+            f"QoS 1 p99 {a['p99_ms']:.2f} ms alone, {w['p99_ms']:.2f} ms while a client pages "
+            f"through all of them ({w['p99_ms'] / a['p99_ms']:.2f}x; target within 2x; p50 "
+            f"{a['p50_ms']:.2f} -> {w['p50_ms']:.2f} ms, max {a['max_ms']:.2f} -> "
+            f"{w['max_ms']:.2f} ms); {ll['listed_per_s']:,.0f} conversations listed per second"
+        ]
+    return lines
 
 
 def memory_per_turn() -> dict[str, Any]:
@@ -1019,6 +1131,7 @@ def table(result: dict[str, Any]) -> str:
             f"{cl['redis']['p99_ms']:.2f} ms) vs 3-master cluster {cl['cluster']['rps']:.0f} "
             f"req/s (p99 {cl['cluster']['p99_ms']:.2f} ms)"
         ]
+    lines += _listing_lines(result)
     lines += frugal_table(result)
     sq, mm = med["worker (sqlite)"], med["worker (memory)"]
     lines += [
@@ -1037,6 +1150,8 @@ def main() -> None:
     p.add_argument("--conversations", type=int, default=100)
     p.add_argument("--expire-conversations", type=int, default=100_000)
     p.add_argument("--skip-expiry", action="store_true")
+    p.add_argument("--list-conversations", type=int, default=1_000_000)
+    p.add_argument("--list-probe-seconds", type=float, default=5.0)
     p.add_argument("--idle-seconds", type=float, default=60, help="idle cost measured over")
     p.add_argument("--budget-bytes", type=int, default=16 * 2**20, help="--max-bytes to fill")
     p.add_argument("--budget-fill", type=float, default=3, help="fill this many budgets")
@@ -1051,6 +1166,7 @@ def main() -> None:
             "throughput",
             "client",
             "context",
+            "listing",
         ],
         help="run only these scenarios and print their lines",
     )
@@ -1098,6 +1214,8 @@ def main() -> None:
             if not args.skip_expiry:
                 print("mass expiry ...", file=sys.stderr)
                 result["expiry"] = mass_expiry(args, b, loadgen)
+            print("listing ...", file=sys.stderr)
+            result["listing_load"] = listing_load(args, b, loadgen)
             frugal(args, result, b, loadgen, "frugal")
         finally:
             b.stop()
@@ -1105,6 +1223,7 @@ def main() -> None:
     result["store"] = store_costs()
     result["memory"] = memory_per_turn()
     result["expiry_at_once"] = expiry_at_once()
+    result["listing_pages"] = listing_pages()
     result["store_rss"] = store_rss()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1140,14 +1259,19 @@ def only(args: argparse.Namespace, result: dict[str, Any], loadgen: Path) -> Non
                 result["client"] = client_costs(args, b, loadgen)
             elif args.only == "context":
                 result["context"] = context_costs(args, b, loadgen)
+            elif args.only == "listing":
+                result["listing_load"] = listing_load(args, b, loadgen)
             else:
                 frugal(args, result, b, loadgen, args.only)
         finally:
             b.stop()
     if args.only in ("frugal", "memory"):
         result["store_rss"] = store_rss()
+    if args.only == "listing":
+        result["listing_pages"] = listing_pages()
     print(json.dumps({k: v for k, v in result.items() if k not in ("args", "machine")}, indent=2))
     lines = throughput_table(result) + _client_lines(result) + _context_lines(result)
+    lines += _listing_lines(result)
     print("\n".join(lines + frugal_table(result)))
 
 

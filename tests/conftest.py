@@ -161,6 +161,15 @@ def spawn_worker(broker: Mosquitto, *args: str, **env: str) -> subprocess.Popen[
     )
 
 
+def wait_serving(proc: subprocess.Popen[str]) -> None:
+    """Return once a spawned worker has subscribed (it logs "serving ...")."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "serving" in line:
+            return
+    raise AssertionError("the worker exited before serving")
+
+
 def reap(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> int:
     """Stop a spawned program if it still runs; return its exit status."""
     if proc.poll() is None:

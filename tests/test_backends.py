@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import redis.asyncio
 
 from worker.backends.base import Backend
 from worker.backends.cluster import ClusterBackend
@@ -29,15 +30,18 @@ from worker.protocol import (
     Fields,
     Get,
     Items,
+    ListConvos,
     Loaded,
     Request,
     Result,
     StateDelete,
     StateGetAll,
     StateLoad,
+    StateNamespaces,
     StateSave,
     Summary,
     Turns,
+    decode_cursor,
 )
 from worker.store import Limits
 from worker.turns import expand_turns
@@ -830,3 +834,189 @@ async def test_born_is_unique_within_one_millisecond(make: Make) -> None:
     refused = await summarize(h, "c", "old", 1, 0, born=born)
     assert isinstance(refused, Conflict)
     assert refused.born == born + 1
+
+
+# --- listing ------------------------------------------------------------------------------
+
+
+async def page(
+    h: Harness, limit: int = 100, cursor: str | None = None, prefix: str = ""
+) -> tuple[list[dict[str, Any]], str | None]:
+    after = "" if cursor is None else decode_cursor(cursor)
+    result = await h.ok(ListConvos(limit, after, prefix))
+    assert isinstance(result, Fields)
+    return result.fields["conversations"], result.fields["cursor"]
+
+
+async def listing(h: Harness, limit: int = 100, prefix: str = "") -> list[str]:
+    """Every id a full listing returns, page after page, in order."""
+    ids: list[str] = []
+    cursor = None
+    while True:
+        entries, cursor = await page(h, limit, cursor, prefix)
+        ids += [e["convo"] for e in entries]
+        if cursor is None:
+            return ids
+
+
+async def namespaces(h: Harness, convo: str) -> list[str]:
+    result = await h.ok(StateNamespaces(convo))
+    assert isinstance(result, Fields)
+    return list(result.fields["namespaces"])
+
+
+async def test_list_pages_through_every_conversation_in_id_order(make: Make) -> None:
+    """Pages of `limit` in UTF-8 byte order, each id once; the last page's cursor is nil."""
+    h = await make()
+    names = [f"c{i:02}" for i in range(23)] + ["é", "z", "a/b".replace("/", "-")]
+    for name in reversed(names):
+        await add(h, name)
+    first, cursor = await page(h, 10)
+    assert len(first) == 10
+    assert cursor is not None
+    assert await listing(h, 10) == sorted(names, key=str.encode)
+    assert await listing(h, 1000) == sorted(names, key=str.encode)
+    assert await page(await make(), 5) == ([], None)
+
+
+async def test_list_entries_say_size_use_expiry_summary_and_tokens(make: Make) -> None:
+    """Each entry: turns, live keys, last use and expiry (Unix s), the summary's upto, tokens."""
+    h = await make(ttl=50)
+    await add(h, "c", "a", tokens=3)
+    await add(h, "c", "b", tokens=4)
+    await add(h, "c", "c", tokens=5)
+    await save(h, "c", "k", 1)
+    h.clock.now += 7
+    await h.ok(Summary("c", "gist", 1, 0, tokens=2))
+    await add(h, "d")
+    assert (await page(h))[0] == [
+        {
+            "convo": "c",
+            "turns": 2,
+            "keys": 1,
+            "last_used": 1007.0,
+            "expires_at": 1057.0,
+            "upto": 1,
+            "tokens": 2 + 4 + 5,
+        },
+        {
+            "convo": "d",
+            "turns": 1,
+            "keys": 0,
+            "last_used": 1007.0,
+            "expires_at": 1057.0,
+            "upto": 0,
+            "tokens": 1,
+        },
+    ]
+    forever = await make(ttl=0)
+    await add(forever, "c")
+    assert (await page(forever))[0][0]["expires_at"] is None
+
+
+async def test_list_by_prefix(make: Make) -> None:
+    """Only ids that start with the prefix, paged the same way."""
+    h = await make()
+    for name in ["kiosk-1", "kiosk-2", "kiosk", "kiosk-10", "kiosj", "kiosl", "box-1"]:
+        await add(h, name)
+    assert await listing(h, 2, "kiosk") == ["kiosk", "kiosk-1", "kiosk-10", "kiosk-2"]
+    assert await listing(h, 100, "kiosk-1") == ["kiosk-1", "kiosk-10"]
+    assert await listing(h, 100, "nobody") == []
+    assert await listing(h, 3, "") == sorted(
+        ["kiosk-1", "kiosk-2", "kiosk", "kiosk-10", "kiosj", "kiosl", "box-1"]
+    )
+
+
+async def test_list_is_not_a_use(make: Make) -> None:
+    """Listing refreshes no TTL and moves nothing in the LRU order."""
+    h = await make(ttl=10, max_conversations=2)
+    await add(h, "old")
+    h.clock.now += 6
+    await add(h, "new")
+    assert await listing(h) == ["new", "old"]
+    await add(h, "third")  # the least recently used goes, however recently it was listed
+    assert h.take() == [("old", "lru", 1, 0)]
+    h.clock.now += 5  # "new" was last used 5 s ago... and listed just before
+    await listing(h)
+    h.clock.now += 5
+    await h.expire()
+    assert ("new", "ttl", 1, 0) in h.take()
+
+
+async def test_list_leaves_out_expired_conversations(make: Make) -> None:
+    """A conversation past its TTL is not listed, swept or not."""
+    h = await make(ttl=10)
+    await add(h, "a")
+    h.clock.now += 5
+    await add(h, "b")
+    h.clock.now += 5
+    assert await listing(h) == ["b"]
+    assert await listing(h, 1) == ["b"]
+
+
+async def test_a_conversation_live_throughout_a_listing_is_returned(make: Make) -> None:
+    """The SCAN guarantee: live during the whole listing means listed, at least once."""
+    h = await make(max_conversations=1000)
+    stay = [f"s{i:03}" for i in range(0, 60, 2)]
+    for name in stay:
+        await add(h, name)
+    seen: list[str] = []
+    cursor = None
+    n = 0
+    while True:
+        entries, cursor = await page(h, 7, cursor)
+        seen += [e["convo"] for e in entries]
+        n += 1
+        await add(h, f"s{n * 7:03}x")  # created meanwhile: may or may not be listed
+        await add(h, f"a{n}")  # before the cursor: not listed
+        if cursor is None:
+            break
+    assert set(stay) <= set(seen)
+    assert len(seen) == len(set(seen))
+
+
+async def test_namespaces_with_live_keys(make: Make) -> None:
+    """state/namespaces lists the namespaces holding live keys, and is not a use."""
+    h = await make(ttl=10, max_conversations=2)
+    assert await namespaces(h, "c") == []
+    await save(h, "c", "k", 1, ns="prefs")
+    await save(h, "c", "k", 1, ns="cart", ttl=3)
+    await save(h, "c", "k", 1, ns="ab")
+    await h.ok(StateDelete("c", "ab", "k"))
+    assert await namespaces(h, "c") == ["cart", "prefs"]
+    h.clock.now += 3
+    assert await namespaces(h, "c") == ["prefs"]
+    await add(h, "d")
+    await namespaces(h, "c")
+    await add(h, "e")  # "c" is still the least recently used
+    assert [e[:2] for e in h.take()] == [("c", "lru")]
+
+
+async def test_listing_survives_a_restart(durable: Harness) -> None:
+    """After a restart the same conversations are listed, with their last use."""
+    h = durable
+    await add(h, "b")
+    h.clock.now += 3
+    await add(h, "a")
+    before = await page(h)
+    await h.reopen()
+    assert await page(h) == before
+
+
+async def test_redis_data_stored_before_listing_is_indexed_on_open(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Conversations a Redis holds from before listing existed (no index) are listed after
+    the next worker opens it."""
+    h = Harness("redis", Limits(), tmp_path, Clock(), redis_url)
+    await h.be.open()
+    try:
+        for name in ("b", "a", "c"):
+            await add(h, name)
+        async with redis.asyncio.from_url(redis_url) as r:
+            assert await r.delete(f"mw:{{{h.prefix}}}:ix") == 1
+        assert await listing(h) == []
+        await h.reopen()
+        assert await listing(h) == ["a", "b", "c"]
+    finally:
+        await h.be.close()

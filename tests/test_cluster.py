@@ -18,7 +18,7 @@ from tests.conftest import make_config, running, unique
 from tests.processes import Mosquitto, RedisClusterServers, redis_server
 from worker.backends.cluster import ClusterBackend, shard_of, shard_tag, share
 from worker.errors import Unavailable
-from worker.protocol import Append, Fields, Get, Turns
+from worker.protocol import Append, Fields, Get, ListConvos, Turns, decode_cursor
 from worker.store import Limits
 
 pytestmark = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
@@ -162,8 +162,8 @@ async def test_two_workers_in_a_share_group_keep_the_bound(
 
 
 async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
-    """Its shards answer `unavailable`, the others are served; once it is back, all are,
-    with what it stored before (AOF)."""
+    """Its shards answer `unavailable`, the others are served, and a listing is `unavailable`
+    (never a page silently short); once it is back, all are, with what it stored (AOF)."""
     cluster = RedisClusterServers(tmp_path).start()
     try:
         async with backend(cluster.url) as be:
@@ -189,6 +189,8 @@ async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
             failed = {n for n, r in zip(names, results, strict=True) if isinstance(r, Unavailable)}
             assert failed == on_stopped, took
             assert all(r.fields["seq"] == 2 for r in results if isinstance(r, Fields))
+            (listed,), _ = await be.execute([ListConvos()])
+            assert isinstance(listed, Unavailable)
             cluster.start_node(1)
             await asyncio.to_thread(cluster.wait_ok)
             while True:  # the client reconnects by itself; no new backend
@@ -200,6 +202,9 @@ async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
                 for n, r in zip(names, results, strict=True)
             }
             assert all(seqs[n] == (2 if n in on_stopped else 3) for n in names), seqs
+            (listed,), _ = await be.execute([ListConvos()])
+            assert isinstance(listed, Fields)
+            assert [e["convo"] for e in listed.fields["conversations"]] == sorted(names)
     finally:
         cluster.stop()
 
@@ -241,3 +246,20 @@ async def migrate(src: int, dst: int, slot: int) -> None:
             await cmd(s, "MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
         for r in (d, s):
             await cmd(r, "CLUSTER SETSLOT", slot, "NODE", dst_id)
+
+
+async def test_listing_spans_every_master_in_id_order(redis_cluster: RedisClusterServers) -> None:
+    """A listing merges all 16 shards (on three masters): every id once, in order, in pages."""
+    names = [f"c{i:03}" for i in range(150)]
+    async with backend(redis_cluster.url, max_conversations=10_000) as be:
+        await be.execute([Append(n, "u", "x") for n in names])
+        seen, after = [], ""
+        while True:
+            (result,), _ = await be.execute([ListConvos(limit=11, after=after, prefix="c0")])
+            assert isinstance(result, Fields)
+            assert len(result.fields["conversations"]) <= 11
+            seen += [e["convo"] for e in result.fields["conversations"]]
+            if result.fields["cursor"] is None:
+                break
+            after = decode_cursor(result.fields["cursor"])
+    assert seen == names[:100]

@@ -14,7 +14,7 @@ import pytest
 
 from tests import test_security
 from tests.clients import device
-from tests.conftest import reap, running, spawn_worker, unique
+from tests.conftest import reap, running, spawn_worker, unique, wait_serving
 from tests.processes import REPO, Mosquitto, wait_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -106,6 +106,11 @@ async def test_dashboard_follows_a_worker_live(
         await expect(turns.nth(1)).to_contain_text("what's the weather?")
         await expect(turns.nth(1)).to_contain_text("#2 · 5 tokens")
         await expect(page.locator("#inspector-status")).to_have_attribute("data-state", "ok")
+        # the list of the store both workers share, refreshed by itself
+        listed = page.locator('#convo-list li[data-convo="kiosk-7"]')
+        await expect(listed).to_contain_text("2 turns · 0 keys · 13 tokens")
+        await expect(listed).to_contain_text("summary up to #1")
+        await expect(page.locator("#convo-count")).to_have_text("1 live conversation")
         await shot(page, "1-live")
 
         own_broker.restart()
@@ -224,8 +229,8 @@ async def test_dashboard_asks_for_a_login(browser: Browser, tmp_path: Path, pass
 async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
     browser: Browser, secured: Mosquitto
 ) -> None:
-    """deploy/'s dashboard user logs in, sees the worker, and is told it may not inspect, nor
-    remove the worker once stopped."""
+    """deploy/'s dashboard user logs in, sees the worker, lists the live conversations, and is
+    told it may not read their turns, nor remove the worker once stopped."""
     cfg = test_security.worker_config(secured, stats_interval=0.3)
     async with running(cfg):
         assert secured.ws_port is not None
@@ -240,7 +245,7 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
         await expect(page.locator("#conn")).to_have_attribute("data-state", "connected")
         card = page.locator(f'.card[data-client-id="{cfg.client_id}"]')
         await expect(card).to_have_attribute("data-state", "online")
-        await expect(card.locator('[data-field="requests"]')).to_have_text("0")
+        await expect(page.locator("#convo-count")).to_have_text("0 live conversations")
         await page.fill("#inspector input[name=convo]", "kiosk-a")
         await page.click("#inspector button")
         status = page.locator("#inspector-status")
@@ -252,3 +257,39 @@ async def test_dashboard_user_of_deploy_watches_but_may_not_ask(
     await expect(card.locator(".retire .refused")).to_contain_text("may only watch")
     await expect(card).to_have_count(1)
     await shot(page, "8-deploy-remove-refused")
+
+
+async def test_dashboard_lists_live_conversations(browser: Browser, own_broker: Mosquitto) -> None:
+    """The inspector's list: live conversations, most recently used first, refreshing, filtered
+    by prefix, counted, and a click shows one's turns."""
+    prefix = unique("mem")
+    proc = spawn_worker(own_broker, "--prefix", prefix, "--client-id", unique("lister-"))
+    try:
+        wait_serving(proc)
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            for convo in ("kiosk-1", "kiosk-2"):
+                await d.request(convo, "append", {"role": "user", "content": f"hi from {convo}"})
+            page = await open_page(
+                browser, own_broker, f"?prefix={prefix}", viewport={"width": 1280, "height": 1400}
+            )
+            items = page.locator("#convo-list li")
+            await expect(items).to_have_count(2)
+            await expect(page.locator("#convo-count")).to_have_text("2 live conversations")
+            await d.request("hall-1", "append", {"role": "user", "content": "hello"})
+            await expect(items).to_have_count(3)  # the list refreshes by itself
+            await expect(items.first).to_have_attribute("data-convo", "hall-1")
+            await expect(items.first).to_contain_text("1 turn · 0 keys")
+            await page.fill("#convo-filter input[name=prefix]", "kiosk")
+            await expect(items).to_have_count(2)
+            await expect(page.locator("#convo-count")).to_contain_text(
+                '2 conversations starting with "kiosk"'
+            )
+            await page.click('#convo-list li[data-convo="kiosk-2"] button')
+            await expect(page.locator("#inspector-turns li")).to_have_count(1)
+            await expect(page.locator("#inspector-turns li")).to_contain_text("hi from kiosk-2")
+            await expect(page.locator("#inspector input[name=convo]")).to_have_value("kiosk-2")
+            await page.fill("#convo-filter input[name=prefix]", "")
+            await expect(items).to_have_count(3)
+            await shot(page, "6-conversations")
+    finally:
+        reap(proc)

@@ -13,10 +13,13 @@ from worker.protocol import (
     Fields,
     Get,
     Items,
+    ListConvos,
     Loaded,
     Router,
+    StateNamespaces,
     StateSave,
     Turns,
+    encode_cursor,
     encode_result,
     topic_name_problem,
     validate_prefix,
@@ -291,3 +294,51 @@ def test_schemas_name_every_code_and_reason() -> None:
     assert sorted(codes) == sorted(ERROR_CODES)
     reasons = schema("evicted.event")["properties"]["reason"]["enum"]
     assert sorted(reasons) == sorted(constants.REASONS)
+
+
+def test_list_is_a_worker_level_request() -> None:
+    """P/_conversations/list parses into ListConvos; other _conversations topics do not."""
+    p = parse("mem/_conversations/list", {"limit": 5, "prefix": "kiosk", "id": 3}, rt="r/1")
+    assert p.request == ListConvos(5, "", "kiosk")
+    assert (p.route, p.req_id, p.error) == ("r/1", 3, None)
+    assert parse("mem/_conversations/list").request == ListConvos(100, "", "")
+    after = parse("mem/_conversations/list", {"cursor": encode_cursor("kiosk-9")}).request
+    assert after == ListConvos(100, "kiosk-9", "")
+    for topic in ("mem/_conversations/get", "mem/_conversations/list/x", "mem/c/list"):
+        assert isinstance(parse(topic).error, BadTopic), topic
+    assert not R.not_for_us("mem/_conversations/list")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "5"},
+        {"limit": True},
+        {"cursor": 5},
+        {"cursor": ""},
+        {"cursor": "!!"},
+        {"cursor": encode_cursor("_reserved")},
+        {"cursor": encode_cursor("kiosk") + "="},
+        {"prefix": 5},
+        {"prefix": "a/b"},
+        {"prefix": "x" * 129},
+    ],
+)
+def test_bad_list_fields_are_bad_request(body: dict[str, Any]) -> None:
+    """A limit outside 1-1000, a cursor no reply gave, or an impossible prefix: bad_request."""
+    assert isinstance(parse("mem/_conversations/list", body).error, BadRequest)
+
+
+def test_state_namespaces_takes_no_fields() -> None:
+    """P/<convo>/state/namespaces is a request of its conversation."""
+    assert parse("mem/c/state/namespaces").request == StateNamespaces("c")
+    assert isinstance(parse("mem/_x/state/namespaces").error, BadTopic)
+
+
+def test_list_route_prefix_names_the_listing() -> None:
+    """With --route-prefix reply/{convo}, a listing's replies go under reply/_conversations."""
+    r = Router("mem", 1024, route_prefix="reply/{convo}")
+    assert r.parse("mem/_conversations/list", b"", "reply/_conversations/x").route is not None
+    assert r.parse("mem/_conversations/list", b"", "reply/kiosk").route is None

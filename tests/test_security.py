@@ -347,3 +347,34 @@ async def test_passwords_never_reach_mosquitto_ctrls_command_line(
     assert "secret" not in argv
     async with login(secured, "kiosk-ps", "second-secret"):
         pass
+
+
+async def test_the_dashboard_may_list_conversations_and_a_device_may_not(
+    secured: Mosquitto, secured_worker: Service
+) -> None:
+    """deploy/'s roles: the dashboard user lists live conversations; a device's listing is
+    refused by the broker and never reaches the worker."""
+    async with login(secured, "kiosk-a") as a, login(secured, "dashboard") as dash:
+        await a.subscribe("reply/kiosk-a/#", qos=1)
+        await ask(a, "kiosk-a", "append", {"role": "u", "content": "hi"}, "reply/kiosk-a/r")
+        assert refused(await dash.subscribe([("reply/kiosk-a/#", 1)]))
+        await dash.subscribe("reply/_conversations/dash", qos=1)
+        listed = await ask(dash, "_conversations", "list", {}, "reply/_conversations/dash")
+        assert "kiosk-a" in [e["convo"] for e in listed["conversations"]]
+        served = secured_worker.stats.requests
+        await a.publish(
+            "mem/_conversations/list",
+            b"",
+            qos=1,
+            properties=props(ResponseTopic="reply/kiosk-a/list"),
+        )
+        await a.publish(
+            "mem/_conversations/list",
+            b"",
+            qos=1,
+            properties=props(ResponseTopic="reply/_conversations/stolen"),
+        )
+        # a's own request goes after the refused ones; only it reached the worker
+        assert (await ask(a, "kiosk-a", "get", {}, "reply/kiosk-a/r"))["ok"] is True
+        assert secured_worker.stats.requests == served + 1
+        assert refused(await a.subscribe([("reply/_conversations/#", 1)]))

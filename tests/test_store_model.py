@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from worker.errors import Conflict, TooLarge
-from worker.protocol import Append, Delete, Eviction, Get, Summary
+from worker.protocol import Append, Delete, Eviction, Get, ListConvos, Summary, decode_cursor
 from worker.store import Limits, Store
 
 LIMITS = Limits(
@@ -202,6 +202,34 @@ class StoreMatchesModel(RuleBasedStateMachine):
             self.model.evict(name, "deleted")
         got = self.store.delete(Delete(name)).fields["deleted"]
         assert got == (len(cv.turns) if cv else 0)
+        self.check_evictions()
+
+    @rule(limit=st.integers(1, 4), prefix=st.sampled_from(["", "a", "c", "z"]))
+    def list_all(self, limit: int, prefix: str) -> None:
+        """A full listing: the live conversations in id order, each once, as they are; and
+        it is not a use (the model is not touched, so later evictions still agree)."""
+        live = {n: cv for n, cv in self.model.convos.items() if cv.deadline > self.now}
+        expected = [
+            (
+                n,
+                len(cv.turns),
+                cv.summary[1] if cv.summary else 0,
+                sum(cv.tokens[t[2]] for t in cv.turns) + (cv.summary[2] if cv.summary else 0),
+            )
+            for n, cv in sorted(live.items())
+            if n.startswith(prefix)
+        ]
+        got, after = [], ""
+        while True:
+            fields = self.store.list_convos(ListConvos(limit, after, prefix)).fields
+            assert len(fields["conversations"]) <= limit
+            got += [
+                (e["convo"], e["turns"], e["upto"], e["tokens"]) for e in fields["conversations"]
+            ]
+            if fields["cursor"] is None:
+                break
+            after = decode_cursor(fields["cursor"])
+        assert got == expected
         self.check_evictions()
 
     @rule(dt=st.sampled_from([0.0, 1.0, 4.0, 9.5, 10.0, 30.0]))

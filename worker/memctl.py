@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiomqtt
@@ -101,6 +101,12 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         "retire", help="clear a stopped worker's retained status and stats (pages drop it)"
     )
     r.add_argument("client_id", help="the worker's --client-id")
+    ls = sub.add_parser("list", help="print every live conversation, one line each, in id order")
+    # after `list`, --prefix filters ids (the topic prefix is the one before the command)
+    ls.add_argument("--prefix", dest="id_prefix", help="only ids that start with this")
+    ls.add_argument(
+        "--limit", type=int, default=c.DEFAULT_LIST_LIMIT, help="conversations per page (1-1000)"
+    )
     s = sub.add_parser("state", help="per-conversation state: save, load, get-all, delete")
     ssub = s.add_subparsers(dest="state_command", required=True)
     sv = ssub.add_parser("save", help="save a key; VALUE is JSON ('\"en\"', 3, true, [1])")
@@ -114,6 +120,7 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     ga = ssub.add_parser("get-all")
     ga.add_argument("convo")
     ga.add_argument("ns")
+    ssub.add_parser("namespaces", help="the namespaces holding live keys").add_argument("convo")
     return p
 
 
@@ -163,6 +170,8 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
         reply.update(found=value is not None, value=value)
     elif args.state_command == "get-all":
         reply["items"] = await memory.get_all(args.convo, args.ns)
+    elif args.state_command == "namespaces":
+        reply["namespaces"] = await memory.namespaces(args.convo)
     else:
         reply["deleted"] = await memory.delete(args.convo, args.ns, args.key)
     return reply
@@ -182,10 +191,14 @@ async def _summary(memory: MemoryClient, args: argparse.Namespace) -> dict[str, 
     return {"upto": done.upto, "dropped": done.dropped}
 
 
-async def ask(args: argparse.Namespace) -> int:
+async def _answer(
+    args: argparse.Namespace, lines: Callable[[MemoryClient], AsyncIterator[Any]]
+) -> int:
+    """Print each of the lines a command's requests answer; an error reply as the last."""
     async with _client(args) as memory:
         try:
-            emit(await _ask(memory, args))
+            async for line in lines(memory):
+                emit(line)
         except (NoReplyError, RefusedError):
             raise
         except MemoryWorkerError as exc:
@@ -197,6 +210,13 @@ async def ask(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def ask(args: argparse.Namespace) -> int:
+    async def reply(memory: MemoryClient) -> AsyncIterator[dict[str, Any]]:
+        yield await _ask(memory, args)
+
+    return await _answer(args, reply)
+
+
 async def watch(args: argparse.Namespace) -> int:
     seen = 0
     async with _client(args) as memory:
@@ -206,6 +226,13 @@ async def watch(args: argparse.Namespace) -> int:
             if args.count is not None and seen >= args.count:
                 break
     return EXIT_OK
+
+
+async def list_all(args: argparse.Namespace) -> int:
+    """Every live conversation, a JSON line each, all pages."""
+    return await _answer(
+        args, lambda memory: memory.conversations(args.id_prefix, page_size=args.limit)
+    )
 
 
 async def stats(args: argparse.Namespace) -> int:
@@ -303,7 +330,10 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
                 return "summary --save needs --upto (the newest seq it covers)"
             body = {"text": args.save, "upto": args.upto, "base": args.base or 0}
             check_request(args.convo, c.OP_SUMMARY, {**body, "tokens": args.tokens})
-        if args.command == "state":
+        if args.command == "list":
+            body = {"limit": args.limit, "prefix": args.id_prefix}
+            check_request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
+        if args.command == "state" and args.state_command != "namespaces":
             body = {"ns": args.ns, "key": getattr(args, "key", "k"), "value": 0}
             check_request(args.convo, c.OP_STATE_SAVE, body)
         if getattr(args, "state_command", None) == "save":
@@ -322,7 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"memctl: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    run = {"watch": watch, "stats": stats, "retire": retire}.get(args.command, ask)
+    run = {"watch": watch, "stats": stats, "retire": retire, "list": list_all}.get(
+        args.command, ask
+    )
     try:
         return asyncio.run(run(args))
     except NoReplyError as exc:

@@ -6,6 +6,7 @@ No I/O here. A message comes in as (topic, payload, response topic) and leaves a
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import json
@@ -148,7 +149,83 @@ class StateDelete:
     key: str
 
 
-Request = Append | Get | Delete | Summary | StateSave | StateLoad | StateGetAll | StateDelete
+@dataclass(slots=True)
+class StateNamespaces:
+    """The namespaces that hold live keys (a look from outside: not a use)."""
+
+    convo: str
+
+
+@dataclass(slots=True)
+class ListConvos:
+    """P/_conversations/list: up to `limit` live conversations in id order (UTF-8 byte
+    order) after the id `after` ("": from the start), those whose id starts with `prefix`.
+    A look from outside: it refreshes no TTL and moves nothing in the LRU order."""
+
+    limit: int = c.DEFAULT_LIST_LIMIT
+    after: str = ""
+    prefix: str = ""
+    convo: str = c.CONVERSATIONS_LEVEL  # what a --route-prefix's {convo} names
+
+
+Request = (
+    Append
+    | Get
+    | Delete
+    | Summary
+    | StateSave
+    | StateLoad
+    | StateGetAll
+    | StateDelete
+    | StateNamespaces
+    | ListConvos
+)
+
+
+def encode_cursor(after: str) -> str:
+    """The opaque `cursor` of a list reply whose last conversation scanned is `after`."""
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: Any) -> str:
+    """The conversation id a list reply's `cursor` resumes after; BadRequest if it is none."""
+    bad = BadRequest("'cursor' must be the cursor of a previous list reply")
+    if not isinstance(cursor, str) or not 0 < len(cursor) <= 4 * c.MAX_CONVO_BYTES:
+        raise bad
+    try:
+        after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        validate_convo(after)
+    except (ValueError, WorkerError):
+        raise bad from None
+    if encode_cursor(after) != cursor:
+        raise bad
+    return after
+
+
+def list_page(scanned: list[tuple[str, dict[str, Any] | None]], more: bool) -> Fields:
+    """A list reply from the conversations a page scanned, in id order (None: not live, as
+    one expired and not yet swept), and whether more may follow the last one."""
+    return Fields(
+        {
+            "conversations": [info for _, info in scanned if info is not None],
+            "cursor": encode_cursor(scanned[-1][0]) if more and scanned else None,
+        }
+    )
+
+
+def convo_info(
+    convo: str, turns: int, keys: int, last_used: float, ttl: float, upto: int, tokens: int
+) -> dict[str, Any]:
+    """One entry of a list reply (schemas/list.reply.json); `last_used` in Unix seconds."""
+    return {
+        "convo": convo,
+        "turns": turns,
+        "keys": keys,
+        "last_used": round(last_used, 3),
+        "expires_at": round(last_used + ttl, 3) if ttl else None,
+        "upto": upto,
+        "tokens": tokens,
+    }
 
 
 @dataclass(slots=True)
@@ -322,6 +399,10 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
             None if req_id is _MISSING else req_id,
             _int(body, "born", 0),
         )
+    if op == c.OP_LIST:
+        return _build_list(body)
+    if op == c.OP_STATE_NAMESPACES:
+        return StateNamespaces(convo)
     ns = _name(body, "ns")
     if op == c.OP_STATE_GET_ALL:
         return StateGetAll(convo, ns)
@@ -351,12 +432,34 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
     )
 
 
+def _build_list(body: dict[Any, Any]) -> ListConvos:
+    limit = _int(body, "limit", 1, c.MAX_LIST_LIMIT)
+    prefix = body.get("prefix")
+    if prefix is None:
+        prefix = ""
+    if (
+        not isinstance(prefix, str)
+        or len(prefix.encode("utf-8", "surrogatepass")) > c.MAX_CONVO_BYTES
+        or _BAD_CONVO_CHARS.search(prefix)
+    ):
+        raise BadRequest(
+            f"'prefix' must be a string of at most {c.MAX_CONVO_BYTES} UTF-8 bytes that can "
+            "begin a conversation id"
+        )
+    cursor = body.get("cursor")
+    after = "" if cursor is None else decode_cursor(cursor)
+    return ListConvos(c.DEFAULT_LIST_LIMIT if limit is None else limit, after, prefix)
+
+
 def check_request(convo: str, op: str, body: dict[Any, Any]) -> Request:
     """The request the worker would build from `body` on P/<convo>/<op>, or the WorkerError
     its reply would carry (for clients that refuse bad input before sending)."""
-    if op not in c.OPERATIONS:
+    if convo == c.CONVERSATIONS_LEVEL and op == c.OP_LIST:
+        pass
+    elif op not in c.OPERATIONS:
         raise BadTopic(f"unknown operation {op!r}")
-    validate_convo(convo)
+    else:
+        validate_convo(convo)
     req_id = _check_id(body["id"]) if "id" in body else _MISSING
     request = _build(op, convo, body, req_id)
     # A Python caller's str may hold lone surrogates, which no msgpack message can carry.
@@ -385,6 +488,7 @@ class Router:
         self._head = prefix + "/"
         self._skip = len(self._head)
         self._worker_level = c.WORKER_LEVEL + "/"
+        self._list_topic = f"{self._head}{c.CONVERSATIONS_LEVEL}/{c.OP_LIST}"
         self.split = functools.lru_cache(maxsize=_CACHE_SIZE)(self._split)
         self.not_for_us = functools.lru_cache(maxsize=_CACHE_SIZE)(self._not_for_us)
         self.route_problem = functools.lru_cache(maxsize=_CACHE_SIZE)(self._route_problem)
@@ -421,6 +525,8 @@ class Router:
         """(convo, op) of a request topic; BadTopic when the topic asks for nothing we serve."""
         if not topic.startswith(self._head):
             raise BadTopic("topic is not under the prefix")
+        if topic == self._list_topic:
+            return c.CONVERSATIONS_LEVEL, c.OP_LIST
         convo, sep, op = topic[self._skip :].partition("/")
         if not sep or op not in c.OPERATIONS:
             raise BadTopic(f"unknown operation {op!r}")

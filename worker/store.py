@@ -5,7 +5,8 @@ number of conversations, and a byte budget over stored role, content and state p
 measured memory overhead of each conversation, turn and key (Limits.*_cost). Every
 conversation lives in one OrderedDict kept in order of last use; since every conversation
 has the same TTL, that order is also the order of their deadlines, so both LRU eviction and
-expiry take from the front in O(1).
+expiry take from the front in O(1). A sorted index of their ids serves listing: a page
+costs O(log n + limit), whatever the number of conversations.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice, takewhile
 from typing import Any, Final
+
+from sortedcontainers import SortedList
 
 from worker import constants as c
 from worker.errors import BadRequest, Conflict, TooLarge, WorkerError
@@ -27,16 +31,20 @@ from worker.protocol import (
     Fields,
     Get,
     Items,
+    ListConvos,
     Loaded,
     Request,
     Result,
     StateDelete,
     StateGetAll,
     StateLoad,
+    StateNamespaces,
     StateSave,
     Summary,
     Trimmed,
     Turns,
+    convo_info,
+    list_page,
 )
 from worker.turns import (
     TURN_PARTS,
@@ -103,12 +111,14 @@ class Convo:
         "state",
         "summary",
         "turns",
+        "used",
     )
 
     def __init__(self) -> None:
         self.turns = b""
         self.count = 0
         self.seq = 0
+        self.used = 0.0  # monotonic time of the last use
         self.nbytes = 0  # its base cost, turns, state and summary
         self.sbytes = 0  # state and summary: what dropping turns cannot free
         self.nkeys = 0
@@ -213,6 +223,7 @@ class Store:
         self._clock = clock
         self._wall = wall
         self._convos: OrderedDict[str, Convo] = OrderedDict()
+        self._index: SortedList[str] = SortedList()  # the ids, sorted, for listing
         self._key_heap: list[tuple[float, str, str, str]] = []
         self.evictions: list[Event] = []  # and Trimmed events, with limits.trimmed_events
         self.dirty: set[str] | None = None
@@ -264,6 +275,10 @@ class Store:
                     return self.state_get_all(req)
                 case StateDelete():
                     return self.state_delete(req)
+                case StateNamespaces():
+                    return self.state_namespaces(req)
+                case ListConvos():
+                    return self.list_convos(req)
         except WorkerError as exc:
             return exc
         raise BadRequest(f"unknown request {type(req).__name__}")  # pragma: no cover
@@ -414,6 +429,45 @@ class Store:
         self._touch(req.convo, cv, now)
         return Fields({"deleted": found})
 
+    def state_namespaces(self, req: StateNamespaces) -> Fields:
+        now = self._clock()
+        cv = self._convos.get(req.convo)
+        names: list[str] = []
+        if cv is not None and cv.deadline > now and cv.state:
+            names = sorted(
+                ns for ns, keys in cv.state.items() if any(d > now for _, d in keys.values())
+            )
+        return Fields({"namespaces": names})
+
+    def list_convos(self, req: ListConvos) -> Fields:
+        """A page of live conversations in id order; see ListConvos. It scans at most
+        `limit` ids, skipping those expired but not yet swept (so a page may be short)."""
+        now, to_wall = self._clock(), self._wall() - self._clock()
+        prefix, ttl = req.prefix, self.limits.ttl
+        if req.after >= prefix:
+            ids = self._index.irange(req.after, inclusive=(not req.after, True))
+        else:
+            ids = self._index.irange(prefix)
+        names = list(islice(takewhile(lambda n: n.startswith(prefix), ids), req.limit + 1))
+        scanned: list[tuple[str, dict[str, Any] | None]] = []
+        for name in names[: req.limit]:
+            cv = self._convos[name]
+            info = None
+            if cv.deadline > now:
+                summary = cv.summary
+                tokens = sum(t for _, _, t in turn_marks(cv.turns))
+                info = convo_info(
+                    name,
+                    cv.count,
+                    cv.nkeys,
+                    cv.used + to_wall,
+                    ttl,
+                    summary[1] if summary else 0,
+                    tokens + (summary[2] if summary else 0),
+                )
+            scanned.append((name, info))
+        return list_page(scanned, len(names) > req.limit)
+
     # --- expiry -------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
@@ -457,16 +511,18 @@ class Store:
         turns: list[bytes],
         seq: int,
         state: dict[str, dict[str, tuple[bytes, float]]],
-        deadline: float,
+        used: float,
         ids: dict[Any, dict[str, Any]],
         summary: tuple[str, int, int] | None = None,
         born: int = 0,
     ) -> None:
-        """Put back a conversation read from storage (`turns` as `turn_list` gave them); call
-        in order of last use."""
+        """Put back a conversation read from storage (`turns` as `turn_list` gave them, `used`
+        the monotonic time of its last use); call in order of last use."""
         cv = Convo()
         kept = [repack_turn(t) for t in turns[-self.limits.max_turns :]]
-        cv.turns, cv.seq, cv.deadline = b"".join(kept), seq, deadline
+        cv.turns, cv.seq, cv.used = b"".join(kept), seq, used
+        if self.limits.ttl:
+            cv.deadline = used + self.limits.ttl
         cv.count = len(kept)
         cv.ids = ids or None
         cv.summary, cv.born = summary, born
@@ -485,6 +541,7 @@ class Store:
                     self._push_key_deadline(key_deadline, name, ns, key)
         cv.nbytes += cv.sbytes
         self._convos[name] = cv
+        self._index.add(name)
         self.turns += cv.count
         self.bytes += cv.nbytes
         self.keys += cv.nkeys
@@ -539,6 +596,7 @@ class Store:
 
     def _touch(self, name: str, cv: Convo, now: float) -> None:
         self._convos.move_to_end(name)
+        cv.used = now
         if self.limits.ttl:
             cv.deadline = now + self.limits.ttl
         if self.dirty is not None:  # the order of use matters for LRU with TTL off too
@@ -554,15 +612,18 @@ class Store:
             )
         cv = Convo()
         cv.nbytes = self._base(name)
+        cv.used = now
         # Unique, even for one started again within the same millisecond (or after the
         # clock stepped back): a summary of the old one must never apply to the new.
         cv.born = self._last_born = max(int(self._wall() * 1000), self._last_born + 1)
         self.bytes += cv.nbytes
         convos[name] = cv
+        self._index.add(name)
         return cv
 
     def _evict(self, name: str, cv: Convo, reason: str) -> None:
         del self._convos[name]
+        self._index.remove(name)
         self.turns -= cv.count
         self.bytes -= cv.nbytes
         self.keys -= cv.nkeys

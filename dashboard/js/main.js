@@ -9,6 +9,8 @@
   const { classify, decodePayload } = MW.decode;
   const { EvictionsView } = MW.evictions;
   const { Inspector } = MW.inspector;
+  const { ConversationsView } = MW.conversations;
+  const { Requests } = MW.requests;
   const { WorkersView } = MW.workers;
 
   const params = new URLSearchParams(location.search);
@@ -26,10 +28,12 @@
     onMessage,
     onState,
   });
-  const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), () => conn, prefix, params.get("reply"));
+  const requests = new Requests(() => conn, prefix, params.get("reply"));
+  const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), requests);
+  const conversations = new ConversationsView($("convo-filter"), $("convo-count"), $("convo-list"), requests, (convo) => inspector.show(convo));
 
   function onMessage(topic, payload, props) {
-    if (inspector.isReply(topic)) return inspector.reply(payload, props);
+    if (requests.isReply(topic)) return requests.reply(payload, props);
     const where = classify(topic, prefix);
     if (where?.kind === "status" && !payload.length) return workers.remove(where.clientId);
     if (!where || !payload.length) return;
@@ -64,6 +68,7 @@
     badge.dataset.state = state;
     badge.textContent = words;
     $("login").hidden = state !== "login";
+    if (state === "connected") conversations.refresh();
     if (state === "login") $("login-why").textContent = `${words[0].toUpperCase()}${words.slice(1)}.`;
   }
 

@@ -27,9 +27,17 @@ from redis.exceptions import NoScriptError
 from worker import constants as c
 from worker.backend_url import BackendUrl, parse_backend_url
 from worker.backends.base import Counts
-from worker.backends.redis import DEFAULT_TIMEOUT, SCRIPT, RedisBackend, _reply, _result
+from worker.backends.redis import (
+    DEFAULT_TIMEOUT,
+    SCRIPT,
+    RedisBackend,
+    _reply,
+    _result,
+    list_bounds,
+    merge_pages,
+)
 from worker.errors import ConfigError, Unavailable
-from worker.protocol import Event, Request, Result
+from worker.protocol import Event, ListConvos, Request, Result
 from worker.store import NO_DEADLINE, Limits
 
 log = logging.getLogger("memory_worker.cluster")
@@ -206,6 +214,8 @@ class ClusterBackend(RedisBackend):
             await self._initialize(deadline)
         groups: dict[int, tuple[list[list[Any]], list[int]]] = {}
         for i, req in enumerate(requests):
+            if isinstance(req, ListConvos):
+                continue
             calls, at = groups.setdefault(shard_of(req.convo, self.shards), ([], []))
             calls.append(self._call(req))
             at.append(i)
@@ -213,19 +223,35 @@ class ClusterBackend(RedisBackend):
         await asyncio.gather(
             *(self._run_shard(s, calls, out, at, deadline) for s, (calls, at) in groups.items())
         )
+        listed = {
+            i: await self._list(req)
+            for i, req in enumerate(requests)
+            if isinstance(req, ListConvos)
+        }
         now = self._wall()
         results: list[Result] = []
         evictions: list[Event] = []
         shard = {i: s for s, (_, at) in groups.items() for i in at}
+        ttl = self.limits.ttl
         for i, (req, reply) in enumerate(zip(requests, out, strict=True)):
+            if i in listed:
+                results.append(listed[i])
+                continue
             if reply is None:
                 results.append(Unavailable("storage unavailable: its redis cluster node"))
                 continue
             raw, evs = self._take_one(shard[i], reply, now, req.convo)
-            results.append(_result(req, raw))
+            results.append(_result(req, raw, ttl))
             evictions += evs
         self._total()
         return results, evictions
+
+    async def _list(self, req: ListConvos) -> Result:
+        """A listing page across every shard (so across all masters), merged in id order."""
+        pages, _ = await self._all("list", *list_bounds(req), req.limit)
+        if len(pages) < self.shards:
+            return Unavailable("storage unavailable: a redis cluster node does not answer")
+        return merge_pages(req, [(p[1], p[2] == b"1") for p in pages], self.limits.ttl)
 
     async def expire(self) -> tuple[bool, list[Event]]:
         replies, evictions = await self._all("expire", c.SWEEP_CHUNK)

@@ -7,7 +7,9 @@
 -- Returns {result, evictions, counts, trimmed}; evictions are {convo, reason, turns, keys};
 -- trimmed is {} or {summary upto, born, entry, ...}. A conversation's meta hash holds seq,
 -- nbytes, sbytes (state and summary: what dropping turns cannot free), nkeys, born (Unix ms
--- when it was started), and its summary as sum_text, sum_upto, sum_tokens, sum_size.
+-- when it was started), its summary as sum_text, sum_upto, sum_tokens, sum_size, and used
+-- (the time of its last use). The sorted set ix holds every conversation's id with score 0,
+-- for listing in id order (ZRANGEBYLEX).
 local K = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -51,6 +53,7 @@ local function evict(c, reason)
              K .. 'i:' .. c, K .. 'il:' .. c)
   redis.call('ZREM', K .. 'lru', c)
   redis.call('ZREM', K .. 'dl', c)
+  redis.call('ZREM', K .. 'ix', c)
   redis.call('DECRBY', K .. 'bytes', num(m[1]))
   redis.call('DECRBY', K .. 'turns', count)
   redis.call('DECRBY', K .. 'keys', num(m[2]))
@@ -68,6 +71,7 @@ end
 
 local function touch(c)
   redis.call('ZADD', K .. 'lru', redis.call('INCR', K .. 'tick'), c)
+  redis.call('HSET', meta(c), 'used', ARGV[2])
   if ttl > 0 then redis.call('ZADD', K .. 'dl', now + ttl, c) end
 end
 
@@ -82,6 +86,7 @@ local function create(c)
   redis.call('SET', K .. 'born', string.format('%.0f', born))
   redis.call('HSET', meta(c), 'seq', 0, 'nbytes', base, 'sbytes', 0, 'nkeys', 0,
              'born', string.format('%.0f', born))
+  redis.call('ZADD', K .. 'ix', 0, c)
   redis.call('INCRBY', K .. 'bytes', base)
 end
 
@@ -340,6 +345,47 @@ elseif op == 'state_delete' then
     touch(c)
   end
   result = {'ok', found and '1' or ''}
+elseif op == 'namespaces' then
+  -- a look from outside: expires nothing, touches nothing
+  local names, seen = {}, {}
+  local alive = redis.call('ZSCORE', K .. 'lru', c)
+  if alive and (ttl == 0 or num(redis.call('ZSCORE', K .. 'dl', c)) > now) then
+    local deadlines = {}
+    local all = redis.call('HGETALL', K .. 'sd:' .. c)
+    for i = 1, #all, 2 do deadlines[all[i]] = tonumber(all[i + 1]) end
+    for _, field in ipairs(redis.call('HKEYS', K .. 's:' .. c)) do
+      if (deadlines[field] or now + 1) > now then
+        local ns = string.sub(field, 3, 2 + struct.unpack('>I2', field))
+        if not seen[ns] then
+          seen[ns] = true
+          names[#names + 1] = ns
+        end
+      end
+    end
+  end
+  result = {'names', names}
+elseif op == 'list' then
+  -- ARGV[11], ARGV[12] the ZRANGEBYLEX bounds, ARGV[13] limit. Scans limit ids in id order;
+  -- returns {'list', rows, more} with a row {id} for one expired but not yet swept, else
+  -- {id, 1, turns, keys, used, summary upto, tokens}. A look from outside: touches nothing.
+  local limit = tonumber(ARGV[13])
+  local ids = redis.call('ZRANGEBYLEX', K .. 'ix', ARGV[11], ARGV[12], 'LIMIT', 0, limit + 1)
+  local rows = {}
+  for i = 1, math.min(limit, #ids) do
+    local id = ids[i]
+    local dl = num(redis.call('ZSCORE', K .. 'dl', id))
+    if ttl > 0 and dl <= now then
+      rows[i] = {id}
+    else
+      local m = redis.call('HMGET', meta(id), 'used', 'nkeys', 'sum_upto', 'sum_tokens')
+      local turns = redis.call('LRANGE', K .. 't:' .. id, 0, -1)
+      local tokens = num(m[4])
+      for _, e in ipairs(turns) do tokens = tokens + entry_tokens(e) end
+      local used = m[1] or (ttl > 0 and tostring(dl - ttl)) or '0'
+      rows[i] = {id, 1, #turns, num(m[2]), used, num(m[3]), tokens}
+    end
+  end
+  result = {'list', rows, #ids > limit and '1' or ''}
 elseif op == 'expire' then
   -- ARGV[11] limit
   local limit = tonumber(ARGV[11])
@@ -365,6 +411,18 @@ elseif op == 'expire' then
   result = {'more', done >= limit and '1' or '', first}
 end
 
+if op == 'counts' and redis.call('EXISTS', K .. 'ix') == 0 then
+  -- data stored before listing existed: index its conversations once
+  local ids = redis.call('ZRANGE', K .. 'lru', 0, -1)
+  for i = 1, #ids, 1000 do
+    local args = {}
+    for j = i, math.min(i + 999, #ids) do
+      args[#args + 1] = 0
+      args[#args + 1] = ids[j]
+    end
+    redis.call('ZADD', K .. 'ix', unpack(args))
+  end
+end
 if result == nil then result = {'ok', ''} end  -- 'counts': nothing but the counts
 local counts = redis.call('MGET', K .. 'turns', K .. 'bytes', K .. 'keys')
 return {result, ev, {redis.call('ZCARD', K .. 'lru'), num(counts[1]), num(counts[2]),

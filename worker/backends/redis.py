@@ -34,16 +34,20 @@ from worker.protocol import (
     Fields,
     Get,
     Items,
+    ListConvos,
     Loaded,
     Request,
     Result,
     StateDelete,
     StateGetAll,
     StateLoad,
+    StateNamespaces,
     StateSave,
     Summary,
     Trimmed,
     Turns,
+    convo_info,
+    list_page,
 )
 from worker.store import NO_DEADLINE, Limits, base_cost
 from worker.turns import content_size, redis_tokens, redis_turn, summary_size, turn_head
@@ -134,7 +138,7 @@ class RedisBackend(Backend):
             lim.max_bytes,
             lim.max_keys,
             lim.max_ids,
-            base_cost(lim, rest[0]) if op not in ("counts", "expire") else 0,
+            base_cost(lim, rest[0]) if op not in ("counts", "expire", "list") else 0,
             "1" if lim.trimmed_events else "",
             *rest,
         ]
@@ -181,6 +185,10 @@ class RedisBackend(Backend):
                 return self._args("get_all", req.convo, _field(req.ns))
             case StateDelete():
                 return self._args("state_delete", req.convo, _field(req.ns, req.key))
+            case StateNamespaces():
+                return self._args("namespaces", req.convo)
+            case ListConvos():
+                return self._args("list", *list_bounds(req), req.limit)
         raise WorkerError(f"unknown request {type(req).__name__}")  # pragma: no cover
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
@@ -211,7 +219,8 @@ class RedisBackend(Backend):
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
         raw, events = self._take(await self._run([self._call(r) for r in requests]), requests)
-        return [_result(req, r) for req, r in zip(requests, raw, strict=True)], events
+        ttl = self.limits.ttl
+        return [_result(req, r, ttl) for req, r in zip(requests, raw, strict=True)], events
 
     async def expire(self) -> tuple[bool, list[Event]]:
         raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
@@ -221,6 +230,38 @@ class RedisBackend(Backend):
     def next_expiry(self) -> float:
         # Exact for what this worker last saw; bounded, for deadlines other workers set.
         return min(self._next_deadline - self._clock(), c.REDIS_SWEEP_POLL)
+
+
+def list_bounds(req: ListConvos) -> tuple[bytes, bytes]:
+    """The ZRANGEBYLEX bounds of a listing page: after the cursor, within the prefix."""
+    after, prefix = req.after.encode(), req.prefix.encode()
+    start = b"(" + after if after and after >= prefix else b"[" + prefix
+    # no UTF-8 string has a byte 0xff: every id that starts with the prefix sorts below this
+    return start, b"(" + prefix + b"\xff" if prefix else b"+"
+
+
+def merge_pages(req: ListConvos, pages: list[tuple[list[Any], bool]], ttl: float) -> Fields:
+    """One listing page from the script's pages of every shard (rows in id order, and whether
+    the shard has more after them): every shard has been scanned up to the smallest last id
+    of those with more, so the page stops there, and at `limit` ids."""
+    ends = [rows[-1][0] for rows, more in pages if more]
+    cut = min(ends) if ends else None
+    rows = sorted(
+        (row for rows, _ in pages for row in rows if cut is None or row[0] <= cut),
+        key=lambda row: bytes(row[0]),
+    )
+    more = cut is not None or len(rows) > req.limit
+    scanned = [(row[0].decode(), _row_info(row, ttl)) for row in rows[: req.limit]]
+    return list_page(scanned, more)
+
+
+def _row_info(row: list[Any], ttl: float) -> dict[str, Any] | None:
+    if len(row) == 1:  # expired, not yet swept
+        return None
+    convo, _, turns, keys, used, upto, tokens = row
+    return convo_info(
+        convo.decode(), int(turns), int(keys), float(used), ttl, int(upto), int(tokens)
+    )
 
 
 def _id(op: bytes, req_id: Any) -> bytes:
@@ -242,8 +283,11 @@ def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], 
     return result, events, Counts(*(int(x) for x in counts))
 
 
-def _result(req: Request, raw: list[Any]) -> Result:
+def _result(req: Request, raw: list[Any], ttl: float) -> Result:
     kind, data = raw[0].decode(), raw[1]
+    if kind == "list":
+        assert isinstance(req, ListConvos)
+        return merge_pages(req, [(data, raw[2] == b"1")], ttl)
     if kind == "too_large":
         return TooLarge(data.decode())
     if kind == "conflict":
@@ -273,4 +317,6 @@ def _result(req: Request, raw: list[Any]) -> Result:
             return Items({data[i][skip:].decode(): data[i + 1] for i in range(0, len(data), 2)})
         case StateDelete():
             return Fields({"deleted": data == b"1"})
+        case StateNamespaces():
+            return Fields({"namespaces": sorted({n.decode() for n in data})})
     raise WorkerError(f"unknown request {type(req).__name__}")  # pragma: no cover

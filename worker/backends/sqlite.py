@@ -211,8 +211,6 @@ class SqliteBackend(MemoryBackend):
     def _restore(self, row: tuple[Any, ...]) -> None:
         name, seq, turns, state, ids, summary, born, used = row
         to_mono = self._clock() - self._wall()
-        ttl = self.store.limits.ttl
-        deadline = used + ttl + to_mono if ttl else NO_DEADLINE
         keys: dict[str, dict[str, tuple[bytes, float]]] = {}
         if state is not None:
             for ns, entries in msgpack.unpackb(state).items():
@@ -230,7 +228,7 @@ class SqliteBackend(MemoryBackend):
             turns=msgpack.unpackb(turns),
             seq=seq,
             state=keys,
-            deadline=deadline,
+            used=used + to_mono,
             ids=remembered,
             summary=tuple(msgpack.unpackb(summary)) if summary is not None else None,
             born=born,

@@ -11,7 +11,7 @@ worker's own store in this process (`memory://`) from a URL. See docs/client.md.
 One private module per concern: `_errors` (the exception tree, by wire code), `_models`
 (what calls return), `_api` (the methods every memory shares), `_mqtt` (`MemoryClient`),
 `_local` (`LocalMemory`), `_blocking` (`BlockingMemoryClient`); the URL factory is here.
-Framework adapters live beside them (`worker.client.langchain`).
+Framework adapters live beside them (`worker.client.langchain`, `worker.client.langgraph`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ from worker.client._errors import (
     error_for,
 )
 from worker.client._local import LocalMemory
-from worker.client._models import Appended, Context, Eviction, Summarized, Summary, Turn
+from worker.client._models import (
+    Appended,
+    Context,
+    ConversationInfo,
+    Eviction,
+    Summarized,
+    Summary,
+    Turn,
+)
 from worker.client._mqtt import (
     DEFAULT_ATTEMPTS,
     DEFAULT_TIMEOUT,
@@ -119,6 +127,7 @@ __all__ = [
     "BlockingMemoryClient",
     "ConflictError",
     "Context",
+    "ConversationInfo",
     "Eviction",
     "InternalError",
     "LocalMemory",

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from worker import constants as c
 from worker.client._errors import BadPayloadError, error_for
-from worker.client._models import Appended, Context, Eviction, Summarized, Turn
+from worker.client._models import (
+    Appended,
+    Context,
+    ConversationInfo,
+    Eviction,
+    Summarized,
+    Turn,
+)
 from worker.errors import WorkerError
 from worker.protocol import check_request
 
@@ -151,6 +158,33 @@ class _Api:
         body = {"ns": namespace, "key": key}
         deleted: bool = (await self._request(session_id, c.OP_STATE_DELETE, body))["deleted"]
         return deleted
+
+    # --- listing (issue 22) ---------------------------------------------------------------
+
+    async def conversations(
+        self, prefix: str | None = None, *, page_size: int = c.DEFAULT_LIST_LIMIT
+    ) -> AsyncGenerator[ConversationInfo, None]:
+        """Every live conversation (those whose id starts with `prefix`), in id order,
+        fetched `page_size` at a time as you iterate. Listing is not a use: it refreshes no
+        TTL. Like Redis SCAN, a conversation live throughout is returned at least once; one
+        created or removed meanwhile may or may not be."""
+        body: dict[str, Any] = {"limit": page_size}
+        if prefix:
+            body["prefix"] = prefix
+        while True:
+            reply = await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
+            for info in reply["conversations"]:
+                yield info
+            if reply["cursor"] is None:
+                return
+            body["cursor"] = reply["cursor"]
+
+    async def namespaces(self, session_id: str) -> list[str]:
+        """The state namespaces of a conversation that hold live keys (not a use)."""
+        names: list[str] = (await self._request(session_id, c.OP_STATE_NAMESPACES, {}))[
+            "namespaces"
+        ]
+        return names
 
 
 class _Fanout:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from worker.client._api import _Api
 from worker.client._local import LocalMemory
-from worker.client._models import Eviction
+from worker.client._models import ConversationInfo, Eviction
 from worker.client._mqtt import MemoryClient
 
 _T = TypeVar("_T")
@@ -95,6 +95,11 @@ class BlockingMemoryClient:
             self._thread.join()
             loop.close()
 
+    def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coro` (a call on `self.memory`) on the client's loop and wait for it, from
+        any thread but the client's own (as the methods below do)."""
+        return self._run(coro)
+
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Await `coro` (a call on `self.memory`) from any event loop: it runs on the
         client's own loop and connection, without blocking the caller's loop."""
@@ -118,18 +123,33 @@ class BlockingMemoryClient:
     load = _blocking(_Api.load)
     get_all = _blocking(_Api.get_all)
     delete = _blocking(_Api.delete)
+    namespaces = _blocking(_Api.namespaces)
     stats = _blocking(MemoryClient.stats)
 
     def evictions(self, convo_id: str | None = None) -> Iterator[Eviction]:
         """Eviction events as they come, until you stop iterating."""
-        events = self._memory.evictions(convo_id)
+        return self._iterate(lambda: self._memory.evictions(convo_id))
+
+    def conversations(
+        self, prefix: str | None = None, *, page_size: int = 100
+    ) -> Iterator[ConversationInfo]:
+        """See MemoryClient.conversations: an iterator, paging underneath."""
+        return self._iterate(lambda: self._memory.conversations(prefix, page_size=page_size))
+
+    def _iterate(self, make: Callable[[], AsyncGenerator[_T, None]]) -> Iterator[_T]:
+        """One of the async client's iterators, as a plain iterator run on the client's loop
+        (closed on the loop when you stop)."""
+        items = make()
         try:
             while True:
-                yield self._run(_next(events))
+                try:
+                    yield self._run(_next(items))
+                except StopAsyncIteration:
+                    return
         finally:
             if self._loop is not None:
-                self._run(events.aclose())
+                self._run(items.aclose())
 
 
-async def _next(events: AsyncIterator[Eviction]) -> Eviction:
-    return await anext(events)
+async def _next(items: AsyncIterator[_T]) -> _T:
+    return await anext(items)

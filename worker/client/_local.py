@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgpack
@@ -23,13 +23,16 @@ from worker.store import Limits
 class LocalMemory(_Api):
     """The worker's own store and protocol, in this process: the client's API without a
     broker (what `memory://` opens). Requests are checked, executed and answered by the
-    same code the worker runs, so answers and errors are the same."""
+    same code the worker runs, so answers and errors are the same. `clock` is the store's
+    monotonic clock, for TTL (tests pass a fake one)."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(
+        self, limits: Limits | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         from worker.backends.memory import MemoryBackend
 
         self.limits = limits or Limits()
-        self._backend = MemoryBackend(self.limits)
+        self._backend = MemoryBackend(self.limits, clock=clock)
         self._events = _Fanout()
         self._sweeper: asyncio.Task[None] | None = None
         self._started = time.monotonic()

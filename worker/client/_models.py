@@ -30,6 +30,18 @@ class Eviction(TypedDict):
     ts: float
 
 
+class ConversationInfo(TypedDict):
+    """One live conversation, as a listing returns it (docs/contract.md, Listing)."""
+
+    convo: str
+    turns: int
+    keys: int
+    last_used: float  # Unix seconds
+    expires_at: float | None  # Unix seconds; None without a TTL
+    upto: int  # its summary's upto, 0 without one
+    tokens: int  # its stored turns' tokens and its summary's
+
+
 @dataclass(frozen=True, slots=True)
 class Appended:
     """An append's reply: the turn's `seq` and how many turns the conversation holds."""

@@ -1,4 +1,5 @@
-"""LangChain chat history on memory-worker: `MqttChatMessageHistory`.
+"""LangChain on memory-worker: chat history (`MqttChatMessageHistory`) and the byte store
+(`MqttByteStore`).
 
 Needs the optional extra: `pip install memory-worker[langchain]`. The worker never imports
 this module.
@@ -16,8 +17,10 @@ conversation has a summary (memory-summarizer keeps one of what the window dropp
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 from langchain_core.chat_history import BaseChatMessageHistory
 from langchain_core.messages import (
@@ -27,8 +30,10 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
 )
+from langchain_core.stores import BaseStore
 
-from worker.client import BlockingMemoryClient, Context, Turn, open_blocking_memory
+from worker.client import BlockingMemoryClient, Context, Turn
+from worker.client._adapters import DEFAULT_URL, OnClient
 
 _ROLE_OF = {"human": "user", "ai": "assistant", "system": "system"}
 _MESSAGE_OF: dict[str, type[BaseMessage]] = {
@@ -58,7 +63,7 @@ def _content(message: BaseMessage) -> str:
     return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 
-class MqttChatMessageHistory(BaseChatMessageHistory):
+class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
     """A session's chat history kept by memory-worker (or any `open_memory` URL).
 
     Args:
@@ -73,23 +78,16 @@ class MqttChatMessageHistory(BaseChatMessageHistory):
     def __init__(
         self,
         session_id: str,
-        url: str = "mqtt://127.0.0.1:1883/mem",
+        url: str = DEFAULT_URL,
         *,
         client: BlockingMemoryClient | None = None,
         max_tokens: int | None = None,
         summary: bool = True,
     ) -> None:
+        super().__init__(url, client)
         self.session_id = session_id
         self.max_tokens = max_tokens
         self.summary = summary
-        self._owned = client is None
-        self.client = client if client is not None else open_blocking_memory(url)
-
-    def close(self) -> None:
-        """Close the connection the history opened for itself."""
-        if self._owned:
-            self.client.close()
-            self._owned = False
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
@@ -135,3 +133,77 @@ class MqttChatMessageHistory(BaseChatMessageHistory):
     async def aclear(self) -> None:
         """Forget the session, without blocking the caller's loop."""
         await self.client.run(self.client.memory.forget(self.session_id))
+
+
+class MqttByteStore(OnClient, BaseStore[str, bytes]):
+    """LangChain's byte store (`BaseStore[str, bytes]`) over one conversation's state
+    namespace: each key a state key, each value stored as msgpack bin.
+
+    Args:
+        session_id: the conversation that holds the keys (the contract's rules apply).
+        namespace: the state namespace (1-128 UTF-8 bytes).
+        url, client: as for MqttChatMessageHistory.
+
+    Keys are 1-128 UTF-8 bytes; the conversation's bounds apply (`--max-keys` keys, the
+    byte budget, its TTL: a store unused for `--ttl` seconds is evicted with its keys).
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        namespace: str,
+        url: str = DEFAULT_URL,
+        *,
+        client: BlockingMemoryClient | None = None,
+    ) -> None:
+        super().__init__(url, client)
+        self.session_id = session_id
+        self.namespace = namespace
+
+    def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Each key's value, or None."""
+        return [self.client.load(self.session_id, self.namespace, key) for key in keys]
+
+    def mset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
+        """Set each key to its value."""
+        for key, value in key_value_pairs:
+            self.client.save(self.session_id, self.namespace, key, bytes(value))
+
+    def mdelete(self, keys: Sequence[str]) -> None:
+        """Delete each key (a missing one is no error)."""
+        for key in keys:
+            self.client.delete(self.session_id, self.namespace, key)
+
+    def yield_keys(self, *, prefix: str | None = None) -> Iterator[str]:
+        """The live keys (those starting with `prefix`)."""
+        for key in self.client.get_all(self.session_id, self.namespace):
+            if prefix is None or key.startswith(prefix):
+                yield key
+
+    async def amget(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Each key's value, or None, asked at once."""
+        memory, sid, ns = self.client.memory, self.session_id, self.namespace
+        return await self.client.run(_gather(*(memory.load(sid, ns, key) for key in keys)))
+
+    async def amset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
+        """Set each key to its value, at once."""
+        memory, sid, ns = self.client.memory, self.session_id, self.namespace
+        await self.client.run(
+            _gather(*(memory.save(sid, ns, key, bytes(value)) for key, value in key_value_pairs))
+        )
+
+    async def amdelete(self, keys: Sequence[str]) -> None:
+        """Delete each key, at once."""
+        memory, sid, ns = self.client.memory, self.session_id, self.namespace
+        await self.client.run(_gather(*(memory.delete(sid, ns, key) for key in keys)))
+
+    async def ayield_keys(self, *, prefix: str | None = None) -> AsyncIterator[str]:
+        """The live keys (those starting with `prefix`)."""
+        items = await self.client.run(self.client.memory.get_all(self.session_id, self.namespace))
+        for key in items:
+            if prefix is None or key.startswith(prefix):
+                yield key
+
+
+async def _gather(*calls: Any) -> list[Any]:
+    return list(await asyncio.gather(*calls))

@@ -1,0 +1,67 @@
+"""Listing through the Python client and memctl: conversations() pages underneath, on
+mqtt:// (MQTT 5 and 3.1.1) and memory://, async and blocking."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests import test_client
+from tests.conftest import unique
+from tests.processes import Mosquitto
+from tests.test_cli import memctl
+from worker.client import Memory, open_blocking_memory
+from worker.service import Service
+
+memory = test_client.memory
+blocking_url = test_client.blocking_url
+
+
+async def test_conversations_pages_through_every_live_conversation(memory: Memory) -> None:
+    """conversations() yields every live conversation in id order, whatever the page size."""
+    stem = unique("L")
+    names = [f"{stem}-{i:02}" for i in range(12)]
+    for name in reversed(names):
+        await memory.append(name, "user", "hello")
+    await memory.save(names[3], "prefs", "lang", "en")
+    listed = [info async for info in memory.conversations(stem, page_size=5)]
+    assert [info["convo"] for info in listed] == names
+    assert (listed[3]["turns"], listed[3]["keys"], listed[3]["upto"]) == (1, 1, 0)
+    assert listed[0]["expires_at"] == listed[0]["last_used"] + 3600
+    assert [i["convo"] async for i in memory.conversations(f"{stem}-1")] == names[10:]
+    assert [i async for i in memory.conversations(unique("nobody"))] == []
+    assert await memory.namespaces(names[3]) == ["prefs"]
+    assert await memory.namespaces(names[4]) == []
+
+
+async def test_blocking_conversations_is_an_iterator(blocking_url: str) -> None:
+    """The blocking client's conversations() is a plain iterator over the same pages."""
+    stem = unique("B")
+
+    def use() -> tuple[list[str], list[str]]:
+        with open_blocking_memory(blocking_url) as m:
+            for i in range(7):
+                m.append(f"{stem}{i}", "user", "x")
+            m.save(f"{stem}0", "cart", "k", 1)
+            return [i["convo"] for i in m.conversations(stem, page_size=3)], m.namespaces(
+                f"{stem}0"
+            )
+
+    listed, namespaces = await asyncio.to_thread(use)
+    assert listed == [f"{stem}{i}" for i in range(7)]
+    assert namespaces == ["cart"]
+
+
+async def test_memctl_lists_every_page_and_namespaces(broker: Mosquitto, worker: Service) -> None:
+    """memctl list prints a JSON line per conversation, all pages; state namespaces too."""
+    prefix = worker.cfg.prefix
+    for name in ("b", "a", "c"):
+        assert (await memctl(broker, prefix, "append", name, "user", "hi"))[0] == 0
+    assert (await memctl(broker, prefix, "state", "save", "a", "prefs", "k", "1"))[0] == 0
+    code, lines = await memctl(broker, prefix, "list", "--limit", "2")
+    assert (code, [line["convo"] for line in lines]) == (0, ["a", "b", "c"])
+    code, lines = await memctl(broker, prefix, "list", "--prefix", "b")
+    assert (code, [line["convo"] for line in lines]) == (0, ["b"])
+    code, lines = await memctl(broker, prefix, "state", "namespaces", "a")
+    assert (code, lines) == (0, [{"ok": True, "namespaces": ["prefs"]}])
+    code, _ = await memctl(broker, prefix, "list", "--limit", "0")
+    assert code == 2

@@ -1,0 +1,53 @@
+"""Listing conversations and namespaces end to end: MQTT 5 and 3.1.1 devices, a share group."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.clients import Device, device
+from tests.processes import Mosquitto, redis_server
+from tests.test_scale import workers
+
+
+async def test_list_pages_and_namespaces(dev: Device) -> None:
+    """A device pages through P/_conversations/list and reads a conversation's namespaces."""
+    for name in ("kiosk-2", "kiosk-1", "box"):
+        await dev.request(name, "append", {"role": "user", "content": "hi"})
+    await dev.request("kiosk-1", "state/save", {"ns": "prefs", "key": "k", "value": 1})
+    first = await dev.request("_conversations", "list", {"limit": 2, "id": "p1"})
+    assert [e["convo"] for e in first["conversations"]] == ["box", "kiosk-1"]
+    assert first["id"] == "p1"
+    rest = await dev.request("_conversations", "list", {"limit": 2, "cursor": first["cursor"]})
+    assert ([e["convo"] for e in rest["conversations"]], rest["cursor"]) == (["kiosk-2"], None)
+    kiosks = await dev.request("_conversations", "list", {"prefix": "kiosk-"})
+    assert [(e["convo"], e["keys"]) for e in kiosks["conversations"]] == [
+        ("kiosk-1", 1),
+        ("kiosk-2", 0),
+    ]
+    assert await dev.request("kiosk-1", "state/namespaces") == {"ok": True, "namespaces": ["prefs"]}
+
+
+async def test_bad_list_requests_get_bad_request(dev: Device) -> None:
+    """A bad cursor, limit or prefix is bad_request; other _conversations topics bad_topic."""
+    for body in ({"cursor": "nope!"}, {"limit": 0}, {"prefix": "a/b"}):
+        reply = await dev.request("_conversations", "list", body)
+        assert reply["error"]["code"] == "bad_request", body
+    reply = await dev.request("_conversations", "get")
+    assert reply["error"]["code"] == "bad_topic"
+
+
+@pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
+async def test_one_worker_of_a_share_group_answers_a_listing(
+    broker: Mosquitto, redis_url: str
+) -> None:
+    """Two workers behind a shared subscription: one reply per listing, of the shared store."""
+    async with (
+        workers(broker, redis_url, 2) as ws,
+        device(broker.host, broker.port, ws[0].cfg.prefix) as d,
+    ):
+        for i in range(5):
+            await d.request(f"c{i}", "append", {"role": "user", "content": "x"})
+        for _ in range(4):
+            reply = await d.request("_conversations", "list")
+            assert [e["convo"] for e in reply["conversations"]] == [f"c{i}" for i in range(5)]
+        assert sum(w.stats.requests for w in ws) == 5 + 4  # each request served once
