@@ -61,7 +61,8 @@ class FakeModel:
         new = [line.split(": ", 1)[1] for line in ask[2].splitlines()]
         with self._changed:
             self.seen += new
-        text = " ".join([old, *new]).strip()
+        # an answer is at most max_tokens long (a word is a token here)
+        text = " ".join(" ".join([old, *new]).split()[: body.get("max_tokens") or None])
         answer = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",

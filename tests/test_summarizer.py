@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
+import msgpack
 import pytest
 
 from tests.clients import Device, device, watcher
@@ -94,9 +95,8 @@ async def test_trimmed_turns_are_folded_into_the_summary(
         reply = await d.request("kiosk", "get", {"max_tokens": 1000})
         assert [t["content"] for t in reply["turns"]] == ["t11", "t12"]
         assert reply["summary"]["upto"] == 10
-        assert model.seen == words(1, 10)
-        assert s.folds == 10
-        assert w.stats.summaries == 10
+        assert model.seen == words(1, 10)  # each turn asked once: several per call at times
+        assert 1 <= s.folds == w.stats.summaries <= 10
 
 
 async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
@@ -267,3 +267,48 @@ def test_the_command_line_refuses_bad_flags_in_one_line() -> None:
     )
     assert done.returncode == 2
     assert done.stderr == "memory-summarizer: error: --port must be 1-65535, got 0\n"
+
+
+async def test_events_out_of_order_are_folded_in_seq_order(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """Trimmed events that reach a summarizer out of seq order (two workers publishing, a
+    redelivery) are folded earliest first, each turn once."""
+    async with (
+        worker_factory(max_turns=10) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)),
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        await talk(d, "c", 1, 5)
+        turns = (await d.request("c", "get"))["turns"]
+        for seq in (3, 1, 2):
+            event = {"convo": "c", "turns": [turns[seq - 1]], "summary_upto": 0, "ts": 1.0}
+            await d.client.publish(f"{w.cfg.prefix}/c/trimmed", msgpack.packb(event), qos=1)
+        assert await summary_upto(d, replies, "c", 3) == words(1, 3)
+        assert model.seen == words(1, 3)
+
+
+async def test_a_summary_that_empties_the_window_still_gets_its_turns_folded(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """A device's summary so long that the conversation's byte budget trims every turn of the
+    window: those trimmed turns reach the model and a saved summary, not taken for a
+    conversation that is gone."""
+    limits = {"convo_cost": 0, "id_byte_cost": 0, "turn_cost": 0, "key_cost": 0}
+    async with (
+        worker_factory(
+            max_turns=5, max_bytes=1024, max_payload_bytes=1024, trimmed_events=True, **limits
+        ) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)) as s,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        await talk(d, "c", 1, 5)
+        await d.request("c", "state/save", {"ns": "n", "key": "k", "value": "v" * 590})
+        long = {"text": "w " * 213, "upto": 1, "base": 0}  # 426 bytes: no turn fits beside
+        assert (await d.request("c", "summary", long)) == {"ok": True, "upto": 1, "dropped": 1}
+        assert (await d.request("c", "get"))["turns"] == []
+        await summary_upto(d, replies, "c", 5)
+        assert model.seen == words(2, 5)
+        assert s.folds >= 1

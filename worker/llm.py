@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,16 +83,20 @@ class ChatModel:
         self.summary_tokens = summary_tokens
         self.timeout = timeout
 
-    async def fold(self, summary: str, turns: Sequence[dict[str, Any]]) -> Folded:
-        """The summary with `turns` folded in; ModelError when none came back."""
+    async def fold(
+        self, summary: str, turns: Sequence[dict[str, Any]], *, tokens: int | None = None
+    ) -> Folded:
+        """The summary with `turns` folded in, of about `tokens` (summary_tokens by
+        default); ModelError when none came back."""
+        want = tokens or self.summary_tokens
         body = {
             "model": self.model,
-            "messages": fold_messages(summary, turns, self.summary_tokens),
-            "max_tokens": self.summary_tokens,
+            "messages": fold_messages(summary, turns, want),
+            "max_tokens": want,
             "temperature": 0.2,
             "stream": False,
         }
-        return await asyncio.to_thread(self._post, json.dumps(body).encode())
+        return await _in_thread(self._post, json.dumps(body).encode())
 
     def _post(self, data: bytes) -> Folded:
         headers = {"Content-Type": "application/json"}
@@ -109,6 +114,34 @@ class ChatModel:
         return parse_completion(raw)
 
 
+async def _in_thread(post: Callable[[bytes], Folded], data: bytes) -> Folded:
+    """`post(data)` on a daemon thread of its own: a stop does not wait up to the model's
+    timeout for the call (asyncio.to_thread's executor is joined when the loop closes)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Folded] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = post(data)
+        except BaseException as exc:  # handed to the waiting coroutine
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
+    threading.Thread(target=run, name="model call", daemon=True).start()
+    return await done
+
+
+def _settle(done: asyncio.Future[Folded], result: Folded | None, exc: BaseException | None) -> None:
+    if done.done():  # cancelled meanwhile
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        assert result is not None
+        done.set_result(result)
+
+
 def parse_completion(raw: bytes) -> Folded:
     """The summary in a chat-completions answer; ModelError for anything else."""
     try:
@@ -118,6 +151,8 @@ def parse_completion(raw: bytes) -> Folded:
         raise ModelError(f"not a chat completion: {raw[:200]!r}") from None
     if not isinstance(text, str) or not text.strip():
         raise ModelError("the model answered an empty summary")
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        raise ModelError("the model answered text that is not valid UTF-8 (a lone surrogate)")
     usage = body.get("usage") if isinstance(body, dict) else None
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     return Folded(text.strip(), tokens if isinstance(tokens, int) and tokens >= 0 else None)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -68,7 +69,7 @@ log = logging.getLogger("memory_summarizer")
 DEFAULT_CLIENT_ID = "memory-summarizer"
 DEFAULT_GROUP = "summarizers"
 DEFAULT_CONCURRENCY = 2
-DEFAULT_GAP_WAIT = 60.0
+DEFAULT_GAP_WAIT = 600.0
 # Under each conversation's reply/<convo>/, where a worker run with --route-prefix
 # reply/{convo} (deploy/'s) may answer, and the summarizer role may read.
 DEFAULT_REPLY_PREFIX = "reply/{convo}/_summarizer"
@@ -76,6 +77,7 @@ ENV_PREFIX = "MEMORY_SUMMARIZER_"
 # Events handed to us and not yet acknowledged: the broker holds the rest.
 _RECEIVE_MAXIMUM = 1000
 _RETRY_FIRST = 0.5
+_SHORTEST_SUMMARY = 32  # tokens: below it, a summary that does not fit is given up
 DEFAULT_RETRY_MAX = 30.0
 _DRAIN_TIMEOUT = 10.0
 
@@ -216,6 +218,11 @@ class _Event:
     qos: int
     turns: list[dict[str, Any]]
     born: int | None = None  # the conversation they were trimmed from (a later one differs)
+    waiting_since: float = 0.0  # monotonic time it began to wait for earlier turns
+
+    @property
+    def first(self) -> int:
+        return int(self.turns[0]["seq"]) if self.turns else 0
 
     @property
     def last(self) -> int:
@@ -245,7 +252,8 @@ class Summarizer:
         self.folds = 0  # summaries saved
         self.acknowledged = 0  # events acknowledged
         self._progress = asyncio.Event()
-        self._queues: dict[str, list[_Event]] = {}
+        self._queues: dict[str, list[_Event]] = {}  # each in seq order
+        self._arrived: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._generation = 0
@@ -284,6 +292,11 @@ class Summarizer:
             tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
         )
         self._conn = conn
+        if cfg.session_expiry == 0:
+            log.warning(
+                "--session-expiry 0: trimmed turns published while this summarizer is away "
+                "are not kept for it"
+            )
         async with memory:
             self._memory = memory
             connection = asyncio.create_task(self._stay_connected(conn, stop), name="connection")
@@ -352,7 +365,10 @@ class Summarizer:
         if event is None:
             return
         convo, ev = event
-        self._queues.setdefault(convo, []).append(ev)
+        # In seq order: two workers (or a redelivery) can hand a conversation's events over
+        # out of order, and the earliest must be folded first.
+        bisect.insort(self._queues.setdefault(convo, []), ev, key=lambda e: e.first)
+        self._arrived.setdefault(convo, asyncio.Event()).set()
         if convo not in self._tasks:
             self._tasks[convo] = asyncio.create_task(self._drain(convo), name=f"fold {convo}")
 
@@ -361,20 +377,22 @@ class Summarizer:
         try:
             body = decode_event(msg.payload, None)
             turns = sorted(body["turns"], key=lambda t: t["seq"])
-            if not turns or not all(isinstance(t["seq"], int) for t in turns):
-                raise ValueError("no turns")
+            if not turns or not all(_is_turn(t) for t in turns):
+                raise ValueError("turns must be maps of role, content and an integer seq")
+            born = body.get("born")
+            if born is not None and (isinstance(born, bool) or not isinstance(born, int)):
+                raise ValueError("born must be an integer")
         except Exception as exc:  # nothing in it can ever be folded: do not hold it forever
             log.warning("dropping an unreadable trimmed event on %s: %s", msg.topic, exc)
             self._ack(_Event(self._generation, msg.mid, msg.qos, []))
             return None
-        born = body.get("born")
-        return convo, _Event(
-            self._generation, msg.mid, msg.qos, turns, born if isinstance(born, int) else None
-        )
+        return convo, _Event(self._generation, msg.mid, msg.qos, turns, born)
 
     def _ack(self, ev: _Event) -> None:
+        # An event of an earlier connection is not acknowledged on this one: the broker
+        # delivers it again, and its fold finds it covered.
         conn = self._conn
-        if ev.generation == self._generation and conn is not None and self.connected.is_set():
+        if ev.generation == self._generation and conn is not None:
             conn.acknowledge(ev.mid, ev.qos)
             self.acknowledged += 1
             self._progress.set()
@@ -386,29 +404,43 @@ class Summarizer:
             await self._progress.wait()
 
     async def _drain(self, convo: str) -> None:
-        """Fold a conversation's events one after the other, in the order they came."""
+        """Fold a conversation's events, earliest seq first, several at once when they follow
+        each other (one model call for a backlog)."""
         queue = self._queues[convo]
         retries = 0
         try:
             while queue:
+                batch = _batch(queue)
                 try:
-                    async with self._slots:
-                        await self._fold(convo, queue[0])
+                    done = await self._fold(convo, batch)
                 except Exception:  # a bug must not leave the event unacknowledged for good
                     log.exception("%s: folding failed", convo)
                     retries = await self._back_off(convo, retries, None)
                     continue
-                queue.pop(0)
+                if done:
+                    for ev in batch:
+                        queue.remove(ev)
         finally:
             del self._tasks[convo]
             if not queue:
                 del self._queues[convo]
+                self._arrived.pop(convo, None)
+                self._refusing.discard(convo)
 
-    async def _fold(self, convo: str, ev: _Event) -> None:
-        """Fold one event's turns into the summary and save it; acknowledge once saved (or
-        once nothing is left to fold). Retries, with backoff, until then."""
+    def _ack_all(self, events: list[_Event]) -> bool:
+        for ev in events:
+            self._ack(ev)
+        return True
+
+    async def _fold(self, convo: str, events: list[_Event]) -> bool:
+        """Fold the events' turns into the summary and save it; acknowledge them once saved
+        (or once nothing is left to fold): True. False when an earlier event of the
+        conversation is still to come (the caller picks the earliest again). Retries, with
+        backoff, until one of those."""
         assert self._memory is not None
-        memory, retries, gap_since = self._memory, 0, 0.0
+        memory, retries = self._memory, 0
+        first, last = events[0], events[-1].last
+        turns = _turns_of(events)
         while True:
             try:
                 ctx = await memory.context(convo, last=1)
@@ -417,64 +449,82 @@ class Summarizer:
                 continue
             summary = ctx.summary
             upto = summary["upto"] if summary else 0
-            newest = max([upto] + [t["seq"] for t in ctx.turns])
-            todo = [t for t in ev.turns if t["seq"] > upto]
-            if newest < ev.last or not todo:
-                if newest < ev.last:
-                    log.debug("%s is gone or started again: its trimmed turns are dropped", convo)
-                self._ack(ev)
-                return
-            if todo[0]["seq"] > upto + 1:
-                gap_since = gap_since or time.monotonic()
-                if time.monotonic() - gap_since < self.cfg.gap_wait:
-                    retries = await self._back_off(convo, retries, None)
-                    continue
-                log.warning(
-                    "%s: turns %d-%d were trimmed but never reached a summarizer; folding "
-                    "the turns after them",
-                    convo,
-                    upto + 1,
-                    todo[0]["seq"] - 1,
-                )
+            todo = [t for t in turns if t["seq"] > upto]
+            if not todo:
+                return self._ack_all(events)
+            # While it lives, a conversation with trimmed turns has a summary or turns, and
+            # its newest turn is newer than every turn it trimmed: otherwise it is gone, or
+            # was started again under the same id.
+            if (summary is None and not ctx.turns) or (ctx.turns and ctx.turns[-1]["seq"] <= last):
+                log.debug("%s is gone or started again: its trimmed turns are dropped", convo)
+                return self._ack_all(events)
+            if todo[0]["seq"] > upto + 1 and not self._gap_is_over(convo, first, upto):
+                await self._wait_arrival(convo)
+                return False
             try:
-                folded = await self.model.fold(summary["text"] if summary else "", todo)
+                async with self._slots:  # held only while the model works
+                    folded = await self.model.fold(summary["text"] if summary else "", todo)
+                await self._save(convo, folded, last, upto, first.born)
             except ModelError as exc:
                 retries = await self._back_off(convo, retries, f"the model failed: {exc}")
                 continue
-            try:
-                await self._save(convo, folded, ev, upto)
             except ConflictError as exc:
-                if exc.seq == 0 or (ev.born is not None and exc.born != ev.born):
+                if exc.seq == 0 or (first.born is not None and exc.born != first.born):
                     log.debug("%s is gone or started again: its trimmed turns are dropped", convo)
-                    self._ack(ev)
-                    return
+                    return self._ack_all(events)
                 continue  # the summary moved on: read it again, fold again
             except MemoryWorkerError as exc:
                 retries = await self._back_off(convo, retries, f"saving the summary: {exc}")
                 continue
             if convo in self._refusing:
                 self._refusing.discard(convo)
-                log.info("%s: folded again", convo)
+                log.info("%s: the summary is saved again (up to turn %d)", convo, last)
             self.folds += 1
-            self._ack(ev)
-            return
+            return self._ack_all(events)
 
-    async def _save(self, convo: str, folded: Folded, ev: _Event, base: int) -> None:
+    def _gap_is_over(self, convo: str, ev: _Event, upto: int) -> bool:
+        """Whether to fold past turns that never came, after --gap-wait of waiting for them."""
+        now = time.monotonic()
+        ev.waiting_since = ev.waiting_since or now
+        if now - ev.waiting_since < self.cfg.gap_wait:
+            return False
+        missing = f"turn {upto + 1}" if ev.first == upto + 2 else f"turns {upto + 1}-{ev.first - 1}"
+        log.warning(
+            "%s: %s did not reach this summarizer within --gap-wait (held in the session of "
+            "another member of the group that is away, or trimmed before any summarizer "
+            "subscribed); folding the turns after them",
+            convo,
+            missing,
+        )
+        return True
+
+    async def _wait_arrival(self, convo: str) -> None:
+        """Until another event of the conversation comes, or a short while (the event before
+        may be folded by another member of the group meanwhile)."""
+        arrived = self._arrived.setdefault(convo, asyncio.Event())
+        arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), min(self.cfg.retry_max, _RETRY_FIRST))
+
+    async def _save(
+        self, convo: str, folded: Folded, upto: int, base: int, born: int | None
+    ) -> None:
+        """Save the fold; one that does not fit --max-bytes is asked for again, shorter."""
         assert self._memory is not None
-        text = folded.text
+        text, tokens, ask = folded.text, folded.tokens, self.cfg.summary_tokens
         while True:
             try:
-                await self._memory.summarize(
-                    convo, text, ev.last, base, tokens=folded.tokens, born=ev.born
-                )
+                await self._memory.summarize(convo, text, upto, base, tokens=tokens, born=born)
                 return
             except TooLargeError:
-                if len(text) < 64:
+                if ask <= _SHORTEST_SUMMARY:
                     raise
-                # A model that ignored the length asked for: keep the start, which holds
-                # the oldest facts, rather than lose the fold.
-                text = text[: len(text) // 2]
-                log.warning("%s: the summary did not fit --max-bytes; saving half of it", convo)
+                ask //= 2
+                log.warning(
+                    "%s: the summary does not fit --max-bytes; asking for %d tokens", convo, ask
+                )
+            shorter = await self.model.fold(text, [], tokens=ask)
+            text, tokens = shorter.text, shorter.tokens
 
     async def _back_off(self, convo: str, retries: int, problem: str | None) -> int:
         if problem is not None:
@@ -486,6 +536,39 @@ class Summarizer:
         delay = min(self.cfg.retry_max, _RETRY_FIRST * 2**retries) * random.uniform(0.5, 1)
         await asyncio.sleep(delay)
         return min(retries + 1, 16)
+
+
+# Turns folded in one model call at most, when a backlog of events follows each other.
+_BATCH_TURNS = 32
+
+
+def _batch(queue: list[_Event]) -> list[_Event]:
+    """The first event and those that follow it without a gap (a redelivered copy too), of
+    the same conversation's life."""
+    batch = [queue[0]]
+    for ev in queue[1:]:
+        if ev.born != batch[0].born or ev.first > batch[-1].last + 1:
+            break
+        if sum(len(e.turns) for e in batch) + len(ev.turns) > _BATCH_TURNS:
+            break
+        batch.append(ev)
+    return batch
+
+
+def _turns_of(events: list[_Event]) -> list[dict[str, Any]]:
+    """The events' turns in seq order, each once."""
+    turns = {t["seq"]: t for ev in events for t in ev.turns}
+    return [turns[seq] for seq in sorted(turns)]
+
+
+def _is_turn(turn: Any) -> bool:
+    return (
+        isinstance(turn, dict)
+        and isinstance(turn.get("role"), str)
+        and isinstance(turn.get("content"), str)
+        and isinstance(turn.get("seq"), int)
+        and not isinstance(turn.get("seq"), bool)
+    )
 
 
 async def serve(cfg: SummarizerConfig) -> None:

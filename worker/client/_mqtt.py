@@ -33,6 +33,8 @@ DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_ATTEMPTS: Final = 3
 # memctl's stats waited this long for more retained snapshots after the first one.
 _STATS_QUIET: Final = 0.3
+# Writes retried after a timeout: an id of the client's makes a repeat the same request.
+_AT_MOST_ONCE: Final = (c.OP_APPEND, c.OP_STATE_SAVE, c.OP_SUMMARY)
 
 
 class _Lost(Exception):
@@ -258,7 +260,7 @@ class MemoryClient(_Api):
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
-        if "id" not in body and (op in (c.OP_APPEND, c.OP_STATE_SAVE) or self.protocol == 3):
+        if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
             body["id"] = f"{self.tag}-{next(self._n)}"
         _refuse(convo, op, body)
         inbox = f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
