@@ -9,6 +9,7 @@ import contextlib
 import logging
 import signal
 import subprocess
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -258,6 +259,8 @@ def test_the_command_line_refuses_bad_flags_in_one_line() -> None:
         (["--port", "x"], "--port: expected an integer"),
         (["--llm-url", "ftp://x"], "--llm-url must be an http"),
         (["--group", "a/b"], "--group must be a name"),
+        (["--log-level", "chatty"], "--log-level must be"),
+        (["--session-expiry", "-1"], "--session-expiry must be"),
         (["--nope"], "unrecognized arguments"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -312,3 +315,31 @@ async def test_a_summary_that_empties_the_window_still_gets_its_turns_folded(
         await summary_upto(d, replies, "c", 5)
         assert model.seen == words(2, 5)
         assert s.folds >= 1
+
+
+async def test_a_summarizer_started_before_its_broker_waits_for_it(
+    own_broker: Mosquitto, model: FakeModel
+) -> None:
+    """At boot the broker may come up after the summarizer: it says so once and waits,
+    rather than ending with a traceback."""
+    said = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying with backoff" in record.getMessage():
+                said.set()
+
+    handler = Seen(logging.WARNING)
+    logging.getLogger("memory_summarizer").addHandler(handler)
+    own_broker.stop()
+    s = Summarizer(_config(own_broker, "mem", model))
+    stop = asyncio.Event()
+    task = asyncio.create_task(s.run(stop))
+    try:
+        assert await asyncio.to_thread(said.wait, 10)
+        own_broker.start()
+        await asyncio.wait_for(s.connected.wait(), 15)
+    finally:
+        logging.getLogger("memory_summarizer").removeHandler(handler)
+        stop.set()
+        await asyncio.wait_for(task, 20)

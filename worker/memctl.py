@@ -90,7 +90,12 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     sm.add_argument("convo")
     sm.add_argument("--save", metavar="TEXT", help="the new summary's text")
     sm.add_argument("--upto", type=int, help="the newest seq it covers (those turns are removed)")
-    sm.add_argument("--base", type=int, default=None, help="the upto it replaces (default: now's)")
+    sm.add_argument(
+        "--base",
+        type=int,
+        default=None,
+        help="the upto of the summary it replaces (default: the current summary's, read first)",
+    )
     sm.add_argument("--tokens", type=int, help="its length in your model's tokens")
     d = sub.add_parser("delete", help="forget a conversation")
     d.add_argument("convo")
@@ -325,6 +330,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         if args.command == "append":
             body = {"role": args.role, "content": args.content}
             check_request(args.convo, c.OP_APPEND, {**body, "tokens": args.tokens})
+        if args.command == "summary" and args.save is None and args.upto is not None:
+            return "summary --upto saves a summary: give its text with --save TEXT"
         if args.command == "summary" and args.save is not None:
             if args.upto is None:
                 return "summary --save needs --upto (the newest seq it covers)"

@@ -80,6 +80,8 @@ _RETRY_FIRST = 0.5
 _SHORTEST_SUMMARY = 32  # tokens: below it, a summary that does not fit is given up
 DEFAULT_RETRY_MAX = 30.0
 _DRAIN_TIMEOUT = 10.0
+# A connection shorter than this does not reset the reconnect backoff.
+_STABLE_CONNECTION = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,12 @@ class SummarizerConfig:
             check_reply_prefix(self.reply_prefix, self.prefix)
         except MemoryWorkerError as exc:
             raise ConfigError(f"--reply-prefix: {exc.message}") from None
+        if not 0 <= self.session_expiry <= 0xFFFFFFFF:
+            raise ConfigError(f"--session-expiry must be 0-4294967295, got {self.session_expiry}")
+        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
+            raise ConfigError(
+                f"--log-level must be debug, info, warning or error, got {self.log_level}"
+            )
         if self.gap_wait < 0:
             raise ConfigError(f"--gap-wait must be 0 or more seconds, got {self.gap_wait}")
         if not self.llm_url.startswith(("http://", "https://")):
@@ -297,7 +305,9 @@ class Summarizer:
                 "--session-expiry 0: trimmed turns published while this summarizer is away "
                 "are not kept for it"
             )
-        async with memory:
+        async with contextlib.AsyncExitStack() as stack:
+            if not await self._open(stack, memory, stop):
+                return
             self._memory = memory
             connection = asyncio.create_task(self._stay_connected(conn, stop), name="connection")
             try:
@@ -315,8 +325,31 @@ class Summarizer:
                 await asyncio.gather(connection, return_exceptions=True)
                 self.systemd.close()
 
-    async def _stay_connected(self, conn: Connection, stop: asyncio.Event) -> None:
+    async def _open(
+        self, stack: contextlib.AsyncExitStack, memory: MemoryClient, stop: asyncio.Event
+    ) -> bool:
+        """Open the client that asks the worker, waiting for a broker that is not there yet
+        (at boot, say); False when stopped first."""
         attempt = 0
+        while not stop.is_set():
+            try:
+                await stack.enter_async_context(memory)
+                return True
+            except MemoryWorkerError as exc:
+                attempt += 1
+                delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
+                log.log(
+                    logging.WARNING if attempt == 1 else logging.DEBUG,
+                    "%s; retrying with backoff",
+                    exc,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        return False
+
+    async def _stay_connected(self, conn: Connection, stop: asyncio.Event) -> None:
+        attempt = short = 0  # short: connections in a row lost within _STABLE_CONNECTION
+        since = 0.0
         while not stop.is_set():
             self._generation += 1  # acknowledgements of an older connection are not sent
             try:
@@ -328,7 +361,7 @@ class Summarizer:
                             f"({refused}): on a secured broker this client needs the "
                             "summarizer role (deploy/add-user summarizer)"
                         )
-                    attempt = 0
+                    since = time.monotonic()
                     self.connected.set()
                     self.systemd.ready(f"folding {self.cfg.prefix}/+/trimmed")
                     log.info(
@@ -343,15 +376,31 @@ class Summarizer:
                     )
                     await conn.wait_disconnected()
             except aiomqtt.MqttError as exc:
+                lasted = time.monotonic() - since if since else None
+                since = 0.0
+                if lasted is not None:
+                    short = short + 1 if lasted < _STABLE_CONNECTION else 0
+                    attempt = short
                 attempt += 1
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
-                log.warning(
-                    "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
-                    self.cfg.host,
-                    self.cfg.port,
-                    exc,
-                    delay,
-                )
+                if conn.taken_over or short == 3:
+                    # Mosquitto 2.0 closes the older of two connections with one client id,
+                    # often without saying so: they take the session from each other.
+                    log.error(
+                        "the broker keeps closing this connection (%s): is another client "
+                        "using the client id %r? Give each memory-summarizer its own "
+                        "--client-id. Reconnecting with backoff",
+                        exc,
+                        self.cfg.client_id,
+                    )
+                else:
+                    log.warning(
+                        "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                        self.cfg.host,
+                        self.cfg.port,
+                        exc,
+                        delay,
+                    )
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
