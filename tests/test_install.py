@@ -146,8 +146,9 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @needs_root
 def test_the_layout(staged: Path) -> None:
     """The venv under --prefix runs, and settings, unit and broker snippet are in place."""
+    venv = staged / PREFIX[1:]
     version = subprocess.run(
-        [staged / PREFIX[1:] / "bin/memory-worker", "--version"],
+        [venv / "bin/python", venv / "bin/memory-worker", "--version"],
         capture_output=True,
         text=True,
         check=True,
@@ -163,6 +164,18 @@ def test_the_layout(staged: Path) -> None:
     conf = (staged / "etc/mosquitto/mosquitto.conf").read_text()
     assert conf.startswith(MOSQUITTO_CONF)
     assert conf.count("include_dir /etc/mosquitto/conf.d") == 1
+
+
+@needs_root
+def test_the_staged_tree_names_slash_not_the_staging_root(staged: Path) -> None:
+    """--root: no file of the staged tree names the staging root (scripts start with
+    #!PREFIX/bin/python), so the tree can be copied or packaged as /."""
+    script = staged / PREFIX[1:] / "bin/memory-worker"
+    assert script.read_text().splitlines()[0] == f"#!{PREFIX}/bin/python"
+    named = subprocess.run(
+        ["grep", "-rlF", str(staged), staged], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert [p for p in named if not p.endswith("install.out")] == []
 
 
 @needs_root
@@ -428,9 +441,36 @@ def test_a_secured_reinstall_without_the_admins_options_says_what_to_do(
     assert run(UNINSTALL, "--root", root, "--prefix", PREFIX).returncode == 0
     done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--secure")
     assert done.returncode == 1
-    last = done.stderr.splitlines()[-1]  # after pip's, which reinstalls the removed venv
-    assert last.startswith("deploy/install: error: /var/lib/mosquitto/dynamic-security.json")
-    assert "move /var/lib/mosquitto/dynamic-security.json away" in last
+    [line] = done.stderr.splitlines()
+    assert line.startswith("deploy/install: error: /var/lib/mosquitto/dynamic-security.json")
+    assert "move /var/lib/mosquitto/dynamic-security.json away" in line
+    # It stops before writing anything: the broker's snippets written by a stopped run would
+    # be "up to date" to the next one, which then would not restart the broker for them.
+    assert list((root / CONFD).iterdir()) == []
+    assert not (root / PREFIX[1:]).exists()
+
+
+@needs_root
+def test_add_user_fails_on_a_broker_without_the_plugin(tmp_path: Path) -> None:
+    """deploy/add-user against a broker that does not load the dynamic-security plugin (it
+    does not answer mosquitto_ctrl) fails, saying so, rather than reporting success."""
+    mosq = Mosquitto(tmp_path / "broker").start()
+    try:
+        subprocess.run(
+            [REPO / "deploy/init-security", "admin-secret"],
+            env={
+                "DYNSEC_FILE": str(tmp_path / "dynsec.json"),
+                "CTRL_DIR": str(tmp_path / "ctrl"),
+                "PATH": "/usr/bin:/bin",
+            },
+            capture_output=True,
+            check=True,
+        )
+        done = add_user(tmp_path / "ctrl", mosq.port, "memory-worker", "secret")
+    finally:
+        mosq.stop()
+    assert done.returncode == 1, done.stdout
+    assert "dynamic-security plugin is not loaded" in done.stderr
 
 
 @needs_root

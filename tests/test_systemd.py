@@ -73,6 +73,30 @@ async def test_ready_only_once_subscribed_and_a_request_right_after_is_served(
         reap(proc)
 
 
+async def test_the_status_counts_in_words(broker: Mosquitto, notify: NotifySocket) -> None:
+    """After one request to one conversation the status says "1 conversation, 1 request"."""
+    prefix = unique("mem")
+    proc = spawn_worker(
+        broker, "--prefix", prefix, NOTIFY_SOCKET=notify.name, WATCHDOG_USEC="400000"
+    )
+    try:
+        await asyncio.to_thread(notify.until, "READY=1")
+        async with device(broker.host, broker.port, prefix) as d:
+            reply = await d.request("c1", "append", {"role": "user", "content": "hi"})
+            assert reply["ok"] is True
+
+        def counted() -> str:
+            while True:
+                for line in notify.next():
+                    if line.startswith("STATUS=") and "1 conversation" in line:
+                        return line
+
+        status = await asyncio.to_thread(counted)
+        assert status.endswith(": 1 conversation, 1 request"), status
+    finally:
+        reap(proc)
+
+
 def test_watchdog_pings_at_half_the_interval(broker: Mosquitto, notify: NotifySocket) -> None:
     """With WATCHDOG_USEC the worker pings every half of it (counted over a window)."""
     proc = spawn_worker(

@@ -19,10 +19,11 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -44,6 +45,7 @@ PINNED = "aiomqtt 2.5, paho-mqtt 2.2"
 PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("aiomqtt.Client", "_client"),
     ("aiomqtt.Client", "_loop"),
+    ("aiomqtt.Client", "_connected"),
     ("aiomqtt.Client", "_disconnected"),
     ("aiomqtt.Client", "_misc_task"),
     ("aiomqtt.Client", "_misc_loop"),
@@ -70,6 +72,28 @@ _SESSION_TAKEN_OVER = 0x8E
 # discovery, probes); the hot path has the rest.
 _PAHO_INFLIGHT = 16
 _TLS_RECORDS = 64  # TLS records read per readable event, beyond the first
+_LOGIN_REFUSED = (0x86, 0x87)  # CONNACK: bad user name or password; not authorized
+_UNSPECIFIED = 0x80
+
+
+def _code(exc: Exception) -> int | None:
+    rc = getattr(exc, "rc", None)
+    return getattr(rc, "value", rc)
+
+
+def login_refused(exc: Exception) -> bool:
+    """Whether `exc` is the broker's CONNACK refusing our user name or password."""
+    return isinstance(exc, MqttConnectError) and _code(exc) in _LOGIN_REFUSED
+
+
+def closed_by_broker(exc: Exception) -> bool:
+    """Whether `exc` is paho's "Unspecified error" for a connection the broker closed
+    without a DISCONNECT packet (as Mosquitto does when it stops)."""
+    return (
+        isinstance(exc, aiomqtt.MqttCodeError)
+        and not isinstance(exc, MqttConnectError)
+        and _code(exc) == _UNSPECIFIED
+    )
 
 
 class PackedProperties:
@@ -421,6 +445,14 @@ class Connection(aiomqtt.Client):
 
     # --- the connection's life ---------------------------------------------------------------
 
+    async def __aenter__(self) -> Self:
+        # aiomqtt 2.5 renews `_connected` only after a disconnection it made itself. After one
+        # the broker made (a kick, a restart) the old CONNACK would stand for the next
+        # connection: a refusal would go unseen, and the refused connection's loss unawaited.
+        if self._connected.done():
+            self._connected = asyncio.Future()
+        return await super().__aenter__()
+
     def _on_connect(
         self,
         client: paho.Client,
@@ -525,4 +557,12 @@ class Connection(aiomqtt.Client):
         self._topic_callbacks.pop(topic, None)
 
 
-__all__ = ["NODELAY", "Connection", "Message", "PackedProperties", "refusal"]
+__all__ = [
+    "NODELAY",
+    "Connection",
+    "Message",
+    "PackedProperties",
+    "closed_by_broker",
+    "login_refused",
+    "refusal",
+]

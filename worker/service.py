@@ -36,7 +36,9 @@ from worker.mqtt import (
     Connection,
     Message,
     PackedProperties,
+    closed_by_broker,
     connect_properties,
+    login_refused,
     subscribe_options,
     will,
 )
@@ -75,6 +77,10 @@ _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 class Service:
     """Serves one broker connection (kept up, re-made on loss) for one backend.
 
@@ -104,6 +110,7 @@ class Service:
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
         self._loss_explained = False
+        self._refusal: str | None = None  # why the broker refuses our login, once logged
         self._event_props = PackedProperties(content_type(cfg.event_format))
         self._sweep_kick = asyncio.Event()
         self._sweep_due = 0.0
@@ -192,6 +199,7 @@ class Service:
                 async with client:
                     since = time.monotonic()
                     attempt = short_streak
+                    self._refusal = None
                     await self._on_connected(client)
                     await client.wait_disconnected()
             except Exception as exc:  # MqttError mostly; paho can also surface an OSError
@@ -207,6 +215,8 @@ class Service:
                 self._loss_explained = client.taken_over
                 if client.taken_over:
                     self._taken_over(delay)
+                elif login_refused(exc):
+                    self._refused(exc, delay)
                 else:
                     # Once a takeover was seen, each short connection is that fight again.
                     log.log(
@@ -214,13 +224,30 @@ class Service:
                         "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
                         self.cfg.host,
                         self.cfg.port,
-                        exc,
+                        "the broker closed the connection" if closed_by_broker(exc) else exc,
                         delay,
                     )
                 self.systemd.status(self._systemd_status())
                 await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
+
+    def _refused(self, exc: Exception, delay: float) -> None:
+        if self._refusal is not None:  # once: it goes on until the broker's users change
+            log.debug("refused again (%s); retrying in %.1fs", exc, delay)
+            return
+        self._refusal = str(exc)
+        log.error(
+            "broker %s:%d refused the worker's login (%s): check MEMORY_WORKER_USERNAME (%s) "
+            "and MEMORY_WORKER_PASSWORD, and that the broker has that user and lets it in "
+            "(with deploy/install --secure: sudo deploy/install --secure adds it again). "
+            "Retrying with backoff (next in %.1fs)",
+            self.cfg.host,
+            self.cfg.port,
+            exc,
+            self.cfg.username,
+            delay,
+        )
 
     def _taken_over(self, delay: float | None = None) -> None:
         self.stats.taken_over += 1
@@ -331,11 +358,13 @@ class Service:
     def _systemd_status(self) -> str:
         broker = f"{self.cfg.host}:{self.cfg.port}"
         if not self.connected.is_set():
+            if self._refusal is not None:
+                return f"refused by the broker at {broker} ({self._refusal}): see the log"
             return f"waiting for the broker at {broker}"
         return (
             f"serving {self.cfg.prefix}/# on {broker} as {self.cfg.client_id}: "
-            f"{self.backend.counts().conversations} conversations, "
-            f"{self.stats.requests} requests"
+            f"{_plural(self.backend.counts().conversations, 'conversation')}, "
+            f"{_plural(self.stats.requests, 'request')}"
         )
 
     async def _check_broker(self, client: Connection) -> None:

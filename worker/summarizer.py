@@ -414,6 +414,7 @@ class Summarizer:
         if event is None:
             return
         convo, ev = event
+        log.debug("%s: trimmed turns %d-%d to fold", convo, ev.first, ev.last)
         # In seq order: two workers (or a redelivery) can hand a conversation's events over
         # out of order, and the earliest must be folded first.
         bisect.insort(self._queues.setdefault(convo, []), ev, key=lambda e: e.first)
@@ -508,6 +509,7 @@ class Summarizer:
                 log.debug("%s is gone or started again: its trimmed turns are dropped", convo)
                 return self._ack_all(events)
             if todo[0]["seq"] > upto + 1 and not self._gap_is_over(convo, first, upto):
+                log.debug("%s: waiting for the turns before %d", convo, todo[0]["seq"])
                 await self._wait_arrival(convo)
                 return False
             try:
