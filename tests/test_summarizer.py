@@ -126,15 +126,18 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
     assert failures[0].levelno == logging.WARNING
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["share-group", "each-every-event"])
 async def test_two_summarizers_racing_on_one_conversation(
-    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel, shared: bool
 ) -> None:
-    """Two members of one share group get alternate events of the same conversation; compare-
-    and-set and the seq order make every turn land in the summary exactly once."""
+    """Two members of one share group get alternate events of the same conversation (without
+    a group, both get every event); compare-and-set and the seq order make every turn land in
+    the summary exactly once."""
+    group = unique("g") if shared else None
     async with (
         worker_factory(max_turns=2, trimmed_events=True) as w,
-        summarizing(_config(broker, w.cfg.prefix, model)) as a,
-        summarizing(_config(broker, w.cfg.prefix, model)) as b,
+        summarizing(_config(broker, w.cfg.prefix, model, group=group)) as a,
+        summarizing(_config(broker, w.cfg.prefix, model, group=group)) as b,
         device(broker.host, broker.port, w.cfg.prefix) as d,
         watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):
@@ -218,7 +221,7 @@ async def test_a_broker_restart_loses_no_trimmed_turn(
         b.restart(signal.SIGTERM)
         model.set_mode("ok")
         await asyncio.wait_for(w.wait_connections(2), 15)
-        await asyncio.wait_for(s.connected.wait(), 15)
+        await asyncio.wait_for(s.wait_connections(2), 15)
         async with (
             device(b.host, b.port, w.cfg.prefix) as d,
             watcher(b.host, b.port, "reply/+/_summarizer/#") as replies,

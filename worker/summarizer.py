@@ -2,7 +2,7 @@
 any OpenAI-compatible model server, losing none.
 
 One flow: the worker publishes each turn that leaves a window on P/<convo>/trimmed (with
---trimmed-events) -> the broker hands it to one summarizer of the share group, kept in its
+--trimmed-events) -> the broker hands it to this summarizer (to one of a --group), kept in its
 persistent session until acknowledged -> `_on_message` queues it behind that conversation's
 earlier events -> `_fold` reads the summary (`get`), asks the model for the new one (the old
 summary plus the trimmed turns it does not cover yet), saves it with compare-and-set
@@ -67,7 +67,10 @@ from worker.systemd import Notifier, configure_logging
 log = logging.getLogger("memory_summarizer")
 
 DEFAULT_CLIENT_ID = "memory-summarizer"
-DEFAULT_GROUP = "summarizers"
+# None: a plain subscription. Mosquitto 2.0 restores a persistent session's shared
+# subscription after a restart without delivering to it until the client subscribes again:
+# events published in between are dropped (measured with 2.0.11); a plain one keeps them.
+DEFAULT_GROUP: str | None = None
 DEFAULT_CONCURRENCY = 2
 DEFAULT_GAP_WAIT = 600.0
 # Under each conversation's reply/<convo>/, where a worker run with --route-prefix
@@ -92,7 +95,7 @@ class SummarizerConfig:
     port: int = c.DEFAULT_PORT
     prefix: str = c.DEFAULT_PREFIX
     client_id: str = DEFAULT_CLIENT_ID
-    group: str = DEFAULT_GROUP
+    group: str | None = DEFAULT_GROUP
     reply_prefix: str = DEFAULT_REPLY_PREFIX
     username: str | None = None
     password: str | None = None
@@ -118,7 +121,7 @@ class SummarizerConfig:
             validate_prefix(self.prefix)
         except ValueError as exc:
             raise ConfigError(f"--prefix {self.prefix!r}: {exc}") from None
-        for name, value in (("client-id", self.client_id), ("group", self.group)):
+        for name, value in (("client-id", self.client_id), ("group", self.group or "g")):
             if not value or any(ch in value for ch in "/+#"):
                 raise ConfigError(f"--{name} must be a name without / + #, got {value!r}")
         for name, number in (
@@ -156,7 +159,12 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], str], ...] = (
     ("port", int, "broker port"),
     ("prefix", str, "the worker's topic prefix P"),
     ("client-id", str, "MQTT client id: give each instance its own, stable across restarts"),
-    ("group", str, "share group: summarizers of one group split the trimmed events"),
+    (
+        "group",
+        str,
+        "share group: summarizers of one group split the trimmed events (without one, each "
+        "gets every event; see docs/context.md)",
+    ),
     ("reply-prefix", str, "where the worker's replies to it go; {convo}: the conversation id"),
     ("username", str, "broker username"),
     ("password", str, "broker password (prefer the environment variable)"),
@@ -255,11 +263,14 @@ class Summarizer:
             timeout=cfg.llm_timeout,
         )
         self.head = f"{cfg.prefix}/"
-        self.topic_filter = f"$share/{cfg.group}/{cfg.prefix}/+/{c.TRIMMED}"
+        topic = f"{cfg.prefix}/+/{c.TRIMMED}"
+        self.topic_filter = f"$share/{cfg.group}/{topic}" if cfg.group else topic
         self.connected = asyncio.Event()
         self.folds = 0  # summaries saved
         self.acknowledged = 0  # events acknowledged
         self._progress = asyncio.Event()
+        self.connections = 0  # connections made (and subscribed) in all
+        self._connection_made = asyncio.Event()
         self._queues: dict[str, list[_Event]] = {}  # each in seq order
         self._arrived: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -363,14 +374,15 @@ class Summarizer:
                         )
                     since = time.monotonic()
                     self.connected.set()
+                    self.connections += 1
+                    self._connection_made.set()
                     self.systemd.ready(f"folding {self.cfg.prefix}/+/trimmed")
                     log.info(
-                        "folding %s/+/trimmed from %s:%d as %s (group %s) with %s at %s",
-                        self.cfg.prefix,
+                        "folding %s from %s:%d as %s with %s at %s",
+                        self.topic_filter,
                         self.cfg.host,
                         self.cfg.port,
                         self.cfg.client_id,
-                        self.cfg.group,
                         self.cfg.model,
                         self.cfg.llm_url,
                     )
@@ -447,6 +459,12 @@ class Summarizer:
             self.acknowledged += 1
             self._progress.set()
 
+    async def wait_connections(self, n: int) -> None:
+        """Return once the summarizer has connected (and subscribed) `n` times in all."""
+        while self.connections < n:
+            self._connection_made.clear()
+            await self._connection_made.wait()
+
     async def wait_acknowledged(self, n: int) -> None:
         """Return once `n` events have been acknowledged in all."""
         while self.acknowledged < n:
@@ -515,6 +533,7 @@ class Summarizer:
             try:
                 async with self._slots:  # held only while the model works
                     folded = await self.model.fold(summary["text"] if summary else "", todo)
+                log.debug("%s: saving the fold of turns %d-%d", convo, todo[0]["seq"], last)
                 await self._save(convo, folded, last, upto, first.born)
             except ModelError as exc:
                 retries = await self._back_off(convo, retries, f"the model failed: {exc}")
