@@ -511,3 +511,31 @@ async def test_the_broker_roles_follow_the_configured_prefix(staged: Path, tmp_p
             body = {"role": "u", "content": "x"}
             reply = await ask(a, "kiosk-a", "append", body, "reply/kiosk-a/r", prefix="home/mem")
             assert reply["ok"] is True
+
+
+@needs_root
+def test_the_summarizer_is_installed_beside_the_worker(staged: Path, tmp_path: Path) -> None:
+    """--summarizer URL: its unit (which verifies), its settings with the model server and,
+    with --secure, its own broker user; the worker's trimmed events on; a later run without
+    the flag keeps it, and adds nothing twice."""
+    root = restage(staged, tmp_path / "root")
+    url = "http://127.0.0.1:11434/v1"
+    for args in (["--summarizer", url], []):
+        done = run(INSTALL, "--root", root, "--prefix", PREFIX, "--secure", *args)
+        assert done.returncode == 0, done.stderr
+    unit = (root / "etc/systemd/system/memory-summarizer.service").read_text()
+    assert f"ExecStart={PREFIX}/bin/memory-summarizer\n" in unit
+    settings = (root / "etc/memory-worker/memory-summarizer.env").read_text()
+    assert f"MEMORY_SUMMARIZER_LLM_URL={url}\n" in settings
+    assert settings.count("MEMORY_SUMMARIZER_USERNAME=summarizer\n") == 1
+    assert "MEMORY_SUMMARIZER_PASSWORD=" in settings
+    worker = (root / "etc/memory-worker/memory-worker.env").read_text()
+    assert worker.count("MEMORY_WORKER_TRIMMED_EVENTS=1\n") == 1
+    venv = root / PREFIX[1:]
+    helped = run(venv / "bin/python", venv / "bin/memory-summarizer", "--help")
+    assert helped.returncode == 0, helped.stderr
+    if shutil.which("systemd-analyze") is not None:
+        copy = tmp_path / "memory-summarizer.service"
+        copy.write_text(unit.replace(f"ExecStart={PREFIX}", f"ExecStart={root}{PREFIX}"))
+        verified = run("systemd-analyze", "verify", copy)
+        assert verified.returncode == 0, verified.stderr
