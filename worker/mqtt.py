@@ -31,6 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker import packets
+from worker.constants import KEEPALIVE
 from worker.packets import PUBACK, PUBLISH, Incoming
 
 Message = Incoming
@@ -139,6 +140,38 @@ def refusal(reason_codes: Sequence[Any]) -> str | None:
         if getattr(code, "is_failure", False):
             return str(code)
     return None
+
+
+def persistent(
+    on_message: OnMessage,
+    *,
+    host: str,
+    port: int,
+    client_id: str,
+    username: str | None,
+    password: str | None,
+    session_expiry: int,
+    receive_maximum: int,
+    tls: ssl.SSLContext | None,
+    last_will: aiomqtt.Will | None = None,
+) -> Connection:
+    """A Connection that keeps its MQTT 5 session (and the messages the broker queues for it)
+    across reconnections, as the worker and memory-summarizer both need."""
+    return Connection(
+        on_message,
+        hostname=host,
+        port=port,
+        identifier=client_id,
+        username=username,
+        password=password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=connect_properties(session_expiry, receive_maximum),
+        will=last_will,
+        keepalive=KEEPALIVE,
+        socket_options=[NODELAY],
+        tls_context=tls,
+    )
 
 
 def subscribe_options(*, no_local: bool) -> SubscribeOptions:

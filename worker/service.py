@@ -32,13 +32,12 @@ from worker.backends.base import Backend
 from worker.config import Config, tls_context
 from worker.errors import WorkerError
 from worker.mqtt import (
-    NODELAY,
     Connection,
     Message,
     PackedProperties,
     closed_by_broker,
-    connect_properties,
     login_refused,
+    persistent,
     subscribe_options,
     will,
 )
@@ -170,20 +169,19 @@ class Service:
 
     def _make_client(self) -> Connection:
         cfg = self.cfg
-        return Connection(
+        return persistent(
             self._on_message,
-            hostname=cfg.host,
+            host=cfg.host,
             port=cfg.port,
-            identifier=cfg.client_id,
+            client_id=cfg.client_id,
             username=cfg.username,
             password=cfg.password,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=connect_properties(cfg.session_expiry_seconds, min(cfg.max_inflight, 65535)),
-            will=will(self.status_topic, self._status("offline"), content_type(cfg.event_format)),
-            keepalive=c.KEEPALIVE,
-            socket_options=[NODELAY],
-            tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
+            session_expiry=cfg.session_expiry_seconds,
+            receive_maximum=min(cfg.max_inflight, 65535),
+            tls=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
+            last_will=will(
+                self.status_topic, self._status("offline"), content_type(cfg.event_format)
+            ),
         )
 
     async def _stay_connected(self, client: Connection, stop: asyncio.Event) -> None:

@@ -288,8 +288,8 @@ class Store:
         name = req.convo
         cv = self._live(name, now)
         key = (c.OP_APPEND, req.id)
-        if cv is not None and req.id is not None and cv.ids and key in cv.ids:
-            return self._done(name, cv, now, None, cv.ids[key])
+        if (repeat := self._repeated(name, cv, now, key)) is not None:
+            return repeat
         lim = self.limits
         size = content_size(req.role, req.content) + lim.turn_cost
         if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
@@ -324,8 +324,8 @@ class Store:
         name = req.convo
         cv = self._live(name, now)
         key = (c.OP_SUMMARY, req.id)
-        if cv is not None and req.id is not None and cv.ids and key in cv.ids:
-            return self._done(name, cv, now, None, cv.ids[key])
+        if (repeat := self._repeated(name, cv, now, key)) is not None:
+            return repeat
         if cv is None:
             raise Conflict("the conversation is not live", 0, 0)
         current = cv.summary[1] if cv.summary else 0
@@ -368,8 +368,8 @@ class Store:
         name = req.convo
         cv = self._live(name, now)
         key = (c.OP_STATE_SAVE, req.id)
-        if cv is not None and req.id is not None and cv.ids and key in cv.ids:
-            return self._done(name, cv, now, None, cv.ids[key])
+        if (repeat := self._repeated(name, cv, now, key)) is not None:
+            return repeat
         old = self._live_key(name, cv, req.ns, req.key, now) if cv else None
         lim = self.limits
         if old is None and cv is not None and cv.nkeys >= lim.max_keys:
@@ -655,6 +655,14 @@ class Store:
         self._changed(name)
         self._fit_budget()
         return Fields(fields)
+
+    def _repeated(
+        self, name: str, cv: Convo | None, now: float, key: tuple[str, Any]
+    ) -> Fields | None:
+        """The reply of a write this conversation remembers by (operation, id), or None."""
+        if cv is None or key[1] is None or not cv.ids or key not in cv.ids:
+            return None
+        return self._done(name, cv, now, None, cv.ids[key])
 
     def _remember(self, cv: Convo, key: tuple[str, Any], fields: dict[str, Any]) -> None:
         if cv.ids is None:

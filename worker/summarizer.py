@@ -60,7 +60,7 @@ from worker.llm import (
     Folded,
     ModelError,
 )
-from worker.mqtt import NODELAY, Connection, Message, connect_properties, refusal
+from worker.mqtt import Connection, Message, persistent, refusal
 from worker.protocol import decode_event, validate_prefix
 from worker.systemd import Notifier, configure_logging
 
@@ -296,19 +296,16 @@ class Summarizer:
             tls_ca=cfg.tls_ca,
             reply_prefix=cfg.reply_prefix,
         )
-        conn = Connection(
+        conn = persistent(
             self._on_message,
-            hostname=cfg.host,
+            host=cfg.host,
             port=cfg.port,
-            identifier=cfg.client_id,
+            client_id=cfg.client_id,
             username=cfg.username,
             password=cfg.password,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=connect_properties(cfg.session_expiry, _RECEIVE_MAXIMUM),
-            keepalive=c.KEEPALIVE,
-            socket_options=[NODELAY],
-            tls_context=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
+            session_expiry=cfg.session_expiry,
+            receive_maximum=_RECEIVE_MAXIMUM,
+            tls=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
         )
         self._conn = conn
         if cfg.session_expiry == 0:
