@@ -71,12 +71,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     )
     (work / "base.conf").write_text(conf)
     mosq = Mosquitto(work, conf=work / "base.conf", port=port).start()
-    for name, password in USERS.items():
-        done = add_user(work, name, password)
-        assert done.returncode == 0, done.stderr
-    mosq.work = work  # type: ignore[attr-defined]
-    yield mosq
-    mosq.stop()
+    try:  # a failed add-user must not leave the broker running
+        for name, password in USERS.items():
+            done = add_user(work, name, password)
+            assert done.returncode == 0, done.stderr
+        mosq.work = work  # type: ignore[attr-defined]
+        yield mosq
+    finally:
+        mosq.stop()
 
 
 def worker_config(secured: Mosquitto, **overrides: Any) -> Config:
