@@ -303,7 +303,7 @@ async def test_publishes_wait_for_room_and_go_again_after_a_reconnect() -> None:
 async def test_a_huge_request_is_refused_and_the_next_one_served(
     worker_factory: WorkerFactory, broker: Mosquitto
 ) -> None:
-    """A request of nearly the broker's message_size_limit (1 MiB: sixteen 64 KiB reads) gets
+    """A request of nearly the broker's max_packet_size (1 MiB: sixteen 64 KiB reads) gets
     too_large, and the worker goes on."""
     async with worker_factory() as w, device(broker.host, broker.port, w.cfg.prefix) as d:
         body = msgpack.packb({"role": "user", "content": "x" * 1_000_000})
