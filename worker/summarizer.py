@@ -479,7 +479,9 @@ class Summarizer:
                 try:
                     done = await self._fold(convo, batch)
                 except Exception:  # a bug must not leave the event unacknowledged for good
-                    log.exception("%s: folding failed", convo)
+                    if convo not in self._refusing:  # the traceback once, not every retry
+                        log.exception("%s: folding failed; retrying with backoff", convo)
+                    self._refusing.add(convo)
                     retries = await self._back_off(convo, retries, None)
                     continue
                 if done:
