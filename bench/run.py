@@ -372,7 +372,7 @@ def store_costs() -> dict[str, Any]:
         for at in range(0, k, 64):  # batches, drained of their evictions as the service does
             for a in appends[at : at + 64]:
                 s.append(a)
-            evicted += len(s.take_evictions())
+            evicted += len(s.take_events())
         t1 = time.perf_counter()
         for g in gets:
             s.get(g)
@@ -598,7 +598,7 @@ def expiry_at_once(n: int = 100_000) -> dict[str, Any]:
     while more:
         t = time.perf_counter()
         more = s.expire()
-        s.take_evictions()
+        s.take_events()
         steps.append(time.perf_counter() - t)
     return {
         "conversations": n,

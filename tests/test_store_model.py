@@ -128,7 +128,7 @@ class StoreMatchesModel(RuleBasedStateMachine):
     def check_evictions(self) -> None:
         got = [
             (e.convo, e.reason, e.count)
-            for e in self.store.take_evictions()
+            for e in self.store.take_events()
             if isinstance(e, Eviction)
         ]
         assert got == self.model.evictions

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import islice, takewhile
+from itertools import islice, pairwise, takewhile
 from typing import Any, Final
 
 from sortedcontainers import SortedList
@@ -48,12 +48,12 @@ from worker.protocol import (
 )
 from worker.turns import (
     TURN_PARTS,
-    content_size,
     expand_parts,
     expand_turns,
     pack_turn,
     repack_turn,
     summary_size,
+    tokens_of,
     turn_end,
     turn_marks,
     turn_size,
@@ -154,16 +154,13 @@ class Convo:
         return turn
 
     def drop_upto(self, upto: int) -> list[bytes]:
-        """Drop the turns with seq <= upto; returns them."""
-        turns, dropped, cut = self.turns, [], 0
-        for at, seq, _ in turn_marks(turns):
-            if seq > upto:
-                break
-            cut = turn_end(turns, at)
-            dropped.append(turns[at:cut])
-        self.turns = turns[cut:]
-        self.count -= len(dropped)
-        return dropped
+        """Drop the turns with seq <= upto (the oldest: seqs only grow); returns them."""
+        turns = self.turns
+        bounds = [at for at, seq, _ in turn_marks(turns) if seq <= upto]
+        bounds.append(turn_end(turns, bounds[-1]) if bounds else 0)
+        self.turns = turns[bounds[-1] :]
+        self.count -= len(bounds) - 1
+        return [turns[a:b] for a, b in pairwise(bounds)]
 
     def last(
         self, n: int | None, max_tokens: int | None = None, with_summary: bool = True
@@ -225,7 +222,7 @@ class Store:
         self._convos: OrderedDict[str, Convo] = OrderedDict()
         self._index: SortedList[str] = SortedList()  # the ids, sorted, for listing
         self._key_heap: list[tuple[float, str, str, str]] = []
-        self.evictions: list[Event] = []  # and Trimmed events, with limits.trimmed_events
+        self.events: list[Event] = []  # evictions, and trimmed turns with trimmed_events
         self.dirty: set[str] | None = None
         self.touched: dict[str, None] = {}  # in order of use, most recent last
         self.turns = 0
@@ -249,8 +246,8 @@ class Store:
     def get_convo(self, convo: str) -> Convo | None:
         return self._convos.get(convo)
 
-    def take_evictions(self) -> list[Event]:
-        out, self.evictions = self.evictions, []
+    def take_events(self) -> list[Event]:
+        out, self.events = self.events, []
         return out
 
     # --- the operations -----------------------------------------------------------------
@@ -291,7 +288,8 @@ class Store:
         if (repeat := self._repeated(name, cv, now, key)) is not None:
             return repeat
         lim = self.limits
-        size = content_size(req.role, req.content) + lim.turn_cost
+        content = len(req.content.encode())
+        size = len(req.role.encode()) + content + lim.turn_cost
         if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
             raise TooLarge(
                 f"the turn ({size} bytes with its overhead) does not fit in --max-bytes "
@@ -300,7 +298,8 @@ class Store:
         if cv is None:
             cv = self._create(name, now)
         cv.seq += 1
-        turn = pack_turn(req.role, req.content, self._wall(), cv.seq, req.token_count)
+        tokens = tokens_of(content) if req.tokens is None else req.tokens
+        turn = pack_turn(req.role, req.content, self._wall(), cv.seq, tokens)
         over = max(0, cv.count + 1 - lim.max_turns)
         dropped = cv.add_turn(turn, over)
         for old in dropped:
@@ -308,7 +307,8 @@ class Store:
         self.turns += 1 - over
         cv.nbytes += size
         self.bytes += size
-        self._trim_own(name, cv, 1, dropped)
+        if cv.nbytes > lim.max_bytes or (dropped and lim.trimmed_events):
+            self._trim_own(name, cv, 1, dropped)
         return self._done(name, cv, now, key, {"seq": cv.seq, "count": cv.count})
 
     def get(self, req: Get) -> Turns:
@@ -578,7 +578,7 @@ class Store:
             data, _ = expand_turns(b"".join(dropped))
             upto = cv.summary[1] if cv.summary else 0
             trimmed = Trimmed(name, len(dropped), data, upto, self._wall(), cv.born)
-            self.evictions.append(trimmed)
+            self.events.append(trimmed)
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost
@@ -627,7 +627,7 @@ class Store:
         self.turns -= cv.count
         self.bytes -= cv.nbytes
         self.keys -= cv.nkeys
-        self.evictions.append(Eviction(name, reason, cv.count, cv.nkeys, self._wall()))
+        self.events.append(Eviction(name, reason, cv.count, cv.nkeys, self._wall()))
         self._changed(name)
 
     def _fit_budget(self) -> None:

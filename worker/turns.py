@@ -49,9 +49,14 @@ REDIS_SIZE_BYTES: Final = 4
 REDIS_TOKENS_FROM_END: Final = 4 + len(_SEQ) + 1 + 4
 
 
-def estimate_tokens(content: str) -> int:
+def tokens_of(content_bytes: int) -> int:
     """The contract's estimate when a device does not say: ceil(UTF-8 bytes / 4)."""
-    return (len(content.encode("utf-8", "surrogatepass")) + 3) // 4
+    return (content_bytes + 3) // 4
+
+
+def estimate_tokens(content: str) -> int:
+    """`tokens_of` the content's UTF-8 bytes."""
+    return tokens_of(len(content.encode("utf-8", "surrogatepass")))
 
 
 def encode_turn(role: str, content: str, ts: float, seq: int, tokens: int) -> bytes:

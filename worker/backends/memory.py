@@ -28,12 +28,12 @@ class MemoryBackend(Backend):
         run = self.store.execute
         results = [run(req) for req in requests]
         await self._commit()
-        return results, self.store.take_evictions()
+        return results, self.store.take_events()
 
     async def expire(self) -> tuple[bool, list[Event]]:
         more = self.store.expire()
         await self._commit()
-        return more, self.store.take_evictions()
+        return more, self.store.take_events()
 
     def next_expiry(self) -> float:
         return self.store.next_deadline() - self._clock()
