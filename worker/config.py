@@ -65,15 +65,51 @@ def _positive_int(name: str, value: int) -> None:
         raise ConfigError(f"--{name} must be at least 1, got {value}")
 
 
+def validate_connection(
+    *,
+    port: int,
+    prefix: str,
+    session_expiry: int | None,
+    reconnect_max: float,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    log_level: str,
+) -> None:
+    """Raise ConfigError for a broker connection's flags, which the worker and
+    memory-summarizer share."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be 1-65535, got {port}")
+    try:
+        validate_prefix(prefix)
+    except ValueError as exc:
+        raise ConfigError(f"--prefix {prefix!r}: {exc}") from None
+    if session_expiry is not None and not 0 <= session_expiry <= 0xFFFFFFFF:
+        raise ConfigError(f"--session-expiry must be 0-4294967295, got {session_expiry}")
+    if reconnect_max <= 0:
+        raise ConfigError(f"--reconnect-max must be more than 0, got {reconnect_max}")
+    for name, path in (("tls-ca", tls_ca), ("tls-cert", tls_cert), ("tls-key", tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{name}: no such file {path!r}")
+    if (tls_cert or tls_key) and not tls_ca:
+        raise ConfigError("--tls-cert and --tls-key need --tls-ca")
+    if logging.getLevelName(log_level.upper()) not in (10, 20, 30, 40, 50):
+        raise ConfigError(f"--log-level must be debug, info, warning or error, got {log_level}")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError naming the first flag whose value cannot work."""
     lim = cfg.limits
-    if not 1 <= cfg.port <= 65535:
-        raise ConfigError(f"--port must be 1-65535, got {cfg.port}")
-    try:
-        validate_prefix(cfg.prefix)
-    except ValueError as exc:
-        raise ConfigError(f"--prefix {cfg.prefix!r}: {exc}") from None
+    validate_connection(
+        port=cfg.port,
+        prefix=cfg.prefix,
+        session_expiry=cfg.session_expiry,
+        reconnect_max=cfg.reconnect_max,
+        tls_ca=cfg.tls_ca,
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
+        log_level=cfg.log_level,
+    )
     if (
         not cfg.client_id
         or any(ch in cfg.client_id for ch in "/+#")
@@ -100,10 +136,6 @@ def validate(cfg: Config) -> None:
         )
     if cfg.stats_interval <= 0:
         raise ConfigError(f"--stats-interval must be more than 0, got {cfg.stats_interval}")
-    if cfg.session_expiry is not None and not 0 <= cfg.session_expiry <= 0xFFFFFFFF:
-        raise ConfigError(f"--session-expiry must be 0-4294967295, got {cfg.session_expiry}")
-    if cfg.reconnect_max <= 0:
-        raise ConfigError(f"--reconnect-max must be more than 0, got {cfg.reconnect_max}")
     if cfg.shared_group is not None and (
         not cfg.shared_group or any(ch in cfg.shared_group for ch in "/+#")
     ):
@@ -117,17 +149,6 @@ def validate(cfg: Config) -> None:
             problem = f"replies may not go under --prefix {cfg.prefix!r}, so none could be sent"
         if problem:
             raise ConfigError(f"--route-prefix {route!r}: {problem}")
-    for name, path in (
-        ("tls-ca", cfg.tls_ca),
-        ("tls-cert", cfg.tls_cert),
-        ("tls-key", cfg.tls_key),
-    ):
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"--{name}: no such file {path!r}")
-    if (cfg.tls_cert or cfg.tls_key) and not cfg.tls_ca:
-        raise ConfigError("--tls-cert and --tls-key need --tls-ca")
-    if logging.getLevelName(cfg.log_level.upper()) not in (10, 20, 30, 40, 50):
-        raise ConfigError(f"--log-level must be debug, info, warning or error, got {cfg.log_level}")
     try:
         parse_backend_url(cfg.backend)
     except ValueError as exc:

@@ -49,7 +49,7 @@ from worker.client import (
     TooLargeError,
     check_reply_prefix,
 )
-from worker.config import tls_context
+from worker.config import tls_context, validate_connection
 from worker.errors import ConfigError
 from worker.llm import (
     DEFAULT_LLM_TIMEOUT,
@@ -61,7 +61,7 @@ from worker.llm import (
     ModelError,
 )
 from worker.mqtt import Connection, Message, persistent, refusal
-from worker.protocol import decode_event, validate_prefix
+from worker.protocol import decode_event
 from worker.systemd import Notifier, configure_logging
 
 log = logging.getLogger("memory_summarizer")
@@ -115,12 +115,16 @@ class SummarizerConfig:
     log_level: str = c.DEFAULT_LOG_LEVEL
 
     def __post_init__(self) -> None:
-        if not 1 <= self.port <= 65535:
-            raise ConfigError(f"--port must be 1-65535, got {self.port}")
-        try:
-            validate_prefix(self.prefix)
-        except ValueError as exc:
-            raise ConfigError(f"--prefix {self.prefix!r}: {exc}") from None
+        validate_connection(
+            port=self.port,
+            prefix=self.prefix,
+            session_expiry=self.session_expiry,
+            reconnect_max=self.reconnect_max,
+            tls_ca=self.tls_ca,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            log_level=self.log_level,
+        )
         for name, value in (("client-id", self.client_id), ("group", self.group or "g")):
             if not value or any(ch in value for ch in "/+#"):
                 raise ConfigError(f"--{name} must be a name without / + #, got {value!r}")
@@ -136,19 +140,10 @@ class SummarizerConfig:
             check_reply_prefix(self.reply_prefix, self.prefix)
         except MemoryWorkerError as exc:
             raise ConfigError(f"--reply-prefix: {exc.message}") from None
-        if not 0 <= self.session_expiry <= 0xFFFFFFFF:
-            raise ConfigError(f"--session-expiry must be 0-4294967295, got {self.session_expiry}")
-        if logging.getLevelName(self.log_level.upper()) not in (10, 20, 30, 40, 50):
-            raise ConfigError(
-                f"--log-level must be debug, info, warning or error, got {self.log_level}"
-            )
         if self.gap_wait < 0:
             raise ConfigError(f"--gap-wait must be 0 or more seconds, got {self.gap_wait}")
         if not self.llm_url.startswith(("http://", "https://")):
             raise ConfigError(f"--llm-url must be an http:// or https:// URL, got {self.llm_url!r}")
-        for name, path in (("tls-ca", self.tls_ca), ("tls-cert", self.tls_cert)):
-            if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"--{name}: no such file {path!r}")
 
 
 # (flag, kind, help); broker flags also read the worker's MEMORY_WORKER_* variables, so one
