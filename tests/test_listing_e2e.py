@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import pytest
 
 from tests.clients import Device, device
+from tests.conftest import reap, spawn_worker, unique, wait_serving
 from tests.processes import Mosquitto, redis_server
 from tests.test_scale import workers
 
@@ -34,6 +38,43 @@ async def test_bad_list_requests_get_bad_request(dev: Device) -> None:
         assert reply["error"]["code"] == "bad_request", body
     reply = await dev.request("_conversations", "get")
     assert reply["error"]["code"] == "bad_topic"
+
+
+async def test_a_long_page_is_read_in_steps_behind_other_requests(broker: Mosquitto) -> None:
+    """A page of 1,000 is read a few conversations at a time (constants.LIST_STEP), and a
+    request that comes meanwhile is answered first; the pages are whole and in order."""
+    prefix = unique("mem")
+    proc = spawn_worker(broker, "--prefix", prefix, "--max-conversations", "5000")
+    try:
+        await asyncio.to_thread(wait_serving, proc)
+        async with device(broker.host, broker.port, prefix) as d:
+            names = sorted(f"c{i:04}" for i in range(2100))
+            for name in names:  # QoS 0 and unawaited: the last request's reply says all are in
+                await d.send(f"{prefix}/{name}/append", {"role": "user", "content": "x"}, qos=0)
+            assert (await d.request("zz", "append", {"role": "user", "content": "x"}))["ok"]
+            order: list[str] = []
+            page = await d.send(f"{prefix}/_conversations/list", {"limit": 1000}, qos=0)
+            page.add_done_callback(lambda _: order.append("page"))
+            get = await d.send(f"{prefix}/zz/get", {}, qos=0)
+            get.add_done_callback(lambda _: order.append("get"))
+            first, _ = await d.reply(page), await d.reply(get)
+            assert order == ["get", "page"]
+            second = await d.request(
+                "_conversations", "list", {"limit": 1000, "cursor": first["cursor"]}
+            )
+            third = await d.request(
+                "_conversations", "list", {"limit": 1000, "cursor": second["cursor"]}
+            )
+            listed = [e["convo"] for p in (first, second, third) for e in p["conversations"]]
+            assert listed == [*names, "zz"]
+            assert third["cursor"] is None
+            some = await d.request("_conversations", "list", {"limit": 1000, "prefix": "c19"})
+            assert [e["convo"] for e in some["conversations"]] == [
+                n for n in names if n.startswith("c19")
+            ]
+            assert some["cursor"] is None
+    finally:
+        reap(proc, signal.SIGTERM)
 
 
 @pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")

@@ -569,6 +569,12 @@ class Connection(aiomqtt.Client):
             if self._rbuf:
                 self._loop.call_soon(self._resume_parse)  # buffered packets wake no epoll
 
+    def read_now(self) -> None:
+        """Read what the socket holds now, rather than at the loop's next turn: the worker
+        takes in requests that came meanwhile before it starts on a deferred one."""
+        if self._fd >= 0 and not self.paused:
+            self._read()
+
     def _resume_parse(self) -> None:
         if self.paused or self._client._sock is None:
             return

@@ -217,12 +217,13 @@ def convo_info(
     convo: str, turns: int, keys: int, last_used: float, ttl: float, upto: int, tokens: int
 ) -> dict[str, Any]:
     """One entry of a list reply (schemas/list.reply.json); `last_used` in Unix seconds."""
+    used = int(last_used * 1000 + 0.5)  # to the millisecond; round() costs three times more
     return {
         "convo": convo,
         "turns": turns,
         "keys": keys,
-        "last_used": round(last_used, 3),
-        "expires_at": round(last_used + ttl, 3) if ttl else None,
+        "last_used": used / 1000,
+        "expires_at": (used + int(ttl * 1000)) / 1000 if ttl else None,
         "upto": upto,
         "tokens": tokens,
     }

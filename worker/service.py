@@ -16,12 +16,14 @@ place that touches aiomqtt and paho internals.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
 import os
 import random
 import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiomqtt
@@ -46,6 +48,7 @@ from worker.protocol import (
     Event,
     Eviction,
     Fields,
+    ListConvos,
     Parsed,
     Request,
     Result,
@@ -53,6 +56,7 @@ from worker.protocol import (
     Stats,
     Summary,
     content_type,
+    decode_cursor,
     decode_event,
     encode,
     encode_event,
@@ -94,6 +98,11 @@ class Service:
         self.router = Router(cfg.prefix, cfg.max_payload_bytes, cfg.route_prefix)
         self.stats = Stats(started=time.monotonic())
         self._inbox: list[tuple[int, Message]] = []
+        # Listing pages: served a step at a time when no other request waits.
+        self._later: collections.deque[_Page] = collections.deque()
+        self._served = 0.0  # monotonic time other requests were last applied
+        self._list_resume = 0.0  # no listing step before this monotonic time
+        self._resume_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._generation = 0
         self._busy = False  # a batch is being handled
@@ -163,7 +172,7 @@ class Service:
         self.systemd.close()
 
     async def _drained(self) -> None:
-        while self._inbox or self._busy:
+        while self._inbox or self._later or self._busy:
             self._wake.set()
             await asyncio.sleep(0.01)
 
@@ -203,6 +212,7 @@ class Service:
             except Exception as exc:  # MqttError mostly; paho can also surface an OSError
                 self.connected.clear()
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
+                self._later.clear()
                 short = bool(since) and time.monotonic() - since < _STABLE_CONNECTION
                 if since:
                     short_streak = short_streak + 1 if short else 0
@@ -492,18 +502,29 @@ class Service:
                 await asyncio.wait_for(client.sendable.wait(), 0.05)
 
     async def _process(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._inbox:
+            while self._inbox or self._later:
                 await self._sendable()
                 client = self._client
-                batch, self._inbox = self._inbox, []
+                if not self._inbox and client is not None:
+                    client.read_now()
+                if not self._inbox and (pause := self._list_resume - time.monotonic()) > 0:
+                    if self._resume_timer is not None:
+                        self._resume_timer.cancel()
+                    self._resume_timer = loop.call_later(pause, self._wake.set)
+                    break
                 self._busy = True
                 try:
-                    await self._handle(batch)
+                    if self._inbox:
+                        batch, self._inbox = self._inbox, []
+                        await self._handle(batch)
+                    else:
+                        await self._list_step()
                 except Exception:
-                    log.exception("batch of %d failed", len(batch))
+                    log.exception("batch failed")
                 finally:
                     self._busy = False
                 if client is not None and client.paused and not self._inbox:
@@ -514,7 +535,6 @@ class Service:
         not_for_us = self.router.not_for_us
         stats = self.stats
         todo: list[tuple[int, Message, Parsed]] = []
-        requests: list[Request] = []
         for gen, msg in batch:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
@@ -525,23 +545,45 @@ class Service:
                 self._ack(gen, msg)
                 continue
             parsed = parse(topic, msg.payload, msg.response_topic)
-            todo.append((gen, msg, parsed))
-            if parsed.request is not None:
-                requests.append(parsed.request)
-        stats.requests += len(todo)
-        results: list[Result]
-        evictions: list[Event]
+            if isinstance(parsed.request, ListConvos):
+                # A page is a hundred conversations' worth of work and a large reply: the
+                # requests of devices do not wait behind it (_process serves it after them).
+                self._later.append(_Page(gen, msg, parsed, parsed.request))
+            else:
+                todo.append((gen, msg, parsed))
+        if todo:
+            await self._apply(todo)
+            self._served = time.monotonic()
+
+    async def _apply(self, todo: list[tuple[int, Message, Parsed]]) -> None:
+        """Execute the parsed requests as one batch; reply, acknowledge and write."""
+        requests = [parsed.request for _, _, parsed in todo if parsed.request is not None]
+        results, evictions = await self._execute(requests) if requests else ([], [])
+        answers = iter(results)
+        self._answer(
+            [
+                (gen, msg, parsed, parsed.error if parsed.error is not None else next(answers))
+                for gen, msg, parsed in todo
+            ],
+            evictions,
+        )
+        if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
+            self._sweep_kick.set()
+
+    async def _execute(self, requests: list[Request]) -> tuple[list[Result], list[Event]]:
         try:
-            results, evictions = await self.backend.execute(requests) if requests else ([], [])
+            return await self.backend.execute(requests)
         except WorkerError as exc:
-            results, evictions = [exc] * len(requests), []
+            return [exc] * len(requests), []
         except Exception as exc:
             log.exception("backend failed on a batch of %d", len(requests))
-            err = WorkerError(f"internal error: {type(exc).__name__}")
-            results, evictions = [err] * len(requests), []
-        answers = iter(results)
-        for gen, msg, parsed in todo:
-            result: Result = parsed.error if parsed.error is not None else next(answers)
+            return [WorkerError(f"internal error: {type(exc).__name__}")] * len(requests), []
+
+    def _answer(
+        self, done: list[tuple[int, Message, Parsed, Result]], evictions: list[Event]
+    ) -> None:
+        self.stats.requests += len(done)
+        for gen, msg, parsed, result in done:
             self._reply(msg, parsed, result)
             self._ack(gen, msg)
         self._announce(evictions)
@@ -551,8 +593,31 @@ class Service:
             # broker's redelivery of it stays within the ids remembered. (Not while a
             # reconnection is under way: paho's connect runs on another thread.)
             self._client.flush()
-        if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
-            self._sweep_kick.set()
+
+    async def _list_step(self) -> None:
+        """Read the next step of the oldest listing page; reply once it is whole."""
+        page = self._later[0]
+        want = page.request.limit - page.read
+        step = min(want, self.backend.list_step or want)
+        request = replace(page.request, limit=step, after=page.after)
+        start = time.monotonic()
+        (result,), _ = await self._execute([request])
+        if start - self._served < c.LIST_BUSY:
+            self._list_resume = time.monotonic() + (time.monotonic() - start) * (
+                1 / c.LIST_DUTY - 1
+            )
+        if not self._later or self._later[0] is not page:  # the connection was lost meanwhile
+            return
+        if isinstance(result, Fields):
+            page.found += result.fields["conversations"]
+            page.read += step
+            cursor = result.fields["cursor"]
+            if cursor is not None and page.read < page.request.limit:
+                page.after = decode_cursor(cursor)
+                return
+            result = Fields({"conversations": page.found, "cursor": cursor})
+        self._later.popleft()
+        self._answer([(page.gen, page.msg, page.parsed, result)], [])
 
     def _reply(self, msg: Message, parsed: Parsed, result: Result) -> None:
         stats = self.stats
@@ -674,3 +739,19 @@ class Service:
         if self._client is not None:
             body = encode(self.stats_body(), self.cfg.event_format)
             self._client.publish_packed(self.stats_topic, body, 1, True, self._event_props.packed)
+
+
+@dataclass(slots=True)
+class _Page:
+    """A listing request being read a step at a time."""
+
+    gen: int
+    msg: Message
+    parsed: Parsed
+    request: ListConvos
+    after: str = field(init=False)
+    read: int = 0  # conversations scanned so far
+    found: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.after = self.request.after

@@ -57,6 +57,7 @@ from worker.turns import (
     turn_end,
     turn_marks,
     turn_size,
+    turn_span,
 )
 
 NO_DEADLINE: Final = float("inf")
@@ -110,6 +111,7 @@ class Convo:
         "seq",
         "state",
         "summary",
+        "tokens",
         "turns",
         "used",
     )
@@ -117,6 +119,7 @@ class Convo:
     def __init__(self) -> None:
         self.turns = b""
         self.count = 0
+        self.tokens = 0  # the turns' (a listing's entry would walk them all otherwise)
         self.seq = 0
         self.used = 0.0  # monotonic time of the last use
         self.nbytes = 0  # its base cost, turns, state and summary
@@ -136,30 +139,35 @@ class Convo:
             at = turn_end(turns, at)
         return at
 
-    def add_turn(self, turn: bytes, drop: int) -> list[bytes]:
-        """Append `turn` after dropping the `drop` oldest; returns the dropped ones."""
+    def add_turn(self, turn: bytes, tokens: int, drop: int) -> list[bytes]:
+        """Append `turn` (of `tokens`) after dropping the `drop` oldest; returns those."""
         dropped, cut, turns = [], 0, self.turns
         for _ in range(drop):
-            end = turn_end(turns, cut)
+            end, gone = turn_span(turns, cut)
             dropped.append(turns[cut:end])
+            tokens -= gone
             cut = end
         self.turns = turns[cut:] + turn
         self.count += 1 - drop
+        self.tokens += tokens
         return dropped
 
     def drop_oldest(self) -> bytes:
-        end = turn_end(self.turns, 0)
+        end, tokens = turn_span(self.turns, 0)
         turn, self.turns = self.turns[:end], self.turns[end:]
         self.count -= 1
+        self.tokens -= tokens
         return turn
 
     def drop_upto(self, upto: int) -> list[bytes]:
         """Drop the turns with seq <= upto (the oldest: seqs only grow); returns them."""
         turns = self.turns
-        bounds = [at for at, seq, _ in turn_marks(turns) if seq <= upto]
+        marks = [(at, tokens) for at, seq, tokens in turn_marks(turns) if seq <= upto]
+        bounds = [at for at, _ in marks]
         bounds.append(turn_end(turns, bounds[-1]) if bounds else 0)
         self.turns = turns[bounds[-1] :]
-        self.count -= len(bounds) - 1
+        self.count -= len(marks)
+        self.tokens -= sum(tokens for _, tokens in marks)
         return [turns[a:b] for a, b in pairwise(bounds)]
 
     def last(
@@ -301,7 +309,7 @@ class Store:
         tokens = tokens_of(content) if req.tokens is None else req.tokens
         turn = pack_turn(req.role, req.content, self._wall(), cv.seq, tokens)
         over = max(0, cv.count + 1 - lim.max_turns)
-        dropped = cv.add_turn(turn, over)
+        dropped = cv.add_turn(turn, tokens, over)
         for old in dropped:
             size -= turn_size(old) + lim.turn_cost
         self.turns += 1 - over
@@ -443,28 +451,23 @@ class Store:
         """A page of live conversations in id order; see ListConvos. It scans at most
         `limit` ids, skipping those expired but not yet swept (so a page may be short)."""
         now, to_wall = self._clock(), self._wall() - self._clock()
-        prefix, ttl = req.prefix, self.limits.ttl
+        prefix, ttl, convos = req.prefix, self.limits.ttl, self._convos
         if req.after >= prefix:
             ids = self._index.irange(req.after, inclusive=(not req.after, True))
         else:
             ids = self._index.irange(prefix)
-        names = list(islice(takewhile(lambda n: n.startswith(prefix), ids), req.limit + 1))
+        if prefix:
+            ids = takewhile(lambda n: n.startswith(prefix), ids)
+        names = list(islice(ids, req.limit + 1))
         scanned: list[tuple[str, dict[str, Any] | None]] = []
         for name in names[: req.limit]:
-            cv = self._convos[name]
-            info = None
-            if cv.deadline > now:
-                summary = cv.summary
-                tokens = sum(t for _, _, t in turn_marks(cv.turns))
-                info = convo_info(
-                    name,
-                    cv.count,
-                    cv.nkeys,
-                    cv.used + to_wall,
-                    ttl,
-                    summary[1] if summary else 0,
-                    tokens + (summary[2] if summary else 0),
-                )
+            cv = convos[name]
+            if cv.deadline <= now:
+                scanned.append((name, None))
+                continue
+            summary = cv.summary
+            upto, tokens = (summary[1], summary[2] + cv.tokens) if summary else (0, cv.tokens)
+            info = convo_info(name, cv.count, cv.nkeys, cv.used + to_wall, ttl, upto, tokens)
             scanned.append((name, info))
         return list_page(scanned, len(names) > req.limit)
 
@@ -521,6 +524,7 @@ class Store:
         cv = Convo()
         kept = [repack_turn(t) for t in turns[-self.limits.max_turns :]]
         cv.turns, cv.seq, cv.used = b"".join(kept), seq, used
+        cv.tokens = sum(tokens for _, _, tokens in turn_marks(cv.turns))
         if self.limits.ttl:
             cv.deadline = used + self.limits.ttl
         cv.count = len(kept)

@@ -130,6 +130,13 @@ def turn_end(turns: bytes, at: int) -> int:
     return _uint_at(turns, at)[1]
 
 
+def turn_span(turns: bytes, at: int) -> tuple[int, int]:
+    """(where it ends, its tokens) of the packed turn that starts at `at`, in one walk."""
+    _, at = _uint_at(turns, _seq_at(turns, at))
+    tokens, end = _uint_at(turns, at)
+    return end, tokens
+
+
 def turn_marks(turns: bytes) -> list[tuple[int, int, int]]:
     """(start, seq, tokens) of each of packed turns back to back, oldest first."""
     out, at, end = [], 0, len(turns)

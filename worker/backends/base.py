@@ -32,6 +32,10 @@ class Backend(ABC):
     """
 
     name: str = "backend"
+    # Conversations a listing page reads per execute() (None: the whole page at once). The
+    # service serves other requests between steps, for engines that do the work on the event
+    # loop's thread; one that awaits another server does not need steps.
+    list_step: int | None = None
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, create or load what the engine needs."""

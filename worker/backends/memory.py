@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from worker import constants as c
 from worker.backends.base import Backend, Counts
 from worker.protocol import Event, Request, Result
 from worker.store import Limits, Store
@@ -14,6 +15,7 @@ class MemoryBackend(Backend):
     """Everything in RAM: fastest, and forgotten when the worker stops."""
 
     name = "memory"
+    list_step = c.LIST_STEP
 
     def __init__(
         self,
