@@ -99,8 +99,9 @@ REASONS: Final = (REASON_TTL, REASON_LRU, REASON_MEMORY, REASON_DELETED)
 # kept, since SQLite and Redis count the same ones and Redis still stores the maps.
 # Listing (issue 22) added 48 to the conversation's: its time of last use (a slot and the
 # float it holds) and its place in the sorted index of ids, measured as 42 bytes more RSS per
-# one-turn conversation in the store alone (200,000 in a fresh process: 558 -> 600).
-CONVO_COST: Final = 688
+# one-turn conversation in the store alone (200,000 in a fresh process: 558 -> 600). Its
+# turns' token total (a slot and, past 256, the int it holds) added 24: 608 -> 631.
+CONVO_COST: Final = 712
 ID_BYTE_COST: Final = 2
 TURN_COST: Final = 112
 KEY_COST: Final = 256
