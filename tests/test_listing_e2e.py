@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from tests.clients import Device, device
-from tests.conftest import reap, spawn_worker, unique, wait_serving
+from tests.conftest import WorkerFactory, reap, spawn_worker, unique, wait_serving
 from tests.processes import Mosquitto, redis_server
 from tests.test_scale import workers
 
@@ -75,6 +75,39 @@ async def test_a_long_page_is_read_in_steps_behind_other_requests(broker: Mosqui
             assert some["cursor"] is None
     finally:
         reap(proc, signal.SIGTERM)
+
+
+async def test_waiting_pages_count_against_max_inflight(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """Pages waiting for their turn are held to --max-inflight with the requests not yet
+    read (QoS 0 ones included, which no Receive Maximum bounds): past it the worker stops
+    reading, and the flood waits in the broker."""
+    async with (
+        worker_factory(max_inflight=4) as w,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+    ):
+        for i in range(300):
+            await d.send(f"{w.cfg.prefix}/c{i:03}/append", {"role": "user", "content": "x"}, qos=0)
+        assert (await d.request("c299", "get"))["turns"]
+        held, flooding = 0, True
+
+        async def sample() -> None:
+            nonlocal held
+            while flooding:
+                held = max(held, len(w._later) + len(w._inbox))
+                await asyncio.sleep(0)
+
+        sampler = asyncio.create_task(sample())
+        pages = [
+            await d.send(f"{w.cfg.prefix}/_conversations/list", {"limit": 1000}, qos=0)
+            for _ in range(200)
+        ]
+        replies = [await d.reply(page) for page in pages]
+        flooding = False
+        await sampler
+        assert all(len(r["conversations"]) == 300 for r in replies)
+        assert 0 < held <= 4
 
 
 @pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")

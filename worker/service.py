@@ -472,7 +472,7 @@ class Service:
         if self._closing:
             return
         self._inbox.append((self._generation, msg))
-        if len(self._inbox) >= self.cfg.max_inflight and self._client is not None:
+        if self._full() and self._client is not None:
             self._client.pause_reading()
         self._wake.set()
 
@@ -527,8 +527,13 @@ class Service:
                     log.exception("batch failed")
                 finally:
                     self._busy = False
-                if client is not None and client.paused and not self._inbox:
+                if client is not None and client.paused and not self._inbox and not self._full():
                     client.resume_reading()
+
+    def _full(self) -> bool:
+        """Read no more: what waits (listing pages too, QoS 0 ones that no Receive Maximum
+        bounds) is at --max-inflight."""
+        return len(self._inbox) + len(self._later) >= self.cfg.max_inflight
 
     async def _handle(self, batch: list[tuple[int, Message]]) -> None:
         parse = self.router.parse
