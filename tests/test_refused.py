@@ -106,3 +106,28 @@ def test_memctl_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None
     assert "'memctl/" in lines[0]
     assert "--reply-prefix reply/kiosk-a" in lines[0]
     assert done.stdout == ""
+
+
+async def test_a_wrong_password_is_a_refused_login_not_a_timeout(secured: Mosquitto) -> None:
+    """The broker refusing the login raises RefusedError at once (not NoReplyError, which
+    says no broker may be there), and memctl prints it in one line with exit 4."""
+    with pytest.raises(RefusedError) as info:
+        async with MemoryClient(
+            secured.host, secured.port, "mem", username=USER, password="wrong", timeout=30
+        ):
+            pass
+    assert "refused the login of 'kiosk-a'" in info.value.message
+    assert "check the username and password" in info.value.message
+    done = subprocess.run(
+        [
+            program("memctl"),
+            *("--host", secured.host, "--port", str(secured.port)),
+            *("--username", "kiosk-a", "--password", "wrong", "--timeout", "30", "list"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.count("\n") == 1 and "refused the login of 'kiosk-a'" in done.stderr

@@ -31,6 +31,7 @@ from worker.client import (
     RefusedError,
     check_reply_prefix,
 )
+from worker.client._mqtt import unreachable
 from worker.config import tls_context
 from worker.errors import WorkerError
 from worker.protocol import check_request, decode_event, topic_name_problem, validate_prefix
@@ -291,7 +292,7 @@ async def retire(args: argparse.Namespace) -> int:
             for kind in ("stats", "status"):
                 await client.publish(f"{base}/{kind}", b"", qos=1, retain=True)
     except aiomqtt.MqttError as exc:
-        raise NoReplyError(f"cannot reach the broker at {args.host}:{args.port}: {exc}") from exc
+        raise unreachable(args.host, args.port, args.username, exc) from exc
     emit({"ok": True, "retired": args.client_id})
     return EXIT_OK
 

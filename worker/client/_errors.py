@@ -85,7 +85,8 @@ class NoReplyError(MemoryWorkerError, TimeoutError):
 
 class RefusedError(MemoryWorkerError, PermissionError):
     """The broker refused a subscription (SUBACK) or a publish (PUBACK) of this client,
-    usually its ACL: the message names the topic, the broker's reason and what to change.
+    usually its ACL, or its login (CONNACK): the message names the topic (empty for a
+    login), the broker's reason and what to change.
 
     Attributes:
         topic: the topic or filter refused.

@@ -25,7 +25,7 @@ from worker.client._api import _Api, _Fanout, _ok, _refuse
 from worker.client._errors import BadRequestError, NoReplyError, RefusedError
 from worker.client._models import Eviction
 from worker.config import tls_context
-from worker.mqtt import NODELAY, Connection, Message, refusal
+from worker.mqtt import NODELAY, Connection, Message, login_refused, refusal
 from worker.packets import PublishProperties
 from worker.protocol import decode_event, topic_name_problem
 
@@ -114,9 +114,7 @@ class MemoryClient(_Api):
         try:
             await self._connect()
         except aiomqtt.MqttError as exc:
-            raise NoReplyError(
-                f"cannot reach the broker at {self.host}:{self.port}: {exc}"
-            ) from exc
+            raise unreachable(self.host, self.port, self._auth[0], exc) from exc
         self._reader = asyncio.create_task(self._read(), name="memory-client-reader")
         return self
 
@@ -418,3 +416,19 @@ def check_reply_prefix(reply_prefix: str, prefix: str) -> None:
         problem = "must not end with /"
     if problem:
         raise BadRequestError(f"reply prefix {reply_prefix!r}: {problem}")
+
+
+def unreachable(
+    host: str, port: int, username: str | None, exc: aiomqtt.MqttError
+) -> NoReplyError | RefusedError:
+    """Why connecting failed: RefusedError when the broker refused the login (a wrong
+    username or password is not a broker that is down), NoReplyError otherwise."""
+    if login_refused(exc):
+        who = repr(username) if username else "an anonymous client"
+        return RefusedError(
+            f"the broker at {host}:{port} refused the login of {who} ({exc}): check the "
+            "username and password",
+            "",
+            str(exc),
+        )
+    return NoReplyError(f"cannot reach the broker at {host}:{port}: {exc}")
