@@ -110,7 +110,7 @@ def test_memctl_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None
 
 async def test_a_wrong_password_is_a_refused_login_not_a_timeout(secured: Mosquitto) -> None:
     """The broker refusing the login raises RefusedError at once (not NoReplyError, which
-    says no broker may be there), and memctl prints it in one line with exit 4."""
+    says no broker may be there); memctl prints it in one line with exit 4 (below)."""
     with pytest.raises(RefusedError) as info:
         async with MemoryClient(
             secured.host, secured.port, "mem", username=USER, password="wrong", timeout=30
@@ -118,6 +118,9 @@ async def test_a_wrong_password_is_a_refused_login_not_a_timeout(secured: Mosqui
             pass
     assert "refused the login of 'kiosk-a'" in info.value.message
     assert "check the username and password" in info.value.message
+
+
+def test_memctl_says_a_refused_login_in_one_line_with_exit_4(secured: Mosquitto) -> None:
     done = subprocess.run(
         [
             program("memctl"),
@@ -130,4 +133,5 @@ async def test_a_wrong_password_is_a_refused_login_not_a_timeout(secured: Mosqui
         check=False,
     )
     assert done.returncode == 4, done.stderr
-    assert done.stderr.count("\n") == 1 and "refused the login of 'kiosk-a'" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "refused the login of 'kiosk-a'" in done.stderr
