@@ -85,6 +85,9 @@ async def test_threaded_handler_answers_bad_requests_400(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "MEMORY_URL": _url(broker, worker), "PYTHONPATH": str(REPO)},
+        # Ctrl-C as in a terminal, even when the suite runs with SIGINT ignored (in the
+        # background, under nohup), which the example would inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     try:
@@ -99,7 +102,12 @@ async def test_threaded_handler_answers_bad_requests_400(
         assert (status, json.loads(body)["turns"]) == (200, 1)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
     assert b"Traceback" not in err, err.decode()
 
 
