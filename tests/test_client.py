@@ -4,6 +4,8 @@ concurrency through one and several clients, and exactly-once appends across a d
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -440,3 +442,16 @@ def test_the_client_and_the_worker_share_one_error_tree() -> None:
     for cls in worker_classes:
         if cls.code in errors.ERROR_CODES:
             assert isinstance(error_for(cls.code, "m"), cls), cls
+
+
+@pytest.mark.parametrize(
+    ("adapter", "framework"), [("langchain", "langchain_core"), ("langgraph", "langgraph")]
+)
+def test_an_adapter_without_its_framework_names_the_extra(adapter: str, framework: str) -> None:
+    """Importing an adapter whose framework is not installed says which extra brings it."""
+    code = f"import sys; sys.modules[{framework!r}] = None; import worker.client.{adapter}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: worker.client.")
+    assert f"needs the {adapter!r} extra" in last
+    assert f"pip install -e '.[{adapter}]'" in last

@@ -7,6 +7,16 @@ from worker.client import BlockingMemoryClient, open_blocking_memory
 DEFAULT_URL = "mqtt://127.0.0.1:1883/mem"
 
 
+def missing_extra(extra: str, exc: ModuleNotFoundError) -> ModuleNotFoundError:
+    """The error for an adapter whose framework is not installed: which extra brings it."""
+    return ModuleNotFoundError(
+        f"worker.client.{extra} needs the {extra!r} extra ({exc.name} is not installed): in "
+        f"a clone, .venv/bin/pip install -e '.[{extra}]'; elsewhere, "
+        f"pip install 'memory-worker[{extra}]'",
+        name=exc.name,
+    )
+
+
 class OnClient:
     """An adapter over a BlockingMemoryClient.
 

@@ -22,18 +22,21 @@ import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import (
-    AIMessage,
-    BaseMessage,
-    ChatMessage,
-    HumanMessage,
-    SystemMessage,
-)
-from langchain_core.stores import BaseStore
-
 from worker.client import BlockingMemoryClient, Context, Turn
-from worker.client._adapters import DEFAULT_URL, OnClient
+from worker.client._adapters import DEFAULT_URL, OnClient, missing_extra
+
+try:
+    from langchain_core.chat_history import BaseChatMessageHistory
+    from langchain_core.messages import (
+        AIMessage,
+        BaseMessage,
+        ChatMessage,
+        HumanMessage,
+        SystemMessage,
+    )
+    from langchain_core.stores import BaseStore
+except ModuleNotFoundError as exc:
+    raise missing_extra("langchain", exc) from None
 
 _ROLE_OF = {"human": "user", "ai": "assistant", "system": "system"}
 _MESSAGE_OF: dict[str, type[BaseMessage]] = {

@@ -31,28 +31,31 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
-from langgraph.store.base import (
-    BaseStore,
-    GetOp,
-    Item,
-    ListNamespacesOp,
-    Op,
-    PutOp,
-    Result,
-    SearchItem,
-    SearchOp,
-    TTLConfig,
-    validate_op_namespace,
-)
-
-# The filter operators and namespace matching exactly as LangGraph's reference store has them
-# (private names of a pinned release: the differential test would show a drift).
-from langgraph.store.memory import _compare_values, _does_match
-
 from worker.client import BlockingMemoryClient, Memory
-from worker.client._adapters import DEFAULT_URL, OnClient
+from worker.client._adapters import DEFAULT_URL, OnClient, missing_extra
 from worker.constants import MAX_LIST_LIMIT
 from worker.protocol import _BAD_CONVO_CHARS
+
+try:
+    from langgraph.store.base import (
+        BaseStore,
+        GetOp,
+        Item,
+        ListNamespacesOp,
+        Op,
+        PutOp,
+        Result,
+        SearchItem,
+        SearchOp,
+        TTLConfig,
+        validate_op_namespace,
+    )
+
+    # The filter operators and namespace matching exactly as LangGraph's reference store has
+    # them (private names of a pinned release: the differential test would show a drift).
+    from langgraph.store.memory import _compare_values, _does_match
+except ModuleNotFoundError as exc:
+    raise missing_extra("langgraph", exc) from None
 
 ITEMS = "items"  # the state namespace that holds a LangGraph namespace's items
 DEFAULT_PREFIX = "lg"
