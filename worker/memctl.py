@@ -111,19 +111,26 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     # after `list`, --prefix filters ids (the topic prefix is the one before the command)
     ls.add_argument("--prefix", dest="id_prefix", help="only ids that start with this")
     ls.add_argument(
-        "--limit", type=int, default=c.DEFAULT_LIST_LIMIT, help="conversations per page (1-1000)"
+        "--limit",
+        type=int,
+        default=c.DEFAULT_LIST_LIMIT,
+        help="conversations per request (1-1000); every page is printed",
     )
-    s = sub.add_parser("state", help="per-conversation state: save, load, get-all, delete")
+    s = sub.add_parser(
+        "state", help="per-conversation state: save, load, get-all, delete, namespaces"
+    )
     ssub = s.add_subparsers(dest="state_command", required=True)
     sv = ssub.add_parser("save", help="save a key; VALUE is JSON ('\"en\"', 3, true, [1])")
-    for q in (sv, ssub.add_parser("load"), ssub.add_parser("delete")):
+    loads = ssub.add_parser("load", help="a key's value (null when unknown)")
+    dels = ssub.add_parser("delete", help="forget a key")
+    for q in (sv, loads, dels):
         q.add_argument("convo")
         q.add_argument("ns")
         q.add_argument("key")
     sv.add_argument("value")
     sv.add_argument("--ttl", type=float)
     sv.add_argument("--string", action="store_true", help="VALUE is a string, not JSON")
-    ga = ssub.add_parser("get-all")
+    ga = ssub.add_parser("get-all", help="every live key of a namespace")
     ga.add_argument("convo")
     ga.add_argument("ns")
     ssub.add_parser("namespaces", help="the namespaces holding live keys").add_argument("convo")

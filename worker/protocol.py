@@ -356,10 +356,14 @@ def _int(body: dict[Any, Any], field: str, low: int, high: int | None = None) ->
     value = body.get(field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise BadRequest(f"'{field}' must be an integer >= {low}")
-    if high is not None and value > high:
-        raise BadRequest(f"'{field}' must be an integer {low}-{high}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        within = f">= {low}" if high is None else f"{low}-{high}"
+        raise BadRequest(f"'{field}' must be an integer {within}")
     return value
 
 
