@@ -135,3 +135,26 @@ def test_memctl_says_a_refused_login_in_one_line_with_exit_4(secured: Mosquitto)
     assert done.returncode == 4, done.stderr
     assert done.stderr.count("\n") == 1
     assert "refused the login of 'kiosk-a'" in done.stderr
+
+
+async def test_the_hint_leads_the_dashboard_user_to_its_reply_prefix(secured: Mosquitto) -> None:
+    """The refusal a dashboard user gets without reply_prefix names the dashboard role's
+    reply topics, and with them its client connects (the advice does not go round in a
+    circle, as reply/<user> would: that role may not read it)."""
+    user, password = "dashboard", USERS["dashboard"]
+    with pytest.raises(RefusedError) as info:
+        async with MemoryClient(
+            secured.host, secured.port, "mem", username=user, password=password
+        ):
+            pass
+    assert "reply/_conversations" in info.value.message
+    async with MemoryClient(
+        secured.host,
+        secured.port,
+        "mem",
+        reply_prefix="reply/_conversations",
+        username=user,
+        password=password,
+        timeout=0.5,
+    ) as m:
+        assert isinstance(await m.stats(), list)

@@ -167,17 +167,20 @@ class MemoryClient(_Api):
 
     def _refused(self, what: str, topic: str, reason: str) -> RefusedError:
         user = self._auth[0] or "<username>"
+        # The project's roles (deploy/init-security); the client cannot know which is this user's.
         if topic == self._inbox_filter():
             hint = (
-                "replies come there: set reply_prefix to a topic this user may read "
-                f"(with the project's ACL: reply_prefix='reply/{user}', memctl --reply-prefix "
-                f"reply/{user})"
+                "replies come there: set reply_prefix to a topic this user may read (with the "
+                f"project's roles, a device's: reply_prefix='reply/{user}', memctl "
+                f"--reply-prefix reply/{user}; the dashboard role's: reply/_conversations)"
             )
         else:
             hint = (
-                f"check the prefix ({self.prefix!r}) and the broker's ACL for this user "
-                f"(the project's lets a device ask under {self.prefix}/{user}/ and read "
-                f"replies under reply_prefix='reply/{user}')"
+                f"check the prefix ({self.prefix!r}) and the broker's ACL for this user (with "
+                f"the project's roles, a device asks under {self.prefix}/{user}/ with "
+                f"reply_prefix='reply/{user}'; the dashboard role only lists conversations, "
+                "with reply_prefix='reply/_conversations'; the summarizer role only gets and "
+                "summarizes)"
             )
         return RefusedError(
             f"the broker at {self.host}:{self.port} refused the {what} {topic!r} ({reason}): "
