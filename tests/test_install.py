@@ -461,6 +461,7 @@ def test_add_user_fails_on_a_broker_without_the_plugin(tmp_path: Path) -> None:
             env={
                 "DYNSEC_FILE": str(tmp_path / "dynsec.json"),
                 "CTRL_DIR": str(tmp_path / "ctrl"),
+                "PERSIST_DIR": "",
                 "PATH": "/usr/bin:/bin",
             },
             capture_output=True,

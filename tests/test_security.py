@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -60,6 +62,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
             "DYNSEC_FILE": str(work / "dynsec.json"),
             "CTRL_DIR": str(work / "ctrl"),
             "MQTT_PORT": str(port),
+            "PERSIST_DIR": str(work / "persist"),
             "PATH": "/usr/bin:/bin",
         },
         capture_output=True,
@@ -380,3 +383,23 @@ async def test_the_dashboard_may_list_conversations_and_a_device_may_not(
         assert (await ask(a, "kiosk-a", "get", {}, "reply/kiosk-a/r"))["ok"] is True
         assert secured_worker.stats.requests == served + 1
         assert refused(await a.subscribe([("reply/_conversations/#", 1)]))
+
+
+def test_init_security_gives_the_persistence_folder_to_mosquitto(secured: Mosquitto) -> None:
+    """deploy/mosquitto.conf saves under var/mosquitto/: deploy/init-security makes it, and
+    as root gives it to the `mosquitto` user Mosquitto drops to (it could not write a folder
+    root made, and said so every autosave)."""
+    conf = (REPO / "deploy" / "mosquitto.conf").read_text()
+    assert re.search(r"(?m)^persistence_location var/mosquitto/$", conf)
+    persist = secured.work / "persist"  # type: ignore[attr-defined]
+    assert persist.is_dir()
+    if os.geteuid() == 0 and shutil.which("mosquitto") and _has_user("mosquitto"):
+        assert persist.owner() == "mosquitto"
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
