@@ -522,7 +522,7 @@ class Service:
                         batch, self._inbox = self._inbox, []
                         await self._handle(batch)
                     else:
-                        await self._list_step()
+                        await self._list_steps()
                 except Exception:
                     log.exception("batch failed")
                 finally:
@@ -599,30 +599,44 @@ class Service:
             # reconnection is under way: paho's connect runs on another thread.)
             self._client.flush()
 
-    async def _list_step(self) -> None:
-        """Read the next step of the oldest listing page; reply once it is whole."""
+    async def _list_steps(self) -> None:
+        """Read the oldest listing page a step at a time until it is whole (then reply), or
+        until a request comes meanwhile (served first; the page goes on after it). While
+        other requests are being served, the next page waits its LIST_DUTY pause."""
         page = self._later[0]
+        client = self._client
+        start = time.monotonic()
+        try:
+            while not await self._list_step(page):
+                if client is not None:
+                    client.read_now()
+                if self._inbox or not self._later or self._later[0] is not page:
+                    return
+        finally:
+            page.work += time.monotonic() - start
+        now = time.monotonic()
+        if now - self._served < c.LIST_BUSY:
+            self._list_resume = now + page.work * (1 / c.LIST_DUTY - 1)
+
+    async def _list_step(self, page: _Page) -> bool:
+        """Read the page's next step; True once the page is answered (or gone)."""
         want = page.request.limit - page.read
         step = min(want, self.backend.list_step or want)
         request = replace(page.request, limit=step, after=page.after)
-        start = time.monotonic()
         (result,), _ = await self._execute([request])
-        if start - self._served < c.LIST_BUSY:
-            self._list_resume = time.monotonic() + (time.monotonic() - start) * (
-                1 / c.LIST_DUTY - 1
-            )
         if not self._later or self._later[0] is not page:  # the connection was lost meanwhile
-            return
+            return True
         if isinstance(result, Fields):
             page.found += result.fields["conversations"]
             page.read += step
             cursor = result.fields["cursor"]
             if cursor is not None and page.read < page.request.limit:
                 page.after = decode_cursor(cursor)
-                return
+                return False
             result = Fields({"conversations": page.found, "cursor": cursor})
         self._later.popleft()
         self._answer([(page.gen, page.msg, page.parsed, result)], [])
+        return True
 
     def _reply(self, msg: Message, parsed: Parsed, result: Result) -> None:
         stats = self.stats
@@ -756,6 +770,7 @@ class _Page:
     request: ListConvos
     after: str = field(init=False)
     read: int = 0  # conversations scanned so far
+    work: float = 0.0  # seconds spent reading it
     found: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
