@@ -45,9 +45,10 @@ MAX_LIST_LIMIT: Final = 1000
 # came meanwhile are served first, so a page holds a device's request up for about 25 µs (at
 # 1,000,000 conversations), not a whole page's 100-1,200.
 LIST_STEP: Final = 20
-# While other requests are being served (one came within LIST_BUSY seconds), listing takes at
-# most this share of the worker's time: a lister going flat out would otherwise take a core
-# (the worker's, the broker's and its own) from the devices. An idle worker lists flat out.
+# While other requests are being served (one came within LIST_BUSY seconds), reading pages
+# takes at most this share of the worker's time (a pause after each page): a lister going flat
+# out would otherwise take a core (the worker's, the broker's and its own) from the devices.
+# An idle worker lists flat out.
 LIST_DUTY: Final = 0.1
 LIST_BUSY: Final = 0.05
 EVICTED: Final = "evicted"
