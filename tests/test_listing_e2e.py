@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.clients import Device, device
+from tests.clients import Device, device, next_message, watcher
 from tests.conftest import WorkerFactory, reap, spawn_worker, unique, wait_serving
 from tests.processes import Mosquitto, redis_server
 from tests.test_scale import workers
@@ -108,6 +108,62 @@ async def test_waiting_pages_count_against_max_inflight(
         await sampler
         assert all(len(r["conversations"]) == 300 for r in replies)
         assert 0 < held <= 4
+
+
+async def test_the_worker_goes_on_with_its_other_work_while_pages_queue(
+    broker: Mosquitto,
+) -> None:
+    """Listers keeping pages of 1,000 queued on an idle worker: its other tasks (here the
+    stats it publishes every 0.2 s) go on between pages, and it stops at once on SIGTERM."""
+    prefix, cid = unique("mem"), unique("w-")
+    proc = spawn_worker(
+        broker,
+        "--prefix",
+        prefix,
+        "--client-id",
+        cid,
+        "--max-conversations",
+        "5000",
+        "--stats-interval",
+        "0.2",
+    )
+    try:
+        await asyncio.to_thread(wait_serving, proc)
+        async with (
+            device(broker.host, broker.port, prefix) as d,
+            watcher(broker.host, broker.port, f"{prefix}/_worker/{cid}/stats") as stats,
+        ):
+            for i in range(3000):
+                await d.send(f"{prefix}/c{i:04}/append", {"role": "user", "content": "x"}, qos=0)
+            assert (await d.request("c2999", "get"))["turns"]
+            pages, listing = 0, True
+
+            async def lister() -> None:  # two pages in flight: the queue never empties
+                nonlocal pages
+                ahead = await d.send(f"{prefix}/_conversations/list", {"limit": 1000})
+                while listing:
+                    page, ahead = (
+                        ahead,
+                        await d.send(f"{prefix}/_conversations/list", {"limit": 1000}),
+                    )
+                    await asyncio.wait_for(page, 30)  # undecoded: the client keeps up
+                    pages += 1
+                await asyncio.wait_for(ahead, 30)
+
+            listers = [asyncio.create_task(lister()) for _ in range(4)]
+            while pages < 4:
+                await next_message(stats)
+            seen = []
+            for _ in range(3):  # stats while the pages keep coming
+                await next_message(stats)
+                seen.append(pages)
+            assert seen[-1] > seen[0]
+            listing = False
+            await asyncio.gather(*listers)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    finally:
+        reap(proc, signal.SIGKILL)
 
 
 @pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")

@@ -223,7 +223,7 @@ def convo_info(
         "turns": turns,
         "keys": keys,
         "last_used": used / 1000,
-        "expires_at": (used + int(ttl * 1000)) / 1000 if ttl else None,
+        "expires_at": (used + int(ttl * 1000 + 0.5)) / 1000 if ttl else None,
         "upto": upto,
         "tokens": tokens,
     }

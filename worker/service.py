@@ -509,9 +509,18 @@ class Service:
             while self._inbox or self._later:
                 await self._sendable()
                 client = self._client
-                if not self._inbox and client is not None:
-                    client.read_now()
-                if not self._inbox and (pause := self._list_resume - time.monotonic()) > 0:
+                if not self._inbox:
+                    # Between pages the other tasks run (stats, the sweep, the watchdog's
+                    # pings): reading one does not yield, nor would a queue of them.
+                    await asyncio.sleep(0)
+                    if client is not None:
+                        client.read_now()
+                    if not self._later:
+                        continue
+                # No pause while pages fill --max-inflight: reading is paused, and the
+                # requests it would let through are the ones waiting.
+                pause = self._list_resume - time.monotonic()
+                if not self._inbox and pause > 0 and not self._full():
                     if self._resume_timer is not None:
                         self._resume_timer.cancel()
                     self._resume_timer = loop.call_later(pause, self._wake.set)
@@ -553,6 +562,8 @@ class Service:
             if isinstance(parsed.request, ListConvos):
                 # A page is a hundred conversations' worth of work and a large reply: the
                 # requests of devices do not wait behind it (_process serves it after them).
+                # Its PUBACK then follows theirs, out of the order MQTT asks of a client
+                # (4.6.0-2); brokers do not check it.
                 self._later.append(_Page(gen, msg, parsed, parsed.request))
             else:
                 todo.append((gen, msg, parsed))
@@ -603,6 +614,8 @@ class Service:
         """Read the oldest listing page a step at a time until it is whole (then reply), or
         until a request comes meanwhile (served first; the page goes on after it). While
         other requests are being served, the next page waits its LIST_DUTY pause."""
+        if not self._later:  # the connection was lost meanwhile
+            return
         page = self._later[0]
         client = self._client
         start = time.monotonic()
@@ -623,19 +636,29 @@ class Service:
         want = page.request.limit - page.read
         step = min(want, self.backend.list_step or want)
         request = replace(page.request, limit=step, after=page.after)
-        (result,), _ = await self._execute([request])
+        # The store's events are whatever it holds (SQLite's evictions on opening, say),
+        # not only this step's: announced as any batch's are.
+        (result,), events = await self._execute([request])
         if not self._later or self._later[0] is not page:  # the connection was lost meanwhile
+            self._answer([], events)
             return True
         if isinstance(result, Fields):
-            page.found += result.fields["conversations"]
-            page.read += step
-            cursor = result.fields["cursor"]
-            if cursor is not None and page.read < page.request.limit:
-                page.after = decode_cursor(cursor)
-                return False
-            result = Fields({"conversations": page.found, "cursor": cursor})
+            try:
+                cursor = result.fields["cursor"]
+                after = decode_cursor(cursor) if cursor is not None else ""
+            except WorkerError:
+                log.exception("a listing step's cursor does not decode")
+                result = WorkerError("internal error: a listing step's cursor")
+            else:
+                page.found += result.fields["conversations"]
+                page.read += step
+                if cursor is not None and page.read < page.request.limit:
+                    page.after = after
+                    self._answer([], events)
+                    return False
+                result = Fields({"conversations": page.found, "cursor": cursor})
         self._later.popleft()
-        self._answer([(page.gen, page.msg, page.parsed, result)], [])
+        self._answer([(page.gen, page.msg, page.parsed, result)], events)
         return True
 
     def _reply(self, msg: Message, parsed: Parsed, result: Result) -> None:

@@ -208,8 +208,9 @@ class MemoryClient(_Api):
                     backoff = 0.05
                     continue
                 await client.wait_disconnected()
-            except aiomqtt.MqttError:
-                pass
+            except aiomqtt.MqttError as exc:
+                if login_refused(exc):  # on reconnecting: the password changed since
+                    lost = unreachable(self.host, self.port, self._auth[0], exc)
             except RefusedError as exc:  # on reconnecting: the ACL changed since
                 lost = exc
             await self._disconnect()
