@@ -17,9 +17,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice, pairwise, takewhile
+from operator import attrgetter
 from typing import Any, Final
 
-from sortedcontainers import SortedList
+from sortedcontainers import SortedKeyList
 
 from worker import constants as c
 from worker.errors import BadRequest, Conflict, TooLarge, WorkerError
@@ -105,6 +106,7 @@ class Convo:
         "count",
         "deadline",
         "ids",
+        "name",
         "nbytes",
         "nkeys",
         "sbytes",
@@ -116,7 +118,8 @@ class Convo:
         "used",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.turns = b""
         self.count = 0
         self.tokens = 0  # the turns' (a listing's entry would walk them all otherwise)
@@ -228,7 +231,9 @@ class Store:
         self._clock = clock
         self._wall = wall
         self._convos: OrderedDict[str, Convo] = OrderedDict()
-        self._index: SortedList[str] = SortedList()  # the ids, sorted, for listing
+        # The conversations in id order, for listing: a page reads them without a lookup by
+        # id each (at 1,000,000 those lookups were a third of a page, all cache misses).
+        self._index: SortedKeyList[Convo, str] = SortedKeyList(key=attrgetter("name"))
         self._key_heap: list[tuple[float, str, str, str]] = []
         self.events: list[Event] = []  # evictions, and trimmed turns with trimmed_events
         self.dirty: set[str] | None = None
@@ -451,17 +456,17 @@ class Store:
         """A page of live conversations in id order; see ListConvos. It scans at most
         `limit` ids, skipping those expired but not yet swept (so a page may be short)."""
         now, to_wall = self._clock(), self._wall() - self._clock()
-        prefix, ttl, convos = req.prefix, self.limits.ttl, self._convos
+        prefix, ttl = req.prefix, self.limits.ttl
         if req.after >= prefix:
-            ids = self._index.irange(req.after, inclusive=(not req.after, True))
+            found = self._index.irange_key(req.after, inclusive=(not req.after, True))
         else:
-            ids = self._index.irange(prefix)
+            found = self._index.irange_key(prefix)
         if prefix:
-            ids = takewhile(lambda n: n.startswith(prefix), ids)
-        names = list(islice(ids, req.limit + 1))
+            found = takewhile(lambda cv: cv.name.startswith(prefix), found)
+        page = list(islice(found, req.limit + 1))
         scanned: list[tuple[str, dict[str, Any] | None]] = []
-        for name in names[: req.limit]:
-            cv = convos[name]
+        for cv in page[: req.limit]:
+            name = cv.name
             if cv.deadline <= now:
                 scanned.append((name, None))
                 continue
@@ -469,7 +474,7 @@ class Store:
             upto, tokens = (summary[1], summary[2] + cv.tokens) if summary else (0, cv.tokens)
             info = convo_info(name, cv.count, cv.nkeys, cv.used + to_wall, ttl, upto, tokens)
             scanned.append((name, info))
-        return list_page(scanned, len(names) > req.limit)
+        return list_page(scanned, len(page) > req.limit)
 
     # --- expiry -------------------------------------------------------------------------
 
@@ -521,7 +526,7 @@ class Store:
     ) -> None:
         """Put back a conversation read from storage (`turns` as `turn_list` gave them, `used`
         the monotonic time of its last use); call in order of last use."""
-        cv = Convo()
+        cv = Convo(name)
         kept = [repack_turn(t) for t in turns[-self.limits.max_turns :]]
         cv.turns, cv.seq, cv.used = b"".join(kept), seq, used
         cv.tokens = sum(tokens for _, _, tokens in turn_marks(cv.turns))
@@ -545,7 +550,7 @@ class Store:
                     self._push_key_deadline(key_deadline, name, ns, key)
         cv.nbytes += cv.sbytes
         self._convos[name] = cv
-        self._index.add(name)
+        self._index.add(cv)
         self.turns += cv.count
         self.bytes += cv.nbytes
         self.keys += cv.nkeys
@@ -614,7 +619,7 @@ class Store:
             self._evict(
                 oldest_name, oldest, c.REASON_TTL if oldest.deadline <= now else c.REASON_LRU
             )
-        cv = Convo()
+        cv = Convo(name)
         cv.nbytes = self._base(name)
         cv.used = now
         # Unique, even for one started again within the same millisecond (or after the
@@ -622,12 +627,12 @@ class Store:
         cv.born = self._last_born = max(int(self._wall() * 1000), self._last_born + 1)
         self.bytes += cv.nbytes
         convos[name] = cv
-        self._index.add(name)
+        self._index.add(cv)
         return cv
 
     def _evict(self, name: str, cv: Convo, reason: str) -> None:
         del self._convos[name]
-        self._index.remove(name)
+        self._index.remove(cv)
         self.turns -= cv.count
         self.bytes -= cv.nbytes
         self.keys -= cv.nkeys
