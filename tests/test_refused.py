@@ -85,20 +85,26 @@ async def test_a_refused_request_is_an_error_naming_its_topic(secured: Mosquitto
             await m.forget("kiosk-b")
 
 
-def test_memctl_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None:
-    """memctl on a broker refusing its reply topic prints one line naming it and exits 4."""
-    done = subprocess.run(
+def memctl_as_kiosk(
+    secured: Mosquitto, password: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """memctl as kiosk-a, with `password`, waiting up to 30 s for a reply it should not need."""
+    return subprocess.run(
         [
             program("memctl"),
             *("--host", secured.host, "--port", str(secured.port)),
-            *("--username", "kiosk-a", "--password", USERS["kiosk-a"]),
-            *("--timeout", "30", "get", "kiosk-a"),
+            *("--username", USER, "--password", password, "--timeout", "30", *args),
         ],
         capture_output=True,
         text=True,
         timeout=20,
         check=False,
     )
+
+
+def test_memctl_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None:
+    """memctl on a broker refusing its reply topic prints one line naming it and exits 4."""
+    done = memctl_as_kiosk(secured, USERS["kiosk-a"], "get", "kiosk-a")
     assert done.returncode == 4, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -121,17 +127,7 @@ async def test_a_wrong_password_is_a_refused_login_not_a_timeout(secured: Mosqui
 
 
 def test_memctl_says_a_refused_login_in_one_line_with_exit_4(secured: Mosquitto) -> None:
-    done = subprocess.run(
-        [
-            program("memctl"),
-            *("--host", secured.host, "--port", str(secured.port)),
-            *("--username", "kiosk-a", "--password", "wrong", "--timeout", "30", "list"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+    done = memctl_as_kiosk(secured, "wrong", "list")
     assert done.returncode == 4, done.stderr
     assert done.stderr.count("\n") == 1
     assert "refused the login of 'kiosk-a'" in done.stderr
