@@ -262,14 +262,17 @@ async def test_500_concurrent_appends_through_several_clients(
                 await c.__aexit__(None, None, None)
 
 
-@pytest.fixture(params=["mqtt", "memory"])
+@pytest.fixture(params=["mqtt5", "mqtt311", "memory"])
 def blocking_url(
     request: pytest.FixtureRequest, broker: Mosquitto, worker: Service
 ) -> Iterator[str]:
+    """MQTT 5 requests go out from the calling thread; MQTT 3.1.1's and memory://'s run on
+    the client's loop."""
     if request.param == "memory":
         yield "memory://?max_turns=100"
     else:
-        yield f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
+        protocol = 5 if request.param == "mqtt5" else 3
+        yield f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}?protocol={protocol}"
 
 
 async def test_16_threads_share_one_blocking_client(blocking_url: str) -> None:
@@ -316,6 +319,63 @@ async def test_blocking_client_refuses_like_the_async_one(
             return memory.append("ok", "user", "x").seq
 
     assert await asyncio.to_thread(use) == 1
+
+
+async def test_a_blocking_request_unanswered_is_sent_again_with_its_id(
+    broker: Mosquitto,
+) -> None:
+    """Without a worker, a blocking append is sent once per attempt, each time with the same
+    id, then raises NoReplyError naming the attempts; the client still serves after it."""
+    prefix = unique("p")
+    async with watcher(broker.host, broker.port, f"{prefix}/c/append") as sent:
+
+        def use() -> str:
+            with BlockingMemoryClient(
+                broker.host, broker.port, prefix, timeout=0.3, attempts=3
+            ) as memory:
+                with pytest.raises(NoReplyError) as info:
+                    memory.append("c", "user", "x")
+                with pytest.raises(NoReplyError):  # the next call gets its own attempts
+                    memory.get("c")
+                return info.value.message
+
+        message = await asyncio.to_thread(use)
+        assert "3 attempts" in message
+        ids = [decode(await next_message(sent))["id"] for _ in range(3)]
+    assert ids[0]
+    assert ids == [ids[0]] * 3
+
+
+async def test_blocking_appends_stored_once_across_a_broker_restart(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """Four threads append through one blocking client while the broker restarts: every
+    append stored exactly once, each thread's in order."""
+    async with worker_factory(own_broker, max_turns=100) as w:
+        half = threading.Barrier(5, timeout=60)
+
+        def use() -> list[list[str]]:
+            with BlockingMemoryClient(
+                own_broker.host, own_broker.port, w.cfg.prefix, timeout=2, attempts=10
+            ) as memory:
+
+                def stream(n: int) -> None:
+                    for i in range(40):
+                        memory.append(f"t{n}", "user", str(i))
+                        if i == 20:
+                            half.wait()
+
+                threads = [threading.Thread(target=stream, args=(n,)) for n in range(4)]
+                for t in threads:
+                    t.start()
+                half.wait()
+                own_broker.restart()
+                for t in threads:
+                    t.join()
+                return [[t["content"] for t in memory.get(f"t{n}")] for n in range(4)]
+
+        stored = await asyncio.to_thread(use)
+    assert stored == [[str(i) for i in range(40)]] * 4
 
 
 async def test_local_memory_expires_with_an_event() -> None:

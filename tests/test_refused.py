@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import program
 from tests.processes import Mosquitto
 from tests.test_security import USERS, secured
-from worker.client import MemoryClient, RefusedError
+from worker.client import BlockingMemoryClient, MemoryClient, RefusedError
 
 # deploy/'s secured broker (dynamic security): kiosk-a may ask under mem/kiosk-a/ and read
 # replies under reply/kiosk-a/, nothing else. Mosquitto's plain acl_file grants every
@@ -83,6 +83,28 @@ async def test_a_refused_request_is_an_error_naming_its_topic(secured: Mosquitto
         assert "'mem/kiosk-b/get' (Not authorized)" in info.value.message
         with pytest.raises(RefusedError):
             await m.forget("kiosk-b")
+
+
+async def test_a_refused_blocking_request_is_an_error_at_once(secured: Mosquitto) -> None:
+    """The blocking client, whose MQTT 5 requests go out from the calling thread, raises the
+    broker's refusal at once too."""
+
+    def use() -> RefusedError:
+        with BlockingMemoryClient(
+            secured.host,
+            secured.port,
+            "mem",
+            reply_prefix="reply/kiosk-a",
+            timeout=60,
+            username=USER,
+            password=PASSWORD,
+        ) as memory:
+            with pytest.raises(RefusedError) as info:
+                memory.append("kiosk-b", "user", "x")
+            return info.value
+
+    refused = await asyncio.wait_for(asyncio.to_thread(use), 30)  # far below the 60 s
+    assert (refused.topic, refused.reason) == ("mem/kiosk-b/append", "Not authorized")
 
 
 def memctl_as_kiosk(

@@ -456,15 +456,21 @@ def _build_list(body: dict[Any, Any]) -> ListConvos:
     return ListConvos(c.DEFAULT_LIST_LIMIT if limit is None else limit, after, prefix)
 
 
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def check_topic(convo: str, op: str) -> None:
+    """Raise the WorkerError of a request to P/<convo>/<op> whatever its body (remembered:
+    a client asks about the same conversations again and again)."""
+    if convo == c.CONVERSATIONS_LEVEL and op == c.OP_LIST:
+        return
+    if op not in c.OPERATIONS:
+        raise BadTopic(f"unknown operation {op!r}")
+    validate_convo(convo)
+
+
 def check_request(convo: str, op: str, body: dict[Any, Any]) -> Request:
     """The request the worker would build from `body` on P/<convo>/<op>, or the WorkerError
     its reply would carry (for clients that refuse bad input before sending)."""
-    if convo == c.CONVERSATIONS_LEVEL and op == c.OP_LIST:
-        pass
-    elif op not in c.OPERATIONS:
-        raise BadTopic(f"unknown operation {op!r}")
-    else:
-        validate_convo(convo)
+    check_topic(convo, op)
     req_id = _check_id(body["id"]) if "id" in body else _MISSING
     request = _build(op, convo, body, req_id)
     # A Python caller's str may hold lone surrogates, which no msgpack message can carry.

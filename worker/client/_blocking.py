@@ -11,7 +11,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from worker.client._api import _Api
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient
+from worker.client._mqtt import MemoryClient, _Direct, run_direct
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -28,6 +28,10 @@ def _blocking(
 
     @functools.wraps(method)
     def call(self: BlockingMemoryClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        direct = self._direct
+        if direct is not None and threading.current_thread() is not self._thread:
+            direct_call: Coroutine[Any, Any, _T] = getattr(direct, name)(*args, **kwargs)
+            return run_direct(direct_call)
         coro: Coroutine[Any, Any, _T] = getattr(self.memory, name)(*args, **kwargs)
         return self._run(coro)
 
@@ -46,6 +50,9 @@ class BlockingMemoryClient:
         self._memory: Memory = _memory if _memory is not None else MemoryClient(*args, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # MQTT 5 requests go out from the calling thread (request_from_thread), not as a
+        # task on the loop; MQTT 3.1.1's (matched by id) and memory://'s take the loop.
+        self._direct: _Direct | None = None
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         assert self._loop is not None, "use BlockingMemoryClient in a with block"
@@ -70,6 +77,8 @@ class BlockingMemoryClient:
         except BaseException:
             self._stop()
             raise
+        if isinstance(self._memory, MemoryClient) and self._memory.protocol == 5:
+            self._direct = _Direct(self._memory)
         return self
 
     async def _enter(self) -> None:
@@ -89,6 +98,7 @@ class BlockingMemoryClient:
             self._stop()
 
     def _stop(self) -> None:
+        self._direct = None
         loop, self._loop = self._loop, None
         if loop is not None and self._thread is not None:
             loop.call_soon_threadsafe(loop.stop)
