@@ -302,7 +302,10 @@ class Connection(aiomqtt.Client):
 
     def _handle_buffered(self) -> None:
         self._parse()
-        pending = getattr(self._client._sock, "pending", None)
+        sock = self._client._sock
+        if type(sock) is socket.socket:  # no TLS: nothing decrypted waits (and no getattr miss)
+            return
+        pending = getattr(sock, "pending", None)
         if pending is not None and pending() and not self.paused:
             self._loop.call_soon(self._read)  # TLS: decrypted bytes wake no epoll
 

@@ -474,8 +474,9 @@ def check_request(convo: str, op: str, body: dict[Any, Any]) -> Request:
     req_id = _check_id(body["id"]) if "id" in body else _MISSING
     request = _build(op, convo, body, req_id)
     # A Python caller's str may hold lone surrogates, which no msgpack message can carry.
+    # (The request's text fields are the body's own strings.)
     for name in ("role", "content", "text", "ns", "key"):
-        text = getattr(request, name, None)
+        text = body.get(name)
         if isinstance(text, str) and _SURROGATES.search(text):
             raise BadRequest(f"'{name}' is not valid UTF-8 (it holds a lone surrogate)")
     return request

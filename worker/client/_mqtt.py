@@ -98,6 +98,8 @@ class MemoryClient(_Api):
         self.tag = uuid.uuid4().hex[:12]
         self.reply_prefix = reply_prefix or f"{prefix}-reply"
         check_reply_prefix(self.reply_prefix, prefix)
+        # Every request's inbox, unless it names the conversation.
+        self._inbox = "" if "{convo}" in self.reply_prefix else f"{self.reply_prefix}/{self.tag}"
         self._auth = (username, password)
         self._tls: ssl.SSLContext | None = (
             tls_context(tls_ca) if tls_ca else ssl.create_default_context() if tls else None
@@ -306,7 +308,7 @@ class MemoryClient(_Api):
         if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
             body["id"] = f"{self.tag}-{next(self._n)}"
         _refuse(convo, op, body)
-        inbox = f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
+        inbox = self._inbox or f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
         if self.protocol == 5:
             # Each request's own: the same request_id twice at once gets two replies.
             key = next(self._n).to_bytes(8, "big")
