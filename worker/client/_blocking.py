@@ -11,7 +11,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from worker.client._api import _Api
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient, _Direct, run_direct
+from worker.client._mqtt import MemoryClient, ThreadCalls, run_direct
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -52,7 +52,7 @@ class BlockingMemoryClient:
         self._thread: threading.Thread | None = None
         # MQTT 5 requests go out from the calling thread (request_from_thread), not as a
         # task on the loop; MQTT 3.1.1's (matched by id) and memory://'s take the loop.
-        self._direct: _Direct | None = None
+        self._direct: ThreadCalls | None = None
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         assert self._loop is not None, "use BlockingMemoryClient in a with block"
@@ -78,7 +78,7 @@ class BlockingMemoryClient:
             self._stop()
             raise
         if isinstance(self._memory, MemoryClient) and self._memory.protocol == 5:
-            self._direct = _Direct(self._memory)
+            self._direct = ThreadCalls(self._memory)
         return self
 
     async def _enter(self) -> None:

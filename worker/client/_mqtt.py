@@ -521,7 +521,7 @@ class MemoryClient(_Api):
         return list(seen.values())
 
 
-class _Direct(_Api):
+class ThreadCalls(_Api):
     """The API whose requests a thread sends itself (`request_from_thread`): its coroutines
     never suspend, so the calling thread runs them to their end without a loop."""
 
@@ -533,7 +533,7 @@ class _Direct(_Api):
 
 
 def run_direct(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run a `_Direct` call's coroutine to its end on this thread."""
+    """Run a `ThreadCalls` call's coroutine to its end on this thread."""
     try:
         coro.send(None)
     except StopIteration as done:
