@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -63,18 +64,20 @@ async def test_a_refused_event_subscription_is_an_error(secured: Mosquitto) -> N
             await first_eviction(m)
 
 
+# kiosk-a's client, with a timeout far above what the refusal tests wait.
+KIOSK_A: dict[str, Any] = {
+    "prefix": "mem",
+    "reply_prefix": "reply/kiosk-a",
+    "timeout": 60,
+    "username": USER,
+    "password": PASSWORD,
+}
+
+
 async def test_a_refused_request_is_an_error_naming_its_topic(secured: Mosquitto) -> None:
     """A request the broker refuses (MQTT 5 PUBACK 'Not authorized': another device's
     conversation) raises RefusedError at once, naming the topic; the next request still goes."""
-    async with MemoryClient(
-        secured.host,
-        secured.port,
-        "mem",
-        reply_prefix="reply/kiosk-a",
-        timeout=60,
-        username=USER,
-        password=PASSWORD,
-    ) as m:
+    async with MemoryClient(secured.host, secured.port, **KIOSK_A) as m:
         async with asyncio.timeout(30):  # far below the client's own 60 s
             with pytest.raises(RefusedError) as info:
                 await m.get("kiosk-b")
@@ -90,15 +93,7 @@ async def test_a_refused_blocking_request_is_an_error_at_once(secured: Mosquitto
     broker's refusal at once too."""
 
     def use() -> RefusedError:
-        with BlockingMemoryClient(
-            secured.host,
-            secured.port,
-            "mem",
-            reply_prefix="reply/kiosk-a",
-            timeout=60,
-            username=USER,
-            password=PASSWORD,
-        ) as memory:
+        with BlockingMemoryClient(secured.host, secured.port, **KIOSK_A) as memory:
             with pytest.raises(RefusedError) as info:
                 memory.append("kiosk-b", "user", "x")
             return info.value

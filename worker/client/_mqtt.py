@@ -320,13 +320,17 @@ class MemoryClient(_Api):
         safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
         return key, f"{self.prefix}/{convo}/{op}", msgpack.packb(body), props, safe
 
-    def _no_reply(self, exc: Exception, attempt: int) -> NoReplyError:
-        why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
-        return NoReplyError(
-            f"{why} from memory-worker on {self.host}:{self.port} "
-            f"(prefix {self.prefix!r}) within {self.timeout}s"
-            + (f", {attempt} attempts" if attempt > 1 else "")
-        )
+    def _attempt_failed(self, exc: Exception, topic: str, attempt: int, last: bool) -> None:
+        """Raise what an attempt's failure means to the caller; return to try again."""
+        if isinstance(exc, _PublishRefused):
+            raise self._refused("publish to", topic, exc.reason) from None
+        if last:
+            why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
+            raise NoReplyError(
+                f"{why} from memory-worker on {self.host}:{self.port} "
+                f"(prefix {self.prefix!r}) within {self.timeout}s"
+                + (f", {attempt} attempts" if attempt > 1 else "")
+            ) from None
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         key, topic, payload, props, safe = self._prepare(convo, op, body)
@@ -354,11 +358,8 @@ class MemoryClient(_Api):
                 # PUBACK; a PUBACK that refuses fails it (_on_refused), as a lost connection does.
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
                 return _ok(await fut)
-            except _PublishRefused as exc:
-                raise self._refused("publish to", topic, exc.reason) from None
-            except (TimeoutError, _Lost) as exc:
-                if last:
-                    raise self._no_reply(exc, attempt) from None
+            except (_PublishRefused, TimeoutError, _Lost) as exc:
+                self._attempt_failed(exc, topic, attempt, last)
             finally:
                 self._deadlines.pop(key, None)
                 if self._waiting.get(key) is fut:  # timed out, lost or cancelled
@@ -415,11 +416,8 @@ class MemoryClient(_Api):
                 if not reply.wait(deadline - time.monotonic()) and not reply.done():
                     raise TimeoutError
                 return _ok(reply.result())
-            except _PublishRefused as exc:
-                raise self._refused("publish to", topic, exc.reason) from None
-            except (TimeoutError, _Lost) as exc:
-                if last:
-                    raise self._no_reply(exc, attempt) from None
+            except (_PublishRefused, TimeoutError, _Lost) as exc:
+                self._attempt_failed(exc, topic, attempt, last)
             finally:
                 if not reply.done():  # timed out: the loop's thread drops it
                     reply.abandoned = True
