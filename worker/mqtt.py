@@ -60,7 +60,6 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("paho.Client", "_mid_generate"),
     ("paho.Client", "_sock"),
     ("paho.Client", "_sock_recv"),
-    ("paho.Client", "_sock_send"),
     ("paho.Client", "_call_socket_register_write"),
     ("paho.Client", "_last_msg_out"),
     ("paho.Client", "_last_bytes_received"),
@@ -422,10 +421,11 @@ class Connection(aiomqtt.Client):
         out.clear()
         client = self._client
         if not client._out_packet:
+            sock = client._sock  # None once paho closed it, before _closed runs
             try:
-                sent = client._sock_send(data)
-            except OSError:  # BlockingIOError too; paho's writer reports a broken socket
-                sent = 0
+                sent = sock.send(data) if sock is not None else 0
+            except OSError:  # BlockingIOError and TLS's wants too; paho's writer reports a
+                sent = 0  # broken socket
             client._last_msg_out = time.monotonic()
             if sent == len(data):
                 return
