@@ -29,6 +29,7 @@ from worker.client import (
     open_blocking_memory,
     open_memory,
 )
+from worker.client._mqtt import _Reply
 from worker.service import Service
 
 
@@ -376,6 +377,51 @@ async def test_blocking_appends_stored_once_across_a_broker_restart(
 
         stored = await asyncio.to_thread(use)
     assert stored == [[str(i) for i in range(40)]] * 4
+
+
+async def test_a_reply_resumes_its_task_inside_the_read() -> None:
+    """The future a request awaits: a reply resolved from a loop callback (the socket's read)
+    runs the awaiting task at once, before the callback goes on; resolved from inside a task
+    it is scheduled, as an asyncio Future's; a cancel reaches the task as CancelledError."""
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+
+    async def awaits(reply: _Reply) -> Any:
+        value = await reply
+        order.append("resumed")
+        return value
+
+    reply = _Reply(loop)
+    task = asyncio.create_task(awaits(reply))
+    await asyncio.sleep(0)  # the task now waits on the reply
+    done = asyncio.Event()
+
+    def read() -> None:
+        reply.resolve(7)
+        order.append("read goes on")
+        done.set()
+
+    loop.call_soon(read)
+    await done.wait()
+    assert order == ["resumed", "read goes on"]
+    assert await task == 7
+
+    order.clear()
+    reply = _Reply(loop)
+    task = asyncio.create_task(awaits(reply))
+    await asyncio.sleep(0)
+    reply.resolve(8)  # from this test's task: scheduled
+    order.append("resolver goes on")
+    assert await task == 8
+    assert order == ["resolver goes on", "resumed"]
+
+    reply = _Reply(loop)
+    task = asyncio.create_task(awaits(reply))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert reply.cancelled()
 
 
 async def test_local_memory_expires_with_an_event() -> None:

@@ -201,13 +201,23 @@ class Connection(aiomqtt.Client):
         on_message: called on the event loop's thread with each PUBLISH.
         on_refused: called with the message id and the broker's reason when an MQTT 5 broker
             refuses a QoS 1 publish of `publish_packed` (its PUBACK's reason code).
+        flush_after_read: write what `on_message` queued as soon as the read is handled,
+            rather than on the event loop's next turn (the client: a reply's acknowledgement
+            and the request its task sends next leave in the read that brought the reply).
         **kwargs: aiomqtt.Client's arguments.
     """
 
     def __init__(
-        self, on_message: OnMessage, *, on_refused: OnRefused | None = None, **kwargs: Any
+        self,
+        on_message: OnMessage,
+        *,
+        on_refused: OnRefused | None = None,
+        flush_after_read: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._flush_after_read = flush_after_read
+        self._in_read = False
         self._v5 = kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5
         self._on_refused = on_refused
         paho_client = self._client
@@ -295,7 +305,16 @@ class Connection(aiomqtt.Client):
                 data = b"".join(self._chunks)
                 self._chunks, self._chunked = [], 0
             self._rbuf = self._rbuf + data if self._rbuf else data
-            self._handle_buffered()
+            if not self._flush_after_read:
+                self._handle_buffered()
+                return
+            self._in_read = True
+            try:
+                self._handle_buffered()
+            finally:
+                self._in_read = False
+            if self._out:
+                self.flush()
         except Exception as exc:  # a broken socket, a malformed packet
             self._fail(exc)
 
@@ -405,7 +424,7 @@ class Connection(aiomqtt.Client):
         self._flush_soon()
 
     def _flush_soon(self) -> None:
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._in_read:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
