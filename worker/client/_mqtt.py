@@ -307,9 +307,9 @@ class MemoryClient(_Api):
 
     def _prepare(self, convo: str, op: str, body: dict[str, Any]) -> _Prepared:
         """What every attempt of a request sends, and the key its reply is matched by."""
-        if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
-            body["id"] = f"{self.tag}-{next(self._n)}"
         _refuse(convo, op, body)
+        if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
+            body["id"] = f"{self.tag}-{next(self._n)}"  # valid by construction: not checked
         inbox = self._inbox or f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
         if self.protocol == 5:
             # Each request's own: the same request_id twice at once gets two replies.
