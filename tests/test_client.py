@@ -4,6 +4,7 @@ concurrency through one and several clients, and exactly-once appends across a d
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import threading
@@ -171,6 +172,24 @@ async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> No
     async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
         await m.append("c", "user", "x")
         stats = await m.stats()
+    assert len(stats) == 1
+    assert {"conversations", "requests", "ts"} <= set(stats[0])
+
+
+async def test_the_blocking_client_answers_every_method_from_a_thread(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """stats() (not part of the shared API) and a timeout no lock could wait as such
+    (math.inf) work from a thread over MQTT 5 too."""
+
+    def use() -> list[dict[str, Any]]:
+        with BlockingMemoryClient(
+            broker.host, broker.port, worker.cfg.prefix, timeout=math.inf
+        ) as memory:
+            assert memory.append("inf", "user", "x").seq == 1
+            return memory.stats()
+
+    stats = await asyncio.to_thread(use)
     assert len(stats) == 1
     assert {"conversations", "requests", "ts"} <= set(stats[0])
 

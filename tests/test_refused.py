@@ -96,6 +96,11 @@ async def test_a_refused_blocking_request_is_an_error_at_once(secured: Mosquitto
         with BlockingMemoryClient(secured.host, secured.port, **KIOSK_A) as memory:
             with pytest.raises(RefusedError) as info:
                 memory.append("kiosk-b", "user", "x")
+            with pytest.raises(RefusedError):  # again: nothing of the first left to shadow it
+                memory.forget("kiosk-b")
+            client = memory.memory
+            assert isinstance(client, MemoryClient)
+            assert (client._waiting, client._mids) == ({}, {})  # nothing left behind
             return info.value
 
     refused = await asyncio.wait_for(asyncio.to_thread(use), 30)  # far below the 60 s

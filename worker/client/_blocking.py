@@ -25,11 +25,12 @@ def _blocking(
     """The blocking twin of an async method of the memory, called by name on whichever
     memory the client drives."""
     name = method.__name__
+    shared = hasattr(_Api, name)  # ThreadCalls has the shared API, not stats()
 
     @functools.wraps(method)
     def call(self: BlockingMemoryClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         direct = self._direct
-        if direct is not None and threading.current_thread() is not self._thread:
+        if shared and direct is not None and threading.current_thread() is not self._thread:
             direct_call: Coroutine[Any, Any, _T] = getattr(direct, name)(*args, **kwargs)
             return run_direct(direct_call)
         coro: Coroutine[Any, Any, _T] = getattr(self.memory, name)(*args, **kwargs)

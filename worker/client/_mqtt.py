@@ -132,6 +132,7 @@ class MemoryClient(_Api):
 
     async def __aenter__(self) -> MemoryClient:
         self._loop = asyncio.get_running_loop()
+        self._sweep = None  # a timer of an earlier loop, if opened before
         try:
             await self._connect()
         except aiomqtt.MqttError as exc:
@@ -242,6 +243,7 @@ class MemoryClient(_Api):
                 if not fut.done():
                     fut.set_exception(lost)
             self._waiting.clear()
+            self._mids.clear()  # message ids are the lost connection's
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
@@ -298,7 +300,9 @@ class MemoryClient(_Api):
         """The broker refused a request's publish (an MQTT 5 PUBACK said so): fail it now."""
         for key, sent in self._mids.items():
             if sent == mid:
-                fut = self._waiting.get(key)
+                # Gone from both maps now (a thread's request has no task to clean up after it).
+                del self._mids[key]
+                fut = self._waiting.pop(key, None)
                 if fut is not None and not fut.done():
                     fut.set_exception(_PublishRefused(reason))
                 return
@@ -370,19 +374,16 @@ class MemoryClient(_Api):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _expire(self) -> None:
-        """Fail the requests whose time is up. One timer for all: requests share the timeout,
-        so `_deadlines` (in the order they were sent) is in the order they expire, and a
-        timer per request (asyncio's TimerHandle, pushed and cancelled) was a tenth of a
-        round trip at window 1."""
+        """Fail the requests whose time is up. One timer for all, at the earliest deadline
+        when it fires (about once per timeout under load): a timer per request (asyncio's
+        TimerHandle, pushed and cancelled) was a tenth of a round trip at window 1."""
         self._sweep = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        due = []
-        for key, deadline in self._deadlines.items():
-            if deadline > now:
-                self._sweep = loop.call_at(deadline, self._expire)
-                break
-            due.append(key)
+        due = [key for key, deadline in self._deadlines.items() if deadline <= now]
+        if len(due) < len(self._deadlines):
+            # Not always the first: one that waited for the connection was stored late.
+            self._sweep = loop.call_at(min(self._deadlines.values()), self._expire)
         for key in due:
             del self._deadlines[key]
             fut = self._waiting.get(key)
@@ -409,12 +410,18 @@ class MemoryClient(_Api):
             reply = _ThreadReply()
             deadline = time.monotonic() + self.timeout
             try:
-                if self._client is None and not self._online.wait(self.timeout):
+                if self._client is None and not self._online.wait(
+                    min(self.timeout, threading.TIMEOUT_MAX)
+                ):
                     raise TimeoutError
                 self._submitted.append((key, reply, topic, payload, props))
                 if not self._wake_pending:
                     self._wake_pending = True
-                    loop.call_soon_threadsafe(self._send_submitted)
+                    try:
+                        loop.call_soon_threadsafe(self._send_submitted)
+                    except BaseException:  # else no later request would wake the loop
+                        self._wake_pending = False
+                        raise
                 if not reply.wait(deadline - time.monotonic()) and not reply.done():
                     raise TimeoutError
                 return _ok(reply.result())
@@ -574,7 +581,8 @@ class _Reply:
         if self._state == _PENDING:
             raise asyncio.InvalidStateError("result is not set")
         if self._exc is not None:
-            raise self._exc
+            # One lost connection's exception fails every waiter: each raise starts afresh.
+            raise self._exc.with_traceback(None)
         return self._value
 
     def exception(self) -> BaseException | None:
@@ -684,11 +692,11 @@ class _ThreadReply:
             self._lock.release()
 
     def wait(self, timeout: float) -> bool:
-        return self._lock.acquire(timeout=max(timeout, 0.0))
+        return self._lock.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
 
     def result(self) -> Any:
         if self._exc is not None:
-            raise self._exc
+            raise self._exc.with_traceback(None)
         return self._value
 
 
