@@ -113,7 +113,7 @@ class MemoryClient(_Api):
             collections.deque()
         )
         self._wake_pending = False
-        self._ready: list[_ThreadReply] = []  # answered, their threads not yet woken
+        self._ready: list[tuple[_ThreadReply, Any]] = []  # answered, threads not yet woken
         self._deadlines: dict[bytes, float] = {}  # a waiting request's key -> when it expires
         self._sweep: asyncio.TimerHandle | None = None  # at the earliest of _deadlines
         self._filters: dict[str, int] = {}  # extra subscriptions (events, stats) -> users
@@ -280,12 +280,12 @@ class MemoryClient(_Api):
                 fut.resolve(reply)
 
     def _release_later(self, waiter: _ThreadReply, reply: Any) -> None:
-        """Wake a waiting thread once this turn's acknowledgements are written: a thread woken
-        sooner takes the GIL from the loop's thread at its next system call."""
+        """Wake a waiting thread on the loop's next turn, after the read's writes: a thread
+        woken sooner takes the GIL from the loop's thread at its next system call (waking
+        them at the end of the read measured 4% slower)."""
         if waiter.done():
             return
-        waiter.value = reply
-        self._ready.append(waiter)
+        self._ready.append((waiter, reply))
         if len(self._ready) == 1:
             asyncio.get_running_loop().call_soon(self._release_ready)
 
@@ -293,8 +293,8 @@ class MemoryClient(_Api):
         if self._client is not None:
             self._client.flush()
         ready, self._ready = self._ready, []
-        for waiter in ready:
-            waiter.set_result(waiter.value)
+        for waiter, reply in ready:
+            waiter.set_result(reply)
 
     def _on_refused(self, mid: int, reason: str) -> None:
         """The broker refused a request's publish (an MQTT 5 PUBACK said so): fail it now."""
@@ -667,7 +667,7 @@ _PENDING, _CANCELLED, _FINISHED = 0, 1, 2
 class _ThreadReply:
     """A reply awaited by a thread: set on the loop's thread only, waited for on a lock."""
 
-    __slots__ = ("_done", "_exc", "_lock", "_value", "abandoned", "value")
+    __slots__ = ("_done", "_exc", "_lock", "_value", "abandoned")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -676,7 +676,6 @@ class _ThreadReply:
         self._exc: BaseException | None = None
         self._done = False
         self.abandoned = False  # its thread stopped waiting (set on that thread)
-        self.value: Any = None  # the reply, until its thread is woken
 
     def done(self) -> bool:
         return self._done or self.abandoned
