@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from aiomqtt import ProtocolVersion
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -24,6 +25,7 @@ from tests.clients import decode, device, next_message, watcher
 from tests.conftest import WorkerFactory, make_config, running
 from tests.processes import Mosquitto
 from worker import packets
+from worker.mqtt import Connection
 from worker.service import Service
 
 
@@ -312,3 +314,32 @@ async def test_a_huge_request_is_refused_and_the_next_one_served(
         ok = await d.request("huge", "append", {"role": "user", "content": "small"})
         assert ok["ok"]
         assert ok["seq"] == 1
+
+
+async def test_a_cancel_dropped_on_the_way_still_ends_the_wait_for_a_disconnection(
+    broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python 3.11's wait_for drops a cancel that comes as its future completes (aiomqtt's
+    connect and subscribe): a worker stopped just as it resubscribed after a broker restart
+    then waited forever. wait_disconnected() raises the dropped cancel. And the SUBACK of a
+    subscribe cancelled meanwhile logs no traceback."""
+    async with Connection(
+        lambda message: None, hostname=broker.host, port=broker.port, protocol=ProtocolVersion.V5
+    ) as conn:
+
+        async def stay() -> None:
+            with contextlib.suppress(asyncio.CancelledError):  # as wait_for may
+                await asyncio.sleep(3600)
+            await conn.wait_disconnected()
+
+        task = asyncio.create_task(stay())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+        subscribing = asyncio.create_task(conn.subscribe("cancelled/#", qos=1))
+        await asyncio.sleep(0)  # sent
+        subscribing.cancel()
+        await conn.subscribe("after/#", qos=1)  # its SUBACK comes after the cancelled one's
+    assert "Unexpected message ID" not in caplog.text

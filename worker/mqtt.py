@@ -54,12 +54,17 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("aiomqtt.Client", "_on_disconnect"),
     ("aiomqtt.Client", "_on_socket_open"),
     ("aiomqtt.Client", "_on_socket_close"),
+    ("aiomqtt.Client", "_on_subscribe"),
+    ("aiomqtt.Client", "_on_unsubscribe"),
+    ("aiomqtt.Client", "_pending_subscribes"),
+    ("aiomqtt.Client", "_pending_unsubscribes"),
     ("paho.Client", "_out_messages"),
     ("paho.Client", "_out_packet"),
     ("paho.Client", "_max_inflight_messages"),
     ("paho.Client", "_mid_generate"),
     ("paho.Client", "_sock"),
     ("paho.Client", "_sock_recv"),
+    ("paho.Client", "_sock_close"),
     ("paho.Client", "_call_socket_register_write"),
     ("paho.Client", "_last_msg_out"),
     ("paho.Client", "_last_bytes_received"),
@@ -506,7 +511,14 @@ class Connection(aiomqtt.Client):
         # connection: a refusal would go unseen, and the refused connection's loss unawaited.
         if self._connected.done():
             self._connected = asyncio.Future()
-        return await super().__aenter__()
+        try:
+            return await super().__aenter__()
+        except aiomqtt.MqttError:
+            # aiomqtt leaves the socket of a connection that got no CONNACK open: paho would
+            # close it when collected, from any thread, maybe after the loop closed.
+            if self._client._sock is not None:
+                self._client._sock_close()
+            raise
 
     def _on_connect(
         self,
@@ -566,11 +578,21 @@ class Connection(aiomqtt.Client):
         self.taken_over = getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, *rest: Any) -> None:
+        if mid in self._pending_subscribes:  # else a cancelled subscribe's: nobody waits
+            super()._on_subscribe(client, userdata, mid, *rest)
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, *rest: Any) -> None:
+        if mid in self._pending_unsubscribes:  # (aiomqtt logs a traceback for those)
+            super()._on_unsubscribe(client, userdata, mid, *rest)
+
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho may call this from the executor thread: flush drops what is queued once
         # offline, and the next CONNACK starts a fresh queue; the rest is the loop's.
         self._fd = -1
         self._online = False
+        if self._loop.is_closed():  # a socket closed at collection: nothing left to tell
+            return
         self._loop.call_soon_threadsafe(self._closed)
         super()._on_socket_close(client, userdata, sock)
 
@@ -606,6 +628,11 @@ class Connection(aiomqtt.Client):
             self._fail(exc)
 
     async def wait_disconnected(self) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Python 3.11's asyncio.wait_for (aiomqtt's, connecting and subscribing) drops a
+            # cancel that comes as its future completes: waiting here would outlast it forever.
+            raise asyncio.CancelledError
         await asyncio.shield(self._disconnected)
 
     def on_topic(self, topic: str, callback: Callable[[Incoming], None]) -> None:
