@@ -131,6 +131,17 @@ async def test_too_large_comes_from_the_worker(broker: Mosquitto, worker: Servic
     assert info.value.code == "too_large"
 
 
+async def test_a_request_past_the_brokers_packet_size_is_too_large_at_once(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Over the Maximum Packet Size the broker announced (MQTT 5), a request is refused before
+    sending: the broker would drop the connection, and every attempt was "connection lost"."""
+    async with MemoryClient(broker.host, broker.port, worker.cfg.prefix, timeout=2) as m:
+        with pytest.raises(TooLargeError, match="takes packets of up to 1048576 bytes"):
+            await m.append("c", "user", "x" * 2_000_000)
+        assert (await m.append("c", "user", "x")).seq == 1
+
+
 async def test_no_worker_is_a_timeout(broker: Mosquitto) -> None:
     """Without a worker the call raises NoReplyError, which is a TimeoutError."""
     async with MemoryClient(broker.host, broker.port, unique("p"), timeout=0.2, attempts=2) as m:
@@ -167,6 +178,103 @@ async def test_a_timed_out_or_cancelled_request_leaves_no_task(broker: Mosquitto
             await asyncio.gather(*left, return_exceptions=True)
 
 
+@pytest.mark.parametrize("protocol", [5, 3])
+async def test_a_client_not_open_says_so_and_closing_ends_its_iterators(
+    broker: Mosquitto, worker: Service, protocol: int
+) -> None:
+    """Before `async with` and after it, a call raises RuntimeError at once (it was
+    NoReplyError after every attempt's timeout); so does a second `async with` (it took the
+    first one's connection down when it ended); an evictions() iterator waiting when the
+    client closes ends."""
+    m = MemoryClient(
+        broker.host, broker.port, worker.cfg.prefix, timeout=0.5, attempts=1, protocol=protocol
+    )
+    with pytest.raises(RuntimeError, match="not open"):
+        await m.get("c")
+    convo = unique("c")
+    async with m:
+        with pytest.raises(RuntimeError, match="already open"):
+            await m.__aenter__()
+        events = m.evictions(convo)
+        first = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0)  # let the iterator subscribe before the delete
+        await m.append(convo, "user", "x")
+        assert await m.forget(convo) == 1
+        assert (await asyncio.wait_for(first, 10))["convo"] == convo
+        second = asyncio.ensure_future(anext(events))
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(second, 10)
+    with pytest.raises(RuntimeError, match="not open"):
+        await m.append("c", "user", "x")
+    with pytest.raises(RuntimeError, match="not open"):
+        await anext(m.evictions())
+
+
+async def test_local_memory_ends_its_iterators_when_closed() -> None:
+    async with open_memory("memory://") as m:
+        waiting = asyncio.ensure_future(anext(m.evictions()))
+        await asyncio.sleep(0)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, 10)
+
+
+async def test_a_client_opened_again_reconnects(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """Closed and opened again, the client still reconnects when the broker restarts."""
+    async with worker_factory(own_broker) as w:
+        m = MemoryClient(own_broker.host, own_broker.port, w.cfg.prefix, timeout=2, attempts=10)
+        async with m:
+            assert (await m.append("c", "user", "0")).seq == 1
+        async with m:
+            own_broker.restart()
+            assert (await m.append("c", "user", "1")).seq == 2
+
+
+@pytest.mark.parametrize("protocol", [5, 3])
+async def test_closing_a_blocking_client_ends_the_calls_of_other_threads(
+    broker: Mosquitto, worker: Service, protocol: int
+) -> None:
+    """Threads calling while the client closes get RuntimeError: none waits forever (MQTT
+    3.1.1's could) or raises NoReplyError after its timeouts (MQTT 5's did). Later calls
+    raise it at once."""
+
+    def use() -> tuple[list[bool], list[BaseException]]:
+        memory = BlockingMemoryClient(
+            broker.host, broker.port, worker.cfg.prefix, timeout=60, protocol=protocol
+        ).open()
+        going = threading.Barrier(5, timeout=30)
+        ended: list[BaseException] = []
+
+        def lane(n: int) -> None:
+            memory.append(f"closing-{n}", "user", "x")
+            going.wait()
+            try:
+                while True:
+                    memory.append(f"closing-{n}", "user", "x")
+            except BaseException as exc:
+                ended.append(exc)
+
+        threads = [threading.Thread(target=lane, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        going.wait()
+        memory.close()
+        for t in threads:
+            t.join(30)
+        for call in (lambda: memory.append("c", "user", "x"), memory.stats):
+            with pytest.raises(RuntimeError, match="not open"):
+                call()
+        return [t.is_alive() for t in threads], ended
+
+    alive, ended = await asyncio.to_thread(use)
+    assert alive == [False] * 4
+    assert len(ended) == 4
+    for exc in ended:
+        assert isinstance(exc, RuntimeError), exc
+        assert "not open" in str(exc) or "closed while" in str(exc)
+
+
 async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> None:
     """stats() returns the worker's retained snapshot with its ts."""
     async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
@@ -192,6 +300,27 @@ async def test_the_blocking_client_answers_every_method_from_a_thread(
     stats = await asyncio.to_thread(use)
     assert len(stats) == 1
     assert {"conversations", "requests", "ts"} <= set(stats[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("mqtt://127.0.0.1:1883/mem",), "is a URL: open_memory"),
+        (("127.0.0.1", "1883"), "port must be a number"),
+        (("127.0.0.1", 0), "port must be a number"),
+        (("127.0.0.1", 1883, "mem", {"timeout": 0}), "timeout must be more than 0"),
+        (("127.0.0.1", 1883, "mem", {"timeout": float("nan")}), "timeout must be more than 0"),
+    ],
+)
+def test_bad_client_arguments_are_clear(args: tuple[Any, ...], words: str) -> None:
+    """Arguments that could never work are a ValueError when the client is made, not a
+    NoReplyError (or a TypeError from deep inside) when it connects."""
+    kwargs = args[-1] if isinstance(args[-1], dict) else {}
+    positional = args[:-1] if kwargs else args
+    with pytest.raises(ValueError, match=words):
+        MemoryClient(*positional, **kwargs)
+    with pytest.raises(ValueError, match=words):
+        BlockingMemoryClient(*positional, **kwargs)
 
 
 def test_url_errors_are_clear() -> None:

@@ -191,16 +191,21 @@ class _Fanout:
     """Eviction events handed to every open `evictions()` iterator."""
 
     def __init__(self) -> None:
-        self.queues: dict[asyncio.Queue[Eviction], str | None] = {}
+        self.queues: dict[asyncio.Queue[Eviction | None], str | None] = {}
 
     def publish(self, event: Eviction) -> None:
         for queue, convo in self.queues.items():
             if convo is None or convo == event["convo"]:
                 queue.put_nowait(event)
 
+    def end(self) -> None:
+        """The memory closed: every open iterator ends (None ends it)."""
+        for queue in self.queues:
+            queue.put_nowait(None)
+
     @contextlib.contextmanager
-    def listen(self, convo: str | None) -> Iterator[asyncio.Queue[Eviction]]:
-        queue: asyncio.Queue[Eviction] = asyncio.Queue()
+    def listen(self, convo: str | None) -> Iterator[asyncio.Queue[Eviction | None]]:
+        queue: asyncio.Queue[Eviction | None] = asyncio.Queue()
         self.queues[queue] = convo
         try:
             yield queue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
@@ -11,12 +12,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from worker.client._api import _Api
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient, ThreadCalls, run_direct
+from worker.client._mqtt import MemoryClient, ThreadCalls, _not_open, run_direct
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 Memory = MemoryClient | LocalMemory
+_CLOSED_CHECK = 1.0  # seconds between a waiting call's looks at whether the client closed
 
 
 def _blocking(
@@ -56,11 +58,31 @@ class BlockingMemoryClient:
         self._direct: ThreadCalls | None = None
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        assert self._loop is not None, "use BlockingMemoryClient in a with block"
-        if threading.current_thread() is self._thread:
+        loop = self._loop
+        if loop is None or threading.current_thread() is self._thread:
             coro.close()
+            if loop is None:
+                raise _not_open()
             raise RuntimeError("a blocking call on the client's own loop would wait forever")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        try:
+            done = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop closed meanwhile
+            coro.close()
+            raise _not_open() from None
+        while True:
+            try:
+                return done.result(_CLOSED_CHECK)
+            except concurrent.futures.CancelledError:
+                if self._loop is loop:
+                    raise
+                raise _not_open() from None
+            except TimeoutError:
+                # A call sent as the client closed may never run: this is how it learns.
+                if not done.done() and self._loop is not loop:
+                    done.cancel()
+                    raise _not_open() from None
+                if done.done():
+                    raise
 
     def __enter__(self) -> BlockingMemoryClient:
         return self.open()
@@ -104,6 +126,11 @@ class BlockingMemoryClient:
         if loop is not None and self._thread is not None:
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join()
+            # Calls other threads made as it closed end here (not open), not in a dead loop.
+            if tasks := asyncio.all_tasks(loop):
+                for task in tasks:
+                    task.cancel()
+                loop.run_until_complete(asyncio.wait(tasks))
             loop.close()
 
     def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
@@ -114,7 +141,9 @@ class BlockingMemoryClient:
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Await `coro` (a call on `self.memory`) from any event loop: it runs on the
         client's own loop and connection, without blocking the caller's loop."""
-        assert self._loop is not None, "use BlockingMemoryClient in a with block"
+        if self._loop is None:
+            coro.close()
+            raise _not_open()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     @property

@@ -48,6 +48,7 @@ class LocalMemory(_Api):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self._backend.close()
+        self._events.end()
 
     async def _sweep(self) -> None:
         while True:
@@ -79,8 +80,8 @@ class LocalMemory(_Api):
         if convo_id is not None:
             _refuse(convo_id, c.OP_GET, {})
         with self._events.listen(convo_id) as queue:
-            while True:
-                yield await queue.get()
+            while (event := await queue.get()) is not None:
+                yield event
 
     async def stats(self) -> list[dict[str, Any]]:
         """This store's counts, shaped like one worker's stats."""

@@ -26,7 +26,7 @@ import msgpack
 
 from worker import constants as c
 from worker.client._api import _Api, _Fanout, _ok, _refuse
-from worker.client._errors import BadRequestError, NoReplyError, RefusedError
+from worker.client._errors import BadRequestError, NoReplyError, RefusedError, TooLargeError
 from worker.client._models import Eviction
 from worker.config import tls_context
 from worker.mqtt import NODELAY, Connection, Message, login_refused, refusal
@@ -93,12 +93,18 @@ class MemoryClient(_Api):
             raise ValueError("protocol must be 5 or 3 (MQTT 3.1.1)")
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
+        if "://" in host:
+            raise ValueError(f"host {host!r} is a URL: open_memory({host!r}) takes URLs")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
+        if not timeout > 0:  # also refuses NaN
+            raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
         self.host, self.port, self.prefix = host, port, prefix
         self.timeout, self.qos, self.protocol = timeout, qos, protocol
         self.attempts = max(1, attempts)
         self.tag = uuid.uuid4().hex[:12]
-        self.reply_prefix = reply_prefix or f"{prefix}-reply"
-        check_reply_prefix(self.reply_prefix, prefix)
+        self._reply_prefix = reply_prefix or f"{prefix}-reply"
+        check_reply_prefix(self._reply_prefix, prefix)
         # Every request's inbox, unless it names the conversation.
         self._inbox = "" if "{convo}" in self.reply_prefix else f"{self.reply_prefix}/{self.tag}"
         self._auth = (username, password)
@@ -126,27 +132,50 @@ class MemoryClient(_Api):
         self._properties: dict[str, PublishProperties] = {}  # reply topic -> its properties
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
-        self._closing = False
+        self._open = False  # between __aenter__'s connection and __aexit__
+
+    @property
+    def reply_prefix(self) -> str:
+        """Where replies come (read-only: the client subscribes there, and the inbox and
+        request properties derived from it are made once)."""
+        return self._reply_prefix
 
     # -- lifecycle --
 
     async def __aenter__(self) -> MemoryClient:
+        if self._open:
+            raise RuntimeError("the memory client is already open: one `async with` at a time")
         self._loop = asyncio.get_running_loop()
         self._sweep = None  # a timer of an earlier loop, if opened before
         try:
             await self._connect()
         except aiomqtt.MqttError as exc:
             raise unreachable(self.host, self.port, self._auth[0], exc) from exc
+        self._open = True
         self._reader = asyncio.create_task(self._read(), name="memory-client-reader")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._closing = True
+        self._open = False
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await self._disconnect()
+        # What still waits fails now, not after its timeouts; answered threads get theirs.
+        self._release_ready()
+        closed = RuntimeError("the memory client was closed while this request waited")
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(closed)
+        while self._submitted:
+            self._submitted.popleft()[1].set_exception(closed)
+        self._waiting.clear()
+        self._mids.clear()
+        self._deadlines.clear()
+        self._events.end()
+        self._connected.set()  # wakes the tasks and threads waiting to connect: they see
+        self._online.set()  # the client closed
 
     def _inbox_filter(self) -> str:
         return f"{self.reply_prefix.replace('{convo}', '+')}/{self.tag}"
@@ -224,7 +253,7 @@ class MemoryClient(_Api):
     async def _read(self) -> None:
         """Reconnect when the connection drops; what waited then is sent again."""
         backoff = 0.05
-        while not self._closing:
+        while self._open:
             client = self._client
             lost: Exception = _Lost()
             try:
@@ -324,7 +353,16 @@ class MemoryClient(_Api):
             body["reply_to"] = inbox
             props = b""
         safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
-        return key, f"{self.prefix}/{convo}/{op}", msgpack.packb(body), props, safe
+        topic, payload = f"{self.prefix}/{convo}/{op}", msgpack.packb(body)
+        # Past the size the broker said it takes (MQTT 5's CONNACK), it would drop the
+        # connection, and each attempt would be "connection lost".
+        limit = self._client.broker_max_packet if self._client is not None else None
+        if limit is not None and len(payload) + len(topic) + len(props) + 16 > limit:
+            raise TooLargeError(
+                f"the request is {len(payload)} bytes: the broker at {self.host}:{self.port} "
+                f"takes packets of up to {limit} bytes"
+            )
+        return key, topic, payload, props, safe
 
     def _attempt_failed(self, exc: Exception, topic: str, attempt: int, last: bool) -> None:
         """Raise what an attempt's failure means to the caller; return to try again."""
@@ -341,6 +379,8 @@ class MemoryClient(_Api):
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         key, topic, payload, props, safe = self._prepare(convo, op, body)
         loop = asyncio.get_running_loop()
+        if not self._open:
+            raise _not_open()
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts or not safe
             fut = _Reply(loop)
@@ -355,7 +395,8 @@ class MemoryClient(_Api):
                     async with asyncio.timeout_at(deadline):
                         await self._connected.wait()
                     client = self._client
-                    assert client is not None
+                    if client is None:  # closed meanwhile
+                        raise _not_open()
                 self._waiting[key] = fut
                 self._deadlines[key] = deadline
                 if self._sweep is None:
@@ -403,7 +444,8 @@ class MemoryClient(_Api):
         """
         key, topic, payload, props, safe = self._prepare(convo, op, body)
         loop = self._loop
-        assert loop is not None, "the client is not open"
+        if loop is None or not self._open:
+            raise _not_open()
         assert self.protocol == 5, "MQTT 3.1.1 replies are matched on the loop"
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts or not safe
@@ -415,12 +457,16 @@ class MemoryClient(_Api):
                 ):
                     raise TimeoutError
                 self._submitted.append((key, reply, topic, payload, props))
+                if not self._open:  # closing drained the queue, maybe before this request
+                    raise _not_open()
                 if not self._wake_pending:
                     self._wake_pending = True
                     try:
                         loop.call_soon_threadsafe(self._send_submitted)
                     except BaseException:  # else no later request would wake the loop
                         self._wake_pending = False
+                        if loop.is_closed():
+                            raise _not_open() from None
                         raise
                 if not reply.wait(deadline - time.monotonic()) and not reply.done():
                     raise TimeoutError
@@ -469,6 +515,8 @@ class MemoryClient(_Api):
     async def _subscribe(self, topic_filter: str, *, again: bool = False) -> None:
         """Subscribe once per filter; `again` subscribes anyway, for the retained messages
         a subscription brings."""
+        if not self._open:
+            raise _not_open()
         self._filters[topic_filter] = self._filters.get(topic_filter, 0) + 1
         if (again or self._filters[topic_filter] == 1) and self._client is not None:
             try:
@@ -491,15 +539,16 @@ class MemoryClient(_Api):
                 await self._client.unsubscribe(topic_filter)
 
     async def evictions(self, convo_id: str | None = None) -> AsyncGenerator[Eviction, None]:
-        """Eviction events as they come (of one conversation, or all), until you stop."""
+        """Eviction events as they come (of one conversation, or all), until you stop or
+        the client closes."""
         if convo_id is not None:
             _refuse(convo_id, c.OP_GET, {})
         topic_filter = f"{self.prefix}/{convo_id or '+'}/{c.EVICTED}"
         with self._events.listen(convo_id) as queue:
             await self._subscribe(topic_filter)
             try:
-                while True:
-                    yield await queue.get()
+                while (event := await queue.get()) is not None:
+                    yield event
             finally:
                 await self._unsubscribe(topic_filter)
 
@@ -697,6 +746,13 @@ class _ThreadReply:
         if self._exc is not None:
             raise self._exc.with_traceback(None)
         return self._value
+
+
+def _not_open() -> RuntimeError:
+    return RuntimeError(
+        "the memory client is not open: use it inside `async with` (MemoryClient, "
+        "open_memory) or `with` (BlockingMemoryClient), not after"
+    )
 
 
 class _PublishRefused(Exception):
