@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -250,6 +251,8 @@ async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
         (["summary", "c", "--save", "s", "--upto", "0"], "'upto'"),
         (["--timeout", "0", "get", "c"], "--timeout"),
         (["retire", "a/b"], "client id"),
+        (["state", "save", "c", "ns", "k", "1", "--ttl", "0"], "'ttl'"),
+        (["watch", "--count", "0"], "--count"),
     ],
 )
 def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | None) -> None:
@@ -272,6 +275,22 @@ def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | N
     assert proc.stderr.count("\n") == 1
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_listener_that_never_answers_is_one_line_and_exit_3() -> None:
+    """A port that takes the connection but sends no CONNACK: one line and exit 3 (paho's
+    traceback from closing the left-open socket after the loop closed followed it)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = str(silent.getsockname()[1])
+        proc = subprocess.run(
+            [program("memctl"), "--port", port, "--timeout", "0.5", "get", "c"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("memctl: cannot reach the broker")
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_rr") is None, reason="mosquitto-clients missing")

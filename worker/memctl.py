@@ -3,7 +3,8 @@
 --host, --port and --prefix default to MEMORY_WORKER_HOST, _PORT and _PREFIX when set.
 
 Exit status: 0 ok, 1 the worker answered with an error, 2 bad usage, 3 no answer in time
-(including a broker that cannot be reached).
+(including a broker that cannot be reached), 4 the broker refused (the login, or a
+subscription or publish its ACL forbids: see --reply-prefix).
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ def emit(value: Any) -> None:
 
 
 def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memctl", description=__doc__.split("\n")[0])
+    head, _, rest = (__doc__ or "").partition("\n")
+    p = argparse.ArgumentParser(
+        prog="memctl",
+        description=head,
+        epilog=rest.strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     # The worker's own variables, so that one `export` points both at the same broker.
     p.add_argument("--host", default=env.get(f"{c.ENV_PREFIX}HOST", c.DEFAULT_HOST))
     p.add_argument("--port", type=int, default=env.get(f"{c.ENV_PREFIX}PORT", str(c.DEFAULT_PORT)))
@@ -319,6 +326,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return f"--timeout must be more than 0 seconds, got {args.timeout}"
     if not 1 <= args.port <= 65535:
         return f"--port must be 1-65535, got {args.port}"
+    if getattr(args, "count", None) is not None and args.count < 1:
+        return f"--count must be 1 or more, got {args.count}"
     if args.command == "retire" and (topic_name_problem(args.client_id) or "/" in args.client_id):
         return f"not a worker's client id: {args.client_id!r}"
     try:
@@ -350,6 +359,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
             check_request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
         if args.command == "state" and args.state_command != "namespaces":
             body = {"ns": args.ns, "key": getattr(args, "key", "k"), "value": 0}
+            if getattr(args, "ttl", None) is not None:
+                body["ttl"] = args.ttl
             check_request(args.convo, c.OP_STATE_SAVE, body)
         if getattr(args, "state_command", None) == "save":
             _state_value(args)
@@ -376,9 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.message.startswith("cannot reach"):
             print(f"memctl: {exc.message}", file=sys.stderr)
             return EXIT_NO_REPLY
+        # A broker whose ACL is a file (not dynamic security) grants the subscription to a
+        # reply topic the user may not read, and then delivers nothing there.
+        login = (
+            f"; with a login, is --reply-prefix one {args.username!r} may read?"
+            if args.username
+            else ""
+        )
         print(
             f"memctl: no answer within {args.timeout}s from {args.host}:{args.port} (is a "
-            f"broker listening there, and memory-worker running with prefix {args.prefix!r}?)",
+            f"broker listening there, and memory-worker running with prefix {args.prefix!r}"
+            f"{login})",
             file=sys.stderr,
         )
     except RefusedError as exc:
