@@ -4,6 +4,7 @@ concurrency through one and several clients, and exactly-once appends across a d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import subprocess
 import sys
@@ -192,7 +193,13 @@ async def test_a_client_not_open_says_so_and_closing_ends_its_iterators(
     with pytest.raises(RuntimeError, match="not open"):
         await m.get("c")
     convo = unique("c")
-    async with m:
+    opened = await asyncio.gather(m.__aenter__(), m.__aenter__(), return_exceptions=True)
+    assert m in opened
+    assert [str(e) for e in opened if e is not m] == [
+        "the memory client is already open: one `async with` at a time"
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_exit(m)
         with pytest.raises(RuntimeError, match="already open"):
             await m.__aenter__()
         events = m.evictions(convo)
@@ -208,6 +215,41 @@ async def test_a_client_not_open_says_so_and_closing_ends_its_iterators(
         await m.append("c", "user", "x")
     with pytest.raises(RuntimeError, match="not open"):
         await anext(m.evictions())
+
+
+async def test_close_from_a_coroutine_ends_another_threads_call(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """close() called inside a coroutine of another loop, while a thread's call runs on the
+    client's loop: that call ends with RuntimeError and the client closes (it raised "Cannot
+    run the event loop while another loop is running" and left its loop open). Afterwards
+    run() says the client is not open."""
+    memory = BlockingMemoryClient(broker.host, broker.port, worker.cfg.prefix).open()
+    running = threading.Event()
+
+    async def forever() -> None:
+        running.set()
+        await asyncio.Event().wait()
+
+    def call() -> BaseException | None:
+        try:
+            memory.call(forever())
+        except BaseException as exc:
+            return exc
+        return None
+
+    caller = asyncio.ensure_future(asyncio.to_thread(call))
+    await asyncio.to_thread(running.wait, 10)
+    memory.close()  # on this test's loop: a coroutine calls it
+    ended = await asyncio.wait_for(caller, 10)
+    assert isinstance(ended, RuntimeError)
+    assert "not open" in str(ended)
+
+    async def get() -> Any:
+        return await memory.memory.get("c")
+
+    with pytest.raises(RuntimeError, match="not open"):
+        await memory.run(get())
 
 
 async def test_local_memory_ends_its_iterators_when_closed() -> None:
@@ -495,36 +537,51 @@ async def test_a_blocking_request_unanswered_is_sent_again_with_its_id(
     assert ids == [ids[0]] * 3
 
 
+@pytest.mark.parametrize("protocol", [5, 3])
 async def test_blocking_appends_stored_once_across_a_broker_restart(
-    own_broker: Mosquitto, worker_factory: WorkerFactory
+    own_broker: Mosquitto, worker_factory: WorkerFactory, protocol: int
 ) -> None:
     """Four threads append through one blocking client while the broker restarts: every
-    append stored exactly once, each thread's in order."""
+    append stored exactly once, each thread's in order. Twice: closed and opened again (on
+    a loop of its own), the client waits for the connection on its new loop."""
     async with worker_factory(own_broker, max_turns=100) as w:
-        half = threading.Barrier(5, timeout=60)
+        memory = BlockingMemoryClient(
+            own_broker.host,
+            own_broker.port,
+            w.cfg.prefix,
+            timeout=2,
+            attempts=10,
+            protocol=protocol,
+        )
 
-        def use() -> list[list[str]]:
-            with BlockingMemoryClient(
-                own_broker.host, own_broker.port, w.cfg.prefix, timeout=2, attempts=10
-            ) as memory:
+        def use(rounds: int) -> list[list[list[str]]]:
+            stored = []
+            for r in range(rounds):
+                half = threading.Barrier(5, timeout=60)
+                with memory:
 
-                def stream(n: int) -> None:
-                    for i in range(40):
-                        memory.append(f"t{n}", "user", str(i))
-                        if i == 20:
-                            half.wait()
+                    def stream(convo: str, half: threading.Barrier) -> None:
+                        for i in range(40):
+                            memory.append(convo, "user", str(i))
+                            if i == 20:
+                                half.wait()
 
-                threads = [threading.Thread(target=stream, args=(n,)) for n in range(4)]
-                for t in threads:
-                    t.start()
-                half.wait()
-                own_broker.restart()
-                for t in threads:
-                    t.join()
-                return [[t["content"] for t in memory.get(f"t{n}")] for n in range(4)]
+                    threads = [
+                        threading.Thread(target=stream, args=(f"r{r}-t{n}", half)) for n in range(4)
+                    ]
+                    for t in threads:
+                        t.start()
+                    half.wait()
+                    own_broker.restart()
+                    for t in threads:
+                        t.join()
+                    stored.append(
+                        [[t["content"] for t in memory.get(f"r{r}-t{n}")] for n in range(4)]
+                    )
+            return stored
 
-        stored = await asyncio.to_thread(use)
-    assert stored == [[str(i) for i in range(40)]] * 4
+        stored = await asyncio.to_thread(use, 2)
+    assert stored == [[[str(i) for i in range(40)]] * 4] * 2
 
 
 async def test_a_reply_resumes_its_task_inside_the_read() -> None:

@@ -513,7 +513,7 @@ class Connection(aiomqtt.Client):
             self._connected = asyncio.Future()
         try:
             return await super().__aenter__()
-        except aiomqtt.MqttError:
+        except BaseException:  # MqttError, or cancelled while waiting for the CONNACK
             # aiomqtt leaves the socket of a connection that got no CONNACK open: paho would
             # close it when collected, from any thread, maybe after the loop closed.
             if self._client._sock is not None:
@@ -628,6 +628,8 @@ class Connection(aiomqtt.Client):
             self._fail(exc)
 
     async def wait_disconnected(self) -> None:
+        """Until the connection is lost (raising why). A task with a cancel pending gets it
+        here at once: one that meant to wait anyway must `uncancel()` first."""
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # Python 3.11's asyncio.wait_for (aiomqtt's, connecting and subscribing) drops a

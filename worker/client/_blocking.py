@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
@@ -18,7 +19,7 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 Memory = MemoryClient | LocalMemory
-_CLOSED_CHECK = 1.0  # seconds between a waiting call's looks at whether the client closed
+_CLOSING = 1.0  # seconds close() waits for the calls it cancelled to end
 
 
 def _blocking(
@@ -56,33 +57,34 @@ class BlockingMemoryClient:
         # MQTT 5 requests go out from the calling thread (request_from_thread), not as a
         # task on the loop; MQTT 3.1.1's (matched by id) and memory://'s take the loop.
         self._direct: ThreadCalls | None = None
+        # Calls handed to the loop and not yet ended: closing ends them. The lock makes a
+        # call either handed over before the close (and ended by it) or refused after.
+        self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._lock = threading.Lock()
+
+    def _submit(
+        self, coro: Coroutine[Any, Any, _T], *, blocking: bool
+    ) -> tuple[concurrent.futures.Future[_T], asyncio.AbstractEventLoop]:
+        with self._lock:
+            loop = self._loop
+            if loop is None or (blocking and threading.current_thread() is self._thread):
+                coro.close()
+                if loop is None:
+                    raise _not_open()
+                raise RuntimeError("a blocking call on the client's own loop would wait forever")
+            done = asyncio.run_coroutine_threadsafe(coro, loop)
+            self._calls.add(done)
+        done.add_done_callback(self._calls.discard)
+        return done, loop
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        loop = self._loop
-        if loop is None or threading.current_thread() is self._thread:
-            coro.close()
-            if loop is None:
-                raise _not_open()
-            raise RuntimeError("a blocking call on the client's own loop would wait forever")
+        done, loop = self._submit(coro, blocking=True)
         try:
-            done = asyncio.run_coroutine_threadsafe(coro, loop)
-        except RuntimeError:  # the loop closed meanwhile
-            coro.close()
-            raise _not_open() from None
-        while True:
-            try:
-                return done.result(_CLOSED_CHECK)
-            except concurrent.futures.CancelledError:
-                if self._loop is loop:
-                    raise
+            return done.result()
+        except concurrent.futures.CancelledError:
+            if self._loop is not loop:  # ended by close()
                 raise _not_open() from None
-            except TimeoutError:
-                # A call sent as the client closed may never run: this is how it learns.
-                if not done.done() and self._loop is not loop:
-                    done.cancel()
-                    raise _not_open() from None
-                if done.done():
-                    raise
+            raise
 
     def __enter__(self) -> BlockingMemoryClient:
         return self.open()
@@ -92,13 +94,16 @@ class BlockingMemoryClient:
         if self._loop is not None:
             return self
         loop = asyncio.new_event_loop()
-        self._loop = loop
         self._thread = threading.Thread(target=loop.run_forever, name="memory-client", daemon=True)
         self._thread.start()
+        with self._lock:
+            self._loop = loop
         try:
             self._run(self._enter())
         except BaseException:
-            self._stop()
+            with self._lock:
+                self._loop = None
+            self._stop(loop)
             raise
         if isinstance(self._memory, MemoryClient) and self._memory.protocol == 5:
             self._direct = ThreadCalls(self._memory)
@@ -113,25 +118,36 @@ class BlockingMemoryClient:
 
     def close(self) -> None:
         """Disconnect and stop the private loop (closing a closed client does nothing)."""
-        if self._loop is None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking call on the client's own loop would wait forever")
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is None:
             return
-        try:
-            self._run(self._memory.__aexit__(None, None, None))
-        finally:
-            self._stop()
-
-    def _stop(self) -> None:
         self._direct = None
-        loop, self._loop = self._loop, None
-        if loop is not None and self._thread is not None:
-            loop.call_soon_threadsafe(loop.stop)
-            self._thread.join()
-            # Calls other threads made as it closed end here (not open), not in a dead loop.
-            if tasks := asyncio.all_tasks(loop):
-                for task in tasks:
+        try:
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result()
+        finally:
+            self._stop(loop)
+
+    async def _close(self) -> None:
+        try:
+            await self._memory.__aexit__(None, None, None)
+        finally:
+            # Calls handed over before the close end now, cancelled: "not open" to their callers.
+            me = asyncio.current_task()
+            if others := [task for task in asyncio.all_tasks() if task is not me]:
+                for task in others:
                     task.cancel()
-                loop.run_until_complete(asyncio.wait(tasks))
-            loop.close()
+                await asyncio.wait(others, timeout=_CLOSING)
+
+    def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join()
+        loop.close()
+        for done in list(self._calls):  # a call that outlived its cancel
+            done.cancel()
 
     def call(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run `coro` (a call on `self.memory`) on the client's loop and wait for it, from
@@ -141,10 +157,13 @@ class BlockingMemoryClient:
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Await `coro` (a call on `self.memory`) from any event loop: it runs on the
         client's own loop and connection, without blocking the caller's loop."""
-        if self._loop is None:
-            coro.close()
-            raise _not_open()
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+        done, loop = self._submit(coro, blocking=False)
+        try:
+            return await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            if done.cancelled() and self._loop is not loop:  # ended by close()
+                raise _not_open() from None
+            raise
 
     @property
     def memory(self) -> Memory:
@@ -188,7 +207,8 @@ class BlockingMemoryClient:
                     return
         finally:
             if self._loop is not None:
-                self._run(items.aclose())
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing to close
+                    self._run(items.aclose())
 
 
 async def _next(items: AsyncIterator[_T]) -> _T:

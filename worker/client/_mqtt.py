@@ -133,6 +133,8 @@ class MemoryClient(_Api):
         self._connected = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._open = False  # between __aenter__'s connection and __aexit__
+        self._opening = False
+        self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5)
 
     @property
     def reply_prefix(self) -> str:
@@ -143,39 +145,48 @@ class MemoryClient(_Api):
     # -- lifecycle --
 
     async def __aenter__(self) -> MemoryClient:
-        if self._open:
+        if self._open or self._opening:
             raise RuntimeError("the memory client is already open: one `async with` at a time")
-        self._loop = asyncio.get_running_loop()
-        self._sweep = None  # a timer of an earlier loop, if opened before
+        self._opening = True
         try:
-            await self._connect()
-        except aiomqtt.MqttError as exc:
-            raise unreachable(self.host, self.port, self._auth[0], exc) from exc
-        self._open = True
+            # What belonged to an earlier opening, maybe on another loop, starts afresh.
+            self._loop = asyncio.get_running_loop()
+            self._sweep = None
+            self._connected = asyncio.Event()
+            self._submitted.clear()
+            self._wake_pending = False
+            try:
+                await self._connect()
+            except aiomqtt.MqttError as exc:
+                raise unreachable(self.host, self.port, self._auth[0], exc) from exc
+            self._open = True
+        finally:
+            self._opening = False
         self._reader = asyncio.create_task(self._read(), name="memory-client-reader")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self._open = False
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self._disconnect()
-        # What still waits fails now, not after its timeouts; answered threads get theirs.
-        self._release_ready()
-        closed = RuntimeError("the memory client was closed while this request waited")
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(closed)
-        while self._submitted:
-            self._submitted.popleft()[1].set_exception(closed)
-        self._waiting.clear()
-        self._mids.clear()
-        self._deadlines.clear()
-        self._events.end()
-        self._connected.set()  # wakes the tasks and threads waiting to connect: they see
-        self._online.set()  # the client closed
+        try:
+            if self._reader is not None:
+                self._reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reader
+            await self._disconnect()
+        finally:
+            # What still waits fails now, not after its timeouts; answered threads get theirs.
+            self._release_ready()
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(_closed_while_waiting())
+            while self._submitted:
+                self._submitted.popleft()[1].set_exception(_closed_while_waiting())
+            self._waiting.clear()
+            self._mids.clear()
+            self._deadlines.clear()
+            self._events.end()
+            self._connected.set()  # wakes the tasks and threads waiting to connect: they see
+            self._online.set()  # the client closed
 
     def _inbox_filter(self) -> str:
         return f"{self.reply_prefix.replace('{convo}', '+')}/{self.tag}"
@@ -208,6 +219,7 @@ class MemoryClient(_Api):
                 await client.__aexit__(None, None, None)
             raise
         self._client = client
+        self._max_packet = client.broker_max_packet
         self._connected.set()
         self._online.set()
 
@@ -355,9 +367,14 @@ class MemoryClient(_Api):
         safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
         topic, payload = f"{self.prefix}/{convo}/{op}", msgpack.packb(body)
         # Past the size the broker said it takes (MQTT 5's CONNACK), it would drop the
-        # connection, and each attempt would be "connection lost".
-        limit = self._client.broker_max_packet if self._client is not None else None
-        if limit is not None and len(payload) + len(topic) + len(props) + 16 > limit:
+        # connection, and each attempt would be "connection lost". (A topic's UTF-8 is at
+        # most 4 bytes a character: encoded only near the limit.)
+        limit, size = self._max_packet, len(payload) + len(props) + 16
+        if (
+            limit is not None
+            and size + 4 * len(topic) > limit
+            and size + len(topic.encode()) > limit
+        ):
             raise TooLargeError(
                 f"the request is {len(payload)} bytes: the broker at {self.host}:{self.port} "
                 f"takes packets of up to {limit} bytes"
@@ -395,8 +412,8 @@ class MemoryClient(_Api):
                     async with asyncio.timeout_at(deadline):
                         await self._connected.wait()
                     client = self._client
-                    if client is None:  # closed meanwhile
-                        raise _not_open()
+                    if client is None:  # lost again, or closed, meanwhile
+                        raise _Lost() if self._open else _not_open()
                 self._waiting[key] = fut
                 self._deadlines[key] = deadline
                 if self._sweep is None:
@@ -490,7 +507,7 @@ class MemoryClient(_Api):
             if reply.done():  # its thread gave up
                 continue
             if client is None:
-                reply.set_exception(_Lost())
+                reply.set_exception(_Lost() if self._open else _closed_while_waiting())
                 continue
             waiting[key] = reply
             self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
@@ -556,9 +573,13 @@ class MemoryClient(_Api):
         """Each worker's latest (retained) stats snapshot; [] when no worker ever ran."""
         topic_filter = f"{self.prefix}/{c.WORKER_LEVEL}/+/stats"
         queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._stats.add(queue)
         seen: dict[str, dict[str, Any]] = {}
-        await self._subscribe(topic_filter, again=True)
+        self._stats.add(queue)  # before subscribing: retained snapshots follow the SUBACK
+        try:
+            await self._subscribe(topic_filter, again=True)
+        except BaseException:
+            self._stats.discard(queue)
+            raise
         try:
             wait = self.timeout
             while True:
@@ -746,6 +767,10 @@ class _ThreadReply:
         if self._exc is not None:
             raise self._exc.with_traceback(None)
         return self._value
+
+
+def _closed_while_waiting() -> RuntimeError:
+    return RuntimeError("the memory client was closed while this request waited")
 
 
 def _not_open() -> RuntimeError:
