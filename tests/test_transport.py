@@ -25,6 +25,7 @@ from tests.clients import decode, device, next_message, watcher
 from tests.conftest import WorkerFactory, make_config, running
 from tests.processes import Mosquitto
 from worker import packets
+from worker.backends import create_backend
 from worker.mqtt import Connection
 from worker.service import Service
 
@@ -81,6 +82,8 @@ class ScriptedBroker:
     def __init__(self, receive_maximum: int) -> None:
         self.receive_maximum = receive_maximum
         self.holding = True
+        self.hold_status = False  # hold the PUBACKs of the worker's status too
+        self.statuses: list[bytes] = []  # what the worker published on its status topic
         self.connections: list[list[Any]] = []  # per connection: the worker's PUBLISH packets
         self.pubacks: list[int] = []  # mids the worker acknowledged
         self.replies: list[Any] = []  # the worker's publishes to "reply", all connections
@@ -166,8 +169,11 @@ class ScriptedBroker:
     async def _publish(self, first: int, body: bytes) -> None:
         msg = _packet.decode_publish(first, body, MQTTProtocolVersion.MQTTv5)
         topic = msg.topic.decode()
+        if topic.endswith("/status"):
+            self.statuses.append(bytes(msg.payload))
         if "/_worker/" in topic:
-            self.send(packets.puback(msg.mid))
+            if not (self.hold_status and topic.endswith("/status")):
+                self.send(packets.puback(msg.mid))
             if topic in self._subscribed:  # the probe
                 self.deliver(topic, bytes(msg.payload))
             return
@@ -343,3 +349,28 @@ async def test_a_cancel_dropped_on_the_way_still_ends_the_wait_for_a_disconnecti
         subscribing.cancel()
         await conn.subscribe("after/#", qos=1)  # its SUBACK comes after the cancelled one's
     assert "Unexpected message ID" not in caplog.text
+
+
+async def test_a_stop_before_online_is_acknowledged_still_says_offline() -> None:
+    """SIGTERM just after the worker published its retained "online", before the broker's
+    PUBACK: it skipped the "offline" (not yet `connected`), and a clean DISCONNECT sends no
+    will, so the retained status said online for good."""
+    broker = ScriptedBroker(receive_maximum=100)
+    broker.hold_status = True
+    serving = broker.serve()
+    port = await anext(serving)
+    cfg = make_config(SimpleNamespace(host="127.0.0.1", port=port), stats_interval=3600)  # type: ignore[arg-type]
+    service = Service(cfg, create_backend(cfg))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await broker.until(lambda: len(broker.statuses) == 1)
+        assert msgpack.unpackb(broker.statuses[0])["state"] == "online"
+        assert not service.connected.is_set()
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await serving.aclose()
+    assert [msgpack.unpackb(s)["state"] for s in broker.statuses] == ["online", "offline"]

@@ -117,6 +117,9 @@ class Service:
         self.systemd = Notifier.from_environ(os.environ)
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
+        # Sent on this connection, maybe not yet acknowledged (so not yet `connected`): a
+        # stop then must still say offline, or the retained online outlives the worker.
+        self._announced = False
         self._loss_explained = False
         self._refusal: str | None = None  # why the broker refuses our login, once logged
         self._event_props = PackedProperties(content_type(cfg.event_format))
@@ -155,7 +158,7 @@ class Service:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.connected.is_set():
+        if self.connected.is_set() or self._announced:
             with contextlib.suppress(Exception):
                 self._publish_stats()
                 await client.publish(
@@ -211,6 +214,7 @@ class Service:
                     await client.wait_disconnected()
             except Exception as exc:  # MqttError mostly; paho can also surface an OSError
                 self.connected.clear()
+                self._announced = False  # the will says offline now
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
                 self._later.clear()
                 short = bool(since) and time.monotonic() - since < _STABLE_CONNECTION
@@ -342,6 +346,7 @@ class Service:
                     properties=self._event_props,  # type: ignore[arg-type]
                 )
         self._online = self._status("online")
+        self._announced = True
         await client.publish(
             self.status_topic,
             self._online,
