@@ -582,6 +582,21 @@ async def test_lru_order_survives_restart(durable: Harness) -> None:
     assert [len(await turns(h, n)) for n in "abc"] == [1, 0, 1]
 
 
+async def test_a_restart_with_fewer_turns_announces_what_it_drops(tmp_path: Path) -> None:
+    """A restart with a lower --max-turns trims each window as it loads: with --trimmed-events
+    the turns it drops are announced (with the first sweep), as an append's would be. They
+    left the window unannounced, and never reached the summary."""
+    h = Harness("sqlite", Limits(ttl=100, max_turns=8, trimmed_events=True), tmp_path, Clock())
+    await h.be.open()
+    for i in range(6):
+        await add(h, "c", f"m{i}")
+    await h.reopen(Limits(ttl=100, max_turns=4, trimmed_events=True))
+    await h.expire()
+    assert h.trimmed == [("c", [1, 2], 0)]
+    assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5, 6]
+    await h.be.close()
+
+
 async def test_lru_order_survives_restart_with_ttl_off(tmp_path: Path) -> None:
     """With --ttl 0 a get still counts as a use, and that order is what a restart keeps."""
     h = Harness("sqlite", Limits(ttl=0), tmp_path, Clock())

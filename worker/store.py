@@ -525,9 +525,12 @@ class Store:
         born: int = 0,
     ) -> None:
         """Put back a conversation read from storage (`turns` as `turn_list` gave them, `used`
-        the monotonic time of its last use); call in order of last use."""
+        the monotonic time of its last use); call in order of last use. Turns past a lower
+        --max-turns leave the window here, announced as an append's would be."""
         cv = Convo(name)
-        kept = [repack_turn(t) for t in turns[-self.limits.max_turns :]]
+        keep = self.limits.max_turns
+        kept = [repack_turn(t) for t in turns[-keep:]]
+        dropped = [repack_turn(t) for t in turns[:-keep]] if len(turns) > keep else []
         cv.turns, cv.seq, cv.used = b"".join(kept), seq, used
         cv.tokens = sum(tokens for _, _, tokens in turn_marks(cv.turns))
         if self.limits.ttl:
@@ -536,6 +539,10 @@ class Store:
         cv.ids = ids or None
         cv.summary, cv.born = summary, born
         self._last_born = max(self._last_born, born)
+        if dropped and self.limits.trimmed_events:
+            data, _ = expand_turns(b"".join(dropped))
+            upto = summary[1] if summary else 0
+            self.events.append(Trimmed(name, len(dropped), data, upto, self._wall(), born))
         cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
