@@ -164,6 +164,28 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
     assert [t["content"] for t in reply["turns"]] == ["t3", "t4"]
 
 
+def test_scripts_run_stops_when_its_summarizer_does(clone: Path) -> None:
+    """A summarizer that stops (here at once: a model URL without its scheme) takes the
+    worker with it, saying why: the worker went on trimming turns that no summary kept."""
+    proc = subprocess.run(
+        [str(clone / "scripts" / "run"), "--summarizer", "localhost:11434"],
+        cwd=clone,
+        env={
+            **os.environ,
+            "MEMORY_WORKER_PORT": str(free_port()),
+            "MEMORY_WORKER_DASHBOARD_PORT": str(free_port()),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "--llm-url must be an http:// or https:// URL" in proc.stdout
+    assert "the summarizer stopped (exit 2): stopping the worker too" in proc.stdout
+
+
 async def test_on_a_broker_it_did_not_start(clone: Path, stock_broker: Mosquitto) -> None:
     """With Mosquitto already listening, `scripts/run --dashboard` names the command that
     serves the page, and the worker leaves no session on that broker once stopped."""
