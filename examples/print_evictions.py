@@ -1,6 +1,8 @@
 """Dashboard side: print every eviction the worker announces, one line each.
 
-MEMORY_URL=mqtt://127.0.0.1:1883/mem .venv/bin/python examples/print_evictions.py [COUNT]
+.venv/bin/python examples/print_evictions.py [COUNT]
+
+On the broker at MEMORY_URL (default: 127.0.0.1 on $MEMORY_WORKER_PORT or 1883, prefix mem).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import sys
 
 from worker.client import open_memory
 
+# scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
+DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT', '1883')}/mem"
+
 
 async def main(count: int | None) -> None:
-    async with open_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as memory:
+    async with open_memory(os.environ.get("MEMORY_URL", DEFAULT_URL)) as memory:
         events = memory.evictions()
         waiting = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0)  # the iterator subscribes first...

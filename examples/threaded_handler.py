@@ -1,7 +1,9 @@
 """A Flask-style threaded web app: every request thread shares one BlockingMemoryClient
 (one connection), as the old synchronous store's users do. Plain wsgiref, no Flask needed.
 
-    MEMORY_URL=mqtt://127.0.0.1:1883/mem .venv/bin/python examples/threaded_handler.py [PORT]
+    .venv/bin/python examples/threaded_handler.py [PORT]
+
+On the broker at MEMORY_URL (default: 127.0.0.1 on $MEMORY_WORKER_PORT or 1883, prefix mem).
 
 `--demo N` serves on a free port, sends N concurrent requests from N threads, prints each
 answer and stops.
@@ -28,6 +30,9 @@ from worker.client import (
     TooLargeError,
     open_blocking_memory,
 )
+
+# scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
+DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT', '1883')}/mem"
 
 ROUTE = "GET /chat?session=S&text=T"
 
@@ -94,7 +99,7 @@ if __name__ == "__main__":
     number = sys.argv[2:3] if demo_mode else sys.argv[1:2]
     if (demo_mode and not number) or (number and not number[0].isdigit()):
         sys.exit(USAGE)
-    with open_blocking_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as mem:
+    with open_blocking_memory(os.environ.get("MEMORY_URL", DEFAULT_URL)) as mem:
         if demo_mode:
             demo(mem, int(number[0]))
         else:

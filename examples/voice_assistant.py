@@ -1,7 +1,9 @@
 """A minimal voice-assistant loop: each utterance is stored, the history read back, the
 answer stored. Utterances come from the command line (or stdin, one per line).
 
-    MEMORY_URL=mqtt://127.0.0.1:1883/mem .venv/bin/python examples/voice_assistant.py kiosk-7 "hi"
+    .venv/bin/python examples/voice_assistant.py kiosk-7 "hi"
+
+On the broker at MEMORY_URL (default: 127.0.0.1 on $MEMORY_WORKER_PORT or 1883, prefix mem).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import sys
 
 from worker.client import Turn, open_memory
 
+# scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
+DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT', '1883')}/mem"
+
 
 def answer(history: list[Turn]) -> str:
     """Stands in for the LLM: it sees the whole remembered history."""
@@ -20,7 +25,7 @@ def answer(history: list[Turn]) -> str:
 
 
 async def main(convo: str, utterances: list[str]) -> None:
-    async with open_memory(os.environ.get("MEMORY_URL", "mqtt://127.0.0.1:1883/mem")) as memory:
+    async with open_memory(os.environ.get("MEMORY_URL", DEFAULT_URL)) as memory:
         for text in utterances:
             await memory.append(convo, "user", text)
             reply = answer(await memory.get(convo))

@@ -10,7 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from tests.conftest import unique
+from tests.conftest import WorkerFactory, unique
 from tests.processes import REPO, Mosquitto, free_port
 from worker.client import MemoryClient
 from worker.service import Service
@@ -20,18 +20,31 @@ def _url(broker: Mosquitto, worker: Service) -> str:
     return f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
 
 
-async def _run(url: str, script: str, *args: str) -> str:
+async def _run(url: str | None, script: str, *args: str, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY_")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(REPO / "examples" / script),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "MEMORY_URL": url, "PYTHONPATH": str(REPO)},
+        env={**base, **({"MEMORY_URL": url} if url else {}), "PYTHONPATH": str(REPO), **env},
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     return out.decode()
+
+
+async def test_an_example_finds_the_broker_scripts_run_named(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """Without MEMORY_URL an example talks to prefix mem on MEMORY_WORKER_PORT, the port
+    `scripts/run --own-broker` says to export (it went to 1883 whatever that said)."""
+    async with worker_factory(own_broker, prefix="mem"):
+        out = await _run(
+            None, "voice_assistant.py", "kiosk-7", "hi", MEMORY_WORKER_PORT=str(own_broker.port)
+        )
+    assert out.startswith("you said 'hi'")
 
 
 async def test_voice_assistant_remembers(broker: Mosquitto, worker: Service) -> None:

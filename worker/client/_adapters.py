@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 from worker.client import BlockingMemoryClient, open_blocking_memory
 
-DEFAULT_URL = "mqtt://127.0.0.1:1883/mem"
+# The broker scripts/run starts, on the port `scripts/run --own-broker` says to export.
+DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT', '1883')}/mem"
 
 
 def missing_extra(extra: str, exc: ModuleNotFoundError) -> ModuleNotFoundError:
     """The error for an adapter whose framework is not installed: which extra brings it."""
     return ModuleNotFoundError(
         f"worker.client.{extra} needs the {extra!r} extra ({exc.name} is not installed): in "
-        f"a clone, .venv/bin/pip install -e '.[{extra}]'; elsewhere, "
-        f"pip install 'memory-worker[{extra}]'",
+        f"the clone, .venv/bin/pip install -e '.[{extra}]'; into another environment, "
+        f"pip install '<the clone>[{extra}]' (the package is not on PyPI)",
         name=exc.name,
     )
 
