@@ -100,3 +100,12 @@ async def test_async_messages_carry_the_summary_too() -> None:
         assert await history.aget_messages() == [SystemMessage("one"), AIMessage("two")]
     finally:
         await asyncio.to_thread(history.close)
+
+
+def test_the_old_address_has_both_adapters() -> None:
+    """`worker.langchain` (the README's old address) gives the byte store too."""
+    import worker.client.langchain as new
+    import worker.langchain as old
+
+    assert old.MqttByteStore is new.MqttByteStore
+    assert old.MqttChatMessageHistory is new.MqttChatMessageHistory

@@ -1,8 +1,8 @@
 """LangChain on memory-worker: chat history (`MqttChatMessageHistory`) and the byte store
 (`MqttByteStore`).
 
-Needs the optional extra: `pip install memory-worker[langchain]`. The worker never imports
-this module.
+Needs the optional extra: `pip install '.[langchain]'` from the clone (docs/client.md).
+The worker never imports this module.
 
     history = MqttChatMessageHistory("kiosk-7", url="mqtt://pi.local/mem")
     history.add_user_message("hi")

@@ -1,7 +1,7 @@
 """LangGraph's long-term memory on memory-worker: `MqttStore`, a `langgraph.store.base.BaseStore`.
 
-Needs the optional extra: `pip install memory-worker[langgraph]`. The worker never imports
-this module.
+Needs the optional extra: `pip install '.[langgraph]'` from the clone (docs/client.md).
+The worker never imports this module.
 
     store = MqttStore(url="mqtt://pi.local/mem")
     store.put(("users", "alice"), "prefs", {"lang": "en"})
