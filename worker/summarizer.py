@@ -273,6 +273,7 @@ class Summarizer:
         self._generation = 0
         self._closing = False
         self._refusing: set[str] = set()  # conversations whose model failure was logged
+        self._shortened: set[str] = set()  # conversations whose too-large summary was logged
         self._conn: Connection | None = None
         self._memory: MemoryClient | None = None
         self.systemd = Notifier.from_environ(os.environ)
@@ -488,6 +489,7 @@ class Summarizer:
                 del self._queues[convo]
                 self._arrived.pop(convo, None)
                 self._refusing.discard(convo)
+                self._shortened.discard(convo)
 
     def _ack_all(self, events: list[_Event]) -> bool:
         for ev in events:
@@ -580,12 +582,19 @@ class Summarizer:
             try:
                 await self._memory.summarize(convo, text, upto, base, tokens=tokens, born=born)
                 return
-            except TooLargeError:
+            except TooLargeError as exc:
                 if ask <= _SHORTEST_SUMMARY:
                     raise
                 ask //= 2
-                log.warning(
-                    "%s: the summary does not fit --max-bytes; asking for %d tokens", convo, ask
+                # Once per conversation: each retry of a fold that still fails asks again.
+                first = convo not in self._shortened
+                self._shortened.add(convo)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "%s: the worker refused the summary (%s); asking the model for %d tokens",
+                    convo,
+                    exc.message,
+                    ask,
                 )
             shorter = await self.model.fold(text, [], tokens=ask)
             text, tokens = shorter.text, shorter.tokens
