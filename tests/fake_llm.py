@@ -19,10 +19,12 @@ _ASK = re.compile(r"Summary so far:\n(.*)\n\nNew turns:\n(.*)\Z", re.S)
 
 class FakeModel:
     """Modes: "ok" folds, "down" answers 503, "garbage" answers 200 with no completion,
-    "hold" waits (until the mode changes) before folding."""
+    "hold" waits (until the mode changes) before folding. With `most_turns`, a call with
+    more turns than that is not answered (until it is None again): too slow."""
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.most_turns: int | None = None
         self.calls = 0
         self.seen: list[str] = []  # the content of every turn it was asked to fold
         self._changed = threading.Condition()
@@ -60,6 +62,9 @@ class FakeModel:
         old = "" if ask[1] == "(none yet)" else ask[1]
         new = [line.split(": ", 1)[1] for line in ask[2].splitlines()]
         with self._changed:
+            if self.most_turns is not None and len(new) > self.most_turns:
+                self._changed.wait_for(lambda: self.most_turns is None, timeout=30)
+                return 503, b'{"error": "too late"}'
             self.seen += new
         # an answer is at most max_tokens long (a word is a token here)
         text = " ".join(" ".join([old, *new]).split()[: body.get("max_tokens") or None])

@@ -126,6 +126,31 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
     assert failures[0].levelno == logging.WARNING
 
 
+async def test_a_backlog_too_slow_to_fold_at_once_is_folded_in_parts(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """A model that cannot fold the whole backlog within --llm-timeout (here: more than two
+    turns at once) gets smaller parts, each saved: every turn reaches the summary once, in
+    order. The same too-long call went out again and again, and the summary stood still."""
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        summarizing(_config(broker, w.cfg.prefix, model, llm_timeout=0.3)),
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        model.set_mode("down")  # the backlog builds up
+        await talk(d, "c", 1, 10)
+        await model.wait_calls(1)
+        model.most_turns = 2
+        model.set_mode("ok")
+        try:
+            assert await summary_upto(d, replies, "c", 8) == words(1, 8)
+        finally:
+            model.most_turns = None
+            model.set_mode("ok")  # lets the held calls go
+    assert model.seen == words(1, 8)
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["share-group", "each-every-event"])
 async def test_two_summarizers_racing_on_one_conversation(
     broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel, shared: bool

@@ -32,7 +32,12 @@ SYSTEM_PROMPT = (
 
 
 class ModelError(Exception):
-    """The model could not fold (down, slow, refused, or answered something unusable)."""
+    """The model could not fold (down, slow, refused, or answered something unusable);
+    `timed_out` when it did not answer within the timeout."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +115,7 @@ class ChatModel:
             detail = exc.read(300).decode("utf-8", "replace").strip()
             raise ModelError(f"{self.endpoint} answered {exc.code}: {detail}") from None
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
-            raise ModelError(f"{self.endpoint}: {exc}") from None
+            raise ModelError(f"{self.endpoint}: {exc}", timed_out=_timed_out(exc)) from None
         return parse_completion(raw)
 
 
@@ -156,3 +161,9 @@ def parse_completion(raw: bytes) -> Folded:
     usage = body.get("usage") if isinstance(body, dict) else None
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     return Folded(text.strip(), tokens if isinstance(tokens, int) and tokens >= 0 else None)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    # urllib wraps a connect timeout in URLError; a slow answer raises TimeoutError itself.
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, TimeoutError) or isinstance(reason, TimeoutError)

@@ -505,6 +505,7 @@ class Summarizer:
         memory, retries = self._memory, 0
         first, last = events[0], events[-1].last
         turns = _turns_of(events)
+        most = len(turns)  # turns per model call: halved while the model times out
         while True:
             try:
                 ctx = await memory.context(convo, last=1)
@@ -526,12 +527,20 @@ class Summarizer:
                 log.debug("%s: waiting for the turns before %d", convo, todo[0]["seq"])
                 await self._wait_arrival(convo)
                 return False
+            part = todo[:most]
             try:
                 async with self._slots:  # held only while the model works
-                    folded = await self.model.fold(summary["text"] if summary else "", todo)
-                log.debug("%s: saving the fold of turns %d-%d", convo, todo[0]["seq"], last)
-                await self._save(convo, folded, last, upto, first.born)
+                    folded = await self.model.fold(summary["text"] if summary else "", part)
+                log.debug(
+                    "%s: saving the fold of turns %d-%d", convo, part[0]["seq"], part[-1]["seq"]
+                )
+                await self._save(convo, folded, part[-1]["seq"], upto, first.born)
             except ModelError as exc:
+                if exc.timed_out and len(part) > 1:
+                    # A backlog the model cannot fold within --llm-timeout: smaller folds, each
+                    # saved, rather than the same call again and again.
+                    most = len(part) // 2
+                    exc = ModelError(f"{exc} (next: {most} turns at a time)")
                 retries = await self._back_off(convo, retries, f"the model failed: {exc}")
                 continue
             except ConflictError as exc:
@@ -542,6 +551,9 @@ class Summarizer:
             except MemoryWorkerError as exc:
                 retries = await self._back_off(convo, retries, f"saving the summary: {exc}")
                 continue
+            if part[-1]["seq"] < last:
+                retries = 0
+                continue  # the rest of the backlog, from the summary just saved
             if convo in self._refusing:
                 self._refusing.discard(convo)
                 log.info("%s: the summary is saved again (up to turn %d)", convo, last)
