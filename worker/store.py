@@ -540,9 +540,7 @@ class Store:
         cv.summary, cv.born = summary, born
         self._last_born = max(self._last_born, born)
         if dropped and self.limits.trimmed_events:
-            data, _ = expand_turns(b"".join(dropped))
-            upto = summary[1] if summary else 0
-            self.events.append(Trimmed(name, len(dropped), data, upto, self._wall(), born))
+            self._announce_trimmed(name, cv, dropped)
         cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
@@ -591,10 +589,12 @@ class Store:
             self.turns -= 1
             dropped.append(turn)
         if dropped and lim.trimmed_events:
-            data, _ = expand_turns(b"".join(dropped))
-            upto = cv.summary[1] if cv.summary else 0
-            trimmed = Trimmed(name, len(dropped), data, upto, self._wall(), cv.born)
-            self.events.append(trimmed)
+            self._announce_trimmed(name, cv, dropped)
+
+    def _announce_trimmed(self, name: str, cv: Convo, dropped: list[bytes]) -> None:
+        data, _ = expand_turns(b"".join(dropped))
+        upto = cv.summary[1] if cv.summary else 0
+        self.events.append(Trimmed(name, len(dropped), data, upto, self._wall(), cv.born))
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost
