@@ -21,6 +21,7 @@ from tests.clients import Device, device, watcher
 from tests.conftest import WorkerFactory, program, reap, unique
 from tests.fake_llm import FakeModel, fake_model
 from tests.processes import REPO, Mosquitto
+from worker import summarizer
 from worker.errors import ConfigError
 from worker.summarizer import Summarizer, SummarizerConfig, from_args
 
@@ -134,7 +135,7 @@ async def test_a_backlog_too_slow_to_fold_at_once_is_folded_in_parts(
     order. The same too-long call went out again and again, and the summary stood still."""
     async with (
         worker_factory(max_turns=2, trimmed_events=True) as w,
-        summarizing(_config(broker, w.cfg.prefix, model, llm_timeout=0.3)),
+        summarizing(_config(broker, w.cfg.prefix, model, llm_timeout=1.0)),
         device(broker.host, broker.port, w.cfg.prefix) as d,
         watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):
@@ -371,3 +372,21 @@ async def test_a_summarizer_started_before_its_broker_waits_for_it(
         logging.getLogger("memory_summarizer").removeHandler(handler)
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+def test_the_gap_wait_starts_again_while_the_summary_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event waiting for earlier turns gives up on them only after --gap-wait without the
+    summary moving. Counted from its first wait, a member of a group gave up while another
+    was still saving those turns in parts (a slow model), and their acknowledgement then
+    dropped them unfolded."""
+    now = [100.0]
+    monkeypatch.setattr("worker.summarizer.time.monotonic", lambda: now[0])
+    s = Summarizer(SummarizerConfig(llm_url="http://127.0.0.1:9/v1", gap_wait=10))
+    ev = summarizer._Event(generation=0, mid=1, qos=1, turns=[{"seq": 9}])
+    assert not s._gap_is_over("c", ev, 2)
+    now[0] += 8
+    assert not s._gap_is_over("c", ev, 4)  # the summary moved: waiting anew
+    now[0] += 8
+    assert not s._gap_is_over("c", ev, 4)
+    now[0] += 3
+    assert s._gap_is_over("c", ev, 4)  # 11 s without a move

@@ -230,6 +230,7 @@ class _Event:
     turns: list[dict[str, Any]]
     born: int | None = None  # the conversation they were trimmed from (a later one differs)
     waiting_since: float = 0.0  # monotonic time it began to wait for earlier turns
+    waited_upto: int = -1  # the summary's upto then: a wait restarts when it moves
 
     @property
     def first(self) -> int:
@@ -274,6 +275,7 @@ class Summarizer:
         self._closing = False
         self._refusing: set[str] = set()  # conversations whose model failure was logged
         self._shortened: set[str] = set()  # conversations whose too-large summary was logged
+        self._most: dict[str, int] = {}  # turns per model call, where the model timed out
         self._conn: Connection | None = None
         self._memory: MemoryClient | None = None
         self.systemd = Notifier.from_environ(os.environ)
@@ -490,6 +492,7 @@ class Summarizer:
                 self._arrived.pop(convo, None)
                 self._refusing.discard(convo)
                 self._shortened.discard(convo)
+                self._most.pop(convo, None)
 
     def _ack_all(self, events: list[_Event]) -> bool:
         for ev in events:
@@ -503,9 +506,8 @@ class Summarizer:
         backoff, until one of those."""
         assert self._memory is not None
         memory, retries = self._memory, 0
-        first, last = events[0], events[-1].last
         turns = _turns_of(events)
-        most = len(turns)  # turns per model call: halved while the model times out
+        first, last = events[0], turns[-1]["seq"]
         while True:
             try:
                 ctx = await memory.context(convo, last=1)
@@ -527,20 +529,23 @@ class Summarizer:
                 log.debug("%s: waiting for the turns before %d", convo, todo[0]["seq"])
                 await self._wait_arrival(convo)
                 return False
-            part = todo[:most]
+            part = todo[: self._most.get(convo, len(todo))]
+            folding = True
             try:
                 async with self._slots:  # held only while the model works
                     folded = await self.model.fold(summary["text"] if summary else "", part)
+                folding = False
                 log.debug(
                     "%s: saving the fold of turns %d-%d", convo, part[0]["seq"], part[-1]["seq"]
                 )
                 await self._save(convo, folded, part[-1]["seq"], upto, first.born)
             except ModelError as exc:
-                if exc.timed_out and len(part) > 1:
+                if folding and exc.timed_out and len(part) > 1:
                     # A backlog the model cannot fold within --llm-timeout: smaller folds, each
-                    # saved, rather than the same call again and again.
-                    most = len(part) // 2
-                    exc = ModelError(f"{exc} (next: {most} turns at a time)")
+                    # saved, rather than the same call again and again (for the conversation's
+                    # later batches too, until its queue is empty).
+                    self._most[convo] = len(part) // 2
+                    exc = ModelError(f"{exc} (next: {len(part) // 2} turns at a time)")
                 retries = await self._back_off(convo, retries, f"the model failed: {exc}")
                 continue
             except ConflictError as exc:
@@ -551,19 +556,20 @@ class Summarizer:
             except MemoryWorkerError as exc:
                 retries = await self._back_off(convo, retries, f"saving the summary: {exc}")
                 continue
+            self.folds += 1
             if part[-1]["seq"] < last:
                 retries = 0
                 continue  # the rest of the backlog, from the summary just saved
             if convo in self._refusing:
                 self._refusing.discard(convo)
                 log.info("%s: the summary is saved again (up to turn %d)", convo, last)
-            self.folds += 1
             return self._ack_all(events)
 
     def _gap_is_over(self, convo: str, ev: _Event, upto: int) -> bool:
         """Whether to fold past turns that never came, after --gap-wait of waiting for them."""
         now = time.monotonic()
-        ev.waiting_since = ev.waiting_since or now
+        if upto != ev.waited_upto:  # the summary moved on meanwhile: not stuck, wait anew
+            ev.waiting_since, ev.waited_upto = now, upto
         if now - ev.waiting_since < self.cfg.gap_wait:
             return False
         missing = f"turn {upto + 1}" if ev.first == upto + 2 else f"turns {upto + 1}-{ev.first - 1}"
