@@ -594,6 +594,11 @@ async def test_a_restart_with_fewer_turns_announces_what_it_drops(tmp_path: Path
     await h.expire()
     assert h.trimmed == [("c", [1, 2], 0)]
     assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5, 6]
+    # Stored trimmed: not announced again, nor back in the window, at the next start.
+    await h.reopen(Limits(ttl=100, max_turns=8, trimmed_events=True))
+    await h.expire()
+    assert h.trimmed == [("c", [1, 2], 0)]
+    assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5, 6]
     await h.be.close()
 
 

@@ -539,8 +539,10 @@ class Store:
         cv.ids = ids or None
         cv.summary, cv.born = summary, born
         self._last_born = max(self._last_born, born)
-        if dropped and self.limits.trimmed_events:
-            self._announce_trimmed(name, cv, dropped)
+        if dropped:
+            self._changed(name)  # kept as trimmed: not back with the next start's limits
+            if self.limits.trimmed_events:
+                self._announce_trimmed(name, cv, dropped)
         cv.sbytes = self._summary_size(cv)
         cv.nbytes = self._base(name) + sum(turn_size(t) + self.limits.turn_cost for t in kept)
         for ns, keys in state.items():
