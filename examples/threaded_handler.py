@@ -32,7 +32,7 @@ from worker.client import (
 )
 
 # scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
-DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT', '1883')}/mem"
+DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT') or '1883'}/mem"
 
 ROUTE = "GET /chat?session=S&text=T"
 

@@ -15,7 +15,7 @@ import sys
 from worker.client import Turn, open_memory
 
 # scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
-DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT', '1883')}/mem"
+DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT') or '1883'}/mem"
 
 
 def answer(history: list[Turn]) -> str:
