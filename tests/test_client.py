@@ -766,3 +766,51 @@ def test_an_adapter_without_its_framework_names_the_extra(adapter: str, framewor
     assert last.startswith("ModuleNotFoundError: worker.client.")
     assert f"needs the {adapter!r} extra" in last
     assert f"pip install -e '.[{adapter}]'" in last
+
+
+async def test_blocking_threads_past_the_connections_wait_for_one(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Six threads on a blocking client of two connections: every call is answered, and the
+    replies come on two reply topics (one per connection) at most."""
+    async with watcher(broker.host, broker.port, f"{worker.cfg.prefix}-reply/#") as replies:
+
+        def use() -> list[int]:
+            last = [0] * 6
+            with BlockingMemoryClient(
+                broker.host, broker.port, worker.cfg.prefix, connections=2
+            ) as memory:
+
+                def lane(n: int) -> None:
+                    for i in range(10):
+                        last[n] = memory.append(f"capped-{n}", "user", str(i)).seq
+
+                threads = [threading.Thread(target=lane, args=(n,)) for n in range(6)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            return last
+
+        assert await asyncio.to_thread(use) == [10] * 6
+        topics = {str((await next_message(replies)).topic) for _ in range(60)}
+    assert 1 <= len(topics) <= 2
+
+
+async def test_a_blocking_delete_after_a_broker_restart_is_answered(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """A delete is sent once: after the broker restarts, the thread's idle connection is found
+    closed before the delete goes out on it, and the delete is answered."""
+    async with worker_factory(own_broker) as w:
+
+        def use() -> list[Any]:
+            with BlockingMemoryClient(
+                own_broker.host, own_broker.port, w.cfg.prefix, timeout=5
+            ) as memory:
+                memory.append("c", "user", "x")
+                own_broker.restart()
+                memory.forget("c")
+                return memory.get("c")
+
+        assert await asyncio.to_thread(use) == []

@@ -18,6 +18,7 @@ from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from worker import packets
 
@@ -217,3 +218,53 @@ def test_varint_round_trips_at_every_width() -> None:
         encoded = packets.varint(n)
         assert packets.read_varint(encoded, 0) == (n, len(encoded))
         assert packets.read_varint(encoded[:-1], 0) == (-1, 0)
+
+
+def test_acknowledgements_read_as_paho_writes_their_properties() -> None:
+    """decode_ack reads a CONNACK's Maximum Packet Size and Server Keep Alive among other
+    properties (a user property and a reason string too), a SUBACK's and a refusing
+    PUBACK's reason code, and a Success PUBACK of two bytes."""
+    props = Properties(PacketTypes.CONNACK)
+    props.UserProperty = ("k", "v")
+    props.MaximumPacketSize = 4096
+    props.ReasonString = "fine"
+    props.ServerKeepAlive = 7
+    props.AssignedClientIdentifier = "x"
+    packed = props.pack()
+    connack = bytes((0x20,)) + packets.varint(2 + len(packed)) + b"\x00\x00" + packed
+    start, end = packets.frame(connack, 0)
+    ack = packets.decode_ack(connack[0], connack, start, end)
+    assert (ack.reason, ack.max_packet, ack.keepalive, ack.reason_string) == (0, 4096, 7, "fine")
+    refused = b"\x20\x03\x00\x86\x00"
+    assert packets.decode_ack(0x20, refused, 2, 5).reason == 0x86
+    assert packets.decode_ack(0x90, b"\x90\x04\x00\x05\x00\x87", 2, 6).reason == 0x87
+    puback = packets.decode_ack(0x40, b"\x40\x03\x01\x02\x87", 2, 5)
+    assert (puback.mid, puback.reason) == (0x102, 0x87)
+    assert packets.decode_ack(0x40, b"\x40\x02\x01\x02", 2, 4).reason == 0
+    with pytest.raises(packets.MalformedPacket):
+        packets.decode_ack(0x20, b"\x20\x04\x00\x00\x05\x27", 2, 6)
+
+
+def test_connect_and_subscribe_are_what_paho_sends() -> None:
+    """A CONNECT with a login and Clean Start, and a SUBSCRIBE of one filter, byte for byte
+    as paho writes them (with no properties)."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id="memory-client-t-1",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
+    client.username_pw_set("kiosk", "secret")
+    left, right = socket.socketpair()  # "connected"; nothing is sent
+    client._sock = left
+    client.on_socket_register_write = lambda *_: None  # queue the packets, do not write them
+    try:
+        client._send_connect(30)
+        client._send_subscribe(False, [(b"reply/kiosk/t-1", SubscribeOptions(qos=0))])
+        sent = b"".join(bytes(p["packet"]) for p in client._out_packet)
+    finally:
+        client._sock = None
+        left.close()
+        right.close()
+    mine = packets.encode_connect("memory-client-t-1", 30, "kiosk", "secret")
+    mine += packets.encode_subscribe(1, "reply/kiosk/t-1", 0)
+    assert sent == mine

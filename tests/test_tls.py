@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from tests.clients import device
 from tests.conftest import running
 from tests.processes import Mosquitto, free_port
-from worker.client import open_memory
+from worker.client import open_blocking_memory, open_memory
 from worker.config import Config, tls_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
@@ -121,3 +123,33 @@ async def test_client_over_mqtts(tls_broker: tuple[Mosquitto, Path]) -> None:
     ):
         assert (await memory.append("c", "u", "sealed")).seq == 1
         assert [t["content"] for t in await memory.get("c")] == ["sealed"]
+
+
+async def test_blocking_client_over_mqtts(tls_broker: tuple[Mosquitto, Path]) -> None:
+    """The blocking client's threads, each on a TLS connection of its own, store and read
+    their turns."""
+    broker, ca = tls_broker
+    cfg = Config(
+        host=broker.host, port=broker.port, tls_ca=str(ca), prefix="tls3", client_id="tls-worker3"
+    )
+
+    def use() -> tuple[list[list[int]], list[str]]:
+        url = f"mqtts://{broker.host}:{broker.port}/tls3?ca={ca}"
+        seqs: list[list[int]] = [[] for _ in range(4)]
+        with open_blocking_memory(url) as memory:
+
+            def lane(n: int) -> None:
+                for i in range(20):
+                    seqs[n].append(memory.append(f"c{n}", "user", str(i)).seq)
+
+            threads = [threading.Thread(target=lane, args=(n,)) for n in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return seqs, [t["content"] for t in memory.get("c3", last=2)]
+
+    async with running(cfg):
+        seqs, last = await asyncio.to_thread(use)
+    assert seqs == [list(range(1, 21))] * 4
+    assert last == ["18", "19"]

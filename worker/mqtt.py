@@ -9,14 +9,19 @@ interface: `publish_packed`, `acknowledge`, `flush`, `pause_reading`/`resume_rea
 (`broker_receive_max`, `broker_max_packet`, `taken_over`). Every private attribute it relies
 on is named in `PRIVATE_ATTRIBUTES`, which tests/test_transport_guard.py checks against the
 installed versions, so an upgrade that moves one fails there and not deep in the hot path.
+
+`BlockingConnection` is the other kind of connection here: a blocking socket a thread
+writes and reads itself (the blocking client's), all its packets worker/packets.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Self
@@ -656,3 +661,202 @@ __all__ = [
     "login_refused",
     "refusal",
 ]
+
+
+def reason_name(packet_type: int, code: int) -> str:
+    """The name MQTT 5 gives a reason code ("Not authorized"), as paho's ReasonCode says it."""
+    kind = {packets.CONNACK: PacketTypes.CONNACK, packets.SUBACK: PacketTypes.SUBACK}
+    return str(ReasonCode(kind.get(packet_type, PacketTypes.PUBACK), identifier=code))
+
+
+class BlockingConnection:
+    """An MQTT 5 connection on a blocking socket, used by one thread at a time: it writes a
+    request and reads until the reply itself, with no event loop and no other thread in
+    between (the blocking client's connection per calling thread). No paho here either:
+    worker/packets.py encodes and decodes every packet, so this class owns the socket.
+
+    Errors: OSError (TimeoutError when `deadline` passes) for a connection that failed or
+    was lost, MqttConnectError for a refused CONNACK (as aiomqtt's connect raises it).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        keepalive: int = KEEPALIVE,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self._auth = (username, password)
+        self._tls = tls
+        self.keepalive = keepalive
+        self.sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._mid = 0
+        self.max_packet: int | None = None
+        self.used = 0.0  # when it last wrote: the broker's keepalive counts from there
+        self._read_for = _LONGEST
+
+    def connect(self, deadline: float) -> None:
+        """Connect anew (a Clean Start: the session ends with the connection)."""
+        self.close()
+        sock = socket.create_connection((self.host, self.port), timeout=_left(deadline))
+        try:
+            sock.setsockopt(*NODELAY)
+            if self._tls is not None:
+                sock.settimeout(_left(deadline))
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            else:
+                sock.settimeout(None)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(_SEND_STALL))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self._buf, self._mid = sock, bytearray(), 0
+        self._read_for = _LONGEST  # its SO_RCVTIMEO: none yet
+        try:
+            self.send(packets.encode_connect(self.client_id, self.keepalive, *self._auth))
+            first, body = self.next_packet(deadline)
+            if first & 0xF0 != packets.CONNACK:
+                raise packets.MalformedPacket("the broker's first packet is not a CONNACK")
+            ack = packets.decode_ack(first, body, 0, len(body))
+            if ack.reason >= _UNSPECIFIED:
+                raise MqttConnectError(ReasonCode(PacketTypes.CONNACK, identifier=ack.reason))
+        except BaseException:
+            self.close()
+            raise
+        self.max_packet = ack.max_packet
+        if ack.keepalive is not None:  # the broker's Server Keep Alive rules
+            self.keepalive = ack.keepalive
+
+    def subscribe(self, topic_filter: str, qos: int, deadline: float) -> str | None:
+        """Subscribe; the broker's reason when it refused (as `refusal`), else None."""
+        mid = self._next_mid()
+        self.send(packets.encode_subscribe(mid, topic_filter, qos))
+        while True:
+            first, body = self.next_packet(deadline)
+            if first & 0xF0 == packets.SUBACK:
+                ack = packets.decode_ack(first, body, 0, len(body))
+                if ack.mid == mid:
+                    return reason_name(packets.SUBACK, ack.reason) if ack.reason >= 0x80 else None
+
+    def publish(self, topic: str, payload: bytes, qos: int, props: bytes) -> int:
+        """Send a PUBLISH; its message id (0 at QoS 0)."""
+        mid = self._next_mid() if qos else 0
+        self.send(packets.encode_publish(topic.encode(), payload, qos, False, mid, props))
+        return mid
+
+    def send(self, data: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            raise ConnectionResetError("not connected")
+        if self._tls is not None:
+            sock.settimeout(_SEND_STALL)
+        sock.sendall(data)  # a stall past SO_SNDTIMEO raises BlockingIOError: lost
+        self.used = time.monotonic()
+
+    def next_packet(self, deadline: float) -> tuple[int, bytes]:
+        """The next packet: its first byte and its body. Raises TimeoutError when `deadline`
+        (time.monotonic) passes first, ConnectionResetError when the broker closes."""
+        buf, sock = self._buf, self.sock
+        while True:
+            start, end = packets.frame(buf, 0)  # type: ignore[arg-type]  # bytes-like
+            if start >= 0:
+                first, body = buf[0], bytes(buf[start:end])
+                del buf[:end]
+                return first, body
+            if sock is None:
+                raise ConnectionResetError("not connected")
+            if self._tls is None:
+                # A blocking socket whose read gives up after SO_RCVTIMEO: with a timeout of
+                # Python's, every read and write was a poll() too, and flipping it between
+                # the two modes an ioctl(), each a release of the GIL. SO_RCVTIMEO is set
+                # again only when a read could outlast the deadline (at most once per
+                # connection while the client's timeout stays the same).
+                now = time.monotonic()
+                if now + self._read_for > deadline + _LATE:
+                    self._read_for = _left(deadline)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._read_for))
+                try:
+                    data = sock.recv(_READ_BUFFER)
+                except BlockingIOError:  # SO_RCVTIMEO ended it
+                    self._read_for = _LONGEST  # set it anew, shorter, if time is left
+                    continue
+            else:  # OpenSSL reads again on its own when SO_RCVTIMEO ends a read
+                sock.settimeout(_left(deadline))
+                data = sock.recv(_READ_BUFFER)
+            if not data:
+                raise ConnectionResetError("the broker closed the connection")
+            buf += data
+
+    def idle_but_open(self) -> bool:
+        """For a connection nobody used for a while: whether the broker still holds it (what
+        it sent meanwhile, a late reply, is kept for the next read)."""
+        sock = self.sock
+        if sock is None or time.monotonic() - self.used > self.keepalive:
+            return False  # the broker may drop it at any moment now: connect anew
+        try:
+            if self._tls is None:
+                data = sock.recv(_READ_BUFFER, socket.MSG_DONTWAIT)
+            else:
+                sock.settimeout(0)
+                data = sock.recv(_READ_BUFFER)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return True
+        except OSError:
+            return False
+        self._buf += data
+        return bool(data)
+
+    def wake_for_more_than_an_ack(self) -> None:
+        """Reads wait for 5 bytes or more: the 4 of a PUBACK that says Success do not wake
+        the thread, the reply coming after it does, and one read takes both (a refusing
+        PUBACK, with its reason code, is 5 bytes and wakes it)."""
+        if self.sock is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _MORE_THAN_AN_ACK)
+
+    def shutdown(self) -> None:
+        """Wake the thread that reads it (from another thread): its read ends at once."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self, *, disconnect: bool = False) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        if disconnect:
+            with contextlib.suppress(OSError):
+                sock.settimeout(_DISCONNECT_WAIT)
+                sock.sendall(packets.DISCONNECT_PACKET)
+        sock.close()
+
+    def _next_mid(self) -> int:
+        self._mid = self._mid % 65535 + 1
+        return self._mid
+
+
+_MORE_THAN_AN_ACK = 5
+_DISCONNECT_WAIT = 0.5  # seconds closing waits to say DISCONNECT to a broker that stalls
+_LATE = 0.05  # seconds a read may end after its deadline, to spare setting SO_RCVTIMEO
+_SEND_STALL = float(KEEPALIVE)  # seconds a write may wait for a broker that reads nothing
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, max(1, int((seconds - whole) * 1e6)))  # 0 is forever
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return min(left, _LONGEST)
+
+
+_LONGEST = 1e9  # seconds: the longest a socket's timeout may be (a client's timeout may be more)

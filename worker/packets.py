@@ -1,11 +1,12 @@
 """The MQTT packets of the hot path, as bytes: PUBLISH both ways, PUBACK both ways (MQTT 5,
 and 3.1.1 for the client's `protocol=3`).
 
-Pure functions and one value type, no sockets. worker/mqtt.py uses them instead of paho's
+Pure functions and value types, no sockets. worker/mqtt.py uses them instead of paho's
 codec for these four packets, which carry every request and reply: paho turns each PUBLISH
 into a message object with a Properties object, and each PUBACK into a ReasonCode and a
-Properties object, which cost most of a request. Everything else (CONNECT, SUBSCRIBE,
-PINGREQ, ...) stays paho's.
+Properties object, which cost most of a request. For `Connection` everything else (CONNECT,
+SUBSCRIBE, PINGREQ, ...) stays paho's; `BlockingConnection`, which has no paho, takes
+CONNECT, SUBSCRIBE and their acknowledgements from here too.
 """
 
 from __future__ import annotations
@@ -216,3 +217,134 @@ def as_duplicate(packet: bytes) -> bytes:
 def puback(mid: int) -> bytes:
     """A PUBACK with reason Success (MQTT 5 lets the reason code be left out then)."""
     return bytes((PUBACK, 2, mid >> 8, mid & 0xFF))
+
+
+# -- the rest of a blocking client connection's life (worker/mqtt.py's BlockingConnection):
+# it has no paho to make and read these.
+
+CONNACK = 0x20
+SUBACK = 0x90
+PINGRESP = 0xD0
+DISCONNECT = 0xE0
+PINGREQ_PACKET = b"\xc0\x00"
+DISCONNECT_PACKET = b"\xe0\x00"
+_MAXIMUM_PACKET_SIZE = 0x27
+_SERVER_KEEP_ALIVE = 0x13
+_REASON_STRING = 0x1F
+# CONNACK and DISCONNECT properties by layout (MQTT 5, 2.2.2.2): 1, 2 or 4 bytes, else a
+# length-prefixed string or binary; a user property is two of those.
+_WIDTH = {
+    **dict.fromkeys((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A), 1),
+    **dict.fromkeys((0x13, 0x21, 0x22, 0x23), 2),
+    **dict.fromkeys((0x02, 0x11, 0x18, 0x27), 4),
+}
+
+
+def _utf8(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + varint(len(body)) + body
+
+
+def encode_connect(
+    client_id: str,
+    keepalive: int,
+    username: str | None = None,
+    password: str | None = None,
+    v5: bool = True,
+) -> bytes:
+    """A CONNECT with Clean Start (a session that ends with the connection) and no will."""
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = _utf8("MQTT") + bytes((5 if v5 else 4, flags)) + keepalive.to_bytes(2, "big")
+    if v5:
+        body += b"\x00"
+    body += _utf8(client_id)
+    if username is not None:
+        body += _utf8(username)
+    if password is not None:
+        body += _utf8(password)
+    return _packet(0x10, body)
+
+
+def encode_subscribe(mid: int, topic_filter: str, qos: int, v5: bool = True) -> bytes:
+    """A SUBSCRIBE of one filter."""
+    return _packet(
+        0x82,
+        mid.to_bytes(2, "big") + (b"\x00" if v5 else b"") + _utf8(topic_filter) + bytes((qos,)),
+    )
+
+
+class Ack:
+    """A CONNACK, SUBACK, PUBACK or DISCONNECT: its reason code and what the blocking
+    connection reads of its properties."""
+
+    __slots__ = ("keepalive", "max_packet", "mid", "reason", "reason_string")
+
+    def __init__(self) -> None:
+        self.mid = 0
+        self.reason = 0
+        self.max_packet: int | None = None
+        self.keepalive: int | None = None
+        self.reason_string: str | None = None
+
+
+def _read_properties(ack: Ack, buf: bytes, p: int, end: int) -> int:
+    plen, p = read_varint(buf, p)
+    pend = p + plen
+    if plen < 0 or pend > end:
+        raise MalformedPacket("properties past the packet's end")
+    while p < pend:
+        pid = buf[p]
+        p += 1
+        width = _WIDTH.get(pid)
+        if width is not None:
+            value = int.from_bytes(buf[p : p + width], "big")
+            p += width
+            if pid == _MAXIMUM_PACKET_SIZE:
+                ack.max_packet = value
+            elif pid == _SERVER_KEEP_ALIVE:
+                ack.keepalive = value
+        elif pid == _SUBSCRIPTION_ID:
+            _, p = read_varint(buf, p)
+        else:
+            n = (buf[p] << 8) | buf[p + 1]
+            if pid == _REASON_STRING:
+                ack.reason_string = buf[p + 2 : p + 2 + n].decode(errors="replace")
+            p += 2 + n
+            if pid == _USER_PROPERTY:
+                p += 2 + ((buf[p] << 8) | buf[p + 1])
+    if p != pend:
+        raise MalformedPacket("properties do not add up")
+    return p
+
+
+def decode_ack(first: int, buf: bytes, start: int, end: int, v5: bool = True) -> Ack:
+    """The CONNACK, SUBACK (its first reason code: one filter per SUBSCRIBE), PUBACK or
+    DISCONNECT whose body is buf[start:end]. MQTT 5 may leave out a PUBACK's or
+    DISCONNECT's reason (Success) and properties."""
+    ack = Ack()
+    kind = first & 0xF0
+    try:
+        p = start
+        if kind == CONNACK:
+            ack.reason = buf[p + 1]
+            p += 2
+        elif kind in (SUBACK, PUBACK):
+            ack.mid = (buf[p] << 8) | buf[p + 1]
+            p += 2
+        if kind == SUBACK:
+            if v5:
+                p = _read_properties(ack, buf, p, end)
+            ack.reason = buf[p]
+        elif v5 and p < end:
+            if kind != CONNACK:
+                ack.reason = buf[p]
+                p += 1
+            if p < end:
+                _read_properties(ack, buf, p, end)
+    except IndexError as exc:
+        raise MalformedPacket("acknowledgement shorter than its fields") from exc
+    return ack

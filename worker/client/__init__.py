@@ -52,6 +52,7 @@ from worker.client._mqtt import (
     MemoryClient,
     check_reply_prefix,
 )
+from worker.client._threads import DEFAULT_CONNECTIONS
 from worker.store import Limits
 
 
@@ -114,7 +115,10 @@ async def open_memory(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
 def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:
     """The blocking API on `url`'s memory, already open (as `open()` opens a file): keep it
     (`store = open_blocking_memory(url)`, then `store.close()`) or use it in a `with` block."""
-    return BlockingMemoryClient(_memory=memory_from_url(url, **kwargs)).open()
+    connections = kwargs.pop("connections", DEFAULT_CONNECTIONS)
+    return BlockingMemoryClient(
+        connections=connections, _memory=memory_from_url(url, **kwargs)
+    ).open()
 
 
 __all__ = [

@@ -13,7 +13,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from worker.client._api import _Api
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient, ThreadCalls, _not_open, run_direct
+from worker.client._mqtt import MemoryClient, _not_open, run_direct
+from worker.client._threads import DEFAULT_CONNECTIONS, ThreadRequests
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -28,7 +29,7 @@ def _blocking(
     """The blocking twin of an async method of the memory, called by name on whichever
     memory the client drives."""
     name = method.__name__
-    shared = hasattr(_Api, name)  # ThreadCalls has the shared API, not stats()
+    shared = hasattr(_Api, name)  # ThreadRequests has the shared API, not stats()
 
     @functools.wraps(method)
     def call(self: BlockingMemoryClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -45,18 +46,30 @@ def _blocking(
 class BlockingMemoryClient:
     """The same API without `await`, for threaded programs (Flask, Django, scripts).
 
-    The async client (or `memory://` store) runs on a private event-loop thread; every
-    thread's calls share its one connection. Use it as a plain context manager. Arguments
-    are `MemoryClient`'s.
+    The async client (or `memory://` store) runs on a private event-loop thread. Over MQTT 5
+    each calling thread sends its request and reads its reply itself, on a connection of the
+    client's that no other thread uses meanwhile: one per thread calling at once, up to
+    `connections` (past that a call waits for one), kept open for the next calls. Events,
+    stats, listing and MQTT 3.1.1's requests go through the loop's one connection. Use it as
+    a plain context manager. The other arguments are `MemoryClient`'s.
     """
 
-    def __init__(self, *args: Any, _memory: Memory | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        connections: int = DEFAULT_CONNECTIONS,
+        _memory: Memory | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(connections, int) or connections < 1:
+            raise ValueError(f"connections must be 1 or more, not {connections!r}")
+        self._connections = connections
         self._memory: Memory = _memory if _memory is not None else MemoryClient(*args, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # MQTT 5 requests go out from the calling thread (request_from_thread), not as a
-        # task on the loop; MQTT 3.1.1's (matched by id) and memory://'s take the loop.
-        self._direct: ThreadCalls | None = None
+        # MQTT 5 requests go out from the calling thread, on a connection of its own; MQTT
+        # 3.1.1's (matched by id) and memory://'s take the loop.
+        self._direct: ThreadRequests | None = None
         # Calls handed to the loop and not yet ended: closing ends them. The lock makes a
         # call either handed over before the close (and ended by it) or refused after.
         self._calls: set[concurrent.futures.Future[Any]] = set()
@@ -106,7 +119,7 @@ class BlockingMemoryClient:
             self._stop(loop)
             raise
         if isinstance(self._memory, MemoryClient) and self._memory.protocol == 5:
-            self._direct = ThreadCalls(self._memory)
+            self._direct = ThreadRequests(self._memory, self._connections)
         return self
 
     async def _enter(self) -> None:
@@ -124,7 +137,9 @@ class BlockingMemoryClient:
             loop, self._loop = self._loop, None
         if loop is None:
             return
-        self._direct = None
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
         try:
             asyncio.run_coroutine_threadsafe(self._close(), loop).result()
         finally:

@@ -10,13 +10,10 @@ guard tests; nothing of it shows in the client's API.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import itertools
 import ssl
-import threading
-import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from typing import Any, Final, TypeVar, cast
@@ -112,14 +109,8 @@ class MemoryClient(_Api):
             tls_context(tls_ca) if tls_ca else ssl.create_default_context() if tls else None
         )
         self._n = itertools.count(1)
-        self._waiting: dict[bytes, _Reply | _ThreadReply] = {}
+        self._waiting: dict[bytes, _Reply] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._online = threading.Event()  # _connected, for other threads
-        self._submitted: collections.deque[tuple[bytes, _ThreadReply, str, bytes, bytes]] = (
-            collections.deque()
-        )
-        self._wake_pending = False
-        self._ready: list[tuple[_ThreadReply, Any]] = []  # answered, threads not yet woken
         self._deadlines: dict[bytes, float] = {}  # a waiting request's key -> when it expires
         self._sweep: asyncio.TimerHandle | None = None  # at the earliest of _deadlines
         self._filters: dict[str, int] = {}  # extra subscriptions (events, stats) -> users
@@ -153,8 +144,6 @@ class MemoryClient(_Api):
             self._loop = asyncio.get_running_loop()
             self._sweep = None
             self._connected = asyncio.Event()
-            self._submitted.clear()
-            self._wake_pending = False
             try:
                 await self._connect()
             except aiomqtt.MqttError as exc:
@@ -174,19 +163,15 @@ class MemoryClient(_Api):
                     await self._reader
             await self._disconnect()
         finally:
-            # What still waits fails now, not after its timeouts; answered threads get theirs.
-            self._release_ready()
+            # What still waits fails now, not after its timeouts.
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(_closed_while_waiting())
-            while self._submitted:
-                self._submitted.popleft()[1].set_exception(_closed_while_waiting())
             self._waiting.clear()
             self._mids.clear()
             self._deadlines.clear()
             self._events.end()
-            self._connected.set()  # wakes the tasks and threads waiting to connect: they see
-            self._online.set()  # the client closed
+            self._connected.set()  # wakes the tasks waiting to connect: they see it closed
 
     def _inbox_filter(self) -> str:
         return f"{self.reply_prefix.replace('{convo}', '+')}/{self.tag}"
@@ -221,7 +206,6 @@ class MemoryClient(_Api):
         self._client = client
         self._max_packet = client.broker_max_packet
         self._connected.set()
-        self._online.set()
 
     async def _subscribe_on(self, client: Connection, topic_filter: str, qos: int) -> None:
         """Subscribe; RefusedError at once when the broker refuses (its ACL), rather than a
@@ -233,7 +217,7 @@ class MemoryClient(_Api):
     def _refused(self, what: str, topic: str, reason: str) -> RefusedError:
         user = self._auth[0] or "<username>"
         # The project's roles (deploy/init-security); the client cannot know which is this user's.
-        if topic == self._inbox_filter():
+        if topic.startswith(self._inbox_filter()):  # or a blocking call's connection's
             hint = (
                 "replies come there: set reply_prefix to a topic this user may read (with the "
                 f"project's roles, a device's: reply_prefix='reply/{user}', memctl "
@@ -256,7 +240,6 @@ class MemoryClient(_Api):
 
     async def _disconnect(self) -> None:
         self._connected.clear()
-        self._online.clear()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError, RuntimeError):
@@ -315,27 +298,8 @@ class MemoryClient(_Api):
         fut = self._waiting.pop(key, None) if isinstance(key, bytes) else None
         if fut is not None:
             self._mids.pop(key, None)
-            if isinstance(fut, _ThreadReply):
-                self._release_later(fut, reply)
-            elif not fut.done():
+            if not fut.done():
                 fut.resolve(reply)
-
-    def _release_later(self, waiter: _ThreadReply, reply: Any) -> None:
-        """Wake a waiting thread on the loop's next turn, after the read's writes: a thread
-        woken sooner takes the GIL from the loop's thread at its next system call (waking
-        them at the end of the read measured 4% slower)."""
-        if waiter.done():
-            return
-        self._ready.append((waiter, reply))
-        if len(self._ready) == 1:
-            asyncio.get_running_loop().call_soon(self._release_ready)
-
-    def _release_ready(self) -> None:
-        if self._client is not None:
-            self._client.flush()
-        ready, self._ready = self._ready, []
-        for waiter, reply in ready:
-            waiter.set_result(reply)
 
     def _on_refused(self, mid: int, reason: str) -> None:
         """The broker refused a request's publish (an MQTT 5 PUBACK said so): fail it now."""
@@ -350,12 +314,18 @@ class MemoryClient(_Api):
 
     # -- requests --
 
-    def _prepare(self, convo: str, op: str, body: dict[str, Any]) -> _Prepared:
-        """What every attempt of a request sends, and the key its reply is matched by."""
+    def _prepare(
+        self, convo: str, op: str, body: dict[str, Any], tag: str | None = None
+    ) -> _Prepared:
+        """What every attempt of a request sends, and the key its reply is matched by; `tag`
+        names another reply topic than the client's (a blocking call's own connection's)."""
         _refuse(convo, op, body)
         if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
             body["id"] = f"{self.tag}-{next(self._n)}"  # valid by construction: not checked
-        inbox = self._inbox or f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
+        if tag is None:
+            inbox = self._inbox or f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
+        else:
+            inbox = f"{self.reply_prefix.replace('{convo}', convo)}/{tag}"
         if self.protocol == 5:
             # Each request's own: the same request_id twice at once gets two replies.
             key = next(self._n).to_bytes(8, "big")
@@ -448,77 +418,6 @@ class MemoryClient(_Api):
             if fut is not None and not fut.done():
                 fut.set_exception(TimeoutError())
 
-    # -- requests from other threads (BlockingMemoryClient) --
-
-    def request_from_thread(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        """`_request`, blocking, from a thread other than the client's loop's (MQTT 5 only).
-
-        The calling thread prepares the request and waits on a lock of its own; the loop's
-        thread only sends what threads queued (one wake-up for all queued meanwhile) and
-        releases a waiter's lock with its reply, after the turn's writes. No task, coroutine
-        or future per call, as asyncio.run_coroutine_threadsafe made: 8 threads went from 30%
-        to 36-40% of the async client's throughput at window 64 (docs/performance.md).
-        """
-        loop = self._loop
-        if loop is None or not self._open:
-            raise _not_open()
-        key, topic, payload, props, safe = self._prepare(convo, op, body)
-        assert self.protocol == 5, "MQTT 3.1.1 replies are matched on the loop"
-        for attempt in range(1, self.attempts + 1):
-            last = attempt == self.attempts or not safe
-            reply = _ThreadReply()
-            deadline = time.monotonic() + self.timeout
-            try:
-                if self._client is None and not self._online.wait(
-                    min(self.timeout, threading.TIMEOUT_MAX)
-                ):
-                    raise TimeoutError
-                self._submitted.append((key, reply, topic, payload, props))
-                if not self._open:  # closing drained the queue, maybe before this request
-                    raise _not_open()
-                if not self._wake_pending:
-                    self._wake_pending = True
-                    try:
-                        loop.call_soon_threadsafe(self._send_submitted)
-                    except BaseException:  # else no later request would wake the loop
-                        self._wake_pending = False
-                        if loop.is_closed():
-                            raise _not_open() from None
-                        raise
-                if not reply.wait(deadline - time.monotonic()) and not reply.done():
-                    raise TimeoutError
-                return _ok(reply.result())
-            except (_PublishRefused, TimeoutError, _Lost) as exc:
-                self._attempt_failed(exc, topic, attempt, last)
-            finally:
-                if not reply.done():  # timed out: the loop's thread drops it
-                    reply.abandoned = True
-                    with contextlib.suppress(RuntimeError):  # the client closed meanwhile
-                        loop.call_soon_threadsafe(self._forget, key, reply)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _send_submitted(self) -> None:
-        """On the loop's thread: send every request other threads queued."""
-        self._wake_pending = False
-        submitted, waiting = self._submitted, self._waiting
-        client = self._client
-        while submitted:
-            key, reply, topic, payload, props = submitted.popleft()
-            if reply.done():  # its thread gave up
-                continue
-            if client is None:
-                reply.set_exception(_Lost() if self._open else _closed_while_waiting())
-                continue
-            waiting[key] = reply
-            self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
-        if client is not None:
-            client.flush()  # now, not on the loop's next turn
-
-    def _forget(self, key: bytes, reply: _ThreadReply) -> None:
-        if self._waiting.get(key) is reply:
-            del self._waiting[key]
-            self._mids.pop(key, None)
-
     def _template(self, inbox: str) -> PublishProperties:
         """The properties of requests answered on `inbox`, encoded once (but their Correlation
         Data) when every request is answered there."""
@@ -598,19 +497,9 @@ class MemoryClient(_Api):
         return list(seen.values())
 
 
-class ThreadCalls(_Api):
-    """The API whose requests a thread sends itself (`request_from_thread`): its coroutines
-    never suspend, so the calling thread runs them to their end without a loop."""
-
-    def __init__(self, client: MemoryClient) -> None:
-        self._client = client
-
-    async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._client.request_from_thread(convo, op, body)
-
-
 def run_direct(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run a `ThreadCalls` call's coroutine to its end on this thread."""
+    """Run a coroutine that never suspends (a `ThreadRequests` call's) to its end on this
+    thread."""
     try:
         coro.send(None)
     except StopIteration as done:
@@ -732,41 +621,6 @@ class _Reply:
 
 
 _PENDING, _CANCELLED, _FINISHED = 0, 1, 2
-
-
-class _ThreadReply:
-    """A reply awaited by a thread: set on the loop's thread only, waited for on a lock."""
-
-    __slots__ = ("_done", "_exc", "_lock", "_value", "abandoned")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-        self._value: Any = None
-        self._exc: BaseException | None = None
-        self._done = False
-        self.abandoned = False  # its thread stopped waiting (set on that thread)
-
-    def done(self) -> bool:
-        return self._done or self.abandoned
-
-    def set_result(self, value: Any) -> None:
-        if not self._done:  # a lost connection may have failed it meanwhile
-            self._value, self._done = value, True
-            self._lock.release()
-
-    def set_exception(self, exc: BaseException) -> None:
-        if not self._done:
-            self._exc, self._done = exc, True
-            self._lock.release()
-
-    def wait(self, timeout: float) -> bool:
-        return self._lock.acquire(timeout=min(max(timeout, 0.0), threading.TIMEOUT_MAX))
-
-    def result(self) -> Any:
-        if self._exc is not None:
-            raise self._exc.with_traceback(None)
-        return self._value
 
 
 def _closed_while_waiting() -> RuntimeError:

@@ -1,0 +1,219 @@
+"""The blocking client's requests, sent and awaited by the calling thread on a connection of
+its own (MQTT 5): no event loop and no hand-over between threads on a request's way.
+
+Handing each request to the client's loop thread and its reply back cost a blocking call
+twice the CPU of an async one (two thread wake-ups through the GIL, measured in
+docs/performance.md); here a call is the thread's own write and read. The price is a
+connection per thread calling at once, up to `connections`, kept for the next call as an
+HTTP client keeps its pool: each has its own client id and reply topic on the broker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Final
+
+import aiomqtt
+import msgpack
+
+from worker.client._api import _Api, _ok
+from worker.client._mqtt import MemoryClient, _Lost, _not_open, _PublishRefused, unreachable
+from worker.mqtt import BlockingConnection, login_refused, reason_name
+from worker.packets import (
+    DISCONNECT,
+    PUBACK,
+    PUBLISH,
+    MalformedPacket,
+    decode_ack,
+    decode_publish,
+    puback,
+)
+
+DEFAULT_CONNECTIONS: Final = 16
+# A connection unused this long is asked whether the broker still holds it before a request
+# goes out on it (a broker restarted meanwhile), since a delete is sent only once: a read
+# that does not wait, spared to calls that follow one another closely.
+_IDLE_CHECK: Final = 0.01
+
+
+class _Link:
+    """One pooled connection and the reply topic it subscribed to."""
+
+    __slots__ = ("conn", "inbox_filter", "tag")
+
+    def __init__(self, client: MemoryClient, n: int) -> None:
+        self.tag = f"{client.tag}-{n}"
+        self.inbox_filter = f"{client.reply_prefix.replace('{convo}', '+')}/{self.tag}"
+        self.conn = BlockingConnection(
+            client.host,
+            client.port,
+            f"memory-client-{self.tag}",
+            username=client._auth[0],
+            password=client._auth[1],
+            tls=client._tls,
+        )
+
+
+class ThreadRequests(_Api):
+    """The API, each call sent and awaited by its own thread on a pooled connection.
+
+    A thread takes an idle connection (or opens one, up to `connections`; past that it
+    waits for one), sends the request, reads until its reply and gives the connection back.
+    Timeouts, attempts with the same id, refusals and reconnecting are `MemoryClient`'s.
+    Replies come at QoS 0 whatever `qos` is: the connection's session ends with it, so QoS 1
+    would add an acknowledgement per reply and save nothing (a reply lost with the
+    connection is asked again, as with QoS 1).
+    """
+
+    def __init__(self, client: MemoryClient, connections: int = DEFAULT_CONNECTIONS) -> None:
+        self._client = client
+        self._max = connections
+        self._idle: list[_Link] = []
+        self._busy: set[_Link] = set()
+        self._made = 0
+        self._open = True
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._waiters = 0  # threads waiting for a connection (past `connections` at once)
+        self._closed = threading.Event()  # wakes a thread waiting to connect again
+
+    async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.request(convo, op, body)
+
+    def request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        link = self._borrow()
+        try:
+            return self._exchange(link, convo, op, body)
+        finally:
+            self._give_back(link)
+
+    def _exchange(self, link: _Link, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        client = self._client
+        key, topic, payload, props, safe = client._prepare(convo, op, body, link.tag)
+        conn = link.conn
+        for attempt in range(1, client.attempts + 1):
+            last = attempt == client.attempts or not safe
+            deadline = time.monotonic() + client.timeout
+            try:
+                if conn.sock is None:
+                    self._connect(link, deadline)
+                mid = conn.publish(topic, payload, client.qos, props)
+                return _ok(self._reply(conn, key, mid, deadline))
+            except (_PublishRefused, TimeoutError) as exc:
+                # A timed-out request's late reply is skipped by its key: the connection stays.
+                if not self._open:
+                    raise _not_open() from None
+                client._attempt_failed(exc, topic, attempt, last)
+            except (OSError, MalformedPacket):
+                conn.close()
+                if not self._open:
+                    raise _not_open() from None
+                client._attempt_failed(_Lost(), topic, attempt, last)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _reply(conn: BlockingConnection, key: bytes, mid: int, deadline: float) -> Any:
+        while True:
+            first, packet = conn.next_packet(deadline)
+            kind = first & 0xF0
+            if kind == PUBLISH:
+                message = decode_publish(first, packet, 0, len(packet))
+                if message.qos:
+                    conn.send(puback(message.mid))
+                if message.correlation == key:
+                    try:
+                        return msgpack.unpackb(message.payload, strict_map_key=False)
+                    except Exception:  # not a reply of ours: nobody waits for it
+                        continue
+            elif kind == PUBACK and mid and len(packet) > 2:  # Success is 2 bytes
+                ack = decode_ack(first, packet, 0, len(packet))
+                if ack.mid == mid and ack.reason >= 0x80:
+                    raise _PublishRefused(reason_name(PUBACK, ack.reason))
+            elif kind == DISCONNECT:  # the broker's, before it closes the connection
+                raise ConnectionResetError("the broker disconnected")
+
+    def _connect(self, link: _Link, deadline: float) -> None:
+        """Connect and subscribe to the link's reply topic, again and again while the broker
+        is down, until `deadline` (TimeoutError)."""
+        client, conn = self._client, link.conn
+        backoff = 0.05
+        while True:
+            try:
+                try:
+                    conn.connect(deadline)
+                    reason = conn.subscribe(link.inbox_filter, 0, deadline)
+                except BaseException:
+                    conn.close()  # not subscribed: no request may go out on it
+                    raise
+                if reason is not None:
+                    conn.close(disconnect=True)
+                    raise client._refused("subscription to", link.inbox_filter, reason)
+                if not self._open:  # closed while it connected: close() did not see its socket
+                    conn.close()
+                    raise _not_open()
+                conn.wake_for_more_than_an_ack()  # a thread woken once per call, not twice
+                return
+            except TimeoutError:
+                raise
+            except aiomqtt.MqttError as exc:  # a refused CONNACK
+                if login_refused(exc):  # the password changed since the client opened
+                    raise unreachable(client.host, client.port, client._auth[0], exc) from None
+            except (OSError, MalformedPacket):
+                pass
+            wait = min(backoff, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError
+            if self._closed.wait(wait):
+                raise _not_open()
+            backoff = min(backoff * 2, 1.0)
+
+    def _borrow(self) -> _Link:
+        with self._lock:
+            while True:
+                if not self._open:
+                    raise _not_open()
+                if self._idle:
+                    link = self._idle.pop()
+                    break
+                if self._made < self._max:
+                    self._made += 1
+                    link = _Link(self._client, self._made)
+                    break
+                self._waiters += 1
+                try:
+                    self._freed.wait()
+                finally:
+                    self._waiters -= 1
+            self._busy.add(link)
+        conn = link.conn
+        if (
+            conn.sock is not None
+            and time.monotonic() - conn.used > _IDLE_CHECK
+            and not conn.idle_but_open()
+        ):
+            conn.close()
+        return link
+
+    def _give_back(self, link: _Link) -> None:
+        with self._lock:
+            self._busy.discard(link)
+            if self._open:
+                self._idle.append(link)
+                if self._waiters:
+                    self._freed.notify()
+                return
+        link.conn.close()
+
+    def close(self) -> None:
+        """Disconnect every connection; the threads still in a call get RuntimeError."""
+        with self._lock:
+            self._open = False
+            idle, self._idle = self._idle, []
+            busy = list(self._busy)
+            self._freed.notify_all()
+        self._closed.set()
+        for link in busy:
+            link.conn.shutdown()
+        for link in idle:
+            link.conn.close(disconnect=True)
