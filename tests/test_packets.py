@@ -224,13 +224,13 @@ def test_acknowledgements_read_as_paho_writes_their_properties() -> None:
     """decode_ack reads a CONNACK's Maximum Packet Size and Server Keep Alive among other
     properties (a user property and a reason string too), a SUBACK's and a refusing
     PUBACK's reason code, and a Success PUBACK of two bytes."""
-    props = Properties(PacketTypes.CONNACK)
+    props = Properties(PacketTypes.CONNACK)  # type: ignore[no-untyped-call]
     props.UserProperty = ("k", "v")
     props.MaximumPacketSize = 4096
     props.ReasonString = "fine"
     props.ServerKeepAlive = 7
     props.AssignedClientIdentifier = "x"
-    packed = props.pack()
+    packed = props.pack()  # type: ignore[no-untyped-call]
     connack = bytes((0x20,)) + packets.varint(2 + len(packed)) + b"\x00\x00" + packed
     start, end = packets.frame(connack, 0)
     ack = packets.decode_ack(connack[0], connack, start, end)
