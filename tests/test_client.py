@@ -112,6 +112,8 @@ async def test_forget_removes_turns_and_reports_eviction(memory: Memory) -> None
         (lambda m: m.load("c", "", "k"), BadRequestError),
         (lambda m: m.get("c", last=0), BadRequestError),
         (lambda m: m.save("c", "ns", "k", 1, ttl=-1), BadRequestError),
+        (lambda m: m.save("c", "ns", "k", object()), BadRequestError),  # not msgpack
+        (lambda m: m.save("c", "ns", "k", 2**64), BadRequestError),
     ],
 )
 async def test_refused_input_raises_the_workers_code(
