@@ -3,7 +3,8 @@
 
     .venv/bin/python examples/threaded_handler.py [PORT]
 
-On the broker at MEMORY_URL (default: 127.0.0.1 on $MEMORY_WORKER_PORT or 1883, prefix mem).
+On the broker at MEMORY_URL (default: $MEMORY_WORKER_HOST, _PORT and _PREFIX, as memctl
+reads them, or 127.0.0.1, 1883 and mem).
 
 `--demo N` serves on a free port, sends N concurrent requests from N threads, prints each
 answer and stops.
@@ -32,7 +33,11 @@ from worker.client import (
 )
 
 # scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
-DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT') or '1883'}/mem"
+DEFAULT_URL = "mqtt://{}:{}/{}".format(  # as memctl reads them
+    os.environ.get("MEMORY_WORKER_HOST") or "127.0.0.1",
+    os.environ.get("MEMORY_WORKER_PORT") or "1883",
+    os.environ.get("MEMORY_WORKER_PREFIX") or "mem",
+)
 
 ROUTE = "GET /chat?session=S&text=T"
 

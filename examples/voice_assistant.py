@@ -3,7 +3,8 @@ answer stored. Utterances come from the command line (or stdin, one per line).
 
     .venv/bin/python examples/voice_assistant.py kiosk-7 "hi"
 
-On the broker at MEMORY_URL (default: 127.0.0.1 on $MEMORY_WORKER_PORT or 1883, prefix mem).
+On the broker at MEMORY_URL (default: $MEMORY_WORKER_HOST, _PORT and _PREFIX, as memctl
+reads them, or 127.0.0.1, 1883 and mem).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import sys
 from worker.client import Turn, open_memory
 
 # scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
-DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT') or '1883'}/mem"
+DEFAULT_URL = "mqtt://{}:{}/{}".format(  # as memctl reads them
+    os.environ.get("MEMORY_WORKER_HOST") or "127.0.0.1",
+    os.environ.get("MEMORY_WORKER_PORT") or "1883",
+    os.environ.get("MEMORY_WORKER_PREFIX") or "mem",
+)
 
 
 def answer(history: list[Turn]) -> str:

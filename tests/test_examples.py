@@ -39,10 +39,17 @@ async def test_an_example_finds_the_broker_scripts_run_named(
     own_broker: Mosquitto, worker_factory: WorkerFactory
 ) -> None:
     """Without MEMORY_URL an example talks to prefix mem on MEMORY_WORKER_PORT, the port
-    `scripts/run --own-broker` says to export (it went to 1883 whatever that said)."""
+    `scripts/run --own-broker` says to export (it went to 1883 whatever that said); with
+    MEMORY_WORKER_HOST and _PREFIX too, to those, as memctl does."""
     async with worker_factory(own_broker, prefix="mem"):
         out = await _run(
             None, "voice_assistant.py", "kiosk-7", "hi", MEMORY_WORKER_PORT=str(own_broker.port)
+        )
+    assert out.startswith("you said 'hi'")
+    async with worker_factory(own_broker, prefix="elsewhere"):
+        env = {"MEMORY_WORKER_HOST": "localhost", "MEMORY_WORKER_PREFIX": "elsewhere"}
+        out = await _run(
+            None, "voice_assistant.py", "k", "hi", MEMORY_WORKER_PORT=str(own_broker.port), **env
         )
     assert out.startswith("you said 'hi'")
 

@@ -7,7 +7,11 @@ import os
 from worker.client import BlockingMemoryClient, open_blocking_memory
 
 # The broker scripts/run starts, on the port `scripts/run --own-broker` says to export.
-DEFAULT_URL = f"mqtt://127.0.0.1:{os.environ.get('MEMORY_WORKER_PORT') or '1883'}/mem"
+DEFAULT_URL = "mqtt://{}:{}/{}".format(  # as memctl reads them
+    os.environ.get("MEMORY_WORKER_HOST") or "127.0.0.1",
+    os.environ.get("MEMORY_WORKER_PORT") or "1883",
+    os.environ.get("MEMORY_WORKER_PREFIX") or "mem",
+)
 
 
 def missing_extra(extra: str, exc: ModuleNotFoundError) -> ModuleNotFoundError:
