@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -272,3 +273,52 @@ class RedisClusterServers:
     def stop(self) -> None:
         for i in range(len(self.ports)):
             self.stop_node(i)
+
+
+class SplitProxy:
+    """A TCP hop to `port` that hands on each chunk from the broker in two TCP segments, its
+    last `tail` bytes `lag` seconds after the rest, as a real network's segmentation may end
+    a packet (or a TLS record) with a few bytes of their own. Clients connect to `.port`."""
+
+    def __init__(self, port: int, tail: int = 3, lag: float = 0.02) -> None:
+        self.target, self.tail, self.lag = port, tail, lag
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            broker = socket.create_connection(("127.0.0.1", self.target))
+            for s in (client, broker):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sockets.append(s)
+            threading.Thread(target=self._pipe, args=(client, broker, 0), daemon=True).start()
+            threading.Thread(
+                target=self._pipe, args=(broker, client, self.tail), daemon=True
+            ).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, tail: int) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if tail and len(data) > tail:
+                    dst.sendall(data[:-tail])
+                    time.sleep(self.lag)  # the network's timing, not the test's
+                    dst.sendall(data[-tail:])
+                else:
+                    dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> SplitProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            s.close()

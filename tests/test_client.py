@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from tests.clients import decode, next_message, watcher
 from tests.conftest import WorkerFactory, unique
-from tests.processes import Mosquitto
+from tests.processes import Mosquitto, SplitProxy
 from worker.client import (
     BadRequestError,
     BadTopicError,
@@ -816,3 +817,50 @@ async def test_a_blocking_delete_after_a_broker_restart_is_answered(
                 return memory.get("c")
 
         assert await asyncio.to_thread(use) == []
+
+
+async def test_a_blocking_reply_whose_last_bytes_come_alone_is_read_at_once(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Through a network hop that delivers the last 3 bytes of every chunk on their own, a
+    blocking call is answered as they come, not when its timeout ends a read waiting for
+    more (the calls here have 30 s; a read waiting for 5 bytes took all of it)."""
+    with SplitProxy(broker.port) as hop:
+
+        def use() -> list[str]:
+            with BlockingMemoryClient(
+                broker.host, hop.port, worker.cfg.prefix, timeout=30
+            ) as memory:
+                for i in range(3):
+                    memory.append("split", "user", f"{i}" * 60_000)
+                turns = memory.get("split")  # 180 kB: a reply of many segments
+                memory.forget("split")  # sent once
+                memory.append("split", "user", "again")
+                return [t["content"][:2] for t in turns + memory.get("split")]
+
+        got = await asyncio.wait_for(asyncio.to_thread(use), 20)
+    assert got == ["00", "11", "22", "ag"]
+
+
+async def test_a_blocking_connection_the_broker_disconnected_while_idle_is_made_anew(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Another client takes a thread's connection's client id over: the broker sends that
+    connection DISCONNECT (session taken over) and closes it. The next call, a delete (sent
+    once), sees that before sending and goes out on a new connection."""
+    memory = BlockingMemoryClient(broker.host, broker.port, worker.cfg.prefix, timeout=5)
+    await asyncio.to_thread(memory.open)
+    try:
+        await asyncio.to_thread(memory.append, "taken", "user", "x")
+        client = memory.memory
+        assert isinstance(client, MemoryClient)
+        thief = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            identifier=f"memory-client-{client.tag}-1",
+            protocol=aiomqtt.ProtocolVersion.V5,
+        )
+        async with thief:
+            assert await asyncio.to_thread(memory.forget, "taken") == 1
+    finally:
+        await asyncio.to_thread(memory.close)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import program
 from tests.processes import Mosquitto
-from tests.test_security import USERS, secured
+from tests.test_security import USERS, add_user, secured
 from worker.client import BlockingMemoryClient, MemoryClient, RefusedError
 
 # deploy/'s secured broker (dynamic security): kiosk-a may ask under mem/kiosk-a/ and read
@@ -176,3 +176,29 @@ async def test_the_hint_leads_the_dashboard_user_to_its_reply_prefix(secured: Mo
         timeout=0.5,
     ) as m:
         assert isinstance(await m.stats(), list)
+
+
+async def test_a_blocking_thread_refused_its_login_says_so_at_once(secured: Mosquitto) -> None:
+    """The password changes after a blocking client opened: a thread's first call, whose own
+    connection is made then, raises the refused login at once, not NoReplyError after its
+    attempts (30 s each)."""
+    name = "kiosk-pw"
+    assert add_user(secured.work, name, "first-secret").returncode == 0  # type: ignore[attr-defined]
+
+    def use() -> RefusedError:
+        with BlockingMemoryClient(
+            secured.host,
+            secured.port,
+            username=name,
+            password="first-secret",
+            reply_prefix=f"reply/{name}",
+            timeout=30,
+        ) as memory:
+            changed = add_user(secured.work, name, "second-secret")  # type: ignore[attr-defined]
+            assert changed.returncode == 0
+            with pytest.raises(RefusedError) as info:
+                memory.append(name, "user", "x")
+            return info.value
+
+    refused = await asyncio.wait_for(asyncio.to_thread(use), 20)
+    assert "check the username and password" in refused.message

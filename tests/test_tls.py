@@ -13,7 +13,7 @@ import pytest
 
 from tests.clients import device
 from tests.conftest import running
-from tests.processes import Mosquitto, free_port
+from tests.processes import Mosquitto, SplitProxy, free_port
 from worker.client import open_blocking_memory, open_memory
 from worker.config import Config, tls_context
 
@@ -153,3 +153,24 @@ async def test_blocking_client_over_mqtts(tls_broker: tuple[Mosquitto, Path]) ->
         seqs, last = await asyncio.to_thread(use)
     assert seqs == [list(range(1, 21))] * 4
     assert last == ["18", "19"]
+
+
+async def test_blocking_tls_records_whose_last_bytes_come_alone(
+    tls_broker: tuple[Mosquitto, Path],
+) -> None:
+    """Through a hop that delivers the last 3 bytes of every chunk on their own, a blocking
+    call over TLS is answered as they come, and a delete (sent once) is not lost to a read
+    that gave up (the calls have 30 s)."""
+    broker, ca = tls_broker
+    cfg = Config(
+        host=broker.host, port=broker.port, tls_ca=str(ca), prefix="tls4", client_id="tls-worker4"
+    )
+
+    def use(port: int) -> tuple[int, int]:
+        with open_blocking_memory(f"mqtts://{broker.host}:{port}/tls4?ca={ca}&timeout=30") as m:
+            m.append("c", "user", "x" * 30_000)
+            return len(m.get("c")), m.forget("c")
+
+    async with running(cfg):
+        with SplitProxy(broker.port) as hop:
+            assert await asyncio.wait_for(asyncio.to_thread(use, hop.port), 20) == (1, 1)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
+import aiomqtt
 import msgpack
 import pytest
 from aiomqtt import ProtocolVersion
@@ -26,7 +28,7 @@ from tests.conftest import WorkerFactory, make_config, running
 from tests.processes import Mosquitto
 from worker import packets
 from worker.backends import create_backend
-from worker.mqtt import Connection
+from worker.mqtt import BlockingConnection, Connection
 from worker.service import Service
 
 
@@ -374,3 +376,31 @@ async def test_a_stop_before_online_is_acknowledged_still_says_offline() -> None
         await asyncio.gather(task, return_exceptions=True)
         await serving.aclose()
     assert [msgpack.unpackb(s)["state"] for s in broker.statuses] == ["online", "offline"]
+
+
+async def test_a_blocking_connection_waiting_long_keeps_itself_alive(broker: Mosquitto) -> None:
+    """A thread waits 7 s for a message on a BlockingConnection whose keepalive is 1 s, past
+    the 1.5 s after which the broker drops a silent client (Mosquitto 2.0 checks every few
+    seconds: one that only waited was dropped within 6 s): it sends PINGREQ meanwhile, so
+    the broker keeps the connection and the message comes."""
+    conn = BlockingConnection(broker.host, broker.port, "waits-long", keepalive=1)
+    await asyncio.to_thread(conn.connect, time.monotonic() + 10)
+    try:
+        assert conn.keepalive == 1
+        assert (
+            await asyncio.to_thread(conn.subscribe, "slow/reply", 0, time.monotonic() + 10) is None
+        )
+
+        def wait() -> packets.Incoming:
+            first, body = conn.next_packet(time.monotonic() + 10)
+            while first & 0xF0 != packets.PUBLISH:  # PINGRESP
+                first, body = conn.next_packet(time.monotonic() + 10)
+            return packets.decode_publish(first, body, 0, len(body))
+
+        waiting = asyncio.ensure_future(asyncio.to_thread(wait))
+        await asyncio.sleep(7)  # how late the reply is: the scenario, not a synchronization
+        async with aiomqtt.Client(broker.host, broker.port) as late:
+            await late.publish("slow/reply", b"at last")
+        assert (await asyncio.wait_for(waiting, 10)).payload == b"at last"
+    finally:
+        conn.close()

@@ -693,13 +693,15 @@ class BlockingConnection:
         self.host, self.port, self.client_id = host, port, client_id
         self._auth = (username, password)
         self._tls = tls
-        self.keepalive = keepalive
+        self._keepalive = keepalive
+        self.keepalive = keepalive  # the broker's Server Keep Alive once it said one
         self.sock: socket.socket | None = None
         self._buf = bytearray()
         self._mid = 0
         self.max_packet: int | None = None
         self.used = 0.0  # when it last wrote: the broker's keepalive counts from there
         self._read_for = _LONGEST
+        self._lowat = 1
 
     def connect(self, deadline: float) -> None:
         """Connect anew (a Clean Start: the session ends with the connection)."""
@@ -718,8 +720,10 @@ class BlockingConnection:
             raise
         self.sock, self._buf, self._mid = sock, bytearray(), 0
         self._read_for = _LONGEST  # its SO_RCVTIMEO: none yet
+        self._lowat = 1  # its SO_RCVLOWAT
         try:
-            self.send(packets.encode_connect(self.client_id, self.keepalive, *self._auth))
+            self.keepalive = self._keepalive
+            self.send(packets.encode_connect(self.client_id, self._keepalive, *self._auth))
             first, body = self.next_packet(deadline)
             if first & 0xF0 != packets.CONNACK:
                 raise packets.MalformedPacket("the broker's first packet is not a CONNACK")
@@ -761,7 +765,8 @@ class BlockingConnection:
 
     def next_packet(self, deadline: float) -> tuple[int, bytes]:
         """The next packet: its first byte and its body. Raises TimeoutError when `deadline`
-        (time.monotonic) passes first, ConnectionResetError when the broker closes."""
+        (time.monotonic) passes first, ConnectionResetError when the broker closes. While
+        it waits past the keepalive it sends PINGREQ, as the broker expects of a client."""
         buf, sock = self._buf, self.sock
         while True:
             start, end = packets.frame(buf, 0)  # type: ignore[arg-type]  # bytes-like
@@ -771,60 +776,90 @@ class BlockingConnection:
                 return first, body
             if sock is None:
                 raise ConnectionResetError("not connected")
-            if self._tls is None:
-                # A blocking socket whose read gives up after SO_RCVTIMEO: with a timeout of
-                # Python's, every read and write was a poll() too, and flipping it between
-                # the two modes an ioctl(), each a release of the GIL. SO_RCVTIMEO is set
-                # again only when a read could outlast the deadline (at most once per
-                # connection while the client's timeout stays the same).
-                now = time.monotonic()
-                if now + self._read_for > deadline + _LATE:
-                    self._read_for = _left(deadline)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._read_for))
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError
+            until = deadline
+            if self.keepalive:
+                if now >= self.used + self.keepalive:
+                    self.send(packets.PINGREQ_PACKET)
+                until = min(deadline, self.used + self.keepalive)
+            if self._tls is not None:
+                sock.settimeout(min(until - now, _LONGEST))
                 try:
                     data = sock.recv(_READ_BUFFER)
-                except BlockingIOError:  # SO_RCVTIMEO ended it
-                    self._read_for = _LONGEST  # set it anew, shorter, if time is left
+                except TimeoutError:
                     continue
-            else:  # OpenSSL reads again on its own when SO_RCVTIMEO ends a read
-                sock.settimeout(_left(deadline))
-                data = sock.recv(_READ_BUFFER)
+            else:
+                got = self._recv(sock, bool(buf), now, until)
+                if got is None:
+                    continue
+                data = got
             if not data:
                 raise ConnectionResetError("the broker closed the connection")
             buf += data
 
-    def idle_but_open(self) -> bool:
-        """For a connection nobody used for a while: whether the broker still holds it (what
-        it sent meanwhile, a late reply, is kept for the next read)."""
-        sock = self.sock
-        if sock is None or time.monotonic() - self.used > self.keepalive:
-            return False  # the broker may drop it at any moment now: connect anew
-        try:
-            if self._tls is None:
-                data = sock.recv(_READ_BUFFER, socket.MSG_DONTWAIT)
-            else:
-                sock.settimeout(0)
-                data = sock.recv(_READ_BUFFER)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return True
-        except OSError:
-            return False
-        self._buf += data
-        return bool(data)
+    def _recv(self, sock: socket.socket, partial: bool, now: float, until: float) -> bytes | None:
+        """A read of the plain socket, blocking until `until` at most (None then).
 
-    def wake_for_more_than_an_ack(self) -> None:
-        """Reads wait for 5 bytes or more: the 4 of a PUBACK that says Success do not wake
-        the thread, the reply coming after it does, and one read takes both (a refusing
-        PUBACK, with its reason code, is 5 bytes and wakes it)."""
-        if self.sock is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _MORE_THAN_AN_ACK)
+        It gives up after SO_RCVTIMEO: with a timeout of Python's, every read and write was
+        a poll() too, and flipping the socket between the two modes an ioctl(), each a
+        release of the GIL. SO_RCVTIMEO is set again only when a read could outlast `until`
+        (about once per connection while the client's timeout stays the same).
+
+        Between packets it waits for 5 bytes or more (SO_RCVLOWAT): the 4 of a PUBACK that
+        says Success do not wake the thread, the reply coming after it does, and one read
+        takes both (a refusing PUBACK, with its reason code, is 5 bytes). Inside a packet
+        it wakes for any byte: its last few may come alone.
+        """
+        lowat = 1 if partial else _MORE_THAN_AN_ACK
+        if lowat != self._lowat:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self._lowat = lowat
+        if now + self._read_for > until + _LATE:
+            self._read_for = min(until - now, _LONGEST)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._read_for))
+        try:
+            return sock.recv(_READ_BUFFER)
+        except BlockingIOError:  # SO_RCVTIMEO ended it
+            self._read_for = _LONGEST  # set it anew, shorter, if time is left
+            return None
+
+    def idle_but_open(self) -> bool:
+        """For a connection nobody used for a while: whether the broker still holds it, as
+        far as what it sent meanwhile says (kept for the next read: a late reply)."""
+        sock = self.sock
+        if sock is None or (self.keepalive and time.monotonic() - self.used > self.keepalive):
+            return False  # the broker may drop it at any moment now: connect anew
+        while True:
+            try:
+                if self._tls is None:
+                    data = sock.recv(_READ_BUFFER, socket.MSG_DONTWAIT)
+                else:
+                    sock.settimeout(0)
+                    data = sock.recv(_READ_BUFFER)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError:
+                return False
+            if not data:
+                return False
+            self._buf += data
+        buf, pos = self._buf, 0
+        while (span := packets.frame(buf, pos))[0] >= 0:  # type: ignore[arg-type]
+            if buf[pos] & 0xF0 == packets.DISCONNECT:  # the broker's last word
+                return False
+            pos = span[1]
+        return True
 
     def shutdown(self) -> None:
         """Wake the thread that reads it (from another thread): its read ends at once."""
         sock = self.sock
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # socket's own, also under TLS: SSLSocket's would drop the TLS state under
+                # the reading thread.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def close(self, *, disconnect: bool = False) -> None:
         sock, self.sock = self.sock, None

@@ -18,6 +18,7 @@ import aiomqtt
 import msgpack
 
 from worker.client._api import _Api, _ok
+from worker.client._errors import MemoryWorkerError, NoReplyError
 from worker.client._mqtt import MemoryClient, _Lost, _not_open, _PublishRefused, unreachable
 from worker.mqtt import BlockingConnection, login_refused, reason_name
 from worker.packets import (
@@ -31,9 +32,10 @@ from worker.packets import (
 )
 
 DEFAULT_CONNECTIONS: Final = 16
-# A connection unused this long is asked whether the broker still holds it before a request
-# goes out on it (a broker restarted meanwhile), since a delete is sent only once: a read
-# that does not wait, spared to calls that follow one another closely.
+# Before a request goes out on a connection, a read that does not wait asks whether the
+# broker still holds it (it may have restarted, or closed it): always before a delete, which
+# is sent only once; before the rest, which may go again, after a pause this long (the
+# attempt it spares is worth a read then, not between calls that follow closely).
 _IDLE_CHECK: Final = 0.01
 
 
@@ -60,7 +62,8 @@ class ThreadRequests(_Api):
 
     A thread takes an idle connection (or opens one, up to `connections`; past that it
     waits for one), sends the request, reads until its reply and gives the connection back.
-    Timeouts, attempts with the same id, refusals and reconnecting are `MemoryClient`'s.
+    Timeouts, attempts with the same id and refusals are `MemoryClient`'s; a thread whose
+    connection dropped connects it again within its attempt's time.
     Replies come at QoS 0 whatever `qos` is: the connection's session ends with it, so QoS 1
     would add an acknowledgement per reply and save nothing (a reply lost with the
     connection is asked again, as with QoS 1).
@@ -85,6 +88,11 @@ class ThreadRequests(_Api):
         link = self._borrow()
         try:
             return self._exchange(link, convo, op, body)
+        except MemoryWorkerError:  # an answer, or attempts given up: the stream is whole
+            raise
+        except BaseException:  # maybe half a packet written (an interrupt in sendall)
+            link.conn.close()
+            raise
         finally:
             self._give_back(link)
 
@@ -92,6 +100,12 @@ class ThreadRequests(_Api):
         client = self._client
         key, topic, payload, props, safe = client._prepare(convo, op, body, link.tag)
         conn = link.conn
+        if (
+            conn.sock is not None
+            and (not safe or time.monotonic() - conn.used > _IDLE_CHECK)
+            and not conn.idle_but_open()
+        ):
+            conn.close()
         for attempt in range(1, client.attempts + 1):
             last = attempt == client.attempts or not safe
             deadline = time.monotonic() + client.timeout
@@ -100,6 +114,8 @@ class ThreadRequests(_Api):
                     self._connect(link, deadline)
                 mid = conn.publish(topic, payload, client.qos, props)
                 return _ok(self._reply(conn, key, mid, deadline))
+            except MemoryWorkerError:  # the worker's error reply, or a refusal: NoReplyError
+                raise  # is a TimeoutError and RefusedError an OSError, yet final
             except (_PublishRefused, TimeoutError) as exc:
                 # A timed-out request's late reply is skipped by its key: the connection stays.
                 if not self._open:
@@ -135,32 +151,30 @@ class ThreadRequests(_Api):
 
     def _connect(self, link: _Link, deadline: float) -> None:
         """Connect and subscribe to the link's reply topic, again and again while the broker
-        is down, until `deadline` (TimeoutError)."""
+        cannot be reached (or refuses the connection for another reason than the login),
+        until `deadline` (TimeoutError)."""
         client, conn = self._client, link.conn
         backoff = 0.05
         while True:
             try:
-                try:
-                    conn.connect(deadline)
-                    reason = conn.subscribe(link.inbox_filter, 0, deadline)
-                except BaseException:
-                    conn.close()  # not subscribed: no request may go out on it
-                    raise
+                conn.connect(deadline)
+                reason = conn.subscribe(link.inbox_filter, 0, deadline)
+            except TimeoutError:
+                conn.close()  # not subscribed: no request may go out on it
+                raise
+            except aiomqtt.MqttError as exc:  # a refused CONNACK
+                if login_refused(exc):  # the password changed since the client opened
+                    raise unreachable(client.host, client.port, client._auth[0], exc) from None
+            except (OSError, MalformedPacket):
+                conn.close()
+            else:
                 if reason is not None:
                     conn.close(disconnect=True)
                     raise client._refused("subscription to", link.inbox_filter, reason)
                 if not self._open:  # closed while it connected: close() did not see its socket
                     conn.close()
                     raise _not_open()
-                conn.wake_for_more_than_an_ack()  # a thread woken once per call, not twice
                 return
-            except TimeoutError:
-                raise
-            except aiomqtt.MqttError as exc:  # a refused CONNACK
-                if login_refused(exc):  # the password changed since the client opened
-                    raise unreachable(client.host, client.port, client._auth[0], exc) from None
-            except (OSError, MalformedPacket):
-                pass
             wait = min(backoff, deadline - time.monotonic())
             if wait <= 0:
                 raise TimeoutError
@@ -169,6 +183,7 @@ class ThreadRequests(_Api):
             backoff = min(backoff * 2, 1.0)
 
     def _borrow(self) -> _Link:
+        deadline = time.monotonic() + self._client.timeout
         with self._lock:
             while True:
                 if not self._open:
@@ -180,19 +195,19 @@ class ThreadRequests(_Api):
                     self._made += 1
                     link = _Link(self._client, self._made)
                     break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoReplyError(
+                        f"all {self._max} connections of the blocking client stayed busy for "
+                        f"{self._client.timeout}s (BlockingMemoryClient(connections=...) "
+                        "allows more)"
+                    )
                 self._waiters += 1
                 try:
-                    self._freed.wait()
+                    self._freed.wait(min(left, threading.TIMEOUT_MAX))
                 finally:
                     self._waiters -= 1
             self._busy.add(link)
-        conn = link.conn
-        if (
-            conn.sock is not None
-            and time.monotonic() - conn.used > _IDLE_CHECK
-            and not conn.idle_but_open()
-        ):
-            conn.close()
         return link
 
     def _give_back(self, link: _Link) -> None:
