@@ -20,11 +20,13 @@ _ASK = re.compile(r"Summary so far:\n(.*)\n\nNew turns:\n(.*)\Z", re.S)
 class FakeModel:
     """Modes: "ok" folds, "down" answers 503, "garbage" answers 200 with no completion,
     "hold" waits (until the mode changes) before folding. With `most_turns`, a call with
-    more turns than that is not answered (until it is None again): too slow."""
+    more turns than that is not answered (until it is None again): too slow; with
+    `gateway_timeout` too, it is answered 504 at once, as a proxy in front of it would."""
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.most_turns: int | None = None
+        self.gateway_timeout = False
         self.calls = 0
         self.seen: list[str] = []  # the content of every turn it was asked to fold
         self._changed = threading.Condition()
@@ -63,6 +65,8 @@ class FakeModel:
         new = [line.split(": ", 1)[1] for line in ask[2].splitlines()]
         with self._changed:
             if self.most_turns is not None and len(new) > self.most_turns:
+                if self.gateway_timeout:
+                    return 504, b"<html><h1>504 Gateway Time-out</h1></html>"
                 self._changed.wait_for(lambda: self.most_turns is None, timeout=30)
                 return 503, b'{"error": "too late"}'
             self.seen += new

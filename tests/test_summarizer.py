@@ -127,15 +127,18 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
     assert failures[0].levelno == logging.WARNING
 
 
+@pytest.mark.parametrize("proxy", [False, True], ids=["timeout", "gateway-504"])
 async def test_a_backlog_too_slow_to_fold_at_once_is_folded_in_parts(
-    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel, proxy: bool
 ) -> None:
     """A model that cannot fold the whole backlog within --llm-timeout (here: more than two
     turns at once) gets smaller parts, each saved: every turn reaches the summary once, in
-    order. The same too-long call went out again and again, and the summary stood still."""
+    order. The same too-long call went out again and again, and the summary stood still.
+    Behind a proxy that gives up first (504 Gateway Timeout), the same."""
+    model.gateway_timeout = proxy
     async with (
         worker_factory(max_turns=2, trimmed_events=True) as w,
-        summarizing(_config(broker, w.cfg.prefix, model, llm_timeout=1.0)),
+        summarizing(_config(broker, w.cfg.prefix, model, llm_timeout=30.0 if proxy else 1.0)),
         device(broker.host, broker.port, w.cfg.prefix) as d,
         watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
     ):

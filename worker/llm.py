@@ -31,6 +31,9 @@ SYSTEM_PROMPT = (
 )
 
 
+_GAVE_UP = (408, 504)  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
+
+
 class ModelError(Exception):
     """The model could not fold (down, slow, refused, or answered something unusable);
     `timed_out` when it did not answer within the timeout."""
@@ -113,7 +116,10 @@ class ChatModel:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode("utf-8", "replace").strip()
-            raise ModelError(f"{self.endpoint} answered {exc.code}: {detail}") from None
+            raise ModelError(
+                f"{self.endpoint} answered {exc.code}: {detail}",
+                timed_out=exc.code in _GAVE_UP,  # a proxy in front of a model too slow
+            ) from None
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
             raise ModelError(f"{self.endpoint}: {exc}", timed_out=_timed_out(exc)) from None
         return parse_completion(raw)
