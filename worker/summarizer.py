@@ -614,7 +614,8 @@ class Summarizer:
                     exc.message,
                     ask,
                 )
-            shorter = await self.model.fold(text, [], tokens=ask)
+            async with self._slots:  # a model call like any other: within --concurrency
+                shorter = await self.model.fold(text, [], tokens=ask)
             text, tokens = shorter.text, shorter.tokens
 
     async def _back_off(self, convo: str, retries: int, problem: str | None) -> int:
