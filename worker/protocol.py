@@ -427,6 +427,11 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
         value = msgpack.packb(body["value"])
     except UnicodeEncodeError:  # a Python caller's str with lone surrogates (memory://)
         raise BadRequest("'value' holds text that is not valid UTF-8") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # a Python caller's object, 2**64
+        raise BadRequest(
+            f"'value' is not msgpack ({exc}): None, bool, int, float, str, bytes, and lists "
+            "and maps of them"
+        ) from None
     return StateSave(
         convo,
         ns,

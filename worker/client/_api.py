@@ -8,10 +8,8 @@ import contextlib
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
-import msgpack
-
 from worker import constants as c
-from worker.client._errors import BadPayloadError, BadRequestError, error_for
+from worker.client._errors import BadPayloadError, error_for
 from worker.client._models import (
     Appended,
     Context,
@@ -136,13 +134,6 @@ class _Api:
         request_id: str | None = None,
     ) -> None:
         """Save a state value (any msgpack value), for `ttl` seconds if given."""
-        try:
-            msgpack.packb(value)
-        except (TypeError, ValueError, OverflowError) as exc:  # msgpack's own, bare
-            raise BadRequestError(
-                f"value: {exc} (a state value is msgpack: None, bool, int, float, str, bytes, "
-                "and lists and maps of them)"
-            ) from None
         body: dict[str, Any] = {"ns": namespace, "key": key, "value": value}
         if request_id is not None:
             body["id"] = request_id
