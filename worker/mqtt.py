@@ -701,6 +701,7 @@ class BlockingConnection:
         self.max_packet: int | None = None
         self.used = 0.0  # when it last wrote: the broker's keepalive counts from there
         self._read_for = _LONGEST
+        self._send_for = _LONGEST
         self._lowat = 1
 
     def connect(self, deadline: float) -> None:
@@ -714,16 +715,18 @@ class BlockingConnection:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
             else:
                 sock.settimeout(None)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(_SEND_STALL))
         except BaseException:
             sock.close()
             raise
         self.sock, self._buf, self._mid = sock, bytearray(), 0
         self._read_for = _LONGEST  # its SO_RCVTIMEO: none yet
+        self._send_for = _LONGEST  # its SO_SNDTIMEO
         self._lowat = 1  # its SO_RCVLOWAT
         try:
             self.keepalive = self._keepalive
-            self.send(packets.encode_connect(self.client_id, self._keepalive, *self._auth))
+            self.send(
+                packets.encode_connect(self.client_id, self._keepalive, *self._auth), deadline
+            )
             first, body = self.next_packet(deadline)
             if first & 0xF0 != packets.CONNACK:
                 raise packets.MalformedPacket("the broker's first packet is not a CONNACK")
@@ -740,7 +743,7 @@ class BlockingConnection:
     def subscribe(self, topic_filter: str, qos: int, deadline: float) -> str | None:
         """Subscribe; the broker's reason when it refused (as `refusal`), else None."""
         mid = self._next_mid()
-        self.send(packets.encode_subscribe(mid, topic_filter, qos))
+        self.send(packets.encode_subscribe(mid, topic_filter, qos), deadline)
         while True:
             first, body = self.next_packet(deadline)
             if first & 0xF0 == packets.SUBACK:
@@ -748,19 +751,42 @@ class BlockingConnection:
                 if ack.mid == mid:
                     return reason_name(packets.SUBACK, ack.reason) if ack.reason >= 0x80 else None
 
-    def publish(self, topic: str, payload: bytes, qos: int, props: bytes) -> int:
+    def publish(self, topic: str, payload: bytes, qos: int, props: bytes, deadline: float) -> int:
         """Send a PUBLISH; its message id (0 at QoS 0)."""
         mid = self._next_mid() if qos else 0
-        self.send(packets.encode_publish(topic.encode(), payload, qos, False, mid, props))
+        self.send(packets.encode_publish(topic.encode(), payload, qos, False, mid, props), deadline)
         return mid
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, deadline: float) -> None:
+        """Write `data` whole by `deadline`, or close the connection and raise
+        ConnectionResetError: part of a packet may have gone out, and nothing may follow it."""
         sock = self.sock
         if sock is None:
             raise ConnectionResetError("not connected")
-        if self._tls is not None:
-            sock.settimeout(_SEND_STALL)
-        sock.sendall(data)  # a stall past SO_SNDTIMEO raises BlockingIOError: lost
+        try:
+            if self._tls is not None:
+                sock.settimeout(_left(deadline))
+                sock.sendall(data)
+            else:
+                view = memoryview(data)
+                while view:
+                    if time.monotonic() + self._send_for > deadline + _LATE:  # as reads do
+                        self._send_for = _left(deadline)
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._send_for)
+                        )
+                    try:
+                        view = view[sock.send(view) :]
+                    except BlockingIOError:  # SO_SNDTIMEO ended it
+                        self._send_for = _LONGEST
+        except Exception as exc:
+            self.close()
+            raise ConnectionResetError(
+                f"writing to the broker: {exc or type(exc).__name__}"
+            ) from exc
+        except BaseException:  # an interrupt: half a packet may have gone out
+            self.close()
+            raise
         self.used = time.monotonic()
 
     def next_packet(self, deadline: float) -> tuple[int, bytes]:
@@ -782,7 +808,7 @@ class BlockingConnection:
             until = deadline
             if self.keepalive:
                 if now >= self.used + self.keepalive:
-                    self.send(packets.PINGREQ_PACKET)
+                    self.send(packets.PINGREQ_PACKET, deadline)
                 until = min(deadline, self.used + self.keepalive)
             if self._tls is not None:
                 sock.settimeout(min(until - now, _LONGEST))
@@ -846,10 +872,13 @@ class BlockingConnection:
                 return False
             self._buf += data
         buf, pos = self._buf, 0
-        while (span := packets.frame(buf, pos))[0] >= 0:  # type: ignore[arg-type]
-            if buf[pos] & 0xF0 == packets.DISCONNECT:  # the broker's last word
-                return False
-            pos = span[1]
+        try:
+            while (span := packets.frame(buf, pos))[0] >= 0:  # type: ignore[arg-type]
+                if buf[pos] & 0xF0 == packets.DISCONNECT:  # the broker's last word
+                    return False
+                pos = span[1]
+        except packets.MalformedPacket:
+            return False
         return True
 
     def shutdown(self) -> None:
@@ -865,10 +894,10 @@ class BlockingConnection:
         sock, self.sock = self.sock, None
         if sock is None:
             return
-        if disconnect:
+        if disconnect:  # if it fits the send buffer now (2 bytes: it does unless stalled)
             with contextlib.suppress(OSError):
-                sock.settimeout(_DISCONNECT_WAIT)
-                sock.sendall(packets.DISCONNECT_PACKET)
+                sock.settimeout(0)
+                sock.send(packets.DISCONNECT_PACKET)
         sock.close()
 
     def _next_mid(self) -> int:
@@ -877,9 +906,7 @@ class BlockingConnection:
 
 
 _MORE_THAN_AN_ACK = 5
-_DISCONNECT_WAIT = 0.5  # seconds closing waits to say DISCONNECT to a broker that stalls
 _LATE = 0.05  # seconds a read may end after its deadline, to spare setting SO_RCVTIMEO
-_SEND_STALL = float(KEEPALIVE)  # seconds a write may wait for a broker that reads nothing
 
 
 def _timeval(seconds: float) -> bytes:

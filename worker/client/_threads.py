@@ -112,7 +112,7 @@ class ThreadRequests(_Api):
             try:
                 if conn.sock is None:
                     self._connect(link, deadline)
-                mid = conn.publish(topic, payload, client.qos, props)
+                mid = conn.publish(topic, payload, client.qos, props, deadline)
                 return _ok(self._reply(conn, key, mid, deadline))
             except MemoryWorkerError:  # the worker's error reply, or a refusal: NoReplyError
                 raise  # is a TimeoutError and RefusedError an OSError, yet final
@@ -136,7 +136,7 @@ class ThreadRequests(_Api):
             if kind == PUBLISH:
                 message = decode_publish(first, packet, 0, len(packet))
                 if message.qos:
-                    conn.send(puback(message.mid))
+                    conn.send(puback(message.mid), deadline)
                 if message.correlation == key:
                     try:
                         return msgpack.unpackb(message.payload, strict_map_key=False)
