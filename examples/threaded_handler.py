@@ -1,5 +1,6 @@
 """A Flask-style threaded web app: every request thread shares one BlockingMemoryClient
-(one connection), as the old synchronous store's users do. Plain wsgiref, no Flask needed.
+(a pool of connections, one per thread calling at once), as the old synchronous store's
+users do. Plain wsgiref, no Flask needed.
 
     .venv/bin/python examples/threaded_handler.py [PORT]
 

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,8 @@ async def test_the_blocking_client_answers_every_method_from_a_thread(
         (("127.0.0.1", 0), "port must be a number"),
         (("127.0.0.1", 1883, "mem", {"timeout": 0}), "timeout must be more than 0"),
         (("127.0.0.1", 1883, "mem", {"timeout": float("nan")}), "timeout must be more than 0"),
+        (("127.0.0.1", 1883, "mem", {"timeout": "5"}), "timeout must be more than 0"),
+        (("127.0.0.1", 1883, "mem", {"attempts": "3"}), "attempts must be a whole number"),
     ],
 )
 def test_bad_client_arguments_are_clear(args: tuple[Any, ...], words: str) -> None:
@@ -377,9 +380,14 @@ def test_url_errors_are_clear() -> None:
         ("memory://?max_turns=x", "bad number"),
         ("memory://?colour=red", "colour"),
         ("mqtt://h/p?colour=red", "colour"),
+        ("mqtt://h/p?timeout=x", "option 'timeout' must be a number, not 'x'"),
     ]:
         with pytest.raises(ValueError, match=words):
             memory_from_url(url)
+    with pytest.raises(ValueError, match="option 'connections' must be a number"):
+        open_blocking_memory("mqtt://h/p?connections=x")
+    with pytest.raises(ValueError, match="connections must be 1 or more"):
+        open_blocking_memory("mqtt://h/p?connections=0")
     with pytest.raises(BadRequestError, match="reply prefix"):
         memory_from_url("mqtt://h/p?reply_prefix=a/%23")
 
@@ -771,22 +779,29 @@ def test_an_adapter_without_its_framework_names_the_extra(adapter: str, framewor
     assert f"pip install -e '.[{adapter}]'" in last
 
 
+@pytest.mark.parametrize("in_url", [False, True], ids=["argument", "url"])
 async def test_blocking_threads_past_the_connections_wait_for_one(
-    broker: Mosquitto, worker: Service
+    broker: Mosquitto, worker: Service, in_url: bool
 ) -> None:
-    """Six threads on a blocking client of two connections: every call is answered, and the
-    replies come on two reply topics (one per connection) at most."""
+    """Six threads on a blocking client of two connections (`connections=2`, or
+    `?connections=2` in the URL): every call is answered, and the replies come on two reply
+    topics (one per connection) at most."""
     async with watcher(broker.host, broker.port, f"{worker.cfg.prefix}-reply/#") as replies:
 
         def use() -> list[int]:
             last = [0] * 6
-            with BlockingMemoryClient(
-                broker.host, broker.port, worker.cfg.prefix, connections=2
+            url = f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}?connections=2"
+            with (
+                open_blocking_memory(url)
+                if in_url
+                else BlockingMemoryClient(
+                    broker.host, broker.port, worker.cfg.prefix, connections=2
+                )
             ) as memory:
 
                 def lane(n: int) -> None:
                     for i in range(10):
-                        last[n] = memory.append(f"capped-{n}", "user", str(i)).seq
+                        last[n] = memory.append(f"capped-{n}-{in_url}", "user", str(i)).seq
 
                 threads = [threading.Thread(target=lane, args=(n,)) for n in range(6)]
                 for t in threads:
@@ -864,3 +879,38 @@ async def test_a_blocking_connection_the_broker_disconnected_while_idle_is_made_
             assert await asyncio.to_thread(memory.forget, "taken") == 1
     finally:
         await asyncio.to_thread(memory.close)
+
+
+async def test_threads_waiting_for_a_connection_are_served_in_turn(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Twelve threads call in a loop for three seconds through two connections: the ones
+    waiting get a connection in turn, each within its timeout (1 s), so every thread is
+    answered every time. A thread giving a connection back took it again at once, and the
+    others ran out of time waiting."""
+
+    def use() -> tuple[list[int], list[BaseException]]:
+        calls, errors = [0] * 12, []
+        with BlockingMemoryClient(
+            broker.host, broker.port, worker.cfg.prefix, connections=2, timeout=1.0
+        ) as memory:
+            end = time.monotonic() + 3
+
+            def lane(n: int) -> None:
+                try:
+                    while time.monotonic() < end:
+                        memory.append(f"turns-{n}", "user", "x")
+                        calls[n] += 1
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=lane, args=(n,)) for n in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        return calls, errors
+
+    calls, errors = await asyncio.to_thread(use)
+    assert errors == []
+    assert min(calls) > 0

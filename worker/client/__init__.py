@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from worker import constants as c
 from worker.client._blocking import BlockingMemoryClient, Memory
@@ -98,7 +98,10 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         if name not in convert:
             raise ValueError(f"{url!r}: unknown option {name!r}")
         field, kind = convert[name]
-        options[field] = kind(text)
+        try:
+            options[field] = kind(text)
+        except ValueError:
+            raise ValueError(f"{url!r}: option {name!r} must be a number, not {text!r}") from None
     options.update(kwargs)
     port = parts.port or (8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT)
     return MemoryClient(parts.hostname or c.DEFAULT_HOST, port, **options)
@@ -114,8 +117,18 @@ async def open_memory(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
 
 def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:
     """The blocking API on `url`'s memory, already open (as `open()` opens a file): keep it
-    (`store = open_blocking_memory(url)`, then `store.close()`) or use it in a `with` block."""
+    (`store = open_blocking_memory(url)`, then `store.close()`) or use it in a `with` block.
+    An mqtt:// URL may also say `?connections=N` (BlockingMemoryClient's `connections`)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
     connections = kwargs.pop("connections", DEFAULT_CONNECTIONS)
+    if "connections" in query and parts.scheme != "memory":  # the blocking client's alone
+        text = query.pop("connections")[-1]
+        try:
+            connections = int(text)
+        except ValueError:
+            raise ValueError(f"{url!r}: option 'connections' must be a number") from None
+        url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
     return BlockingMemoryClient(
         connections=connections, _memory=memory_from_url(url, **kwargs)
     ).open()

@@ -94,8 +94,10 @@ class MemoryClient(_Api):
             raise ValueError(f"host {host!r} is a URL: open_memory({host!r}) takes URLs")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
-        if not timeout > 0:  # also refuses NaN
-            raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")  # NaN too
+        if isinstance(attempts, bool) or not isinstance(attempts, int):
+            raise ValueError(f"attempts must be a whole number, not {attempts!r}")
         self.host, self.port, self.prefix = host, port, prefix
         self.timeout, self.qos, self.protocol = timeout, qos, protocol
         self.attempts = max(1, attempts)

@@ -10,6 +10,8 @@ HTTP client keeps its pool: each has its own client id and reply topic on the br
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
 from typing import Any, Final
@@ -57,6 +59,17 @@ class _Link:
         )
 
 
+class _Turn:
+    """A thread's place in the queue for a connection: given it, its lock is released."""
+
+    __slots__ = ("given", "link")
+
+    def __init__(self) -> None:
+        self.given = threading.Lock()
+        self.given.acquire()
+        self.link: _Link | None = None
+
+
 class ThreadRequests(_Api):
     """The API, each call sent and awaited by its own thread on a pooled connection.
 
@@ -77,8 +90,10 @@ class ThreadRequests(_Api):
         self._made = 0
         self._open = True
         self._lock = threading.Lock()
-        self._freed = threading.Condition(self._lock)
-        self._waiters = 0  # threads waiting for a connection (past `connections` at once)
+        # Threads waiting for a connection (past `connections` at once), first come first
+        # served: a connection given back goes to the first of them, not to whoever asks
+        # next (a thread calling in a loop took it back every time, and the others timed out).
+        self._queue: collections.deque[_Turn] = collections.deque()
         self._closed = threading.Event()  # wakes a thread waiting to connect again
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -183,41 +198,50 @@ class ThreadRequests(_Api):
             backoff = min(backoff * 2, 1.0)
 
     def _borrow(self) -> _Link:
-        deadline = time.monotonic() + self._client.timeout
         with self._lock:
-            while True:
+            if not self._open:
+                raise _not_open()
+            if self._idle:
+                link = self._idle.pop()
+            elif self._made < self._max:
+                self._made += 1
+                link = _Link(self._client, self._made)
+            else:
+                turn = _Turn()
+                self._queue.append(turn)
+                link = None
+            if link is not None:
+                self._busy.add(link)
+                return link
+        timeout = self._client.timeout
+        turn.given.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))
+        with self._lock:
+            if turn.link is None:  # timed out, or closed
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(turn)
                 if not self._open:
                     raise _not_open()
-                if self._idle:
-                    link = self._idle.pop()
-                    break
-                if self._made < self._max:
-                    self._made += 1
-                    link = _Link(self._client, self._made)
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise NoReplyError(
-                        f"all {self._max} connections of the blocking client stayed busy for "
-                        f"{self._client.timeout}s (BlockingMemoryClient(connections=...) "
-                        "allows more)"
-                    )
-                self._waiters += 1
-                try:
-                    self._freed.wait(min(left, threading.TIMEOUT_MAX))
-                finally:
-                    self._waiters -= 1
-            self._busy.add(link)
-        return link
+                client = self._client
+                raise NoReplyError(
+                    f"all {self._max} connections of the blocking client stayed busy for "
+                    f"{timeout}s: their calls wait for the worker or the broker at "
+                    f"{client.host}:{client.port}, or more threads call at once than "
+                    f"BlockingMemoryClient(connections={self._max})"
+                )
+            return turn.link
 
     def _give_back(self, link: _Link) -> None:
         with self._lock:
-            self._busy.discard(link)
             if self._open:
+                if self._queue:  # to the first waiting thread, still busy
+                    turn = self._queue.popleft()
+                    turn.link = link
+                    turn.given.release()
+                    return
+                self._busy.discard(link)
                 self._idle.append(link)
-                if self._waiters:
-                    self._freed.notify()
                 return
+            self._busy.discard(link)
         link.conn.close()
 
     def close(self) -> None:
@@ -226,7 +250,9 @@ class ThreadRequests(_Api):
             self._open = False
             idle, self._idle = self._idle, []
             busy = list(self._busy)
-            self._freed.notify_all()
+            waiting, self._queue = list(self._queue), collections.deque()
+        for turn in waiting:
+            turn.given.release()
         self._closed.set()
         for link in busy:
             link.conn.shutdown()
