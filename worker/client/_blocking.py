@@ -61,7 +61,7 @@ class BlockingMemoryClient:
         _memory: Memory | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(connections, int) or connections < 1:
+        if isinstance(connections, bool) or not isinstance(connections, int) or connections < 1:
             raise ValueError(f"connections must be 1 or more, not {connections!r}")
         self._connections = connections
         self._memory: Memory = _memory if _memory is not None else MemoryClient(*args, **kwargs)
