@@ -914,3 +914,30 @@ async def test_threads_waiting_for_a_connection_are_served_in_turn(
     calls, errors = await asyncio.to_thread(use)
     assert errors == []
     assert min(calls) > 0
+
+
+async def test_a_blocking_call_while_the_broker_is_down_says_so(
+    own_broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """With the broker gone, a thread's call whose every try to connect failed says it cannot
+    reach the broker, naming it, not "no reply from memory-worker"."""
+    async with worker_factory(own_broker) as w:
+
+        def use() -> list[str]:
+            with BlockingMemoryClient(
+                own_broker.host, own_broker.port, w.cfg.prefix, timeout=0.5, attempts=2
+            ) as memory:
+                memory.append("c", "user", "x")
+                own_broker.stop()
+                messages = []
+                for call in (lambda: memory.append("c", "user", "y"), lambda: memory.forget("c")):
+                    with pytest.raises(NoReplyError) as info:
+                        call()
+                    messages.append(info.value.message)
+                return messages
+
+        appended, forgot = await asyncio.to_thread(use)
+    where = f"cannot reach the broker at {own_broker.host}:{own_broker.port}"
+    assert appended.startswith(where)
+    assert appended.endswith("2 attempts")
+    assert forgot.startswith(where)

@@ -59,6 +59,10 @@ class _Link:
         )
 
 
+class _Unreachable(TimeoutError):
+    """An attempt's time ran out connecting, each try failing (its last failure)."""
+
+
 class _Turn:
     """A thread's place in the queue for a connection: given it, its lock is released."""
 
@@ -135,6 +139,12 @@ class ThreadRequests(_Api):
                 # A timed-out request's late reply is skipped by its key: the connection stays.
                 if not self._open:
                     raise _not_open() from None
+                if last and isinstance(exc, _Unreachable):
+                    raise NoReplyError(
+                        f"cannot reach the broker at {client.host}:{client.port} ({exc}) "
+                        f"within {client.timeout}s"
+                        + (f", {attempt} attempts" if attempt > 1 else "")
+                    ) from None
                 client._attempt_failed(exc, topic, attempt, last)
             except (OSError, MalformedPacket):
                 conn.close()
@@ -170,18 +180,23 @@ class ThreadRequests(_Api):
         until `deadline` (TimeoutError)."""
         client, conn = self._client, link.conn
         backoff = 0.05
+        failed: Exception | None = None
         while True:
             try:
                 conn.connect(deadline)
                 reason = conn.subscribe(link.inbox_filter, 0, deadline)
             except TimeoutError:
                 conn.close()  # not subscribed: no request may go out on it
+                if failed is not None:  # out of time trying again
+                    raise _Unreachable(failed) from None
                 raise
             except aiomqtt.MqttError as exc:  # a refused CONNACK
                 if login_refused(exc):  # the password changed since the client opened
                     raise unreachable(client.host, client.port, client._auth[0], exc) from None
-            except (OSError, MalformedPacket):
+                failed = exc
+            except (OSError, MalformedPacket) as exc:
                 conn.close()
+                failed = exc
             else:
                 if reason is not None:
                     conn.close(disconnect=True)
@@ -192,7 +207,7 @@ class ThreadRequests(_Api):
                 return
             wait = min(backoff, deadline - time.monotonic())
             if wait <= 0:
-                raise TimeoutError
+                raise _Unreachable(failed)
             if self._closed.wait(wait):
                 raise _not_open()
             backoff = min(backoff * 2, 1.0)
