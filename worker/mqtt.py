@@ -670,9 +670,10 @@ def reason_name(packet_type: int, code: int) -> str:
 
 
 class BlockingConnection:
-    """An MQTT 5 connection on a blocking socket, used by one thread at a time: it writes a
-    request and reads until the reply itself, with no event loop and no other thread in
-    between (the blocking client's connection per calling thread). No paho here either:
+    """An MQTT 5 connection (3.1.1 with `v5=False`) on a blocking socket, used by one thread
+    at a time: it writes a request and reads until the reply itself, with no event loop and
+    no other thread in between (the blocking client's connection per calling thread). No
+    paho here either:
     worker/packets.py encodes and decodes every packet, so this class owns the socket.
 
     Errors: OSError (TimeoutError when `deadline` passes) for a connection that failed or
@@ -689,8 +690,10 @@ class BlockingConnection:
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
         keepalive: int = KEEPALIVE,
+        v5: bool = True,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
+        self.v5 = v5
         self._auth = (username, password)
         self._tls = tls
         self._keepalive = keepalive
@@ -703,6 +706,7 @@ class BlockingConnection:
         self._read_for = _LONGEST
         self._send_for = _LONGEST
         self._lowat = 1
+        self._between = 1  # bytes a read waits for between packets: 1 until connected
 
     def connect(self, deadline: float) -> None:
         """Connect anew (a Clean Start: the session ends with the connection)."""
@@ -722,15 +726,17 @@ class BlockingConnection:
         self._read_for = _LONGEST  # its SO_RCVTIMEO: none yet
         self._send_for = _LONGEST  # its SO_SNDTIMEO
         self._lowat = 1  # its SO_RCVLOWAT
+        self._between = 1  # MQTT 3.1.1's CONNACK is 4 bytes
         try:
             self.keepalive = self._keepalive
-            self.send(
-                packets.encode_connect(self.client_id, self._keepalive, *self._auth), deadline
-            )
+            connect = packets.encode_connect(self.client_id, self._keepalive, *self._auth, self.v5)
+            self.send(connect, deadline)
             first, body = self.next_packet(deadline)
             if first & 0xF0 != packets.CONNACK:
                 raise packets.MalformedPacket("the broker's first packet is not a CONNACK")
-            ack = packets.decode_ack(first, body, 0, len(body))
+            ack = packets.decode_ack(first, body, 0, len(body), self.v5)
+            if not self.v5 and ack.reason:  # 3.1.1's return code, as MQTT 5 names it
+                ack.reason = _V3_REFUSALS.get(ack.reason, _UNSPECIFIED)
             if ack.reason >= _UNSPECIFIED:
                 raise MqttConnectError(ReasonCode(PacketTypes.CONNACK, identifier=ack.reason))
         except BaseException:
@@ -739,15 +745,16 @@ class BlockingConnection:
         self.max_packet = ack.max_packet
         if ack.keepalive is not None:  # the broker's Server Keep Alive rules
             self.keepalive = ack.keepalive
+        self._between = _MORE_THAN_AN_ACK
 
     def subscribe(self, topic_filter: str, qos: int, deadline: float) -> str | None:
         """Subscribe; the broker's reason when it refused (as `refusal`), else None."""
         mid = self._next_mid()
-        self.send(packets.encode_subscribe(mid, topic_filter, qos), deadline)
+        self.send(packets.encode_subscribe(mid, topic_filter, qos, self.v5), deadline)
         while True:
             first, body = self.next_packet(deadline)
             if first & 0xF0 == packets.SUBACK:
-                ack = packets.decode_ack(first, body, 0, len(body))
+                ack = packets.decode_ack(first, body, 0, len(body), self.v5)
                 if ack.mid == mid:
                     return reason_name(packets.SUBACK, ack.reason) if ack.reason >= 0x80 else None
 
@@ -835,10 +842,11 @@ class BlockingConnection:
 
         Between packets it waits for 5 bytes or more (SO_RCVLOWAT): the 4 of a PUBACK that
         says Success do not wake the thread, the reply coming after it does, and one read
-        takes both (a refusing PUBACK, with its reason code, is 5 bytes). Inside a packet
-        it wakes for any byte: its last few may come alone.
+        takes both (a refusing PUBACK, with its reason code, is 5 bytes; a SUBACK at least
+        5). Inside a packet, and before the CONNACK, it wakes for any byte: a packet's last
+        few may come alone, and MQTT 3.1.1's CONNACK is 4 bytes.
         """
-        lowat = 1 if partial else _MORE_THAN_AN_ACK
+        lowat = 1 if partial else self._between
         if lowat != self._lowat:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
             self._lowat = lowat
@@ -906,6 +914,9 @@ class BlockingConnection:
 
 
 _MORE_THAN_AN_ACK = 5
+# MQTT 3.1.1's CONNACK return codes by their MQTT 5 reason (as paho converts them): bad
+# protocol version, client id, server unavailable, bad login, not authorized.
+_V3_REFUSALS = {1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}
 _LATE = 0.05  # seconds a read may end after its deadline, to spare setting SO_RCVTIMEO
 
 

@@ -46,12 +46,12 @@ def _blocking(
 class BlockingMemoryClient:
     """The same API without `await`, for threaded programs (Flask, Django, scripts).
 
-    The async client (or `memory://` store) runs on a private event-loop thread. Over MQTT 5
+    The async client (or `memory://` store) runs on a private event-loop thread. Over MQTT
     each calling thread sends its request and reads its reply itself, on a connection of the
     client's that no other thread uses meanwhile: one per thread calling at once, up to
     `connections` (past that a call waits for one), kept open for the next calls. Events,
-    stats, listing and MQTT 3.1.1's requests go through the loop's one connection. Use it as
-    a plain context manager. The other arguments are `MemoryClient`'s.
+    stats and listing go through the loop's one connection. Use it as a plain context
+    manager. The other arguments are `MemoryClient`'s.
     """
 
     def __init__(
@@ -67,8 +67,8 @@ class BlockingMemoryClient:
         self._memory: Memory = _memory if _memory is not None else MemoryClient(*args, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # MQTT 5 requests go out from the calling thread, on a connection of its own; MQTT
-        # 3.1.1's (matched by id) and memory://'s take the loop.
+        # MQTT requests go out from the calling thread, on a connection of its own;
+        # memory://'s take the loop.
         self._direct: ThreadRequests | None = None
         # Calls handed to the loop and not yet ended: closing ends them. The lock makes a
         # call either handed over before the close (and ended by it) or refused after.
@@ -118,7 +118,7 @@ class BlockingMemoryClient:
                 self._loop = None
             self._stop(loop)
             raise
-        if isinstance(self._memory, MemoryClient) and self._memory.protocol == 5:
+        if isinstance(self._memory, MemoryClient):
             self._direct = ThreadRequests(self._memory, self._connections)
         return self
 

@@ -1,5 +1,5 @@
 """The blocking client's requests, sent and awaited by the calling thread on a connection of
-its own (MQTT 5): no event loop and no hand-over between threads on a request's way.
+its own: no event loop and no hand-over between threads on a request's way.
 
 Handing each request to the client's loop thread and its reply back cost a blocking call
 twice the CPU of an async one (two thread wake-ups through the GIL, measured in
@@ -21,7 +21,14 @@ import msgpack
 
 from worker.client._api import _Api, _ok
 from worker.client._errors import MemoryWorkerError, NoReplyError
-from worker.client._mqtt import MemoryClient, _Lost, _not_open, _PublishRefused, unreachable
+from worker.client._mqtt import (
+    MemoryClient,
+    _key,
+    _Lost,
+    _not_open,
+    _PublishRefused,
+    unreachable,
+)
 from worker.mqtt import BlockingConnection, login_refused, reason_name
 from worker.packets import (
     DISCONNECT,
@@ -56,6 +63,7 @@ class _Link:
             username=client._auth[0],
             password=client._auth[1],
             tls=client._tls,
+            v5=client.protocol == 5,
         )
 
 
@@ -159,14 +167,18 @@ class ThreadRequests(_Api):
             first, packet = conn.next_packet(deadline)
             kind = first & 0xF0
             if kind == PUBLISH:
-                message = decode_publish(first, packet, 0, len(packet))
+                message = decode_publish(first, packet, 0, len(packet), conn.v5)
                 if message.qos:
                     conn.send(puback(message.mid), deadline)
-                if message.correlation == key:
-                    try:
-                        return msgpack.unpackb(message.payload, strict_map_key=False)
-                    except Exception:  # not a reply of ours: nobody waits for it
-                        continue
+                if conn.v5 and message.correlation != key:
+                    continue
+                try:
+                    reply = msgpack.unpackb(message.payload, strict_map_key=False)
+                except Exception:  # not a reply of ours: nobody waits for it
+                    continue
+                # MQTT 3.1.1: a reply names only the request's id.
+                if conn.v5 or (isinstance(reply, dict) and _key(reply.get("id")) == key):
+                    return reply
             elif kind == PUBACK and mid and len(packet) > 2:  # Success is 2 bytes
                 ack = decode_ack(first, packet, 0, len(packet))
                 if ack.mid == mid and ack.reason >= 0x80:
