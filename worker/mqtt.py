@@ -701,7 +701,6 @@ class BlockingConnection:
         self.sock: socket.socket | None = None
         self._buf = bytearray()
         self._mid = 0
-        self.max_packet: int | None = None
         self.used = 0.0  # when it last wrote: the broker's keepalive counts from there
         self._read_for = _LONGEST
         self._send_for = _LONGEST
@@ -742,7 +741,6 @@ class BlockingConnection:
         except BaseException:
             self.close()
             raise
-        self.max_packet = ack.max_packet
         if ack.keepalive is not None:  # the broker's Server Keep Alive rules
             self.keepalive = ack.keepalive
         self._between = _MORE_THAN_AN_ACK

@@ -224,7 +224,6 @@ def puback(mid: int) -> bytes:
 
 CONNACK = 0x20
 SUBACK = 0x90
-PINGRESP = 0xD0
 DISCONNECT = 0xE0
 PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"
@@ -278,8 +277,8 @@ def encode_subscribe(mid: int, topic_filter: str, qos: int, v5: bool = True) -> 
 
 
 class Ack:
-    """A CONNACK, SUBACK, PUBACK or DISCONNECT: its reason code and what the blocking
-    connection reads of its properties."""
+    """A CONNACK, SUBACK, PUBACK or DISCONNECT: its reason code, the Server Keep Alive the
+    blocking connection obeys, and the Maximum Packet Size and reason string a broker may add."""
 
     __slots__ = ("keepalive", "max_packet", "mid", "reason", "reason_string")
 
