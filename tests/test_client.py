@@ -358,6 +358,7 @@ async def test_the_blocking_client_answers_every_method_from_a_thread(
         (("127.0.0.1", 1883, "mem", {"timeout": float("nan")}), "timeout must be more than 0"),
         (("127.0.0.1", 1883, "mem", {"timeout": "5"}), "timeout must be more than 0"),
         (("127.0.0.1", 1883, "mem", {"attempts": "3"}), "attempts must be a whole number"),
+        (("127.0.0.1", 1883, "mem", {"attempts": 0}), "attempts must be a whole number from 1"),
     ],
 )
 def test_bad_client_arguments_are_clear(args: tuple[Any, ...], words: str) -> None:

@@ -96,11 +96,11 @@ class MemoryClient(_Api):
             raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")  # NaN too
-        if isinstance(attempts, bool) or not isinstance(attempts, int):
-            raise ValueError(f"attempts must be a whole number, not {attempts!r}")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"attempts must be a whole number from 1, not {attempts!r}")
         self.host, self.port, self.prefix = host, port, prefix
         self.timeout, self.qos, self.protocol = timeout, qos, protocol
-        self.attempts = max(1, attempts)
+        self.attempts = attempts
         self.tag = uuid.uuid4().hex[:12]
         self._reply_prefix = reply_prefix or f"{prefix}-reply"
         check_reply_prefix(self._reply_prefix, prefix)
