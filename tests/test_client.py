@@ -484,6 +484,40 @@ async def test_16_threads_share_one_blocking_client(blocking_url: str) -> None:
     assert await asyncio.to_thread(_sixteen_threads, blocking_url) == []
 
 
+async def test_a_blocking_evictions_iterator_ends_when_the_client_closes(blocking_url: str) -> None:
+    """A thread watching evictions() stops when another thread closes the client, as the
+    async iterator ends: closing is how a blocking watcher is stopped."""
+    assert await asyncio.to_thread(_watch_until_closed, blocking_url) == (["seen"], [])
+
+
+def _watch_until_closed(blocking_url: str) -> tuple[list[str], list[BaseException]]:
+    memory = open_blocking_memory(blocking_url)
+    convo = unique("watched")
+    seen: list[str] = []
+    errors: list[BaseException] = []
+    first = threading.Event()
+
+    def watch() -> None:
+        try:
+            for event in memory.evictions(convo):
+                seen.append("seen" if event["convo"] == convo else event["convo"])
+                first.set()
+        except BaseException as exc:
+            errors.append(exc)
+        first.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    while not first.is_set():  # until the watcher's subscription is in place
+        memory.append(convo, "user", "x")
+        memory.forget(convo)
+        first.wait(0.2)
+    memory.close()
+    watcher.join(30)
+    assert not watcher.is_alive()
+    return seen[:1], errors
+
+
 def _sixteen_threads(blocking_url: str) -> list[BaseException]:
     errors: list[BaseException] = []
     with open_blocking_memory(blocking_url) as memory:

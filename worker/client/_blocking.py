@@ -201,8 +201,9 @@ class BlockingMemoryClient:
     stats = _blocking(MemoryClient.stats)
 
     def evictions(self, convo_id: str | None = None) -> Iterator[Eviction]:
-        """Eviction events as they come, until you stop iterating."""
-        return self._iterate(lambda: self._memory.evictions(convo_id))
+        """Eviction events as they come, until you stop iterating or the client closes (from
+        another thread: how a thread watching them is stopped)."""
+        return self._iterate(lambda: self._memory.evictions(convo_id), ends_on_close=True)
 
     def conversations(
         self, prefix: str | None = None, *, page_size: int = 100
@@ -210,9 +211,12 @@ class BlockingMemoryClient:
         """See MemoryClient.conversations: an iterator, paging underneath."""
         return self._iterate(lambda: self._memory.conversations(prefix, page_size=page_size))
 
-    def _iterate(self, make: Callable[[], AsyncGenerator[_T, None]]) -> Iterator[_T]:
+    def _iterate(
+        self, make: Callable[[], AsyncGenerator[_T, None]], *, ends_on_close: bool = False
+    ) -> Iterator[_T]:
         """One of the async client's iterators, as a plain iterator run on the client's loop
-        (closed on the loop when you stop)."""
+        (closed on the loop when you stop). A listing cut short by close() raises: it is
+        not whole."""
         items = make()
         try:
             while True:
@@ -220,6 +224,10 @@ class BlockingMemoryClient:
                     yield self._run(_next(items))
                 except StopAsyncIteration:
                     return
+                except RuntimeError:
+                    if ends_on_close and self._loop is None:
+                        return
+                    raise
         finally:
             if self._loop is not None:
                 with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing to close
