@@ -4,6 +4,9 @@ optional langchain extra; skipped where langchain-core is not installed)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
+from typing import Any
 
 import pytest
 
@@ -109,3 +112,46 @@ def test_the_old_address_has_both_adapters() -> None:
 
     assert old.MqttByteStore is new.MqttByteStore
     assert old.MqttChatMessageHistory is new.MqttChatMessageHistory
+
+
+def _chat_turns(url: str, session: str, turns: int) -> tuple[int, int, list[BaseMessage]]:
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+
+    prompt = ChatPromptTemplate.from_messages(
+        [MessagesPlaceholder("history"), ("human", "{question}")]
+    )
+    model = FakeListChatModel(responses=[f"answer {n}" for n in range(turns)])
+    chain = RunnableWithMessageHistory(
+        prompt | model,
+        lambda session_id: MqttChatMessageHistory(session_id, url=url),
+        input_messages_key="question",
+        history_messages_key="history",
+    )
+    config: Any = {"configurable": {"session_id": session}}
+    chain.invoke({"question": "q 0"}, config)
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for n in range(1, turns):
+        chain.invoke({"question": f"q {n}"}, config)
+    grown = (threading.active_count() - threads, len(os.listdir("/proc/self/fd")) - fds)
+    history = MqttChatMessageHistory(session, url=url)
+    try:
+        return *grown, history.messages
+    finally:
+        history.close()
+
+
+# Deprecated in langchain-core 1.0 for LangGraph's persistence, still in wide use.
+@pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
+async def test_a_history_made_per_call_and_dropped_leaves_no_connection(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """RunnableWithMessageHistory makes a history per call and never closes it: the
+    history's own client closes when the history is collected, so threads and sockets do
+    not pile up call after call, and every turn is kept."""
+    url = f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
+    threads, fds, messages = await asyncio.to_thread(_chat_turns, url, unique("s"), 30)
+    assert threads <= 0, threads
+    assert fds <= 2, fds
+    assert [m.content for m in messages[-4:]] == ["q 28", "answer 28", "q 29", "answer 29"]

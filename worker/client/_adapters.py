@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 
 from worker.client import BlockingMemoryClient, open_blocking_memory
 
@@ -30,15 +32,24 @@ class OnClient:
     Args:
         url: where the memory is, as for `open_blocking_memory`.
         client: an open BlockingMemoryClient to share (then `url` is not used and `close()`
-            leaves it open); by default the adapter opens its own.
+            leaves it open); by default the adapter opens its own, closed by `close()` or
+            when the adapter is garbage collected.
     """
 
     def __init__(self, url: str = DEFAULT_URL, client: BlockingMemoryClient | None = None) -> None:
-        self._owned = client is None
         self.client = client if client is not None else open_blocking_memory(url)
+        # Frameworks make an adapter per call and drop it without closing it (LangChain's
+        # RunnableWithMessageHistory): each left a connection and two threads behind.
+        self._own = None if client is not None else weakref.finalize(self, _close, self.client)
 
     def close(self) -> None:
         """Close the connection the adapter opened for itself."""
-        if self._owned:
-            self.client.close()
-            self._owned = False
+        if self._own is not None:
+            self._own()  # once: it is then dead
+
+
+def _close(client: BlockingMemoryClient) -> None:
+    try:
+        client.close()
+    except RuntimeError:  # collected on the client's own loop thread, which close() stops
+        threading.Thread(target=client.close, name="memory-client-close", daemon=True).start()
