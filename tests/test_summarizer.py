@@ -11,6 +11,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import aiomqtt
@@ -257,6 +258,33 @@ async def test_a_broker_restart_loses_no_trimmed_turn(
         ):
             await talk(d, "c", 5, 6)
             assert await summary_upto(d, replies, "c", 4) == words(1, 4)
+
+
+async def test_stopping_while_folds_back_off_is_at_once_and_loses_nothing(
+    broker: Mosquitto,
+    worker_factory: WorkerFactory,
+    model: FakeModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped while its folds wait to try the model again, the summarizer ends at once
+    rather than after the drain's deadline (Ctrl-C took 12 s): nothing of theirs was
+    acknowledged, so the next run (same client id) folds them."""
+    monkeypatch.setattr(summarizer, "_DRAIN_TIMEOUT", 3600.0)
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        cfg = replace(_config(broker, w.cfg.prefix, model), retry_max=3600.0)
+        model.set_mode("down")
+        async with summarizing(cfg):  # its exit waits 20 s at most for the summarizer
+            await talk(d, "a", 1, 4)
+            await talk(d, "b", 1, 4)
+            await model.wait_calls(2)  # both conversations' folds failed: backing off
+        model.set_mode("ok")
+        async with summarizing(cfg):
+            assert await summary_upto(d, replies, "a", 2) == words(1, 2)
+            assert await summary_upto(d, replies, "b", 2) == words(1, 2)
 
 
 async def test_a_gone_conversation_acknowledges_its_events(

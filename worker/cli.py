@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ async def serve(cfg: Config, backend: Backend) -> None:
         loop.add_signal_handler(sig, stop.set)
     service = Service(cfg, backend)
     await service.run(stop)
+    logging.getLogger("memory_worker").info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

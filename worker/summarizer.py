@@ -273,6 +273,7 @@ class Summarizer:
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._generation = 0
         self._closing = False
+        self._stopping = asyncio.Event()  # folds waiting to try again end then
         self._refusing: set[str] = set()  # conversations whose model failure was logged
         self._shortened: set[str] = set()  # conversations whose too-large summary was logged
         self._most: dict[str, int] = {}  # turns per model call, where the model timed out
@@ -320,9 +321,13 @@ class Summarizer:
                 await stop.wait()
             finally:
                 self._closing = True  # events from now on stay with the broker
+                self._stopping.set()
+                for arrived in self._arrived.values():
+                    arrived.set()
                 self.systemd.stopping()
                 folds = list(self._tasks.values())
                 if folds:
+                    log.info("stopping: %d conversations' folds in hand", len(folds))
                     await asyncio.wait(folds, timeout=_DRAIN_TIMEOUT)
                 for task in folds:
                     task.cancel()
@@ -476,6 +481,8 @@ class Summarizer:
                 batch = _batch(queue)
                 try:
                     done = await self._fold(convo, batch)
+                except _Stopped:
+                    raise
                 except Exception:  # a bug must not leave the event unacknowledged for good
                     if convo not in self._refusing:  # the traceback once, not every retry
                         log.exception("%s: folding failed; retrying with backoff", convo)
@@ -485,6 +492,8 @@ class Summarizer:
                 if done:
                     for ev in batch:
                         queue.remove(ev)
+        except _Stopped:
+            pass
         finally:
             del self._tasks[convo]
             if not queue:
@@ -589,6 +598,8 @@ class Summarizer:
         arrived.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(arrived.wait(), min(self.cfg.retry_max, _RETRY_FIRST))
+        if self._stopping.is_set():
+            raise _Stopped
 
     async def _save(
         self, convo: str, folded: Folded, upto: int, base: int, born: int | None
@@ -626,8 +637,16 @@ class Summarizer:
             else:
                 log.debug("%s: %s", convo, problem)
         delay = min(self.cfg.retry_max, _RETRY_FIRST * 2**retries) * random.uniform(0.5, 1)
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        if self._stopping.is_set():
+            raise _Stopped
         return min(retries + 1, 16)
+
+
+class _Stopped(Exception):
+    """The summarizer stops: a fold waiting to try again ends. Its events, never
+    acknowledged, stay with the broker for the next run."""
 
 
 # Turns folded in one model call at most, when a backlog of events follows each other.
@@ -670,6 +689,7 @@ async def serve(cfg: SummarizerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await Summarizer(cfg).run(stop)
+    log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
