@@ -199,8 +199,9 @@ class MemoryClient(_Api):
         await client.__aenter__()
         try:
             await self._subscribe_on(client, self._inbox_filter(), self.qos)
-            for f in self._filters:
-                await self._subscribe_on(client, f, 1)
+            for f in list(self._filters):  # a call's own may end meanwhile (stats())
+                if f in self._filters:
+                    await self._subscribe_on(client, f, 1)
         except BaseException:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
