@@ -28,6 +28,8 @@ class FakeModel:
         self.most_turns: int | None = None
         self.gateway_timeout = False
         self.calls = 0
+        # What GET /v1/models lists, as Ollama lists them (the default model pulled).
+        self.models = [{"id": "llama3.2:latest", "object": "model", "owned_by": "library"}]
         self.seen: list[str] = []  # the content of every turn it was asked to fold
         self._changed = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -95,6 +97,15 @@ class FakeModel:
         model = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                assert self.path == "/v1/models", self.path
+                data = json.dumps({"object": "list", "data": model.models}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self) -> None:
                 size = int(self.headers["Content-Length"])
                 body = json.loads(self.rfile.read(size))

@@ -21,9 +21,10 @@ import pytest
 from tests.clients import Device, device, watcher
 from tests.conftest import WorkerFactory, program, reap, unique
 from tests.fake_llm import FakeModel, fake_model
-from tests.processes import REPO, Mosquitto
+from tests.processes import REPO, Mosquitto, free_port
 from worker import summarizer
 from worker.errors import ConfigError
+from worker.llm import ChatModel
 from worker.summarizer import Summarizer, SummarizerConfig, from_args
 
 Replies = asyncio.Queue[aiomqtt.Message]
@@ -421,3 +422,41 @@ def test_the_gap_wait_starts_again_while_the_summary_moves(monkeypatch: pytest.M
     assert not s._gap_is_over("c", ev, 4)
     now[0] += 3
     assert s._gap_is_over("c", ev, 4)  # 11 s without a move
+
+
+def test_the_model_check_says_what_would_stop_every_fold(model: FakeModel) -> None:
+    """At start the model server's list tells a missing model (with how to get it) and a
+    server that does not answer; a one-model server (llama.cpp's) is not second-guessed."""
+    chat = ChatModel(model.url, "llama3.2")
+    assert chat.check() is None  # Ollama lists it as llama3.2:latest
+    model.models = [{"id": "qwen2.5:0.5b", "object": "model", "owned_by": "library"}]
+    problem = chat.check()
+    assert problem is not None
+    assert "has no model 'llama3.2' (it lists: qwen2.5:0.5b)" in problem
+    assert "ollama pull llama3.2" in problem
+    model.models = [{"id": "/models/tiny.gguf", "object": "model", "owned_by": "llamacpp"}]
+    assert chat.check() is None
+    problem = ChatModel(f"http://127.0.0.1:{free_port()}/v1", "llama3.2").check()
+    assert problem is not None and "does not answer" in problem
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+async def test_a_worker_without_trimmed_events_is_named_at_start(
+    broker: Mosquitto,
+    worker_factory: WorkerFactory,
+    model: FakeModel,
+    caplog: pytest.LogCaptureFixture,
+    trimmed: bool,
+) -> None:
+    """Beside workers that do not announce trimmed turns the summarizer would fold nothing,
+    silently: it says so at start, naming them (and says nothing when they do announce)."""
+    async with worker_factory(trimmed_events=trimmed) as w:
+        async with summarizing(_config(broker, w.cfg.prefix, model)) as s:
+            assert s.preflight is not None
+            await asyncio.wait_for(s.preflight, 30)
+    warned = [r.getMessage() for r in caplog.records if "--trimmed-events" in r.getMessage()]
+    if trimmed:
+        assert warned == []
+    else:
+        assert len(warned) == 1 and w.cfg.client_id in warned[0], warned
+    assert not [r for r in caplog.records if "model server" in r.getMessage()]

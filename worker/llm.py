@@ -31,7 +31,9 @@ SYSTEM_PROMPT = (
 )
 
 
-_GAVE_UP = (408, 504)  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
+_GAVE_UP = (408, 504)
+_CHECK_TIMEOUT = 5.0  # seconds the model list may take at start
+_CHECK_BYTES = 1 << 20  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
 
 
 class ModelError(Exception):
@@ -85,7 +87,8 @@ class ChatModel:
         summary_tokens: int = DEFAULT_SUMMARY_TOKENS,
         timeout: float = DEFAULT_LLM_TIMEOUT,
     ) -> None:
-        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.base = url.rstrip("/")
+        self.endpoint = self.base + "/chat/completions"
         self.model = model
         self.api_key = api_key
         self.summary_tokens = summary_tokens
@@ -106,11 +109,46 @@ class ChatModel:
         }
         return await _in_thread(self._post, json.dumps(body).encode())
 
-    def _post(self, data: bytes) -> Folded:
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.endpoint, data=data, headers=headers)
+        return headers
+
+    def check(self) -> str | None:
+        """What would stop every fold, as far as the server's model list (GET …/models, which
+        Ollama's and llama.cpp's servers answer) tells: a server that does not answer, a
+        refused key, a model it does not have. None when it cannot tell, or all is well."""
+        url = self.base + "/models"
+        request = urllib.request.Request(url, headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.timeout, _CHECK_TIMEOUT)) as got:
+                body = json.loads(got.read(_CHECK_BYTES))
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                return f"{url} refused the API key ({exc.code}): check --api-key (OPENAI_API_KEY)"
+            return None  # no list there: the first fold will tell
+        except OSError as exc:  # refused, unreachable, timed out
+            return f"the model server at {self.base} does not answer ({exc})"
+        except ValueError:  # not JSON
+            return None
+        entries = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            return None
+        entries = [e for e in entries if isinstance(e, dict)]
+        if any(e.get("owned_by") == "llamacpp" for e in entries):
+            return None  # llama.cpp's server folds with its one model, whatever the name
+        names = {str(e.get("id")) for e in entries}
+        if self.model in names or f"{self.model}:latest" in names:  # Ollama's default tag
+            return None
+        listed = ", ".join(sorted(names)[:10]) or "none"
+        return (
+            f"the model server at {self.base} has no model {self.model!r} (it lists: "
+            f"{listed}): pull it (ollama pull {self.model}) or name another with --model"
+        )
+
+    def _post(self, data: bytes) -> Folded:
+        request = urllib.request.Request(self.endpoint, data=data, headers=self._headers())
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 raw = response.read()

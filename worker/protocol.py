@@ -809,6 +809,8 @@ class _Bounds(Protocol):
     def max_keys(self) -> int: ...
     @property
     def ttl(self) -> float: ...
+    @property
+    def trimmed_events(self) -> bool: ...
 
 
 def status_payload(
@@ -854,6 +856,7 @@ def stats_payload(
         "taken_over": stats.taken_over,
         "summaries": stats.summaries,
         "trimmed": stats.trimmed,
+        "trimmed_events": limits.trimmed_events,
         "evictions": dict(stats.evictions),
         "uptime": round(now - stats.started, 3),
         "ts": ts,

@@ -279,6 +279,7 @@ class Summarizer:
         self._most: dict[str, int] = {}  # turns per model call, where the model timed out
         self._conn: Connection | None = None
         self._memory: MemoryClient | None = None
+        self.preflight: asyncio.Task[None] | None = None  # the checks at start
         self.systemd = Notifier.from_environ(os.environ)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -317,9 +318,11 @@ class Summarizer:
                 return
             self._memory = memory
             connection = asyncio.create_task(self._stay_connected(conn, stop), name="connection")
+            self.preflight = asyncio.create_task(self._preflight(memory), name="preflight")
             try:
                 await stop.wait()
             finally:
+                self.preflight.cancel()
                 self._closing = True  # events from now on stay with the broker
                 self._stopping.set()
                 for arrived in self._arrived.values():
@@ -335,6 +338,26 @@ class Summarizer:
                 connection.cancel()
                 await asyncio.gather(connection, return_exceptions=True)
                 self.systemd.close()
+
+    async def _preflight(self, memory: MemoryClient) -> None:
+        """Say at start what would leave every trimmed turn unfolded, rather than let it
+        show only as a window without its summary: a model server that does not answer or
+        lacks the model, or workers that run without --trimmed-events."""
+        problem = await asyncio.to_thread(self.model.check)
+        if problem is not None:
+            log.warning("%s; trimmed turns wait for it (nothing is lost)", problem)
+        try:
+            stats = await memory.stats()
+        except MemoryWorkerError:  # a role that may not read them: nothing to tell
+            return
+        flags = {s.get("client_id"): s.get("trimmed_events") for s in stats}
+        if False in flags.values() and True not in flags.values():
+            log.warning(
+                "the workers under %s (%s) run without --trimmed-events: the turns their "
+                "window drops are not announced, and this summarizer has nothing to fold",
+                self.cfg.prefix,
+                ", ".join(str(k) for k, v in flags.items() if v is False),
+            )
 
     async def _open(
         self, stack: contextlib.AsyncExitStack, memory: MemoryClient, stop: asyncio.Event
