@@ -437,7 +437,8 @@ def test_the_model_check_says_what_would_stop_every_fold(model: FakeModel) -> No
     model.models = [{"id": "/models/tiny.gguf", "object": "model", "owned_by": "llamacpp"}]
     assert chat.check() is None
     problem = ChatModel(f"http://127.0.0.1:{free_port()}/v1", "llama3.2").check()
-    assert problem is not None and "does not answer" in problem
+    assert problem is not None
+    assert "does not answer" in problem
 
 
 @pytest.mark.parametrize("trimmed", [False, True])
@@ -450,13 +451,16 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
 ) -> None:
     """Beside workers that do not announce trimmed turns the summarizer would fold nothing,
     silently: it says so at start, naming them (and says nothing when they do announce)."""
-    async with worker_factory(trimmed_events=trimmed) as w:
-        async with summarizing(_config(broker, w.cfg.prefix, model)) as s:
-            assert s.preflight is not None
-            await asyncio.wait_for(s.preflight, 30)
+    async with (
+        worker_factory(trimmed_events=trimmed) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)) as s,
+    ):
+        assert s.preflight is not None
+        await asyncio.wait_for(s.preflight, 30)
     warned = [r.getMessage() for r in caplog.records if "--trimmed-events" in r.getMessage()]
     if trimmed:
         assert warned == []
     else:
-        assert len(warned) == 1 and w.cfg.client_id in warned[0], warned
+        assert len(warned) == 1, warned
+        assert w.cfg.client_id in warned[0]
     assert not [r for r in caplog.records if "model server" in r.getMessage()]
