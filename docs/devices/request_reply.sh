@@ -1,10 +1,13 @@
 #!/bin/sh
 # A device's request/reply from the shell with Mosquitto's own clients.
 #   MQTT_HOST=127.0.0.1 MQTT_PORT=1883 CONVO=kiosk-7 PYTHON=.venv/bin/python sh request_reply.sh
-# Replies are msgpack; the Python with msgpack installed (the worker's .venv) prints them.
+# Replies are msgpack; a Python with msgpack installed prints them: the clone's .venv (where
+# this file lies in one), else PYTHON.
 set -eu
 HOST="${MQTT_HOST:-127.0.0.1}" PORT="${MQTT_PORT:-1883}" PREFIX="${PREFIX:-mem}"
-CONVO="${CONVO:-kiosk-7}" PYTHON="${PYTHON:-python3}"
+venv="$(dirname "$0")/../../.venv/bin/python"
+[ -x "$venv" ] || venv=python3
+CONVO="${CONVO:-kiosk-7}" PYTHON="${PYTHON:-$venv}"
 show() { "$PYTHON" -c 'import sys, msgpack; print(msgpack.unpackb(sys.stdin.buffer.read()))'; }
 pack() {  # pack JSON FILE: the request as msgpack, in a file for -f
   "$PYTHON" -c 'import sys, json, msgpack; open(sys.argv[2], "wb").write(msgpack.packb(json.loads(sys.argv[1])))' "$1" "$2"
