@@ -74,3 +74,15 @@ def test_runnable_blocks_run(doc: Path, shell_env: dict[str, str]) -> None:
             timeout=60,
         )
         assert done.returncode == 0, f"{doc.name}:\n{block}\nstdout:\n{done.stdout}\n{done.stderr}"
+
+
+def test_every_worker_flag_is_in_the_operations_table() -> None:
+    """docs/operations.md's table names every flag `memory-worker --help` has."""
+    helped = subprocess.run(
+        [str(Path(sys.executable).parent / "memory-worker"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    flags = set(re.findall(r"^  (--[a-z-]+)", helped, re.M)) - {"--help"}
+    table = (REPO / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"`(--[a-z-]+)`", table.split("## Flags", 1)[1].split("\n\n`")[0]))
+    assert flags, helped
+    assert sorted(flags - documented) == []
