@@ -79,7 +79,10 @@ def test_runnable_blocks_run(doc: Path, shell_env: dict[str, str]) -> None:
 def test_every_worker_flag_is_in_the_operations_table() -> None:
     """docs/operations.md's table names every flag `memory-worker --help` has."""
     helped = subprocess.run(
-        [str(Path(sys.executable).parent / "memory-worker"), "--help"], capture_output=True, text=True, check=True
+        [str(Path(sys.executable).parent / "memory-worker"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     flags = set(re.findall(r"^  (--[a-z-]+)", helped, re.M)) - {"--help"}
     table = (REPO / "docs" / "operations.md").read_text()
