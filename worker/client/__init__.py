@@ -95,6 +95,8 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         "attempts": ("attempts", int),
     }
     for name, text in query.items():
+        if name == "connections":
+            raise ValueError(f"{url!r}: option 'connections' is for open_blocking_memory only")
         if name not in convert:
             raise ValueError(f"{url!r}: unknown option {name!r}")
         field, kind = convert[name]
