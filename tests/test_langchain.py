@@ -155,3 +155,33 @@ async def test_a_history_made_per_call_and_dropped_leaves_no_connection(
     assert threads <= 0, threads
     assert fds <= 2, fds
     assert [m.content for m in messages[-4:]] == ["q 28", "answer 28", "q 29", "answer 29"]
+
+
+def test_tool_calls_and_their_answers_come_back_whole() -> None:
+    """An agent's turn that calls a tool, the tool's answer (its tool_call_id) and content
+    made of parts come back as LangChain made them: without them the next model call is
+    refused (a tool message must answer a preceding message's tool call)."""
+    from langchain_core.messages import ToolMessage
+
+    sent: list[BaseMessage] = [
+        HumanMessage("weather in Oslo?"),
+        AIMessage(
+            "",
+            tool_calls=[
+                {"name": "weather", "args": {"city": "Oslo"}, "id": "call_1", "type": "tool_call"}
+            ],
+        ),
+        ToolMessage("4 °C, rain", tool_call_id="call_1", name="weather"),
+        HumanMessage(content=[{"type": "text", "text": "and tomorrow?"}]),
+        AIMessage("dry"),
+    ]
+    history = MqttChatMessageHistory(unique("s"), url="memory://?max_turns=10")
+    try:
+        history.add_messages(sent)
+        got = history.messages
+        roles = [t["role"] for t in history.client.get(history.session_id)]
+    finally:
+        history.close()
+    assert got == sent
+    assert roles[0] == "user"
+    assert roles[-1] == "assistant"  # plain messages keep the roles devices read

@@ -33,6 +33,8 @@ try:
         ChatMessage,
         HumanMessage,
         SystemMessage,
+        message_to_dict,
+        messages_from_dict,
     )
     from langchain_core.stores import BaseStore
 except ModuleNotFoundError as exc:
@@ -44,6 +46,15 @@ _MESSAGE_OF: dict[str, type[BaseMessage]] = {
     "assistant": AIMessage,
     "system": SystemMessage,
 }
+_PLAIN = tuple(_MESSAGE_OF.values())
+
+
+# The role of a turn that holds a whole message, as LangChain's own dict in JSON: one that a
+# role and a string would lose (a tool call, a tool's answer and its tool_call_id, content
+# made of parts), which the next model call needs.
+WHOLE = "langchain"
+# Model bookkeeping, left out of a whole message: large, and no model call needs it back.
+_DROPPED = ("response_metadata", "usage_metadata")
 
 
 def role_of(message: BaseMessage) -> str:
@@ -53,17 +64,36 @@ def role_of(message: BaseMessage) -> str:
     return _ROLE_OF.get(message.type, message.type)
 
 
+def turn_of(message: BaseMessage) -> tuple[str, str]:
+    """The role and content a message is stored as: the devices' roles (user, assistant,
+    system) for plain text, else the whole message under the role `langchain`."""
+    plain = isinstance(message.content, str) and (
+        isinstance(message, ChatMessage)
+        or (
+            isinstance(message, _PLAIN)  # their chunks too (a streamed answer)
+            and not getattr(message, "tool_calls", None)
+            and not getattr(message, "invalid_tool_calls", None)
+        )
+    )
+    if plain:
+        return role_of(message), str(message.content)
+    whole = message_to_dict(message)
+    data = {k: v for k, v in whole["data"].items() if k not in _DROPPED and v not in (None, [], {})}
+    return WHOLE, json.dumps({"type": whole["type"], "data": data}, ensure_ascii=False)
+
+
 def message_of(turn: Turn) -> BaseMessage:
     """The LangChain message for a stored turn."""
-    kind = _MESSAGE_OF.get(turn["role"])
+    role, content = turn["role"], turn["content"]
+    if role == WHOLE:
+        try:
+            return messages_from_dict([json.loads(content)])[0]
+        except (ValueError, KeyError, TypeError):  # a device's turn under that role
+            pass
+    kind = _MESSAGE_OF.get(role)
     if kind is None:
-        return ChatMessage(role=turn["role"], content=turn["content"])
-    return kind(content=turn["content"])
-
-
-def _content(message: BaseMessage) -> str:
-    content = message.content
-    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+        return ChatMessage(role=role, content=content)
+    return kind(content=content)
 
 
 class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
@@ -109,7 +139,7 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append each message as a turn, in order."""
         for message in messages:
-            self.client.append(self.session_id, role_of(message), _content(message))
+            self.client.append(self.session_id, *turn_of(message))
 
     def clear(self) -> None:
         """Forget the session."""
@@ -129,9 +159,7 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         """Append each message as a turn, in order, without blocking the caller's loop."""
         for message in messages:
             memory = self.client.memory
-            await self.client.run(
-                memory.append(self.session_id, role_of(message), _content(message))
-            )
+            await self.client.run(memory.append(self.session_id, *turn_of(message)))
 
     async def aclear(self) -> None:
         """Forget the session, without blocking the caller's loop."""
