@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import msgpack
 import pytest
 
 from tests.clients import decode, next_message, watcher
@@ -977,3 +978,38 @@ async def test_a_blocking_call_while_the_broker_is_down_says_so(
     assert appended.startswith(where)
     assert appended.endswith("2 attempts")
     assert forgot.startswith(where)
+
+
+async def test_events_asked_for_while_reconnecting_still_come(
+    own_broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An evictions() started while the client subscribes again after a broker restart is
+    subscribed on the new connection too (it was left out: the watcher waited forever)."""
+    b, prefix = own_broker, unique("p")
+    subscribed, resubscribing, go_on = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    subscribe_on = MemoryClient._subscribe_on
+
+    async def held(self: MemoryClient, client: Any, topic_filter: str, qos: int) -> None:
+        if topic_filter == f"{prefix}/a/evicted" and self._client is None:
+            resubscribing.set()
+            await go_on.wait()
+        await subscribe_on(self, client, topic_filter, qos)
+        if topic_filter == f"{prefix}/a/evicted":
+            subscribed.set()
+
+    monkeypatch.setattr(MemoryClient, "_subscribe_on", held)
+    async with MemoryClient(b.host, b.port, prefix, timeout=5, attempts=10) as m:
+        a = asyncio.ensure_future(anext(m.evictions("a")))
+        await asyncio.wait_for(subscribed.wait(), 10)
+        b.restart()
+        await asyncio.wait_for(resubscribing.wait(), 30)
+        later = asyncio.ensure_future(anext(m.evictions("b")))
+        await asyncio.sleep(0)  # let it count its filter while no connection is there
+        go_on.set()
+        await asyncio.wait_for(m._connected.wait(), 30)
+        async with aiomqtt.Client(b.host, b.port) as device:
+            for convo in ("a", "b"):
+                event = {"convo": convo, "reason": "deleted", "count": 1, "ts": time.time()}
+                await device.publish(f"{prefix}/{convo}/evicted", msgpack.packb(event), qos=1)
+        assert (await asyncio.wait_for(a, 10))["convo"] == "a"
+        assert (await asyncio.wait_for(later, 10))["convo"] == "b"

@@ -199,9 +199,14 @@ class MemoryClient(_Api):
         await client.__aenter__()
         try:
             await self._subscribe_on(client, self._inbox_filter(), self.qos)
-            for f in list(self._filters):  # a call's own may end meanwhile (stats())
-                if f in self._filters:
-                    await self._subscribe_on(client, f, 1)
+            # Until every filter is on it: a call's own may come or go meanwhile (events(),
+            # stats()), seeing no connection to subscribe or unsubscribe on.
+            done: set[str] = set()
+            while todo := [f for f in self._filters if f not in done]:
+                for f in todo:
+                    if f in self._filters:
+                        await self._subscribe_on(client, f, 1)
+                    done.add(f)
         except BaseException:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.__aexit__(None, None, None)
