@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -424,21 +425,36 @@ def test_the_gap_wait_starts_again_while_the_summary_moves(monkeypatch: pytest.M
     assert s._gap_is_over("c", ev, 4)  # 11 s without a move
 
 
-def test_the_model_check_says_what_would_stop_every_fold(model: FakeModel) -> None:
+async def test_the_model_check_says_what_would_stop_every_fold(model: FakeModel) -> None:
     """At start the model server's list tells a missing model (with how to get it) and a
     server that does not answer; a one-model server (llama.cpp's) is not second-guessed."""
     chat = ChatModel(model.url, "llama3.2")
-    assert chat.check() is None  # Ollama lists it as llama3.2:latest
+    assert await chat.check() is None  # Ollama lists it as llama3.2:latest
     model.models = [{"id": "qwen2.5:0.5b", "object": "model", "owned_by": "library"}]
-    problem = chat.check()
+    problem = await chat.check()
     assert problem is not None
     assert "has no model 'llama3.2' (it lists: qwen2.5:0.5b)" in problem
     assert "ollama pull llama3.2" in problem
     model.models = [{"id": "/models/tiny.gguf", "object": "model", "owned_by": "llamacpp"}]
-    assert chat.check() is None
-    problem = ChatModel(f"http://127.0.0.1:{free_port()}/v1", "llama3.2").check()
+    assert await chat.check() is None
+    problem = await ChatModel(f"http://127.0.0.1:{free_port()}/v1", "llama3.2").check()
     assert problem is not None
     assert "does not answer" in problem
+    with socket.create_server(("127.0.0.1", 0)) as not_http:  # an SSH port, say
+        port = not_http.getsockname()[1]
+        answer = threading.Thread(target=_say_ssh, args=(not_http,), daemon=True)
+        answer.start()
+        problem = await ChatModel(f"http://127.0.0.1:{port}/v1", "llama3.2").check()
+        answer.join(10)
+    assert problem is not None
+    assert "does not answer (BadStatusLine" in problem
+
+
+def _say_ssh(server: socket.socket) -> None:
+    conn, _ = server.accept()
+    with conn:
+        conn.recv(4096)
+        conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
 
 
 @pytest.mark.parametrize("trimmed", [False, True])

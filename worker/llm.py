@@ -9,13 +9,14 @@ dependency for a call that takes seconds of model time.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 DEFAULT_LLM_URL = "http://127.0.0.1:11434/v1"
 DEFAULT_MODEL = "llama3.2"
@@ -31,9 +32,9 @@ SYSTEM_PROMPT = (
 )
 
 
-_GAVE_UP = (408, 504)
+_GAVE_UP = (408, 504)  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
 _CHECK_TIMEOUT = 5.0  # seconds the model list may take at start
-_CHECK_BYTES = 1 << 20  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
+_CHECK_BYTES = 1 << 20
 
 
 class ModelError(Exception):
@@ -107,7 +108,8 @@ class ChatModel:
             "temperature": 0.2,
             "stream": False,
         }
-        return await _in_thread(self._post, json.dumps(body).encode())
+        data = json.dumps(body).encode()
+        return await _in_thread(lambda: self._post(data))
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -115,7 +117,11 @@ class ChatModel:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    def check(self) -> str | None:
+    async def check(self) -> str | None:
+        """What would stop every fold (see `check_now`), asked without holding up a stop."""
+        return await _in_thread(self.check_now)
+
+    def check_now(self) -> str | None:
         """What would stop every fold, as far as the server's model list (GET …/models, which
         Ollama's and llama.cpp's servers answer) tells: a server that does not answer, a
         refused key, a model it does not have. None when it cannot tell, or all is well."""
@@ -128,8 +134,8 @@ class ChatModel:
             if exc.code in (401, 403):
                 return f"{url} refused the API key ({exc.code}): check --api-key (OPENAI_API_KEY)"
             return None  # no list there: the first fold will tell
-        except OSError as exc:  # refused, unreachable, timed out
-            return f"the model server at {self.base} does not answer ({exc})"
+        except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, not HTTP
+            return f"the model server at {self.base} does not answer ({exc!r})"
         except ValueError:  # not JSON
             return None
         entries = body.get("data") if isinstance(body, dict) else None
@@ -163,15 +169,18 @@ class ChatModel:
         return parse_completion(raw)
 
 
-async def _in_thread(post: Callable[[bytes], Folded], data: bytes) -> Folded:
-    """`post(data)` on a daemon thread of its own: a stop does not wait up to the model's
-    timeout for the call (asyncio.to_thread's executor is joined when the loop closes)."""
+_T = TypeVar("_T")
+
+
+async def _in_thread(call: Callable[[], _T]) -> _T:
+    """`call()` on a daemon thread of its own: a stop does not wait up to the model's
+    timeout for it (asyncio.to_thread's executor is joined when the loop closes)."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[Folded] = loop.create_future()
+    done: asyncio.Future[_T] = loop.create_future()
 
     def run() -> None:
         try:
-            result = post(data)
+            result = call()
         except BaseException as exc:  # handed to the waiting coroutine
             loop.call_soon_threadsafe(_settle, done, None, exc)
         else:
@@ -181,14 +190,13 @@ async def _in_thread(post: Callable[[bytes], Folded], data: bytes) -> Folded:
     return await done
 
 
-def _settle(done: asyncio.Future[Folded], result: Folded | None, exc: BaseException | None) -> None:
+def _settle(done: asyncio.Future[_T], result: _T | None, exc: BaseException | None) -> None:
     if done.done():  # cancelled meanwhile
         return
     if exc is not None:
         done.set_exception(exc)
     else:
-        assert result is not None
-        done.set_result(result)
+        done.set_result(result)  # type: ignore[arg-type]  # None only with an exception
 
 
 def parse_completion(raw: bytes) -> Folded:

@@ -83,6 +83,7 @@ _RETRY_FIRST = 0.5
 _SHORTEST_SUMMARY = 32  # tokens: below it, a summary that does not fit is given up
 DEFAULT_RETRY_MAX = 30.0
 _DRAIN_TIMEOUT = 10.0
+_RECENT_STATS = 300.0  # seconds: a worker's stats older than this may be of one that stopped
 # A connection shorter than this does not reset the reconnect backoff.
 _STABLE_CONNECTION = 10.0
 
@@ -343,14 +344,17 @@ class Summarizer:
         """Say at start what would leave every trimmed turn unfolded, rather than let it
         show only as a window without its summary: a model server that does not answer or
         lacks the model, or workers that run without --trimmed-events."""
-        problem = await asyncio.to_thread(self.model.check)
+        problem = await self.model.check()
         if problem is not None:
             log.warning("%s; trimmed turns wait for it (nothing is lost)", problem)
         try:
             stats = await memory.stats()
-        except MemoryWorkerError:  # a role that may not read them: nothing to tell
+        except (MemoryWorkerError, aiomqtt.MqttError) as exc:  # a role that may not read them
+            log.debug("no workers' stats to check: %s", exc)
             return
-        flags = {s.get("client_id"): s.get("trimmed_events") for s in stats}
+        # Stats stay retained after a worker stops: only the recent ones say what runs.
+        recent = [s for s in stats if time.time() - float(s.get("ts") or 0) < _RECENT_STATS]
+        flags = {s.get("client_id"): s.get("trimmed_events") for s in recent}
         if False in flags.values() and True not in flags.values():
             log.warning(
                 "the workers under %s (%s) run without --trimmed-events: the turns their "
