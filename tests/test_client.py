@@ -488,7 +488,8 @@ async def test_16_threads_share_one_blocking_client(blocking_url: str) -> None:
 
 async def test_a_blocking_evictions_iterator_ends_when_the_client_closes(blocking_url: str) -> None:
     """A thread watching evictions() stops when another thread closes the client, as the
-    async iterator ends: closing is how a blocking watcher is stopped."""
+    async iterator ends: closing is how a blocking watcher is stopped. One started on a
+    closed client raises, as every call then does."""
     assert await asyncio.to_thread(_watch_until_closed, blocking_url) == (["seen"], [])
 
 
@@ -517,6 +518,8 @@ def _watch_until_closed(blocking_url: str) -> tuple[list[str], list[BaseExceptio
     memory.close()
     watcher.join(30)
     assert not watcher.is_alive()
+    with pytest.raises(RuntimeError, match="not open"):  # one started after: not open
+        next(memory.evictions(convo))
     return seen[:1], errors
 
 

@@ -218,6 +218,7 @@ class BlockingMemoryClient:
         (closed on the loop when you stop). A listing cut short by close() raises: it is
         not whole."""
         items = make()
+        opened = self._loop  # None: not open yet, and the first step says so
         try:
             while True:
                 try:
@@ -225,7 +226,7 @@ class BlockingMemoryClient:
                 except StopAsyncIteration:
                     return
                 except RuntimeError:
-                    if ends_on_close and self._loop is None:
+                    if ends_on_close and opened is not None and self._loop is None:
                         return
                     raise
         finally:
