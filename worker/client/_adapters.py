@@ -33,7 +33,7 @@ class OnClient:
         url: where the memory is, as for `open_blocking_memory`.
         client: an open BlockingMemoryClient to share (then `url` is not used and `close()`
             leaves it open); by default the adapter opens its own, closed by `close()` or
-            when the adapter is garbage collected.
+            when the adapter is garbage collected (so not one to hand to another adapter).
     """
 
     def __init__(self, url: str = DEFAULT_URL, client: BlockingMemoryClient | None = None) -> None:
