@@ -228,6 +228,7 @@ class Connection(aiomqtt.Client):
         super().__init__(**kwargs)
         self._flush_after_read = flush_after_read
         self._in_read = False
+        self._held = False  # hold_writes(): the caller flushes
         self._v5 = kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5
         self._on_refused = on_refused
         paho_client = self._client
@@ -433,14 +434,20 @@ class Connection(aiomqtt.Client):
         self._out.append(packet)
         self._flush_soon()
 
+    def hold_writes(self) -> None:
+        """Queue what is written until the caller's `flush()`, which it promises: no flush
+        is scheduled meanwhile (it would find nothing left, an event loop turn for nothing)."""
+        self._held = True
+
     def _flush_soon(self) -> None:
-        if not self._flush_scheduled and not self._in_read:
+        if not self._flush_scheduled and not self._in_read and not self._held:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what is queued now (one write), rather than at the end of the loop's turn."""
         self._flush_scheduled = False
+        self._held = False
         out = self._out
         if not out or not self._online:
             out.clear()

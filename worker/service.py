@@ -604,16 +604,21 @@ class Service:
         self, done: list[tuple[int, Message, Parsed, Result]], evictions: list[Event]
     ) -> None:
         self.stats.requests += len(done)
-        for gen, msg, parsed, result in done:
-            self._reply(msg, parsed, result)
-            self._ack(gen, msg)
-        self._announce(evictions)
-        if self._client is not None and self.connected.is_set():
-            # Hand these acknowledgements to the kernel before the next batch is applied:
-            # a crash then leaves at most one batch applied but unacknowledged, and the
-            # broker's redelivery of it stays within the ids remembered. (Not while a
-            # reconnection is under way: paho's connect runs on another thread.)
-            self._client.flush()
+        # Hand these acknowledgements to the kernel before the next batch is applied: a
+        # crash then leaves at most one batch applied but unacknowledged, and the broker's
+        # redelivery of it stays within the ids remembered. (Not while a reconnection is
+        # under way: paho's connect runs on another thread.)
+        client = self._client if self.connected.is_set() else None
+        if client is not None:
+            client.hold_writes()
+        try:
+            for gen, msg, parsed, result in done:
+                self._reply(msg, parsed, result)
+                self._ack(gen, msg)
+            self._announce(evictions)
+        finally:
+            if client is not None:
+                client.flush()
 
     async def _list_steps(self) -> None:
         """Read the oldest listing page a step at a time until it is whole (then reply), or
