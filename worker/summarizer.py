@@ -353,7 +353,12 @@ class Summarizer:
             log.debug("no workers' stats to check: %s", exc)
             return
         # Stats stay retained after a worker stops: only the recent ones say what runs.
-        recent = [s for s in stats if time.time() - float(s.get("ts") or 0) < _RECENT_STATS]
+        now = time.time()
+        recent = [
+            s
+            for s in stats
+            if isinstance(s.get("ts"), int | float) and now - s["ts"] < _RECENT_STATS
+        ]
         flags = {s.get("client_id"): s.get("trimmed_events") for s in recent}
         if False in flags.values() and True not in flags.values():
             log.warning(
