@@ -43,6 +43,7 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ([], {"MEMORY_WORKER_TTL": "soon"}, "MEMORY_WORKER_TTL"),
         ([], {"MEMORY_WORKER_MAX_TURNS": "abc"}, "expected an integer"),
         (["--prefix", "rp", "--route-prefix", "rp/x"], {}, "may not go under --prefix"),
+        (["--tls-ca", __file__], {}, "TLS CA certificate"),  # a file, not a certificate
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(
@@ -253,6 +254,8 @@ async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
         (["retire", "a/b"], "client id"),
         (["state", "save", "c", "ns", "k", "1", "--ttl", "0"], "'ttl'"),
         (["watch", "--count", "0"], "--count"),
+        (["--tls-ca", "/nope/ca.crt", "get", "c"], "TLS CA certificate '/nope/ca.crt'"),
+        (["--tls-ca", __file__, "get", "c"], "--tls-ca: TLS CA certificate"),
     ],
 )
 def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | None) -> None:
@@ -352,3 +355,15 @@ async def test_unreachable_broker_is_retried(tmp_path: Path) -> None:
     finally:
         reap(proc, signal.SIGTERM)
         late.stop()
+
+
+def test_memctl_takes_the_login_from_the_workers_variables() -> None:
+    """MEMORY_WORKER_USERNAME and _PASSWORD log memctl in as they do the worker, so the
+    password need not be on the command line (where ps shows it); a flag still wins."""
+    from worker.memctl import build_parser
+
+    env = {"MEMORY_WORKER_USERNAME": "kiosk-7", "MEMORY_WORKER_PASSWORD": "s3cret"}
+    args = build_parser(env).parse_args(["get", "c"])
+    assert (args.username, args.password) == ("kiosk-7", "s3cret")
+    args = build_parser(env).parse_args(["--username", "other", "get", "c"])
+    assert args.username == "other"

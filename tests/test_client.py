@@ -384,6 +384,7 @@ def test_url_errors_are_clear() -> None:
         ("mqtt://h/p?colour=red", "colour"),
         ("mqtt://h/p?timeout=x", "option 'timeout' must be a number, not 'x'"),
         ("mqtt://h/p?connections=4", "option 'connections' is for open_blocking_memory only"),
+        ("mqtts://h/p?ca=/nope/ca.crt", "TLS CA certificate '/nope/ca.crt': No such file"),
     ]:
         with pytest.raises(ValueError, match=words):
             memory_from_url(url)

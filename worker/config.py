@@ -93,6 +93,10 @@ def validate_connection(
             raise ConfigError(f"--{name}: no such file {path!r}")
     if (tls_cert or tls_key) and not tls_ca:
         raise ConfigError("--tls-cert and --tls-key need --tls-ca")
+    try:
+        tls_context(tls_ca, tls_cert, tls_key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if logging.getLevelName(log_level.upper()) not in (10, 20, 30, 40, 50):
         raise ConfigError(f"--log-level must be debug, info, warning or error, got {log_level}")
 
@@ -313,13 +317,26 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
 def tls_context(
     ca: str | None, cert: str | None = None, key: str | None = None
 ) -> ssl.SSLContext | None:
-    """A client TLS context verifying the broker against `ca`, or None without TLS."""
+    """A client TLS context verifying the broker against `ca`, or None without TLS;
+    ValueError naming the file that cannot be loaded (missing, unreadable, not PEM)."""
     if ca is None:
         return None
-    context = ssl.create_default_context(cafile=ca)
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except OSError as exc:  # ssl.SSLError too
+        raise ValueError(f"TLS CA certificate {ca!r}: {_reason(exc)}") from None
     if cert is not None:
-        context.load_cert_chain(cert, key)
+        try:
+            context.load_cert_chain(cert, key)
+        except OSError as exc:
+            raise ValueError(
+                f"TLS client certificate {cert!r} (key {key!r}): {_reason(exc)}"
+            ) from None
     return context
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or getattr(exc, "reason", None) or str(exc)
 
 
 _KIND_NAMES: dict[Callable[[str], object], str] = {

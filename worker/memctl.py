@@ -1,6 +1,7 @@
 """`memctl`: talk to a running memory worker from the shell, one JSON line per answer.
 
---host, --port and --prefix default to MEMORY_WORKER_HOST, _PORT and _PREFIX when set.
+--host, --port, --prefix, --username and --password default to MEMORY_WORKER_HOST, _PORT,
+_PREFIX, _USERNAME and _PASSWORD when set (a password there stays out of `ps`).
 
 Exit status: 0 ok, 1 the worker answered with an error, 2 bad usage, 3 no answer in time
 (including a broker that cannot be reached), 4 the broker refused (the login, or a
@@ -66,8 +67,8 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     p.add_argument("--host", default=env.get(f"{c.ENV_PREFIX}HOST", c.DEFAULT_HOST))
     p.add_argument("--port", type=int, default=env.get(f"{c.ENV_PREFIX}PORT", str(c.DEFAULT_PORT)))
     p.add_argument("--prefix", default=env.get(f"{c.ENV_PREFIX}PREFIX", c.DEFAULT_PREFIX))
-    p.add_argument("--username")
-    p.add_argument("--password")
+    p.add_argument("--username", default=env.get(f"{c.ENV_PREFIX}USERNAME"))
+    p.add_argument("--password", default=env.get(f"{c.ENV_PREFIX}PASSWORD"))
     p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
@@ -330,6 +331,10 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return f"--count must be 1 or more, got {args.count}"
     if args.command == "retire" and (topic_name_problem(args.client_id) or "/" in args.client_id):
         return f"not a worker's client id: {args.client_id!r}"
+    try:
+        tls_context(args.tls_ca)
+    except ValueError as exc:
+        return f"--tls-ca: {exc}"
     try:
         validate_prefix(args.prefix)
     except ValueError as exc:
