@@ -6,6 +6,7 @@ Each test drives a backend through the same interface the service uses, on a fak
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from worker.backends.cluster import ClusterBackend
 from worker.backends.memory import MemoryBackend
 from worker.backends.redis import RedisBackend
 from worker.backends.sqlite import SqliteBackend
-from worker.errors import Conflict, TooLarge, WorkerError
+from worker.errors import ConfigError, Conflict, TooLarge, WorkerError
 from worker.protocol import (
     Append,
     Delete,
@@ -1040,3 +1041,21 @@ async def test_redis_data_stored_before_listing_is_indexed_on_open(
         assert await listing(h) == ["a", "b", "c"]
     finally:
         await h.be.close()
+
+
+async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> None:
+    """Two workers on one file would both number turns and lose each other's: the second
+    is refused at open, naming the first's pid; once the first closes, it opens."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    first = SqliteBackend(url, Limits())
+    await first.open()
+    second = SqliteBackend(url, Limits())
+    with pytest.raises(
+        ConfigError, match=rf"in use by another memory-worker \(pid {os.getpid()}\)"
+    ):
+        await second.open()
+    await second.close()
+    await first.close()
+    third = SqliteBackend(url, Limits())
+    await third.open()
+    await third.close()

@@ -12,7 +12,9 @@ is down.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -97,6 +99,7 @@ class SqliteBackend(MemoryBackend):
         self._wall = wall
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._db: sqlite3.Connection | None = None
+        self._lock: int | None = None  # the open <file>.lock this worker holds
         self._lazy: asyncio.Future[None] | None = None
         self._tick = 0
 
@@ -111,9 +114,35 @@ class SqliteBackend(MemoryBackend):
         self.store.touched.clear()
         await self._commit()
 
+    def _take(self) -> None:
+        """Hold `<file>.lock` while open: two workers on one file would both answer and
+        number turns, and each would lose what the other acknowledged (the kernel releases
+        it when the process dies)."""
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 32).decode(errors="replace").strip()
+            os.close(lock)
+            raise ConfigError(
+                f"--backend sqlite: {self.path} is in use by another memory-worker"
+                + (f" (pid {holder})" if holder else "")
+                + ": one worker per SQLite file; workers that share a store share Redis"
+                " (docs/scaling.md)"
+            ) from None
+        os.ftruncate(lock, 0)
+        os.write(lock, f"{os.getpid()}\n".encode())
+        self._lock = lock
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)
+
     def _connect(self) -> list[tuple[Any, ...]]:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._take()
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
@@ -123,6 +152,7 @@ class SqliteBackend(MemoryBackend):
                 if column not in columns:
                     db.execute(add)
         except (OSError, sqlite3.Error) as exc:
+            self._release()
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
         rows = db.execute(
@@ -138,6 +168,7 @@ class SqliteBackend(MemoryBackend):
         if db is not None:
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
         self._writer.shutdown(wait=True)
+        self._release()
 
     # --- writing ----------------------------------------------------------------------------
 
