@@ -386,11 +386,12 @@ async def test_the_dashboard_may_list_conversations_and_a_device_may_not(
 
 
 def test_init_security_gives_the_persistence_folder_to_mosquitto(secured: Mosquitto) -> None:
-    """deploy/mosquitto.conf saves under var/mosquitto/: deploy/init-security makes it, and
+    """deploy/mosquitto.conf saves under var/mosquitto-secured/ (not scripts/run's folder:
+    two brokers of one clone would share a file): deploy/init-security makes it, and
     as root gives it to the `mosquitto` user Mosquitto drops to (it could not write a folder
     root made, and said so every autosave)."""
     conf = (REPO / "deploy" / "mosquitto.conf").read_text()
-    assert re.search(r"(?m)^persistence_location var/mosquitto/$", conf)
+    assert re.search(r"(?m)^persistence_location var/mosquitto-secured/$", conf)
     persist = secured.work / "persist"  # type: ignore[attr-defined]
     assert persist.is_dir()
     if os.geteuid() == 0 and shutil.which("mosquitto") and _has_user("mosquitto"):
