@@ -18,8 +18,9 @@ import msgpack
 import pytest
 
 from tests.clients import NODELAY, decode, next_message, props, watcher
-from tests.conftest import running
+from tests.conftest import program, running
 from tests.processes import REPO, Mosquitto, free_port
+from worker.client import MemoryClient
 from worker.config import Config
 from worker.service import Service
 
@@ -404,3 +405,28 @@ def _has_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+async def test_watching_needs_no_reply_topic(secured: Mosquitto, secured_worker: Service) -> None:
+    """memctl's stats and watch (and a client made with replies=False) subscribe to no reply
+    topic, so the dashboard user runs them without --reply-prefix; such a client refuses a
+    request at once rather than waiting for a reply that cannot come."""
+    user, password = "dashboard", USERS["dashboard"]
+    async with MemoryClient(
+        secured.host, secured.port, "mem", username=user, password=password, replies=False
+    ) as m:
+        assert secured_worker.cfg.client_id in [s["client_id"] for s in await m.stats()]
+        with pytest.raises(RuntimeError, match="replies=False"):
+            await m.get("kiosk-a")
+    login = ("--username", user, "--password", password)
+    where = ("--host", secured.host, "--port", str(secured.port), *login)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [program("memctl"), *where, "stats"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"client_id"' in done.stdout

@@ -150,7 +150,7 @@ def _state_value(args: argparse.Namespace) -> Any:
     return args.value if args.string else json.loads(args.value)
 
 
-def _client(args: argparse.Namespace) -> MemoryClient:
+def _client(args: argparse.Namespace, *, replies: bool = True) -> MemoryClient:
     return MemoryClient(
         args.host,
         args.port,
@@ -162,6 +162,7 @@ def _client(args: argparse.Namespace) -> MemoryClient:
         qos=args.qos,
         reply_prefix=args.reply_prefix,
         attempts=1,
+        replies=replies,
     )
 
 
@@ -240,7 +241,7 @@ async def ask(args: argparse.Namespace) -> int:
 
 async def watch(args: argparse.Namespace) -> int:
     seen = 0
-    async with _client(args) as memory:
+    async with _client(args, replies=False) as memory:
         async for event in memory.evictions():
             emit(event)
             seen += 1
@@ -258,7 +259,7 @@ async def list_all(args: argparse.Namespace) -> int:
 
 async def stats(args: argparse.Namespace) -> int:
     """Each worker's retained stats, once, with how old the snapshot is (`age`, seconds)."""
-    async with _client(args) as memory:
+    async with _client(args, replies=False) as memory:
         snapshots = await memory.stats()
     if not snapshots:
         raise NoReplyError("no stats")

@@ -66,6 +66,9 @@ class MemoryClient(_Api):
             Appends and saves carry an id made by the client, so the worker applies a
             repeat at most once; reads are repeated as they are; a conversation or key
             delete is sent once.
+        replies: False for a client that only watches (evictions(), stats()): it subscribes
+            to no reply topic, so a login that may not read one (a dashboard's) can use it;
+            a request then raises RuntimeError.
 
     Use it as an async context manager; any number of tasks may share it.
     """
@@ -85,6 +88,7 @@ class MemoryClient(_Api):
         reply_prefix: str | None = None,
         protocol: int = 5,
         attempts: int = DEFAULT_ATTEMPTS,
+        replies: bool = True,
     ) -> None:
         if protocol not in (3, 5):
             raise ValueError("protocol must be 5 or 3 (MQTT 3.1.1)")
@@ -101,6 +105,7 @@ class MemoryClient(_Api):
         self.host, self.port, self.prefix = host, port, prefix
         self.timeout, self.qos, self.protocol = timeout, qos, protocol
         self.attempts = attempts
+        self._replies = replies
         self.tag = uuid.uuid4().hex[:12]
         self._reply_prefix = reply_prefix or f"{prefix}-reply"
         check_reply_prefix(self._reply_prefix, prefix)
@@ -198,7 +203,8 @@ class MemoryClient(_Api):
         )
         await client.__aenter__()
         try:
-            await self._subscribe_on(client, self._inbox_filter(), self.qos)
+            if self._replies:
+                await self._subscribe_on(client, self._inbox_filter(), self.qos)
             # Until every filter is on it: a call's own may come or go meanwhile (events(),
             # stats()), seeing no connection to subscribe or unsubscribe on.
             done: set[str] = set()
@@ -328,6 +334,8 @@ class MemoryClient(_Api):
         """What every attempt of a request sends, and the key its reply is matched by; `tag`
         names another reply topic than the client's (a blocking call's own connection's)."""
         _refuse(convo, op, body)
+        if not self._replies:
+            raise RuntimeError("this client was made with replies=False: it only watches")
         if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
             body["id"] = f"{self.tag}-{next(self._n)}"  # valid by construction: not checked
         if tag is None:
