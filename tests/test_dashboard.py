@@ -90,6 +90,8 @@ async def test_dashboard_follows_a_worker_live(
         feed = page.locator('#eviction-feed li[data-reason="deleted"][data-convo="gone-1"]')
         await expect(feed).to_have_count(1)
         await expect(feed).to_contain_text("1 turn, 0 keys dropped")
+        # on the charts' 24-hour clock, whatever the browser's locale
+        await expect(feed.locator("time")).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
         await expect(page.locator('#eviction-counts [data-reason="deleted"]')).to_have_text(
             "deleted: 1"
         )
@@ -168,6 +170,8 @@ async def test_dashboard_on_a_laptop_and_a_phone(browser: Browser, own_broker: M
         await expect(legend.first).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))
         await expect(legend.nth(1)).to_have_text("4")  # conversations, the latest value
         await expect(legend.nth(2)).to_have_text("20")  # turns
+        stored = card.locator(".chart").nth(2).locator(".u-legend .u-value")
+        await expect(stored.nth(2)).to_have_text("64Mi")  # the budget, as the card's 64.0 MiB
         await expect(card.locator(".retire")).to_be_hidden()
         await shot(page, "6-laptop-one-worker")
         phone = await open_page(

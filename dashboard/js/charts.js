@@ -12,12 +12,15 @@
   // time-axis steps in seconds: whole seconds at least, so that labels read as clock times
   const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400];
   const HEIGHT = 120;
+  // byte-axis steps: powers of two (ticks at 32Mi and 64Mi, not at 47.7Mi)
+  const BINARY_STEPS = [0, 1, 2, 3].flatMap((k) => [1, 2, 4, 8, 16, 32, 64, 128, 256, 512].map((m) => m * 1024 ** k));
 
-  // name, series labels, how to get each value from (stats, previous stats, seconds between)
+  // name, series labels, how to get each value from (stats, previous stats, seconds between),
+  // and how to write a value (decimal by default; bytes in binary units, as the cards do)
   const MEASURES = [
     ["requests / s", ["req/s"], (s, p, dt) => [rate(s.requests, p?.requests, dt)]],
     ["conversations and turns", ["conversations", "turns"], (s) => [s.conversations, s.turns]],
-    ["stored bytes vs --max-bytes", ["bytes", "budget"], (s) => [s.bytes, s.limits?.max_bytes ?? null]],
+    ["stored bytes vs --max-bytes", ["bytes", "budget"], (s) => [s.bytes, s.limits?.max_bytes ?? null], binary],
     ["evictions / s by reason", REASONS, (s, p, dt) => REASONS.map((r) => rate(s.evictions?.[r] ?? 0, p ? p.evictions?.[r] ?? 0 : undefined, dt))],
     ["errors / s by code", ERROR_CODES, (s, p, dt) => ERROR_CODES.map((c) => rate(s.errors?.[c] ?? 0, p ? p.errors?.[c] ?? 0 : undefined, dt))],
   ];
@@ -33,7 +36,7 @@
       this.prev = null;
       this.container = container;
       container.hidden = true;
-      this.plots = MEASURES.map(([title, labels], i) => {
+      this.plots = MEASURES.map(([title, labels, , fmt = compact], i) => {
         const box = document.createElement("figure");
         box.className = "chart";
         container.append(box);
@@ -45,11 +48,11 @@
             scales: { x: { time: true } },
             axes: [
               { size: 28, space: 64, incrs: TIME_STEPS, values: (u, ticks, _i, _space, step) => ticks.map((t) => clock(t, step < 60)) },
-              { size: 56, values: (u, ticks) => ticks.map(compact) },
+              { size: 56, values: (u, ticks) => ticks.map(fmt), ...(fmt === binary ? { incrs: BINARY_STEPS } : {}) },
             ],
             series: [
               { label: "time", value: (u, t) => (t == null ? "--" : clock(t, true)) },
-              ...labels.map((label, j) => ({ label, stroke: PALETTE[j], width: 1.5, points: { show: false }, value: (u, v) => (v == null ? "--" : compact(v)), ...(label === "budget" ? { dash: [6, 4] } : {}) })),
+              ...labels.map((label, j) => ({ label, stroke: PALETTE[j], width: 1.5, points: { show: false }, value: (u, v) => (v == null ? "--" : fmt(v)), ...(label === "budget" ? { dash: [6, 4] } : {}) })),
             ],
             // the legend shows the latest values unless the pointer picks a moment
             hooks: { setCursor: [(u) => u.cursor.idx == null && showLatest(u)] },
@@ -102,6 +105,16 @@
     if (a >= 1e6) return `${+(n / 1e6).toFixed(1)}M`;
     if (a >= 1e4) return `${+(n / 1e3).toFixed(1)}k`;
     return `${+n.toFixed(2)}`;
+  }
+
+  // 67108864 -> "64Mi": bytes as the cards write them (MiB), short enough for an axis.
+  function binary(n) {
+    const a = Math.abs(n);
+    if (!Number.isFinite(a)) return "--";
+    if (a >= 2 ** 30) return `${+(n / 2 ** 30).toFixed(1)}Gi`;
+    if (a >= 2 ** 20) return `${+(n / 2 ** 20).toFixed(1)}Mi`;
+    if (a >= 2 ** 10) return `${+(n / 2 ** 10).toFixed(1)}Ki`;
+    return `${+n.toFixed(0)}`;
   }
 
   function chartWidth(box) {

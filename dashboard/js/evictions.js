@@ -29,7 +29,7 @@
       const li = document.createElement("li");
       li.dataset.reason = ev.reason;
       li.dataset.convo = ev.convo;
-      const time = new Date((ev.ts ?? Date.now() / 1000) * 1000).toLocaleTimeString();
+      const time = new Date((ev.ts ?? Date.now() / 1000) * 1000).toLocaleTimeString([], { hourCycle: "h23" });
       li.innerHTML = `<time></time> <span class="reason badge reason-${REASONS.includes(ev.reason) ? ev.reason : "other"}"></span> <code></code> <span class="muted"></span>`;
       li.querySelector("time").textContent = time;
       li.querySelector(".reason").textContent = ev.reason;

@@ -57,7 +57,7 @@
       if (summary) this.list.append(this.item("summary", summary.text, `up to #${summary.upto} · ${summary.tokens} tokens`, "summary"));
       for (const t of turns) {
         const count = typeof t.tokens === "number" ? ` · ${t.tokens} tokens` : "";
-        this.list.append(this.item(t.role, t.content, `#${t.seq}${count} · ${new Date(t.ts * 1000).toLocaleTimeString()}`));
+        this.list.append(this.item(t.role, t.content, `#${t.seq}${count} · ${new Date(t.ts * 1000).toLocaleTimeString([], { hourCycle: "h23" })}`));
       }
     }
 
