@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.clients import device
-from tests.conftest import running
+from tests.conftest import program, running
 from tests.processes import Mosquitto, SplitProxy, free_port
 from worker.client import open_blocking_memory, open_memory
 from worker.config import Config, tls_context
@@ -174,3 +174,24 @@ async def test_blocking_tls_records_whose_last_bytes_come_alone(
     async with running(cfg):
         with SplitProxy(broker.port) as hop:
             assert await asyncio.wait_for(asyncio.to_thread(use, hop.port), 20) == (1, 1)
+
+
+async def test_plain_mqtt_to_a_tls_port_suggests_tls(tls_broker: tuple[Mosquitto, Path]) -> None:
+    """A TLS listener waits out MQTT's CONNECT as a broken handshake: the timeout says a TLS
+    port may be why, for the client and memctl (not when the client did use TLS)."""
+    from worker.client import NoReplyError
+
+    broker, _ = tls_broker
+    with pytest.raises(NoReplyError, match=r"a TLS port\? then mqtts://"):
+        async with open_memory(f"mqtt://{broker.host}:{broker.port}/mem?timeout=1"):
+            pass
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [program("memctl"), "--port", str(broker.port), "--timeout", "1", "get", "c"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "a TLS port?" in done.stderr

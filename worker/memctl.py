@@ -308,7 +308,7 @@ async def retire(args: argparse.Namespace) -> int:
             for kind in ("stats", "status"):
                 await client.publish(f"{base}/{kind}", b"", qos=1, retain=True)
     except aiomqtt.MqttError as exc:
-        raise unreachable(args.host, args.port, args.username, exc) from exc
+        raise unreachable(args.host, args.port, args.username, exc, tls=bool(args.tls_ca)) from exc
     emit({"ok": True, "retired": args.client_id})
     return EXIT_OK
 

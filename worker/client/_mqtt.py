@@ -154,7 +154,9 @@ class MemoryClient(_Api):
             try:
                 await self._connect()
             except aiomqtt.MqttError as exc:
-                raise unreachable(self.host, self.port, self._auth[0], exc) from exc
+                raise unreachable(
+                    self.host, self.port, self._auth[0], exc, tls=self._tls is not None
+                ) from exc
             self._open = True
         finally:
             self._opening = False
@@ -678,7 +680,7 @@ def check_reply_prefix(reply_prefix: str, prefix: str) -> None:
 
 
 def unreachable(
-    host: str, port: int, username: str | None, exc: aiomqtt.MqttError
+    host: str, port: int, username: str | None, exc: aiomqtt.MqttError, *, tls: bool = False
 ) -> NoReplyError | RefusedError:
     """Why connecting failed: RefusedError when the broker refused the login (a wrong
     username or password is not a broker that is down), NoReplyError otherwise."""
@@ -690,4 +692,6 @@ def unreachable(
             "",
             str(exc),
         )
-    return NoReplyError(f"cannot reach the broker at {host}:{port}: {exc}")
+    # A TLS listener reads MQTT's CONNECT as a broken handshake and waits: no CONNACK comes.
+    hint = "" if tls or "timed out" not in str(exc) else " (a TLS port? then mqtts://, --tls-ca)"
+    return NoReplyError(f"cannot reach the broker at {host}:{port}: {exc}{hint}")
