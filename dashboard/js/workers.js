@@ -95,6 +95,7 @@
       this.online = false;
       this.uptimeAt = null; // [uptime in the last stats, when they were sent]
       this.statsAt = null;
+      this.every = 10000; // ms between its stats, once two have come (--stats-interval)
     }
 
     set(field, text) {
@@ -115,7 +116,9 @@
     stats(s) {
       const lim = s.limits || {};
       // the worker's own clock says how old the stats are: a retained copy may be old
-      this.statsAt = s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
+      const at = s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
+      if (this.statsAt && at > this.statsAt) this.every = at - this.statsAt;
+      this.statsAt = at;
       this.uptimeAt = [s.uptime, this.statsAt];
       this.fill("conversations", s.conversations, lim.max_conversations, (n) => n.toLocaleString());
       this.fill("bytes", s.bytes, lim.max_bytes, bytes);
@@ -143,13 +146,20 @@
     }
 
     tick() {
+      const age = this.statsAt ? Date.now() - this.statsAt : 0;
+      // "online" but silent: stopped where its Last Will never reached this broker (a broker
+      // that restarted from a saved "online"), or cut off from it
+      const silent = this.online && age > Math.max(SILENT_MS, 3 * this.every);
+      this.el.dataset.silent = silent;
       if (this.uptimeAt && this.online) {
         const [up, at] = this.uptimeAt;
-        this.set("uptime", duration(up + (Date.now() - at) / 1000));
+        this.set("uptime", silent ? "unknown" : duration(up + (Date.now() - at) / 1000));
       }
-      if (this.statsAt) this.set("age", `${duration((Date.now() - this.statsAt) / 1000)} ago`);
+      if (this.statsAt) this.set("age", `${duration(age / 1000)} ago${silent ? ": silent, gone or cut off?" : ""}`);
     }
   }
+
+  const SILENT_MS = 30000;
 
   function gauge(name) {
     return `<div class="gauge" data-gauge="${name}"><span class="label">${name}</span><meter min="0" max="1" value="0"></meter><span class="value">?</span></div>`;
