@@ -82,7 +82,7 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("append", help="store a turn")
     a.add_argument("convo")
-    a.add_argument("role")
+    a.add_argument("role", help="any name of 1-32 characters: user, assistant, system, tool ...")
     a.add_argument("content")
     a.add_argument("--tokens", type=int, help="the turn's length in your model's tokens")
     g = sub.add_parser(
