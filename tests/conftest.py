@@ -149,6 +149,19 @@ def program(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+async def run_memctl(broker: Mosquitto, *args: str) -> subprocess.CompletedProcess[str]:
+    """memctl as a user runs it against `broker`, off the test's event loop."""
+    where = ("--host", broker.host, "--port", str(broker.port))
+    return await asyncio.to_thread(
+        subprocess.run,
+        [program("memctl"), *where, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def spawn_worker(broker: Mosquitto, *args: str, **env: str) -> subprocess.Popen[str]:
     """`memory-worker` as a program, as a user runs it."""
     return subprocess.Popen(

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from tests.clients import NODELAY, decode, next_message, props, watcher
-from tests.conftest import program, running
+from tests.conftest import run_memctl, running
 from tests.processes import REPO, Mosquitto, free_port
 from worker.client import MemoryClient
 from worker.config import Config
@@ -418,15 +418,6 @@ async def test_watching_needs_no_reply_topic(secured: Mosquitto, secured_worker:
         assert secured_worker.cfg.client_id in [s["client_id"] for s in await m.stats()]
         with pytest.raises(RuntimeError, match="replies=False"):
             await m.get("kiosk-a")
-    login = ("--username", user, "--password", password)
-    where = ("--host", secured.host, "--port", str(secured.port), *login)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [program("memctl"), *where, "stats"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = await run_memctl(secured, "--username", user, "--password", password, "stats")
     assert done.returncode == 0, done.stderr
     assert '"client_id"' in done.stdout

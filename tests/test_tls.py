@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.clients import device
-from tests.conftest import program, running
+from tests.conftest import run_memctl, running
 from tests.processes import Mosquitto, SplitProxy, free_port
 from worker.client import open_blocking_memory, open_memory
 from worker.config import Config, tls_context
@@ -185,13 +185,6 @@ async def test_plain_mqtt_to_a_tls_port_suggests_tls(tls_broker: tuple[Mosquitto
     with pytest.raises(NoReplyError, match=r"a TLS port\? then mqtts://"):
         async with open_memory(f"mqtt://{broker.host}:{broker.port}/mem?timeout=1"):
             pass
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [program("memctl"), "--port", str(broker.port), "--timeout", "1", "get", "c"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = await run_memctl(broker, "--timeout", "1", "get", "c")
     assert done.returncode == 3, done.stderr
     assert "a TLS port?" in done.stderr
