@@ -480,3 +480,28 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
         assert len(warned) == 1, warned
         assert w.cfg.client_id in warned[0]
     assert not [r for r in caplog.records if "model server" in r.getMessage()]
+
+
+def test_a_langchain_message_stored_whole_reads_as_words_to_the_model() -> None:
+    """LangChain's history stores tool calls and tool answers whole, as JSON under the role
+    langchain: the model folding them reads who said what and which tool was called."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from worker.client.langchain import turn_of
+    from worker.llm import fold_messages
+
+    call = {"name": "weather", "args": {"city": "Oslo"}, "id": "c1", "type": "tool_call"}
+    messages = [
+        AIMessage("let me look", tool_calls=[call]),
+        ToolMessage("4 °C, rain", tool_call_id="c1", name="weather"),
+        HumanMessage(content=[{"type": "text", "text": "and tomorrow?"}]),
+    ]
+    turns = [dict(zip(("role", "content"), turn_of(m), strict=True)) for m in messages]
+    asked = fold_messages("", [*turns, {"role": "langchain", "content": "{not json"}], 64)
+    assert asked[-1]["content"].endswith(
+        'assistant: let me look [calls weather({"city": "Oslo"})]\n'
+        "tool weather: 4 °C, rain\n"
+        "user: and tomorrow?\n"
+        "langchain: {not json"
+    )

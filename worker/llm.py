@@ -58,7 +58,7 @@ def fold_messages(
     summary: str, turns: Sequence[dict[str, Any]], tokens: int
 ) -> list[dict[str, str]]:
     """The chat messages asking for the summary that folds `turns` into `summary`."""
-    lines = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+    lines = "\n".join(_line(t["role"], t["content"]) for t in turns)
     return [
         {"role": "system", "content": SYSTEM_PROMPT.format(tokens=tokens)},
         {
@@ -66,6 +66,34 @@ def fold_messages(
             "content": f"Summary so far:\n{summary or '(none yet)'}\n\nNew turns:\n{lines}",
         },
     ]
+
+
+# A LangChain message stored whole (worker/client/langchain.py): its type's speaker.
+_SPEAKERS = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def _line(role: str, content: str) -> str:
+    """A turn as the model reads it; a LangChain message stored whole (role `langchain`, its
+    dict in JSON) as what was said and which tools were called, not as JSON."""
+    if role == "langchain":
+        try:
+            message = json.loads(content)
+            kind, data = message["type"], message["data"]
+            said = data.get("content", "")
+            if not isinstance(said, str):  # content made of parts: their text
+                said = " ".join(p.get("text", "") for p in said if isinstance(p, dict))
+            calls = [
+                f"{call['name']}({json.dumps(call.get('args', {}), ensure_ascii=False)})"
+                for call in data.get("tool_calls", [])
+            ]
+            speaker = _SPEAKERS.get(kind, kind)
+            if kind == "tool" and data.get("name"):
+                speaker = f"tool {data['name']}"
+            text = " ".join([said.strip(), *(f"[calls {c}]" for c in calls)]).strip()
+            return f"{speaker}: {text}"
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # a device's turn under that role: as it is
+    return f"{role}: {content}"
 
 
 class ChatModel:
