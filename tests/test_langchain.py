@@ -173,6 +173,13 @@ def test_tool_calls_and_their_answers_come_back_whole() -> None:
         ),
         ToolMessage("4 °C, rain", tool_call_id="call_1", name="weather"),
         HumanMessage(content=[{"type": "text", "text": "and tomorrow?"}]),
+        AIMessage(  # content of no parts, as some models answer a call
+            content=[],
+            tool_calls=[
+                {"name": "weather", "args": {"day": "+1"}, "id": "call_2", "type": "tool_call"}
+            ],
+        ),
+        ToolMessage("dry", tool_call_id="call_2", name="weather"),
         AIMessage("dry"),
     ]
     history = MqttChatMessageHistory(unique("s"), url="memory://?max_turns=10")

@@ -495,7 +495,7 @@ def test_a_langchain_message_stored_whole_reads_as_words_to_the_model() -> None:
     messages = [
         AIMessage("let me look", tool_calls=[call]),
         ToolMessage("4 °C, rain", tool_call_id="c1", name="weather"),
-        HumanMessage(content=[{"type": "text", "text": "and tomorrow?"}]),
+        HumanMessage(content=["and", {"type": "text", "text": "tomorrow?"}, {"type": "image"}]),
     ]
     turns = [dict(zip(("role", "content"), turn_of(m), strict=True)) for m in messages]
     asked = fold_messages("", [*turns, {"role": "langchain", "content": "{not json"}], 64)

@@ -81,7 +81,7 @@ def _line(role: str, content: str) -> str:
             kind, data = message["type"], message["data"]
             said = data.get("content", "")
             if not isinstance(said, str):  # content made of parts: their text
-                said = " ".join(p.get("text", "") for p in said if isinstance(p, dict))
+                said = " ".join(p if isinstance(p, str) else str(p.get("text", "")) for p in said)
             calls = [
                 f"{call['name']}({json.dumps(call.get('args', {}), ensure_ascii=False)})"
                 for call in data.get("tool_calls", [])

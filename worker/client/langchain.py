@@ -78,7 +78,11 @@ def turn_of(message: BaseMessage) -> tuple[str, str]:
     if plain:
         return role_of(message), str(message.content)
     whole = message_to_dict(message)
-    data = {k: v for k, v in whole["data"].items() if k not in _DROPPED and v not in (None, [], {})}
+    data = {
+        k: v
+        for k, v in whole["data"].items()
+        if k == "content" or (k not in _DROPPED and v not in (None, [], {}))
+    }
     return WHOLE, json.dumps({"type": whole["type"], "data": data}, ensure_ascii=False)
 
 
