@@ -1059,3 +1059,15 @@ async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> N
     third = SqliteBackend(url, Limits())
     await third.open()
     await third.close()
+
+
+async def test_the_sqlite_lock_holds_through_a_link(tmp_path: Path) -> None:
+    """The lock is the file's, not the path's: a link to a file in use is refused too."""
+    first = SqliteBackend(f"sqlite:///{tmp_path}/real.db", Limits())
+    await first.open()
+    (tmp_path / "link.db").symlink_to(tmp_path / "real.db")
+    linked = SqliteBackend(f"sqlite:///{tmp_path}/link.db", Limits())
+    with pytest.raises(ConfigError, match="in use by another memory-worker"):
+        await linked.open()
+    await linked.close()
+    await first.close()

@@ -12,6 +12,7 @@ is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -117,8 +118,12 @@ class SqliteBackend(MemoryBackend):
     def _take(self) -> None:
         """Hold `<file>.lock` while open: two workers on one file would both answer and
         number turns, and each would lose what the other acknowledged (the kernel releases
-        it when the process dies)."""
-        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        it when the process dies). Named from the file's real path, links resolved."""
+        name = f"{self.path.resolve()}.lock"
+        try:
+            lock = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # left by a run as another user (root): locking needs no write
+            lock = os.open(name, os.O_RDONLY)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -130,9 +135,10 @@ class SqliteBackend(MemoryBackend):
                 + ": one worker per SQLite file; workers that share a store share Redis"
                 " (docs/scaling.md)"
             ) from None
-        os.ftruncate(lock, 0)
-        os.write(lock, f"{os.getpid()}\n".encode())
         self._lock = lock
+        with contextlib.suppress(OSError):  # the pid only helps the message above
+            os.ftruncate(lock, 0)
+            os.write(lock, f"{os.getpid()}\n".encode())
 
     def _release(self) -> None:
         lock, self._lock = self._lock, None
