@@ -303,7 +303,8 @@ async def test_a_worker_online_but_silent_is_flagged(
     browser: Browser, own_broker: Mosquitto
 ) -> None:
     """A retained "online" whose worker sends no stats any more (a broker restarted from a
-    saved "online", so the Last Will never came) is flagged on its card, not shown as live."""
+    saved "online", so the Last Will never came) is flagged on its card, not shown as live;
+    one whose stats are old only by less than 3 of its own --stats-interval is not."""
     import time
 
     import aiomqtt
@@ -311,31 +312,37 @@ async def test_a_worker_online_but_silent_is_flagged(
     from worker.protocol import Stats, encode, stats_payload, status_payload
     from worker.store import Limits
 
-    prefix, cid = unique("mem"), unique("ghost-")
-    long_ago = time.time() - 600
-    status = status_payload(
-        "online", version="0", client_id=cid, prefix=prefix, backend="memory", pid=1, ts=long_ago
-    )
-    stats = stats_payload(
-        Stats(started=time.monotonic()),
-        _Counts(),
-        Limits(),
-        client_id=cid,
-        version="0",
-        backend="memory",
-        now=time.monotonic(),
-        ts=long_ago,
-    )
-    async with aiomqtt.Client(own_broker.host, own_broker.port) as ghost:
-        base = f"{prefix}/_worker/{cid}"
-        await ghost.publish(f"{base}/status", encode(status, "msgpack"), qos=1, retain=True)
-        await ghost.publish(f"{base}/stats", encode(stats, "msgpack"), qos=1, retain=True)
+    prefix = unique("mem")
+    ghost, slow = unique("ghost-"), unique("slow-")
+    async with aiomqtt.Client(own_broker.host, own_broker.port) as publisher:
+        for cid, age, interval in ((ghost, 600, 10.0), (slow, 40, 60.0)):
+            at = time.time() - age
+            status = status_payload(
+                "online", version="0", client_id=cid, prefix=prefix, backend="memory", pid=1, ts=at
+            )
+            stats = stats_payload(
+                Stats(started=time.monotonic()),
+                _Counts(),
+                Limits(),
+                client_id=cid,
+                version="0",
+                backend="memory",
+                now=time.monotonic(),
+                ts=at,
+                interval=interval,
+            )
+            base = f"{prefix}/_worker/{cid}"
+            await publisher.publish(f"{base}/status", encode(status, "msgpack"), qos=1, retain=True)
+            await publisher.publish(f"{base}/stats", encode(stats, "msgpack"), qos=1, retain=True)
     page = await open_page(browser, own_broker, f"?prefix={prefix}")
-    card = page.locator(f'.card[data-client-id="{cid}"]')
+    card = page.locator(f'.card[data-client-id="{ghost}"]')
     await expect(card).to_have_attribute("data-state", "online")
     await expect(card).to_have_attribute("data-silent", "true")
     await expect(card.locator('[data-field="age"]')).to_contain_text("silent, gone or cut off?")
     await expect(card.locator('[data-field="uptime"]')).to_have_text("unknown")
+    live = page.locator(f'.card[data-client-id="{slow}"]')
+    await expect(live).to_have_attribute("data-silent", "false")
+    await expect(live.locator('[data-field="age"]')).not_to_contain_text("silent")
     await shot(page, "9-silent-worker")
 
 

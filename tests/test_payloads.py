@@ -22,6 +22,7 @@ def _stats(stats: Stats) -> dict[str, object]:
         backend="memory",
         now=stats.started + 12.3456,
         ts=1_700_000_000.5,
+        interval=10.0,
     )
 
 

@@ -838,9 +838,10 @@ def stats_payload(
     backend: str,
     now: float,
     ts: float,
+    interval: float,
 ) -> dict[str, Any]:
     """The body of P/_worker/<client-id>/stats (schemas/stats.json); `now` is a
-    time.monotonic() reading, for the uptime."""
+    time.monotonic() reading, for the uptime; `interval` is --stats-interval."""
     return {
         "client_id": client_id,
         "version": version,
@@ -857,6 +858,7 @@ def stats_payload(
         "summaries": stats.summaries,
         "trimmed": stats.trimmed,
         "trimmed_events": limits.trimmed_events,
+        "stats_interval": interval,
         "evictions": dict(stats.evictions),
         "uptime": round(now - stats.started, 3),
         "ts": ts,

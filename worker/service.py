@@ -785,6 +785,7 @@ class Service:
             backend=self.backend.name,
             now=time.monotonic(),
             ts=time.time(),
+            interval=self.cfg.stats_interval,
         )
 
     def _publish_stats(self) -> None:

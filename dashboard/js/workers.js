@@ -117,7 +117,8 @@
       const lim = s.limits || {};
       // the worker's own clock says how old the stats are: a retained copy may be old
       const at = s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
-      if (this.statsAt && at > this.statsAt) this.every = at - this.statsAt;
+      if (s.stats_interval > 0) this.every = s.stats_interval * 1000;
+      else if (this.statsAt && at > this.statsAt) this.every = at - this.statsAt; // older workers
       this.statsAt = at;
       this.uptimeAt = [s.uptime, this.statsAt];
       this.fill("conversations", s.conversations, lim.max_conversations, (n) => n.toLocaleString());
