@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import threading
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.clients import device
-from tests.conftest import run_memctl, running
+from tests.conftest import run_memctl, running, unique
 from tests.processes import Mosquitto, SplitProxy, free_port
+from worker.backends import create_backend
 from worker.client import open_blocking_memory, open_memory
 from worker.config import Config, tls_context
+from worker.service import Service
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl missing")
 
@@ -188,3 +191,49 @@ async def test_plain_mqtt_to_a_tls_port_suggests_tls(tls_broker: tuple[Mosquitto
     done = await run_memctl(broker, "--timeout", "1", "get", "c")
     assert done.returncode == 3, done.stderr
     assert "a TLS port?" in done.stderr
+
+
+async def test_a_broker_certificate_the_worker_cannot_verify_is_one_error(
+    tls_broker: tuple[Mosquitto, Path], tmp_path: Path
+) -> None:
+    """A certificate signed by another CA than --tls-ca's will not verify on any retry: the
+    worker says so once, as an error naming the CA file (it warned "unreachable" every few
+    seconds), and goes on retrying quietly."""
+    broker, _ = tls_broker
+    make_certs(tmp_path)  # another CA, which did not sign the broker's certificate
+    errors: list[logging.LogRecord] = []
+    retried = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                errors.append(record)
+            elif "refused again" in record.getMessage():
+                retried.set()
+
+    seen = Seen(logging.DEBUG)
+    logger = logging.getLogger("memory_worker")
+    level = logger.level
+    logger.addHandler(seen)
+    logger.setLevel(logging.DEBUG)
+    cfg = Config(
+        host=broker.host,
+        port=broker.port,
+        tls_ca=str(tmp_path / "ca.crt"),
+        prefix="tls-bad",
+        client_id=unique("tls-bad-"),
+        reconnect_max=0.2,
+    )
+    service, stop = Service(cfg, create_backend(cfg)), asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.wait_for(retried.wait(), 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+    assert [r.levelno for r in errors] == [logging.ERROR]
+    message = errors[0].getMessage()
+    assert "TLS certificate does not verify against --tls-ca" in message
+    assert str(tmp_path / "ca.crt") in message

@@ -73,6 +73,10 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("paho.Client", "_call_socket_register_write"),
     ("paho.Client", "_last_msg_out"),
     ("paho.Client", "_last_bytes_received"),
+    ("paho.Client", "_ssl_wrap_socket"),
+    ("paho.Client", "_ssl_context"),
+    ("paho.Client", "_host"),
+    ("paho.Client", "_connect_timeout"),
 )
 
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -244,6 +248,9 @@ class Connection(aiomqtt.Client):
                     self.written.set()
 
         paho_client.loop_write = loop_write  # type: ignore[method-assign]
+        tls = kwargs.get("tls_context")
+        if tls is not None and tls.check_hostname:  # else paho checks the name: its own wrap
+            paho_client._ssl_wrap_socket = self._ssl_wrap  # type: ignore[method-assign]
         self._on_message_cb = on_message
         self._topic_callbacks: dict[str, Callable[[Incoming], None]] = {}
         self._fd = -1
@@ -270,6 +277,23 @@ class Connection(aiomqtt.Client):
         self.broker_receive_max: int | None = None
         self.broker_max_packet: int | None = None
         self.taken_over = False
+
+    def _ssl_wrap(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        """paho's TLS handshake, closing the socket when it fails (paho drops it open: a
+        ResourceWarning per attempt against a certificate that does not verify). Our
+        contexts check the host name themselves (ssl.create_default_context)."""
+        client = self._client
+        assert client._ssl_context is not None
+        sock = client._ssl_context.wrap_socket(
+            tcp_sock, server_hostname=client._host, do_handshake_on_connect=False
+        )
+        try:
+            sock.settimeout(client._connect_timeout)
+            sock.do_handshake()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -229,6 +230,8 @@ class Service:
                     self._taken_over(delay)
                 elif login_refused(exc):
                     self._refused(exc, delay)
+                elif _untrusted(exc):
+                    self._refused(exc, delay, certificate=True)
                 else:
                     # Once a takeover was seen, each short connection is that fight again.
                     log.log(
@@ -244,11 +247,23 @@ class Service:
             finally:
                 self.connected.clear()
 
-    def _refused(self, exc: Exception, delay: float) -> None:
+    def _refused(self, exc: Exception, delay: float, *, certificate: bool = False) -> None:
         if self._refusal is not None:  # once: it goes on until the broker's users change
             log.debug("refused again (%s); retrying in %.1fs", exc, delay)
             return
         self._refusal = str(exc)
+        if certificate:  # as lasting as a refused login, until a file is fixed
+            log.error(
+                "broker %s:%d: its TLS certificate does not verify against --tls-ca %s (%s): "
+                "give the CA that signed it, and a --host that its certificate names. "
+                "Retrying with backoff (next in %.1fs)",
+                self.cfg.host,
+                self.cfg.port,
+                self.cfg.tls_ca,
+                exc,
+                delay,
+            )
+            return
         log.error(
             "broker %s:%d refused the worker's login (%s): check MEMORY_WORKER_USERNAME (%s) "
             "and MEMORY_WORKER_PASSWORD, and that the broker has that user and lets it in "
@@ -809,3 +824,8 @@ class _Page:
 
     def __post_init__(self) -> None:
         self.after = self.request.after
+
+
+def _untrusted(exc: BaseException) -> bool:
+    """Whether connecting failed on the broker's certificate (aiomqtt gives its text only)."""
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, ssl.SSLCertVerificationError)
