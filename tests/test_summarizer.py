@@ -505,3 +505,32 @@ def test_a_langchain_message_stored_whole_reads_as_words_to_the_model() -> None:
         "user: and tomorrow?\n"
         "langchain: {not json"
     )
+
+
+def test_a_model_call_ending_after_its_loop_closed_is_dropped_quietly() -> None:
+    """A model call (or the start check) still running when the summarizer's loop closes
+    ends on its own thread without an error there: nobody waits for its answer."""
+    from worker import llm
+
+    release = threading.Event()
+
+    def slow() -> str:
+        release.wait(30)
+        return "late"
+
+    async def start_and_leave() -> None:
+        asyncio.get_running_loop().create_task(llm._in_thread(slow))
+        await asyncio.sleep(0)  # the thread is started
+
+    seen: list[BaseException | None] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.exc_value)
+    try:
+        asyncio.run(start_and_leave())  # closes the loop, the call still running
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name == "model call":
+                thread.join(30)
+    finally:
+        threading.excepthook = hook
+    assert seen == []

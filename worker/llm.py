@@ -9,6 +9,7 @@ dependency for a call that takes seconds of model time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import threading
@@ -208,11 +209,12 @@ async def _in_thread(call: Callable[[], _T]) -> _T:
 
     def run() -> None:
         try:
-            result = call()
+            result: _T | None = call()
+            failed: BaseException | None = None
         except BaseException as exc:  # handed to the waiting coroutine
-            loop.call_soon_threadsafe(_settle, done, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
+            result, failed = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(_settle, done, result, failed)
 
     threading.Thread(target=run, name="model call", daemon=True).start()
     return await done
