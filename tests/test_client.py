@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -542,11 +542,7 @@ def _sixteen_threads(blocking_url: str) -> list[BaseException]:
             except BaseException as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=session, args=(n,)) for n in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(session, 16)
     return errors
 
 
@@ -844,11 +840,7 @@ async def test_blocking_threads_past_the_connections_wait_for_one(
                     for i in range(10):
                         last[n] = memory.append(f"capped-{n}-{in_url}", "user", str(i)).seq
 
-                threads = [threading.Thread(target=lane, args=(n,)) for n in range(6)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                in_threads(lane, 6)
             return last
 
         assert await asyncio.to_thread(use) == [10] * 6
@@ -945,11 +937,7 @@ async def test_threads_waiting_for_a_connection_are_served_in_turn(
                 except BaseException as exc:
                     errors.append(exc)
 
-            threads = [threading.Thread(target=lane, args=(n,)) for n in range(12)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            in_threads(lane, 12)
         return calls, errors
 
     calls, errors = await asyncio.to_thread(use)
@@ -1017,3 +1005,12 @@ async def test_events_asked_for_while_reconnecting_still_come(
                 await device.publish(f"{prefix}/{convo}/evicted", msgpack.packb(event), qos=1)
         assert (await asyncio.wait_for(a, 10))["convo"] == "a"
         assert (await asyncio.wait_for(later, 10))["convo"] == "b"
+
+
+def in_threads(target: Callable[[int], None], count: int) -> None:
+    """`target(n)` on `count` threads at once, n = 0 .. count - 1; returns when all ended."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
