@@ -53,6 +53,9 @@ LIST_DUTY: Final = 0.1
 LIST_BUSY: Final = 0.05
 EVICTED: Final = "evicted"
 TRIMMED: Final = "trimmed"
+# The role of a turn holding a whole LangChain message (worker/client/langchain.py), which
+# memory-summarizer reads back as words (worker/llm.py).
+WHOLE_MESSAGE_ROLE: Final = "langchain"
 EVENT_LEAVES: Final = (EVICTED, TRIMMED)
 # P/_worker/<client-id>/<leaf>: what workers publish about themselves (probe: a start-up check).
 WORKER_LEAVES: Final = ("status", "stats", "probe")

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from worker import constants as c
+
 DEFAULT_LLM_URL = "http://127.0.0.1:11434/v1"
 DEFAULT_MODEL = "llama3.2"
 DEFAULT_SUMMARY_TOKENS = 256
@@ -76,7 +78,7 @@ _SPEAKERS = {"human": "user", "ai": "assistant", "system": "system", "tool": "to
 def _line(role: str, content: str) -> str:
     """A turn as the model reads it; a LangChain message stored whole (role `langchain`, its
     dict in JSON) as what was said and which tools were called, not as JSON."""
-    if role == "langchain":
+    if role == c.WHOLE_MESSAGE_ROLE:
         try:
             message = json.loads(content)
             kind, data = message["type"], message["data"]

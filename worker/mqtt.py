@@ -100,6 +100,11 @@ def login_refused(exc: Exception) -> bool:
     return isinstance(exc, MqttConnectError) and _code(exc) in _LOGIN_REFUSED
 
 
+def certificate_refused(exc: BaseException) -> bool:
+    """Whether connecting failed on the broker's certificate (aiomqtt keeps only the text)."""
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, ssl.SSLCertVerificationError)
+
+
 def closed_by_broker(exc: Exception) -> bool:
     """Whether `exc` is paho's "Unspecified error" for a connection the broker closed
     without a DISCONNECT packet (as Mosquitto does when it stops)."""

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import ssl
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +37,7 @@ from worker.mqtt import (
     Connection,
     Message,
     PackedProperties,
+    certificate_refused,
     closed_by_broker,
     login_refused,
     persistent,
@@ -230,7 +230,7 @@ class Service:
                     self._taken_over(delay)
                 elif login_refused(exc):
                     self._refused(exc, delay)
-                elif _untrusted(exc):
+                elif certificate_refused(exc):
                     self._refused(exc, delay, certificate=True)
                 else:
                     # Once a takeover was seen, each short connection is that fight again.
@@ -824,8 +824,3 @@ class _Page:
 
     def __post_init__(self) -> None:
         self.after = self.request.after
-
-
-def _untrusted(exc: BaseException) -> bool:
-    """Whether connecting failed on the broker's certificate (aiomqtt gives its text only)."""
-    return "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, ssl.SSLCertVerificationError)

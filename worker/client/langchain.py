@@ -22,6 +22,7 @@ import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from worker import constants as c
 from worker.client import BlockingMemoryClient, Context, Turn
 from worker.client._adapters import DEFAULT_URL, OnClient, missing_extra
 
@@ -52,7 +53,7 @@ _PLAIN = tuple(_MESSAGE_OF.values())
 # The role of a turn that holds a whole message, as LangChain's own dict in JSON: one that a
 # role and a string would lose (a tool call, a tool's answer and its tool_call_id, content
 # made of parts), which the next model call needs.
-WHOLE = "langchain"
+WHOLE = c.WHOLE_MESSAGE_ROLE
 # Model bookkeeping, left out of a whole message: large, and no model call needs it back.
 _DROPPED = ("response_metadata", "usage_metadata")
 
