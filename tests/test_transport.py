@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -225,19 +226,32 @@ async def test_a_batch_waits_until_the_last_ones_acknowledgements_are_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the broker not reading and 19 MB of replies behind its socket, the worker applies
-    no further batch until the last batch's PUBACKs are in the kernel: requests applied but
-    not acknowledged stay within the ids a conversation remembers (--max-inflight)."""
+    no further batch (a few requests or a flood) until the last batch's PUBACKs are in the
+    kernel: requests applied but not acknowledged stay within the ids a conversation
+    remembers (--max-inflight)."""
     starts: list[bool] = []
     first_done = asyncio.Event()
-    handle = Service._handle
+    sort, finish = Service._sort, Service._finish
 
-    async def recording(self: Service, batch: list[Any]) -> None:
+    def starting(self: Service, batch: list[Any]) -> Any:  # a batch's start, either way
         assert self._client is not None
         starts.append(self._client.written.is_set())
-        await handle(self, batch)
+        return sort(self, batch)
+
+    def finishing(self: Service, *args: Any) -> None:
+        finish(self, *args)
         first_done.set()
 
-    monkeypatch.setattr(Service, "_handle", recording)
+    read = asyncio.Event()
+    on_read = Service._on_read
+
+    def reading(self: Service) -> None:
+        read.set()
+        on_read(self)
+
+    monkeypatch.setattr(Service, "_sort", starting)
+    monkeypatch.setattr(Service, "_finish", finishing)
+    monkeypatch.setattr(Service, "_on_read", reading)
     broker = ScriptedBroker(receive_maximum=1000)
     broker.holding = False
     async with scripted(broker) as w:
@@ -252,14 +266,53 @@ async def test_a_batch_waits_until_the_last_ones_acknowledgements_are_written(
         first_done.clear()
         for i in range(40):
             broker.deliver(f"{prefix}/big/get", msgpack.packb({}), request_props(100 + i))
+        await asyncio.wait_for(first_done.wait(), 10)
+        assert w._client is not None
+        assert not w._client.written.is_set()
+        # A few, read while nothing waits in the inbox (the batch would start in the read's
+        # turn, were it not held), then a flood that fills the inbox and pauses reading.
+        read.clear()
+        for i in range(5):
+            body = msgpack.packb({"role": "user", "content": "t", "id": f"few{i}"})
+            broker.deliver(f"{prefix}/few/append", body, request_props(500 + i))
+        await asyncio.wait_for(read.wait(), 10)
         for i in range(600):
             body = msgpack.packb({"role": "user", "content": "t", "id": f"r{i}"})
             broker.deliver(f"{prefix}/ids/append", body, request_props(1000 + i))
-        await asyncio.wait_for(first_done.wait(), 10)
         broker.writer.transport.resume_reading()  # type: ignore[attr-defined]
-        await broker.until(lambda: len(broker.replies) == 8 + 640)
+        await broker.until(lambda: len(broker.replies) == 8 + 645)
     assert len(starts) >= 10
     assert all(starts), starts
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_a_lone_request_is_served_in_the_turn_that_read_it(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the memory backend a read's requests are applied, answered and acknowledged in the
+    read's own event-loop turn, without waking the process task (its wake-up was a third of
+    a lone request's turns). SQLite's wait for the writer thread: the process task serves
+    them."""
+    tasks: list[int] = []
+    handle = Service._handle
+
+    async def by_task(self: Service, batch: list[Any]) -> None:
+        tasks.append(len(batch))
+        await handle(self, batch)
+
+    monkeypatch.setattr(Service, "_handle", by_task)
+    url = "memory" if backend == "memory" else f"sqlite:///{tmp_path / 'm.db'}"
+    broker = ScriptedBroker(receive_maximum=100)
+    broker.holding = False
+    async with scripted(broker, backend=url) as w:
+        for i in range(3):
+            body = msgpack.packb({"role": "user", "content": f"turn {i}"})
+            mid = broker.deliver(f"{w.cfg.prefix}/lone/append", body, request_props(i))
+            await broker.until(
+                lambda n=i + 1, m=mid: len(broker.replies) == n and m in broker.pubacks
+            )
+    assert [msgpack.unpackb(m.payload)["seq"] for m in broker.replies] == [1, 2, 3]
+    assert tasks == ([] if backend == "memory" else [1, 1, 1])
 
 
 async def test_a_malformed_packet_closes_the_connection_and_the_worker_comes_back() -> None:

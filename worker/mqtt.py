@@ -172,11 +172,13 @@ def persistent(
     receive_maximum: int,
     tls: ssl.SSLContext | None,
     last_will: aiomqtt.Will | None = None,
+    on_read: Callable[[], None] | None = None,
 ) -> Connection:
     """A Connection that keeps its MQTT 5 session (and the messages the broker queues for it)
     across reconnections, as the worker and memory-summarizer both need."""
     return Connection(
         on_message,
+        on_read=on_read,
         hostname=host,
         port=port,
         identifier=client_id,
@@ -223,6 +225,8 @@ class Connection(aiomqtt.Client):
         flush_after_read: write what `on_message` queued as soon as the read is handled,
             rather than on the event loop's next turn (the client: a reply's acknowledgement
             and the request its task sends next leave in the read that brought the reply).
+        on_read: called once a read's PUBLISH packets have all gone to `on_message` (the
+            worker serves them as one batch, in the read's own turn when it can).
         **kwargs: aiomqtt.Client's arguments.
     """
 
@@ -232,9 +236,11 @@ class Connection(aiomqtt.Client):
         *,
         on_refused: OnRefused | None = None,
         flush_after_read: bool = False,
+        on_read: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._on_read = on_read
         self._flush_after_read = flush_after_read
         self._in_read = False
         self._held = False  # hold_writes(): the caller flushes
@@ -392,7 +398,7 @@ class Connection(aiomqtt.Client):
 
     def _parse(self) -> None:
         buf, pos = self._rbuf, 0
-        acked = False
+        acked = delivered = False
         try:
             while not self.paused:
                 start, end = packets.frame(buf, pos)
@@ -404,7 +410,11 @@ class Connection(aiomqtt.Client):
                     pos = end
                     special = self._topic_callbacks
                     callback = special.get(msg.topic) if special else None
-                    (callback or self._on_message_cb)(msg)
+                    if callback is None:
+                        self._on_message_cb(msg)
+                        delivered = True
+                    else:
+                        callback(msg)
                     continue
                 if kind == PUBACK and end - start >= 2:
                     mid = (buf[start] << 8) | buf[start + 1]
@@ -428,6 +438,8 @@ class Connection(aiomqtt.Client):
             self._release_waiting()
             if not self.sendable.is_set() and self.backlog() <= self.backlog_limit() // 2:
                 self.sendable.set()
+        if delivered and self._on_read is not None:
+            self._on_read()
 
     def _refused(self, mid: int, code: int) -> None:
         if self._on_refused is not None:

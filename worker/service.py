@@ -1,7 +1,8 @@
 """The worker's lifecycle and batch flow over one broker connection.
 
 One flow: the transport (worker/mqtt.py) hands a message to `_on_message` on the event
-loop's thread -> it waits in the inbox -> `_process` takes the whole inbox as a batch ->
+loop's thread -> it waits in the inbox -> once the read is handled (`_on_read`), the whole
+inbox is one batch, served in that turn when nothing else is under way, else by `_process` ->
 `Router.parse` turns each message into a request value -> `Backend.execute` applies the
 batch -> each reply and eviction event is handed to the transport -> each QoS 1 request is
 acknowledged -> the batch's replies and acknowledgements leave in one socket write. A request
@@ -85,6 +86,18 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _requests(todo: list[tuple[int, Message, Parsed]]) -> list[Request]:
+    return [parsed.request for _, _, parsed in todo if parsed.request is not None]
+
+
+def _failed(exc: Exception, n: int) -> tuple[list[Result], list[Event]]:
+    """A batch the backend failed on: its error, or an internal error, for each request."""
+    if isinstance(exc, WorkerError):
+        return [exc] * n, []
+    log.exception("backend failed on a batch of %d", n)
+    return [WorkerError(f"internal error: {type(exc).__name__}")] * n, []
+
+
 class Service:
     """Serves one broker connection (kept up, re-made on loss) for one backend.
 
@@ -105,6 +118,7 @@ class Service:
         self._list_resume = 0.0  # no listing step before this monotonic time
         self._resume_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
+        self._idle = False  # `_process` waits for `_wake` with nothing to do
         self._generation = 0
         self._busy = False  # a batch is being handled
         self._closing = False  # shutting down: new requests stay unacknowledged, for later
@@ -195,6 +209,7 @@ class Service:
             last_will=will(
                 self.status_topic, self._status("offline"), content_type(cfg.event_format)
             ),
+            on_read=self._on_read,
         )
 
     async def _stay_connected(self, client: Connection, stop: asyncio.Event) -> None:
@@ -494,6 +509,31 @@ class Service:
         self._inbox.append((self._generation, msg))
         if self._full() and self._client is not None:
             self._client.pause_reading()
+
+    def _on_read(self) -> None:
+        """Serve what the read brought in its own turn when `_process` would serve it at once
+        anyway (nothing waits, nothing to hold back, a backend that does not wait): the
+        wake-up of its task was a third of a lone request's event-loop turns."""
+        if not self._inbox:
+            return
+        client = self._client
+        if (
+            self._idle
+            and not self._later
+            and self.backend.immediate
+            and client is not None
+            and client.written.is_set()
+            and not client.paused
+            and client.backlog() <= client.backlog_limit()
+        ):
+            batch, self._inbox = self._inbox, []
+            try:
+                self._handle_now(batch)
+            except Exception:  # the transport would take it for a broken connection
+                log.exception("batch failed")
+            if not self._later:  # else a listing page came: `_process` serves it
+                return
+        self._idle = False
         self._wake.set()
 
     async def _sendable(self) -> None:
@@ -524,7 +564,9 @@ class Service:
     async def _process(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._idle = not self._inbox and not self._later
             await self._wake.wait()
+            self._idle = False
             self._wake.clear()
             while self._inbox or self._later:
                 await self._sendable()
@@ -565,6 +607,19 @@ class Service:
         return len(self._inbox) + len(self._later) >= self.cfg.max_inflight
 
     async def _handle(self, batch: list[tuple[int, Message]]) -> None:
+        todo = self._sort(batch)
+        if todo:
+            self._finish(todo, await self._execute(_requests(todo)))
+
+    def _handle_now(self, batch: list[tuple[int, Message]]) -> None:
+        """`_handle` on the caller's turn, for an immediate backend."""
+        todo = self._sort(batch)
+        if todo:
+            self._finish(todo, self._execute_now(_requests(todo)))
+
+    def _sort(self, batch: list[tuple[int, Message]]) -> list[tuple[int, Message, Parsed]]:
+        """Parse a batch: the requests to apply now, in order (parse errors among them);
+        messages that are not requests are acknowledged, listing pages wait in `_later`."""
         parse = self.router.parse
         not_for_us = self.router.not_for_us
         stats = self.stats
@@ -587,14 +642,15 @@ class Service:
                 self._later.append(_Page(gen, msg, parsed, parsed.request))
             else:
                 todo.append((gen, msg, parsed))
-        if todo:
-            await self._apply(todo)
-            self._served = time.monotonic()
+        return todo
 
-    async def _apply(self, todo: list[tuple[int, Message, Parsed]]) -> None:
-        """Execute the parsed requests as one batch; reply, acknowledge and write."""
-        requests = [parsed.request for _, _, parsed in todo if parsed.request is not None]
-        results, evictions = await self._execute(requests) if requests else ([], [])
+    def _finish(
+        self,
+        todo: list[tuple[int, Message, Parsed]],
+        outcome: tuple[list[Result], list[Event]],
+    ) -> None:
+        """Reply to and acknowledge an executed batch, announce its events, and write."""
+        results, evictions = outcome
         answers = iter(results)
         self._answer(
             [
@@ -603,17 +659,25 @@ class Service:
             ],
             evictions,
         )
-        if requests and time.monotonic() + self.backend.next_expiry() < self._sweep_due - 0.01:
+        self._served = now = time.monotonic()
+        if results and now + self.backend.next_expiry() < self._sweep_due - 0.01:
             self._sweep_kick.set()
 
     async def _execute(self, requests: list[Request]) -> tuple[list[Result], list[Event]]:
+        if not requests:
+            return [], []
         try:
             return await self.backend.execute(requests)
-        except WorkerError as exc:
-            return [exc] * len(requests), []
         except Exception as exc:
-            log.exception("backend failed on a batch of %d", len(requests))
-            return [WorkerError(f"internal error: {type(exc).__name__}")] * len(requests), []
+            return _failed(exc, len(requests))
+
+    def _execute_now(self, requests: list[Request]) -> tuple[list[Result], list[Event]]:
+        if not requests:
+            return [], []
+        try:
+            return self.backend.execute_now(requests)
+        except Exception as exc:
+            return _failed(exc, len(requests))
 
     def _answer(
         self, done: list[tuple[int, Message, Parsed, Result]], evictions: list[Event]

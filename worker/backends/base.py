@@ -36,6 +36,9 @@ class Backend(ABC):
     # service serves other requests between steps, for engines that do the work on the event
     # loop's thread; one that awaits another server does not need steps.
     list_step: int | None = None
+    # execute_now() applies a batch without waiting on anything (a thread, a server): the
+    # service then serves a read's requests in the read's own event-loop turn.
+    immediate: bool = False
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect, create or load what the engine needs."""
@@ -47,6 +50,10 @@ class Backend(ABC):
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
         """Apply requests in order: one result each, plus every event they caused (evictions,
         and trimmed turns with --trimmed-events)."""
+
+    def execute_now(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
+        """`execute()` on the caller's turn, for an `immediate` engine."""
+        raise NotImplementedError(f"the {self.name} backend is not immediate")
 
     @abstractmethod
     async def expire(self) -> tuple[bool, list[Event]]:

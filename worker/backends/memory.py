@@ -16,6 +16,7 @@ class MemoryBackend(Backend):
 
     name = "memory"
     list_step = c.LIST_STEP
+    immediate = True
 
     def __init__(
         self,
@@ -31,6 +32,10 @@ class MemoryBackend(Backend):
         results = [run(req) for req in requests]
         await self._commit()
         return results, self.store.take_events()
+
+    def execute_now(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
+        run = self.store.execute
+        return [run(req) for req in requests], self.store.take_events()
 
     async def expire(self) -> tuple[bool, list[Event]]:
         more = self.store.expire()

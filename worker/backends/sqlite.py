@@ -85,6 +85,7 @@ class SqliteBackend(MemoryBackend):
     """
 
     name = "sqlite"
+    immediate = False  # a commit waits for the writer thread
 
     def __init__(
         self,
