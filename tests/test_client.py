@@ -19,7 +19,7 @@ import msgpack
 import pytest
 
 from tests.clients import decode, next_message, watcher
-from tests.conftest import WorkerFactory, unique
+from tests.conftest import WorkerFactory, make_config, running, unique
 from tests.processes import Mosquitto, SplitProxy
 from worker.client import (
     BadRequestError,
@@ -1014,3 +1014,43 @@ def in_threads(target: Callable[[int], None], count: int) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
+async def test_a_late_mqtt311_reply_answers_only_its_own_request(
+    broker: Mosquitto, blocking: bool, tmp_path: Path
+) -> None:
+    """MQTT 3.1.1 has no Correlation Data. A reply that comes after its request timed out does
+    not answer a later request that reuses the request_id in another conversation (it did:
+    that request got the first one's seq)."""
+    cfg = make_config(broker, backend=f"sqlite:///{tmp_path / 'm.db'}")
+    async with running(cfg), MemoryClient(broker.host, broker.port, cfg.prefix) as m:
+        for i in range(4):
+            await m.append("ca", "user", f"turn {i}")
+    # The worker is gone; its session keeps the requests that come until it is back.
+    args = (broker.host, broker.port, cfg.prefix)
+    if blocking:
+        timed_out = threading.Event()
+
+        def calls() -> Any:
+            with BlockingMemoryClient(*args, protocol=3, timeout=0.5, attempts=1) as b:
+                with pytest.raises(NoReplyError):
+                    b.append("ca", "user", "late", request_id="X1")
+                timed_out.set()
+                assert isinstance(b.memory, MemoryClient)
+                b.memory.timeout = 10
+                return b.append("cb", "user", "B", request_id="X1")
+
+        later = asyncio.ensure_future(asyncio.to_thread(calls))
+        await asyncio.to_thread(timed_out.wait, 10)
+        async with running(cfg):
+            got = await later
+    else:
+        async with MemoryClient(*args, protocol=3, timeout=0.5, attempts=1) as m:
+            with pytest.raises(NoReplyError):
+                await m.append("ca", "user", "late", request_id="X1")
+            m.timeout = 10
+            later = asyncio.ensure_future(m.append("cb", "user", "B", request_id="X1"))
+            async with running(cfg):
+                got = await later
+    assert (got.seq, got.count) == (1, 1)

@@ -16,7 +16,7 @@ import itertools
 import ssl
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 import aiomqtt
 import msgpack
@@ -183,7 +183,7 @@ class MemoryClient(_Api):
             self._connected.set()  # wakes the tasks waiting to connect: they see it closed
 
     def _inbox_filter(self) -> str:
-        return f"{self.reply_prefix.replace('{convo}', '+')}/{self.tag}"
+        return inbox_filter(self.reply_prefix, self.tag, self.protocol)
 
     async def _connect(self) -> None:
         version = aiomqtt.ProtocolVersion.V5 if self.protocol == 5 else aiomqtt.ProtocolVersion.V311
@@ -308,10 +308,10 @@ class MemoryClient(_Api):
             reply = msgpack.unpackb(message.payload, strict_map_key=False)
         except Exception:  # not a reply of ours: nobody waits for it
             return
-        key: Any = message.correlation
-        if key is None and isinstance(reply, dict):
-            key = _key(reply.get("id"))
-        fut = self._waiting.pop(key, None) if isinstance(key, bytes) else None
+        key = message.correlation if self.protocol == 5 else reply_key(message.topic)
+        if key is None:  # MQTT 5 without Correlation Data: not a reply of ours
+            return
+        fut = self._waiting.pop(key, None)
         if fut is not None:
             self._mids.pop(key, None)
             if not fut.done():
@@ -338,7 +338,7 @@ class MemoryClient(_Api):
         _refuse(convo, op, body)
         if not self._replies:
             raise RuntimeError("this client was made with replies=False: it only watches")
-        if "id" not in body and (op in _AT_MOST_ONCE or self.protocol == 3):
+        if "id" not in body and op in _AT_MOST_ONCE:
             body["id"] = f"{self.tag}-{next(self._n)}"  # valid by construction: not checked
         if tag is None:
             inbox = self._inbox or f"{self.reply_prefix.replace('{convo}', convo)}/{self.tag}"
@@ -349,8 +349,12 @@ class MemoryClient(_Api):
             key = next(self._n).to_bytes(8, "big")
             props = (self._properties.get(inbox) or self._template(inbox))(key)
         else:
-            key = _key(body["id"]) or b""
-            body["reply_to"] = inbox
+            # MQTT 3.1.1 has no Correlation Data: a reply topic of the request's own, under
+            # the inbox, so that a late reply answers nothing else (a request_id may come
+            # again, in another conversation).
+            n = next(self._n)
+            key = str(n).encode()
+            body["reply_to"] = f"{inbox}/{n}"
             props = b""
         safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
         topic, payload = f"{self.prefix}/{convo}/{op}", msgpack.packb(body)
@@ -390,10 +394,6 @@ class MemoryClient(_Api):
             last = attempt == self.attempts or not safe
             fut = _Reply(loop)
             try:
-                # MQTT 3.1.1: a reply names only its id, so a request whose id is in flight
-                # (the same request_id twice at once) waits for that one's answer first.
-                while isinstance(other := self._waiting.get(key), _Reply):
-                    await asyncio.wait([cast("asyncio.Future[Any]", other)])  # Future-like
                 deadline = loop.time() + self.timeout
                 client = self._client
                 if client is None:
@@ -658,12 +658,16 @@ class _PublishRefused(Exception):
         self.reason = reason
 
 
-def _key(req_id: Any) -> bytes | None:
-    if isinstance(req_id, str):
-        return req_id.encode()
-    if isinstance(req_id, bytes):
-        return req_id
-    return None
+def inbox_filter(reply_prefix: str, tag: str, protocol: int) -> str:
+    """What a client (or a blocking client's connection) tagged `tag` subscribes to for its
+    replies: under MQTT 3.1.1 each request has a reply topic of its own, one level down."""
+    inbox = f"{reply_prefix.replace('{convo}', '+')}/{tag}"
+    return inbox if protocol == 5 else inbox + "/+"
+
+
+def reply_key(topic: str) -> bytes:
+    """The key of the request an MQTT 3.1.1 reply on `topic` answers (its last level)."""
+    return topic[topic.rfind("/") + 1 :].encode()
 
 
 def check_reply_prefix(reply_prefix: str, prefix: str) -> None:

@@ -23,10 +23,11 @@ from worker.client._api import _Api, _ok
 from worker.client._errors import MemoryWorkerError, NoReplyError
 from worker.client._mqtt import (
     MemoryClient,
-    _key,
     _Lost,
     _not_open,
     _PublishRefused,
+    inbox_filter,
+    reply_key,
     unreachable,
 )
 from worker.mqtt import BlockingConnection, login_refused, reason_name
@@ -55,7 +56,7 @@ class _Link:
 
     def __init__(self, client: MemoryClient, n: int) -> None:
         self.tag = f"{client.tag}-{n}"
-        self.inbox_filter = f"{client.reply_prefix.replace('{convo}', '+')}/{self.tag}"
+        self.inbox_filter = inbox_filter(client.reply_prefix, self.tag, client.protocol)
         self.conn = BlockingConnection(
             client.host,
             client.port,
@@ -170,15 +171,13 @@ class ThreadRequests(_Api):
                 message = decode_publish(first, packet, 0, len(packet), conn.v5)
                 if message.qos:
                     conn.send(puback(message.mid), deadline)
-                if conn.v5 and message.correlation != key:
+                # A timed-out request's late reply is skipped: it is not for this one.
+                if (message.correlation if conn.v5 else reply_key(message.topic)) != key:
                     continue
                 try:
-                    reply = msgpack.unpackb(message.payload, strict_map_key=False)
+                    return msgpack.unpackb(message.payload, strict_map_key=False)
                 except Exception:  # not a reply of ours: nobody waits for it
                     continue
-                # MQTT 3.1.1: a reply names only the request's id.
-                if conn.v5 or (isinstance(reply, dict) and _key(reply.get("id")) == key):
-                    return reply
             elif kind == PUBACK and mid and len(packet) > 2:  # Success is 2 bytes
                 ack = decode_ack(first, packet, 0, len(packet))
                 if ack.mid == mid and ack.reason >= 0x80:
