@@ -4,14 +4,15 @@ rather than waiting out their timeouts."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from typing import Any
 
 import pytest
 
-from tests.conftest import program
+from tests.conftest import program, running
 from tests.processes import Mosquitto
-from tests.test_security import USERS, add_user, secured
+from tests.test_security import USERS, add_user, secured, worker_config
 from worker.client import BlockingMemoryClient, MemoryClient, RefusedError
 
 # deploy/'s secured broker (dynamic security): kiosk-a may ask under mem/kiosk-a/ and read
@@ -203,3 +204,40 @@ async def test_a_blocking_thread_refused_its_login_says_so_at_once(secured: Mosq
 
     refused = await asyncio.wait_for(asyncio.to_thread(use), 20)
     assert "check the username and password" in refused.message
+
+
+async def test_memctl_retire_says_refused_in_one_line_with_exit_4(secured: Mosquitto) -> None:
+    """memctl retire as a login that may not clear a worker's topics (the dashboard's) or not
+    even read them (a device's) prints one line naming the topic and exits 4, and the worker's
+    retained status stays (it printed "retired" and exited 0, or said "no worker")."""
+    async with running(worker_config(secured, client_id="retire-me", stats_interval=0.2)):
+        pass  # it leaves its "offline" status and stats, retained
+    where = ("--host", secured.host, "--port", str(secured.port), "--timeout", "5")
+
+    def retire(user: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [program("memctl"), *where, "--username", user, "retire", "retire-me"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+            env={**os.environ, "MEMORY_WORKER_PASSWORD": USERS[user]},
+        )
+
+    for user, topic in [
+        ("dashboard", "mem/_worker/retire-me/stats"),
+        ("kiosk-a", "mem/_worker/retire-me/+"),
+    ]:
+        done = retire(user)
+        assert (done.returncode, done.stdout) == (4, ""), done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert f"'{topic}'" in done.stderr
+    async with MemoryClient(
+        secured.host,
+        secured.port,
+        "mem",
+        reply_prefix="reply/_conversations",
+        username="dashboard",
+        password=USERS["dashboard"],
+    ) as m:
+        assert "retire-me" in [s["client_id"] for s in await m.stats()]

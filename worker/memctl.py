@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import sys
@@ -21,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-import aiomqtt
 import msgpack
 
 from worker import constants as c
@@ -33,10 +31,9 @@ from worker.client import (
     RefusedError,
     check_reply_prefix,
 )
-from worker.client._mqtt import unreachable
 from worker.config import tls_context
 from worker.errors import WorkerError
-from worker.protocol import check_request, decode_event, topic_name_problem, validate_prefix
+from worker.protocol import check_request, topic_name_problem, validate_prefix
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -275,51 +272,16 @@ async def stats(args: argparse.Namespace) -> int:
 async def retire(args: argparse.Namespace) -> int:
     """Clear the retained status and stats of a worker that is not running: dashboards (the
     page, `memctl stats`) forget it. Refused while its status says online."""
-    base = f"{args.prefix}/{c.WORKER_LEVEL}/{args.client_id}"
-    found: dict[str, bytes] = {}
-    client = aiomqtt.Client(
-        args.host,
-        args.port,
-        username=args.username,
-        password=args.password,
-        tls_context=tls_context(args.tls_ca),
-        protocol=aiomqtt.ProtocolVersion.V5,
-        timeout=args.timeout,
-    )
-    try:
-        async with client:
-            await client.subscribe(f"{base}/+", qos=1)
-            # retained messages come right behind the SUBACK: a short quiet means none is left
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(1.0, args.timeout)):
-                    async for message in client.messages:
-                        body = message.payload if isinstance(message.payload, bytes) else b""
-                        found[message.topic.value.rsplit("/", 1)[1]] = body
-                        if {"status", "stats"} <= found.keys():
-                            break
-            if "status" in found and _status_body(found["status"]).get("state") == "online":
-                print(f"memctl: {args.client_id} is online: stop it first", file=sys.stderr)
-                return EXIT_ERROR
-            if not found:
-                print(
-                    f"memctl: no worker {args.client_id!r} under {args.prefix!r}", file=sys.stderr
-                )
-                return EXIT_ERROR
-            for kind in ("stats", "status"):
-                await client.publish(f"{base}/{kind}", b"", qos=1, retain=True)
-    except aiomqtt.MqttError as exc:
-        raise unreachable(args.host, args.port, args.username, exc, tls=bool(args.tls_ca)) from exc
+    async with _client(args, replies=False) as memory:
+        done = await memory.retire(args.client_id)
+    if done == "online":
+        print(f"memctl: {args.client_id} is online: stop it first", file=sys.stderr)
+        return EXIT_ERROR
+    if done == "unknown":
+        print(f"memctl: no worker {args.client_id!r} under {args.prefix!r}", file=sys.stderr)
+        return EXIT_ERROR
     emit({"ok": True, "retired": args.client_id})
     return EXIT_OK
-
-
-def _status_body(payload: bytes) -> dict[str, Any]:
-    """A status body, whichever --event-format the worker ran with."""
-    try:
-        body = decode_event(payload, None)
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:

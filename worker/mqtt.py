@@ -282,6 +282,7 @@ class Connection(aiomqtt.Client):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._inflight: dict[int, bytes] = {}  # mid -> our QoS 1 PUBLISH awaiting its PUBACK
+        self._acked: dict[int, asyncio.Future[str | None]] = {}  # publish_acked()'s waiting
         self._waiting: collections.deque[tuple[int, bytes]] = collections.deque()
         self._queued: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
         self._quota = 1
@@ -419,8 +420,11 @@ class Connection(aiomqtt.Client):
                 if kind == PUBACK and end - start >= 2:
                     mid = (buf[start] << 8) | buf[start + 1]
                     if self._inflight.pop(mid, None) is not None:
-                        if end - start > 2 and buf[start + 2] >= 0x80:  # MQTT 5: refused
+                        refused = end - start > 2 and buf[start + 2] >= 0x80  # MQTT 5
+                        if refused:
                             self._refused(mid, buf[start + 2])
+                        if self._acked:
+                            self._ack_came(mid, buf[start + 2] if refused else None)
                         pos = end
                         acked = True
                         continue
@@ -443,8 +447,12 @@ class Connection(aiomqtt.Client):
 
     def _refused(self, mid: int, code: int) -> None:
         if self._on_refused is not None:
-            reason = ReasonCode(PacketTypes.PUBACK, identifier=code)
-            self._on_refused(mid, str(reason))
+            self._on_refused(mid, reason_name(PUBACK, code))
+
+    def _ack_came(self, mid: int, code: int | None) -> None:
+        waiter = self._acked.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None if code is None else reason_name(PUBACK, code))
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -465,6 +473,20 @@ class Connection(aiomqtt.Client):
         elif self._online:
             self._write(packets.encode_publish(topic.encode(), payload, 0, retain, 0, props))
         return mid
+
+    async def publish_acked(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> str | None:
+        """A QoS 1 publish, awaited until the broker's PUBACK: the broker's refusal ("Not
+        authorized"), or None (an MQTT 3.1.1 PUBACK cannot refuse). A lost connection sends it
+        again on the next; the caller bounds the wait."""
+        mid = self.publish_packed(topic, payload, 1, retain, b"\x00" if self._v5 else b"")
+        waiter: asyncio.Future[str | None] = self._loop.create_future()
+        self._acked[mid] = waiter
+        try:
+            return await waiter
+        finally:
+            self._acked.pop(mid, None)
 
     def acknowledge(self, mid: int, qos: int) -> None:
         """PUBACK a QoS 1 message of this connection."""

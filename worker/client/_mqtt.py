@@ -16,7 +16,7 @@ import itertools
 import ssl
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
 import msgpack
@@ -233,7 +233,8 @@ class MemoryClient(_Api):
     def _refused(self, what: str, topic: str, reason: str) -> RefusedError:
         user = self._auth[0] or "<username>"
         # The project's roles (deploy/init-security); the client cannot know which is this user's.
-        if topic.startswith(self._inbox_filter()):  # or a blocking call's connection's
+        # The client's inbox, or a blocking call's connection's (its tag and "-<n>").
+        if topic.startswith(inbox_filter(self.reply_prefix, self.tag, 5)):
             hint = (
                 "replies come there: set reply_prefix to a topic this user may read (with the "
                 f"project's roles, a device's: reply_prefix='reply/{user}', memctl "
@@ -513,6 +514,57 @@ class MemoryClient(_Api):
             self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return list(seen.values())
+
+    async def retire(self, client_id: str) -> Literal["retired", "online", "unknown"]:
+        """Clear the retained status and stats of a worker that is not running, so that
+        dashboards and `stats()` forget it: "retired". Nothing is cleared when its status
+        says it is online ("online": stop it first) or nothing of it is retained ("unknown").
+        A broker that refuses the subscription or the clearing raises RefusedError."""
+        if topic_name_problem(client_id) or "/" in client_id:
+            raise ValueError(f"not a worker's client id: {client_id!r}")
+        base = f"{self.prefix}/{c.WORKER_LEVEL}/{client_id}/"
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        found: dict[str, bytes] = {}
+        self._stats.add(queue)  # before subscribing: retained messages follow the SUBACK
+        try:
+            await self._subscribe(base + "+", again=True)
+        except BaseException:
+            self._stats.discard(queue)
+            raise
+        try:
+            wait = self.timeout
+            with contextlib.suppress(TimeoutError):
+                while not {"status", "stats"} <= found.keys():
+                    async with asyncio.timeout(wait):
+                        message = await queue.get()
+                    if message.topic.startswith(base):
+                        found[message.topic[len(base) :]] = message.payload
+                        wait = _STATS_QUIET
+        finally:
+            self._stats.discard(queue)
+            await self._unsubscribe(base + "+")
+        if not found:
+            return "unknown"
+        with contextlib.suppress(ValueError):
+            status = decode_event(found.get("status", b""), None)
+            if isinstance(status, dict) and status.get("state") == "online":
+                return "online"
+        for kind in ("stats", "status"):
+            topic = base + kind
+            client = self._client
+            if client is None:
+                raise NoReplyError(f"lost the broker at {self.host}:{self.port}")
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reason = await client.publish_acked(topic, b"", retain=True)
+            except TimeoutError:
+                raise NoReplyError(
+                    f"the broker at {self.host}:{self.port} did not acknowledge {topic!r} "
+                    f"within {self.timeout}s"
+                ) from None
+            if reason is not None:
+                raise self._refused("publish to", topic, reason)
+        return "retired"
 
 
 def run_direct(coro: Coroutine[Any, Any, _T]) -> _T:
