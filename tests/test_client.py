@@ -352,7 +352,9 @@ async def test_the_blocking_client_answers_every_method_from_a_thread(
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (("mqtt://127.0.0.1:1883/mem",), "is a URL: open_memory"),
+        (("mqtt://127.0.0.1:1883/mem",), r"is a URL, not a host name.*\(open_memory\(\) takes"),
+        (("127.0.0.1:1883",), "ends in a port: give the host '127.0.0.1' and the port apart"),
+        (("",), "host must be a host name"),
         (("127.0.0.1", "1883"), "port must be a number"),
         (("127.0.0.1", 0), "port must be a number"),
         (("127.0.0.1", 1883, "mem", {"timeout": 0}), "timeout must be more than 0"),
@@ -1054,3 +1056,48 @@ async def test_a_late_mqtt311_reply_answers_only_its_own_request(
             async with running(cfg):
                 got = await later
     assert (got.seq, got.count) == (1, 1)
+
+
+async def test_a_broker_gone_is_said_to_be_the_broker(tmp_path: Path) -> None:
+    """A request made while the broker is down (the client waiting to reconnect) fails
+    naming the broker, not "no reply from memory-worker"."""
+    own = Mosquitto(tmp_path / "broker").start()
+    try:
+        async with MemoryClient(own.host, own.port, "mem", timeout=0.5, attempts=2) as m:
+            own.stop()
+            with pytest.raises(NoReplyError) as info:
+                await m.get("c")
+    finally:
+        own.stop()
+    assert info.value.message == (
+        f"lost the broker at {own.host}:{own.port}, and no connection came back "
+        "within 0.5s, 2 attempts"
+    )
+
+
+async def test_a_blocking_call_waiting_when_the_client_closes_says_so(broker: Mosquitto) -> None:
+    """A thread's call waiting for a reply (no worker) when another thread closes the client
+    ends at once with "closed while this request waited", as the async client's does (it
+    said "not open: use it inside `with`", which reads as a mistake of the caller's)."""
+
+    def use() -> BaseException | None:
+        with BlockingMemoryClient(broker.host, broker.port, unique("none"), timeout=30) as m:
+            result: list[BaseException] = []
+
+            def call() -> None:
+                try:
+                    m.get("c")
+                except BaseException as exc:
+                    result.append(exc)
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            while not m._direct or not m._direct._busy:  # its call is under way
+                time.sleep(0.01)
+            m.close()
+            caller.join(10)
+            return result[0] if result else None
+
+    ended = await asyncio.to_thread(use)
+    assert isinstance(ended, RuntimeError)
+    assert str(ended) == "the memory client was closed while this request waited"

@@ -237,3 +237,19 @@ async def test_a_broker_certificate_the_worker_cannot_verify_is_one_error(
     message = errors[0].getMessage()
     assert "TLS certificate does not verify against --tls-ca" in message
     assert str(tmp_path / "ca.crt") in message
+
+
+async def test_tls_to_a_plain_port_suggests_plain_mqtt(
+    broker: Mosquitto, tls_broker: tuple[Mosquitto, Path]
+) -> None:
+    """A plain listener closes on TLS's hello: the error says a plain port may be why, for
+    the client and memctl (it was a bare "Connection reset by peer")."""
+    from worker.client import NoReplyError
+
+    _, ca = tls_broker
+    with pytest.raises(NoReplyError, match=r"not a TLS port\? then mqtt://"):
+        async with open_memory(f"mqtts://{broker.host}:{broker.port}/mem?timeout=1&ca={ca}"):
+            pass
+    done = await run_memctl(broker, "--tls-ca", str(ca), "--timeout", "1", "get", "c")
+    assert done.returncode == 3, done.stderr
+    assert "not a TLS port?" in done.stderr

@@ -29,6 +29,7 @@ from worker.client import (
     MemoryWorkerError,
     NoReplyError,
     RefusedError,
+    check_host,
     check_reply_prefix,
 )
 from worker.config import tls_context
@@ -290,6 +291,10 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
         return f"--timeout must be more than 0 seconds, got {args.timeout}"
     if not 1 <= args.port <= 65535:
         return f"--port must be 1-65535, got {args.port}"
+    try:
+        check_host(args.host)
+    except ValueError as exc:
+        return f"--{exc}".replace(" (open_memory() takes URLs)", "")
     if getattr(args, "count", None) is not None and args.count < 1:
         return f"--count must be 1 or more, got {args.count}"
     if args.command == "retire" and (topic_name_problem(args.client_id) or "/" in args.client_id):

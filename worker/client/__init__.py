@@ -50,6 +50,7 @@ from worker.client._mqtt import (
     DEFAULT_ATTEMPTS,
     DEFAULT_TIMEOUT,
     MemoryClient,
+    check_host,
     check_reply_prefix,
 )
 from worker.client._threads import DEFAULT_CONNECTIONS
@@ -160,6 +161,7 @@ __all__ = [
     "TooLargeError",
     "Turn",
     "UnavailableError",
+    "check_host",
     "check_reply_prefix",
     "error_for",
     "memory_from_url",

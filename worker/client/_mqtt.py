@@ -94,8 +94,7 @@ class MemoryClient(_Api):
             raise ValueError("protocol must be 5 or 3 (MQTT 3.1.1)")
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
-        if "://" in host:
-            raise ValueError(f"host {host!r} is a URL: open_memory({host!r}) takes URLs")
+        check_host(host)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
@@ -379,11 +378,16 @@ class MemoryClient(_Api):
         if isinstance(exc, _PublishRefused):
             raise self._refused("publish to", topic, exc.reason) from None
         if last:
+            within = f" within {self.timeout}s" + (f", {attempt} attempts" if attempt > 1 else "")
+            if self._client is None and self._open:  # the broker, not the worker, is missing
+                raise NoReplyError(
+                    f"lost the broker at {self.host}:{self.port}, and no connection came back"
+                    + within
+                ) from None
             why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
             raise NoReplyError(
                 f"{why} from memory-worker on {self.host}:{self.port} "
-                f"(prefix {self.prefix!r}) within {self.timeout}s"
-                + (f", {attempt} attempts" if attempt > 1 else "")
+                f"(prefix {self.prefix!r})" + within
             ) from None
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -722,6 +726,21 @@ def reply_key(topic: str) -> bytes:
     return topic[topic.rfind("/") + 1 :].encode()
 
 
+def check_host(host: str) -> None:
+    """Raise ValueError unless `host` could be a host name or address (not a URL, nor one
+    with its port in it)."""
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"host must be a host name or address, not {host!r}")
+    if "://" in host:
+        raise ValueError(
+            f"host {host!r} is a URL, not a host name: give the host and the port apart "
+            "(open_memory() takes URLs)"
+        )
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:  # (an IPv6 address has more colons)
+        raise ValueError(f"host {host!r} ends in a port: give the host {name!r} and the port apart")
+
+
 def check_reply_prefix(reply_prefix: str, prefix: str) -> None:
     """Raise BadRequestError unless the worker may publish replies under `reply_prefix`."""
     problem = topic_name_problem(reply_prefix.replace("{convo}", "x"))
@@ -749,5 +768,11 @@ def unreachable(
             str(exc),
         )
     # A TLS listener reads MQTT's CONNECT as a broken handshake and waits: no CONNACK comes.
-    hint = "" if tls or "timed out" not in str(exc) else " (a TLS port? then mqtts://, --tls-ca)"
-    return NoReplyError(f"cannot reach the broker at {host}:{port}: {exc}{hint}")
+    # A plain one closes on TLS's hello.
+    why = str(exc)
+    hint = ""
+    if not tls and "timed out" in why:
+        hint = " (a TLS port? then mqtts://, --tls-ca)"
+    elif tls and any(word in why for word in ("reset by peer", "EOF", "WRONG_VERSION")):
+        hint = " (not a TLS port? then mqtt://, no --tls-ca)"
+    return NoReplyError(f"cannot reach the broker at {host}:{port}: {why}{hint}")

@@ -23,6 +23,7 @@ from worker.client._api import _Api, _ok
 from worker.client._errors import MemoryWorkerError, NoReplyError
 from worker.client._mqtt import (
     MemoryClient,
+    _closed_while_waiting,
     _Lost,
     _not_open,
     _PublishRefused,
@@ -147,7 +148,7 @@ class ThreadRequests(_Api):
             except (_PublishRefused, TimeoutError) as exc:
                 # A timed-out request's late reply is skipped by its key: the connection stays.
                 if not self._open:
-                    raise _not_open() from None
+                    raise _closed_while_waiting() from None
                 if last and isinstance(exc, _Unreachable):
                     raise NoReplyError(
                         f"cannot reach the broker at {client.host}:{client.port} ({exc}) "
@@ -158,7 +159,7 @@ class ThreadRequests(_Api):
             except (OSError, MalformedPacket):
                 conn.close()
                 if not self._open:
-                    raise _not_open() from None
+                    raise _closed_while_waiting() from None
                 client._attempt_failed(_Lost(), topic, attempt, last)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -214,13 +215,13 @@ class ThreadRequests(_Api):
                     raise client._refused("subscription to", link.inbox_filter, reason)
                 if not self._open:  # closed while it connected: close() did not see its socket
                     conn.close()
-                    raise _not_open()
+                    raise _closed_while_waiting()
                 return
             wait = min(backoff, deadline - time.monotonic())
             if wait <= 0:
                 raise _Unreachable(failed)
             if self._closed.wait(wait):
-                raise _not_open()
+                raise _closed_while_waiting()
             backoff = min(backoff * 2, 1.0)
 
     def _borrow(self) -> _Link:
@@ -246,7 +247,7 @@ class ThreadRequests(_Api):
                 with contextlib.suppress(ValueError):
                     self._queue.remove(turn)
                 if not self._open:
-                    raise _not_open()
+                    raise _closed_while_waiting()
                 client = self._client
                 raise NoReplyError(
                     f"all {self._max} connections of the blocking client stayed busy for "
