@@ -387,6 +387,9 @@ def test_url_errors_are_clear() -> None:
         ("mqtt://h/p?timeout=x", "option 'timeout' must be a number, not 'x'"),
         ("mqtt://h/p?connections=4", "option 'connections' is for open_blocking_memory only"),
         ("mqtts://h/p?ca=/nope/ca.crt", "TLS CA certificate '/nope/ca.crt': No such file"),
+        ("mqtt://h/mem/#", "cannot hold '#'"),
+        ("mqtt://h:99999/mem", r"'mqtt://h:99999/mem': Port out of range"),
+        ("mqtt://h:port/mem", r"'mqtt://h:port/mem': Port could not be cast"),
     ]:
         with pytest.raises(ValueError, match=words):
             memory_from_url(url)

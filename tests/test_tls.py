@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.clients import device
-from tests.conftest import run_memctl, running, unique
+from tests.conftest import program, run_memctl, running, unique
 from tests.processes import Mosquitto, SplitProxy, free_port
 from worker.backends import create_backend
 from worker.client import open_blocking_memory, open_memory
@@ -253,3 +254,30 @@ async def test_tls_to_a_plain_port_suggests_plain_mqtt(
     done = await run_memctl(broker, "--tls-ca", str(ca), "--timeout", "1", "get", "c")
     assert done.returncode == 3, done.stderr
     assert "not a TLS port?" in done.stderr
+
+
+async def test_memctl_tls_verifies_with_the_systems_cas(tls_broker: tuple[Mosquitto, Path]) -> None:
+    """memctl --tls connects with TLS verified against the system's CAs (here the test's CA,
+    made the system's by SSL_CERT_FILE); a broker they do not vouch for is refused."""
+    broker, ca = tls_broker
+    cfg = Config(
+        host=broker.host, port=broker.port, tls_ca=str(ca), prefix="tls5", client_id="tls-worker5"
+    )
+    where = ["--host", broker.host, "--port", str(broker.port), "--prefix", "tls5", "--tls"]
+
+    def memctl(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [program("memctl"), *where, "--timeout", "5", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, **env},
+        )
+
+    async with running(cfg):
+        done = await asyncio.to_thread(memctl, "append", "c", "user", "hi", SSL_CERT_FILE=str(ca))
+        assert (done.returncode, done.stdout) == (0, '{"ok": true, "seq": 1, "count": 1}\n')
+        refused = await asyncio.to_thread(memctl, "get", "c", SSL_CERT_FILE="/nonexistent")
+    assert refused.returncode == 3, refused.stderr
+    assert "certificate verify failed" in refused.stderr

@@ -67,7 +67,10 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     p.add_argument("--prefix", default=env.get(f"{c.ENV_PREFIX}PREFIX", c.DEFAULT_PREFIX))
     p.add_argument("--username", default=env.get(f"{c.ENV_PREFIX}USERNAME"))
     p.add_argument("--password", default=env.get(f"{c.ENV_PREFIX}PASSWORD"))
-    p.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    p.add_argument("--tls-ca", help="CA certificate: connect with TLS, verified against it")
+    p.add_argument(
+        "--tls", action="store_true", help="connect with TLS, verified against the system's CAs"
+    )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
     p.add_argument("--id", help="request id (echoed; makes appends and saves at-most-once)")
@@ -156,6 +159,7 @@ def _client(args: argparse.Namespace, *, replies: bool = True) -> MemoryClient:
         username=args.username,
         password=args.password,
         tls_ca=args.tls_ca,
+        tls=args.tls,
         timeout=args.timeout,
         qos=args.qos,
         reply_prefix=args.reply_prefix,

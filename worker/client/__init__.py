@@ -10,8 +10,10 @@ worker's own store in this process (`memory://`) from a URL. See docs/client.md.
 
 One private module per concern: `_errors` (the exception tree, by wire code), `_models`
 (what calls return), `_api` (the methods every memory shares), `_mqtt` (`MemoryClient`),
-`_local` (`LocalMemory`), `_blocking` (`BlockingMemoryClient`); the URL factory is here.
-Framework adapters live beside them (`worker.client.langchain`, `worker.client.langgraph`).
+`_local` (`LocalMemory`), `_blocking` (`BlockingMemoryClient`), `_threads` (its calls, each
+on the calling thread's own connection); the URL factory is here. Framework adapters live
+beside them (`worker.client.langchain`, `worker.client.langgraph`, and `_adapters`, what
+they share).
 """
 
 from __future__ import annotations
@@ -60,11 +62,14 @@ from worker.store import Limits
 def memory_from_url(url: str, **kwargs: Any) -> Memory:
     """An (unopened) async memory for `url`; keyword arguments go to MemoryClient.
 
-    `mqtt://[user:password@]host[:port][/prefix]`, `mqtts://...` (TLS; `?ca=FILE`), with
-    `?timeout=S&qos=N&reply_prefix=T&protocol=3` as options; or
+    `mqtt://[user:password@]host[:port][/prefix]` (port 1883), `mqtts://...` (TLS, port
+    8883; `?ca=FILE`), with `?timeout=S&qos=N&reply_prefix=T&protocol=3&attempts=N` as
+    options; or
     `memory://?max_turns=8&ttl=3600&max_conversations=500` (also `max_bytes`, `max_keys`).
     """
     parts = urlsplit(url)
+    if parts.fragment or url.endswith("#"):
+        raise ValueError(f"{url!r}: a URL's prefix cannot hold '#' (a wildcard)")
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if parts.scheme == "memory":
         fields = {f: query.pop(f) for f in list(query) if f in Limits.__slots__}
@@ -106,7 +111,10 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         except ValueError:
             raise ValueError(f"{url!r}: option {name!r} must be a number, not {text!r}") from None
     options.update(kwargs)
-    port = parts.port or (8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT)
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT)
+    except ValueError as exc:  # urllib's "Port out of range 0-65535", or not a number
+        raise ValueError(f"{url!r}: {exc}") from None
     return MemoryClient(parts.hostname or c.DEFAULT_HOST, port, **options)
 
 
