@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run(args))
     except NoReplyError as exc:
-        if exc.message.startswith("cannot reach"):
+        if not exc.message.startswith(("no reply", "no stats")):  # the broker's, not a worker's
             print(f"memctl: {exc.message}", file=sys.stderr)
             return EXIT_NO_REPLY
         # A broker whose ACL is a file (not dynamic security) grants the subscription to a

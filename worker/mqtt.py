@@ -478,8 +478,8 @@ class Connection(aiomqtt.Client):
         self, topic: str, payload: bytes, *, retain: bool = False
     ) -> str | None:
         """A QoS 1 publish, awaited until the broker's PUBACK: the broker's refusal ("Not
-        authorized"), or None (an MQTT 3.1.1 PUBACK cannot refuse). A lost connection sends it
-        again on the next; the caller bounds the wait."""
+        authorized"), or None (an MQTT 3.1.1 PUBACK cannot refuse). The caller bounds the wait:
+        after a lost connection the PUBACK may never come."""
         mid = self.publish_packed(topic, payload, 1, retain, b"\x00" if self._v5 else b"")
         waiter: asyncio.Future[str | None] = self._loop.create_future()
         self._acked[mid] = waiter

@@ -85,7 +85,6 @@ class SqliteBackend(MemoryBackend):
     """
 
     name = "sqlite"
-    immediate = False  # a commit waits for the writer thread
 
     def __init__(
         self,

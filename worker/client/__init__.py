@@ -69,7 +69,10 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
     """
     parts = urlsplit(url)
     if parts.fragment or url.endswith("#"):
-        raise ValueError(f"{url!r}: a URL's prefix cannot hold '#' (a wildcard)")
+        raise ValueError(
+            f"{url!r}: '#' starts a URL's fragment: a prefix cannot hold it (a wildcard), "
+            "and a password writes it %23"
+        )
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if parts.scheme == "memory":
         fields = {f: query.pop(f) for f in list(query) if f in Limits.__slots__}
@@ -112,9 +115,11 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
             raise ValueError(f"{url!r}: option {name!r} must be a number, not {text!r}") from None
     options.update(kwargs)
     try:
-        port = parts.port or (8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT)
+        port = parts.port
     except ValueError as exc:  # urllib's "Port out of range 0-65535", or not a number
         raise ValueError(f"{url!r}: {exc}") from None
+    if port is None:
+        port = 8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT
     return MemoryClient(parts.hostname or c.DEFAULT_HOST, port, **options)
 
 

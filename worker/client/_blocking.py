@@ -13,7 +13,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from worker.client._api import _Api
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient, _not_open, run_direct
+from worker.client._mqtt import MemoryClient, _closed_while_waiting, _not_open, run_direct
 from worker.client._threads import DEFAULT_CONNECTIONS, ThreadRequests
 
 _T = TypeVar("_T")
@@ -96,7 +96,7 @@ class BlockingMemoryClient:
             return done.result()
         except concurrent.futures.CancelledError:
             if self._loop is not loop:  # ended by close()
-                raise _not_open() from None
+                raise _closed_while_waiting() from None
             raise
 
     def __enter__(self) -> BlockingMemoryClient:

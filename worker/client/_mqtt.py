@@ -28,7 +28,7 @@ from worker.client._models import Eviction
 from worker.config import tls_context
 from worker.mqtt import NODELAY, Connection, Message, login_refused, refusal
 from worker.packets import PublishProperties
-from worker.protocol import decode_event, topic_name_problem
+from worker.protocol import decode_event, topic_name_problem, validate_prefix
 
 _T = TypeVar("_T")
 
@@ -60,8 +60,8 @@ class MemoryClient(_Api):
         qos: QoS of requests and replies (0 or 1).
         reply_prefix: replies come to `<reply_prefix>/<client tag>`; `{convo}` in it becomes
             the conversation id (for a worker run with `--route-prefix reply/{convo}`).
-        protocol: 5 (replies matched by Correlation Data) or 3 (MQTT 3.1.1: replies routed
-            by `reply_to` in the payload and matched by the echoed `id`).
+        protocol: 5 (replies matched by Correlation Data) or 3 (MQTT 3.1.1: each request
+            names a reply topic of its own, `reply_to` in the payload, and is matched by it).
         attempts: how many times a request safe to repeat is sent before NoReplyError.
             Appends and saves carry an id made by the client, so the worker applies a
             repeat at most once; reads are repeated as they are; a conversation or key
@@ -101,6 +101,10 @@ class MemoryClient(_Api):
             raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")  # NaN too
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts must be a whole number from 1, not {attempts!r}")
+        try:
+            validate_prefix(prefix)
+        except ValueError as exc:
+            raise ValueError(f"prefix {prefix!r}: {exc}") from None
         self.host, self.port, self.prefix = host, port, prefix
         self.timeout, self.qos, self.protocol = timeout, qos, protocol
         self.attempts = attempts
@@ -493,64 +497,26 @@ class MemoryClient(_Api):
 
     async def stats(self) -> list[dict[str, Any]]:
         """Each worker's latest (retained) stats snapshot; [] when no worker ever ran."""
-        topic_filter = f"{self.prefix}/{c.WORKER_LEVEL}/+/stats"
-        queue: asyncio.Queue[Message] = asyncio.Queue()
-        seen: dict[str, dict[str, Any]] = {}
-        self._stats.add(queue)  # before subscribing: retained snapshots follow the SUBACK
-        try:
-            await self._subscribe(topic_filter, again=True)
-        except BaseException:
-            self._stats.discard(queue)
-            raise
-        try:
-            wait = self.timeout
-            while True:
-                try:
-                    async with asyncio.timeout(wait):
-                        message = await queue.get()
-                except TimeoutError:
-                    break
-                if message.topic in seen:
-                    break
-                seen[message.topic] = decode_event(message.payload, None)
-                wait = _STATS_QUIET
-        finally:
-            self._stats.discard(queue)
-            await self._unsubscribe(topic_filter)
-        return list(seen.values())
+        found = await self._retained(f"{self.prefix}/{c.WORKER_LEVEL}/+/stats", self.timeout)
+        return [decode_event(payload, None) for payload in found.values()]
 
     async def retire(self, client_id: str) -> Literal["retired", "online", "unknown"]:
         """Clear the retained status and stats of a worker that is not running, so that
         dashboards and `stats()` forget it: "retired". Nothing is cleared when its status
         says it is online ("online": stop it first) or nothing of it is retained ("unknown").
-        A broker that refuses the subscription or the clearing raises RefusedError."""
+        A broker that refuses the subscription or the clearing raises RefusedError. MQTT 5
+        only: a 3.1.1 broker drops a publish it refuses without a word."""
+        if self.protocol != 5:
+            raise ValueError("retire() needs MQTT 5: a 3.1.1 broker cannot say it refused it")
         if topic_name_problem(client_id) or "/" in client_id:
             raise ValueError(f"not a worker's client id: {client_id!r}")
         base = f"{self.prefix}/{c.WORKER_LEVEL}/{client_id}/"
-        queue: asyncio.Queue[Message] = asyncio.Queue()
-        found: dict[str, bytes] = {}
-        self._stats.add(queue)  # before subscribing: retained messages follow the SUBACK
-        try:
-            await self._subscribe(base + "+", again=True)
-        except BaseException:
-            self._stats.discard(queue)
-            raise
-        try:
-            wait = self.timeout
-            with contextlib.suppress(TimeoutError):
-                while not {"status", "stats"} <= found.keys():
-                    async with asyncio.timeout(wait):
-                        message = await queue.get()
-                    if message.topic.startswith(base):
-                        found[message.topic[len(base) :]] = message.payload
-                        wait = _STATS_QUIET
-        finally:
-            self._stats.discard(queue)
-            await self._unsubscribe(base + "+")
+        # Retained messages follow the SUBACK: a short wait is enough to know there are none.
+        found = await self._retained(base + "+", min(self.timeout, 1.0))
         if not found:
             return "unknown"
         with contextlib.suppress(ValueError):
-            status = decode_event(found.get("status", b""), None)
+            status = decode_event(found.get(base + "status", b""), None)
             if isinstance(status, dict) and status.get("state") == "online":
                 return "online"
         for kind in ("stats", "status"):
@@ -563,12 +529,42 @@ class MemoryClient(_Api):
                     reason = await client.publish_acked(topic, b"", retain=True)
             except TimeoutError:
                 raise NoReplyError(
-                    f"the broker at {self.host}:{self.port} did not acknowledge {topic!r} "
-                    f"within {self.timeout}s"
+                    f"the broker at {self.host}:{self.port} did not acknowledge clearing "
+                    f"{topic!r} within {self.timeout}s"
                 ) from None
             if reason is not None:
                 raise self._refused("publish to", topic, reason)
         return "retired"
+
+    async def _retained(self, topic_filter: str, wait: float) -> dict[str, bytes]:
+        """The retained messages under `topic_filter` (a filter under the workers' topics),
+        by topic: subscribed again for them, read until `wait` passes with none (then
+        _STATS_QUIET after each) or a topic comes twice (live messages now)."""
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        found: dict[str, bytes] = {}
+        self._stats.add(queue)  # before subscribing: retained messages follow the SUBACK
+        try:
+            await self._subscribe(topic_filter, again=True)
+        except BaseException:
+            self._stats.discard(queue)
+            raise
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(wait):
+                        message = await queue.get()
+                except TimeoutError:
+                    break
+                if not _matches(topic_filter, message.topic):  # another call's
+                    continue
+                if message.topic in found:
+                    break
+                found[message.topic] = message.payload
+                wait = _STATS_QUIET
+        finally:
+            self._stats.discard(queue)
+            await self._unsubscribe(topic_filter)
+        return found
 
 
 def run_direct(coro: Coroutine[Any, Any, _T]) -> _T:
@@ -712,6 +708,12 @@ class _PublishRefused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """Whether `topic` matches a filter whose wildcards are single levels (+) only."""
+    want, got = topic_filter.split("/"), topic.split("/")
+    return len(want) == len(got) and all(w in ("+", g) for w, g in zip(want, got, strict=True))
 
 
 def inbox_filter(reply_prefix: str, tag: str, protocol: int) -> str:
