@@ -5,6 +5,7 @@ Each test drives a backend through the same interface the service uses, on a fak
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
@@ -1071,3 +1072,19 @@ async def test_the_sqlite_lock_holds_through_a_link(tmp_path: Path) -> None:
         await linked.open()
     await linked.close()
     await first.close()
+
+
+async def test_a_file_that_is_not_a_database_is_refused_and_left_closed(tmp_path: Path) -> None:
+    """A file SQLite cannot read is a ConfigError naming it, and nothing of the attempt stays
+    open: not the file (its sqlite3 connection stayed open), not its lock."""
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are notes, not a database\n" * 64)
+    backend = SqliteBackend(f"sqlite:///{path}", Limits())
+    with pytest.raises(ConfigError, match=r"cannot open .*notes\.db: file is not a database"):
+        await backend.open()
+    open_files = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # listdir's own, closed by now
+            open_files.add(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not {str(path), f"{path}.lock"} & open_files
+    await backend.close()

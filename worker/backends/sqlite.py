@@ -146,6 +146,7 @@ class SqliteBackend(MemoryBackend):
             os.close(lock)
 
     def _connect(self) -> list[tuple[Any, ...]]:
+        db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._take()
@@ -158,6 +159,8 @@ class SqliteBackend(MemoryBackend):
                 if column not in columns:
                     db.execute(add)
         except (OSError, sqlite3.Error) as exc:
+            if db is not None:
+                db.close()
             self._release()
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
