@@ -15,7 +15,7 @@ import pytest
 from tests.processes import RedisClusterServers, free_port, redis_server, wait_port
 from tests.test_cli import run_worker
 from worker import cli
-from worker.backend_url import parse_backend_url
+from worker.backend_url import parse_backend_url, redacted
 from worker.backends import create_backend
 from worker.config import Config
 from worker.protocol import Append, Fields, Get, Turns
@@ -202,3 +202,16 @@ async def test_rediss_with_tls_ca_or_the_urls_own_ca_works(tls_redis: tuple[int,
     port, ca = tls_redis
     await works(f"rediss://127.0.0.1:{port}/0", tls_ca=str(ca))
     await works(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}")
+
+
+def test_a_password_in_the_url_is_never_shown() -> None:
+    """A Redis password stays out of errors and logs (the worker logged it while Redis was
+    down, and a bad URL's error printed it)."""
+    assert redacted("redis://:hunter2x@127.0.0.1:6393/0") == "redis://:***@127.0.0.1:6393/0"
+    assert redacted("rediss://app:hunter2x@h:6380/1") == "rediss://app:***@h:6380/1"
+    assert redacted("redis://h:6379/0") == "redis://h:6379/0"
+    for url in ("redis://:hunter2x@h:99999/0", "redis://:hunter2x@h/x", "redis://:hunter2x@/0"):
+        with pytest.raises(ValueError, match="--backend") as info:
+            parse_backend_url(url)
+        assert "hunter2x" not in str(info.value)
+        assert ":***@" in str(info.value)

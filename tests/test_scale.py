@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
 
 from tests.clients import decode, device, next_message, watcher
 from tests.conftest import make_config, reap, running, spawn_worker, unique
@@ -153,5 +154,34 @@ async def test_redis_restart_gives_unavailable_then_full_service(
             assert await m.append("c", "u", "z") == Appended(1, 1)  # that Redis kept nothing
             assert w.connected.is_set()
             assert w.stats.errors["unavailable"] == 1
+    finally:
+        server.stop()
+
+
+async def test_a_redis_that_refuses_for_good_stops_the_worker_at_start(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A Redis that refuses the login, or has no such database, will not mend by waiting: the
+    worker exits 2 with one line saying what Redis said, and no password (it logged "not
+    answering" with the URL's password, and answered 'unavailable' for ever)."""
+    server = RedisServer(tmp_path).start()
+    try:
+        admin = redis.asyncio.Redis(port=server.port)
+        await admin.config_set("requirepass", "hunter2x")
+        await admin.aclose()
+        where = f"127.0.0.1:{server.port}"
+        for url, said in [
+            (f"redis://:guess123@{where}/0", "invalid username-password pair"),
+            (f"redis://{where}/0", "Authentication required"),
+            (f"redis://:hunter2x@{where}/99", "DB index is out of range"),
+        ]:
+            proc = spawn_worker(broker, "--backend", url)
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+            assert proc.returncode == 2, out
+            assert out.count("\n") == 1, out
+            assert "redis refused" in out
+            assert said in out
+            assert "hunter2x" not in out
+            assert "guess123" not in out
     finally:
         server.stop()

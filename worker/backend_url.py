@@ -6,6 +6,7 @@ use it without importing the package that imports worker/config.py.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -13,6 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 SYNC_MODES = ("full", "normal")
 DEFAULT_SHARDS = 16  # see docs/scaling.md: why 16
 MAX_SHARDS = 256
+_PASSWORD = re.compile(r"^([A-Za-z][\w+.-]*://[^:/@]*:)[^@/]*@")
 FORMS = (
     "memory, sqlite:///rel.db, sqlite:////abs.db, redis://host:port/db, rediss://host:port/db, "
     "unix:///path/redis.sock?db=N or redis+cluster://host:port[,host:port...][?shards=N]"
@@ -31,30 +33,37 @@ class BackendUrl:
     shards: int = DEFAULT_SHARDS  # cluster: index shards
 
 
+def redacted(url: str) -> str:
+    """The URL as a log or an error may show it: its password, if any, as ***."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
 def _port(url: str, text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"--backend {url!r}: port must be 1-65535, got {text!r}")
+        raise ValueError(f"--backend {redacted(url)!r}: port must be 1-65535, got {text!r}")
     return int(text)
 
 
 def _db(url: str, text: str) -> None:
     if not text.isdigit():
-        raise ValueError(f"--backend {url!r}: the database must be a number, got {text!r}")
+        raise ValueError(
+            f"--backend {redacted(url)!r}: the database must be a number, got {text!r}"
+        )
 
 
 def _sqlite(url: str) -> BackendUrl:
     parts = urlsplit(url)
     if parts.netloc or not parts.path.startswith("/"):
         raise ValueError(
-            f"--backend {url!r}: expected sqlite:///relative.db or sqlite:////absolute/path.db"
+            f"--backend {redacted(url)!r}: expected sqlite:///relative.db or sqlite:////absolute/path.db"
         )
     raw = parts.path[1:]
     if not raw or raw.endswith("/"):
-        raise ValueError(f"--backend {url!r}: no file name")
+        raise ValueError(f"--backend {redacted(url)!r}: no file name")
     query = parse_qs(parts.query)
     sync = query.pop("synchronous", ["full"])[0].lower()
     if sync not in SYNC_MODES or query:
-        raise ValueError(f"--backend {url!r}: the only option is synchronous=full|normal")
+        raise ValueError(f"--backend {redacted(url)!r}: the only option is synchronous=full|normal")
     return BackendUrl("sqlite", url, path=Path(raw), synchronous=sync)
 
 
@@ -63,11 +72,13 @@ def _redis(url: str) -> BackendUrl:
     try:
         host, port = parts.hostname, parts.port
     except ValueError:
-        raise ValueError(f"--backend {url!r}: port must be 1-65535") from None
+        raise ValueError(f"--backend {redacted(url)!r}: port must be 1-65535") from None
     if not host:
-        raise ValueError(f"--backend {url!r}: no host (expected {parts.scheme}://host:port/db)")
+        raise ValueError(
+            f"--backend {redacted(url)!r}: no host (expected {parts.scheme}://host:port/db)"
+        )
     if port is not None and port == 0:
-        raise ValueError(f"--backend {url!r}: port must be 1-65535")
+        raise ValueError(f"--backend {redacted(url)!r}: port must be 1-65535")
     db = parts.path.strip("/")
     if db:
         _db(url, db)
@@ -75,17 +86,17 @@ def _redis(url: str) -> BackendUrl:
         if key == "db":
             _db(url, values[0])
         elif key == "ssl_ca_certs" and not Path(values[0]).is_file():
-            raise ValueError(f"--backend {url!r}: no such file {values[0]!r}")
+            raise ValueError(f"--backend {redacted(url)!r}: no such file {values[0]!r}")
     return BackendUrl("redis", url)
 
 
 def _unix(url: str) -> BackendUrl:
     parts = urlsplit(url)
     if parts.netloc or not parts.path.startswith("/") or parts.path.endswith("/"):
-        raise ValueError(f"--backend {url!r}: expected unix:///path/redis.sock?db=N")
+        raise ValueError(f"--backend {redacted(url)!r}: expected unix:///path/redis.sock?db=N")
     for key, values in parse_qs(parts.query).items():
         if key != "db":
-            raise ValueError(f"--backend {url!r}: the only option is db=N")
+            raise ValueError(f"--backend {redacted(url)!r}: the only option is db=N")
         _db(url, values[0])
     return BackendUrl("redis", url)
 
@@ -98,14 +109,14 @@ def _cluster(url: str) -> BackendUrl:
     for item in hosts.split(","):
         host, sep, port = item.rpartition(":")
         if not sep or not host:
-            raise ValueError(f"--backend {url!r}: expected host:port, got {item!r}")
+            raise ValueError(f"--backend {redacted(url)!r}: expected host:port, got {item!r}")
         nodes.append((host.strip("[]"), _port(url, port)))
     shards = DEFAULT_SHARDS
     for key, values in parse_qs(query_text, keep_blank_values=True).items():
         if key != "shards":
-            raise ValueError(f"--backend {url!r}: the only option is shards=N")
+            raise ValueError(f"--backend {redacted(url)!r}: the only option is shards=N")
         if not values[0].isdigit() or not 1 <= int(values[0]) <= MAX_SHARDS:
-            raise ValueError(f"--backend {url!r}: shards must be 1-{MAX_SHARDS}")
+            raise ValueError(f"--backend {redacted(url)!r}: shards must be 1-{MAX_SHARDS}")
         shards = int(values[0])
     return BackendUrl("cluster", url, nodes=tuple(nodes), shards=shards)
 
@@ -123,4 +134,4 @@ def parse_backend_url(url: str) -> BackendUrl:
         return _unix(url)
     if scheme == "redis+cluster":
         return _cluster(url)
-    raise ValueError(f"--backend must be {FORMS}, got {url!r}")
+    raise ValueError(f"--backend must be {FORMS}, got {redacted(url)!r}")

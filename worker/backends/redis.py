@@ -24,6 +24,7 @@ import msgpack
 import redis.asyncio
 
 from worker import constants as c
+from worker.backend_url import redacted
 from worker.backends.base import Backend, Counts
 from worker.errors import ConfigError, Conflict, TooLarge, Unavailable, WorkerError
 from worker.protocol import (
@@ -88,11 +89,11 @@ class RedisBackend(Backend):
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(f"--backend {url!r}: expected redis://host:port/db")
+            raise ConfigError(f"--backend {redacted(url)!r}: expected redis://host:port/db")
         tls: dict[str, Any] = {}
         if parts.scheme == "rediss" and ssl_ca_certs and "ssl_ca_certs" not in parts.query:
             tls["ssl_ca_certs"] = ssl_ca_certs  # --tls-ca, unless the URL names its own CA
-        self.url = url
+        self.url = redacted(url)  # for the log
         self.limits = limits
         self.key = f"mw:{{{prefix}}}:"
         self._clock = clock
@@ -113,6 +114,9 @@ class RedisBackend(Backend):
         try:
             self._take(await self._run([self._args("counts", "")]))
         except Unavailable as exc:
+            refusal = _refusal(exc.__cause__)
+            if refusal is not None:  # waiting would not mend it
+                raise ConfigError(f"--backend {self.url!r}: redis refused: {refusal}") from None
             log.warning(
                 "redis at %s is not answering (%s); requests get 'unavailable' until it does",
                 self.url,
@@ -268,6 +272,18 @@ def _id(op: bytes, req_id: Any) -> bytes:
     """An id as the script remembers it: per operation (the same id on another operation is
     another request)."""
     return b"" if req_id is None else op + _packb(req_id)
+
+
+def _refusal(exc: BaseException | None) -> str | None:
+    """What Redis said when it refused for good (a login, a database that does not exist,
+    an ACL), rather than being down or slow."""
+    if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, redis.exceptions.ResponseError) and any(
+        word in str(exc) for word in ("DB index", "NOAUTH", "WRONGPASS", "NOPERM", "AUTH")
+    ):
+        return str(exc)
+    return None
 
 
 def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], Counts]:
