@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -466,9 +467,16 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
     trimmed: bool,
 ) -> None:
     """Beside workers that do not announce trimmed turns the summarizer would fold nothing,
-    silently: it says so at start, naming them (and says nothing when they do announce)."""
+    silently: it says so at start, naming them (and says nothing when they do announce).
+    A worker whose retained stats are older than three of its --stats-interval has stopped:
+    it is not named (it was, for five minutes)."""
+    prefix = unique("mem")
+    stopped = {"client_id": "gone-one", "ts": time.time() - 60, "stats_interval": 10.0}
+    gone = msgpack.packb(stopped | {"trimmed_events": False})
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        await c.publish(f"{prefix}/_worker/gone-one/stats", gone, qos=1, retain=True)
     async with (
-        worker_factory(trimmed_events=trimmed) as w,
+        worker_factory(prefix=prefix, trimmed_events=trimmed) as w,
         summarizing(_config(broker, w.cfg.prefix, model)) as s,
     ):
         assert s.preflight is not None
@@ -479,6 +487,7 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
     else:
         assert len(warned) == 1, warned
         assert w.cfg.client_id in warned[0]
+        assert "gone-one" not in warned[0]
     assert not [r for r in caplog.records if "model server" in r.getMessage()]
 
 
