@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import msgpack
@@ -267,3 +268,41 @@ async def test_many_devices_at_once(broker: Mosquitto, worker: Service) -> None:
     results = await asyncio.gather(*(one(i) for i in range(8)))
     assert all(r == list(range(1, 21)) for r in results)
     assert unique()  # unique names keep tests apart on the shared broker
+
+
+class _Said(logging.Handler):
+    """Sets `said` once a log record contains `words`."""
+
+    def __init__(self, words: str) -> None:
+        super().__init__()
+        self.words, self.said = words, asyncio.Event()
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.words in message:
+            self.records.append(message)
+            self.said.set()
+
+
+async def test_workers_on_one_prefix_with_other_limits_are_warned(
+    worker_factory: WorkerFactory,
+) -> None:
+    """Two workers of one share group with other --max-turns would each trim the shared
+    conversations to its own (found: a stray worker cut them to 5 turns, silently): each
+    says so, once, naming the other and the limit, from the other's stats."""
+    prefix = unique("mem")
+    handler = _Said("with other limits")
+    logging.getLogger("memory_worker").addHandler(handler)
+    try:
+        async with (
+            worker_factory(prefix=prefix, shared_group="g", client_id="wide", max_turns=1000),
+            worker_factory(prefix=prefix, shared_group="g", client_id="narrow", max_turns=5),
+        ):
+            await asyncio.wait_for(handler.said.wait(), 30)
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    first = handler.records[0]
+    assert "max_turns 5, here 1000" in first or "max_turns 1000, here 5" in first
+    assert f"serves {prefix}/# with other limits" in first
+    assert len(set(handler.records)) == len(handler.records)  # once each

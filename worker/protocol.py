@@ -14,6 +14,7 @@ import math
 import re
 import struct
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -870,6 +871,23 @@ def stats_payload(
             "ttl": limits.ttl,
         },
     }
+
+
+# A worker's stats older than this many of its --stats-interval (and 30 s) are of one that
+# stopped or was cut off (the dashboard reads them so too); without the interval (an older
+# worker's), older than _RECENT_STATS seconds.
+_SILENT_INTERVALS: Final = 3
+_RECENT_STATS: Final = 300.0
+
+
+def stats_are_recent(stats: Mapping[str, Any], now: float) -> bool:
+    """Whether a worker's (retained) stats are of one that still runs, at Unix time `now`."""
+    ts, interval = stats.get("ts"), stats.get("stats_interval")
+    if not isinstance(ts, int | float):
+        return False
+    if isinstance(interval, int | float) and interval > 0:
+        return now - ts < max(30.0, _SILENT_INTERVALS * interval)
+    return now - ts < _RECENT_STATS
 
 
 # Home Assistant sensors read from the JSON stats: (object id, name, template, unit, class).

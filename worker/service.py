@@ -65,6 +65,7 @@ from worker.protocol import (
     encode_result,
     encode_trimmed,
     ha_discovery,
+    stats_are_recent,
     stats_payload,
     status_payload,
 )
@@ -80,6 +81,7 @@ BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
 _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
+_STATS_LEAF = "/stats"  # a worker topic's (c.WORKER_LEAVES)
 
 
 def _plural(n: int, word: str) -> str:
@@ -119,6 +121,7 @@ class Service:
         self._resume_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._idle = False  # `_process` waits for `_wake` with nothing to do
+        self._peers_warned: set[tuple[str, tuple[str, ...]]] = set()
         self._generation = 0
         self._busy = False  # a batch is being handled
         self._closing = False  # shutting down: new requests stay unacknowledged, for later
@@ -627,6 +630,8 @@ class Service:
         for gen, msg in batch:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
+                if topic.endswith(_STATS_LEAF):
+                    self._peer_stats(msg.payload)
                 self._ack(gen, msg)
                 continue
             if msg.retain:
@@ -643,6 +648,30 @@ class Service:
             else:
                 todo.append((gen, msg, parsed))
         return todo
+
+    def _peer_stats(self, payload: bytes) -> None:
+        """Another worker's stats on this prefix: say once when it serves it with other
+        limits, since each would trim the conversations they share to its own."""
+        try:
+            body = decode_event(payload, None)
+            peer, limits = body["client_id"], body["limits"]
+        except Exception:  # an older or foreign shape: nothing to compare
+            return
+        if peer == self.cfg.client_id or not stats_are_recent(body, time.time()):
+            return
+        mine = self.stats_body()["limits"]
+        differ = tuple(k for k in mine if k in limits and limits[k] != mine[k])
+        if not differ or (peer, differ) in self._peers_warned:
+            return
+        self._peers_warned.add((peer, differ))
+        log.warning(
+            "worker %s serves %s/# with other limits (%s): workers on one prefix must share "
+            "their limits, or each trims the conversations they share to its own "
+            "(docs/scaling.md)",
+            peer,
+            self.cfg.prefix,
+            ", ".join(f"{k} {limits[k]}, here {mine[k]}" for k in differ),
+        )
 
     def _finish(
         self,

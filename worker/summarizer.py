@@ -61,7 +61,7 @@ from worker.llm import (
     ModelError,
 )
 from worker.mqtt import Connection, Message, persistent, refusal
-from worker.protocol import decode_event
+from worker.protocol import decode_event, stats_are_recent
 from worker.systemd import Notifier, configure_logging
 
 log = logging.getLogger("memory_summarizer")
@@ -83,23 +83,8 @@ _RETRY_FIRST = 0.5
 _SHORTEST_SUMMARY = 32  # tokens: below it, a summary that does not fit is given up
 DEFAULT_RETRY_MAX = 30.0
 _DRAIN_TIMEOUT = 10.0
-# A worker's stats older than this many of its --stats-interval (and 30 s) are of one that
-# stopped or was cut off, as the dashboard reads them; without the interval (older workers),
-# older than _RECENT_STATS seconds.
-_SILENT_INTERVALS = 3
-_RECENT_STATS = 300.0
 # A connection shorter than this does not reset the reconnect backoff.
 _STABLE_CONNECTION = 10.0
-
-
-def _recent(stats: dict[str, Any], now: float) -> bool:
-    """Whether a worker's retained stats are of one that still runs."""
-    ts, interval = stats.get("ts"), stats.get("stats_interval")
-    if not isinstance(ts, int | float):
-        return False
-    if isinstance(interval, int | float) and interval > 0:
-        return now - ts < max(30.0, _SILENT_INTERVALS * interval)
-    return now - ts < _RECENT_STATS
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +353,7 @@ class Summarizer:
             return
         # Stats stay retained after a worker stops: only the recent ones say what runs.
         now = time.time()
-        recent = [s for s in stats if _recent(s, now)]
+        recent = [s for s in stats if stats_are_recent(s, now)]
         flags = {s.get("client_id"): s.get("trimmed_events") for s in recent}
         if False in flags.values() and True not in flags.values():
             log.warning(
