@@ -598,7 +598,7 @@ class Summarizer:
                 continue  # the rest of the backlog, from the summary just saved
             if convo in self._refusing:
                 self._refusing.discard(convo)
-                log.info("%s: the summary is saved again (up to turn %d)", convo, part[-1]["seq"])
+                log.info("%s: the summary is saved again (up to turn %d)", convo, last)
             return self._ack_all(events)
 
     def _gap_is_over(self, convo: str, ev: _Event, upto: int) -> bool:
