@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
+from typing import Any
 
 import msgpack
 import pytest
@@ -306,3 +308,27 @@ async def test_workers_on_one_prefix_with_other_limits_are_warned(
     assert "max_turns 5, here 1000" in first or "max_turns 1000, here 5" in first
     assert f"serves {prefix}/# with other limits" in first
     assert len(set(handler.records)) == len(handler.records)  # once each
+
+
+async def test_stats_of_any_shape_on_a_worker_topic_cost_no_request_its_reply(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Anyone the broker lets may publish on a worker's topics: stats of a foreign shape
+    (limits a list, a client id a list, not a map) among requests are ignored, and every
+    request is answered (the comparison of limits raised, and cost the batch its replies)."""
+    prefix = worker.cfg.prefix
+    bad = [
+        {"client_id": "evil", "limits": ["ttl"], "ts": time.time() + 1e9},
+        {"client_id": ["evil"], "limits": {"ttl": 1}, "ts": time.time()},
+        "not a map",
+    ]
+    async with device(broker.host, broker.port, prefix) as d:
+        sent: list[Any] = []
+        for i in range(90):  # published at once: the worker reads them in batches
+            if i % 30 == 15:
+                stats = msgpack.packb(bad[i // 30])
+                sent.append(d.client.publish(f"{prefix}/_worker/evil/stats", stats, qos=1))
+            sent.append(d.send(f"{prefix}/c/get", {}))
+        futs = [f for f in await asyncio.gather(*sent) if f is not None]
+        replies = [await d.reply(f) for f in futs]
+    assert [r["ok"] for r in replies] == [True] * 90

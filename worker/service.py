@@ -631,7 +631,10 @@ class Service:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
                 if topic.endswith(_STATS_LEAF):
-                    self._peer_stats(msg.payload)
+                    try:
+                        self._peer_stats(msg.payload)
+                    except Exception:  # a message must never cost the batch its replies
+                        log.debug("another worker's stats do not compare", exc_info=True)
                 self._ack(gen, msg)
                 continue
             if msg.retain:
@@ -655,7 +658,9 @@ class Service:
         try:
             body = decode_event(payload, None)
             peer, limits = body["client_id"], body["limits"]
-        except Exception:  # an older or foreign shape: nothing to compare
+        except Exception:  # not stats of ours: nothing to compare
+            return
+        if not isinstance(peer, str) or not isinstance(limits, dict):  # anyone may publish
             return
         if peer == self.cfg.client_id or not stats_are_recent(body, time.time()):
             return
