@@ -210,7 +210,17 @@ def test_a_password_in_the_url_is_never_shown() -> None:
     assert redacted("redis://:hunter2x@127.0.0.1:6393/0") == "redis://:***@127.0.0.1:6393/0"
     assert redacted("rediss://app:hunter2x@h:6380/1") == "rediss://app:***@h:6380/1"
     assert redacted("redis://h:6379/0") == "redis://h:6379/0"
-    for url in ("redis://:hunter2x@h:99999/0", "redis://:hunter2x@h/x", "redis://:hunter2x@/0"):
+    assert redacted("redis://:Zm9v/YmFy@h:6379/0") == "redis://:***@h:6379/0"
+    assert redacted("redis://:p@ss@h/0") == "redis://:***@h/0"
+    assert redacted("redis://h/0?password=hunter2x&db=1") == "redis://h/0?password=***&db=1"
+    assert redacted("unix:///r.sock?db=0&password=hunter2x") == "unix:///r.sock?db=0&password=***"
+    for url in (
+        "redis://:hunter2x@h:99999/0",
+        "redis://:hunter2x@h/x",
+        "redis://:hunter2x@/0",
+        "redis://:hunter/2x@h:6379/0",
+        "redis+cluster://:hunter2x@h:7000,h:7001",
+    ):
         with pytest.raises(ValueError, match="--backend") as info:
             parse_backend_url(url)
         assert "hunter2x" not in str(info.value)

@@ -1074,13 +1074,23 @@ async def test_the_sqlite_lock_holds_through_a_link(tmp_path: Path) -> None:
     await first.close()
 
 
-async def test_a_file_that_is_not_a_database_is_refused_and_left_closed(tmp_path: Path) -> None:
-    """A file SQLite cannot read is a ConfigError naming it, and nothing of the attempt stays
-    open: not the file (its sqlite3 connection stayed open), not its lock."""
+@pytest.mark.parametrize("kind", ["notes", "another schema"])
+async def test_a_file_that_is_not_a_database_is_refused_and_left_closed(
+    tmp_path: Path, kind: str
+) -> None:
+    """A file SQLite cannot read, or a database of another program's with a table of our
+    name, is a ConfigError naming it, and nothing of the attempt stays open: not the file
+    (its sqlite3 connection stayed open), not its lock."""
     path = tmp_path / "notes.db"
-    path.write_bytes(b"these are notes, not a database\n" * 64)
+    if kind == "notes":
+        path.write_bytes(b"these are notes, not a database\n" * 64)
+        words = "file is not a database"
+    else:
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            other.execute("CREATE TABLE convos (name TEXT PRIMARY KEY, tick INTEGER)")
+        words = "no such column"
     backend = SqliteBackend(f"sqlite:///{path}", Limits())
-    with pytest.raises(ConfigError, match=r"cannot open .*notes\.db: file is not a database"):
+    with pytest.raises(ConfigError, match=rf"cannot open .*notes\.db: {words}"):
         await backend.open()
     open_files = set()
     for fd in os.listdir("/proc/self/fd"):

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 SYNC_MODES = ("full", "normal")
 DEFAULT_SHARDS = 16  # see docs/scaling.md: why 16
 MAX_SHARDS = 256
-_PASSWORD = re.compile(r"^([A-Za-z][\w+.-]*://[^:/@]*:)[^@/]*@")
+_PASSWORD_OPTION = re.compile(r"([?&]password=)[^&]*")
 FORMS = (
     "memory, sqlite:///rel.db, sqlite:////abs.db, redis://host:port/db, rediss://host:port/db, "
     "unix:///path/redis.sock?db=N or redis+cluster://host:port[,host:port...][?shards=N]"
@@ -34,8 +34,15 @@ class BackendUrl:
 
 
 def redacted(url: str) -> str:
-    """The URL as a log or an error may show it: its password, if any, as ***."""
-    return _PASSWORD.sub(r"\1***@", url)
+    """The URL as a log or an error may show it: a password in it, if any, as ***. (In the
+    user part up to the last @, which may hold / and @ unencoded, and as ?password=.)"""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        user, at, host = rest.rpartition("@")
+        name, colon, _ = user.partition(":")
+        if colon:
+            rest = f"{name}:***{at}{host}"
+    return scheme + sep + _PASSWORD_OPTION.sub(r"\1***", rest)
 
 
 def _port(url: str, text: str) -> int:
@@ -72,7 +79,8 @@ def _redis(url: str) -> BackendUrl:
     try:
         host, port = parts.hostname, parts.port
     except ValueError:
-        raise ValueError(f"--backend {redacted(url)!r}: port must be 1-65535") from None
+        hint = " (in a password, write / as %2F and @ as %40)" if "@" in url else ""
+        raise ValueError(f"--backend {redacted(url)!r}: port must be 1-65535{hint}") from None
     if not host:
         raise ValueError(
             f"--backend {redacted(url)!r}: no host (expected {parts.scheme}://host:port/db)"
@@ -105,6 +113,10 @@ def _cluster(url: str) -> BackendUrl:
     rest = url[len("redis+cluster://") :]
     hosts, _, query_text = rest.partition("?")
     hosts = hosts.rstrip("/")
+    if "@" in hosts:
+        raise ValueError(
+            f"--backend {redacted(url)!r}: a login in a redis+cluster URL is not supported"
+        )
     nodes = []
     for item in hosts.split(","):
         host, sep, port = item.rpartition(":")

@@ -25,7 +25,7 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import NoScriptError
 
 from worker import constants as c
-from worker.backend_url import BackendUrl, parse_backend_url
+from worker.backend_url import BackendUrl, parse_backend_url, redacted
 from worker.backends.base import Counts
 from worker.backends.redis import (
     DEFAULT_TIMEOUT,
@@ -87,14 +87,14 @@ class ClusterBackend(RedisBackend):
         if limits.max_conversations < s:
             raise ConfigError(
                 f"--max-conversations ({limits.max_conversations}) must be at least the "
-                f"{s} shards of {parsed.url!r}"
+                f"{s} shards of {redacted(parsed.url)!r}"
             )
         if limits.max_bytes // s < max_payload:
             raise ConfigError(
                 f"--max-bytes ({limits.max_bytes}) over {s} shards leaves less than "
                 f"--max-payload-bytes ({max_payload}) per shard"
             )
-        self.url = parsed.url
+        self.url = redacted(parsed.url)  # for the log
         self.limits = limits
         self.shards = s
         self.keys = [f"mw:{{{shard_tag(prefix, i, s)}}}:" for i in range(s)]

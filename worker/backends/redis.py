@@ -279,9 +279,7 @@ def _refusal(exc: BaseException | None) -> str | None:
     an ACL), rather than being down or slow."""
     if isinstance(exc, redis.exceptions.AuthenticationError | redis.exceptions.NoPermissionError):
         return str(exc) or type(exc).__name__
-    if isinstance(exc, redis.exceptions.ResponseError) and any(
-        word in str(exc) for word in ("DB index", "NOAUTH", "WRONGPASS", "NOPERM", "AUTH")
-    ):
+    if isinstance(exc, redis.exceptions.ResponseError) and "DB index is out of range" in str(exc):
         return str(exc)
     return None
 

@@ -158,16 +158,16 @@ class SqliteBackend(MemoryBackend):
             for column, add in NEW_COLUMNS.items():
                 if column not in columns:
                     db.execute(add)
+            rows = db.execute(
+                "SELECT name, seq, turns, state, ids, summary, born, used FROM convos ORDER BY tick"
+            ).fetchall()
+            self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             if db is not None:
                 db.close()
             self._release()
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
-        rows = db.execute(
-            "SELECT name, seq, turns, state, ids, summary, born, used FROM convos ORDER BY tick"
-        ).fetchall()
-        self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         return rows
 
     async def close(self) -> None:
