@@ -173,3 +173,29 @@ async def test_at_most_max_inflight_requests_applied_before_their_acks_leave(
     assert [r["seq"] for r in replies] == list(range(1, 401))
     assert max(size for size, _ in seen) <= 4
     assert all(unsent == 0 for _, unsent in seen)
+
+
+async def test_a_reply_over_the_brokers_packet_size_is_too_large_not_a_lost_connection(
+    tmp_path: Path, worker_factory: WorkerFactory
+) -> None:
+    """Keys each within --max-payload-bytes can add up to a get_all reply over the broker's
+    max_packet_size: it is answered too_large, and the worker stays connected and serves.
+    (The broker dropped the worker for the reply, and again on each reconnection, as the
+    reply went out again: nothing else was served.)"""
+    small = Mosquitto(tmp_path / "broker", extra="max_packet_size 100000").start()
+    try:
+        async with (
+            worker_factory(small, max_payload_bytes=40_000) as w,
+            device(small.host, small.port, w.cfg.prefix) as d,
+        ):
+            for i in range(4):
+                body = {"ns": "n", "key": f"k{i}", "value": "v" * 30_000}
+                assert (await d.request("big", "state/save", body))["ok"]
+            reply = await d.request("big", "state/get_all", {"ns": "n"})
+            assert reply["error"]["code"] == "too_large"
+            assert "max_packet_size" in reply["error"]["message"]
+            assert (await d.request("big", "state/load", {"ns": "n", "key": "k0"}))["ok"]
+            assert w.connections == 1
+            assert w.stats.errors["too_large"] == 1
+    finally:
+        small.stop()

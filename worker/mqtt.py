@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import socket
 import ssl
 import struct
@@ -38,6 +39,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from worker import packets
 from worker.constants import KEEPALIVE
 from worker.packets import PUBACK, PUBLISH, Incoming
+
+_log = logging.getLogger(__name__)
 
 Message = Incoming
 OnMessage = Callable[[Incoming], None]
@@ -461,17 +464,29 @@ class Connection(aiomqtt.Client):
     ) -> int:
         """Publish without waiting; `props` as worker.packets.properties makes them (b"" for
         MQTT 3.1.1). The message id, for `on_refused` (0 at QoS 0)."""
-        mid = 0
+        mid = self._client._mid_generate() if qos else 0
+        packet = packets.encode_publish(
+            topic.encode(), payload, 1 if qos else 0, retain, mid, props
+        )
+        limit = self.broker_max_packet
+        if limit is not None and len(packet) > limit:
+            # The broker would end the connection for it, and a QoS 1 one would go again on
+            # the next: not sent (the worker answers a reply this large with too_large).
+            _log.error(
+                "a %d-byte PUBLISH to %r is over the broker's max_packet_size (%d): not sent",
+                len(packet),
+                topic,
+                limit,
+            )
+            return 0
         if qos:
-            mid = self._client._mid_generate()
-            packet = packets.encode_publish(topic.encode(), payload, 1, retain, mid, props)
             if self._online and len(self._inflight) < self._quota and not self._waiting:
                 self._inflight[mid] = packet
                 self._write(packet)
             else:
                 self._waiting.append((mid, packet))
         elif self._online:
-            self._write(packets.encode_publish(topic.encode(), payload, 0, retain, 0, props))
+            self._write(packet)
         return mid
 
     async def publish_acked(

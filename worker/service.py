@@ -33,7 +33,7 @@ from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
-from worker.errors import WorkerError
+from worker.errors import TooLarge, WorkerError
 from worker.mqtt import (
     Connection,
     Message,
@@ -786,22 +786,32 @@ class Service:
 
     def _reply(self, msg: Message, parsed: Parsed, result: Result) -> None:
         stats = self.stats
+        route = parsed.route
+        payload = props = b""
+        if route is not None:
+            assert self._client is not None
+            payload = encode_result(result, parsed)
+            props = self._reply_props(msg.correlation)
+            limit = self._client.broker_max_packet
+            # (4 bytes a character bounds the topic's UTF-8: encoded only near the limit)
+            if limit is not None and len(payload) + len(props) + 4 * len(route) + 9 > limit:
+                size = len(payload) + len(props) + len(route.encode()) + 9
+                if size > limit:  # the broker would drop the connection, again on each
+                    result = TooLarge(
+                        f"the reply would be a {size}-byte packet, over the {limit} bytes "
+                        "the broker takes (its max_packet_size): ask for less (get with "
+                        "last or max_tokens, fewer keys in a namespace)"
+                    )
+                    payload = encode_result(result, parsed)
         if isinstance(result, WorkerError):
             stats.errors[result.code] += 1
         elif isinstance(parsed.request, Summary) and isinstance(result, Fields):
             stats.summaries += 1
         if parsed.refused is not None:
             stats.refused[parsed.refused.code] += 1
-        if parsed.route is None:
-            return
-        assert self._client is not None
-        self._client.publish_packed(
-            parsed.route,
-            encode_result(result, parsed),
-            msg.qos,
-            False,
-            self._reply_props(msg.correlation),
-        )
+        if route is not None:
+            assert self._client is not None
+            self._client.publish_packed(route, payload, msg.qos, False, props)
 
     def _ack(self, gen: int, msg: Message) -> None:
         if msg.qos and gen == self._generation and self._client is not None:
