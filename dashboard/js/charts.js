@@ -7,8 +7,10 @@
 
   const KEEP = 360; // points per series: an hour at the default --stats-interval of 10 s
   const REASONS = ["ttl", "lru", "memory", "deleted"];
-  const ERROR_CODES = ["bad_payload", "bad_request", "too_large", "bad_topic", "unavailable", "internal"];
-  const PALETTE = ["#2b6cb0", "#c05621", "#2f855a", "#b83280", "#6b46c1", "#718096"];
+  const ERROR_CODES = [
+    "bad_payload", "bad_request", "too_large", "bad_topic", "conflict", "unavailable", "internal",
+  ];
+  const PALETTE = ["#2b6cb0", "#c05621", "#2f855a", "#b83280", "#6b46c1", "#718096", "#b7791f"];
   // time-axis steps in seconds: whole seconds at least, so that labels read as clock times
   const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400];
   const HEIGHT = 120;

@@ -2,8 +2,10 @@
  * msgpack-c: MQTT 5 by default, 3.1.1 with --v311.
  *   cc request_reply.c -o request_reply -lpaho-mqtt3c -lmsgpackc  (msgpack-c 6 and later: -lmsgpack-c)
  *   MQTT_HOST=127.0.0.1 MQTT_PORT=1883 CONVO=kiosk-7 ./request_reply [--v311]
- * Paho C does not set TCP_NODELAY itself and has no option for it: a device that needs fast
- * round trips sets it on the socket (or accepts ~40 ms per round trip). */
+ * Paho C does not set TCP_NODELAY and gives no way to reach its socket: a paho C device pays
+ * ~40 ms per round trip; libmosquitto (MOSQ_OPT_TCP_NODELAY) avoids it (docs/devices.md).
+ * One attempt here: a device that retries after a timeout sends the same bytes again (the
+ * same id), and the worker stores the append once. */
 #include <MQTTClient.h>
 #include <msgpack.h>
 #include <stdio.h>
