@@ -4,8 +4,10 @@ optional langchain extra; skipped where langchain-core is not installed)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -131,10 +133,18 @@ def _chat_turns(url: str, session: str, turns: int) -> tuple[int, int, list[Base
     )
     config: Any = {"configurable": {"session_id": session}}
     chain.invoke({"question": "q 0"}, config)
-    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    gc.collect()  # the first call's history, if it waits for a cycle collection
+    threads, fds = set(threading.enumerate()), len(os.listdir("/proc/self/fd"))
     for n in range(1, turns):
         chain.invoke({"question": f"q {n}"}, config)
-    grown = (threading.active_count() - threads, len(os.listdir("/proc/self/fd")) - fds)
+    gc.collect()
+    # A closed client's executor threads end on their own, just after its close: until they
+    # have ended (a leaked one never does), not a fixed wait.
+    new = [t for t in threading.enumerate() if t not in threads]
+    deadline = time.monotonic() + 10
+    for thread in new:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    grown = (sum(t.is_alive() for t in new), len(os.listdir("/proc/self/fd")) - fds)
     history = MqttChatMessageHistory(session, url=url)
     try:
         return *grown, history.messages
