@@ -212,6 +212,24 @@ def test_malformed_publish_is_refused(body: bytes) -> None:
         packets.decode_publish(packet[0], packet, 2, len(packet))
 
 
+@given(topics, st.integers(0, 300_000), optional_bytes, st.integers(-4, 4) | st.integers())
+def test_oversize_says_whether_the_packet_is_over_a_limit(
+    topic: str, size: int, correlation: bytes | None, off: int
+) -> None:
+    payload = bytes(size)
+    props = packets.properties("application/msgpack", correlation)
+    packet = packets.encode_publish(topic.encode(), payload, 1, False, 1, props)
+    limit = max(1, len(packet) + off)  # near the packet's size, or anywhere
+    over = packets.oversize(topic, payload, props, limit)
+    if len(packet) > limit:  # never one the broker would refuse
+        assert over is not None
+        assert over >= len(packet)
+    if over is not None:  # the header at its largest: a few bytes of margin at most
+        assert over > limit
+        assert over - len(packet) <= 3
+    assert packets.oversize(topic, payload, props, None) is None
+
+
 def test_varint_round_trips_at_every_width() -> None:
     """Remaining lengths of one to four bytes decode to what was encoded."""
     for n in (0, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455):

@@ -209,6 +209,23 @@ def encode_publish(
     return b"".join((bytes((first,)), varint(length), head, props, payload))
 
 
+_PUBLISH_HEAD = 9  # at most: first byte, remaining length (4), topic length (2), id (2)
+
+
+def oversize(topic: str, payload: bytes, props: bytes, limit: int | None) -> int | None:
+    """The size of a PUBLISH of these (its header counted at its largest) when it is over
+    `limit`, the broker's Maximum Packet Size: past it the broker ends the connection.
+    None when it fits, or the broker set no limit. (4 bytes a character bound the topic's
+    UTF-8: it is encoded only near the limit.)"""
+    if limit is None:
+        return None
+    rest = len(payload) + len(props) + _PUBLISH_HEAD
+    if rest + 4 * len(topic) <= limit:
+        return None
+    size = rest + len(topic.encode())
+    return size if size > limit else None
+
+
 def as_duplicate(packet: bytes) -> bytes:
     """The same PUBLISH, sent again (DUP flag set)."""
     return bytes((packet[0] | _DUP,)) + packet[1:]

@@ -45,7 +45,7 @@ from worker.mqtt import (
     subscribe_options,
     will,
 )
-from worker.packets import ReplyProperties
+from worker.packets import ReplyProperties, oversize
 from worker.protocol import (
     Event,
     Eviction,
@@ -793,16 +793,14 @@ class Service:
             payload = encode_result(result, parsed)
             props = self._reply_props(msg.correlation)
             limit = self._client.broker_max_packet
-            # (4 bytes a character bounds the topic's UTF-8: encoded only near the limit)
-            if limit is not None and len(payload) + len(props) + 4 * len(route) + 9 > limit:
-                size = len(payload) + len(props) + len(route.encode()) + 9
-                if size > limit:  # the broker would drop the connection, again on each
-                    result = TooLarge(
-                        f"the reply would be a {size}-byte packet, over the {limit} bytes "
-                        "the broker takes (its max_packet_size): ask for less (get with "
-                        "last or max_tokens, fewer keys in a namespace)"
-                    )
-                    payload = encode_result(result, parsed)
+            # The broker would drop the connection, and again on each as the reply went again.
+            if (size := oversize(route, payload, props, limit)) is not None:
+                result = TooLarge(
+                    f"the reply would be a {size}-byte packet, over the {limit} bytes "
+                    "the broker takes (its max_packet_size): ask for less (get with "
+                    "last or max_tokens, fewer keys in a namespace)"
+                )
+                payload = encode_result(result, parsed)
         if isinstance(result, WorkerError):
             stats.errors[result.code] += 1
         elif isinstance(parsed.request, Summary) and isinstance(result, Fields):

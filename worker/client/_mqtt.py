@@ -27,7 +27,7 @@ from worker.client._errors import BadRequestError, NoReplyError, RefusedError, T
 from worker.client._models import Eviction
 from worker.config import tls_context
 from worker.mqtt import NODELAY, Connection, Message, login_refused, refusal
-from worker.packets import PublishProperties
+from worker.packets import PublishProperties, oversize
 from worker.protocol import decode_event, topic_name_problem, validate_prefix
 
 _T = TypeVar("_T")
@@ -363,14 +363,9 @@ class MemoryClient(_Api):
         safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
         topic, payload = f"{self.prefix}/{convo}/{op}", msgpack.packb(body)
         # Past the size the broker said it takes (MQTT 5's CONNACK), it would drop the
-        # connection, and each attempt would be "connection lost". (A topic's UTF-8 is at
-        # most 4 bytes a character: encoded only near the limit.)
-        limit, size = self._max_packet, len(payload) + len(props) + 16
-        if (
-            limit is not None
-            and size + 4 * len(topic) > limit
-            and size + len(topic.encode()) > limit
-        ):
+        # connection, and each attempt would be "connection lost".
+        limit = self._max_packet
+        if oversize(topic, payload, props, limit):
             raise TooLargeError(
                 f"the request is {len(payload)} bytes: the broker at {self.host}:{self.port} "
                 f"takes packets of up to {limit} bytes"
