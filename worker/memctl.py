@@ -298,7 +298,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     try:
         check_host(args.host)
     except ValueError as exc:
-        return f"--{exc}".replace(" (open_memory() takes URLs)", "")
+        return f"--{exc}"
     if getattr(args, "count", None) is not None and args.count < 1:
         return f"--count must be 1 or more, got {args.count}"
     if args.command == "retire" and (topic_name_problem(args.client_id) or "/" in args.client_id):

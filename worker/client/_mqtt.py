@@ -94,7 +94,12 @@ class MemoryClient(_Api):
             raise ValueError("protocol must be 5 or 3 (MQTT 3.1.1)")
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
-        check_host(host)
+        try:
+            check_host(host)
+        except ValueError as exc:
+            if isinstance(host, str) and "://" in host:  # the hint is for the class's callers
+                raise ValueError(f"{exc} (open_memory() takes URLs)") from None
+            raise
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
@@ -730,8 +735,7 @@ def check_host(host: str) -> None:
         raise ValueError(f"host must be a host name or address, not {host!r}")
     if "://" in host:
         raise ValueError(
-            f"host {host!r} is a URL, not a host name: give the host and the port apart "
-            "(open_memory() takes URLs)"
+            f"host {host!r} is a URL, not a host name: give the host and the port apart"
         )
     name, colon, port = host.rpartition(":")
     if colon and port.isdigit() and ":" not in name:  # (an IPv6 address has more colons)
