@@ -58,6 +58,14 @@ def test_bad_configuration_is_one_line_and_exit_2(
     assert lines[0].startswith("memory-worker: error:")
 
 
+def test_a_mistyped_flag_does_not_echo_a_backend_password() -> None:
+    """argparse repeats what it did not take: a URL's password in it is ***."""
+    done = run_worker("--backnd", "redis://:hunter2x@127.0.0.1:6390/0")
+    assert done.returncode == 2
+    assert "hunter2x" not in done.stderr
+    assert "--backnd redis://:***@127.0.0.1:6390/0" in done.stderr
+
+
 def test_help_lists_every_flag_with_its_environment_variable() -> None:
     """--help lists the flags and the environment variable of each."""
     done = run_worker("--help")
