@@ -6,6 +6,7 @@ Each test drives a backend through the same interface the service uses, on a fak
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sqlite3
@@ -156,7 +157,14 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
 
     async def factory(**limits: Any) -> Harness:
         # Budget tests count bytes by hand: no overheads unless a test asks for them.
-        limits = {"convo_cost": 0, "id_byte_cost": 1, "turn_cost": 0, "key_cost": 0, **limits}
+        limits = {
+            "convo_cost": 0,
+            "id_byte_cost": 1,
+            "turn_cost": 0,
+            "key_cost": 0,
+            "id_cost": 0,
+            **limits,
+        }
         h = Harness(request.param, Limits(**limits), tmp_path / str(len(made)), Clock(), url)
         await h.be.open()
         made.append(h)
@@ -389,6 +397,43 @@ async def test_append_with_id_is_applied_once(make: Make) -> None:
     assert [t["content"] for t in await turns(h, "c")] == ["a", "b"]
 
 
+async def test_remembered_ids_count_in_the_budget(make: Make) -> None:
+    """Each request id a conversation remembers costs --max-bytes, and goes past
+    --max-inflight (max_ids): ids crowd other conversations out like turns do."""
+    h = await make(max_bytes=800, id_cost=100, max_ids=5, max_turns=2)
+    first = await add(h, "c", "x", role="r", id="i0")
+    assert h.counts.bytes == 1 + 2 + 100
+    for i in range(1, 7):
+        await add(h, "c", "x", role="r", id=f"i{i}")
+    assert h.counts.bytes == 1 + 2 * 2 + 5 * 100  # two turns, the five newest ids
+    assert (await add(h, "c", "x", role="r", id="i6"))["seq"] == 7  # remembered
+    assert (await add(h, "c", "x", role="r", id="i0")) != first  # forgotten: applied again
+    await add(h, "d", "x", role="r", id="j0")
+    await add(h, "d", "x", role="r", id="j1")
+    assert h.take() == []
+    await add(h, "d", "x", role="r", id="j2")  # 505 + 305 > 800
+    assert h.take() == [("c", "memory", 2, 0)]
+    assert h.counts.bytes == 1 + 2 * 2 + 3 * 100
+
+
+async def test_a_conversation_alone_at_the_budget_forgets_ids_before_turns(make: Make) -> None:
+    """Ids are a cache: a conversation over --max-bytes by itself gives up its oldest ids
+    first, then turns, and keeps the newest id; a state value that fits without the ids is
+    stored."""
+    h = await make(max_bytes=300, id_cost=100, max_turns=10)
+    for i in range(4):
+        await add(h, "c", "x" * 10, role="r", id=f"i{i}")
+    assert [t["seq"] for t in await turns(h, "c")] == [1, 2, 3, 4]
+    assert h.counts.bytes == 1 + 4 * 11 + 2 * 100
+    assert (await add(h, "c", "x" * 10, role="r", id="i3"))["seq"] == 4
+    assert (await add(h, "c", "x" * 10, role="r", id="i1"))["seq"] == 5  # forgotten
+    assert isinstance(await save(h, "c", "k", "v" * 40, id="s"), Fields)
+    assert h.counts.bytes <= 300
+    assert await add(h, "c", "x" * 10, role="r", id="i9")
+    assert h.counts.bytes <= 300
+    assert h.take() == []
+
+
 async def test_batch_is_applied_in_order(make: Make) -> None:
     """Requests in one batch take effect in the order given, each with its own result."""
     h = await make(max_turns=100)
@@ -549,6 +594,22 @@ async def test_restart_keeps_turns_state_and_ids(durable: Harness) -> None:
     assert await add(h, "c", "again", id="id5") == {"seq": 6, "count": 4}
     assert await add(h, "c", "m6") == {"seq": 7, "count": 4}
     assert await turns(h, "other") == []
+
+
+async def test_a_restart_with_a_lower_max_inflight_keeps_the_newest_ids(
+    durable: Harness,
+) -> None:
+    """Ids kept under a higher --max-inflight are cut to the newest ones, and counted."""
+    h = durable
+    for i in range(6):
+        await add(h, "c", f"m{i}", id=f"id{i}")
+    await h.reopen(dataclasses.replace(h.limits, max_ids=3))
+    await add(h, "c", "new", id="idx")  # the newest three now: id4, id5, idx
+    assert (await add(h, "c", "m5", id="id5"))["seq"] == 6
+    assert (await add(h, "c", "m3", id="id3"))["seq"] == 8  # forgotten: applied again
+    counted = h.counts.bytes
+    await h.reopen()
+    assert h.counts.bytes == counted  # a restore counts ids as their writes did
 
 
 async def test_ttl_keeps_counting_while_down(durable: Harness) -> None:
@@ -1040,6 +1101,31 @@ async def test_redis_data_stored_before_listing_is_indexed_on_open(
         assert await listing(h) == []
         await h.reopen()
         assert await listing(h) == ["a", "b", "c"]
+    finally:
+        await h.be.close()
+
+
+async def test_redis_ids_remembered_before_they_were_counted_still_answer(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Ids a Redis holds from before they counted in --max-bytes answer their repeats and,
+    forgotten, give back nothing they did not take."""
+    limits = Limits(max_ids=2, convo_cost=0, id_byte_cost=0, turn_cost=0, id_cost=100)
+    h = Harness("redis", limits, tmp_path, Clock(), redis_url)
+    await h.be.open()
+    try:
+        first = await add(h, "c", "x", role="r", id="old")
+        async with redis.asyncio.from_url(redis_url) as r:  # as the earlier version left it
+            key = f"mw:{{{h.prefix}}}:"
+            ((old_id, value),) = (await r.hgetall(f"{key}i:c")).items()
+            assert isinstance(value, bytes)
+            await r.hset(f"{key}i:c", old_id, value.split(b"\0")[0])
+            await r.hset(f"{key}m:c", mapping={"nbytes": 2, "ibytes": 0})
+            await r.set(f"{key}bytes", 2)
+        assert await add(h, "c", "x", role="r", id="old") == first
+        await add(h, "c", "x", role="r", id="new1")
+        await add(h, "c", "x", role="r", id="new2")  # forgets "old", which cost nothing
+        assert h.counts.bytes == 3 * 2 + 2 * 100
     finally:
         await h.be.close()
 

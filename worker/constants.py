@@ -109,6 +109,10 @@ CONVO_COST: Final = 712
 ID_BYTE_COST: Final = 2
 TURN_COST: Final = 112
 KEY_COST: Final = 256
+# Each request id a conversation remembers (up to --max-inflight of them), its up to 64 bytes
+# included: 423 bytes of RSS measured per 64-byte id of an append (5,000 conversations x 64
+# ids in a fresh process), rounded up. Flat, so that every backend counts it alike.
+ID_COST: Final = 480
 
 # Seconds: how long a stopping worker waits for the batch in hand and its replies.
 DRAIN_TIMEOUT: Final = 5.0

@@ -83,6 +83,7 @@ class Limits:
     id_byte_cost: int = c.ID_BYTE_COST
     turn_cost: int = c.TURN_COST
     key_cost: int = c.KEY_COST
+    id_cost: int = c.ID_COST  # each remembered request id
     # Announce each turn that leaves a window uncovered by a summary (--trimmed-events).
     trimmed_events: bool = False
 
@@ -303,7 +304,10 @@ class Store:
         lim = self.limits
         content = len(req.content.encode())
         size = len(req.role.encode()) + content + lim.turn_cost
-        if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
+        if (
+            size + self._base(name) + (cv.sbytes if cv else 0) + self._id_cost(req.id)
+            > lim.max_bytes
+        ):
             raise TooLarge(
                 f"the turn ({size} bytes with its overhead) does not fit in --max-bytes "
                 f"{lim.max_bytes}"
@@ -353,7 +357,7 @@ class Store:
         lim = self.limits
         size = summary_size(req.text, lim.turn_cost)
         old = self._summary_size(cv)
-        if size + self._base(name) + cv.sbytes - old > lim.max_bytes:
+        if size + self._base(name) + cv.sbytes - old + self._id_cost(req.id) > lim.max_bytes:
             raise TooLarge(
                 f"the summary ({size} bytes with its overhead) does not fit in --max-bytes "
                 f"{lim.max_bytes}"
@@ -390,7 +394,8 @@ class Store:
             if cv.nkeys >= lim.max_keys:
                 raise TooLarge(f"the conversation has --max-keys {lim.max_keys} live keys")
         delta = self._key_size(req.key, req.value) - (self._key_size(req.key, old[0]) if old else 0)
-        if (cv.nbytes if cv else self._base(name)) + delta > lim.max_bytes:
+        before = cv.nbytes - self._ids_size(cv) if cv else self._base(name)  # ids give way
+        if before + delta + self._id_cost(req.id) > lim.max_bytes:
             raise TooLarge(f"the value does not fit in --max-bytes {lim.max_bytes}")
         if cv is None:
             cv = self._create(name, now)
@@ -536,6 +541,8 @@ class Store:
         if self.limits.ttl:
             cv.deadline = used + self.limits.ttl
         cv.count = len(kept)
+        while len(ids) > self.limits.max_ids:  # kept under a higher --max-inflight
+            del ids[next(iter(ids))]
         cv.ids = ids or None
         cv.summary, cv.born = summary, born
         self._last_born = max(self._last_born, born)
@@ -555,7 +562,7 @@ class Store:
                 cv.nkeys += 1
                 if key_deadline != NO_DEADLINE:
                     self._push_key_deadline(key_deadline, name, ns, key)
-        cv.nbytes += cv.sbytes
+        cv.nbytes += cv.sbytes + self._ids_size(cv)
         self._convos[name] = cv
         self._index.add(cv)
         self.turns += cv.count
@@ -583,6 +590,8 @@ class Store:
         """Drop the oldest turns while the conversation alone is over --max-bytes (keeping
         `keep`), and announce them with the `dropped` ones when --trimmed-events is on."""
         lim = self.limits
+        while cv.nbytes > lim.max_bytes and cv.ids:  # a cache: before the conversation's turns
+            self._forget_id(cv)
         while cv.nbytes > lim.max_bytes and cv.count > keep:
             turn = cv.drop_oldest()
             dropped_size = turn_size(turn) + lim.turn_cost
@@ -683,11 +692,32 @@ class Store:
         return self._done(name, cv, now, None, cv.ids[key])
 
     def _remember(self, cv: Convo, key: tuple[str, Any], fields: dict[str, Any]) -> None:
+        """Remember a write's (operation, id) and reply, in --max-bytes like the rest: the
+        oldest ids are forgotten past --max-inflight, and while the conversation alone would
+        be over the budget (its other bytes fit, checked before the write)."""
         if cv.ids is None:
             cv.ids = {}
         cv.ids[key] = fields
-        if len(cv.ids) > self.limits.max_ids:
-            del cv.ids[next(iter(cv.ids))]
+        cost = self.limits.id_cost
+        cv.nbytes += cost
+        self.bytes += cost
+        while len(cv.ids) > self.limits.max_ids or (
+            cv.nbytes > self.limits.max_bytes and len(cv.ids) > 1
+        ):
+            self._forget_id(cv)
+
+    def _forget_id(self, cv: Convo) -> None:
+        assert cv.ids is not None
+        del cv.ids[next(iter(cv.ids))]
+        cost = self.limits.id_cost
+        cv.nbytes -= cost
+        self.bytes -= cost
+
+    def _id_cost(self, req_id: Any) -> int:
+        return 0 if req_id is None else self.limits.id_cost
+
+    def _ids_size(self, cv: Convo) -> int:
+        return len(cv.ids) * self.limits.id_cost if cv.ids else 0
 
     def _live_key(
         self, name: str, cv: Convo, ns: str, key: str, now: float

@@ -7,8 +7,9 @@
 -- Returns {result, evictions, counts, trimmed}; evictions are {convo, reason, turns, keys};
 -- trimmed is {} or {summary upto, born, entry, ...}. A conversation's meta hash holds seq,
 -- nbytes, sbytes (state and summary: what dropping turns cannot free), nkeys, born (Unix ms
--- when it was started), its summary as sum_text, sum_upto, sum_tokens, sum_size, and used
--- (the time of its last use). The sorted set ix holds every conversation's id with score 0,
+-- when it was started), its summary as sum_text, sum_upto, sum_tokens, sum_size, used
+-- (the time of its last use) and ibytes (what its remembered request ids cost: in nbytes,
+-- and given up before its turns). The sorted set ix holds every conversation's id with score 0,
 -- for listing in id order (ZRANGEBYLEX).
 local K = KEYS[1]
 local op = ARGV[1]
@@ -96,18 +97,50 @@ local function fit_budget()
   end
 end
 
-local function seen(c, id)
-  if id == '' then return nil end
-  return redis.call('HGET', K .. 'i:' .. c, id)
+-- A remembered id's value is its reply, then \0 and what it costs the budget (ids kept by
+-- an earlier version have neither and cost nothing: they were not counted).
+local function split_reply(v)
+  local at = string.find(v, '\0', 1, true)
+  if not at then return v, 0 end
+  return string.sub(v, 1, at - 1), tonumber(string.sub(v, at + 1)) or 0
 end
 
-local function remember(c, id, reply)
-  if id == '' then return end
-  redis.call('HSET', K .. 'i:' .. c, id, reply)
-  redis.call('RPUSH', K .. 'il:' .. c, id)
-  if redis.call('LLEN', K .. 'il:' .. c) > max_ids then
-    redis.call('HDEL', K .. 'i:' .. c, redis.call('LPOP', K .. 'il:' .. c))
+local function seen(c, id)
+  if id == '' then return nil end
+  local v = redis.call('HGET', K .. 'i:' .. c, id)
+  if not v then return nil end
+  return (split_reply(v))
+end
+
+local function forget_id(c)
+  local id = redis.call('LPOP', K .. 'il:' .. c)
+  local _, cost = split_reply(redis.call('HGET', K .. 'i:' .. c, id) or '')
+  redis.call('HDEL', K .. 'i:' .. c, id)
+  if cost > 0 then
+    redis.call('HINCRBY', meta(c), 'nbytes', -cost)
+    redis.call('HINCRBY', meta(c), 'ibytes', -cost)
+    redis.call('DECRBY', K .. 'bytes', cost)
   end
+end
+
+local function over(c)
+  return num(redis.call('HGET', meta(c), 'nbytes')) > max_bytes
+end
+
+-- while the conversation alone is over the budget: its ids go before its turns (a cache)
+local function shed_ids(c, keep)
+  while over(c) and redis.call('LLEN', K .. 'il:' .. c) > keep do forget_id(c) end
+end
+
+local function remember(c, id, reply, cost)
+  if id == '' then return end
+  redis.call('HSET', K .. 'i:' .. c, id, reply .. '\0' .. cost)
+  redis.call('RPUSH', K .. 'il:' .. c, id)
+  redis.call('HINCRBY', meta(c), 'nbytes', cost)
+  redis.call('HINCRBY', meta(c), 'ibytes', cost)
+  redis.call('INCRBY', K .. 'bytes', cost)
+  while redis.call('LLEN', K .. 'il:' .. c) > max_ids do forget_id(c) end
+  shed_ids(c, 1)
 end
 
 local function live_key(c, field)
@@ -160,14 +193,15 @@ end
 local result
 local c = ARGV[11]
 if op == 'append' then
-  -- ARGV[12] size, ARGV[13] turn without its seq, ARGV[14] id
-  local size, head, id = tonumber(ARGV[12]), ARGV[13], ARGV[14]
+  -- ARGV[12] size, ARGV[13] turn without its seq, ARGV[14] id, ARGV[15] the id's cost
+  local size, head, id, icost = tonumber(ARGV[12]), ARGV[13], ARGV[14], tonumber(ARGV[15])
   local exists = live(c)
   local dup = exists and seen(c, id)
+  local fixed = base + icost + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0)
   if dup then
     touch(c)
     result = {'dup', dup}
-  elseif size + base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0) > max_bytes then
+  elseif size + fixed > max_bytes then
     result = {'too_large', 'the turn does not fit in --max-bytes'}
   else
     if not exists then create(c) end
@@ -179,11 +213,10 @@ if op == 'append' then
     redis.call('INCRBY', K .. 'bytes', size)
     redis.call('INCRBY', K .. 'turns', 1)
     while redis.call('LLEN', t) > max_turns do trim_oldest(c) end
-    while num(redis.call('HGET', meta(c), 'nbytes')) > max_bytes and redis.call('LLEN', t) > 1 do
-      trim_oldest(c)
-    end
+    shed_ids(c, 0)
+    while over(c) and redis.call('LLEN', t) > 1 do trim_oldest(c) end
     local count = redis.call('LLEN', t)
-    remember(c, id, seq .. ' ' .. count)
+    remember(c, id, seq .. ' ' .. count, icost)
     touch(c)
     fit_budget()
     result = {'ok', seq .. ' ' .. count}
@@ -224,9 +257,10 @@ elseif op == 'delete' then
   end
 elseif op == 'summary' then
   -- ARGV[12] text, ARGV[13] upto, ARGV[14] base, ARGV[15] tokens, ARGV[16] size, ARGV[17] id,
-  -- ARGV[18] born ('': any)
+  -- ARGV[18] born ('': any), ARGV[19] the id's cost
   local text, upto, sbase = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
   local tokens, size, id, want = ARGV[15], tonumber(ARGV[16]), ARGV[17], ARGV[18]
+  local icost = tonumber(ARGV[19])
   local exists = live(c)
   local dup = exists and seen(c, id)
   local current = exists and num(redis.call('HGET', meta(c), 'sum_upto')) or 0
@@ -248,7 +282,7 @@ elseif op == 'summary' then
     result = {'conflict', why, current, newest, born}
   else
     local old = num(redis.call('HGET', meta(c), 'sum_size'))
-    if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then
+    if size + base + icost + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then
       result = {'too_large', 'the summary (' .. size ..
                 ' bytes with its overhead) does not fit in --max-bytes ' .. max_bytes}
     else
@@ -263,19 +297,19 @@ elseif op == 'summary' then
       redis.call('HINCRBY', meta(c), 'sbytes', size - old)
       redis.call('HINCRBY', meta(c), 'nbytes', size - old)
       redis.call('INCRBY', K .. 'bytes', size - old)
-      while num(redis.call('HGET', meta(c), 'nbytes')) > max_bytes and redis.call('LLEN', t) > 0 do
-        trim_oldest(c)
-      end
-      remember(c, id, upto .. ' ' .. dropped)
+      shed_ids(c, 0)
+      while over(c) and redis.call('LLEN', t) > 0 do trim_oldest(c) end
+      remember(c, id, upto .. ' ' .. dropped, icost)
       touch(c)
       fit_budget()
       result = {'ok', upto .. ' ' .. dropped}
     end
   end
 elseif op == 'save' then
-  -- ARGV[12] field, ARGV[13] key size, ARGV[14] value, ARGV[15] key ttl (0: none), ARGV[16] id
+  -- ARGV[12] field, ARGV[13] key size, ARGV[14] value, ARGV[15] key ttl (0: none), ARGV[16] id,
+  -- ARGV[17] the id's cost
   local field, ksize, value = ARGV[12], tonumber(ARGV[13]), ARGV[14]
-  local kttl, id = tonumber(ARGV[15]), ARGV[16]
+  local kttl, id, icost = tonumber(ARGV[15]), ARGV[16], tonumber(ARGV[17])
   local exists = live(c)
   local dup = exists and seen(c, id)
   if dup then
@@ -289,7 +323,8 @@ elseif op == 'save' then
     local delta = ksize + string.len(value) - (old and (ksize + string.len(old)) or 0)
     if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
       result = {'too_large', 'the conversation has --max-keys live keys'}
-    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) or base) + delta > max_bytes then
+    elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) -
+            num(redis.call('HGET', meta(c), 'ibytes')) or base) + delta + icost > max_bytes then
       result = {'too_large', 'the value does not fit in --max-bytes'}
     else
       if not exists then create(c) end
@@ -308,7 +343,7 @@ elseif op == 'save' then
       redis.call('HINCRBY', meta(c), 'nbytes', delta)
       redis.call('HINCRBY', meta(c), 'sbytes', delta)
       redis.call('INCRBY', K .. 'bytes', delta)
-      remember(c, id, '')
+      remember(c, id, '', icost)
       touch(c)
       fit_budget()
       result = {'ok', ''}

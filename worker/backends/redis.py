@@ -152,7 +152,9 @@ class RedisBackend(Backend):
             case Append():
                 size = content_size(req.role, req.content) + self.limits.turn_cost
                 head = turn_head(req.role, req.content, self._wall(), req.token_count)
-                return self._args("append", req.convo, size, head, _id(b"a", req.id))
+                return self._args(
+                    "append", req.convo, size, head, _id(b"a", req.id), self._id_cost(req.id)
+                )
             case Get():
                 return self._args(
                     "get", req.convo, req.last or 0, req.max_tokens or 0, "1" if req.summary else ""
@@ -169,6 +171,7 @@ class RedisBackend(Backend):
                     size,
                     _id(b"m", req.id),
                     "" if req.born is None else req.born,
+                    self._id_cost(req.id),
                 )
             case Delete():
                 return self._args("delete", req.convo)
@@ -182,6 +185,7 @@ class RedisBackend(Backend):
                     req.value,
                     repr(ttl),
                     _id(b"s", req.id),
+                    self._id_cost(req.id),
                 )
             case StateLoad():
                 return self._args("load", req.convo, _field(req.ns, req.key))
@@ -194,6 +198,9 @@ class RedisBackend(Backend):
             case ListConvos():
                 return self._args("list", *list_bounds(req), req.limit)
         raise WorkerError(f"unknown request {type(req).__name__}")  # pragma: no cover
+
+    def _id_cost(self, req_id: Any) -> int:
+        return 0 if req_id is None else self.limits.id_cost
 
     async def _run(self, calls: list[list[Any]]) -> list[Any]:
         try:
