@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +18,14 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from tests.clients import decode, device, next_message, watcher
 from tests.conftest import make_config, running, unique
-from tests.processes import Mosquitto, RedisClusterServers, redis_server
+from tests.processes import (
+    Mosquitto,
+    RedisClusterServers,
+    cluster_port,
+    free_port,
+    redis_server,
+    wait_port,
+)
 from worker.backends.cluster import ClusterBackend, shard_of, shard_tag, share
 from worker.errors import Unavailable
 from worker.protocol import Append, Fields, Get, ListConvos, Turns, decode_cursor
@@ -263,3 +273,77 @@ async def test_listing_spans_every_master_in_id_order(redis_cluster: RedisCluste
                 break
             after = decode_cursor(result.fields["cursor"])
     assert seen == names[:100]
+
+
+def _one_master(workdir: Path, port: int, announce: int) -> subprocess.Popen[bytes]:
+    """A one-master Redis Cluster on `port` that tells clients to reach it on `announce`."""
+    exe = redis_server()
+    assert exe is not None
+    node = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-announce-ip", "127.0.0.1", "--cluster-announce-port", str(announce),
+         "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_port(port, proc=node)
+    cli = [shutil.which("redis-cli") or "/usr/bin/redis-cli", "-p", str(port)]
+    subprocess.run([*cli, "cluster", "addslotsrange", "0", "16383"], check=True)
+    deadline = time.monotonic() + 30
+    while "cluster_state:ok" not in subprocess.check_output([*cli, "cluster", "info"], text=True):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the one-master cluster is not ok")
+        time.sleep(0.05)  # as RedisClusterServers.wait_ok: Redis says no more
+    return node
+
+
+async def test_a_script_whose_reply_was_lost_is_not_run_again(tmp_path: Path) -> None:
+    """A node's connection lost after it ran a script, before its reply came: the request is
+    unavailable, and an append without an id is stored once (redis-py's default retry ran
+    the script again, and stored it twice)."""
+    port, hop = cluster_port(), free_port()
+    node = await asyncio.to_thread(_one_master, tmp_path, port, hop)
+    lose = {"armed": False, "next": False}
+    relays: list[tuple[asyncio.Task[Any] | None, asyncio.StreamWriter]] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        relays.extend([(asyncio.current_task(), writer), (None, up_writer)])
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                if lose["armed"] and b"EVALSHA" in data.upper():
+                    lose["armed"], lose["next"] = False, True
+                up_writer.write(data)
+
+        async def down() -> None:
+            while data := await up_reader.read(65536):
+                if lose["next"]:  # the script ran: its reply is lost with the connection
+                    lose["next"] = False
+                    writer.transport.abort()
+                    up_writer.close()
+                    return
+                writer.write(data)
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", hop)
+    be = ClusterBackend(f"redis+cluster://127.0.0.1:{hop}", Limits(ttl=0), prefix=unique())
+    try:
+        await be.open()
+        await be.execute([Append("c", "user", "hello")])
+        lose["armed"] = True
+        (lost,), _ = await be.execute([Append("c", "user", "once, no id")])
+        assert isinstance(lost, Unavailable)
+        (got,), _ = await be.execute([Get("c")])
+        assert isinstance(got, Turns)
+        assert [t["content"] for t in got.decoded()] == ["hello", "once, no id"]
+    finally:
+        await be.close()
+        server.close()
+        for _, writer in relays:
+            writer.close()
+        await asyncio.gather(*(task for task, _ in relays if task), return_exceptions=True)
+        node.terminate()
+        node.wait(timeout=10)

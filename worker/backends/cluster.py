@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import NoScriptError
 
@@ -109,6 +111,9 @@ class ClusterBackend(RedisBackend):
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             require_full_coverage=False,
+            # None: a script whose reply was lost may have run, and a write without an id
+            # would be stored twice (a redirection, which ran nothing, still goes on).
+            retry=Retry(NoBackoff(), 0),
         )
         self._shard_counts = [Counts(0, 0, 0, 0)] * s
         self._counts = Counts(0, 0, 0, 0)
