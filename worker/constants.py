@@ -114,6 +114,12 @@ KEY_COST: Final = 256
 # ids in a fresh process), rounded up. Flat, so that every backend counts it alike.
 ID_COST: Final = 480
 
+# Bytes of our QoS 1 publishes the broker has not acknowledged (its PUBACKs behind a flood;
+# the project's broker lets 1000 be in flight): past it a read is answered unavailable
+# instead of with its data, which had no bound (a flood of gets of a large conversation
+# took 2 GiB).
+REPLY_BACKLOG_BYTES: Final = 8 * 1024 * 1024
+
 # Seconds: how long a stopping worker waits for the batch in hand and its replies.
 DRAIN_TIMEOUT: Final = 5.0
 # Seconds between the worker's MQTT PINGREQs when nothing else is sent.

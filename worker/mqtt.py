@@ -287,6 +287,7 @@ class Connection(aiomqtt.Client):
         self._inflight: dict[int, bytes] = {}  # mid -> our QoS 1 PUBLISH awaiting its PUBACK
         self._acked: dict[int, asyncio.Future[str | None]] = {}  # publish_acked()'s waiting
         self._waiting: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.unacked_bytes = 0  # of our QoS 1 publishes, in flight or waiting
         self._queued: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
         self._quota = 1
         self.broker_receive_max: int | None = None
@@ -422,7 +423,8 @@ class Connection(aiomqtt.Client):
                     continue
                 if kind == PUBACK and end - start >= 2:
                     mid = (buf[start] << 8) | buf[start + 1]
-                    if self._inflight.pop(mid, None) is not None:
+                    if (sent := self._inflight.pop(mid, None)) is not None:
+                        self.unacked_bytes -= len(sent)
                         refused = end - start > 2 and buf[start + 2] >= 0x80  # MQTT 5
                         if refused:
                             self._refused(mid, buf[start + 2])
@@ -485,6 +487,7 @@ class Connection(aiomqtt.Client):
                 self._write(packet)
             else:
                 self._waiting.append((mid, packet))
+            self.unacked_bytes += len(packet)
         elif self._online:
             self._write(packet)
         return mid

@@ -33,7 +33,7 @@ from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
-from worker.errors import TooLarge, WorkerError
+from worker.errors import TooLarge, Unavailable, WorkerError
 from worker.mqtt import (
     Connection,
     Message,
@@ -50,11 +50,15 @@ from worker.protocol import (
     Event,
     Eviction,
     Fields,
+    Get,
     ListConvos,
     Parsed,
     Request,
     Result,
     Router,
+    StateGetAll,
+    StateLoad,
+    StateNamespaces,
     Stats,
     Summary,
     content_type,
@@ -72,6 +76,8 @@ from worker.protocol import (
 from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
+# Requests that change nothing: one may be answered unavailable rather than with its data.
+_READS = (Get, StateLoad, StateGetAll, StateNamespaces, ListConvos)
 
 # A connection shorter than this does not reset the reconnect backoff: two workers sharing a
 # client id take each other's session at once, and must not do so several times a second.
@@ -799,6 +805,16 @@ class Service:
                     f"the reply would be a {size}-byte packet, over the {limit} bytes "
                     "the broker takes (its max_packet_size): ask for less (get with "
                     "last or max_tokens, fewer keys in a namespace)"
+                )
+                payload = encode_result(result, parsed)
+            elif (
+                self._client.unacked_bytes > c.REPLY_BACKLOG_BYTES
+                and isinstance(parsed.request, _READS)
+                and not isinstance(result, WorkerError)
+            ):
+                result = Unavailable(
+                    f"{self._client.unacked_bytes} bytes of replies wait for the broker to "
+                    "take them: ask again later"
                 )
                 payload = encode_result(result, parsed)
         if isinstance(result, WorkerError):
