@@ -218,6 +218,21 @@ async def test_get_last_and_unknown(make: Make) -> None:
     assert h.counts.conversations == 1
 
 
+async def test_get_last_of_any_size_and_the_batch_around_it(make: Make) -> None:
+    """`last` is any int >= 1: one past every turn returns them all, and the requests
+    batched with it are answered as ever (Redis's script failed on one over 2^53, and its
+    whole batch was answered unavailable, though stored)."""
+    h = await make()
+    await add(h, "c", "a")
+    results, _ = await h.be.execute(
+        [Append("c", "user", "b"), Get("c", 2**63 - 1), Append("c", "user", "c")]
+    )
+    got = results[1]
+    assert [type(r) for r in results] == [Fields, Turns, Fields]
+    assert isinstance(got, Turns)
+    assert [t["content"] for t in got.decoded()] == ["a", "b"]
+
+
 async def test_turns_carry_role_and_timestamp(make: Make) -> None:
     """A stored turn comes back with its role, the clock's timestamp and its sequence number."""
     h = await make()

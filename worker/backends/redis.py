@@ -156,8 +156,10 @@ class RedisBackend(Backend):
                     "append", req.convo, size, head, _id(b"a", req.id), self._id_cost(req.id)
                 )
             case Get():
+                # Lua's numbers are doubles: past 2^53 a `last` is an error in the script.
+                last = min(req.last or 0, _MAX_LAST)
                 return self._args(
-                    "get", req.convo, req.last or 0, req.max_tokens or 0, "1" if req.summary else ""
+                    "get", req.convo, last, req.max_tokens or 0, "1" if req.summary else ""
                 )
             case Summary():
                 size = summary_size(req.text, self.limits.turn_cost)
@@ -273,6 +275,9 @@ def _row_info(row: list[Any], ttl: float) -> dict[str, Any] | None:
     return convo_info(
         convo.decode(), int(turns), int(keys), float(used), ttl, int(upto), int(tokens)
     )
+
+
+_MAX_LAST = 2**31  # more turns than a conversation holds: a `last` above it asks for all
 
 
 def _id(op: bytes, req_id: Any) -> bytes:
