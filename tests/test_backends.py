@@ -433,8 +433,7 @@ async def test_remembered_ids_count_in_the_budget(make: Make) -> None:
 
 async def test_a_conversation_alone_at_the_budget_forgets_ids_before_turns(make: Make) -> None:
     """Ids are a cache: a conversation over --max-bytes by itself gives up its oldest ids
-    first, then turns, and keeps the newest id; a state value that fits without the ids is
-    stored."""
+    first, then turns; a turn or state value that fits without the ids is stored."""
     h = await make(max_bytes=300, id_cost=100, max_turns=10)
     for i in range(4):
         await add(h, "c", "x" * 10, role="r", id=f"i{i}")
@@ -447,6 +446,8 @@ async def test_a_conversation_alone_at_the_budget_forgets_ids_before_turns(make:
     assert await add(h, "c", "x" * 10, role="r", id="i9")
     assert h.counts.bytes <= 300
     assert h.take() == []
+    assert (await add(h, "e", "x" * 290, role="r", id="e1"))["seq"] == 1  # its id does not fit
+    assert h.counts.bytes == 1 + 291
 
 
 async def test_batch_is_applied_in_order(make: Make) -> None:

@@ -304,10 +304,7 @@ class Store:
         lim = self.limits
         content = len(req.content.encode())
         size = len(req.role.encode()) + content + lim.turn_cost
-        if (
-            size + self._base(name) + (cv.sbytes if cv else 0) + self._id_cost(req.id)
-            > lim.max_bytes
-        ):
+        if size + self._base(name) + (cv.sbytes if cv else 0) > lim.max_bytes:
             raise TooLarge(
                 f"the turn ({size} bytes with its overhead) does not fit in --max-bytes "
                 f"{lim.max_bytes}"
@@ -357,7 +354,7 @@ class Store:
         lim = self.limits
         size = summary_size(req.text, lim.turn_cost)
         old = self._summary_size(cv)
-        if size + self._base(name) + cv.sbytes - old + self._id_cost(req.id) > lim.max_bytes:
+        if size + self._base(name) + cv.sbytes - old > lim.max_bytes:
             raise TooLarge(
                 f"the summary ({size} bytes with its overhead) does not fit in --max-bytes "
                 f"{lim.max_bytes}"
@@ -395,7 +392,7 @@ class Store:
                 raise TooLarge(f"the conversation has --max-keys {lim.max_keys} live keys")
         delta = self._key_size(req.key, req.value) - (self._key_size(req.key, old[0]) if old else 0)
         before = cv.nbytes - self._ids_size(cv) if cv else self._base(name)  # ids give way
-        if before + delta + self._id_cost(req.id) > lim.max_bytes:
+        if before + delta > lim.max_bytes:
             raise TooLarge(f"the value does not fit in --max-bytes {lim.max_bytes}")
         if cv is None:
             cv = self._create(name, now)
@@ -693,17 +690,16 @@ class Store:
 
     def _remember(self, cv: Convo, key: tuple[str, Any], fields: dict[str, Any]) -> None:
         """Remember a write's (operation, id) and reply, in --max-bytes like the rest: the
-        oldest ids are forgotten past --max-inflight, and while the conversation alone would
-        be over the budget (its other bytes fit, checked before the write)."""
+        oldest ids are forgotten past --max-inflight, and while the conversation alone is
+        over the budget (this one too: what it stores fits, checked before the write; a
+        conversation that fills the budget alone keeps fewer ids, down to none)."""
         if cv.ids is None:
             cv.ids = {}
         cv.ids[key] = fields
         cost = self.limits.id_cost
         cv.nbytes += cost
         self.bytes += cost
-        while len(cv.ids) > self.limits.max_ids or (
-            cv.nbytes > self.limits.max_bytes and len(cv.ids) > 1
-        ):
+        while cv.ids and (len(cv.ids) > self.limits.max_ids or cv.nbytes > self.limits.max_bytes):
             self._forget_id(cv)
 
     def _forget_id(self, cv: Convo) -> None:
@@ -712,9 +708,6 @@ class Store:
         cost = self.limits.id_cost
         cv.nbytes -= cost
         self.bytes -= cost
-
-    def _id_cost(self, req_id: Any) -> int:
-        return 0 if req_id is None else self.limits.id_cost
 
     def _ids_size(self, cv: Convo) -> int:
         return len(cv.ids) * self.limits.id_cost if cv.ids else 0

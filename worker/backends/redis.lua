@@ -140,7 +140,7 @@ local function remember(c, id, reply, cost)
   redis.call('HINCRBY', meta(c), 'ibytes', cost)
   redis.call('INCRBY', K .. 'bytes', cost)
   while redis.call('LLEN', K .. 'il:' .. c) > max_ids do forget_id(c) end
-  shed_ids(c, 1)
+  shed_ids(c, 0)  -- this one too, when what it stores fills the budget alone
 end
 
 local function live_key(c, field)
@@ -197,7 +197,7 @@ if op == 'append' then
   local size, head, id, icost = tonumber(ARGV[12]), ARGV[13], ARGV[14], tonumber(ARGV[15])
   local exists = live(c)
   local dup = exists and seen(c, id)
-  local fixed = base + icost + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0)
+  local fixed = base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0)
   if dup then
     touch(c)
     result = {'dup', dup}
@@ -282,7 +282,7 @@ elseif op == 'summary' then
     result = {'conflict', why, current, newest, born}
   else
     local old = num(redis.call('HGET', meta(c), 'sum_size'))
-    if size + base + icost + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then
+    if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then
       result = {'too_large', 'the summary (' .. size ..
                 ' bytes with its overhead) does not fit in --max-bytes ' .. max_bytes}
     else
@@ -324,7 +324,7 @@ elseif op == 'save' then
     if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
       result = {'too_large', 'the conversation has --max-keys live keys'}
     elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) -
-            num(redis.call('HGET', meta(c), 'ibytes')) or base) + delta + icost > max_bytes then
+            num(redis.call('HGET', meta(c), 'ibytes')) or base) + delta > max_bytes then
       result = {'too_large', 'the value does not fit in --max-bytes'}
     else
       if not exists then create(c) end
