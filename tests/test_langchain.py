@@ -202,3 +202,20 @@ def test_tool_calls_and_their_answers_come_back_whole() -> None:
     assert got == sent
     assert roles[0] == "user"
     assert roles[-1] == "assistant"  # plain messages keep the roles devices read
+
+
+def test_a_streamed_answer_is_stored_as_the_assistant() -> None:
+    """A streamed answer's chunks (AIMessageChunk, ...) are stored under the devices' roles
+    and come back as plain messages (they were stored as role 'AIMessageChunk')."""
+    from langchain_core.messages import AIMessageChunk, HumanMessageChunk
+
+    history = MqttChatMessageHistory(unique("s"), url="memory://")
+    try:
+        chunks = [AIMessageChunk(content="Hel"), AIMessageChunk(content="lo")]
+        history.add_messages([HumanMessageChunk(content="hi"), chunks[0] + chunks[1]])
+        roles = [t["role"] for t in history.client.get(history.session_id)]
+        got = history.messages
+    finally:
+        history.close()
+    assert roles == ["user", "assistant"]
+    assert [(type(m), m.content) for m in got] == [(HumanMessage, "hi"), (AIMessage, "Hello")]

@@ -41,7 +41,15 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra("langchain", exc) from None
 
-_ROLE_OF = {"human": "user", "ai": "assistant", "system": "system"}
+# A streamed answer's chunks are of their own types ("AIMessageChunk", ...).
+_ROLE_OF = {
+    "human": "user",
+    "ai": "assistant",
+    "system": "system",
+    "HumanMessageChunk": "user",
+    "AIMessageChunk": "assistant",
+    "SystemMessageChunk": "system",
+}
 _MESSAGE_OF: dict[str, type[BaseMessage]] = {
     "user": HumanMessage,
     "assistant": AIMessage,
