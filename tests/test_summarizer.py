@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import socket
@@ -26,7 +27,7 @@ from tests.fake_llm import FakeModel, fake_model
 from tests.processes import REPO, Mosquitto, free_port
 from worker import summarizer
 from worker.errors import ConfigError
-from worker.llm import ChatModel
+from worker.llm import ChatModel, Folded, parse_completion
 from worker.summarizer import Summarizer, SummarizerConfig, from_args
 
 Replies = asyncio.Queue[aiomqtt.Message]
@@ -543,3 +544,15 @@ def test_a_model_call_ending_after_its_loop_closed_is_dropped_quietly() -> None:
     finally:
         threading.excepthook = hook
     assert seen == []
+
+
+def test_a_completion_is_read_without_the_thinking_and_with_a_count_it_can_save() -> None:
+    """A thinking model's <think> block is not the summary, and a completion_tokens the
+    worker would refuse is estimated instead (the save was refused, and tried again for
+    ever)."""
+    raw = {
+        "choices": [{"message": {"content": "<think>\nweigh it\n</think>\n\nThe gist."}}],
+        "usage": {"completion_tokens": 2_000_000},
+    }
+    folded = parse_completion(json.dumps(raw).encode())
+    assert folded == Folded("The gist.", None)

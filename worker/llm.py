@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from worker import constants as c
+from worker.turns import MAX_TOKENS
 
 DEFAULT_LLM_URL = "http://127.0.0.1:11434/v1"
 DEFAULT_MODEL = "llama3.2"
@@ -163,7 +165,7 @@ class ChatModel:
                 body = json.loads(got.read(_CHECK_BYTES))
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
-                return f"{url} refused the API key ({exc.code}): check --api-key (OPENAI_API_KEY)"
+                return f"{url} refused the API key ({exc.code}): check OPENAI_API_KEY"
             return None  # no list there: the first fold will tell
         except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, not HTTP
             return f"the model server at {self.base} does not answer ({exc!r})"
@@ -231,6 +233,9 @@ def _settle(done: asyncio.Future[_T], result: _T | None, exc: BaseException | No
         done.set_result(result)  # type: ignore[arg-type]  # None only with an exception
 
 
+_THINKING = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)
+
+
 def parse_completion(raw: bytes) -> Folded:
     """The summary in a chat-completions answer; ModelError for anything else."""
     try:
@@ -238,13 +243,18 @@ def parse_completion(raw: bytes) -> Folded:
         text = body["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise ModelError(f"not a chat completion: {raw[:200]!r}") from None
+    if isinstance(text, str):  # a thinking model's reasoning is not the summary
+        text = _THINKING.sub("", text)
     if not isinstance(text, str) or not text.strip():
         raise ModelError("the model answered an empty summary")
     if any("\ud800" <= ch <= "\udfff" for ch in text):
         raise ModelError("the model answered text that is not valid UTF-8 (a lone surrogate)")
     usage = body.get("usage") if isinstance(body, dict) else None
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return Folded(text.strip(), tokens if isinstance(tokens, int) and tokens >= 0 else None)
+    # A count the worker would refuse (past MAX_TOKENS) is estimated instead: the save is
+    # not refused for ever.
+    known = isinstance(tokens, int) and 0 <= tokens <= MAX_TOKENS
+    return Folded(text.strip(), tokens if known else None)
 
 
 def _timed_out(exc: BaseException) -> bool:
