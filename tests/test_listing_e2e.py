@@ -82,7 +82,9 @@ async def test_waiting_pages_count_against_max_inflight(
 ) -> None:
     """Pages waiting for their turn are held to --max-inflight with the requests not yet
     read (QoS 0 ones included, which no Receive Maximum bounds): past it the worker stops
-    reading, and the flood waits in the broker."""
+    reading, and the flood waits in the broker. Past an eighth of it (at least one) a page
+    is answered unavailable at once: a burst of pages stopped the worker reading devices'
+    requests for a minute."""
     async with (
         worker_factory(max_inflight=4) as w,
         device(broker.host, broker.port, w.cfg.prefix) as d,
@@ -106,7 +108,13 @@ async def test_waiting_pages_count_against_max_inflight(
         replies = [await d.reply(page) for page in pages]
         flooding = False
         await sampler
-        assert all(len(r["conversations"]) == 300 for r in replies)
+        whole = [r for r in replies if r["ok"]]
+        assert all(len(r["conversations"]) == 300 for r in whole)
+        busy = [r["error"] for r in replies if not r["ok"]]
+        assert whole
+        assert busy
+        assert {e["code"] for e in busy} == {"unavailable"}
+        assert "listing pages wait already" in busy[0]["message"]
         assert 0 < held <= 4
 
 

@@ -122,6 +122,7 @@ class Service:
         self._inbox: list[tuple[int, Message]] = []
         # Listing pages: served a step at a time when no other request waits.
         self._later: collections.deque[_Page] = collections.deque()
+        self._pages_max = max(1, cfg.max_inflight // 8)  # listing pages waiting at once
         self._served = 0.0  # monotonic time other requests were last applied
         self._list_resume = 0.0  # no listing step before this monotonic time
         self._resume_timer: asyncio.TimerHandle | None = None
@@ -649,6 +650,14 @@ class Service:
                 continue
             parsed = parse(topic, msg.payload, msg.response_topic)
             if isinstance(parsed.request, ListConvos):
+                if len(self._later) >= self._pages_max:
+                    # Waiting pages count in --max-inflight: a burst of them stopped reading,
+                    # and devices' requests waited at the broker behind them for a minute.
+                    busy = Unavailable(
+                        f"{len(self._later)} listing pages wait already: ask again later"
+                    )
+                    todo.append((gen, msg, replace(parsed, request=None, error=busy)))
+                    continue
                 # A page is a hundred conversations' worth of work and a large reply: the
                 # requests of devices do not wait behind it (_process serves it after them).
                 # Its PUBACK then follows theirs, out of the order MQTT asks of a client
