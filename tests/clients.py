@@ -8,7 +8,7 @@ import itertools
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from typing import Any
 
@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.processes import REPO
+from worker import packets
 
 SCHEMAS = REPO / "schemas"
 TIMEOUT = 10.0
@@ -176,3 +177,78 @@ async def next_message(queue: asyncio.Queue[aiomqtt.Message]) -> aiomqtt.Message
 
 def decode(message: aiomqtt.Message) -> Any:
     return msgpack.unpackb(message.payload, strict_map_key=False)
+
+
+class AckHolder:
+    """A TCP hop to the broker whose client (the worker) gets none of the broker's PUBACKs
+    of its publishes to topics `held(topic)` says, while `holding`: they wait for
+    `release()`, as behind a flood. Everything else passes."""
+
+    def __init__(self, host: str, port: int, held: Callable[[str], bool] = lambda _: True) -> None:
+        self.target = (host, port)
+        self.holding = False
+        self.port = 0
+        self._which = held
+        self._topics: dict[int, str] = {}  # the client's QoS 1 publishes: mid -> topic
+        self._held: list[bytes] = []
+        self._to_client: asyncio.StreamWriter | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> AckHolder:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for w in self._writers:
+            w.close()
+        if self._server is not None:
+            self._server.close()
+
+    def release(self) -> None:
+        """Hand on the PUBACKs held, and hold no more."""
+        self.holding = False
+        held, self._held = self._held, []
+        if self._to_client is not None:
+            for packet in held:
+                self._to_client.write(packet)
+
+    @staticmethod
+    def _packets(buf: bytes) -> tuple[list[bytes], bytes]:
+        out = []
+        while (span := packets.frame(buf, 0))[0] >= 0:
+            out.append(buf[: span[1]])
+            buf = buf[span[1] :]
+        return out, buf
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._to_client = writer
+        self._writers += [writer, up_writer]
+
+        async def up() -> None:
+            buf = b""
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                done, buf = self._packets(buf + data)
+                for p in done:
+                    if p[0] & 0xF6 == packets.PUBLISH | 0x02:  # QoS 1
+                        start = packets.frame(p, 0)[0]
+                        n = int.from_bytes(p[start : start + 2], "big")
+                        mid = int.from_bytes(p[start + 2 + n : start + 4 + n], "big")
+                        self._topics[mid] = p[start + 2 : start + 2 + n].decode()
+
+        async def down() -> None:
+            buf = b""
+            while data := await up_reader.read(65536):
+                done, buf = self._packets(buf + data)
+                for p in done:
+                    if self.holding and p[0] & 0xF0 == packets.PUBACK:
+                        topic = self._topics.get(int.from_bytes(p[2:4], "big"), "")
+                        if self._which(topic):
+                            self._held.append(p)
+                            continue
+                    writer.write(p)
+
+        await asyncio.gather(up(), down(), return_exceptions=True)

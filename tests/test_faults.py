@@ -12,9 +12,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.clients import decode, device, next_message, watcher
-from tests.conftest import WorkerFactory, reap, spawn_worker, unique
+from tests.clients import AckHolder, decode, device, next_message, watcher
+from tests.conftest import WorkerFactory, make_config, reap, running, spawn_worker, unique
 from tests.processes import Mosquitto
+from worker.backends import create_backend
+from worker.config import Config
+from worker.service import Service
 
 
 async def test_requests_sent_while_stopped_are_served_on_start(
@@ -199,3 +202,50 @@ async def test_a_reply_over_the_brokers_packet_size_is_too_large_not_a_lost_conn
             assert w.stats.errors["too_large"] == 1
     finally:
         small.stop()
+
+
+async def test_a_stop_mid_sweep_announces_the_evictions_it_made(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A stop while the sweep announces an expiry chunk (its events held up, here by the
+    broker's PUBACKs): the chunk's evictions, made and stored, are all announced before the
+    worker goes, and what it had not swept yet is at the next start: each once. The sweep
+    was cancelled mid-chunk, and the events not yet sent were lost with SQLite's deletions."""
+    prefix, db, n = unique("mem"), f"sqlite:///{tmp_path / 'm.db'}", 600  # chunks 500, 100
+
+    def config(port: int, ttl: float) -> Config:
+        return make_config(
+            broker, port=port, prefix=prefix, backend=db, ttl=ttl, max_conversations=10_000
+        )
+
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/+/evicted") as evicted,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        async with running(config(broker.port, 3600)):
+            for i in range(n):
+                await d.send(f"{prefix}/c{i:04}/append", {"role": "user", "content": "x"}, qos=0)
+            assert (await d.request(f"c{n - 1:04}", "get"))["turns"]
+        async with AckHolder(broker.host, broker.port, lambda t: t.endswith("/evicted")) as hop:
+            hop.holding = True
+            worker = Service(config(hop.port, 0.001), create_backend(config(hop.port, 0.001)))
+            stop = asyncio.Event()
+            task = asyncio.create_task(worker.run(stop))
+            # The sweep announces a chunk of 500, two slices of 64 at most unacknowledged: it
+            # waits for PUBACKs held.
+            events = [decode(await next_message(evicted))]
+            (sweep,) = [t for t in asyncio.all_tasks() if t.get_name() == "sweep"]
+            stop.set()
+            # Stopping, the chunk's events held: the sweep is not cancelled meanwhile (it
+            # was, within a few turns of the loop), then the broker acknowledges again.
+            for _ in range(200):
+                await asyncio.sleep(0)  # turns of the loop, not time
+                if sweep.done():
+                    break
+            hop.release()
+            await asyncio.wait_for(task, 30)
+        async with running(config(broker.port, 0.001)):
+            while len(events) < n:
+                events.append(decode(await next_message(evicted)))
+    assert sorted(e["convo"] for e in events) == [f"c{i:04}" for i in range(n)]
+    assert {e["reason"] for e in events} == {"ttl"}

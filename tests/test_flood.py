@@ -10,10 +10,9 @@ import aiomqtt
 import msgpack
 import pytest
 
-from tests.clients import NODELAY, decode, device, next_message, watcher
+from tests.clients import NODELAY, AckHolder, decode, device, next_message, watcher
 from tests.conftest import make_config, reap, running, spawn_worker, unique
 from tests.processes import Mosquitto
-from worker import packets
 
 FLOOD = 20_000
 RSS_BOUND_MIB = 64  # stated in the README
@@ -86,50 +85,17 @@ async def test_replies_waiting_for_the_broker_stay_bounded(broker: Mosquitto) ->
     waiting for its Receive Maximum stay within REPLY_BACKLOG_BYTES: past it a get is
     answered unavailable, not with its data (a flood of gets of a large conversation took
     the worker to 2 GiB). Writes are answered as ever."""
-    held: list[bytes] = []
-    holding = False
-    writers: list[asyncio.StreamWriter] = []
-
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port)
-        writers.extend([writer, up_writer])
-
-        async def up() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-
-        async def down() -> None:  # the broker's PUBACKs are held, the rest passes
-            buf = b""
-            while data := await up_reader.read(65536):
-                buf += data
-                while (span := packets.frame(buf, 0))[0] >= 0:
-                    packet, buf = buf[: span[1]], buf[span[1] :]
-                    if holding and packet[0] & 0xF0 == packets.PUBACK:
-                        held.append(packet)
-                    else:
-                        writer.write(packet)
-
-        await asyncio.gather(up(), down(), return_exceptions=True)
-
-    hop = await asyncio.start_server(relay, "127.0.0.1", 0)
-    port = hop.sockets[0].getsockname()[1]
-    cfg = make_config(broker, port=port, max_payload_bytes=65536, max_turns=4)
-    try:
+    async with AckHolder(broker.host, broker.port) as hop:
+        cfg = make_config(broker, port=hop.port, max_payload_bytes=65536, max_turns=4)
         async with running(cfg), device(broker.host, broker.port, cfg.prefix) as dev:
             for i in range(4):  # a 240 KB get
                 await dev.request("big", "append", {"role": "user", "content": f"{i}" * 60_000})
-            holding = True
+            hop.holding = True
             gets = [await dev.send(f"{cfg.prefix}/big/get", {}) for _ in range(80)]
             appended = await dev.request("other", "append", {"role": "user", "content": "hi"})
             assert appended["ok"]  # its reply is small: it waits for no PUBACK of ours
-            holding = False
-            for packet in held:
-                writers[0].write(packet)
+            hop.release()
             replies = [await dev.reply(fut) for fut in gets]
-    finally:
-        for w in writers:
-            w.close()
-        hop.close()
     ok = [r for r in replies if r["ok"]]
     assert 8 * 2**20 // 240_000 <= len(ok) < 60, len(ok)
     assert all(r["error"]["code"] == "unavailable" for r in replies if not r["ok"])

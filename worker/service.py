@@ -123,6 +123,8 @@ class Service:
         # Listing pages: served a step at a time when no other request waits.
         self._later: collections.deque[_Page] = collections.deque()
         self._pages_max = max(1, cfg.max_inflight // 8)  # listing pages waiting at once
+        self._sweep_resting = asyncio.Event()  # between expiry rounds
+        self._sweep_resting.set()
         self._served = 0.0  # monotonic time other requests were last applied
         self._list_resume = 0.0  # no listing step before this monotonic time
         self._resume_timer: asyncio.TimerHandle | None = None
@@ -180,6 +182,8 @@ class Service:
         client.resume_reading()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained(), timeout=c.DRAIN_TIMEOUT)
+        with contextlib.suppress(TimeoutError):  # the expiry chunk in hand, announced
+            await asyncio.wait_for(self._sweep_resting.wait(), timeout=c.DRAIN_TIMEOUT)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -869,15 +873,24 @@ class Service:
                 delay = c.SWEEP_INTERVAL
             self._sweep_due = now + delay
             self._sweep_kick.clear()
+            self._sweep_resting.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._sweep_kick.wait(), None if delay == math.inf else delay
                 )
             if self._sweep_kick.is_set() and time.monotonic() < self._sweep_due:
                 continue  # woken by a request: sleep again, to its deadline
+            if self._closing:
+                return
+            self._sweep_resting.clear()
             ran = time.monotonic()
             more = True
-            while more:
+            # A chunk taken is announced whole, even once stopping (shutdown waits for it):
+            # its evictions are made, and stored by a durable backend.
+            while more and not self._closing:
+                # Not while offline: its events would wait in memory, and a worker stopped
+                # then would lose them after a durable backend stored the evictions.
+                await self.connected.wait()
                 await self._sendable()
                 try:
                     more, evictions = await self.backend.expire()
