@@ -182,7 +182,9 @@ def decode(message: aiomqtt.Message) -> Any:
 class AckHolder:
     """A TCP hop to the broker whose client (the worker) gets none of the broker's PUBACKs
     of its publishes to topics `held(topic)` says, while `holding`: they wait for
-    `release()`, as behind a flood. Everything else passes."""
+    `release()`, as behind a flood. Everything else passes, but while `paused`, when
+    whatever comes waits for `resume()` and then goes in one write (one read of the
+    client's: one batch)."""
 
     def __init__(self, host: str, port: int, held: Callable[[str], bool] = lambda _: True) -> None:
         self.target = (host, port)
@@ -191,6 +193,9 @@ class AckHolder:
         self._which = held
         self._topics: dict[int, str] = {}  # the client's QoS 1 publishes: mid -> topic
         self._held: list[bytes] = []
+        self.paused = False
+        self._paused: list[bytes] = []
+        self._more = asyncio.Event()
         self._to_client: asyncio.StreamWriter | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
@@ -213,6 +218,18 @@ class AckHolder:
         if self._to_client is not None:
             for packet in held:
                 self._to_client.write(packet)
+
+    async def wait_paused(self, publishes: int) -> None:
+        """Until this many PUBLISH packets wait, paused."""
+        while sum(p[0] & 0xF0 == packets.PUBLISH for p in self._paused) < publishes:
+            self._more.clear()
+            await self._more.wait()
+
+    def resume(self) -> None:
+        self.paused = False
+        waiting, self._paused = self._paused, []
+        if self._to_client is not None:
+            self._to_client.write(b"".join(waiting))
 
     @staticmethod
     def _packets(buf: bytes) -> tuple[list[bytes], bytes]:
@@ -244,6 +261,10 @@ class AckHolder:
             while data := await up_reader.read(65536):
                 done, buf = self._packets(buf + data)
                 for p in done:
+                    if self.paused:
+                        self._paused.append(p)
+                        self._more.set()
+                        continue
                     if self.holding and p[0] & 0xF0 == packets.PUBACK:
                         topic = self._topics.get(int.from_bytes(p[2:4], "big"), "")
                         if self._which(topic):

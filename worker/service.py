@@ -124,6 +124,7 @@ class Service:
         self._later: collections.deque[_Page] = collections.deque()
         self._pages_max = max(1, cfg.max_inflight // 8)  # listing pages waiting at once
         self._sweep_resting = asyncio.Event()  # between expiry rounds
+        self._backed_up = False  # replies wait for the broker past REPLY_BACKLOG_BYTES
         self._sweep_resting.set()
         self._served = 0.0  # monotonic time other requests were last applied
         self._list_resume = 0.0  # no listing step before this monotonic time
@@ -743,6 +744,11 @@ class Service:
         client = self._client if self.connected.is_set() else None
         if client is not None:
             client.hold_writes()
+        # What the broker had not acknowledged before this batch: its own replies do not
+        # count against its reads (a burst of gets of large conversations refused some).
+        self._backed_up = self._client is not None and (
+            self._client.unacked_bytes > c.REPLY_BACKLOG_BYTES
+        )
         try:
             for gen, msg, parsed, result in done:
                 self._reply(msg, parsed, result)
@@ -821,7 +827,7 @@ class Service:
                 )
                 payload = encode_result(result, parsed)
             elif (
-                self._client.unacked_bytes > c.REPLY_BACKLOG_BYTES
+                self._backed_up
                 and isinstance(parsed.request, _READS)
                 and not isinstance(result, WorkerError)
             ):
