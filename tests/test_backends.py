@@ -443,11 +443,40 @@ async def test_a_conversation_alone_at_the_budget_forgets_ids_before_turns(make:
     assert (await add(h, "c", "x" * 10, role="r", id="i1"))["seq"] == 5  # forgotten
     assert isinstance(await save(h, "c", "k", "v" * 40, id="s"), Fields)
     assert h.counts.bytes <= 300
-    assert await add(h, "c", "x" * 10, role="r", id="i9")
+    assert (await add(h, "c", "x" * 10, role="r", id="i9"))["seq"] == 6
     assert h.counts.bytes <= 300
     assert h.take() == []
     assert (await add(h, "e", "x" * 290, role="r", id="e1"))["seq"] == 1  # its id does not fit
     assert h.counts.bytes == 1 + 291
+
+
+async def test_a_write_without_an_id_makes_room_by_forgetting_ids(make: Make) -> None:
+    """A value that fits the conversation only without its remembered ids is stored, and its
+    conversation kept: the ids go (the budget evicted the conversation just written)."""
+    h = await make(max_bytes=2000, id_cost=100)
+    for i in range(10):
+        await add(h, "c", "x", role="r", id=f"r{i}")
+    assert isinstance(await save(h, "c", "k", "v" * 1500), Fields)
+    assert await load(h, "c", "k") == "v" * 1500
+    assert h.take() == []
+    assert h.counts.bytes <= 2000
+
+
+async def test_a_restore_forgets_ids_a_conversation_cannot_keep(tmp_path: Path) -> None:
+    """A conversation stored when its ids cost less comes back without the ids it cannot
+    keep, not evicted for them."""
+    limits = Limits(max_bytes=3000, id_cost=10)
+    h = Harness("sqlite", limits, tmp_path, Clock())
+    await h.be.open()
+    try:
+        for i in range(20):
+            await add(h, "c", "x" * 100, id=f"r{i}")
+        await h.reopen(dataclasses.replace(limits, id_cost=500))
+        assert len(await turns(h, "c")) == 8
+        assert h.take() == []
+        assert h.counts.bytes <= 3000
+    finally:
+        await h.be.close()
 
 
 async def test_batch_is_applied_in_order(make: Make) -> None:

@@ -560,6 +560,9 @@ class Store:
                 if key_deadline != NO_DEADLINE:
                     self._push_key_deadline(key_deadline, name, ns, key)
         cv.nbytes += cv.sbytes + self._ids_size(cv)
+        while cv.ids and cv.nbytes > self.limits.max_bytes:  # stored when ids cost nothing
+            del cv.ids[next(iter(cv.ids))]
+            cv.nbytes -= self.limits.id_cost
         self._convos[name] = cv
         self._index.add(cv)
         self.turns += cv.count
@@ -587,8 +590,7 @@ class Store:
         """Drop the oldest turns while the conversation alone is over --max-bytes (keeping
         `keep`), and announce them with the `dropped` ones when --trimmed-events is on."""
         lim = self.limits
-        while cv.nbytes > lim.max_bytes and cv.ids:  # a cache: before the conversation's turns
-            self._forget_id(cv)
+        self._shed_ids(cv)  # a cache: before the conversation's turns
         while cv.nbytes > lim.max_bytes and cv.count > keep:
             turn = cv.drop_oldest()
             dropped_size = turn_size(turn) + lim.turn_cost
@@ -675,6 +677,7 @@ class Store:
         remembered per operation: the same id on another operation is another request."""
         if key is not None and key[1] is not None:
             self._remember(cv, key, fields)
+        self._shed_ids(cv)  # a write without an id too: else the budget evicted its own
         self._touch(name, cv, now)
         self._changed(name)
         self._fit_budget()
@@ -699,7 +702,12 @@ class Store:
         cost = self.limits.id_cost
         cv.nbytes += cost
         self.bytes += cost
-        while cv.ids and (len(cv.ids) > self.limits.max_ids or cv.nbytes > self.limits.max_bytes):
+        while len(cv.ids) > self.limits.max_ids:
+            self._forget_id(cv)
+
+    def _shed_ids(self, cv: Convo) -> None:
+        """Forget the oldest ids while the conversation alone is over --max-bytes."""
+        while cv.ids and cv.nbytes > self.limits.max_bytes:
             self._forget_id(cv)
 
     def _forget_id(self, cv: Convo) -> None:

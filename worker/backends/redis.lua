@@ -343,6 +343,7 @@ elseif op == 'save' then
       redis.call('HINCRBY', meta(c), 'nbytes', delta)
       redis.call('HINCRBY', meta(c), 'sbytes', delta)
       redis.call('INCRBY', K .. 'bytes', delta)
+      shed_ids(c, 0)  -- a save without an id too: else fit_budget evicted its own conversation
       remember(c, id, '', icost)
       touch(c)
       fit_budget()
