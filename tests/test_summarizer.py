@@ -27,7 +27,7 @@ from tests.fake_llm import FakeModel, fake_model
 from tests.processes import REPO, Mosquitto, free_port
 from worker import summarizer
 from worker.errors import ConfigError
-from worker.llm import ChatModel, Folded, parse_completion
+from worker.llm import ChatModel, Folded, ModelError, parse_completion
 from worker.summarizer import Summarizer, SummarizerConfig, from_args
 
 Replies = asyncio.Queue[aiomqtt.Message]
@@ -554,5 +554,9 @@ def test_a_completion_is_read_without_the_thinking_and_with_a_count_it_can_save(
         "choices": [{"message": {"content": "<think>\nweigh it\n</think>\n\nThe gist."}}],
         "usage": {"completion_tokens": 2_000_000},
     }
-    folded = parse_completion(json.dumps(raw).encode())
-    assert folded == Folded("The gist.", None)
+    assert parse_completion(json.dumps(raw).encode()) == Folded("The gist.", None)
+    raw["usage"] = {"completion_tokens": 1500}  # the reasoning's too: not the summary's
+    assert parse_completion(json.dumps(raw).encode()) == Folded("The gist.", None)
+    raw["choices"] = [{"message": {"content": "<think>\nweigh it, and wei"}}]  # cut off
+    with pytest.raises(ModelError, match="never ended"):
+        parse_completion(json.dumps(raw).encode())

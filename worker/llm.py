@@ -243,8 +243,13 @@ def parse_completion(raw: bytes) -> Folded:
         text = body["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise ModelError(f"not a chat completion: {raw[:200]!r}") from None
-    if isinstance(text, str):  # a thinking model's reasoning is not the summary
-        text = _THINKING.sub("", text)
+    thought = False
+    if isinstance(text, str) and text.lstrip().startswith("<think>"):
+        # A thinking model's reasoning is not the summary, nor counted in its tokens; one
+        # cut off before its end (out of tokens) leaves no summary.
+        text, thought = _THINKING.sub("", text), True
+        if text.lstrip().startswith("<think>"):
+            raise ModelError("the model's answer is reasoning that never ended (</think>)")
     if not isinstance(text, str) or not text.strip():
         raise ModelError("the model answered an empty summary")
     if any("\ud800" <= ch <= "\udfff" for ch in text):
@@ -253,7 +258,7 @@ def parse_completion(raw: bytes) -> Folded:
     tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
     # A count the worker would refuse (past MAX_TOKENS) is estimated instead: the save is
     # not refused for ever.
-    known = isinstance(tokens, int) and 0 <= tokens <= MAX_TOKENS
+    known = not thought and isinstance(tokens, int) and 0 <= tokens <= MAX_TOKENS
     return Folded(text.strip(), tokens if known else None)
 
 
