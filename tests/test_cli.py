@@ -59,11 +59,16 @@ def test_bad_configuration_is_one_line_and_exit_2(
 
 
 def test_a_mistyped_flag_does_not_echo_a_backend_password() -> None:
-    """argparse repeats what it did not take: a URL's password in it is ***."""
+    """argparse repeats what it did not take, and a flag's check the value it refused: a
+    URL's password in them is ***."""
     done = run_worker("--backnd", "redis://:hunter2x@127.0.0.1:6390/0")
     assert done.returncode == 2
     assert "hunter2x" not in done.stderr
     assert "--backnd redis://:***@127.0.0.1:6390/0" in done.stderr
+    done = run_worker("--max-bytes", "redis://:hunter2x@127.0.0.1:6390/0")  # a flag's check
+    assert done.returncode == 2
+    assert "hunter2x" not in done.stderr
+    assert "redis://:***@127.0.0.1:6390/0" in done.stderr
 
 
 def test_help_lists_every_flag_with_its_environment_variable() -> None:

@@ -45,6 +45,14 @@ def redacted(url: str) -> str:
     return scheme + sep + _PASSWORD_OPTION.sub(r"\1***", rest)
 
 
+_URL = re.compile(r"\S+://\S+")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with every URL in it redacted (an error that repeats what it was given)."""
+    return _URL.sub(lambda url: redacted(url.group()), text)
+
+
 def _port(url: str, text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise ValueError(f"--backend {redacted(url)!r}: port must be 1-65535, got {text!r}")

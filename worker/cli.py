@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__
+from worker.backend_url import redact_urls
 from worker.backends import Backend, create_backend
 from worker.config import Config, from_args, wants_version
 from worker.errors import ConfigError
@@ -37,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = from_args(args, os.environ)
         backend = create_backend(cfg)
     except ConfigError as exc:
-        print(f"memory-worker: error: {exc}", file=sys.stderr)
+        # It may repeat a flag's value as given: a --backend URL's password, say.
+        print(f"memory-worker: error: {redact_urls(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(cfg.log_level, os.environ)
     try:

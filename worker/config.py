@@ -6,13 +6,12 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from worker import constants as c
-from worker.backend_url import FORMS, parse_backend_url, redacted
+from worker.backend_url import FORMS, parse_backend_url
 from worker.errors import ConfigError
 from worker.protocol import topic_name_problem, validate_prefix
 from worker.store import Limits
@@ -258,13 +257,9 @@ FLAGS: tuple[_Flag, ...] = (
 )
 
 
-_URL = re.compile(r"\S+://\S+")
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse echoes what it did not take: a mistyped --backend's URL, password and all.
-        raise ConfigError(_URL.sub(lambda url: redacted(url.group()), message))
+        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
