@@ -219,3 +219,25 @@ def test_a_streamed_answer_is_stored_as_the_assistant() -> None:
         history.close()
     assert roles == ["user", "assistant"]
     assert [(type(m), m.content) for m in got] == [(HumanMessage, "hi"), (AIMessage, "Hello")]
+
+
+def test_a_window_does_not_start_with_a_tool_answer_to_no_call() -> None:
+    """`max_tokens` (or --max-turns) can cut a window between a tool call and its answers:
+    the answers it starts with are left out of `messages` (a model refuses them)."""
+    from langchain_core.messages import ToolMessage
+
+    call = {"name": "weather", "args": {"note": "y" * 400}, "id": "call1", "type": "tool_call"}
+    history = MqttChatMessageHistory(unique("s"), url="memory://", max_tokens=60)
+    try:
+        history.add_messages(
+            [
+                HumanMessage("hi"),
+                AIMessage("", tool_calls=[call]),
+                ToolMessage("sunny", tool_call_id="call1"),
+            ]
+        )
+        assert len(history.client.get(history.session_id, None, 60)) == 1  # the answer alone
+        got = history.messages
+    finally:
+        history.close()
+    assert got == []

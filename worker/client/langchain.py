@@ -32,8 +32,10 @@ try:
         AIMessage,
         BaseMessage,
         ChatMessage,
+        FunctionMessage,
         HumanMessage,
         SystemMessage,
+        ToolMessage,
         message_to_dict,
         messages_from_dict,
     )
@@ -95,6 +97,17 @@ def turn_of(message: BaseMessage) -> tuple[str, str]:
     return WHOLE, json.dumps({"type": whole["type"], "data": data}, ensure_ascii=False)
 
 
+def _window(turns: Sequence[Turn]) -> list[BaseMessage]:
+    """The messages of a window of turns, less the tool answers it starts with: their call
+    fell out of the window (--max-turns, max_tokens), and a model refuses an answer to no
+    call."""
+    messages = [message_of(t) for t in turns]
+    start = 0
+    while start < len(messages) and isinstance(messages[start], ToolMessage | FunctionMessage):
+        start += 1
+    return messages[start:]
+
+
 def message_of(turn: Turn) -> BaseMessage:
     """The LangChain message for a stored turn."""
     role, content = turn["role"], turn["content"]
@@ -139,7 +152,7 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         """The summary (as a SystemMessage) and the stored messages that fit, oldest first."""
         if not self.summary:
-            return [message_of(t) for t in self.client.get(self.session_id, None, self.max_tokens)]
+            return _window(self.client.get(self.session_id, None, self.max_tokens))
         return self._messages(self.client.context(self.session_id, self.max_tokens))
 
     @staticmethod
@@ -147,7 +160,7 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         head: list[BaseMessage] = []
         if ctx.summary is not None:
             head.append(SystemMessage(content=ctx.summary["text"]))
-        return head + [message_of(t) for t in ctx.turns]
+        return head + _window(ctx.turns)
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
         """Append each message as a turn, in order."""
@@ -163,7 +176,7 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         memory = self.client.memory
         if not self.summary:
             turns = await self.client.run(memory.get(self.session_id, None, self.max_tokens))
-            return [message_of(t) for t in turns]
+            return _window(turns)
         return self._messages(
             await self.client.run(memory.context(self.session_id, self.max_tokens))
         )
