@@ -332,3 +332,26 @@ async def test_stats_of_any_shape_on_a_worker_topic_cost_no_request_its_reply(
         futs = [f for f in await asyncio.gather(*sent) if f is not None]
         replies = [await d.reply(f) for f in futs]
     assert [r["ok"] for r in replies] == [True] * 90
+
+
+async def test_stats_of_many_strangers_name_a_few_of_them(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """Anyone the broker lets may publish stats on a worker's topics: stats of a hundred
+    workers with other limits are warned of for the first 16 only (each was one more
+    warning, and one more entry kept for good)."""
+    prefix = worker.cfg.prefix
+    handler = _Said("with other limits")
+    logging.getLogger("memory_worker").addHandler(handler)
+    try:
+        async with device(broker.host, broker.port, prefix) as d:
+            body = worker.stats_body()
+            for i in range(100):
+                body |= {"client_id": f"stranger-{i}", "ts": time.time()}
+                body["limits"] = {**body["limits"], "max_turns": 1000 + i}
+                stats = msgpack.packb(body)
+                await d.client.publish(f"{prefix}/_worker/stranger-{i}/stats", stats, qos=1)
+            assert (await d.request("c", "get"))["ok"]  # read after them all
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    assert len(handler.records) == 16

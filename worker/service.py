@@ -76,6 +76,7 @@ from worker.protocol import (
 from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
+_PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
 # Requests that change nothing: one may be answered unavailable rather than with its data.
 _READS = (Get, StateLoad, StateGetAll, StateNamespaces, ListConvos)
 
@@ -687,6 +688,8 @@ class Service:
         mine = self.stats_body()["limits"]
         differ = tuple(k for k in mine if k in limits and limits[k] != mine[k])
         if not differ or (peer, differ) in self._peers_warned:
+            return
+        if len(self._peers_warned) >= _PEERS_NAMED:  # anyone may publish stats: no more
             return
         self._peers_warned.add((peer, differ))
         log.warning(
