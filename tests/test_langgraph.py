@@ -317,3 +317,14 @@ async def test_a_graph_remembers_a_preference_across_threads(store_url: str) -> 
         assert item.value == {"name": "Ali"}
     finally:
         store.close()
+
+
+def test_a_namespace_too_long_says_so() -> None:
+    """A namespace whose conversation id would be over 128 bytes is refused naming the
+    namespace (it said only that a conversation id was too long)."""
+    store = MqttStore("memory://")
+    try:
+        with pytest.raises(ValueError, match=r"namespace \('/////.*too long.*at most 128"):
+            store.put(("/" * 50,), "k", {"v": 1})
+    finally:
+        store.close()

@@ -33,7 +33,7 @@ from urllib.parse import unquote
 
 from worker.client import BlockingMemoryClient, Memory
 from worker.client._adapters import DEFAULT_URL, OnClient, missing_extra
-from worker.constants import MAX_LIST_LIMIT
+from worker.constants import MAX_LIST_LIMIT, MAX_NAME_BYTES
 from worker.protocol import _BAD_CONVO_CHARS
 
 try:
@@ -101,8 +101,17 @@ class MqttStore(OnClient, BaseStore):
     # --- names --------------------------------------------------------------------------
 
     def convo_of(self, namespace: tuple[str, ...]) -> str:
-        """The conversation id that holds `namespace`."""
-        return ".".join((self.prefix, *(_label(label) for label in namespace)))
+        """The conversation id that holds `namespace` (ValueError when it would be longer
+        than a conversation id may be)."""
+        convo = ".".join((self.prefix, *(_label(label) for label in namespace)))
+        if len(convo.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(
+                f"namespace {namespace!r} is too long: it is held as the conversation id "
+                f"{convo[:40]!r}..., {len(convo.encode('utf-8', 'surrogatepass'))} UTF-8 "
+                f"bytes (at most {MAX_NAME_BYTES}, with the prefix {self.prefix!r} and "
+                "'/', '+', '#', '%' and control characters taking 3 bytes each)"
+            )
+        return convo
 
     def namespace_of(self, convo: str) -> tuple[str, ...]:
         """The namespace a conversation id of this store holds."""
