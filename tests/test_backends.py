@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio
 
 from worker.backends.base import Backend
-from worker.backends.cluster import ClusterBackend
+from worker.backends.cluster import ClusterBackend, shard_of
 from worker.backends.memory import MemoryBackend
 from worker.backends.redis import RedisBackend
 from worker.backends.sqlite import SqliteBackend
@@ -231,6 +231,28 @@ async def test_get_last_of_any_size_and_the_batch_around_it(make: Make) -> None:
     assert [type(r) for r in results] == [Fields, Turns, Fields]
     assert isinstance(got, Turns)
     assert [t["content"] for t in got.decoded()] == ["a", "b"]
+
+
+async def test_a_conversation_the_script_cannot_read_fails_alone(make: Make) -> None:
+    """A conversation whose stored data the Redis script cannot read (another program
+    wrote it) is answered internal, and the requests batched with it as ever (the whole
+    batch was answered unavailable, though the others were stored)."""
+    h = await make()
+    if not isinstance(h.be, RedisBackend):
+        pytest.skip("the Redis script's")
+    await add(h, "bad")
+    if isinstance(h.be, ClusterBackend):  # its own connection to the data's node
+        await h.be._rc.hset(f"{h.be.keys[shard_of('bad', h.be.shards)]}m:bad", "seq", "x")
+    else:
+        await h.be._redis.hset(f"{h.be.key}m:bad", "seq", "x")
+    results, _ = await h.be.execute(
+        [Append("good", "user", "1"), Append("bad", "user", "x"), Append("good", "user", "2")]
+    )
+    assert [r.code if isinstance(r, WorkerError) else r for r in results] == [
+        Fields({"seq": 1, "count": 1}),
+        "internal",
+        Fields({"seq": 2, "count": 2}),
+    ]
 
 
 async def test_turns_carry_role_and_timestamp(make: Make) -> None:

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from worker import constants as c
 from worker.backend_url import BackendUrl, parse_backend_url, redacted
@@ -37,6 +37,7 @@ from worker.backends.redis import (
     _result,
     list_bounds,
     merge_pages,
+    script_failed,
 )
 from worker.errors import ConfigError, Unavailable
 from worker.protocol import Event, ListConvos, Request, Result
@@ -166,7 +167,12 @@ class ClusterBackend(RedisBackend):
         try:
             async with asyncio.timeout_at(deadline):
                 for args, i in zip(calls, at, strict=True):
-                    out[i] = await self._eval(shard, self._shard_args(shard, args))
+                    try:
+                        out[i] = await self._eval(shard, self._shard_args(shard, args))
+                    except ResponseError as exc:
+                        if type(exc) is not ResponseError:  # the node's, not the script's
+                            raise
+                        out[i] = exc  # this call's data: the batch's others stand
         except Exception as exc:  # connection refused, timeout, cluster down, ...
             if shard not in self._down:
                 log.warning("redis cluster shard %d unavailable: %s", shard, type(exc).__name__)
@@ -244,6 +250,9 @@ class ClusterBackend(RedisBackend):
                 continue
             if reply is None:
                 results.append(Unavailable("storage unavailable: its redis cluster node"))
+                continue
+            if isinstance(reply, Exception):
+                results.append(script_failed(req, reply))
                 continue
             raw, evs = self._take_one(shard[i], reply, now, req.convo)
             results.append(_result(req, raw, ttl))

@@ -204,7 +204,9 @@ class RedisBackend(Backend):
     def _id_cost(self, req_id: Any) -> int:
         return 0 if req_id is None else self.limits.id_cost
 
-    async def _run(self, calls: list[list[Any]]) -> list[Any]:
+    async def _run(self, calls: list[list[Any]], *, each: bool = False) -> list[Any]:
+        """The calls' replies; with `each`, a call the script failed on (data it cannot read)
+        has its error in its place, and the others their replies."""
         try:
             async with (
                 asyncio.timeout(self.timeout),
@@ -212,9 +214,12 @@ class RedisBackend(Backend):
             ):
                 for args in calls:
                     await self._script(keys=[self.key], args=args, client=pipe)
-                replies: list[Any] = await pipe.execute()
+                replies: list[Any] = await pipe.execute(raise_on_error=not each)
         except Exception as exc:  # connection refused, timeout, NOSCRIPT races, ...
             raise Unavailable(f"storage unavailable: {type(exc).__name__}") from exc
+        for r in replies:  # a script's own error is the plain kind; the others are Redis's
+            if isinstance(r, Exception) and type(r) is not redis.exceptions.ResponseError:
+                raise Unavailable(f"storage unavailable: {type(r).__name__}") from r
         return replies
 
     def _take(
@@ -231,9 +236,18 @@ class RedisBackend(Backend):
         return results, events
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
-        raw, events = self._take(await self._run([self._call(r) for r in requests]), requests)
-        ttl = self.limits.ttl
-        return [_result(req, r, ttl) for req, r in zip(requests, raw, strict=True)], events
+        replies = await self._run([self._call(r) for r in requests], each=True)
+        now, ttl = self._wall(), self.limits.ttl
+        results: list[Result] = []
+        events: list[Event] = []
+        for req, reply in zip(requests, replies, strict=True):
+            if isinstance(reply, Exception):
+                results.append(script_failed(req, reply))
+                continue
+            raw, evs, self._counts = _reply(reply, req.convo, now)
+            results.append(_result(req, raw, ttl))
+            events += evs
+        return results, events
 
     async def expire(self) -> tuple[bool, list[Event]]:
         raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
@@ -294,6 +308,14 @@ def _refusal(exc: BaseException | None) -> str | None:
     if isinstance(exc, redis.exceptions.ResponseError) and "DB index is out of range" in str(exc):
         return str(exc)
     return None
+
+
+def script_failed(req: Request, exc: Exception) -> WorkerError:
+    """A request the script failed on (its conversation's data is not what the script
+    writes: another program's, say): answered internal, alone; the batch's others stand
+    (they were applied, and were answered unavailable)."""
+    log.error("the store's script failed on conversation %r: %s", req.convo, exc)
+    return WorkerError(f"internal error: the store's script failed: {exc}")
 
 
 def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], Counts]:
