@@ -1197,6 +1197,32 @@ async def test_redis_ids_remembered_before_they_were_counted_still_answer(
         await h.be.close()
 
 
+async def test_sqlite_writes_a_conversations_state_only_when_it_changes(tmp_path: Path) -> None:
+    """An append writes a conversation's turns, not its state again: a conversation with
+    15 MB of state rewrote it all on each append (another device's get took 100 ms)."""
+    h = Harness("sqlite", Limits(), tmp_path, Clock())
+    await h.be.open()
+    db = sqlite3.connect(tmp_path / "memory.db")
+    try:
+        await save(h, "c", "k", "v" * 1000)
+        db.executescript(
+            "CREATE TABLE written(name TEXT);"
+            "CREATE TRIGGER w AFTER UPDATE OF state ON convos"
+            " BEGIN INSERT INTO written VALUES (new.name); END;"
+        )
+        await add(h, "c", "hi")
+        await save(h, "c", "k2", 1)
+        await add(h, "c", "again")
+        await h.ok(StateDelete("c", "n", "k2"))
+        assert [name for (name,) in db.execute("SELECT name FROM written")] == ["c", "c"]
+        await h.reopen()
+        assert await get_all(h, "c") == {"k": "v" * 1000}
+        assert [t["content"] for t in await turns(h, "c")] == ["hi", "again"]
+    finally:
+        db.close()
+        await h.be.close()
+
+
 async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> None:
     """Two workers on one file would both number turns and lose each other's: the second
     is refused at open, naming the first's pid; once the first closes, it opens."""

@@ -53,6 +53,15 @@ ON CONFLICT(name) DO UPDATE SET
     seq = excluded.seq, turns = excluded.turns, state = excluded.state, ids = excluded.ids,
     summary = excluded.summary, born = excluded.born
 """
+# The same for a conversation whose state did not change: its state is left as written (a
+# new one has none yet).
+UPSERT_BUT_STATE = """
+INSERT INTO convos(name, seq, turns, state, ids, summary, born, used, tick)
+VALUES (?, ?, ?, NULL, ?, ?, ?, 0, 0)
+ON CONFLICT(name) DO UPDATE SET
+    seq = excluded.seq, turns = excluded.turns, ids = excluded.ids,
+    summary = excluded.summary, born = excluded.born
+"""
 
 
 log = logging.getLogger("memory_worker.sqlite")
@@ -184,17 +193,19 @@ class SqliteBackend(MemoryBackend):
     async def _commit(self) -> None:
         store = self.store
         assert store.dirty is not None
-        dirty, touched = store.dirty, store.touched
+        dirty, touched, state_dirty = store.dirty, store.touched, store.state_dirty
         if not dirty and not touched:
             return
-        store.dirty, store.touched = set(), {}
-        upserts, deletes = [], []
+        store.dirty, store.touched, store.state_dirty = set(), {}, set()
+        upserts, deletes, partial = [], [], []
         for name in dirty:
             cv = store.get_convo(name)
             if cv is None:
                 deletes.append((name,))
-            else:
+            elif name in state_dirty:
                 upserts.append(self._row(name, cv))
+            else:
+                partial.append(self._row(name, cv, state=False))
         now = self._wall()
         used = []
         for name in touched:
@@ -202,12 +213,13 @@ class SqliteBackend(MemoryBackend):
                 self._tick += 1
                 used.append((now, self._tick, name))
         loop = asyncio.get_running_loop()
-        write = loop.run_in_executor(self._writer, self._write, upserts, deletes, used)
-        if upserts or deletes:
+        write = loop.run_in_executor(self._writer, self._write, upserts, partial, deletes, used)
+        if upserts or partial or deletes:
             try:
                 await write
             except BaseException:
                 store.dirty |= dirty  # written again with the next batch, whole rows
+                store.state_dirty |= state_dirty
                 raise
         else:
             # TTL refreshes only: no reply promises them, so nothing waits on the disk.
@@ -217,6 +229,7 @@ class SqliteBackend(MemoryBackend):
     def _write(
         self,
         upserts: list[tuple[Any, ...]],
+        partial: list[tuple[Any, ...]],
         deletes: list[tuple[str]],
         used: list[tuple[float, int, str]],
     ) -> None:
@@ -228,14 +241,22 @@ class SqliteBackend(MemoryBackend):
                 db.executemany("DELETE FROM convos WHERE name = ?", deletes)
             if upserts:
                 db.executemany(UPSERT, upserts)
+            if partial:
+                db.executemany(UPSERT_BUT_STATE, partial)
             if used:
                 db.executemany("UPDATE convos SET used = ?, tick = ? WHERE name = ?", used)
 
-    def _row(self, name: str, cv: Convo) -> tuple[Any, ...]:
+    def _row(self, name: str, cv: Convo, *, state: bool = True) -> tuple[Any, ...]:
+        """The row's values for UPSERT, or with `state` False for UPSERT_BUT_STATE."""
+        ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
+        summary = msgpack.packb(cv.summary) if cv.summary else None
+        turns = msgpack.packb(cv.turn_list())
+        if not state:
+            return name, cv.seq, turns, ids, summary, cv.born
         to_wall = self._wall() - self._clock()
-        state = None
+        packed = None
         if cv.state:
-            state = msgpack.packb(
+            packed = msgpack.packb(
                 {
                     ns: {
                         k: [v, None if d == NO_DEADLINE else d + to_wall]
@@ -244,9 +265,7 @@ class SqliteBackend(MemoryBackend):
                     for ns, keys in cv.state.items()
                 }
             )
-        ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
-        summary = msgpack.packb(cv.summary) if cv.summary else None
-        return name, cv.seq, msgpack.packb(cv.turn_list()), state, ids, summary, cv.born
+        return name, cv.seq, turns, packed, ids, summary, cv.born
 
     def _restore(self, row: tuple[Any, ...]) -> None:
         name, seq, turns, state, ids, summary, born, used = row
