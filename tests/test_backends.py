@@ -1197,30 +1197,63 @@ async def test_redis_ids_remembered_before_they_were_counted_still_answer(
         await h.be.close()
 
 
-async def test_sqlite_writes_a_conversations_state_only_when_it_changes(tmp_path: Path) -> None:
-    """An append writes a conversation's turns, not its state again: a conversation with
-    15 MB of state rewrote it all on each append (another device's get took 100 ms)."""
+async def test_sqlite_writes_only_the_state_keys_that_change(tmp_path: Path) -> None:
+    """An append writes a conversation's turns, not its state, and a save its one key: the
+    state was one column of the conversation's row, and SQLite writes a row whole, so an
+    append to a conversation holding 15 MB of state wrote it all (another device's get took
+    100 ms)."""
     h = Harness("sqlite", Limits(), tmp_path, Clock())
     await h.be.open()
     db = sqlite3.connect(tmp_path / "memory.db")
     try:
         await save(h, "c", "k", "v" * 1000)
         db.executescript(
-            "CREATE TABLE written(name TEXT);"
-            "CREATE TRIGGER w AFTER UPDATE OF state ON convos"
-            " BEGIN INSERT INTO written VALUES (new.name); END;"
+            "CREATE TABLE written(what TEXT);"
+            "CREATE TRIGGER s AFTER UPDATE OF state ON convos"
+            " BEGIN INSERT INTO written VALUES ('state'); END;"
+            "CREATE TRIGGER i AFTER INSERT ON keys BEGIN INSERT INTO written VALUES (new.key); END;"
+            "CREATE TRIGGER u AFTER UPDATE ON keys BEGIN INSERT INTO written VALUES (new.key); END;"
         )
         await add(h, "c", "hi")
         await save(h, "c", "k2", 1)
         await add(h, "c", "again")
         await h.ok(StateDelete("c", "n", "k2"))
-        assert [name for (name,) in db.execute("SELECT name FROM written")] == ["c", "c"]
+        assert [what for (what,) in db.execute("SELECT what FROM written")] == ["k2"]
         await h.reopen()
         assert await get_all(h, "c") == {"k": "v" * 1000}
         assert [t["content"] for t in await turns(h, "c")] == ["hi", "again"]
     finally:
         db.close()
         await h.be.close()
+
+
+async def test_an_sqlite_file_of_state_in_one_column_still_loads(tmp_path: Path) -> None:
+    """A file written when a conversation's state was one column of its row loads with the
+    same keys and their TTLs, moved to a row each."""
+    clock = Clock()
+    h = Harness("sqlite", Limits(ttl=0), tmp_path, clock)
+    await h.be.open()
+    await add(h, "c", "hi")
+    await save(h, "c", "k", {"deep": [1]})
+    await save(h, "c", "brief", 2, ttl=50)
+    await h.be.close()
+    db = sqlite3.connect(tmp_path / "memory.db")
+    with db:
+        rows = db.execute("SELECT ns, key, value, deadline FROM keys WHERE name = 'c'").fetchall()
+        state: dict[str, Any] = {}
+        for ns, key, value, deadline in rows:
+            state.setdefault(ns, {})[key] = [value, deadline]
+        db.execute("UPDATE convos SET state = ? WHERE name = 'c'", (msgpack.packb(state),))
+        db.execute("DROP TABLE keys")
+    db.close()
+    await h.reopen()
+    assert await get_all(h, "c") == {"k": {"deep": [1]}, "brief": 2}
+    clock.now += 60
+    assert await get_all(h, "c") == {"k": {"deep": [1]}}
+    await save(h, "c", "k3", 3)
+    await h.reopen()
+    assert await get_all(h, "c") == {"k": {"deep": [1]}, "k3": 3}
+    await h.be.close()
 
 
 async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> None:

@@ -219,8 +219,9 @@ class Store:
 
     Each operation that evicts appends to `evictions`, which the caller drains. When
     `dirty` is a set (durable backends enable it), every conversation an operation changed
-    is added to it, those whose state (or whole) changed to `state_dirty` too, and every one
-    it used is moved to the end of `touched`.
+    is added to it, each state key saved or dropped to `keys_dirty` (and each conversation
+    that went to `keys_cleared`: all its keys went with it), and every one it used is moved
+    to the end of `touched`.
     """
 
     def __init__(
@@ -239,9 +240,11 @@ class Store:
         self._key_heap: list[tuple[float, str, str, str]] = []
         self.events: list[Event] = []  # evictions, and trimmed turns with trimmed_events
         self.dirty: set[str] | None = None
-        # Of those, the ones whose state changed, or that went (a durable backend writes
-        # their state again; an append need not rewrite megabytes of it).
-        self.state_dirty: set[str] = set()
+        # The state keys written or dropped since, as (conversation, ns, key), and the
+        # conversations that went with all their keys: a durable backend writes those keys
+        # alone (an append need not rewrite megabytes of state).
+        self.keys_dirty: set[tuple[str, str, str]] = set()
+        self.keys_cleared: set[str] = set()
         self.touched: dict[str, None] = {}  # in order of use, most recent last
         self.turns = 0
         self.bytes = 0
@@ -404,7 +407,7 @@ class Store:
             cv.state = {}
         deadline = now + req.ttl if req.ttl is not None else NO_DEADLINE
         cv.state.setdefault(req.ns, {})[req.key] = (req.value, deadline)
-        self._state_changed(name)
+        self._key_changed(name, req.ns, req.key)
         if old is None:
             cv.nkeys += 1
             self.keys += 1
@@ -618,10 +621,10 @@ class Store:
         if self.dirty is not None:
             self.dirty.add(name)
 
-    def _state_changed(self, name: str) -> None:
+    def _key_changed(self, name: str, ns: str, key: str) -> None:
         if self.dirty is not None:
             self.dirty.add(name)
-            self.state_dirty.add(name)
+            self.keys_dirty.add((name, ns, key))
 
     def _live(self, name: str, now: float) -> Convo | None:
         cv = self._convos.get(name)
@@ -664,7 +667,9 @@ class Store:
         self.bytes -= cv.nbytes
         self.keys -= cv.nkeys
         self.events.append(Eviction(name, reason, cv.count, cv.nkeys, self._wall()))
-        self._state_changed(name)
+        self._changed(name)
+        if self.dirty is not None and cv.nkeys:
+            self.keys_cleared.add(name)
 
     def _fit_budget(self) -> None:
         # The conversation just used is last in order and alone fits the budget (checked
@@ -742,7 +747,7 @@ class Store:
 
     def _drop_key(self, cv: Convo, ns: str, key: str) -> None:
         assert cv.state is not None
-        self._state_changed(cv.name)
+        self._key_changed(cv.name, ns, key)
         keys = cv.state[ns]
         value, _ = keys.pop(key)
         if not keys:

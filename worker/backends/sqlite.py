@@ -35,11 +35,21 @@ CREATE TABLE IF NOT EXISTS convos (
     name  TEXT PRIMARY KEY,
     seq   INTEGER NOT NULL,
     turns BLOB NOT NULL,
-    state BLOB,
+    state BLOB,  -- files of before: their state, moved to keys when opened
     ids   BLOB,
     used  REAL NOT NULL,  -- wall-clock time of the last use: the TTL runs from it
     tick  INTEGER NOT NULL  -- order of last use, for LRU (times can tie)
 ) WITHOUT ROWID;
+-- A conversation's state, a row a key: SQLite writes a row whole, so a write to the
+-- conversation (an append) does not write its state again, nor a save the other keys.
+CREATE TABLE IF NOT EXISTS keys (
+    name     TEXT NOT NULL,
+    ns       TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    value    BLOB NOT NULL,  -- msgpack, as saved
+    deadline REAL,  -- wall clock; NULL: none
+    PRIMARY KEY (name, ns, key)
+);
 """
 # Files made before summaries existed get their columns when opened.
 NEW_COLUMNS = {
@@ -48,23 +58,40 @@ NEW_COLUMNS = {
 }
 UPSERT = """
 INSERT INTO convos(name, seq, turns, state, ids, summary, born, used, tick)
-VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)
-ON CONFLICT(name) DO UPDATE SET
-    seq = excluded.seq, turns = excluded.turns, state = excluded.state, ids = excluded.ids,
-    summary = excluded.summary, born = excluded.born
-"""
-# The same for a conversation whose state did not change: its state is left as written (a
-# new one has none yet).
-UPSERT_BUT_STATE = """
-INSERT INTO convos(name, seq, turns, state, ids, summary, born, used, tick)
 VALUES (?, ?, ?, NULL, ?, ?, ?, 0, 0)
 ON CONFLICT(name) DO UPDATE SET
     seq = excluded.seq, turns = excluded.turns, ids = excluded.ids,
     summary = excluded.summary, born = excluded.born
 """
+UPSERT_KEY = """
+INSERT INTO keys(name, ns, key, value, deadline) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT(name, ns, key) DO UPDATE SET value = excluded.value, deadline = excluded.deadline
+"""
 
 
 log = logging.getLogger("memory_worker.sqlite")
+# A conversation's keys as stored: ns -> key -> (msgpack value, wall-clock deadline or None)
+_Keys = dict[str, dict[str, tuple[bytes, float | None]]]
+
+
+def _move_state_to_keys(db: sqlite3.Connection) -> None:
+    """Files of before kept a conversation's state in one column: moved to `keys`, once,
+    and keys left by a conversation that is gone are dropped."""
+    old = db.execute("SELECT name, state FROM convos WHERE state IS NOT NULL").fetchall()
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        if old:
+            db.executemany(
+                UPSERT_KEY,
+                [
+                    (name, ns, key, value, deadline)
+                    for name, state in old
+                    for ns, entries in msgpack.unpackb(state).items()
+                    for key, (value, deadline) in entries.items()
+                ],
+            )
+            db.execute("UPDATE convos SET state = NULL WHERE state IS NOT NULL")
+        db.execute("DELETE FROM keys WHERE name NOT IN (SELECT name FROM convos)")
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
@@ -117,9 +144,9 @@ class SqliteBackend(MemoryBackend):
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._writer, self._connect)
+        rows, keys = await loop.run_in_executor(self._writer, self._connect)
         for row in rows:
-            self._restore(row)
+            self._restore(row, keys.get(row[0], {}))
         self.store.enforce_bounds()  # the limits may be lower than when these were stored
         self.store.touched.clear()
         await self._commit()
@@ -154,7 +181,7 @@ class SqliteBackend(MemoryBackend):
         if lock is not None:
             os.close(lock)
 
-    def _connect(self) -> list[tuple[Any, ...]]:
+    def _connect(self) -> tuple[list[tuple[Any, ...]], dict[str, _Keys]]:
         db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +194,15 @@ class SqliteBackend(MemoryBackend):
             for column, add in NEW_COLUMNS.items():
                 if column not in columns:
                     db.execute(add)
+            _move_state_to_keys(db)
             rows = db.execute(
-                "SELECT name, seq, turns, state, ids, summary, born, used FROM convos ORDER BY tick"
+                "SELECT name, seq, turns, ids, summary, born, used FROM convos ORDER BY tick"
             ).fetchall()
+            keys: dict[str, _Keys] = {}
+            for name, ns, key, value, deadline in db.execute(
+                "SELECT name, ns, key, value, deadline FROM keys"
+            ):
+                keys.setdefault(name, {}).setdefault(ns, {})[key] = (value, deadline)
             self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             if db is not None:
@@ -177,7 +210,7 @@ class SqliteBackend(MemoryBackend):
             self._release()
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
-        return rows
+        return rows, keys
 
     async def close(self) -> None:
         if self._lazy is not None:
@@ -193,19 +226,20 @@ class SqliteBackend(MemoryBackend):
     async def _commit(self) -> None:
         store = self.store
         assert store.dirty is not None
-        dirty, touched, state_dirty = store.dirty, store.touched, store.state_dirty
+        dirty, touched = store.dirty, store.touched
         if not dirty and not touched:
             return
-        store.dirty, store.touched, store.state_dirty = set(), {}, set()
-        upserts, deletes, partial = [], [], []
+        keys_dirty, cleared = store.keys_dirty, store.keys_cleared
+        store.dirty, store.touched = set(), {}
+        store.keys_dirty, store.keys_cleared = set(), set()
+        upserts, deletes = [], []
         for name in dirty:
             cv = store.get_convo(name)
             if cv is None:
                 deletes.append((name,))
-            elif name in state_dirty:
-                upserts.append(self._row(name, cv))
             else:
-                partial.append(self._row(name, cv, state=False))
+                upserts.append(self._row(name, cv))
+        keys = self._keys(keys_dirty, cleared)
         now = self._wall()
         used = []
         for name in touched:
@@ -213,70 +247,74 @@ class SqliteBackend(MemoryBackend):
                 self._tick += 1
                 used.append((now, self._tick, name))
         loop = asyncio.get_running_loop()
-        write = loop.run_in_executor(self._writer, self._write, upserts, partial, deletes, used)
-        if upserts or partial or deletes:
+        write = loop.run_in_executor(self._writer, self._write, upserts, deletes, keys, used)
+        if upserts or deletes:
             try:
                 await write
-            except BaseException:
-                store.dirty |= dirty  # written again with the next batch, whole rows
-                store.state_dirty |= state_dirty
+            except BaseException:  # written again with the next batch
+                store.dirty |= dirty
+                store.keys_dirty |= keys_dirty
+                store.keys_cleared |= cleared
                 raise
         else:
             # TTL refreshes only: no reply promises them, so nothing waits on the disk.
             write.add_done_callback(_log_failure)
             self._lazy = write
 
+    def _keys(
+        self, dirty: set[tuple[str, str, str]], cleared: set[str]
+    ) -> tuple[list[tuple[str]], list[tuple[Any, ...]], list[tuple[str, str, str]]]:
+        """What to write of the keys: (conversations whose keys all go, keys saved, keys
+        dropped)."""
+        store, to_wall = self.store, self._wall() - self._clock()
+        saved, dropped = [], []
+        for name, ns, key in dirty:
+            cv = store.get_convo(name)
+            entry = cv.state.get(ns, {}).get(key) if cv is not None and cv.state else None
+            if entry is None:
+                dropped.append((name, ns, key))
+            else:
+                value, d = entry
+                saved.append((name, ns, key, value, None if d == NO_DEADLINE else d + to_wall))
+        return [(name,) for name in cleared], saved, dropped
+
     def _write(
         self,
         upserts: list[tuple[Any, ...]],
-        partial: list[tuple[Any, ...]],
         deletes: list[tuple[str]],
+        keys: tuple[list[tuple[str]], list[tuple[Any, ...]], list[tuple[str, str, str]]],
         used: list[tuple[float, int, str]],
     ) -> None:
         db = self._db
         assert db is not None
         with db:  # one transaction; commit on exit
             db.execute("BEGIN IMMEDIATE")
+            cleared, saved, dropped = keys
             if deletes:
                 db.executemany("DELETE FROM convos WHERE name = ?", deletes)
+            if cleared:  # before the keys saved since: a conversation started again
+                db.executemany("DELETE FROM keys WHERE name = ?", cleared)
+            if dropped:
+                db.executemany("DELETE FROM keys WHERE name = ? AND ns = ? AND key = ?", dropped)
             if upserts:
                 db.executemany(UPSERT, upserts)
-            if partial:
-                db.executemany(UPSERT_BUT_STATE, partial)
+            if saved:
+                db.executemany(UPSERT_KEY, saved)
             if used:
                 db.executemany("UPDATE convos SET used = ?, tick = ? WHERE name = ?", used)
 
-    def _row(self, name: str, cv: Convo, *, state: bool = True) -> tuple[Any, ...]:
-        """The row's values for UPSERT, or with `state` False for UPSERT_BUT_STATE."""
+    def _row(self, name: str, cv: Convo) -> tuple[Any, ...]:
         ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
         summary = msgpack.packb(cv.summary) if cv.summary else None
-        turns = msgpack.packb(cv.turn_list())
-        if not state:
-            return name, cv.seq, turns, ids, summary, cv.born
-        to_wall = self._wall() - self._clock()
-        packed = None
-        if cv.state:
-            packed = msgpack.packb(
-                {
-                    ns: {
-                        k: [v, None if d == NO_DEADLINE else d + to_wall]
-                        for k, (v, d) in keys.items()
-                    }
-                    for ns, keys in cv.state.items()
-                }
-            )
-        return name, cv.seq, turns, packed, ids, summary, cv.born
+        return name, cv.seq, msgpack.packb(cv.turn_list()), ids, summary, cv.born
 
-    def _restore(self, row: tuple[Any, ...]) -> None:
-        name, seq, turns, state, ids, summary, born, used = row
+    def _restore(self, row: tuple[Any, ...], state: _Keys) -> None:
+        name, seq, turns, ids, summary, born, used = row
         to_mono = self._clock() - self._wall()
-        keys: dict[str, dict[str, tuple[bytes, float]]] = {}
-        if state is not None:
-            for ns, entries in msgpack.unpackb(state).items():
-                keys[ns] = {
-                    k: (v, NO_DEADLINE if d is None else d + to_mono)
-                    for k, (v, d) in entries.items()
-                }
+        keys = {
+            ns: {k: (v, NO_DEADLINE if d is None else d + to_mono) for k, (v, d) in entries.items()}
+            for ns, entries in state.items()
+        }
         # (operation, id) pairs come back as lists; files of before kept the ids alone.
         remembered = {
             tuple(key) if isinstance(key, list) else key: fields
