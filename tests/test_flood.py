@@ -10,9 +10,10 @@ import aiomqtt
 import msgpack
 import pytest
 
-from tests.clients import NODELAY, AckHolder, decode, device, next_message, watcher
+from tests.clients import NODELAY, AckHolder, decode, device, next_message, props, watcher
 from tests.conftest import make_config, reap, running, spawn_worker, unique
 from tests.processes import Mosquitto
+from worker.service import Service
 
 FLOOD = 20_000
 RSS_BOUND_MIB = 64  # stated in the README
@@ -81,26 +82,52 @@ async def test_flood_keeps_memory_bounded_and_serves_others(broker: Mosquitto, s
 
 
 async def test_replies_waiting_for_the_broker_stay_bounded(broker: Mosquitto) -> None:
-    """While the broker's PUBACKs of our replies lag (behind a flood), the QoS 1 replies
-    waiting for its Receive Maximum stay within REPLY_BACKLOG_BYTES: past it a get is
-    answered unavailable, not with its data (a flood of gets of a large conversation took
-    the worker to 2 GiB). Writes are answered as ever."""
+    """While the broker's PUBACKs of our publishes lag (behind a flood), what waits for them
+    stays within REPLY_BACKLOG_BYTES: past it a batch is answered unavailable, nothing done
+    (a flood of gets of a large conversation took the worker to 2 GiB, and appends with
+    --trimmed-events, each announcing a large turn, 541 MB)."""
     async with AckHolder(broker.host, broker.port) as hop:
-        cfg = make_config(broker, port=hop.port, max_payload_bytes=65536, max_turns=4)
+        cfg = make_config(
+            broker, port=hop.port, max_payload_bytes=65536, max_turns=4, trimmed_events=True
+        )
         async with running(cfg), device(broker.host, broker.port, cfg.prefix) as dev:
             for i in range(4):  # a 240 KB get
                 await dev.request("big", "append", {"role": "user", "content": f"{i}" * 60_000})
             hop.holding = True
             gets = [await dev.send(f"{cfg.prefix}/big/get", {}) for _ in range(200)]
-            appended = await dev.request("other", "append", {"role": "user", "content": "hi"})
-            assert appended["ok"]  # its reply is small: it waits for no PUBACK of ours
+            appended = await dev.request("big", "append", {"role": "user", "content": "x"})
             hop.release()
             replies = [await dev.reply(fut) for fut in gets]
+            assert [t["seq"] for t in (await dev.request("big", "get"))["turns"]] == [1, 2, 3, 4]
+    assert appended["error"]["code"] == "unavailable"  # not stored: it would trim a turn
+    assert "nothing was done" in appended["error"]["message"]
     ok = [r for r in replies if r["ok"]]
-    # Past 8 MiB before a batch, its reads are refused: a batch (64 at most) may take it past.
+    # Past 8 MiB before a batch, it is refused: a batch (64 at most) may take it past.
     assert 8 * 2**20 // 240_000 <= len(ok) <= 8 * 2**20 // 240_000 + 1 + 64, len(ok)
     assert all(r["error"]["code"] == "unavailable" for r in replies if not r["ok"])
     assert all(len(r["turns"]) == 4 for r in ok)
+
+
+async def test_correlation_data_past_1_kib_gets_no_reply(
+    broker: Mosquitto, worker: Service
+) -> None:
+    """A reply echoes the request's Correlation Data: past 1 KiB the route is refused (no
+    reply), as a request of a few bytes cost a reply of 64 KB (800 MB in a flood)."""
+    prefix = worker.cfg.prefix
+    async with device(broker.host, broker.port, prefix) as dev:
+        inbox = f"reply/{unique('big')}"
+        async with watcher(broker.host, broker.port, inbox) as replies:
+            for size in (2000, 1024):
+                await dev.client.publish(
+                    f"{prefix}/c/get",
+                    msgpack.packb({}),
+                    qos=1,
+                    properties=props(ResponseTopic=inbox, CorrelationData=bytes(size)),
+                )
+            message = await next_message(replies)
+            assert len(message.properties.CorrelationData) == 1024  # type: ignore[union-attr]
+            assert (await dev.request("c", "get"))["ok"]
+            assert replies.empty()
 
 
 async def test_a_batch_of_large_gets_is_answered_whole(broker: Mosquitto) -> None:

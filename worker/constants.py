@@ -34,6 +34,8 @@ MAX_ROLE_CHARS: Final = 32
 MAX_ID_BYTES: Final = 64
 MAX_NAME_BYTES: Final = 128
 MAX_TOPIC_BYTES: Final = 256
+# Correlation Data a reply echoes: past it the request's route is refused (no reply).
+MAX_CORRELATION_BYTES: Final = 1024
 
 WORKER_LEVEL: Final = "_worker"
 # P/_conversations/list: the worker-level request that lists live conversations.
@@ -115,9 +117,8 @@ KEY_COST: Final = 256
 ID_COST: Final = 480
 
 # Bytes of our QoS 1 publishes the broker has not acknowledged (its PUBACKs behind a flood;
-# the project's broker lets 1000 be in flight): past it a read is answered unavailable
-# instead of with its data, which had no bound (a flood of gets of a large conversation
-# took 2 GiB).
+# the project's broker lets 1000 be in flight): past it a batch of requests is answered
+# unavailable, nothing done (see Service._sort).
 REPLY_BACKLOG_BYTES: Final = 8 * 1024 * 1024
 
 # Seconds: how long a stopping worker waits for the batch in hand and its replies.

@@ -33,7 +33,7 @@ from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
-from worker.errors import TooLarge, Unavailable, WorkerError
+from worker.errors import BadRoute, TooLarge, Unavailable, WorkerError
 from worker.mqtt import (
     Connection,
     Message,
@@ -50,15 +50,11 @@ from worker.protocol import (
     Event,
     Eviction,
     Fields,
-    Get,
     ListConvos,
     Parsed,
     Request,
     Result,
     Router,
-    StateGetAll,
-    StateLoad,
-    StateNamespaces,
     Stats,
     Summary,
     content_type,
@@ -77,8 +73,6 @@ from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
-# Requests that change nothing: one may be answered unavailable rather than with its data.
-_READS = (Get, StateLoad, StateGetAll, StateNamespaces, ListConvos)
 
 # A connection shorter than this does not reset the reconnect backoff: two workers sharing a
 # client id take each other's session at once, and must not do so several times a second.
@@ -125,7 +119,6 @@ class Service:
         self._later: collections.deque[_Page] = collections.deque()
         self._pages_max = max(1, cfg.max_inflight // 8)  # listing pages waiting at once
         self._sweep_resting = asyncio.Event()  # between expiry rounds
-        self._backed_up = False  # replies wait for the broker past REPLY_BACKLOG_BYTES
         self._sweep_resting.set()
         self._served = 0.0  # monotonic time other requests were last applied
         self._list_resume = 0.0  # no listing step before this monotonic time
@@ -640,6 +633,21 @@ class Service:
         not_for_us = self.router.not_for_us
         stats = self.stats
         todo: list[tuple[int, Message, Parsed]] = []
+        # Past REPLY_BACKLOG_BYTES of our publishes the broker has not acknowledged (its
+        # PUBACKs behind a flood), a batch is refused whole before anything is applied: its
+        # replies and events would wait in memory without bound (a flood of gets took 2 GiB,
+        # of appends with --trimmed-events 541 MB). Judged before the batch: its own replies
+        # never refuse it.
+        client = self._client
+        backlog = client.unacked_bytes if client is not None else 0
+        busy = (
+            Unavailable(
+                f"{backlog} bytes of the worker's messages wait for the broker to take them: "
+                "nothing was done, ask again later"
+            )
+            if backlog > c.REPLY_BACKLOG_BYTES
+            else None
+        )
         for gen, msg in batch:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
@@ -655,6 +663,15 @@ class Service:
                 self._ack(gen, msg)
                 continue
             parsed = parse(topic, msg.payload, msg.response_topic)
+            if msg.correlation is not None and len(msg.correlation) > c.MAX_CORRELATION_BYTES:
+                # Echoed in the reply: a request of a few bytes would cost a reply of 64 KB.
+                refused = BadRoute(
+                    f"reply route refused: correlation data of {len(msg.correlation)} bytes "
+                    f"(at most {c.MAX_CORRELATION_BYTES})"
+                )
+                parsed = replace(parsed, route=None, refused=refused)
+            if busy is not None and parsed.request is not None:
+                parsed = replace(parsed, request=None, error=busy)
             if isinstance(parsed.request, ListConvos):
                 if len(self._later) >= self._pages_max:
                     # Waiting pages count in --max-inflight: a burst of them stopped reading,
@@ -747,11 +764,6 @@ class Service:
         client = self._client if self.connected.is_set() else None
         if client is not None:
             client.hold_writes()
-        # What the broker had not acknowledged before this batch: its own replies do not
-        # count against its reads (a burst of gets of large conversations refused some).
-        self._backed_up = self._client is not None and (
-            self._client.unacked_bytes > c.REPLY_BACKLOG_BYTES
-        )
         try:
             for gen, msg, parsed, result in done:
                 self._reply(msg, parsed, result)
@@ -827,16 +839,6 @@ class Service:
                     f"the reply would be a {size}-byte packet, over the {limit} bytes "
                     "the broker takes (its max_packet_size): ask for less (get with "
                     "last or max_tokens, fewer keys in a namespace)"
-                )
-                payload = encode_result(result, parsed)
-            elif (
-                self._backed_up
-                and isinstance(parsed.request, _READS)
-                and not isinstance(result, WorkerError)
-            ):
-                result = Unavailable(
-                    f"{self._client.unacked_bytes} bytes of replies wait for the broker to "
-                    "take them: ask again later"
                 )
                 payload = encode_result(result, parsed)
         if isinstance(result, WorkerError):
