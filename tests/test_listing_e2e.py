@@ -7,8 +7,16 @@ import signal
 
 import pytest
 
-from tests.clients import Device, device, next_message, watcher
-from tests.conftest import WorkerFactory, reap, spawn_worker, unique, wait_serving
+from tests.clients import AckHolder, Device, device, next_message, watcher
+from tests.conftest import (
+    WorkerFactory,
+    make_config,
+    reap,
+    running,
+    spawn_worker,
+    unique,
+    wait_serving,
+)
 from tests.processes import Mosquitto, redis_server
 from tests.test_scale import workers
 
@@ -189,3 +197,20 @@ async def test_one_worker_of_a_share_group_answers_a_listing(
             reply = await d.request("_conversations", "list")
             assert [e["convo"] for e in reply["conversations"]] == [f"c{i}" for i in range(5)]
         assert sum(w.stats.requests for w in ws) == 5 + 4  # each request served once
+
+
+async def test_a_listing_refused_refuses_nothing_else(broker: Mosquitto) -> None:
+    """Listings past the pages that may wait are refused, and only they: the requests read
+    with them are served (the refusal was kept for the rest of the batch)."""
+    async with AckHolder(broker.host, broker.port) as hop:
+        cfg = make_config(broker, port=hop.port, max_inflight=8)  # one page may wait
+        async with running(cfg), device(broker.host, broker.port, cfg.prefix) as d:
+            await d.request("c", "append", {"role": "user", "content": "x"})
+            hop.paused = True
+            sent = [await d.send(f"{cfg.prefix}/_conversations/list", {}) for _ in range(3)]
+            sent.append(await d.send(f"{cfg.prefix}/c/get", {}))
+            await hop.wait_paused(4)
+            hop.resume()  # one read: one batch
+            replies = [await d.reply(f) for f in sent]
+    assert [r["ok"] for r in replies] == [True, False, False, True]
+    assert replies[3]["turns"][0]["content"] == "x"

@@ -676,10 +676,10 @@ class Service:
                 if len(self._later) >= self._pages_max:
                     # Waiting pages count in --max-inflight: a burst of them stopped reading,
                     # and devices' requests waited at the broker behind them for a minute.
-                    busy = Unavailable(
+                    full = Unavailable(
                         f"{len(self._later)} listing pages wait already: ask again later"
                     )
-                    todo.append((gen, msg, replace(parsed, request=None, error=busy)))
+                    todo.append((gen, msg, replace(parsed, request=None, error=full)))
                     continue
                 # A page is a hundred conversations' worth of work and a large reply: the
                 # requests of devices do not wait behind it (_process serves it after them).
