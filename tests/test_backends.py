@@ -255,6 +255,19 @@ async def test_a_conversation_the_script_cannot_read_fails_alone(make: Make) -> 
     ]
 
 
+async def test_a_cluster_shard_the_sweep_cannot_read_is_left_out(make: Make) -> None:
+    """A shard whose data the script cannot read (another program's key in its place) is
+    left out of a sweep like a shard that is down; the sweep does not fail whole."""
+    h = await make(ttl=10)
+    if not isinstance(h.be, ClusterBackend):
+        pytest.skip("the cluster's")
+    await add(h, "c")
+    await h.be._rc.set(f"{h.be.keys[0]}dl", "not a sorted set")
+    h.clock.now += 20
+    await h.expire()  # raised TypeError
+    assert h.take() == []
+
+
 async def test_turns_carry_role_and_timestamp(make: Make) -> None:
     """A stored turn comes back with its role, the clock's timestamp and its sequence number."""
     h = await make()

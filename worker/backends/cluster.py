@@ -212,7 +212,9 @@ class ClusterBackend(RedisBackend):
         now = self._wall()
         results, evictions = [], []
         for i, reply in enumerate(out):
-            if reply is not None:
+            if isinstance(reply, Exception):  # left out, as a shard that is down
+                log.error("redis cluster shard %d: the store's script failed: %s", i, reply)
+            elif reply is not None:
                 result, evs = self._take_one(i, reply, now)
                 results.append(result)
                 evictions += evs
