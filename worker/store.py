@@ -568,14 +568,12 @@ class Store:
                 if key_deadline != NO_DEADLINE:
                     self._push_key_deadline(key_deadline, name, ns, key)
         cv.nbytes += cv.sbytes + self._ids_size(cv)
-        while cv.ids and cv.nbytes > self.limits.max_bytes:  # stored when ids cost nothing
-            del cv.ids[next(iter(cv.ids))]
-            cv.nbytes -= self.limits.id_cost
         self._convos[name] = cv
         self._index.add(cv)
         self.turns += cv.count
         self.bytes += cv.nbytes
         self.keys += cv.nkeys
+        self._shed_ids(cv)  # stored when ids cost nothing: not evicted for them
 
     def enforce_bounds(self) -> None:
         """Evict what a restore put over --max-conversations or --max-bytes (LRU first)."""

@@ -222,17 +222,15 @@ class RedisBackend(Backend):
                 raise Unavailable(f"storage unavailable: {type(r).__name__}") from r
         return replies
 
-    def _take(
-        self, replies: list[Any], requests: Sequence[Request] = ()
-    ) -> tuple[list[Any], list[Event]]:
+    def _take(self, replies: list[Any]) -> tuple[list[Any], list[Event]]:
+        """The replies of calls of no conversation (counts, expire): results and events."""
         now = self._wall()
         results: list[Any] = []
         events: list[Event] = []
-        for i, reply in enumerate(replies):
-            result, evs, counts = _reply(reply, requests[i].convo if requests else "", now)
+        for reply in replies:
+            result, evs, self._counts = _reply(reply, "", now)
             results.append(result)
             events += evs
-            self._counts = counts
         return results, events
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
