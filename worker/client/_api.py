@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from worker.client._models import (
     Summarized,
     Turn,
 )
-from worker.errors import WorkerError
+from worker.errors import Unavailable, WorkerError
 from worker.protocol import check_request
 
 
@@ -28,6 +29,29 @@ def _refuse(convo: str, op: str, body: dict[str, Any]) -> None:
         check_request(convo, op, body)
     except WorkerError as exc:
         raise error_for(exc.code, exc.message) from None
+
+
+def ask_again(reply: Any, attempt: int, last: bool) -> float | None:
+    """Seconds to pause before asking again, when the worker answered `unavailable` (Redis
+    did not answer in time, its backlog behind a flood, too many listing pages waiting: "ask
+    again later") and an attempt is left; else None. The pause doubles from a tenth of a
+    second up to one, each drawn from its upper half so that clients refused together do
+    not all come back together."""
+    if not isinstance(reply, dict) or reply.get("ok"):
+        return None
+    error = reply.get("error")
+    if not isinstance(error, dict) or error.get("code") != Unavailable.code:
+        return None
+    if last:
+        if attempt > 1 and isinstance(error.get("message"), str):
+            error["message"] += f" ({attempt} attempts)"
+        return None
+    pause = min(_AGAIN_MOST, _AGAIN_FIRST * 2 ** (attempt - 1))
+    return random.uniform(pause / 2, pause)
+
+
+_AGAIN_FIRST = 0.1
+_AGAIN_MOST = 1.0
 
 
 def _ok(reply: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import aiomqtt
 import msgpack
 
 from worker import constants as c
-from worker.client._api import _Api, _Fanout, _ok, _refuse
+from worker.client._api import _Api, _Fanout, _ok, _refuse, ask_again
 from worker.client._errors import BadRequestError, NoReplyError, RefusedError, TooLargeError
 from worker.client._models import Eviction
 from worker.config import tls_context
@@ -418,14 +418,21 @@ class MemoryClient(_Api):
                 # The reply implies delivery, so the request waits for it alone, not for the
                 # PUBACK; a PUBACK that refuses fails it (_on_refused), as a lost connection does.
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
-                return _ok(await fut)
+                reply = await fut
             except (_PublishRefused, TimeoutError, _Lost) as exc:
                 self._attempt_failed(exc, topic, attempt, last)
+                continue
             finally:
                 self._deadlines.pop(key, None)
                 if self._waiting.get(key) is fut:  # timed out, lost or cancelled
                     del self._waiting[key]
                 self._mids.pop(key, None)
+            pause = ask_again(reply, attempt, last)
+            if pause is None:
+                return _ok(reply)
+            await asyncio.sleep(pause)
+            if not self._open:
+                raise _closed_while_waiting()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _expire(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Final
 import aiomqtt
 import msgpack
 
-from worker.client._api import _Api, _ok
+from worker.client._api import _Api, _ok, ask_again
 from worker.client._errors import MemoryWorkerError, NoReplyError
 from worker.client._mqtt import (
     MemoryClient,
@@ -142,7 +142,12 @@ class ThreadRequests(_Api):
                 if conn.sock is None:
                     self._connect(link, deadline)
                 mid = conn.publish(topic, payload, client.qos, props, deadline)
-                return _ok(self._reply(conn, key, mid, deadline))
+                reply = self._reply(conn, key, mid, deadline)
+                pause = ask_again(reply, attempt, last)
+                if pause is None:
+                    return _ok(reply)
+                if self._closed.wait(pause):
+                    raise _closed_while_waiting()
             except MemoryWorkerError:  # the worker's error reply, or a refusal: NoReplyError
                 raise  # is a TimeoutError and RefusedError an OSError, yet final
             except (_PublishRefused, TimeoutError) as exc:
