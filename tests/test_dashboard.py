@@ -346,5 +346,50 @@ async def test_a_worker_online_but_silent_is_flagged(
     await shot(page, "9-silent-worker")
 
 
+async def test_a_worker_whose_clock_is_behind_is_not_flagged_silent(
+    browser: Browser, own_broker: Mosquitto
+) -> None:
+    """Stats that arrive as they are published are new, whatever the worker's clock says: a
+    Pi without a clock of its own runs an hour or a year behind until it reaches a time server,
+    and its card read "1 h ago: silent, gone or cut off?" while it served. A retained copy
+    replayed on opening the page is still judged by the worker's clock."""
+    import time
+
+    import aiomqtt
+
+    from worker.protocol import Stats, encode, stats_payload, status_payload
+    from worker.store import Limits
+
+    prefix = unique("mem")
+    pi = unique("pi-")
+    page = await open_page(browser, own_broker, f"?prefix={prefix}")
+    at = time.time() - 3600
+    status = status_payload(
+        "online", version="0", client_id=pi, prefix=prefix, backend="memory", pid=1, ts=at
+    )
+    stats = stats_payload(
+        Stats(started=time.monotonic()),
+        _Counts(),
+        Limits(),
+        client_id=pi,
+        version="0",
+        backend="memory",
+        now=time.monotonic(),
+        ts=at,
+        interval=10.0,
+    )
+    base = f"{prefix}/_worker/{pi}"
+    async with aiomqtt.Client(own_broker.host, own_broker.port) as publisher:
+        await publisher.publish(f"{base}/status", encode(status, "msgpack"), qos=1, retain=True)
+        await publisher.publish(f"{base}/stats", encode(stats, "msgpack"), qos=1, retain=True)
+    card = page.locator(f'.card[data-client-id="{pi}"]')
+    await expect(card).to_have_attribute("data-state", "online")
+    await expect(card.locator('[data-field="age"]')).to_have_text(re.compile(r"^\d+ s ago$"))
+    await expect(card).to_have_attribute("data-silent", "false")
+    await shot(page, "10-worker-clock-behind")
+    await page.reload()
+    await expect(card.locator('[data-field="age"]')).to_contain_text("silent, gone or cut off?")
+
+
 class _Counts:
     conversations = turns = bytes = keys = 0

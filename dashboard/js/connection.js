@@ -59,7 +59,7 @@
         }
       });
       client.on("message", (topic, payload, packet) => {
-        this.onMessage(topic, payload, packet.properties || {});
+        this.onMessage(topic, payload, packet.properties || {}, packet.retain);
       });
       return client;
     }

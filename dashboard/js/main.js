@@ -32,7 +32,7 @@
   const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), requests);
   const conversations = new ConversationsView($("convo-filter"), $("convo-count"), $("convo-list"), requests, (convo) => inspector.show(convo));
 
-  function onMessage(topic, payload, props) {
+  function onMessage(topic, payload, props, retained) {
     if (requests.isReply(topic)) return requests.reply(payload, props);
     const where = classify(topic, prefix);
     if (where?.kind === "status" && !payload.length) return workers.remove(where.clientId);
@@ -45,7 +45,7 @@
       return;
     }
     if (where.kind === "status") workers.status(where.clientId, body);
-    else if (where.kind === "stats") workers.stats(where.clientId, body);
+    else if (where.kind === "stats") workers.stats(where.clientId, body, retained);
     else evictions.add(body);
   }
 

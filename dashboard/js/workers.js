@@ -43,8 +43,8 @@
       this.empty.hidden = this.cards.size > 0;
     }
 
-    stats(clientId, body) {
-      this.card(clientId).stats(body);
+    stats(clientId, body, retained) {
+      this.card(clientId).stats(body, retained);
     }
   }
 
@@ -113,10 +113,12 @@
       if (!this.online) this.set("uptime", "stopped");
     }
 
-    stats(s) {
+    stats(s, retained) {
       const lim = s.limits || {};
-      // the worker's own clock says how old the stats are: a retained copy may be old
-      const at = s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
+      // Stats that come as they are published are new, whatever the worker's clock says (a
+      // Pi has no clock of its own until it reaches a time server); a retained copy, kept by
+      // the broker, is as old as the worker's clock says.
+      const at = retained && s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
       if (s.stats_interval > 0) this.every = s.stats_interval * 1000;
       else if (this.statsAt && at > this.statsAt) this.every = at - this.statsAt; // older workers
       this.statsAt = at;
