@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import random
-from collections.abc import AsyncGenerator, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from worker import constants as c
 from worker.client._errors import BadPayloadError, error_for
@@ -64,13 +65,50 @@ def _ok(reply: Any) -> dict[str, Any]:
     return reply
 
 
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+Reply = dict[str, Any]
+# One request of the API: the conversation, the operation and the body to send, and what
+# the reply (a map that said ok) becomes for the caller.
+Plan = tuple[str, str, dict[str, Any], Callable[[Reply], _T]]
+# Each single-request method's plan, by name: the blocking client's threads send them.
+PLANS: dict[str, Callable[..., Plan[Any]]] = {}
+
+
+def _one_request(
+    plan: Callable[Concatenate[Any, _P], Plan[_T]],
+) -> Callable[Concatenate[Any, _P], Coroutine[Any, Any, _T]]:
+    """The API method that sends the one request `plan` makes of its arguments.
+
+    The blocking client's threads call the plan and send it themselves: run as coroutines
+    (two of them, each ending in StopIteration), the same calls cost a tenth more of a
+    blocking call's CPU, measured from 8 threads (docs/performance.md).
+    """
+
+    async def method(self: _Api, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        convo, op, body, read = plan(self, *args, **kwargs)
+        return read(await self._request(convo, op, body))
+
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(method, name, getattr(plan, name))
+    # help() shows what the method returns, not the plan: "Plan[Appended]" -> "Appended".
+    signature = inspect.signature(plan)
+    returns = str(signature.return_annotation)
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        return_annotation=returns[len("Plan[") : -1]
+    )
+    PLANS[plan.__name__] = plan
+    return method
+
+
 class _Api:
     """The store's API on top of one `_request`, shared by every implementation."""
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    async def append(
+    @_one_request
+    def append(
         self,
         convo_id: str,
         role: str,
@@ -78,7 +116,7 @@ class _Api:
         *,
         request_id: str | None = None,
         tokens: int | None = None,
-    ) -> Appended:
+    ) -> Plan[Appended]:
         """Store a turn; its `seq` and the conversation's turn `count`.
 
         `request_id` replaces the id the client makes: a repeat of the same id is stored once.
@@ -90,23 +128,23 @@ class _Api:
             body["id"] = request_id
         if tokens is not None:
             body["tokens"] = tokens
-        reply = await self._request(convo_id, c.OP_APPEND, body)
-        return Appended(reply["seq"], reply["count"])
+        return convo_id, c.OP_APPEND, body, _appended
 
-    async def get(
+    @_one_request
+    def get(
         self, convo_id: str, last: int | None = None, max_tokens: int | None = None
-    ) -> list[Turn]:
+    ) -> Plan[list[Turn]]:
         """The conversation's turns (the `last` ones, the newest that fit `max_tokens`), oldest
         first; [] when unknown. The summary is not returned (see `context`), nor counted."""
         body: dict[str, Any] = {} if last is None else {"last": last}
         if max_tokens is not None:
             body.update(max_tokens=max_tokens, summary=False)
-        turns: list[Turn] = (await self._request(convo_id, c.OP_GET, body))["turns"]
-        return turns
+        return convo_id, c.OP_GET, body, _turns
 
-    async def context(
+    @_one_request
+    def context(
         self, convo_id: str, max_tokens: int | None = None, *, last: int | None = None
-    ) -> Context:
+    ) -> Plan[Context]:
         """What fits a model of `max_tokens`: the summary, counted first, and the newest whole
         turns that fit with it (all of them without a budget)."""
         body: dict[str, Any] = {"summary": True}
@@ -114,10 +152,10 @@ class _Api:
             body["max_tokens"] = max_tokens
         if last is not None:
             body["last"] = last
-        reply = await self._request(convo_id, c.OP_GET, body)
-        return Context(reply.get("summary"), reply["turns"], reply.get("tokens", 0))
+        return convo_id, c.OP_GET, body, _context
 
-    async def summarize(
+    @_one_request
+    def summarize(
         self,
         convo_id: str,
         text: str,
@@ -127,7 +165,7 @@ class _Api:
         tokens: int | None = None,
         request_id: str | None = None,
         born: int | None = None,
-    ) -> Summarized:
+    ) -> Plan[Summarized]:
         """Save the conversation's summary, covering its turns up to seq `upto`, in place of
         the one whose upto is `base` (0: none); the covered turns are removed with it.
         With `born` (a trimmed event's), only if the conversation is still that one.
@@ -139,15 +177,15 @@ class _Api:
             body["born"] = born
         if request_id is not None:
             body["id"] = request_id
-        reply = await self._request(convo_id, c.OP_SUMMARY, body)
-        return Summarized(reply["upto"], reply["dropped"])
+        return convo_id, c.OP_SUMMARY, body, _summarized
 
-    async def forget(self, convo_id: str) -> int:
+    @_one_request
+    def forget(self, convo_id: str) -> Plan[int]:
         """Delete a conversation and its state; how many turns were removed."""
-        deleted: int = (await self._request(convo_id, c.OP_DELETE, {}))["deleted"]
-        return deleted
+        return convo_id, c.OP_DELETE, {}, _deleted
 
-    async def save(
+    @_one_request
+    def save(
         self,
         session_id: str,
         namespace: str,
@@ -156,32 +194,29 @@ class _Api:
         ttl: float | None = None,
         *,
         request_id: str | None = None,
-    ) -> None:
+    ) -> Plan[None]:
         """Save a state value (any msgpack value), for `ttl` seconds if given."""
         body: dict[str, Any] = {"ns": namespace, "key": key, "value": value}
         if request_id is not None:
             body["id"] = request_id
         if ttl is not None:
             body["ttl"] = ttl
-        await self._request(session_id, c.OP_STATE_SAVE, body)
+        return session_id, c.OP_STATE_SAVE, body, _nothing
 
-    async def load(self, session_id: str, namespace: str, key: str) -> Any:
+    @_one_request
+    def load(self, session_id: str, namespace: str, key: str) -> Plan[Any]:
         """A state value, or None when there is none."""
-        body = {"ns": namespace, "key": key}
-        return (await self._request(session_id, c.OP_STATE_LOAD, body))["value"]
+        return session_id, c.OP_STATE_LOAD, {"ns": namespace, "key": key}, _value
 
-    async def get_all(self, session_id: str, namespace: str) -> dict[str, Any]:
+    @_one_request
+    def get_all(self, session_id: str, namespace: str) -> Plan[dict[str, Any]]:
         """Every live key of a namespace with its value."""
-        items: dict[str, Any] = (
-            await self._request(session_id, c.OP_STATE_GET_ALL, {"ns": namespace})
-        )["items"]
-        return items
+        return session_id, c.OP_STATE_GET_ALL, {"ns": namespace}, _items
 
-    async def delete(self, session_id: str, namespace: str, key: str) -> bool:
+    @_one_request
+    def delete(self, session_id: str, namespace: str, key: str) -> Plan[bool]:
         """Delete a state key; whether it existed."""
-        body = {"ns": namespace, "key": key}
-        deleted: bool = (await self._request(session_id, c.OP_STATE_DELETE, body))["deleted"]
-        return deleted
+        return session_id, c.OP_STATE_DELETE, {"ns": namespace, "key": key}, _deleted
 
     # --- listing (issue 22) ---------------------------------------------------------------
 
@@ -203,12 +238,50 @@ class _Api:
                 return
             body["cursor"] = reply["cursor"]
 
-    async def namespaces(self, session_id: str) -> list[str]:
+    @_one_request
+    def namespaces(self, session_id: str) -> Plan[list[str]]:
         """The state namespaces of a conversation that hold live keys (not a use)."""
-        names: list[str] = (await self._request(session_id, c.OP_STATE_NAMESPACES, {}))[
-            "namespaces"
-        ]
-        return names
+        return session_id, c.OP_STATE_NAMESPACES, {}, _namespaces
+
+
+# What each reply becomes.
+def _appended(reply: Reply) -> Appended:
+    return Appended(reply["seq"], reply["count"])
+
+
+def _turns(reply: Reply) -> list[Turn]:
+    turns: list[Turn] = reply["turns"]
+    return turns
+
+
+def _context(reply: Reply) -> Context:
+    return Context(reply.get("summary"), reply["turns"], reply.get("tokens", 0))
+
+
+def _summarized(reply: Reply) -> Summarized:
+    return Summarized(reply["upto"], reply["dropped"])
+
+
+def _deleted(reply: Reply) -> Any:
+    return reply["deleted"]
+
+
+def _nothing(reply: Reply) -> None:
+    return None
+
+
+def _value(reply: Reply) -> Any:
+    return reply["value"]
+
+
+def _items(reply: Reply) -> dict[str, Any]:
+    items: dict[str, Any] = reply["items"]
+    return items
+
+
+def _namespaces(reply: Reply) -> list[str]:
+    names: list[str] = reply["namespaces"]
+    return names
 
 
 class _Fanout:

@@ -10,10 +10,10 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from worker.client._api import _Api
+from worker.client._api import PLANS, _Api
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient, _closed_while_waiting, _not_open, run_direct
+from worker.client._mqtt import MemoryClient, _closed_while_waiting, _not_open
 from worker.client._threads import DEFAULT_CONNECTIONS, ThreadRequests
 
 _T = TypeVar("_T")
@@ -27,16 +27,22 @@ def _blocking(
     method: Callable[Concatenate[Any, _P], Coroutine[Any, Any, _T]],
 ) -> Callable[Concatenate[BlockingMemoryClient, _P], _T]:
     """The blocking twin of an async method of the memory, called by name on whichever
-    memory the client drives."""
+    memory the client drives. Over MQTT a method that sends one request (one with a plan)
+    sends it from the calling thread, on a connection of its own."""
     name = method.__name__
-    shared = hasattr(_Api, name)  # ThreadRequests has the shared API, not stats()
+    plan = PLANS.get(name)
 
     @functools.wraps(method)
     def call(self: BlockingMemoryClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         direct = self._direct
-        if shared and direct is not None and threading.current_thread() is not self._thread:
-            direct_call: Coroutine[Any, Any, _T] = getattr(direct, name)(*args, **kwargs)
-            return run_direct(direct_call)
+        if (
+            plan is not None
+            and direct is not None
+            and threading.current_thread() is not self._thread
+        ):
+            convo, op, body, read = plan(None, *args, **kwargs)
+            result: _T = read(direct.request(convo, op, body))
+            return result
         coro: Coroutine[Any, Any, _T] = getattr(self.memory, name)(*args, **kwargs)
         return self._run(coro)
 

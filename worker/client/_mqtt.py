@@ -15,7 +15,7 @@ import contextvars
 import itertools
 import ssl
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
@@ -572,18 +572,6 @@ class MemoryClient(_Api):
             self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return found
-
-
-def run_direct(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run a coroutine that never suspends (a `ThreadRequests` call's) to its end on this
-    thread."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        result: _T = done.value
-        return result
-    coro.close()
-    raise RuntimeError("a direct call suspended")  # pragma: no cover
 
 
 class _Reply:

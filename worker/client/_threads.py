@@ -19,7 +19,7 @@ from typing import Any, Final
 import aiomqtt
 import msgpack
 
-from worker.client._api import _Api, _ok, ask_again
+from worker.client._api import _ok, ask_again
 from worker.client._errors import MemoryWorkerError, NoReplyError
 from worker.client._mqtt import (
     MemoryClient,
@@ -84,8 +84,9 @@ class _Turn:
         self.link: _Link | None = None
 
 
-class ThreadRequests(_Api):
-    """The API, each call sent and awaited by its own thread on a pooled connection.
+class ThreadRequests:
+    """The blocking client's requests, each sent and awaited by its own thread on a pooled
+    connection (`request`: the API's plans, worker/client/_api.py, make them).
 
     A thread takes an idle connection (or opens one, up to `connections`; past that it
     waits for one), sends the request, reads until its reply and gives the connection back.
@@ -109,9 +110,6 @@ class ThreadRequests(_Api):
         # next (a thread calling in a loop took it back every time, and the others timed out).
         self._queue: collections.deque[_Turn] = collections.deque()
         self._closed = threading.Event()  # wakes a thread waiting to connect again
-
-    async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.request(convo, op, body)
 
     def request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         link = self._borrow()
