@@ -54,8 +54,16 @@ def _stop(proc: subprocess.Popen[str]) -> str:
     return out
 
 
-async def test_two_workers_with_one_client_id(broker: Mosquitto) -> None:
-    """Each logs one error naming the id and --client-id, backs off quietly, and counts it."""
+@pytest.mark.parametrize(
+    "second_args", [(), ("--session-expiry", "0")], ids=["alike", "second-without-session"]
+)
+async def test_two_workers_with_one_client_id(
+    broker: Mosquitto, second_args: tuple[str, ...]
+) -> None:
+    """Each logs one error naming the id and --client-id, backs off quietly, and counts it.
+    A second started by scripts/run on a broker that was there (--session-expiry 0) took the
+    id back with its Will: the first read that "offline" on reconnecting, not an "online",
+    and never said why it kept losing the broker."""
     prefix, client_id = unique("mem"), unique("twin-")
     args = ("--prefix", prefix, "--client-id", client_id, "--reconnect-max", "1")
     stats_topic = f"{prefix}/_worker/{client_id}/stats"
@@ -64,7 +72,7 @@ async def test_two_workers_with_one_client_id(broker: Mosquitto) -> None:
     try:
         async with watcher(broker.host, broker.port, stats_topic) as seen:
             await next_message(seen)  # the first is serving
-            second = spawn_worker(broker, *args, "--stats-interval", "0.2")
+            second = spawn_worker(broker, *args, "--stats-interval", "0.2", *second_args)
             taken = 0
             while taken < 4:  # stats of whichever twin holds the session
                 taken = max(taken, decode(await next_message(seen))["taken_over"])

@@ -139,6 +139,7 @@ class Service:
         self.systemd = Notifier.from_environ(os.environ)
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
+        self._will = b""  # the "offline" the broker publishes when it loses this worker
         # Sent on this connection, maybe not yet acknowledged (so not yet `connected`): a
         # stop then must still say offline, or the retained online outlives the worker.
         self._announced = False
@@ -205,6 +206,7 @@ class Service:
 
     def _make_client(self) -> Connection:
         cfg = self.cfg
+        self._will = self._status("offline")
         return persistent(
             self._on_message,
             host=cfg.host,
@@ -215,9 +217,7 @@ class Service:
             session_expiry=cfg.session_expiry_seconds,
             receive_maximum=min(cfg.max_inflight, 65535),
             tls=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
-            last_will=will(
-                self.status_topic, self._status("offline"), content_type(cfg.event_format)
-            ),
+            last_will=will(self.status_topic, self._will, content_type(cfg.event_format)),
             on_read=self._on_read,
         )
 
@@ -315,14 +315,16 @@ class Service:
 
     async def _check_taken_over(self, client: Connection) -> None:
         """After a lost connection: is the retained status still ours? Mosquitto 2.0 closes a
-        connection whose client id another client takes without saying why (no reason code,
-        no Will), and that client, if it is a worker, has published its own "online"."""
+        connection whose client id another client takes without saying why (no reason code),
+        and that client, if it is a worker, has published its own "online"; or, when this
+        connection just took the id back, the broker has published that worker's Will (its
+        "offline", not ours)."""
         if self._loss_explained:
             return  # the broker said so (reason code 0x8E), and it was counted
         retained = await self._retained(client, self.status_topic)
-        if retained is not None and retained != self._online:
+        if retained is not None and retained not in (self._online, self._will):
             with contextlib.suppress(Exception):
-                if decode_event(retained, None).get("state") == "online":
+                if decode_event(retained, None).get("state") in ("online", "offline"):
                     self._taken_over()
 
     async def _retained(self, client: Connection, topic: str) -> bytes | None:
