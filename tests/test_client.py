@@ -31,6 +31,7 @@ from worker.client import (
     MemoryWorkerError,
     NoReplyError,
     TooLargeError,
+    memory_from_url,
     open_blocking_memory,
     open_memory,
 )
@@ -129,12 +130,28 @@ async def test_refused_input_raises_the_workers_code(
     assert info.value.message
 
 
-async def test_too_large_comes_from_the_worker(broker: Mosquitto, worker: Service) -> None:
-    """A payload over --max-payload-bytes is refused by the worker itself: TooLargeError."""
-    async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
-        with pytest.raises(TooLargeError) as info:
-            await m.append("c", "user", "x" * 70000)
-    assert info.value.code == "too_large"
+async def test_too_large_comes_from_the_worker(memory: Memory) -> None:
+    """A payload over --max-payload-bytes is refused by the worker itself: TooLargeError,
+    naming the limit; memory:// measures it as the worker would (it stored a megabyte).
+    MQTT 3.1.1's reply_to is in the payload the worker refuses unread: no reply, and the
+    error says why."""
+    if isinstance(memory, MemoryClient) and memory.protocol == 3:
+        async with MemoryClient(
+            memory.host, memory.port, memory.prefix, protocol=3, timeout=0.5, attempts=1
+        ) as m:
+            with pytest.raises(NoReplyError, match=r"70\d{3} bytes, over .*--max-payload-bytes"):
+                await m.append(unique("c"), "user", "x" * 70000)
+        return
+    with pytest.raises(TooLargeError, match=r"the limit is 65536 \(the worker's --max-payload"):
+        await memory.append(unique("c"), "user", "x" * 70000)
+    assert (await memory.append(unique("c"), "user", "x" * 65000)).seq == 1
+
+
+async def test_memory_url_takes_the_payload_limit() -> None:
+    async with open_memory("memory://?max_payload_bytes=2000000") as m:
+        assert (await m.append("c", "user", "x" * 1_000_000)).seq == 1
+    with pytest.raises(ValueError, match="bad number"):
+        memory_from_url("memory://?max_payload_bytes=lots")
 
 
 async def test_a_request_past_the_brokers_packet_size_is_too_large_at_once(

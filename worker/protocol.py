@@ -493,6 +493,10 @@ def reply_parsed(req_id: Any = _MISSING) -> Parsed:
     return Parsed(None, None, None, None, req_id)
 
 
+def too_large_payload(size: int, limit: int) -> str:
+    return f"payload is {size} bytes; the limit is {limit} (the worker's --max-payload-bytes)"
+
+
 class Router:
     """Knows the topics under one prefix: what to subscribe to and what a topic asks for."""
 
@@ -573,9 +577,7 @@ class Router:
         body: dict[Any, Any] | None = None
         error: WorkerError | None = None
         if len(payload) > self.max_payload_bytes:
-            error = TooLarge(
-                f"payload is {len(payload)} bytes; the limit is {self.max_payload_bytes}"
-            )
+            error = TooLarge(too_large_payload(len(payload), self.max_payload_bytes))
         else:
             try:
                 body = _decode(payload)

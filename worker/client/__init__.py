@@ -65,7 +65,8 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
     `mqtt://[user:password@]host[:port][/prefix]` (port 1883), `mqtts://...` (TLS, port
     8883; `?ca=FILE`), with `?timeout=S&qos=N&reply_prefix=T&protocol=3&attempts=N` as
     options; or
-    `memory://?max_turns=8&ttl=3600&max_conversations=500` (also `max_bytes`, `max_keys`).
+    `memory://?max_turns=8&ttl=3600&max_conversations=500` (also `max_bytes`, `max_keys`,
+    `max_payload_bytes`).
     """
     parts = urlsplit(url)
     if parts.fragment or url.endswith("#"):
@@ -76,6 +77,7 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if parts.scheme == "memory":
         fields = {f: query.pop(f) for f in list(query) if f in Limits.__slots__}
+        payload = query.pop("max_payload_bytes", None)
         if query:
             raise ValueError(f"memory:// does not take {', '.join(sorted(query))}")
         try:
@@ -83,9 +85,10 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
                 f: (float(v) if f == "ttl" else int(v)) for f, v in fields.items()
             }
             limits = Limits(**numbers)
+            most = c.DEFAULT_MAX_PAYLOAD_BYTES if payload is None else int(payload)
         except ValueError:
             raise ValueError(f"bad number in {url!r}") from None
-        return LocalMemory(limits)
+        return LocalMemory(limits, max_payload_bytes=most)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"{url!r}: the scheme must be mqtt, mqtts or memory")
     options: dict[str, Any] = {

@@ -15,23 +15,29 @@ from worker import protocol
 from worker.client._api import _Api, _Fanout, _ok, _refuse
 from worker.client._errors import error_for
 from worker.client._models import Eviction
-from worker.errors import WorkerError
-from worker.protocol import Event, check_request, encode_result, reply_parsed
+from worker.errors import TooLarge, WorkerError
+from worker.protocol import Event, check_request, encode_result, reply_parsed, too_large_payload
 from worker.store import Limits
 
 
 class LocalMemory(_Api):
     """The worker's own store and protocol, in this process: the client's API without a
     broker (what `memory://` opens). Requests are checked, executed and answered by the
-    same code the worker runs, so answers and errors are the same. `clock` is the store's
+    same code the worker runs, so answers and errors are the same, a request's size against
+    `max_payload_bytes` (the worker's --max-payload-bytes) included. `clock` is the store's
     monotonic clock, for TTL (tests pass a fake one)."""
 
     def __init__(
-        self, limits: Limits | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        limits: Limits | None = None,
+        *,
+        max_payload_bytes: int = c.DEFAULT_MAX_PAYLOAD_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from worker.backends.memory import MemoryBackend
 
         self.limits = limits or Limits()
+        self.max_payload_bytes = max_payload_bytes
         self._backend = MemoryBackend(self.limits, clock=clock)
         self._events = _Fanout()
         self._sweeper: asyncio.Task[None] | None = None
@@ -68,6 +74,9 @@ class LocalMemory(_Api):
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
             request = check_request(convo, op, body)
+            size = len(msgpack.packb(body))
+            if size > self.max_payload_bytes:  # as the worker measures what a client sends
+                raise TooLarge(too_large_payload(size, self.max_payload_bytes))
         except WorkerError as exc:
             raise error_for(exc.code, exc.message) from None
         results, evictions = await self._backend.execute([request])

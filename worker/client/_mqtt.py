@@ -377,8 +377,11 @@ class MemoryClient(_Api):
             )
         return key, topic, payload, props, safe
 
-    def _attempt_failed(self, exc: Exception, topic: str, attempt: int, last: bool) -> None:
-        """Raise what an attempt's failure means to the caller; return to try again."""
+    def _attempt_failed(
+        self, exc: Exception, topic: str, attempt: int, last: bool, size: int = 0
+    ) -> None:
+        """Raise what an attempt's failure means to the caller; return to try again (`size`:
+        the request's payload, in bytes)."""
         if isinstance(exc, _PublishRefused):
             raise self._refused("publish to", topic, exc.reason) from None
         if last:
@@ -389,9 +392,17 @@ class MemoryClient(_Api):
                     + within
                 ) from None
             why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
+            hint = f": is memory-worker running with prefix {self.prefix!r} there?"
+            if self.protocol == 3 and size > c.DEFAULT_MAX_PAYLOAD_BYTES:
+                # The worker refuses it unread, so it cannot read the reply_to in it.
+                hint = (
+                    f": under MQTT 3.1.1 a request of {size} bytes, over the worker's "
+                    f"--max-payload-bytes ({c.DEFAULT_MAX_PAYLOAD_BYTES} unless set), gets no "
+                    "reply: its reply_to is inside it"
+                )
             raise NoReplyError(
                 f"{why} from memory-worker on {self.host}:{self.port} "
-                f"(prefix {self.prefix!r})" + within
+                f"(prefix {self.prefix!r})" + within + hint
             ) from None
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +431,7 @@ class MemoryClient(_Api):
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
                 reply = await fut
             except (_PublishRefused, TimeoutError, _Lost) as exc:
-                self._attempt_failed(exc, topic, attempt, last)
+                self._attempt_failed(exc, topic, attempt, last, len(payload))
                 continue
             finally:
                 self._deadlines.pop(key, None)

@@ -158,12 +158,12 @@ class ThreadRequests:
                         f"within {client.timeout}s"
                         + (f", {attempt} attempts" if attempt > 1 else "")
                     ) from None
-                client._attempt_failed(exc, topic, attempt, last)
+                client._attempt_failed(exc, topic, attempt, last, len(payload))
             except (OSError, MalformedPacket):
                 conn.close()
                 if not self._open:
                     raise _closed_while_waiting() from None
-                client._attempt_failed(_Lost(), topic, attempt, last)
+                client._attempt_failed(_Lost(), topic, attempt, last, len(payload))
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
