@@ -111,6 +111,7 @@ async def test_forget_removes_turns_and_reports_eviction(memory: Memory) -> None
         (lambda m: m.append("", "user", "x"), BadTopicError),
         (lambda m: m.append("x" * 129, "user", "x"), BadTopicError),
         (lambda m: m.append("_worker", "user", "x"), BadTopicError),
+        (lambda m: m.get(7), BadTopicError),  # it was AttributeError: 'int' ... 'encode'
         (lambda m: m.append("c", "", "x"), BadRequestError),
         (lambda m: m.save("c", "ns", "k" * 129, 1), BadRequestError),
         (lambda m: m.load("c", "", "k"), BadRequestError),
@@ -199,6 +200,18 @@ async def test_a_timed_out_or_cancelled_request_leaves_no_task(broker: Mosquitto
         }
         async with asyncio.timeout(2):
             await asyncio.gather(*left, return_exceptions=True)
+
+
+async def test_open_memory_used_as_the_memory_says_how_to_open_it() -> None:
+    """`m = open_memory(url)` then `await m.get(...)` was AttributeError on a context
+    manager ('_AsyncGeneratorContextManager' object has no attribute 'get')."""
+    opening = open_memory("memory://")
+    with pytest.raises(RuntimeError, match=r"async with open_memory\(url\) as memory: await"):
+        await opening.get("c")
+    with pytest.raises(RuntimeError, match="async with open_memory"):
+        await opening
+    async with open_memory("memory://") as m:
+        assert (await m.append("c", "user", "x")).seq == 1
 
 
 @pytest.mark.parametrize("protocol", [5, 3])

@@ -62,6 +62,8 @@ def validate_prefix(prefix: str) -> None:
 
 def validate_convo(convo: str) -> None:
     """Raise BadTopic unless `convo` is a conversation id the contract allows."""
+    if not isinstance(convo, str):  # a Python caller's: a topic's level is always one
+        raise BadTopic(f"conversation id must be a string, not {type(convo).__name__}")
     size = len(convo.encode("utf-8", "surrogatepass"))
     if not 1 <= size <= c.MAX_CONVO_BYTES:
         raise BadTopic(f"conversation id must be 1-{c.MAX_CONVO_BYTES} UTF-8 bytes, got {size}")

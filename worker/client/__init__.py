@@ -126,12 +126,47 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
     return MemoryClient(parts.hostname or c.DEFAULT_HOST, port, **options)
 
 
-@contextlib.asynccontextmanager
-async def open_memory(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
+def open_memory(url: str, **kwargs: Any) -> _Opening:
     """`async with open_memory(url) as memory:` a client or in-process store (see
     memory_from_url), opened for the block."""
+    return _Opening(_opened(url, **kwargs))
+
+
+@contextlib.asynccontextmanager
+async def _opened(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
     async with memory_from_url(url, **kwargs) as memory:
         yield memory
+
+
+class _Opening:
+    """What open_memory returns: the block that opens the memory. Used as the memory itself
+    (`m = open_memory(url)`, then `await m.get(...)`), it says how to open it, rather than
+    AttributeError on a context manager."""
+
+    __slots__ = ("_block",)
+
+    def __init__(self, block: contextlib.AbstractAsyncContextManager[Memory]) -> None:
+        self._block = block
+
+    async def __aenter__(self) -> Memory:
+        return await self._block.__aenter__()
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return await self._block.__aexit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        raise _unopened(name)
+
+    def __await__(self) -> Any:
+        raise _unopened("get")
+
+
+def _unopened(name: str) -> RuntimeError:
+    return RuntimeError(
+        "open_memory(url) opens the memory for an `async with` block: "
+        f"`async with open_memory(url) as memory: await memory.{name}(...)` "
+        "(or open_blocking_memory(url), open at once, without await)"
+    )
 
 
 def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:
