@@ -28,6 +28,7 @@ class FakeModel:
         self.most_turns: int | None = None
         self.gateway_timeout = False
         self.calls = 0
+        self.asked_for: set[str] = set()  # the model names requests named
         # What GET /v1/models lists, as Ollama lists them (the default model pulled).
         self.models = [{"id": "llama3.2:latest", "object": "model", "owned_by": "library"}]
         self.seen: list[str] = []  # the content of every turn it was asked to fold
@@ -54,6 +55,7 @@ class FakeModel:
     def _answer(self, body: dict[str, Any]) -> tuple[int, bytes]:
         with self._changed:
             self.calls += 1
+            self.asked_for.add(str(body.get("model")))
             self._changed.notify_all()
             self._changed.wait_for(lambda: self.mode != "hold", timeout=30)
             mode = self.mode

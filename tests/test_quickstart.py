@@ -136,8 +136,9 @@ async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Pat
 
 
 async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) -> None:
-    """`scripts/run --summarizer URL` runs the worker with trimmed events and a summarizer
-    folding them with the model server at URL."""
+    """`scripts/run --summarizer URL --model NAME` runs the worker with trimmed events and a
+    summarizer folding them with the model NAME on the model server at URL (--model went to
+    the worker, which refused it; the summarizer's warning said to give it)."""
     port = free_port()
     with (
         fake_model() as model,
@@ -148,6 +149,8 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
             "2",
             "--summarizer",
             model.url,
+            "--model",
+            "tiny",
             until=("serving mem/#", "folding mem/+/trimmed"),
         ),
     ):
@@ -162,6 +165,7 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
             reply = await d.request("voice-1", "get")
     assert reply["summary"]["text"] == "t1 t2"
     assert [t["content"] for t in reply["turns"]] == ["t3", "t4"]
+    assert model.asked_for == {"tiny"}
 
 
 def test_scripts_run_stops_when_its_summarizer_does(clone: Path) -> None:

@@ -492,6 +492,24 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
     assert not [r for r in caplog.records if "model server" in r.getMessage()]
 
 
+async def test_a_workers_last_run_is_not_taken_for_this_one(
+    broker: Mosquitto, model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """scripts/run and the services start the worker and the summarizer together: the
+    summarizer read the stats the worker had retained from its last run (without
+    --trimmed-events, a moment old) before the worker published its own, and warned falsely.
+    It looks again, one --stats-interval later, at stats published since it started."""
+    prefix = unique("mem")
+    last_run = {"client_id": "memory-worker", "ts": time.time(), "stats_interval": 0.2}
+    stale = msgpack.packb(last_run | {"trimmed_events": False})
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        await c.publish(f"{prefix}/_worker/memory-worker/stats", stale, qos=1, retain=True)
+    async with summarizing(_config(broker, prefix, model)) as s:
+        assert s.preflight is not None
+        await asyncio.wait_for(s.preflight, 30)
+    assert not [r for r in caplog.records if "--trimmed-events" in r.getMessage()]
+
+
 def test_a_langchain_message_stored_whole_reads_as_words_to_the_model() -> None:
     """LangChain's history stores tool calls and tool answers whole, as JSON under the role
     langchain: the model folding them reads who said what and which tool was called."""

@@ -183,7 +183,8 @@ class ChatModel:
         listed = ", ".join(sorted(names)[:10]) or "none"
         return (
             f"the model server at {self.base} has no model {self.model!r} (it lists: "
-            f"{listed}): pull it (ollama pull {self.model}) or name another with --model"
+            f"{listed}): pull it (ollama pull {self.model}) or name another with --model "
+            "(scripts/run --model; MEMORY_SUMMARIZER_MODEL for the service)"
         )
 
     def _post(self, data: bytes) -> Folded:

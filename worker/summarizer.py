@@ -343,24 +343,32 @@ class Summarizer:
         """Say at start what would leave every trimmed turn unfolded, rather than let it
         show only as a window without its summary: a model server that does not answer or
         lacks the model, or workers that run without --trimmed-events."""
+        started = time.time()
         problem = await self.model.check()
         if problem is not None:
             log.warning("%s; trimmed turns wait for it (nothing is lost)", problem)
         try:
             stats = await memory.stats()
+            # Stats stay retained after a worker stops: only the recent ones say what runs.
+            quiet = _without_trimmed_events([s for s in stats if stats_are_recent(s, started)])
+            if quiet:
+                # A worker started with this summarizer (scripts/run, the services) may not
+                # have published its stats yet: these may be its last run's. Its own come
+                # within one of its --stats-interval.
+                every = max(float(s.get("stats_interval") or 10.0) for s in stats)
+                await asyncio.sleep(min(every, 60.0) + 1.0)
+                stats = await memory.stats()
+                since = [s for s in stats if isinstance(s.get("ts"), int | float)]
+                quiet = _without_trimmed_events([s for s in since if s["ts"] >= started])
         except (MemoryWorkerError, aiomqtt.MqttError) as exc:  # a role that may not read them
             log.debug("no workers' stats to check: %s", exc)
             return
-        # Stats stay retained after a worker stops: only the recent ones say what runs.
-        now = time.time()
-        recent = [s for s in stats if stats_are_recent(s, now)]
-        flags = {s.get("client_id"): s.get("trimmed_events") for s in recent}
-        if False in flags.values() and True not in flags.values():
+        if quiet:
             log.warning(
                 "the workers under %s (%s) run without --trimmed-events: the turns their "
                 "window drops are not announced, and this summarizer has nothing to fold",
                 self.cfg.prefix,
-                ", ".join(str(k) for k, v in flags.items() if v is False),
+                ", ".join(quiet),
             )
 
     async def _open(
@@ -737,3 +745,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _without_trimmed_events(stats: list[dict[str, Any]]) -> list[str]:
+    """The workers of these stats that do not announce trimmed turns, when none does."""
+    flags = {str(s.get("client_id")): s.get("trimmed_events") for s in stats}
+    if True in flags.values():
+        return []
+    return [name for name, on in flags.items() if on is False]
