@@ -65,6 +65,23 @@ async def test_async_history_over_the_worker(broker: Mosquitto, worker: Service)
         await asyncio.to_thread(history.close)
 
 
+async def test_a_history_without_url_reads_the_environment_when_made(
+    broker: Mosquitto, worker: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MEMORY_WORKER_HOST, _PORT and _PREFIX (what `scripts/run --own-broker` says to
+    export) are read when a history is made: they were read once, when the module was
+    imported, so setting them later was ignored."""
+    monkeypatch.setenv("MEMORY_WORKER_HOST", broker.host)
+    monkeypatch.setenv("MEMORY_WORKER_PORT", str(broker.port))
+    monkeypatch.setenv("MEMORY_WORKER_PREFIX", worker.cfg.prefix)
+    history = await asyncio.to_thread(MqttChatMessageHistory, unique("s"))
+    try:
+        await history.aadd_messages(EXPECTED)
+        assert await history.aget_messages() == EXPECTED
+    finally:
+        await asyncio.to_thread(history.close)
+
+
 def test_history_in_process_is_bounded() -> None:
     """With memory:// the history keeps the worker's bounds: max_turns=2 keeps the last two."""
     history = MqttChatMessageHistory("s", url="memory://?max_turns=2")

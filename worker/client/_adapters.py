@@ -8,12 +8,15 @@ import weakref
 
 from worker.client import BlockingMemoryClient, open_blocking_memory
 
-# The broker scripts/run starts, on the port `scripts/run --own-broker` says to export.
-DEFAULT_URL = "mqtt://{}:{}/{}".format(  # as memctl reads them
-    os.environ.get("MEMORY_WORKER_HOST") or "127.0.0.1",
-    os.environ.get("MEMORY_WORKER_PORT") or "1883",
-    os.environ.get("MEMORY_WORKER_PREFIX") or "mem",
-)
+
+def default_url() -> str:
+    """The broker scripts/run starts, on the port `scripts/run --own-broker` says to export:
+    MEMORY_WORKER_HOST, _PORT and _PREFIX as memctl reads them, when an adapter is made."""
+    return "mqtt://{}:{}/{}".format(
+        os.environ.get("MEMORY_WORKER_HOST") or "127.0.0.1",
+        os.environ.get("MEMORY_WORKER_PORT") or "1883",
+        os.environ.get("MEMORY_WORKER_PREFIX") or "mem",
+    )
 
 
 def missing_extra(extra: str, exc: ModuleNotFoundError) -> ModuleNotFoundError:
@@ -30,17 +33,18 @@ class OnClient:
     """An adapter over a BlockingMemoryClient.
 
     Args:
-        url: where the memory is, as for `open_blocking_memory`.
+        url: where the memory is, as for `open_blocking_memory` (by default `default_url()`).
         client: an open BlockingMemoryClient to share (then `url` is not used and `close()`
             leaves it open); by default the adapter opens its own, closed by `close()` or
             when the adapter is garbage collected (so not one to hand to another adapter).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, client: BlockingMemoryClient | None = None) -> None:
-        self.client = client if client is not None else open_blocking_memory(url)
+    def __init__(self, url: str | None = None, client: BlockingMemoryClient | None = None) -> None:
+        own = client is None
+        self.client = open_blocking_memory(url or default_url()) if client is None else client
         # Frameworks make an adapter per call and drop it without closing it (LangChain's
         # RunnableWithMessageHistory): each left a connection and two threads behind.
-        self._own = None if client is not None else weakref.finalize(self, _close, self.client)
+        self._own = weakref.finalize(self, _close, self.client) if own else None
 
     def close(self) -> None:
         """Close the connection the adapter opened for itself."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from worker import constants as c
 from worker.client import BlockingMemoryClient, Context, Turn
-from worker.client._adapters import DEFAULT_URL, OnClient, missing_extra
+from worker.client._adapters import OnClient, missing_extra
 
 try:
     from langchain_core.chat_history import BaseChatMessageHistory
@@ -137,7 +137,7 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
     def __init__(
         self,
         session_id: str,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         client: BlockingMemoryClient | None = None,
         max_tokens: int | None = None,
@@ -209,7 +209,7 @@ class MqttByteStore(OnClient, BaseStore[str, bytes]):
         self,
         session_id: str,
         namespace: str,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         client: BlockingMemoryClient | None = None,
     ) -> None:

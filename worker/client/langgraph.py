@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from worker.client import BlockingMemoryClient, Memory
-from worker.client._adapters import DEFAULT_URL, OnClient, missing_extra
+from worker.client._adapters import OnClient, missing_extra
 from worker.constants import MAX_LIST_LIMIT, MAX_NAME_BYTES
 from worker.protocol import _BAD_CONVO_CHARS
 
@@ -88,7 +88,7 @@ class MqttStore(OnClient, BaseStore):
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         prefix: str = DEFAULT_PREFIX,
         ttl: TTLConfig | None = None,
