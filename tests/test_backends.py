@@ -891,6 +891,9 @@ async def test_summary_compare_and_set_refuses_with_conflict(make: Make) -> None
         refused = await summarize(h, "c", "two", upto, base)
         assert isinstance(refused, Conflict)
         assert (refused.upto, refused.seq) == (2, 4)
+    assert refused.message == (  # every engine says it alike
+        "'upto' must be between 3 and 4 (after the summary's upto, up to the newest turn), not 5"
+    )
     gone = await summarize(h, "nobody", "x", 1, 0)
     assert isinstance(gone, Conflict)
     assert (gone.upto, gone.seq) == (0, 0)

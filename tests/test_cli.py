@@ -169,6 +169,12 @@ async def test_memctl_budgets_and_summaries(broker: Mosquitto, program_worker: A
     rc, out = await memctl(broker, prefix, *args)
     assert rc == 1
     assert (out[0]["error"]["code"], out[0]["error"]["upto"]) == ("conflict", 1)
+    assert out[0]["error"]["born"] > 0  # the contract's field, which memctl left out
+    rc, out = await memctl(broker, prefix, "summary", "k2", "--save", "x", "--upto", "99")
+    assert rc == 1
+    assert out[0]["error"]["message"] == (
+        "'upto' must be between 2 and 3 (after the summary's upto, up to the newest turn), not 99"
+    )
 
 
 async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None:

@@ -228,7 +228,7 @@ async def _answer(
         except MemoryWorkerError as exc:
             error: dict[str, Any] = {"code": exc.code, "message": exc.message}
             if isinstance(exc, ConflictError):
-                error.update(upto=exc.upto, seq=exc.seq)
+                error.update(upto=exc.upto, seq=exc.seq, born=exc.born)
             emit({"ok": False, "error": error})
             return EXIT_ERROR
     return EXIT_OK

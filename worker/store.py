@@ -357,7 +357,11 @@ class Store:
             why = f"the summary's upto is {current}, not base {req.base}"
             raise Conflict(why, current, cv.seq, cv.born)
         if not req.base < req.upto <= cv.seq:
-            raise Conflict(f"'upto' must be {req.base + 1}-{cv.seq}", current, cv.seq, cv.born)
+            why = (
+                f"'upto' must be between {req.base + 1} and {cv.seq} (after the summary's "
+                f"upto, up to the newest turn), not {req.upto}"
+            )
+            raise Conflict(why, current, cv.seq, cv.born)
         lim = self.limits
         size = summary_size(req.text, lim.turn_cost)
         old = self._summary_size(cv)

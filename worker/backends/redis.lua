@@ -277,7 +277,8 @@ elseif op == 'summary' then
     elseif exists and sbase ~= current then
       why = "the summary's upto is " .. current .. ', not base ' .. sbase
     elseif exists then
-      why = "'upto' must be " .. (sbase + 1) .. '-' .. newest
+      why = "'upto' must be between " .. (sbase + 1) .. ' and ' .. newest ..
+            " (after the summary's upto, up to the newest turn), not " .. upto
     end
     result = {'conflict', why, current, newest, born}
   else
