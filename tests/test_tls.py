@@ -186,7 +186,7 @@ async def test_plain_mqtt_to_a_tls_port_suggests_tls(tls_broker: tuple[Mosquitto
     from worker.client import NoReplyError
 
     broker, _ = tls_broker
-    with pytest.raises(NoReplyError, match=r"a TLS port\? then mqtts://"):
+    with pytest.raises(NoReplyError, match=r"a TLS port\? then mqtts:// with \?ca=FILE"):
         async with open_memory(f"mqtt://{broker.host}:{broker.port}/mem?timeout=1"):
             pass
     done = await run_memctl(broker, "--timeout", "1", "get", "c")

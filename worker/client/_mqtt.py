@@ -779,7 +779,7 @@ def unreachable(
     why = str(exc)
     hint = ""
     if not tls and "timed out" in why:
-        hint = " (a TLS port? then mqtts://, --tls-ca)"
+        hint = " (a TLS port? then mqtts:// with ?ca=FILE, tls_ca=, or memctl --tls-ca)"
     elif tls and any(word in why for word in ("reset by peer", "EOF", "WRONG_VERSION")):
-        hint = " (not a TLS port? then mqtt://, no --tls-ca)"
+        hint = " (not a TLS port? then mqtt://, without ca, tls_ca or --tls-ca)"
     return NoReplyError(f"cannot reach the broker at {host}:{port}: {why}{hint}")
