@@ -132,6 +132,27 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
     assert failures[0].levelno == logging.WARNING
 
 
+async def test_a_backlog_after_an_outage_is_one_model_call(
+    broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel
+) -> None:
+    """The turns trimmed while the model was down go to it in one call once it is back: the
+    fold that failed first went on retrying its own turn alone, and the rest took a second
+    call (a new-user trial counted two)."""
+    async with (
+        worker_factory(max_turns=2, trimmed_events=True) as w,
+        summarizing(_config(broker, w.cfg.prefix, model)) as s,
+        device(broker.host, broker.port, w.cfg.prefix) as d,
+        watcher(broker.host, broker.port, "reply/+/_summarizer/#") as replies,
+    ):
+        model.set_mode("down")
+        await talk(d, "c", 1, 6)
+        await s.wait_received(4)  # turns 1-4, trimmed one by one
+        await model.wait_calls(model.calls + 1)  # a try that failed after they all came
+        model.set_mode("ok")
+        assert await summary_upto(d, replies, "c", 4) == words(1, 4)
+        assert s.folds == 1
+
+
 @pytest.mark.parametrize("proxy", [False, True], ids=["timeout", "gateway-504"])
 async def test_a_backlog_too_slow_to_fold_at_once_is_folded_in_parts(
     broker: Mosquitto, worker_factory: WorkerFactory, model: FakeModel, proxy: bool

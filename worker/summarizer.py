@@ -263,6 +263,7 @@ class Summarizer:
         self.topic_filter = f"$share/{cfg.group}/{topic}" if cfg.group else topic
         self.connected = asyncio.Event()
         self.folds = 0  # summaries saved
+        self.received = 0  # events queued to fold
         self.acknowledged = 0  # events acknowledged
         self._progress = asyncio.Event()
         self.connections = 0  # connections made (and subscribed) in all
@@ -270,6 +271,7 @@ class Summarizer:
         self._queues: dict[str, list[_Event]] = {}  # each in seq order
         self._arrived: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retries: dict[str, int] = {}  # a conversation's failed tries in a row
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._generation = 0
         self._closing = False
@@ -465,6 +467,8 @@ class Summarizer:
         # In seq order: two workers (or a redelivery) can hand a conversation's events over
         # out of order, and the earliest must be folded first.
         bisect.insort(self._queues.setdefault(convo, []), ev, key=lambda e: e.first)
+        self.received += 1
+        self._progress.set()
         self._arrived.setdefault(convo, asyncio.Event()).set()
         if convo not in self._tasks:
             self._tasks[convo] = asyncio.create_task(self._drain(convo), name=f"fold {convo}")
@@ -500,6 +504,12 @@ class Summarizer:
             self._connection_made.clear()
             await self._connection_made.wait()
 
+    async def wait_received(self, n: int) -> None:
+        """Return once `n` events have been queued to fold in all."""
+        while self.received < n:
+            self._progress.clear()
+            await self._progress.wait()
+
     async def wait_acknowledged(self, n: int) -> None:
         """Return once `n` events have been acknowledged in all."""
         while self.acknowledged < n:
@@ -525,6 +535,7 @@ class Summarizer:
                     retries = await self._back_off(convo, retries, None)
                     continue
                 if done:
+                    self._retries.pop(convo, None)
                     for ev in batch:
                         queue.remove(ev)
         except _Stopped:
@@ -537,6 +548,7 @@ class Summarizer:
                 self._refusing.discard(convo)
                 self._shortened.discard(convo)
                 self._most.pop(convo, None)
+                self._retries.pop(convo, None)
 
     def _ack_all(self, events: list[_Event]) -> bool:
         for ev in events:
@@ -546,10 +558,10 @@ class Summarizer:
     async def _fold(self, convo: str, events: list[_Event]) -> bool:
         """Fold the events' turns into the summary and save it; acknowledge them once saved
         (or once nothing is left to fold): True. False when an earlier event of the
-        conversation is still to come (the caller picks the earliest again). Retries, with
-        backoff, until one of those."""
+        conversation is still to come, or later ones that join these came while the model
+        failed (the caller batches again). Retries, with backoff, until one of those."""
         assert self._memory is not None
-        memory, retries = self._memory, 0
+        memory, retries = self._memory, self._retries.get(convo, 0)
         turns = _turns_of(events)
         first, last = events[0], turns[-1]["seq"]
         while True:
@@ -591,6 +603,12 @@ class Summarizer:
                     self._most[convo] = len(part) // 2
                     exc = ModelError(f"{exc} (next: {len(part) // 2} turns at a time)")
                 retries = await self._back_off(convo, retries, f"the model failed: {exc}")
+                if len(_batch(self._queues[convo])) > len(events):
+                    # Turns trimmed meanwhile join the next call (the backoff goes on from
+                    # here): a backlog after an outage is one call, not this one and then
+                    # the rest.
+                    self._retries[convo] = retries
+                    return False
                 continue
             except ConflictError as exc:
                 if exc.seq == 0 or (first.born is not None and exc.born != first.born):
