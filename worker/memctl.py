@@ -62,9 +62,20 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # The worker's own variables, so that one `export` points both at the same broker.
-    p.add_argument("--host", default=env.get(f"{c.ENV_PREFIX}HOST", c.DEFAULT_HOST))
-    p.add_argument("--port", type=int, default=env.get(f"{c.ENV_PREFIX}PORT", str(c.DEFAULT_PORT)))
-    p.add_argument("--prefix", default=env.get(f"{c.ENV_PREFIX}PREFIX", c.DEFAULT_PREFIX))
+    for flag, default in (("host", c.DEFAULT_HOST), ("port", c.DEFAULT_PORT)):
+        name = f"{c.ENV_PREFIX}{flag.upper()}"
+        p.add_argument(
+            f"--{flag}",
+            type=type(default),
+            default=env.get(name, str(default)),
+            help=f"broker {flag} (default: ${name}, else {default})",
+        )
+    p.add_argument(
+        "--prefix",
+        default=env.get(f"{c.ENV_PREFIX}PREFIX", c.DEFAULT_PREFIX),
+        help=f"the worker's topic prefix (default: ${c.ENV_PREFIX}PREFIX, else "
+        f"{c.DEFAULT_PREFIX}; `list --prefix` is another: the conversation ids' start)",
+    )
     p.add_argument("--username", default=env.get(f"{c.ENV_PREFIX}USERNAME"))
     p.add_argument("--password", default=env.get(f"{c.ENV_PREFIX}PASSWORD"))
     p.add_argument("--tls-ca", help="CA certificate: connect with TLS, verified against it")
