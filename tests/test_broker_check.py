@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import subprocess
 
 import pytest
 
-from tests.clients import decode, device, next_message, watcher
+from tests.clients import decode, next_message, watcher
 from tests.conftest import WorkerFactory, spawn_worker, unique
 from tests.processes import Mosquitto
 from worker.service import BROKER_SNIPPET
@@ -58,46 +57,34 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 @pytest.mark.parametrize(
     "second_args", [(), ("--session-expiry", "0")], ids=["alike", "second-without-session"]
 )
-async def test_a_second_worker_with_a_client_id_in_use_stops(
+async def test_two_workers_with_one_client_id(
     broker: Mosquitto, second_args: tuple[str, ...]
 ) -> None:
-    """A worker started while another serves with its client id (two scripts/run on one
-    broker, two Pis left at the default id) exits 2 naming the id, the other's pid and
-    --client-id, rather than fight it for the session: they took it from each other for as
-    long as both ran, each storing what reached it while it held the id. The first serves
-    on. A second started by scripts/run (--session-expiry 0) leaves its Will, which the
-    first reads on reconnecting: it logs the takeover once and counts it (it read the Will
-    as its own "offline" and never said why it kept losing the broker). Mosquitto 2.0 says
-    nothing else to the first: after a second alike, it logs one lost connection."""
+    """Each logs one error naming the id and --client-id, backs off quietly, and counts it.
+    A second started by scripts/run on a broker that was there (--session-expiry 0) took the
+    id back with its Will: the first read that "offline" on reconnecting, not an "online",
+    and never said why it kept losing the broker."""
     prefix, client_id = unique("mem"), unique("twin-")
-    args = ("--prefix", prefix, "--client-id", client_id, "--stats-interval", "0.2")
+    args = ("--prefix", prefix, "--client-id", client_id, "--reconnect-max", "1")
     stats_topic = f"{prefix}/_worker/{client_id}/stats"
-    first = spawn_worker(broker, *args)
+    first = spawn_worker(broker, *args, "--stats-interval", "0.2")
+    second: subprocess.Popen[str] | None = None
     try:
         async with watcher(broker.host, broker.port, stats_topic) as seen:
             await next_message(seen)  # the first is serving
-            second = spawn_worker(broker, *args, *second_args)
-            out, _ = await asyncio.to_thread(second.communicate, timeout=30)
-            assert second.returncode == 2, out
-            said = out.strip().splitlines()[-1]
-            assert said.startswith("memory-worker: error: another memory-worker is connected")
-            assert repr(client_id) in said
-            assert f"pid {first.pid}" in said
-            assert "--client-id" in said
-            if second_args:
-                while decode(await next_message(seen))["taken_over"] != 1:
-                    pass
-            async with device(broker.host, broker.port, prefix) as d:
-                reply = await d.request("c", "append", {"role": "user", "content": "x"})
-            assert reply["ok"], reply
+            second = spawn_worker(broker, *args, "--stats-interval", "0.2", *second_args)
+            taken = 0
+            while taken < 4:  # stats of whichever twin holds the session
+                taken = max(taken, decode(await next_message(seen))["taken_over"])
     finally:
-        log = _stop(first)
-    assert "Traceback" not in log
-    errors = [line for line in log.splitlines() if " ERROR " in line]
-    if not second_args:
-        assert errors == [], log
-        assert log.count("unreachable or lost") == 1, log
-        return
-    assert len(errors) == 1, log
-    assert repr(client_id) in errors[0]
-    assert "--client-id" in errors[0]
+        logs = [_stop(first)] + ([_stop(second)] if second is not None else [])
+    assert len(logs) == 2
+    for log in logs:
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert len(errors) == 1, log
+        assert repr(client_id) in errors[0]
+        assert "--client-id" in errors[0]
+        assert "Traceback" not in log
+        # After the error, the fight goes on at debug level: no warning every reconnect.
+        after = log.split(errors[0], 1)[1]
+        assert after.count("unreachable or lost") <= 1, log

@@ -136,6 +136,3 @@ SWEEP_INTERVAL: Final = 0.25
 # Redis: other workers of a share group set deadlines this worker cannot see, so its sweep
 # sleeps at most this long (its own requests wake it earlier).
 REDIS_SWEEP_POLL: Final = 1.0
-# Seconds a worker starting beside a retained "online" of its client id waits to be told,
-# by losing the connection, that another worker holds that id (one reconnect of that one's).
-TWIN_WAIT: Final = 1.0

@@ -33,7 +33,7 @@ from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
-from worker.errors import BadRoute, ConfigError, TooLarge, Unavailable, WorkerError
+from worker.errors import BadRoute, TooLarge, Unavailable, WorkerError
 from worker.mqtt import (
     Connection,
     Message,
@@ -140,7 +140,6 @@ class Service:
         self.broker_round_trip: float | None = None
         self._online = b""  # the last "online" status this worker published
         self._will = b""  # the "offline" the broker publishes when it loses this worker
-        self._twin: ConfigError | None = None  # another worker holds this client id
         # Sent on this connection, maybe not yet acknowledged (so not yet `connected`): a
         # stop then must still say offline, or the retained online outlives the worker.
         self._announced = False
@@ -168,8 +167,6 @@ class Service:
             await stop.wait()
         finally:
             await self._shutdown(client, connection, tasks)
-        if self._twin is not None:
-            raise self._twin
 
     async def _shutdown(
         self, client: Connection, connection: asyncio.Task[None], tasks: list[asyncio.Task[None]]
@@ -240,10 +237,6 @@ class Service:
                     self._refusal = None
                     await self._on_connected(client)
                     await client.wait_disconnected()
-            except _Twin as twin:  # memory-worker says why, as for any ConfigError
-                self._twin = ConfigError(str(twin))
-                stop.set()
-                return
             except Exception as exc:  # MqttError mostly; paho can also surface an OSError
                 self.connected.clear()
                 self._announced = False  # the will says offline now
@@ -334,33 +327,6 @@ class Service:
                 if decode_event(retained, None).get("state") in ("online", "offline"):
                     self._taken_over()
 
-    async def _check_twin(self, client: Connection) -> None:
-        """At the first connection, a retained "online" under this client id is another
-        worker's (this one has published none yet), live or left by a broker restarted from
-        a saved "online". A live one takes its id back at its first reconnect, within a
-        fraction of a second: then this worker stops (_Twin) rather than fight it for the
-        session, each serving whatever reached it while it held the id."""
-        retained = await self._retained(client, self.status_topic)
-        try:
-            status = decode_event(retained, None) if retained else None
-        except Exception:  # not a status of ours: nothing to go by
-            return
-        if not isinstance(status, dict) or status.get("state") != "online":
-            return
-        try:
-            await asyncio.wait_for(client.wait_disconnected(), c.TWIN_WAIT)
-        except TimeoutError:  # nobody took it back: that "online" was stale
-            return
-        except Exception:  # the broker closed this connection: the other is back
-            pass
-        raise _Twin(
-            f"another memory-worker is connected to {self.cfg.host}:{self.cfg.port} with client "
-            f"id {self.cfg.client_id!r} (pid {status.get('pid')}, serving "
-            f"{status.get('prefix')}/#): this one stops rather than take its session from it. "
-            "Give each worker its own --client-id (workers that share the load share a "
-            "--group: docs/scaling.md)"
-        )
-
     async def _retained(self, client: Connection, topic: str) -> bytes | None:
         """The retained message on `topic`, or None when there is none."""
         got: asyncio.Future[bytes] = self._loop_future()
@@ -401,7 +367,6 @@ class Service:
             filters = [f"$share/{self.cfg.shared_group}/{f}" for f in filters]
         await client.unsubscribe(stale)
         if self.connections == 0:
-            await self._check_twin(client)
             await self._check_broker(client)
         else:
             await self._check_taken_over(client)
@@ -1016,7 +981,3 @@ class _Page:
 
     def __post_init__(self) -> None:
         self.after = self.request.after
-
-
-class _Twin(Exception):
-    """Another worker is connected with this worker's client id (see _check_twin)."""
