@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import subprocess
@@ -88,3 +89,37 @@ async def test_two_workers_with_one_client_id(
         # After the error, the fight goes on at debug level: no warning every reconnect.
         after = log.split(errors[0], 1)[1]
         assert after.count("unreachable or lost") <= 1, log
+
+
+async def test_an_older_runs_offline_restored_by_the_broker_is_no_takeover(
+    own_broker: Mosquitto,
+) -> None:
+    """A broker killed before its autosave comes back with what it saved last, which may be
+    an earlier run's "offline" of this worker: on reconnecting the worker reads it, and it is
+    not another worker's Will (that would be newer than this worker's "online"): no takeover
+    is logged or counted."""
+    import time
+
+    import aiomqtt
+
+    from tests.conftest import make_config, running
+    from worker.protocol import encode, status_payload
+
+    cfg = make_config(own_broker)
+    earlier = status_payload(
+        "offline",
+        version="0",
+        client_id=cfg.client_id,
+        prefix=cfg.prefix,
+        backend="memory",
+        pid=1,
+        ts=time.time() - 3600,
+    )
+    topic = f"{cfg.prefix}/_worker/{cfg.client_id}/status"
+    async with aiomqtt.Client(own_broker.host, own_broker.port) as c:
+        await c.publish(topic, encode(earlier, "msgpack"), qos=1, retain=True)
+    own_broker.restart()  # saved
+    async with running(cfg) as w:
+        own_broker.restart(signal.SIGKILL)  # the worker's "online" was not saved
+        await asyncio.wait_for(w.wait_connections(2), 30)
+        assert w.stats.taken_over == 0

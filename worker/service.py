@@ -318,14 +318,19 @@ class Service:
         connection whose client id another client takes without saying why (no reason code),
         and that client, if it is a worker, has published its own "online"; or, when this
         connection just took the id back, the broker has published that worker's Will (its
-        "offline", not ours)."""
+        "offline", not ours, and newer than our "online": an older run's "offline", which a
+        broker restores from its persistence, is not one)."""
         if self._loss_explained:
             return  # the broker said so (reason code 0x8E), and it was counted
         retained = await self._retained(client, self.status_topic)
-        if retained is not None and retained not in (self._online, self._will):
-            with contextlib.suppress(Exception):
-                if decode_event(retained, None).get("state") in ("online", "offline"):
-                    self._taken_over()
+        if retained is None or retained in (self._online, self._will):
+            return
+        with contextlib.suppress(Exception):
+            status, ours = decode_event(retained, None), decode_event(self._online, None)
+            if status["state"] == "online" or (
+                status["state"] == "offline" and status["ts"] > ours["ts"]
+            ):
+                self._taken_over()
 
     async def _retained(self, client: Connection, topic: str) -> bytes | None:
         """The retained message on `topic`, or None when there is none."""
