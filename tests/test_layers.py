@@ -38,3 +38,16 @@ def test_only_the_transport_room_imports_paho() -> None:
         if any(m.split(".")[0] == "paho" for m in imported) and name not in room:
             outside.append(name)
     assert outside == []
+
+
+def test_a_modules_main_block_comes_last() -> None:
+    """Run as `python -m worker.summarizer`, a module runs its `if __name__ == "__main__"`
+    block where it stands: a function defined after it did not exist yet, and the
+    summarizer's start-up check died of a NameError (as `memory-summarizer` it did not)."""
+    late = []
+    for path in sorted((REPO / "worker").rglob("*.py")):
+        body = ast.parse(path.read_text()).body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                late += [f"{path.relative_to(REPO)}:{n.lineno}" for n in body[i + 1 :]]
+    assert late == [], f"defined after the __main__ block: {late}"

@@ -706,6 +706,14 @@ class _Stopped(Exception):
 _BATCH_TURNS = 32
 
 
+def _without_trimmed_events(stats: list[dict[str, Any]]) -> list[str]:
+    """The workers of these stats that do not announce trimmed turns, when none does."""
+    flags = {str(s.get("client_id")): s.get("trimmed_events") for s in stats}
+    if True in flags.values():
+        return []
+    return [name for name, on in flags.items() if on is False]
+
+
 def _batch(queue: list[_Event]) -> list[_Event]:
     """The first event and those that follow it without a gap (a redelivered copy too), of
     the same conversation's life."""
@@ -763,11 +771,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _without_trimmed_events(stats: list[dict[str, Any]]) -> list[str]:
-    """The workers of these stats that do not announce trimmed turns, when none does."""
-    flags = {str(s.get("client_id")): s.get("trimmed_events") for s in stats}
-    if True in flags.values():
-        return []
-    return [name for name, on in flags.items() if on is False]
