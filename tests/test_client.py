@@ -22,6 +22,7 @@ from tests.clients import decode, next_message, watcher
 from tests.conftest import WorkerFactory, make_config, running, unique
 from tests.processes import Mosquitto, SplitProxy
 from worker.client import (
+    Appended,
     BadRequestError,
     BadTopicError,
     BlockingMemoryClient,
@@ -153,6 +154,8 @@ async def test_memory_url_takes_the_payload_limit() -> None:
         assert (await m.append("c", "user", "x" * 1_000_000)).seq == 1
     with pytest.raises(ValueError, match="bad number"):
         memory_from_url("memory://?max_payload_bytes=lots")
+    with pytest.raises(ValueError, match="at least 256"):
+        memory_from_url("memory://?max_payload_bytes=0")
 
 
 async def test_a_request_past_the_brokers_packet_size_is_too_large_at_once(
@@ -202,14 +205,27 @@ async def test_a_timed_out_or_cancelled_request_leaves_no_task(broker: Mosquitto
             await asyncio.gather(*left, return_exceptions=True)
 
 
+def test_the_api_methods_keep_their_signatures_and_types() -> None:
+    """The methods made from plans show their own parameters and results to help(), inspect
+    and typing (typing saw *args, **kwargs and a TypeVar)."""
+    import inspect
+    import typing
+
+    for api in (MemoryClient, BlockingMemoryClient, LocalMemory):
+        hints = typing.get_type_hints(api.append)
+        assert hints["return"] is Appended
+        assert hints["convo_id"] is str
+        assert str(inspect.signature(api.append)).startswith("(self, convo_id: 'str', role:")
+    assert inspect.iscoroutinefunction(MemoryClient.append)
+
+
 async def test_open_memory_used_as_the_memory_says_how_to_open_it() -> None:
     """`m = open_memory(url)` then `await m.get(...)` was AttributeError on a context
     manager ('_AsyncGeneratorContextManager' object has no attribute 'get')."""
     opening = open_memory("memory://")
-    with pytest.raises(RuntimeError, match=r"async with open_memory\(url\) as memory: await"):
+    with pytest.raises(AttributeError, match=r"async with open_memory\(url\) as memory: await"):
         await opening.get("c")
-    with pytest.raises(RuntimeError, match="async with open_memory"):
-        await opening
+    assert not hasattr(opening, "get")  # duck typing still works
     async with open_memory("memory://") as m:
         assert (await m.append("c", "user", "x")).seq == 1
 

@@ -129,8 +129,11 @@ def validate(cfg: Config) -> None:
         _positive_int(name, value)
     if lim.ttl < 0:
         raise ConfigError(f"--ttl must be 0 (off) or more seconds, got {lim.ttl}")
-    if cfg.max_payload_bytes < 256:
-        raise ConfigError(f"--max-payload-bytes must be at least 256, got {cfg.max_payload_bytes}")
+    if cfg.max_payload_bytes < c.MIN_MAX_PAYLOAD_BYTES:
+        raise ConfigError(
+            f"--max-payload-bytes must be at least {c.MIN_MAX_PAYLOAD_BYTES}, "
+            f"got {cfg.max_payload_bytes}"
+        )
     if cfg.max_payload_bytes > 256 * 1024 * 1024:
         raise ConfigError("--max-payload-bytes must be at most 268435456 (MQTT's own limit)")
     if lim.max_bytes < cfg.max_payload_bytes:

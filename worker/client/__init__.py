@@ -88,6 +88,10 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
             most = c.DEFAULT_MAX_PAYLOAD_BYTES if payload is None else int(payload)
         except ValueError:
             raise ValueError(f"bad number in {url!r}") from None
+        if most < c.MIN_MAX_PAYLOAD_BYTES:  # as the worker's --max-payload-bytes
+            raise ValueError(
+                f"{url!r}: max_payload_bytes must be at least {c.MIN_MAX_PAYLOAD_BYTES}"
+            )
         return LocalMemory(limits, max_payload_bytes=most)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"{url!r}: the scheme must be mqtt, mqtts or memory")
@@ -155,18 +159,14 @@ class _Opening:
         return await self._block.__aexit__(*exc)
 
     def __getattr__(self, name: str) -> Any:
-        raise _unopened(name)
-
-    def __await__(self) -> Any:
-        raise _unopened("get")
-
-
-def _unopened(name: str) -> RuntimeError:
-    return RuntimeError(
-        "open_memory(url) opens the memory for an `async with` block: "
-        f"`async with open_memory(url) as memory: await memory.{name}(...)` "
-        "(or open_blocking_memory(url), open at once, without await)"
-    )
+        # AttributeError still (hasattr() and duck typing go on working), saying how.
+        raise AttributeError(
+            f"open_memory(url) has no {name!r}: it opens the memory for an `async with` "
+            f"block: `async with open_memory(url) as memory: await memory.{name}(...)` (or "
+            "open_blocking_memory(url), open at once, without await)",
+            name=name,
+            obj=self,
+        )
 
 
 def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:

@@ -91,12 +91,12 @@ def _one_request(
 
     for name in ("__module__", "__name__", "__qualname__", "__doc__"):
         setattr(method, name, getattr(plan, name))
-    # help() shows what the method returns, not the plan: "Plan[Appended]" -> "Appended".
+    # help(), inspect and typing.get_type_hints show the plan's parameters and what the
+    # method returns, not the plan: "Plan[Appended]" -> "Appended".
     signature = inspect.signature(plan)
-    returns = str(signature.return_annotation)
-    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        return_annotation=returns[len("Plan[") : -1]
-    )
+    returns = str(signature.return_annotation)[len("Plan[") : -1]
+    method.__signature__ = signature.replace(return_annotation=returns)  # type: ignore[attr-defined]
+    method.__annotations__ = {**plan.__annotations__, "return": returns}
     PLANS[plan.__name__] = plan
     return method
 

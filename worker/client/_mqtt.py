@@ -137,6 +137,7 @@ class MemoryClient(_Api):
         self._client: Connection | None = None  # once subscribed: requests may go
         self._properties: dict[str, PublishProperties] = {}  # reply topic -> its properties
         self._connected = asyncio.Event()
+        self._shut = asyncio.Event()  # set by __aexit__: ends a pause before asking again
         self._reader: asyncio.Task[None] | None = None
         self._open = False  # between __aenter__'s connection and __aexit__
         self._opening = False
@@ -159,6 +160,7 @@ class MemoryClient(_Api):
             self._loop = asyncio.get_running_loop()
             self._sweep = None
             self._connected = asyncio.Event()
+            self._shut = asyncio.Event()
             try:
                 await self._connect()
             except aiomqtt.MqttError as exc:
@@ -173,6 +175,7 @@ class MemoryClient(_Api):
 
     async def __aexit__(self, *exc: object) -> None:
         self._open = False
+        self._shut.set()
         try:
             if self._reader is not None:
                 self._reader.cancel()
@@ -441,7 +444,8 @@ class MemoryClient(_Api):
             pause = ask_again(reply, attempt, last)
             if pause is None:
                 return _ok(reply)
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shut.wait(), pause)
             if not self._open:
                 raise _closed_while_waiting()
         raise AssertionError("unreachable")  # pragma: no cover
