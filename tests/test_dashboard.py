@@ -305,35 +305,10 @@ async def test_a_worker_online_but_silent_is_flagged(
     """A retained "online" whose worker sends no stats any more (a broker restarted from a
     saved "online", so the Last Will never came) is flagged on its card, not shown as live;
     one whose stats are old only by less than 3 of its own --stats-interval is not."""
-    import time
-
-    import aiomqtt
-
-    from worker.protocol import Stats, encode, stats_payload, status_payload
-    from worker.store import Limits
-
     prefix = unique("mem")
     ghost, slow = unique("ghost-"), unique("slow-")
-    async with aiomqtt.Client(own_broker.host, own_broker.port) as publisher:
-        for cid, age, interval in ((ghost, 600, 10.0), (slow, 40, 60.0)):
-            at = time.time() - age
-            status = status_payload(
-                "online", version="0", client_id=cid, prefix=prefix, backend="memory", pid=1, ts=at
-            )
-            stats = stats_payload(
-                Stats(started=time.monotonic()),
-                _Counts(),
-                Limits(),
-                client_id=cid,
-                version="0",
-                backend="memory",
-                now=time.monotonic(),
-                ts=at,
-                interval=interval,
-            )
-            base = f"{prefix}/_worker/{cid}"
-            await publisher.publish(f"{base}/status", encode(status, "msgpack"), qos=1, retain=True)
-            await publisher.publish(f"{base}/stats", encode(stats, "msgpack"), qos=1, retain=True)
+    await _online(own_broker, prefix, ghost, age=600, interval=10.0)
+    await _online(own_broker, prefix, slow, age=40, interval=60.0)
     page = await open_page(browser, own_broker, f"?prefix={prefix}")
     card = page.locator(f'.card[data-client-id="{ghost}"]')
     await expect(card).to_have_attribute("data-state", "online")
@@ -353,35 +328,10 @@ async def test_a_worker_whose_clock_is_behind_is_not_flagged_silent(
     Pi without a clock of its own runs an hour or a year behind until it reaches a time server,
     and its card read "1 h ago: silent, gone or cut off?" while it served. A retained copy
     replayed on opening the page is still judged by the worker's clock."""
-    import time
-
-    import aiomqtt
-
-    from worker.protocol import Stats, encode, stats_payload, status_payload
-    from worker.store import Limits
-
     prefix = unique("mem")
     pi = unique("pi-")
     page = await open_page(browser, own_broker, f"?prefix={prefix}")
-    at = time.time() - 3600
-    status = status_payload(
-        "online", version="0", client_id=pi, prefix=prefix, backend="memory", pid=1, ts=at
-    )
-    stats = stats_payload(
-        Stats(started=time.monotonic()),
-        _Counts(),
-        Limits(),
-        client_id=pi,
-        version="0",
-        backend="memory",
-        now=time.monotonic(),
-        ts=at,
-        interval=10.0,
-    )
-    base = f"{prefix}/_worker/{pi}"
-    async with aiomqtt.Client(own_broker.host, own_broker.port) as publisher:
-        await publisher.publish(f"{base}/status", encode(status, "msgpack"), qos=1, retain=True)
-        await publisher.publish(f"{base}/stats", encode(stats, "msgpack"), qos=1, retain=True)
+    await _online(own_broker, prefix, pi, age=3600, interval=10.0)
     card = page.locator(f'.card[data-client-id="{pi}"]')
     await expect(card).to_have_attribute("data-state", "online")
     await expect(card.locator('[data-field="age"]')).to_have_text(re.compile(r"^\d+ s ago$"))
@@ -389,6 +339,36 @@ async def test_a_worker_whose_clock_is_behind_is_not_flagged_silent(
     await shot(page, "10-worker-clock-behind")
     await page.reload()
     await expect(card.locator('[data-field="age"]')).to_contain_text("silent, gone or cut off?")
+
+
+async def _online(broker: Mosquitto, prefix: str, cid: str, *, age: float, interval: float) -> None:
+    """Publish a worker's retained "online" status and stats, `age` seconds old by their ts."""
+    import time
+
+    import aiomqtt
+
+    from worker.protocol import Stats, encode, stats_payload, status_payload
+    from worker.store import Limits
+
+    at = time.time() - age
+    status = status_payload(
+        "online", version="0", client_id=cid, prefix=prefix, backend="memory", pid=1, ts=at
+    )
+    stats = stats_payload(
+        Stats(started=time.monotonic()),
+        _Counts(),
+        Limits(),
+        client_id=cid,
+        version="0",
+        backend="memory",
+        now=time.monotonic(),
+        ts=at,
+        interval=interval,
+    )
+    base = f"{prefix}/_worker/{cid}"
+    async with aiomqtt.Client(broker.host, broker.port) as publisher:
+        await publisher.publish(f"{base}/status", encode(status, "msgpack"), qos=1, retain=True)
+        await publisher.publish(f"{base}/stats", encode(stats, "msgpack"), qos=1, retain=True)
 
 
 class _Counts:

@@ -38,6 +38,19 @@ async def workers(
         ]
 
 
+@contextlib.asynccontextmanager
+async def on_own_redis(
+    broker: Mosquitto, tmp_path: Path
+) -> AsyncIterator[tuple[RedisServer, Service]]:
+    """A worker on a Redis of the test's own, which the test may stop and start."""
+    server = RedisServer(tmp_path).start()
+    try:
+        async with running(make_config(broker, backend=server.url)) as w:
+            yield server, w
+    finally:
+        server.stop()
+
+
 async def converse(m: MemoryClient, convo: str, count: int) -> list[int]:
     """An app that waits for each reply: returns the seqs it was given."""
     return [(await m.append(convo, "u", str(i))).seq for i in range(count)]
@@ -165,86 +178,70 @@ async def test_the_client_asks_again_after_unavailable_and_stores_once(
     """An `unavailable` reply ("ask again later") is asked again, with the same id, within
     the client's attempts: the write lands once when storage is back. A delete, which may
     have been done, is not repeated: its UnavailableError comes after one request."""
-    server = RedisServer(tmp_path).start()
-    try:
-        async with running(make_config(broker, backend=server.url)) as w:
-            prefix = w.cfg.prefix
-            async with (
-                MemoryClient(broker.host, broker.port, prefix, attempts=20) as m,
-                watcher(broker.host, broker.port, f"{prefix}/+/append") as requests,
-            ):
-                server.stop()
-                if blocking:
+    async with on_own_redis(broker, tmp_path) as (server, w):
+        prefix = w.cfg.prefix
+        async with (
+            MemoryClient(broker.host, broker.port, prefix, attempts=20) as m,
+            watcher(broker.host, broker.port, f"{prefix}/+/append") as requests,
+        ):
+            server.stop()
+            if blocking:
 
-                    def append() -> Appended:
-                        with BlockingMemoryClient(
-                            broker.host, broker.port, prefix, attempts=20
-                        ) as b:
-                            return b.append("c", "u", "y", request_id="r1")
+                def append() -> Appended:
+                    with BlockingMemoryClient(broker.host, broker.port, prefix, attempts=20) as b:
+                        return b.append("c", "u", "y", request_id="r1")
 
-                    appended = asyncio.create_task(asyncio.to_thread(append))
-                else:
-                    appended = asyncio.create_task(m.append("c", "u", "y", request_id="r1"))
-                for _ in range(3):  # the third attempt: the first two were answered unavailable
-                    assert decode(await next_message(requests))["id"] == "r1"
-                server.start()
-                assert await appended == Appended(1, 1)
-                assert w.stats.errors["unavailable"] >= 2
-                assert [t["content"] for t in await m.get("c")] == ["y"]
-                assert await m.append("c", "u", "y", request_id="r1") == Appended(1, 1)
+                appended = asyncio.create_task(asyncio.to_thread(append))
+            else:
+                appended = asyncio.create_task(m.append("c", "u", "y", request_id="r1"))
+            for _ in range(3):  # the third attempt: the first two were answered unavailable
+                assert decode(await next_message(requests))["id"] == "r1"
+            server.start()
+            assert await appended == Appended(1, 1)
+            assert w.stats.errors["unavailable"] >= 2
+            assert [t["content"] for t in await m.get("c")] == ["y"]
+            assert await m.append("c", "u", "y", request_id="r1") == Appended(1, 1)
 
-                server.stop()
-                before = w.stats.errors["unavailable"]
-                with pytest.raises(UnavailableError, match="storage unavailable"):
-                    await m.forget("c")
-                assert w.stats.errors["unavailable"] == before + 1
-    finally:
-        server.stop()
+            server.stop()
+            before = w.stats.errors["unavailable"]
+            with pytest.raises(UnavailableError, match="storage unavailable"):
+                await m.forget("c")
+            assert w.stats.errors["unavailable"] == before + 1
 
 
 @pytest.mark.parametrize("blocking", [False, True], ids=["async", "blocking"])
 async def test_a_client_closed_while_it_waits_to_ask_again_ends_the_call(
     broker: Mosquitto, tmp_path: Path, blocking: bool
 ) -> None:
-    server = RedisServer(tmp_path).start()
-    try:
-        async with running(make_config(broker, backend=server.url)) as w:
-            server.stop()
-            prefix = w.cfg.prefix
-            async with watcher(broker.host, broker.port, f"{prefix}/+/get") as requests:
-                if blocking:
-                    b = BlockingMemoryClient(broker.host, broker.port, prefix, attempts=1000)
-                    await asyncio.to_thread(b.__enter__)
-                    call = asyncio.create_task(asyncio.to_thread(b.get, "c"))
-                    close: Any = asyncio.to_thread(b.close)
-                else:
-                    m = await MemoryClient(
-                        broker.host, broker.port, prefix, attempts=1000
-                    ).__aenter__()
-                    call = asyncio.create_task(m.get("c"))
-                    close = m.__aexit__(None, None, None)
-                for _ in range(2):
-                    await next_message(requests)
-                await close
-                with pytest.raises(RuntimeError, match="closed while this request waited"):
-                    await asyncio.wait_for(call, 5)
-    finally:
+    async with on_own_redis(broker, tmp_path) as (server, w):
         server.stop()
+        prefix = w.cfg.prefix
+        async with watcher(broker.host, broker.port, f"{prefix}/+/get") as requests:
+            if blocking:
+                b = BlockingMemoryClient(broker.host, broker.port, prefix, attempts=1000)
+                await asyncio.to_thread(b.__enter__)
+                call = asyncio.create_task(asyncio.to_thread(b.get, "c"))
+                close: Any = asyncio.to_thread(b.close)
+            else:
+                m = await MemoryClient(broker.host, broker.port, prefix, attempts=1000).__aenter__()
+                call = asyncio.create_task(m.get("c"))
+                close = m.__aexit__(None, None, None)
+            for _ in range(2):
+                await next_message(requests)
+            await close
+            with pytest.raises(RuntimeError, match="closed while this request waited"):
+                await asyncio.wait_for(call, 5)
 
 
 async def test_unavailable_to_the_last_attempt_says_how_many(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
-    server = RedisServer(tmp_path).start()
-    try:
-        async with running(make_config(broker, backend=server.url)) as w:
-            server.stop()
-            async with MemoryClient(broker.host, broker.port, w.cfg.prefix, attempts=3) as m:
-                with pytest.raises(UnavailableError, match=r"storage unavailable.*\(3 attempts\)"):
-                    await m.get("c")
-            assert w.stats.errors["unavailable"] == 3
-    finally:
+    async with on_own_redis(broker, tmp_path) as (server, w):
         server.stop()
+        async with MemoryClient(broker.host, broker.port, w.cfg.prefix, attempts=3) as m:
+            with pytest.raises(UnavailableError, match=r"storage unavailable.*\(3 attempts\)"):
+                await m.get("c")
+        assert w.stats.errors["unavailable"] == 3
 
 
 async def test_a_redis_that_refuses_for_good_stops_the_worker_at_start(
