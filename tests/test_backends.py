@@ -894,6 +894,9 @@ async def test_summary_compare_and_set_refuses_with_conflict(make: Make) -> None
     assert refused.message == (  # every engine says it alike
         "'upto' must be between 3 and 4 (after the summary's upto, up to the newest turn), not 5"
     )
+    far = await summarize(h, "c", "two", 10**17, 2)
+    assert isinstance(far, Conflict)
+    assert far.message.endswith(", not 100000000000000000")  # Lua said 1e+17
     gone = await summarize(h, "nobody", "x", 1, 0)
     assert isinstance(gone, Conflict)
     assert (gone.upto, gone.seq) == (0, 0)

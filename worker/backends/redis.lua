@@ -277,8 +277,10 @@ elseif op == 'summary' then
     elseif exists and sbase ~= current then
       why = "the summary's upto is " .. current .. ', not base ' .. sbase
     elseif exists then
-      why = "'upto' must be between " .. (sbase + 1) .. ' and ' .. newest ..
-            " (after the summary's upto, up to the newest turn), not " .. upto
+      -- digits as sent, not Lua's 1e+17 for a large number
+      why = "'upto' must be between " .. string.format('%.0f', sbase + 1) .. ' and ' ..
+            string.format('%.0f', newest) ..
+            " (after the summary's upto, up to the newest turn), not " .. ARGV[13]
     end
     result = {'conflict', why, current, newest, born}
   else
