@@ -14,9 +14,15 @@ import pytest
 import redis.asyncio
 
 from tests.clients import decode, device, next_message, watcher
-from tests.conftest import make_config, reap, running, spawn_worker, unique
+from tests.conftest import make_config, reap, running, spawn_worker, unique, wait_serving
 from tests.processes import Mosquitto, RedisServer, redis_server
-from worker.client import Appended, BlockingMemoryClient, MemoryClient, UnavailableError
+from worker.client import (
+    Appended,
+    BlockingMemoryClient,
+    MemoryClient,
+    NoReplyError,
+    UnavailableError,
+)
 from worker.service import Service
 
 pytestmark = pytest.mark.skipif(redis_server() is None, reason="redis-server is not installed")
@@ -242,6 +248,34 @@ async def test_unavailable_to_the_last_attempt_says_how_many(
             with pytest.raises(UnavailableError, match=r"storage unavailable.*\(3 attempts\)"):
                 await m.get("c")
         assert w.stats.errors["unavailable"] == 3
+
+
+async def test_no_reply_after_unavailable_says_the_worker_answered(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A last attempt that gets no reply after attempts answered 'unavailable' does not ask
+    whether a worker runs there: it says the worker answered so."""
+    server = RedisServer(tmp_path).start()
+    prefix = unique("mem")
+    proc = spawn_worker(broker, "--prefix", prefix, "--backend", server.url)
+    try:
+        await asyncio.to_thread(wait_serving, proc)
+        server.stop()
+        async with (
+            watcher(broker.host, broker.port, f"{prefix}-reply/#") as replies,
+            MemoryClient(broker.host, broker.port, prefix, timeout=0.5, attempts=2) as m,
+        ):
+            call = asyncio.create_task(m.get("c"))
+            assert decode(await next_message(replies))["error"]["code"] == "unavailable"
+            proc.send_signal(signal.SIGSTOP)  # the next attempt gets no reply
+            with pytest.raises(
+                NoReplyError, match=r"answered 'unavailable' \(ask again later\) to 1"
+            ):
+                await call
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        reap(proc)
+        server.stop()
 
 
 async def test_a_redis_that_refuses_for_good_stops_the_worker_at_start(

@@ -381,10 +381,16 @@ class MemoryClient(_Api):
         return key, topic, payload, props, safe
 
     def _attempt_failed(
-        self, exc: Exception, topic: str, attempt: int, last: bool, size: int = 0
+        self,
+        exc: Exception,
+        topic: str,
+        attempt: int,
+        last: bool,
+        size: int = 0,
+        unavailable: int = 0,
     ) -> None:
         """Raise what an attempt's failure means to the caller; return to try again (`size`:
-        the request's payload, in bytes)."""
+        the request's payload, in bytes; `unavailable`: the attempts before answered so)."""
         if isinstance(exc, _PublishRefused):
             raise self._refused("publish to", topic, exc.reason) from None
         if last:
@@ -403,6 +409,12 @@ class MemoryClient(_Api):
                     f"--max-payload-bytes ({c.DEFAULT_MAX_PAYLOAD_BYTES} unless set), gets no "
                     "reply: its reply_to is inside it"
                 )
+            elif unavailable:  # the worker runs: what it stores on is struggling
+                hint = (
+                    f": it answered 'unavailable' (ask again later) to {unavailable} attempt"
+                    + ("s" if unavailable > 1 else "")
+                    + " before"
+                )
             raise NoReplyError(
                 f"{why} from memory-worker on {self.host}:{self.port} "
                 f"(prefix {self.prefix!r})" + within + hint
@@ -413,6 +425,7 @@ class MemoryClient(_Api):
             raise _not_open()
         key, topic, payload, props, safe = self._prepare(convo, op, body)
         loop = asyncio.get_running_loop()
+        unavailable = 0  # attempts answered so
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts or not safe
             fut = _Reply(loop)
@@ -434,7 +447,7 @@ class MemoryClient(_Api):
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
                 reply = await fut
             except (_PublishRefused, TimeoutError, _Lost) as exc:
-                self._attempt_failed(exc, topic, attempt, last, len(payload))
+                self._attempt_failed(exc, topic, attempt, last, len(payload), unavailable)
                 continue
             finally:
                 self._deadlines.pop(key, None)
@@ -444,6 +457,7 @@ class MemoryClient(_Api):
             pause = ask_again(reply, attempt, last)
             if pause is None:
                 return _ok(reply)
+            unavailable += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._shut.wait(), pause)
             if not self._open:

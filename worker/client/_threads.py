@@ -133,6 +133,7 @@ class ThreadRequests:
             and not conn.idle_but_open()
         ):
             conn.close()
+        unavailable = 0  # attempts answered so
         for attempt in range(1, client.attempts + 1):
             last = attempt == client.attempts or not safe
             deadline = time.monotonic() + client.timeout
@@ -144,6 +145,7 @@ class ThreadRequests:
                 pause = ask_again(reply, attempt, last)
                 if pause is None:
                     return _ok(reply)
+                unavailable += 1
                 if self._closed.wait(pause):
                     raise _closed_while_waiting()
             except MemoryWorkerError:  # the worker's error reply, or a refusal: NoReplyError
@@ -158,12 +160,12 @@ class ThreadRequests:
                         f"within {client.timeout}s"
                         + (f", {attempt} attempts" if attempt > 1 else "")
                     ) from None
-                client._attempt_failed(exc, topic, attempt, last, len(payload))
+                client._attempt_failed(exc, topic, attempt, last, len(payload), unavailable)
             except (OSError, MalformedPacket):
                 conn.close()
                 if not self._open:
                     raise _closed_while_waiting() from None
-                client._attempt_failed(_Lost(), topic, attempt, last, len(payload))
+                client._attempt_failed(_Lost(), topic, attempt, last, len(payload), unavailable)
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
