@@ -18,8 +18,6 @@ they share).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
@@ -133,30 +131,24 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
 def open_memory(url: str, **kwargs: Any) -> _Opening:
     """`async with open_memory(url) as memory:` a client or in-process store (see
     memory_from_url), opened for the block."""
-    return _Opening(_opened(url, **kwargs))
-
-
-@contextlib.asynccontextmanager
-async def _opened(url: str, **kwargs: Any) -> AsyncIterator[Memory]:
-    async with memory_from_url(url, **kwargs) as memory:
-        yield memory
+    return _Opening(memory_from_url(url, **kwargs))
 
 
 class _Opening:
     """What open_memory returns: the block that opens the memory. Used as the memory itself
-    (`m = open_memory(url)`, then `await m.get(...)`), it says how to open it, rather than
-    AttributeError on a context manager."""
+    (`m = open_memory(url)`, then `await m.get(...)`), its AttributeError says how to open
+    it (it named a context manager's class)."""
 
-    __slots__ = ("_block",)
+    __slots__ = ("_memory",)
 
-    def __init__(self, block: contextlib.AbstractAsyncContextManager[Memory]) -> None:
-        self._block = block
+    def __init__(self, memory: Memory) -> None:
+        self._memory = memory
 
     async def __aenter__(self) -> Memory:
-        return await self._block.__aenter__()
+        return await self._memory.__aenter__()
 
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        return await self._block.__aexit__(*exc)
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._memory.__aexit__(*exc)
 
     def __getattr__(self, name: str) -> Any:
         # AttributeError still (hasattr() and duck typing go on working), saying how.

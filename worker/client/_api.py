@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import random
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
@@ -89,8 +90,7 @@ def _one_request(
         convo, op, body, read = plan(self, *args, **kwargs)
         return read(await self._request(convo, op, body))
 
-    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
-        setattr(method, name, getattr(plan, name))
+    functools.update_wrapper(method, plan, updated=())
     # help(), inspect and typing.get_type_hints show the plan's parameters and what the
     # method returns, not the plan: "Plan[Appended]" -> "Appended".
     signature = inspect.signature(plan)
