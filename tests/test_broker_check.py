@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.clients import decode, next_message, watcher
-from tests.conftest import WorkerFactory, spawn_worker, unique
+from tests.conftest import WorkerFactory, reap, spawn_worker, unique
 from tests.processes import Mosquitto
 from worker.service import BROKER_SNIPPET
 
@@ -49,6 +49,17 @@ async def test_the_projects_broker_gets_no_warning(
     assert w.broker_round_trip is not None
 
 
+def _until_serving(proc: subprocess.Popen[str]) -> str:
+    """What a spawned worker logs until it serves."""
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "serving" in line:
+            return "".join(lines)
+    raise AssertionError("the worker exited before serving:\n" + "".join(lines))
+
+
 def _stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=15)
@@ -58,37 +69,66 @@ def _stop(proc: subprocess.Popen[str]) -> str:
 @pytest.mark.parametrize(
     "second_args", [(), ("--session-expiry", "0")], ids=["alike", "second-without-session"]
 )
-async def test_two_workers_with_one_client_id(
+async def test_a_second_worker_with_a_client_id_in_use_does_not_take_it(
     broker: Mosquitto, second_args: tuple[str, ...]
 ) -> None:
-    """Each logs one error naming the id and --client-id, backs off quietly, and counts it.
-    A second started by scripts/run on a broker that was there (--session-expiry 0) took the
-    id back with its Will: the first read that "offline" on reconnecting, not an "online",
-    and never said why it kept losing the broker."""
+    """Connecting as a client id takes its session from the worker holding it, and two
+    workers doing so in turn split the devices' turns between two stores (scripts/run twice,
+    two Pis left at the default id). The second looks first, finds the first serving, and
+    exits 2 (a setting to fix, not to retry) with an error naming the id and --client-id;
+    the first never loses its session. A second started by scripts/run (--session-expiry 0)
+    took the id all the same."""
     prefix, client_id = unique("mem"), unique("twin-")
-    args = ("--prefix", prefix, "--client-id", client_id, "--reconnect-max", "1")
+    args = ("--prefix", prefix, "--client-id", client_id)
     stats_topic = f"{prefix}/_worker/{client_id}/stats"
-    first = spawn_worker(broker, *args, "--stats-interval", "0.2")
-    second: subprocess.Popen[str] | None = None
+    first = spawn_worker(broker, *args, "--stats-interval", "0.3")
     try:
         async with watcher(broker.host, broker.port, stats_topic) as seen:
             await next_message(seen)  # the first is serving
-            second = spawn_worker(broker, *args, "--stats-interval", "0.2", *second_args)
-            taken = 0
-            while taken < 4:  # stats of whichever twin holds the session
-                taken = max(taken, decode(await next_message(seen))["taken_over"])
+            second = spawn_worker(broker, *args, *second_args)
+            out, _ = await asyncio.to_thread(second.communicate, timeout=30)
+            assert second.returncode == 2, out
+            assert "another worker serves" in out
+            assert repr(client_id) in out
+            assert "--client-id" in out
+            assert "Traceback" not in out
+            assert "serving" not in out  # it never connected as the id
+            while not (stats := decode(await next_message(seen)))["uptime"] > 1:
+                pass
+            assert stats["taken_over"] == 0
     finally:
-        logs = [_stop(first)] + ([_stop(second)] if second is not None else [])
-    assert len(logs) == 2
-    for log in logs:
-        errors = [line for line in log.splitlines() if " ERROR " in line]
-        assert len(errors) == 1, log
-        assert repr(client_id) in errors[0]
-        assert "--client-id" in errors[0]
-        assert "Traceback" not in log
-        # After the error, the fight goes on at debug level: no warning every reconnect.
-        after = log.split(errors[0], 1)[1]
-        assert after.count("unreachable or lost") <= 1, log
+        log = _stop(first)
+    assert " ERROR " not in log and "unreachable or lost" not in log, log
+
+
+async def test_a_worker_that_finds_its_id_taken_on_reconnecting_stops(broker: Mosquitto) -> None:
+    """A worker frozen (SIGSTOP) past a second one's start: its retained "online" answers no
+    ping, so the second takes the id after TWIN_WAIT, saying the status was stale. The first,
+    resumed, finds its connection gone and the id served by a live worker: it exits 2, and
+    does not take the session back."""
+    prefix, client_id = unique("mem"), unique("twin-")
+    args = ("--prefix", prefix, "--client-id", client_id, "--reconnect-max", "1")
+    first = spawn_worker(broker, *args)
+    second: subprocess.Popen[str] | None = None
+    try:
+        await asyncio.to_thread(_until_serving, first)
+        first.send_signal(signal.SIGSTOP)
+        second = spawn_worker(broker, *args, "--stats-interval", "0.3")
+        started = await asyncio.to_thread(_until_serving, second)
+        assert "stale status" in started, started
+        first.send_signal(signal.SIGCONT)
+        out, _ = await asyncio.to_thread(first.communicate, timeout=30)
+        assert first.returncode == 2, out
+        assert "another worker serves" in out and repr(client_id) in out
+        async with watcher(broker.host, broker.port, f"{prefix}/_worker/{client_id}/stats") as seen:
+            while (stats := decode(await next_message(seen))).get("uptime", 0) < 1:
+                pass  # a live one, after the first's exit
+        assert stats["taken_over"] == 0
+    finally:
+        first.send_signal(signal.SIGCONT)
+        reap(first)
+        log = started + _stop(second) if second is not None else ""
+    assert " ERROR " not in log, log
 
 
 async def test_an_older_runs_offline_restored_by_the_broker_is_no_takeover(
@@ -123,3 +163,30 @@ async def test_an_older_runs_offline_restored_by_the_broker_is_no_takeover(
         own_broker.restart(signal.SIGKILL)  # the worker's "online" was not saved
         await asyncio.wait_for(w.wait_connections(2), 30)
         assert w.stats.taken_over == 0
+
+
+async def test_a_worker_in_a_share_group_answers_the_ping_to_its_id(broker: Mosquitto) -> None:
+    """In a share group a ping to a worker's id under the shared `P/#` would reach any one
+    worker of the group: each also subscribes to its own ping topic, so a worker started with
+    an id in use in the group finds it, every time. (Mosquitto hands a share's messages to
+    its members in an order of its own: here the first ping went to the first worker.)"""
+    prefix, group = unique("mem"), unique("g")
+    ids = [unique("w-"), unique("w-")]
+    workers = [
+        spawn_worker(broker, "--prefix", prefix, "--client-id", i, "--shared-group", group)
+        for i in ids
+    ]
+    try:
+        for w in workers:
+            await asyncio.to_thread(_until_serving, w)
+        for _ in range(3):
+            third = spawn_worker(
+                broker, "--prefix", prefix, "--client-id", ids[1], "--shared-group", group
+            )
+            out, _ = await asyncio.to_thread(third.communicate, timeout=30)
+            assert third.returncode == 2, out
+            assert "another worker serves" in out
+    finally:
+        logs = [_stop(w) for w in workers]
+    for log in logs:
+        assert " ERROR " not in log, log

@@ -111,26 +111,35 @@ class ScriptedBroker:
                         await writer.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self._writers.append(writer)
-        self.unacked.clear()
-        self.connections.append([])
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            first, body = await self._read(reader)
+            if b"-look-" in body:  # the worker looking for a twin (Service._live_twin): none
+                writer.close()
+                return
+            self.writer = writer
+            self._writers.append(writer)
+            self.unacked.clear()
+            self.connections.append([])
             while True:
-                first = (await reader.readexactly(1))[0]
-                length, shift = 0, 0
-                while True:
-                    byte = (await reader.readexactly(1))[0]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                await self._packet(first, await reader.readexactly(length))
+                await self._packet(first, body)
                 async with self.changed:
                     self.changed.notify_all()
+                first, body = await self._read(reader)
         self.closed += 1
         async with self.changed:
             self.changed.notify_all()
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        first = (await reader.readexactly(1))[0]
+        length, shift = 0, 0
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return first, await reader.readexactly(length)
 
     def send(self, data: bytes) -> None:
         assert self.writer is not None

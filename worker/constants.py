@@ -60,8 +60,10 @@ TRIMMED: Final = "trimmed"
 # memory-summarizer reads back as words (worker/llm.py).
 WHOLE_MESSAGE_ROLE: Final = "langchain"
 EVENT_LEAVES: Final = (EVICTED, TRIMMED)
-# P/_worker/<client-id>/<leaf>: what workers publish about themselves (probe: a start-up check).
-WORKER_LEAVES: Final = ("status", "stats", "probe")
+# P/_worker/<client-id>/<leaf>: what workers publish about themselves (probe: a start-up check;
+# ping: asks the worker holding that client id to publish its stats now).
+PING: Final = "ping"
+WORKER_LEAVES: Final = ("status", "stats", "probe", PING)
 
 OP_APPEND: Final = "append"
 OP_GET: Final = "get"
@@ -124,6 +126,13 @@ REPLY_BACKLOG_BYTES: Final = 8 * 1024 * 1024
 
 # Seconds: how long a stopping worker waits for the batch in hand and its replies.
 DRAIN_TIMEOUT: Final = 5.0
+# Before it connects as its client id, a worker looks whether another holds it: within
+# LOOK_TIMEOUT for the retained status, then, when that says "online" and is not its own,
+# within TWIN_WAIT for stats of a live worker (pinged, it answers at once). The wait is what
+# a stale "online" costs a start (a broker restored from its persistence after a power cut).
+LOOK_TIMEOUT: Final = 3.0
+TWIN_WAIT: Final = 3.0
+PING_EVERY: Final = 1.0  # a worker answers pings at most this often: anyone may send one
 # Seconds between the worker's MQTT PINGREQs when nothing else is sent.
 KEEPALIVE: Final = 30
 # Seconds a Redis batch may take before its requests are answered `unavailable`.

@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import random
+import secrets
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,8 +35,9 @@ from worker import __version__
 from worker import constants as c
 from worker.backends.base import Backend
 from worker.config import Config, tls_context
-from worker.errors import BadRoute, TooLarge, Unavailable, WorkerError
+from worker.errors import BadRoute, ConfigError, TooLarge, Unavailable, WorkerError
 from worker.mqtt import (
+    BlockingConnection,
     Connection,
     Message,
     PackedProperties,
@@ -45,7 +48,7 @@ from worker.mqtt import (
     subscribe_options,
     will,
 )
-from worker.packets import ReplyProperties, oversize
+from worker.packets import PUBLISH, ReplyProperties, decode_publish, oversize
 from worker.protocol import (
     Event,
     Eviction,
@@ -83,6 +86,22 @@ _WANT_INFLIGHT = 1000
 _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 _STATS_LEAF = "/stats"  # a worker topic's (c.WORKER_LEAVES)
+
+
+def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
+    """A worker's stats under `client_id`, else None (anyone may publish there)."""
+    with contextlib.suppress(Exception):
+        body = decode_event(payload, None)
+        if body["client_id"] == client_id and isinstance(body["uptime"], int | float):
+            return body  # type: ignore[no-any-return]
+    return None
+
+
+def _state(status: bytes) -> object:
+    """The state a retained status says, None when it is not one."""
+    with contextlib.suppress(Exception):
+        return decode_event(status, None)["state"]
+    return None
 
 
 def _plural(n: int, word: str) -> str:
@@ -135,6 +154,11 @@ class Service:
         self._connection_made = asyncio.Event()
         self.status_topic = self.router.worker_topic(cfg.client_id, "status")
         self.stats_topic = self.router.worker_topic(cfg.client_id, "stats")
+        self.ping_topic = self.router.worker_topic(cfg.client_id, c.PING)
+        self._pinged = -math.inf  # when this worker last answered a ping
+        self._ping_answer: asyncio.TimerHandle | None = None
+        self._fatal: ConfigError | None = None  # why it stopped on its own
+        self._tls: ssl.SSLContext | None = None
         self._reply_props = ReplyProperties(c.CONTENT_TYPE)
         self.systemd = Notifier.from_environ(os.environ)
         self.broker_round_trip: float | None = None
@@ -167,6 +191,8 @@ class Service:
             await stop.wait()
         finally:
             await self._shutdown(client, connection, tasks)
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _shutdown(
         self, client: Connection, connection: asyncio.Task[None], tasks: list[asyncio.Task[None]]
@@ -207,6 +233,7 @@ class Service:
     def _make_client(self) -> Connection:
         cfg = self.cfg
         self._will = self._status("offline")
+        self._tls = tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
         return persistent(
             self._on_message,
             host=cfg.host,
@@ -216,7 +243,7 @@ class Service:
             password=cfg.password,
             session_expiry=cfg.session_expiry_seconds,
             receive_maximum=min(cfg.max_inflight, 65535),
-            tls=tls_context(cfg.tls_ca, cfg.tls_cert, cfg.tls_key),
+            tls=self._tls,
             last_will=will(self.status_topic, self._will, content_type(cfg.event_format)),
             on_read=self._on_read,
         )
@@ -230,6 +257,11 @@ class Service:
             # broker delivers them again); the count changes before any message can arrive.
             self._generation += 1
             client.taken_over = False
+            twin = await asyncio.to_thread(self._live_twin, self._online)
+            if twin is not None:
+                self._fatal = self._twin_error(twin)
+                stop.set()
+                return
             try:
                 async with client:
                     since = time.monotonic()
@@ -313,6 +345,77 @@ class Service:
         else:
             log.debug("session taken over again (%d times)", self.stats.taken_over)
 
+    def _live_twin(self, ours: bytes) -> dict[str, Any] | None:
+        """The stats of another worker serving now under this client id, else None.
+
+        Run before each connection (in a thread): connecting as a client id takes its
+        session from whoever holds it, and two workers doing so in turn split the devices'
+        turns between two stores. A short connection under another id reads the retained
+        status (by the time its own ping comes back, the broker has sent it); when that says
+        "online" and is not this worker's own, it waits TWIN_WAIT for the live stats that the
+        ping asks of that worker. None too when the broker cannot be asked: the
+        connection that follows says why."""
+        cfg = self.cfg
+        conn = BlockingConnection(
+            cfg.host,
+            cfg.port,
+            f"{cfg.client_id}-look-{secrets.token_hex(3)}",
+            username=cfg.username,
+            password=cfg.password,
+            tls=self._tls,
+        )
+        status: bytes | None = None
+        live: dict[str, Any] | None = None
+        seen = False  # our ping came back: any retained status came before it
+        until = time.monotonic() + c.LOOK_TIMEOUT
+        try:
+            conn.connect(until)
+            if conn.subscribe(self.router.worker_topic(cfg.client_id, "+"), 0, until):
+                return None  # refused: nothing to read
+            conn.publish(self.ping_topic, b"", 0, b"\x00", until)
+            while True:
+                first, body = conn.next_packet(until)
+                if first & 0xF0 != PUBLISH:
+                    continue
+                msg = decode_publish(first, body, 0, len(body))
+                if msg.topic == self.status_topic and msg.retain:
+                    status = bytes(msg.payload)
+                elif msg.topic == self.stats_topic and not msg.retain:
+                    live = _stats_of(bytes(msg.payload), cfg.client_id) or live
+                elif msg.topic == self.ping_topic and not seen:
+                    seen = True
+                    if status is None or status == ours or _state(status) != "online":
+                        return None
+                    until = time.monotonic() + c.TWIN_WAIT
+                if seen and live is not None:
+                    return live
+        except TimeoutError:
+            if seen:
+                log.info(
+                    "the broker's retained status says a worker with client id %r is online, "
+                    "but none answered in %.0fs: a stale status (its end unseen by the "
+                    "broker); taking the id",
+                    cfg.client_id,
+                    c.TWIN_WAIT,
+                )
+            return None
+        except Exception as exc:  # cannot connect, or refused: the real connection says why
+            log.debug("could not look for another worker as %r: %r", cfg.client_id, exc)
+            return None
+        finally:
+            conn.close(disconnect=True)
+
+    def _twin_error(self, twin: dict[str, Any]) -> ConfigError:
+        cfg = self.cfg
+        return ConfigError(
+            f"another worker serves {cfg.prefix}/# on {cfg.host}:{cfg.port} as client id "
+            f"{cfg.client_id!r} (version {twin.get('version')}, backend {twin.get('backend')}, "
+            f"up {twin['uptime']:.0f}s): taking the id would take its session, and "
+            "the two would split the devices' turns between two stores. Give each worker its "
+            "own --client-id (MEMORY_WORKER_CLIENT_ID; add --shared-group to share the load, "
+            "docs/scaling.md), or stop the other one"
+        )
+
     async def _check_taken_over(self, client: Connection) -> None:
         """After a lost connection: is the retained status still ours? Mosquitto 2.0 closes a
         connection whose client id another client takes without saying why (no reason code),
@@ -375,7 +478,10 @@ class Service:
             await self._check_broker(client)
         else:
             await self._check_taken_over(client)
-        await client.subscribe([(f, options) for f in filters])
+        subscriptions = [(f, options) for f in filters]
+        if self.cfg.shared_group:  # a share would hand a ping to any worker of the group
+            subscriptions.append((self.ping_topic, subscribe_options(no_local=True)))
+        await client.subscribe(subscriptions)
         if self.cfg.ha_discovery:  # before "online", so that a reader of it finds them
             for topic, config in ha_discovery(
                 self.cfg.ha_discovery,
@@ -658,7 +764,9 @@ class Service:
         for gen, msg in batch:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
-                if topic.endswith(_STATS_LEAF):
+                if topic == self.ping_topic:
+                    self._answer_ping()
+                elif topic.endswith(_STATS_LEAF):
                     try:
                         self._peer_stats(msg.payload)
                     except Exception:  # a message must never cost the batch its replies
@@ -696,6 +804,20 @@ class Service:
             else:
                 todo.append((gen, msg, parsed))
         return todo
+
+    def _answer_ping(self) -> None:
+        """Another worker about to connect as this one's client id asks whether it serves:
+        live stats say so (`_live_twin`), within PING_EVERY (anyone may ping)."""
+        if self._ping_answer is not None:
+            return  # one is on its way
+        wait = self._pinged + c.PING_EVERY - time.monotonic()
+        self._ping_answer = asyncio.get_running_loop().call_later(max(wait, 0), self._pong)
+
+    def _pong(self) -> None:
+        self._ping_answer = None
+        self._pinged = time.monotonic()
+        if self.connected.is_set():
+            self._publish_stats()
 
     def _peer_stats(self, payload: bytes) -> None:
         """Another worker's stats on this prefix: say once when it serves it with other
