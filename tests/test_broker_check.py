@@ -98,7 +98,8 @@ async def test_a_second_worker_with_a_client_id_in_use_does_not_take_it(
             assert stats["taken_over"] == 0
     finally:
         log = _stop(first)
-    assert " ERROR " not in log and "unreachable or lost" not in log, log
+    assert " ERROR " not in log, log
+    assert "unreachable or lost" not in log, log
 
 
 async def test_a_worker_that_finds_its_id_taken_on_reconnecting_stops(broker: Mosquitto) -> None:
@@ -119,7 +120,8 @@ async def test_a_worker_that_finds_its_id_taken_on_reconnecting_stops(broker: Mo
         first.send_signal(signal.SIGCONT)
         out, _ = await asyncio.to_thread(first.communicate, timeout=30)
         assert first.returncode == 2, out
-        assert "another worker serves" in out and repr(client_id) in out
+        assert "another worker serves" in out
+        assert repr(client_id) in out
         async with watcher(broker.host, broker.port, f"{prefix}/_worker/{client_id}/stats") as seen:
             while (stats := decode(await next_message(seen))).get("uptime", 0) < 1:
                 pass  # a live one, after the first's exit
