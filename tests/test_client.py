@@ -377,6 +377,25 @@ async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> No
     assert {"conversations", "requests", "ts"} <= set(stats[0])
 
 
+async def test_stats_are_fresh_from_a_worker_that_is_online(broker: Mosquitto) -> None:
+    """A worker publishes its stats every --stats-interval (10 s by default): stats() (and
+    memctl stats) pinged it, and counts what was done a moment before, not the last snapshot.
+    A stopped worker's retained snapshot is still listed, as it was."""
+    from tests.conftest import make_config, running
+
+    cfg = make_config(broker, stats_interval=3600)
+    gone = make_config(broker, stats_interval=3600, prefix=cfg.prefix)
+    async with running(gone):
+        pass
+    async with running(cfg), MemoryClient(broker.host, broker.port, cfg.prefix) as m:
+        for n in range(3):
+            await m.append(f"c{n}", "user", "x")
+        stats = {s["client_id"]: s for s in await m.stats()}
+    assert stats[cfg.client_id]["conversations"] == 3
+    assert stats[cfg.client_id]["requests"] == 3
+    assert stats[gone.client_id]["conversations"] == 0
+
+
 async def test_the_blocking_client_answers_every_method_from_a_thread(
     broker: Mosquitto, worker: Service
 ) -> None:

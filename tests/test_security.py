@@ -407,6 +407,25 @@ def _has_user(name: str) -> bool:
     return True
 
 
+async def test_the_dashboard_user_gets_fresh_stats(secured: Mosquitto) -> None:
+    """The dashboard role may ping a worker (P/_worker/+/ping): memctl stats and stats() show
+    what a worker counts now, not its snapshot of up to --stats-interval ago."""
+    import time
+
+    async with running(worker_config(secured, stats_interval=3600)) as w:
+        asked = time.time()  # after the worker's first (retained) stats
+        async with MemoryClient(
+            secured.host,
+            secured.port,
+            "mem",
+            username="dashboard",
+            password=USERS["dashboard"],
+            replies=False,
+        ) as m:
+            stats = {s["client_id"]: s for s in await m.stats()}
+    assert stats[w.cfg.client_id]["ts"] > asked
+
+
 async def test_watching_needs_no_reply_topic(secured: Mosquitto, secured_worker: Service) -> None:
     """memctl's stats and watch (and a client made with replies=False) subscribe to no reply
     topic, so the dashboard user runs them without --reply-prefix; such a client refuses a

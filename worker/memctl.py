@@ -122,7 +122,7 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     d.add_argument("convo")
     w = sub.add_parser("watch", help="print eviction events as they come")
     w.add_argument("--count", type=int, help="stop after this many events")
-    sub.add_parser("stats", help="print each worker's latest stats")
+    sub.add_parser("stats", help="print each worker's stats (asked for now from those online)")
     r = sub.add_parser(
         "retire", help="clear a stopped worker's retained status and stats (pages drop it)"
     )
@@ -271,7 +271,8 @@ async def list_all(args: argparse.Namespace) -> int:
 
 
 async def stats(args: argparse.Namespace) -> int:
-    """Each worker's retained stats, once, with how old the snapshot is (`age`, seconds)."""
+    """Each worker's stats, once (fresh from those online, `MemoryClient.stats`), with how
+    old each is (`age`, seconds)."""
     async with _client(args, replies=False) as memory:
         snapshots = await memory.stats()
     if not snapshots:

@@ -532,9 +532,49 @@ class MemoryClient(_Api):
                 await self._unsubscribe(topic_filter)
 
     async def stats(self) -> list[dict[str, Any]]:
-        """Each worker's latest (retained) stats snapshot; [] when no worker ever ran."""
-        found = await self._retained(f"{self.prefix}/{c.WORKER_LEVEL}/+/stats", self.timeout)
-        return [decode_event(payload, None) for payload in found.values()]
+        """Each worker's stats: fresh from each worker whose status says online (asked on its
+        ping topic, answered within a second), else its latest retained snapshot, up to
+        --stats-interval old; [] when no worker ever ran."""
+        base = f"{self.prefix}/{c.WORKER_LEVEL}/"
+        found = await self._retained(base + "+/+", self.timeout)
+        snapshots = {
+            topic[len(base) : -len("/stats")]: payload
+            for topic, payload in found.items()
+            if topic.endswith("/stats") and payload
+        }
+        online = [w for w in snapshots if _says_online(found.get(f"{base}{w}/status"))]
+        if online and self.protocol == 5:
+            snapshots.update(await self._fresh_stats(base, online))
+        return [decode_event(payload, None) for payload in snapshots.values()]
+
+    async def _fresh_stats(self, base: str, workers: list[str]) -> dict[str, bytes]:
+        """Live stats of `workers`, each pinged: those that answer within PING_EVERY and a
+        bit. None when the broker refuses the pings (a role without the right: the dashboard
+        role of an older deploy/init-security)."""
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        fresh: dict[str, bytes] = {}
+        self._stats.add(queue)
+        try:
+            await self._subscribe(base + "+/stats", again=True)
+            try:
+                async with asyncio.timeout(c.PING_EVERY + 0.5):
+                    for worker in workers:
+                        client = self._client
+                        if client is None or await client.publish_acked(
+                            f"{base}{worker}/{c.PING}", b""
+                        ):
+                            return fresh
+                    while len(fresh) < len(workers):
+                        message = await queue.get()
+                        worker = message.topic[len(base) : -len("/stats")]
+                        if not message.retain and worker in workers and message.payload:
+                            fresh[worker] = message.payload
+            except TimeoutError:
+                pass
+            return fresh
+        finally:
+            self._stats.discard(queue)
+            await self._unsubscribe(base + "+/stats")
 
     async def retire(self, client_id: str) -> Literal["retired", "online", "unknown"]:
         """Clear the retained status and stats of a worker that is not running, so that
@@ -601,6 +641,12 @@ class MemoryClient(_Api):
             self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return found
+
+
+def _says_online(status: bytes | None) -> bool:
+    with contextlib.suppress(Exception):
+        return bool(decode_event(status or b"", None)["state"] == "online")
+    return False
 
 
 class _Reply:
