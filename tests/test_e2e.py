@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -310,6 +311,61 @@ async def test_workers_on_one_prefix_with_other_limits_are_warned(
     assert len(set(handler.records)) == len(handler.records)  # once each
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({}, {"shared_group": "g"}),  # scripts/run's worker beside docs/scaling.md's group
+        ({}, {}),
+        ({"shared_group": "g"}, {"shared_group": "h"}),
+    ],
+    ids=["one-outside", "both-outside", "two-groups"],
+)
+async def test_workers_on_one_prefix_apart_are_warned(
+    worker_factory: WorkerFactory, first: dict[str, str], second: dict[str, str]
+) -> None:
+    """Two workers on one prefix, not both in one share group, each receive every request and
+    answer it from their own store: two replies, two histories (a user ran docs/scaling.md's
+    group beside scripts/run's worker). A worker that sees the other's stats says so, once."""
+    prefix = unique("mem")
+    handler = _Said("each request reaches both")
+    logging.getLogger("memory_worker").addHandler(handler)
+    try:
+        async with (
+            worker_factory(prefix=prefix, client_id=unique("a-"), **first),
+            worker_factory(prefix=prefix, client_id=unique("b-"), **second),
+        ):
+            await asyncio.wait_for(handler.said.wait(), 30)
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    assert f"serves {prefix}/# " in handler.records[0]
+    assert "--shared-group" in handler.records[0]
+    assert len(set(handler.records)) == len(handler.records)  # once each
+
+
+async def test_workers_of_one_group_on_other_backends_are_warned(
+    worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    """A share group hands each request to one of its workers: on other backends, the
+    conversations they share have two histories."""
+    prefix = unique("mem")
+    handler = _Said("on backend")
+    logging.getLogger("memory_worker").addHandler(handler)
+    try:
+        async with (
+            worker_factory(prefix=prefix, shared_group="g", client_id=unique("a-")),
+            worker_factory(
+                prefix=prefix,
+                shared_group="g",
+                client_id=unique("b-"),
+                backend=f"sqlite:///{tmp_path}/m.db",
+            ),
+        ):
+            await asyncio.wait_for(handler.said.wait(), 30)
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    assert "two histories" in handler.records[0]
+
+
 async def test_stats_of_any_shape_on_a_worker_topic_cost_no_request_its_reply(
     broker: Mosquitto, worker: Service
 ) -> None:
@@ -346,6 +402,7 @@ async def test_stats_of_many_strangers_name_a_few_of_them(
     try:
         async with device(broker.host, broker.port, prefix) as d:
             body = worker.stats_body()
+            del body["shared_group"]  # as an older worker's: only the limits differ
             for i in range(100):
                 body |= {"client_id": f"stranger-{i}", "ts": time.time()}
                 body["limits"] = {**body["limits"], "max_turns": 1000 + i}

@@ -844,11 +844,13 @@ def stats_payload(
     now: float,
     ts: float,
     interval: float,
+    shared_group: str | None = None,
 ) -> dict[str, Any]:
     """The body of P/_worker/<client-id>/stats (schemas/stats.json); `now` is a
     time.monotonic() reading, for the uptime; `interval` is --stats-interval."""
     return {
         "client_id": client_id,
+        "shared_group": shared_group,
         "version": version,
         "backend": backend,
         "conversations": counts.conversations,

@@ -104,6 +104,10 @@ def _state(status: bytes) -> object:
     return None
 
 
+def _group_name(group: object) -> str:
+    return f"in share group {group!r}" if group else "outside any share group"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -820,8 +824,10 @@ class Service:
             self._publish_stats()
 
     def _peer_stats(self, payload: bytes) -> None:
-        """Another worker's stats on this prefix: say once when it serves it with other
-        limits, since each would trim the conversations they share to its own."""
+        """Another worker's stats on this prefix: say once when it serves it apart from this
+        one (outside the share group, or in another: both answer every request, each from
+        its own store), on another backend, or with other limits, since each would trim the
+        conversations they share to its own."""
         try:
             body = decode_event(payload, None)
             peer, limits = body["client_id"], body["limits"]
@@ -831,21 +837,54 @@ class Service:
             return
         if peer == self.cfg.client_id or not stats_are_recent(body, time.time()):
             return
-        mine = self.stats_body()["limits"]
-        differ = tuple(k for k in mine if k in limits and limits[k] != mine[k])
-        if not differ or (peer, differ) in self._peers_warned:
-            return
         if len(self._peers_warned) >= _PEERS_NAMED:  # anyone may publish stats: no more
             return
-        self._peers_warned.add((peer, differ))
-        log.warning(
-            "worker %s serves %s/# with other limits (%s): workers on one prefix must share "
-            "their limits, or each trims the conversations they share to its own "
-            "(docs/scaling.md)",
-            peer,
-            self.cfg.prefix,
-            ", ".join(f"{k} {limits[k]}, here {mine[k]}" for k in differ),
-        )
+        mine = self.stats_body()
+        group = self.cfg.shared_group or None
+        if "shared_group" in body and (body["shared_group"] != group or group is None):
+            self._peer_warning(
+                peer,
+                ("shared_group",),
+                "worker %s serves %s/# %s, this one %s: each request reaches both, and each "
+                "answers it from its own store (two replies, two histories). Run every worker "
+                "on a prefix in one --shared-group (docs/scaling.md), or give this one another "
+                "--prefix",
+                peer,
+                self.cfg.prefix,
+                _group_name(body["shared_group"]),
+                _group_name(group),
+            )
+            return
+        if body.get("backend") != mine["backend"]:
+            self._peer_warning(
+                peer,
+                ("backend",),
+                "worker %s serves %s/# on backend %s, this one on %s: the conversations "
+                "they share have two histories. Workers on one prefix share one backend "
+                "(docs/scaling.md)",
+                peer,
+                self.cfg.prefix,
+                body.get("backend"),
+                mine["backend"],
+            )
+        ours = mine["limits"]
+        differ = tuple(k for k in ours if k in limits and limits[k] != ours[k])
+        if differ:
+            self._peer_warning(
+                peer,
+                differ,
+                "worker %s serves %s/# with other limits (%s): workers on one prefix must "
+                "share their limits, or each trims the conversations they share to its own "
+                "(docs/scaling.md)",
+                peer,
+                self.cfg.prefix,
+                ", ".join(f"{k} {limits[k]}, here {ours[k]}" for k in differ),
+            )
+
+    def _peer_warning(self, peer: str, what: tuple[str, ...], message: str, *args: Any) -> None:
+        if (peer, what) not in self._peers_warned:
+            self._peers_warned.add((peer, what))
+            log.warning(message, *args)
 
     def _finish(
         self,
@@ -1085,6 +1124,7 @@ class Service:
             now=time.monotonic(),
             ts=time.time(),
             interval=self.cfg.stats_interval,
+            shared_group=self.cfg.shared_group or None,
         )
 
     def _publish_stats(self) -> None:
