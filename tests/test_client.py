@@ -458,6 +458,10 @@ def test_url_errors_are_clear() -> None:
         ("mqtt://h:0/mem", "port must be a number from 1 to 65535, not 0"),
         ("mqtt://h:99999/mem", r"'mqtt://h:99999/mem': Port out of range"),
         ("mqtt://h:port/mem", r"'mqtt://h:port/mem': Port could not be cast"),
+        # A slash short, or none given: it went to a broker on 127.0.0.1:1883, if any.
+        ("mqtt:/127.0.0.1:21883", r"no host: mqtt://HOST\[:PORT\]\[/prefix\]"),
+        ("mqtt:///mem", "no host"),
+        ("mqtts://:8883/mem", "no host"),
     ]:
         with pytest.raises(ValueError, match=words):
             memory_from_url(url)

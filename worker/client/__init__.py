@@ -93,6 +93,11 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         return LocalMemory(limits, max_payload_bytes=most)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"{url!r}: the scheme must be mqtt, mqtts or memory")
+    if not parts.hostname:  # mqtt:/host or mqtt:///prefix: a broker on 1883 by chance
+        raise ValueError(
+            f"{url!r}: no host: {parts.scheme}://HOST[:PORT][/prefix] "
+            f"(this machine's broker: {parts.scheme}://127.0.0.1)"
+        )
     options: dict[str, Any] = {
         "username": unquote(parts.username) if parts.username else None,
         "password": unquote(parts.password) if parts.password else None,
@@ -125,7 +130,7 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         raise ValueError(f"{url!r}: {exc}") from None
     if port is None:
         port = 8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT
-    return MemoryClient(parts.hostname or c.DEFAULT_HOST, port, **options)
+    return MemoryClient(parts.hostname, port, **options)
 
 
 def open_memory(url: str, **kwargs: Any) -> _Opening:
