@@ -183,11 +183,14 @@ def wait_serving(proc: subprocess.Popen[str]) -> None:
     raise AssertionError("the worker exited before serving")
 
 
-def reap(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> int:
-    """Stop a spawned program if it still runs; return its exit status."""
+def reap(
+    proc: subprocess.Popen[str], sig: int = signal.SIGKILL, *, keep_output: bool = False
+) -> int:
+    """Stop a spawned program if it still runs; return its exit status. Its output pipe is
+    closed unless `keep_output` (then the caller reads and closes it)."""
     if proc.poll() is None:
         proc.send_signal(sig)
     code = proc.wait(timeout=15)
-    if proc.stdout is not None:
+    if proc.stdout is not None and not keep_output:
         proc.stdout.close()
     return code

@@ -80,6 +80,7 @@ _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of onc
 # A connection shorter than this does not reset the reconnect backoff: two workers sharing a
 # client id take each other's session at once, and must not do so several times a second.
 _STABLE_CONNECTION = 10.0
+_STILL_DOWN = 600.0  # seconds between warnings that the broker is still away
 # What deploy/mosquitto.d/memory-worker.conf sets; the worker warns about a broker below it.
 BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
@@ -256,6 +257,8 @@ class Service:
         attempt = 0
         short_streak = 0  # connections in a row that lasted under _STABLE_CONNECTION
         since = 0.0
+        down_since: float | None = None  # when the broker was last said to be away
+        said = 0.0
         while not stop.is_set():
             # Messages of an earlier connection must not be acknowledged on this one (the
             # broker delivers them again); the count changes before any message can arrive.
@@ -278,6 +281,7 @@ class Service:
                 self._announced = False  # the will says offline now
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
                 self._later.clear()
+                since_was = bool(since)
                 short = bool(since) and time.monotonic() - since < _STABLE_CONNECTION
                 if since:
                     short_streak = short_streak + 1 if short else 0
@@ -286,6 +290,9 @@ class Service:
                 attempt += 1
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
                 self._loss_explained = client.taken_over
+                now = time.monotonic()
+                if since_was and not short:  # it served a while: a new outage
+                    down_since = None
                 if client.taken_over:
                     self._taken_over(delay)
                 elif login_refused(exc):
@@ -293,13 +300,23 @@ class Service:
                 elif certificate_refused(exc):
                     self._refused(exc, delay, certificate=True)
                 else:
-                    # Once a takeover was seen, each short connection is that fight again.
+                    # Once a takeover was seen, each short connection is that fight again;
+                    # a broker that stays away is said once, then every _STILL_DOWN (a Pi's
+                    # journal took a line every few seconds while its Mosquitto was down).
+                    level = logging.DEBUG
+                    if down_since is None:
+                        down_since = said = now
+                        if not (self.stats.taken_over and short):
+                            level = logging.WARNING
+                    elif now - said >= _STILL_DOWN:
+                        said, level = now, logging.WARNING
                     log.log(
-                        logging.DEBUG if self.stats.taken_over and short else logging.WARNING,
-                        "broker %s:%d unreachable or lost (%s); retrying in %.1fs",
+                        level,
+                        "broker %s:%d unreachable or lost (%s)%s; retrying in %.1fs",
                         self.cfg.host,
                         self.cfg.port,
                         "the broker closed the connection" if closed_by_broker(exc) else exc,
+                        f" for {(now - down_since) / 60:.0f} min" if now > down_since else "",
                         delay,
                     )
                 self.systemd.status(self._systemd_status())
