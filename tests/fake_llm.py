@@ -100,19 +100,20 @@ class FakeModel:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                assert self.path == "/v1/models", self.path
-                data = json.dumps({"object": "list", "data": model.models}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                if self.path != "/v1/models":
+                    self._send(404, b"404 page not found")  # as Ollama answers
+                    return
+                self._send(200, json.dumps({"object": "list", "data": model.models}).encode())
 
             def do_POST(self) -> None:
                 size = int(self.headers["Content-Length"])
                 body = json.loads(self.rfile.read(size))
-                assert self.path == "/v1/chat/completions", self.path
-                status, data = model._answer(body)
+                if self.path != "/v1/chat/completions":
+                    self._send(404, b"404 page not found")
+                    return
+                self._send(*model._answer(body))
+
+            def _send(self, status: int, data: bytes) -> None:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -460,6 +460,13 @@ async def test_the_model_check_says_what_would_stop_every_fold(model: FakeModel)
     assert "ollama pull llama3.2" in problem
     model.models = [{"id": "/models/tiny.gguf", "object": "model", "owned_by": "llamacpp"}]
     assert await chat.check() is None
+    # The URL without its /v1: the server answers 404 to each path, and the fold does too.
+    bare = ChatModel(model.url.removesuffix("/v1"), "llama3.2")
+    problem = await bare.check()
+    assert problem is not None
+    assert f"does --llm-url end in /v1? ({model.url};" in problem
+    with pytest.raises(ModelError, match="answered 404: 404 page not found: does --llm-url"):
+        bare._post(b"{}")
     problem = await ChatModel(f"http://127.0.0.1:{free_port()}/v1", "llama3.2").check()
     assert problem is not None
     assert "does not answer" in problem

@@ -166,6 +166,8 @@ class ChatModel:
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
                 return f"{url} refused the API key ({exc.code}): check OPENAI_API_KEY"
+            if exc.code == 404 and self._path_hint():
+                return f"{url} answered 404{self._path_hint()}"
             return None  # no list there: the first fold will tell
         except (OSError, http.client.HTTPException) as exc:  # refused, unreachable, not HTTP
             return f"the model server at {self.base} does not answer ({exc!r})"
@@ -187,6 +189,15 @@ class ChatModel:
             "(scripts/run --model; MEMORY_SUMMARIZER_MODEL for the service)"
         )
 
+    def _path_hint(self) -> str:
+        """For a 404: OpenAI-compatible servers answer under /v1, which a URL may leave out."""
+        if self.base.rstrip("/").endswith("/v1"):
+            return ""
+        return (
+            f": does --llm-url end in /v1? ({self.base}/v1; Ollama's is "
+            "http://127.0.0.1:11434/v1, llama.cpp's server's http://127.0.0.1:8080/v1)"
+        )
+
     def _post(self, data: bytes) -> Folded:
         request = urllib.request.Request(self.endpoint, data=data, headers=self._headers())
         try:
@@ -195,7 +206,8 @@ class ChatModel:
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode("utf-8", "replace").strip()
             raise ModelError(
-                f"{self.endpoint} answered {exc.code}: {detail}",
+                f"{self.endpoint} answered {exc.code}: {detail}"
+                + (self._path_hint() if exc.code == 404 else ""),
                 timed_out=exc.code in _GAVE_UP,  # a proxy in front of a model too slow
             ) from None
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
