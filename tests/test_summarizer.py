@@ -347,9 +347,13 @@ def test_the_command_line_refuses_bad_flags_in_one_line() -> None:
         (["--log-level", "chatty"], "--log-level must be"),
         (["--session-expiry", "-1"], "--session-expiry must be"),
         (["--nope"], "unrecognized arguments"),
+        (["--model", ""], "--model must name the model"),
+        (["--model", " "], "--model must name the model"),
     ):
         with pytest.raises(ConfigError, match=message):
             from_args(argv, {})
+    with pytest.raises(ConfigError, match="--model must name the model"):
+        from_args([], {"MEMORY_SUMMARIZER_MODEL": ""})
     done = subprocess.run(
         [program("memory-summarizer"), "--port", "0"], capture_output=True, text=True, check=False
     )

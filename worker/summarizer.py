@@ -144,6 +144,11 @@ class SummarizerConfig:
             raise ConfigError(f"--gap-wait must be 0 or more seconds, got {self.gap_wait}")
         if not self.llm_url.startswith(("http://", "https://")):
             raise ConfigError(f"--llm-url must be an http:// or https:// URL, got {self.llm_url!r}")
+        if not self.model.strip():
+            raise ConfigError(
+                "--model must name the model (MEMORY_SUMMARIZER_MODEL; the server's GET "
+                "/v1/models lists them), got an empty name"
+            )
 
 
 # (flag, kind, help); broker flags also read the worker's MEMORY_WORKER_* variables, so one
