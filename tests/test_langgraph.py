@@ -328,3 +328,15 @@ def test_a_namespace_too_long_says_so() -> None:
             store.put(("/" * 50,), "k", {"v": 1})
     finally:
         store.close()
+
+
+def test_a_value_that_is_not_a_dict_says_so() -> None:
+    """LangGraph's values are dicts: another value is a TypeError saying so, and nothing of
+    its batch is written (it was dict()'s "dictionary update sequence element #0 ...")."""
+    store = MqttStore("memory://")
+    try:
+        with pytest.raises(TypeError, match=r"MqttStore values are dicts .* not str"):
+            store.put(("users",), "k", "notadict")  # type: ignore[arg-type]
+        assert store.get(("users",), "k") is None
+    finally:
+        store.close()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -140,6 +140,11 @@ class MqttStore(OnClient, BaseStore):
             elif isinstance(op, ListNamespacesOp):
                 results.append(await self._list_namespaces(memory, op))
             elif isinstance(op, PutOp):
+                if op.value is not None and not isinstance(op.value, Mapping):
+                    raise TypeError(
+                        f"MqttStore values are dicts (LangGraph's Item.value), not "
+                        f"{type(op.value).__name__}: put(namespace, key, {{'value': ...}})"
+                    )
                 puts[(op.namespace, op.key)] = op
                 results.append(None)
             else:
