@@ -232,6 +232,7 @@ async def test_memctl_retire_says_refused_in_one_line_with_exit_4(secured: Mosqu
         assert (done.returncode, done.stdout) == (4, ""), done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
         assert f"'{topic}'" in done.stderr
+        assert "only the workers' own may clear them (memctl retire: memory-worker" in done.stderr
     async with MemoryClient(
         secured.host,
         secured.port,

@@ -245,7 +245,14 @@ class MemoryClient(_Api):
         user = self._auth[0] or "<username>"
         # The project's roles (deploy/init-security); the client cannot know which is this user's.
         # The client's inbox, or a blocking call's connection's (its tag and "-<n>").
-        if topic.startswith(inbox_filter(self.reply_prefix, self.tag, 5)):
+        if topic.startswith(f"{self.prefix}/{c.WORKER_LEVEL}/"):
+            hint = (
+                "with the project's roles the dashboard's login reads the workers' topics "
+                "(memctl stats), and only the workers' own may clear them (memctl retire: "
+                "memory-worker, MEMORY_WORKER_USERNAME and MEMORY_WORKER_PASSWORD of its env "
+                "file, docs/dashboards.md)"
+            )
+        elif topic.startswith(inbox_filter(self.reply_prefix, self.tag, 5)):
             hint = (
                 "replies come there: set reply_prefix to a topic this user may read (with the "
                 f"project's roles, a device's: reply_prefix='reply/{user}', memctl "
