@@ -302,6 +302,26 @@ def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | N
     assert "Traceback" not in proc.stderr
 
 
+def test_memctls_own_option_after_the_command_says_where_it_goes() -> None:
+    """`memctl get kiosk-7 --port 21883` (a user's first try) said only "unrecognized
+    arguments": the error now says memctl's options go before the command."""
+    for extra in (["--port", "21883"], ["--timeout=2"]):
+        proc = subprocess.run(
+            [program("memctl"), "get", "kiosk-7", *extra],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert proc.returncode == 2
+        name = extra[0].partition("=")[0]
+        assert f"({name} is memctl's own option: it goes before the command" in proc.stderr
+    proc = subprocess.run(
+        [program("memctl"), "get", "c", "--nope"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.rstrip().endswith("unrecognized arguments: --nope")
+
+
 def test_a_listener_that_never_answers_is_one_line_and_exit_3() -> None:
     """A port that takes the connection but sends no CONNACK: one line and exit 3 (paho's
     traceback from closing the left-open socket after the loop closed followed it)."""

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -53,9 +53,35 @@ def emit(value: Any) -> None:
     print(json.dumps(value, default=_jsonable, ensure_ascii=False), flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """memctl's options go before its command: given after it, the error says so."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.own_options: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.own_options.update(action.option_strings)
+        return action
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            given = message.removeprefix("unrecognized arguments: ").split()
+            misplaced = [
+                a for a in given if a.partition("=")[0] in self.own_options - {"-h", "--help"}
+            ]
+            if misplaced:
+                message += (
+                    f" ({misplaced[0].partition('=')[0]} is memctl's own option: it goes "
+                    "before the command, as in memctl --port 1884 get kiosk-7)"
+                )
+        super().error(message)
+
+
 def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     head, _, rest = (__doc__ or "").partition("\n")
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="memctl",
         description=head,
         epilog=rest.strip(),
