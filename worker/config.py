@@ -212,7 +212,13 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max-turns", int, c.DEFAULT_MAX_TURNS, "turns kept per conversation"),
     _Flag("ttl", float, c.DEFAULT_TTL, "seconds a conversation lives after its last use; 0: off"),
     _Flag("max-conversations", int, c.DEFAULT_MAX_CONVERSATIONS, "conversations kept (LRU)"),
-    _Flag("max-bytes", int, c.DEFAULT_MAX_BYTES, "budget on stored role+content+state bytes"),
+    _Flag(
+        "max-bytes",
+        int,
+        c.DEFAULT_MAX_BYTES,
+        "budget on stored bytes, each conversation's, turn's and key's overhead included "
+        "(docs/contract.md)",
+    ),
     _Flag("max-payload-bytes", int, c.DEFAULT_MAX_PAYLOAD_BYTES, "largest request accepted"),
     _Flag("max-keys", int, c.DEFAULT_MAX_KEYS, "live state keys per conversation"),
     _Flag(
