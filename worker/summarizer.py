@@ -355,10 +355,11 @@ class Summarizer:
         if problem is not None:
             log.warning("%s; trimmed turns wait for it (nothing is lost)", problem)
         try:
-            stats = await memory.stats()
+            stats = await memory.stats()  # fresh from the workers online (pinged)
             # Stats stay retained after a worker stops: only the recent ones say what runs.
-            quiet = _without_trimmed_events([s for s in stats if stats_are_recent(s, started)])
-            if quiet:
+            recent = [s for s in stats if stats_are_recent(s, started)]
+            quiet = _without_trimmed_events(recent)
+            if quiet and not all(s["ts"] >= started for s in recent):
                 # A worker started with this summarizer (scripts/run, the services) may not
                 # have published its stats yet: these may be its last run's. Its own come
                 # within one of its --stats-interval.
