@@ -513,7 +513,9 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
         summarizing(_config(broker, w.cfg.prefix, model)) as s,
     ):
         assert s.preflight is not None
-        await asyncio.wait_for(s.preflight, 30)
+        # At once: the worker's stats are fresh (pinged), so no wait of a --stats-interval
+        # (gone-one's 10 s) for newer ones.
+        await asyncio.wait_for(s.preflight, 5)
     warned = [r.getMessage() for r in caplog.records if "--trimmed-events" in r.getMessage()]
     if trimmed:
         assert warned == []
