@@ -6,7 +6,9 @@ import asyncio
 import logging
 import signal
 import subprocess
+from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from tests.clients import decode, next_message, watcher
@@ -111,6 +113,7 @@ async def test_a_worker_that_finds_its_id_taken_on_reconnecting_stops(broker: Mo
     args = ("--prefix", prefix, "--client-id", client_id, "--reconnect-max", "1")
     first = spawn_worker(broker, *args)
     second: subprocess.Popen[str] | None = None
+    started = ""
     try:
         await asyncio.to_thread(_until_serving, first)
         first.send_signal(signal.SIGSTOP)
@@ -192,3 +195,78 @@ async def test_a_worker_in_a_share_group_answers_the_ping_to_its_id(broker: Mosq
         logs = [_stop(w) for w in workers]
     for log in logs:
         assert " ERROR " not in log, log
+
+
+async def test_a_retained_ping_does_not_blind_the_look(broker: Mosquitto) -> None:
+    """Anyone allowed to ping may leave a retained message on the ping topic: the look took
+    it for its own ping's echo, before the retained status had come, and let a second
+    worker fight the first. A look matches its own ping by its payload, live."""
+    prefix, client_id = unique("mem"), unique("twin-")
+    args = ("--prefix", prefix, "--client-id", client_id)
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        await c.publish(f"{prefix}/_worker/{client_id}/ping", b"x", qos=1, retain=True)
+    first = spawn_worker(broker, *args)
+    try:
+        await asyncio.to_thread(_until_serving, first)
+        second = spawn_worker(broker, *args)
+        out, _ = await asyncio.to_thread(second.communicate, timeout=30)
+        assert second.returncode == 2, out
+        assert "another worker serves" in out
+    finally:
+        log = _stop(first)
+    assert " ERROR " not in log, log
+
+
+async def test_a_twin_on_a_bridged_broker_is_warned_of_not_stopped_for(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Brokers bridged for a fleet's dashboard carry each worker's topics to the others: a
+    worker of the same client id there answers the ping, but holds no session on this
+    broker. The worker says their topics collide, and serves (an exit 2 would have left this
+    broker's devices without a worker for good)."""
+    prefix, client_id = unique("mem"), unique("twin-")
+    args = ("--prefix", prefix, "--client-id", client_id)
+    bridge = (
+        f"connection fleet\naddress {broker.host}:{broker.port}\ntopic {prefix}/_worker/# both 0\n"
+    )
+    other = Mosquitto(tmp_path / "other", extra=bridge).start()
+    first = spawn_worker(broker, *args)
+    second: subprocess.Popen[str] | None = None
+    try:
+        await asyncio.to_thread(_until_serving, first)
+        async with watcher(other.host, other.port, f"{prefix}/_worker/{client_id}/status") as seen:
+            await next_message(seen)  # the first's status has crossed the bridge
+        second = spawn_worker(other, *args)
+        started = await asyncio.to_thread(_until_serving, second)
+        assert "a worker on another broker" in started
+        assert repr(client_id) in started
+    finally:
+        logs = [_stop(first)] + ([_stop(second)] if second is not None else [])
+        other.stop()
+    assert "another worker serves" not in "".join(logs)
+
+
+async def test_a_stop_ends_a_look_at_once(broker: Mosquitto) -> None:
+    """SIGTERM while the worker asks a retained "online" whether it still serves: it stops
+    without finishing the wait, and says nothing of taking the id it never took."""
+    prefix, client_id = unique("mem"), unique("twin-")
+    args = ("--prefix", prefix, "--client-id", client_id)
+    first = spawn_worker(broker, *args)
+    second: subprocess.Popen[str] | None = None
+    try:
+        await asyncio.to_thread(_until_serving, first)
+        first.send_signal(signal.SIGSTOP)  # its "online" stays, and answers no ping
+        second = spawn_worker(broker, *args)
+        assert second.stdout is not None
+        line = await asyncio.to_thread(second.stdout.readline)
+        assert "asking it" in line, line
+        second.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(second.communicate, timeout=30)
+        assert second.returncode == 0, out
+        assert "stale status" not in out, out
+        assert "serving" not in out, out
+    finally:
+        first.send_signal(signal.SIGCONT)
+        reap(first)
+        if second is not None:
+            reap(second)

@@ -342,6 +342,23 @@ async def test_workers_on_one_prefix_apart_are_warned(
     assert len(set(handler.records)) == len(handler.records)  # once each
 
 
+async def test_a_stopped_worker_on_the_prefix_is_not_warned_of(
+    broker: Mosquitto, worker_factory: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped worker's last stats stay retained (and recent, a while): docs/scaling.md's
+    group started after scripts/run's worker was stopped must not be told that worker
+    answers every request too. Its status says offline."""
+    prefix = unique("mem")
+    async with worker_factory(prefix=prefix, client_id=unique("alone-")):
+        pass
+    async with (
+        worker_factory(prefix=prefix, client_id=unique("grouped-"), shared_group="g"),
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        assert (await d.request("c", "get"))["ok"]  # after the retained ones, in order
+    assert not [r for r in caplog.records if "each request reaches both" in r.getMessage()]
+
+
 async def test_workers_of_one_group_on_other_backends_are_warned(
     worker_factory: WorkerFactory, tmp_path: Path
 ) -> None:
@@ -364,6 +381,25 @@ async def test_workers_of_one_group_on_other_backends_are_warned(
     finally:
         logging.getLogger("memory_worker").removeHandler(handler)
     assert "two histories" in handler.records[0]
+
+
+async def test_a_share_group_on_the_memory_backend_is_warned(
+    worker_factory: WorkerFactory,
+) -> None:
+    """Two workers of a share group each on the memory backend (the default) keep two
+    stores: a conversation's turns alternate between them."""
+    prefix = unique("mem")
+    handler = _Said("on backend memory, this one on memory")
+    logging.getLogger("memory_worker").addHandler(handler)
+    try:
+        async with (
+            worker_factory(prefix=prefix, shared_group="g", client_id=unique("a-")),
+            worker_factory(prefix=prefix, shared_group="g", client_id=unique("b-")),
+        ):
+            await asyncio.wait_for(handler.said.wait(), 30)
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    assert "A share group needs one Redis" in handler.records[0]
 
 
 async def test_stats_of_any_shape_on_a_worker_topic_cost_no_request_its_reply(
@@ -407,6 +443,8 @@ async def test_stats_of_many_strangers_name_a_few_of_them(
                 body |= {"client_id": f"stranger-{i}", "ts": time.time()}
                 body["limits"] = {**body["limits"], "max_turns": 1000 + i}
                 stats = msgpack.packb(body)
+                online = msgpack.packb({"state": "online", "client_id": f"stranger-{i}"})
+                await d.client.publish(f"{prefix}/_worker/stranger-{i}/status", online, qos=1)
                 await d.client.publish(f"{prefix}/_worker/stranger-{i}/stats", stats, qos=1)
             assert (await d.request("c", "get"))["ok"]  # read after them all
     finally:

@@ -466,3 +466,33 @@ async def test_a_blocking_connection_waiting_long_keeps_itself_alive(broker: Mos
         assert (await asyncio.wait_for(waiting, 10)).payload == b"at last"
     finally:
         conn.close()
+
+
+async def test_a_loss_inside_the_block_is_not_logged_as_an_unread_error(
+    broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection lost before the block waits for its loss (a worker kicked by its twin
+    while it subscribed): leaving the block reads the loss, and asyncio logs no "Future
+    exception was never retrieved" ERROR beside the worker's own words."""
+    import gc
+
+    conn = Connection(
+        lambda message: None,
+        hostname=broker.host,
+        port=broker.port,
+        identifier="kicked-in-the-block",
+        protocol=ProtocolVersion.V5,
+    )
+
+    async def kicked(conn: Connection) -> None:
+        # Another client takes the id: the broker closes this connection.
+        async with conn, aiomqtt.Client(broker.host, broker.port, identifier=conn.identifier):
+            await asyncio.wait([conn._disconnected], timeout=10)  # not read
+            await conn.subscribe("after/the/loss")
+
+    with pytest.raises(aiomqtt.MqttError):
+        await kicked(conn)
+    del conn
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text

@@ -613,6 +613,15 @@ class Connection(aiomqtt.Client):
                 self._client._sock_close()
             raise
 
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:
+            # A loss while the block still ran (its subscribe, say) is the block's exception
+            # already; unread, the loss's future was logged by asyncio as an ERROR.
+            if self._disconnected.done() and not self._disconnected.cancelled():
+                self._disconnected.exception()
+
     def _on_connect(
         self,
         client: paho.Client,

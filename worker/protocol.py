@@ -819,7 +819,16 @@ class _Bounds(Protocol):
 
 
 def status_payload(
-    state: str, *, version: str, client_id: str, prefix: str, backend: str, pid: int, ts: float
+    state: str,
+    *,
+    version: str,
+    client_id: str,
+    prefix: str,
+    backend: str,
+    pid: int,
+    ts: float,
+    node: str | None = None,
+    broker: str | None = None,
 ) -> dict[str, Any]:
     """The body of P/_worker/<client-id>/status (schemas/status.json)."""
     return {
@@ -830,6 +839,8 @@ def status_payload(
         "backend": backend,
         "pid": pid,
         "ts": ts,
+        "node": node,
+        "broker": broker,
     }
 
 

@@ -19,12 +19,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import ipaddress
 import logging
 import math
 import os
 import random
 import secrets
+import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -76,6 +80,9 @@ from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
+_PEERS_KEPT = 256  # other workers whose status (or stats awaiting it) is remembered
+# Backends that workers of a share group can share (memory and SQLite are each worker's own).
+_SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})
 
 # A connection shorter than this does not reset the reconnect backoff: two workers sharing a
 # client id take each other's session at once, and must not do so several times a second.
@@ -87,6 +94,27 @@ _WANT_INFLIGHT = 1000
 _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 _STATS_LEAF = "/stats"  # a worker topic's (c.WORKER_LEAVES)
+_STATUS_LEAF = "/status"
+
+
+def machine_node() -> str:
+    """This machine's mark in a worker's status: a hash of its machine id (its host name
+    without one), so that a worker tells one on its own machine from one elsewhere."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                raw = f.read().strip()
+            if raw:
+                break
+    else:
+        raw = socket.gethostname().encode()
+    return hashlib.sha256(b"memory-worker node " + raw).hexdigest()[:16]
+
+
+def _loopback(host: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
 
 
 def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
@@ -98,11 +126,13 @@ def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
     return None
 
 
-def _state(status: bytes) -> object:
-    """The state a retained status says, None when it is not one."""
+def _status_of(status: bytes) -> dict[str, Any]:
+    """A retained status's fields, {} when it is not one."""
     with contextlib.suppress(Exception):
-        return decode_event(status, None)["state"]
-    return None
+        body = decode_event(status, None)
+        if isinstance(body, dict):
+            return body
+    return {}
 
 
 def _group_name(group: object) -> str:
@@ -150,6 +180,8 @@ class Service:
         self._wake = asyncio.Event()
         self._idle = False  # `_process` waits for `_wake` with nothing to do
         self._peers_warned: set[tuple[str, tuple[str, ...]]] = set()
+        self._peer_states: dict[str, object] = {}  # other workers' last status, by client id
+        self._peer_pending: dict[str, dict[str, Any]] = {}  # their stats before a status
         self._generation = 0
         self._busy = False  # a batch is being handled
         self._closing = False  # shutting down: new requests stay unacknowledged, for later
@@ -163,6 +195,10 @@ class Service:
         self._pinged = -math.inf  # when this worker last answered a ping
         self._ping_answer: asyncio.TimerHandle | None = None
         self._fatal: ConfigError | None = None  # why it stopped on its own
+        self._stopping = threading.Event()  # ends a look for a twin (`_live_twin`) early
+        self._node = machine_node()
+        self._broker = f"{cfg.host}:{cfg.port}"
+        self._elsewhere_said = False  # a twin on another broker was logged
         self._tls: ssl.SSLContext | None = None
         self._reply_props = ReplyProperties(c.CONTENT_TYPE)
         self.systemd = Notifier.from_environ(os.environ)
@@ -195,6 +231,7 @@ class Service:
         try:
             await stop.wait()
         finally:
+            self._stopping.set()
             await self._shutdown(client, connection, tasks)
         if self._fatal is not None:
             raise self._fatal
@@ -264,11 +301,22 @@ class Service:
             # broker delivers them again); the count changes before any message can arrive.
             self._generation += 1
             client.taken_over = False
-            twin = await asyncio.to_thread(self._live_twin, self._online)
-            if twin is not None:
-                self._fatal = self._twin_error(twin)
+            found = await asyncio.to_thread(self._live_twin, self._online)
+            if found is not None and self._on_this_broker(found[1]):
+                self._fatal = self._twin_error(found[0])
                 stop.set()
                 return
+            if found is not None and not self._elsewhere_said:
+                self._elsewhere_said = True
+                log.warning(
+                    "a worker on another broker (its topics bridged here: machine %s, broker "
+                    "%s) serves %s/# as client id %r too: the two write the same status and "
+                    "stats topics, and dashboards see one worker. Give each its own --client-id",
+                    found[1].get("node"),
+                    found[1].get("broker"),
+                    self.cfg.prefix,
+                    self.cfg.client_id,
+                )
             try:
                 async with client:
                     since = time.monotonic()
@@ -291,7 +339,7 @@ class Service:
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
                 self._loss_explained = client.taken_over
                 now = time.monotonic()
-                if since_was and not short:  # it served a while: a new outage
+                if since_was:  # it was connected: a new loss, said again
                     down_since = None
                 if client.taken_over:
                     self._taken_over(delay)
@@ -366,16 +414,17 @@ class Service:
         else:
             log.debug("session taken over again (%d times)", self.stats.taken_over)
 
-    def _live_twin(self, ours: bytes) -> dict[str, Any] | None:
-        """The stats of another worker serving now under this client id, else None.
+    def _live_twin(self, ours: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Another worker serving now as this client id: its live stats and its retained
+        status. None when there is none, or when the broker cannot be asked (the connection
+        that follows says why).
 
         Run before each connection (in a thread): connecting as a client id takes its
         session from whoever holds it, and two workers doing so in turn split the devices'
         turns between two stores. A short connection under another id reads the retained
         status (by the time its own ping comes back, the broker has sent it); when that says
         "online" and is not this worker's own, it waits TWIN_WAIT for the live stats that the
-        ping asks of that worker. None too when the broker cannot be asked: the
-        connection that follows says why."""
+        ping asks of that worker."""
         cfg = self.cfg
         conn = BlockingConnection(
             cfg.host,
@@ -385,7 +434,8 @@ class Service:
             password=cfg.password,
             tls=self._tls,
         )
-        status: bytes | None = None
+        nonce = secrets.token_bytes(8)  # our ping's echo, not another's (nor a retained one)
+        status: dict[str, Any] = {}
         live: dict[str, Any] | None = None
         seen = False  # our ping came back: any retained status came before it
         until = time.monotonic() + c.LOOK_TIMEOUT
@@ -393,28 +443,40 @@ class Service:
             conn.connect(until)
             if conn.subscribe(self.router.worker_topic(cfg.client_id, "+"), 0, until):
                 return None  # refused: nothing to read
-            conn.publish(self.ping_topic, b"", 0, b"\x00", until)
+            conn.publish(self.ping_topic, nonce, 0, b"\x00", until)
             while True:
-                first, body = conn.next_packet(until)
+                if self._stopping.is_set():
+                    return None
+                try:  # in slices, so that a stop ends the look soon
+                    first, body = conn.next_packet(min(until, time.monotonic() + 0.25))
+                except TimeoutError:
+                    if time.monotonic() < until:
+                        continue
+                    raise
                 if first & 0xF0 != PUBLISH:
                     continue
                 msg = decode_publish(first, body, 0, len(body))
                 if msg.topic == self.status_topic and msg.retain:
-                    status = bytes(msg.payload)
+                    status = {} if msg.payload == ours else _status_of(bytes(msg.payload))
                 elif msg.topic == self.stats_topic and not msg.retain:
                     live = _stats_of(bytes(msg.payload), cfg.client_id) or live
-                elif msg.topic == self.ping_topic and not seen:
+                elif msg.topic == self.ping_topic and msg.payload == nonce and not seen:
                     seen = True
-                    if status is None or status == ours or _state(status) != "online":
+                    if status.get("state") != "online":
                         return None
+                    log.info(
+                        "the broker's retained status says a worker with client id %r is "
+                        "online: asking it (up to %.0fs)",
+                        cfg.client_id,
+                        c.TWIN_WAIT,
+                    )
                     until = time.monotonic() + c.TWIN_WAIT
                 if seen and live is not None:
-                    return live
+                    return live, status
         except TimeoutError:
-            if seen:
+            if seen and not self._stopping.is_set():
                 log.info(
-                    "the broker's retained status says a worker with client id %r is online, "
-                    "but none answered in %.0fs: a stale status (its end unseen by the "
+                    "no worker answered as %r in %.0fs: a stale status (its end unseen by the "
                     "broker); taking the id",
                     cfg.client_id,
                     c.TWIN_WAIT,
@@ -425,6 +487,15 @@ class Service:
             return None
         finally:
             conn.close(disconnect=True)
+
+    def _on_this_broker(self, status: dict[str, Any]) -> bool:
+        """Whether a twin's status says it dials this broker: the same host:port, from this
+        machine or, for an address that is not loopback, from any. A status without these
+        (an older worker's) is taken as this broker's."""
+        node, broker = status.get("node"), status.get("broker")
+        if node is None or broker is None:
+            return True
+        return broker == self._broker and (node == self._node or not _loopback(self.cfg.host))
 
     def _twin_error(self, twin: dict[str, Any]) -> ConfigError:
         cfg = self.cfg
@@ -641,6 +712,8 @@ class Service:
             backend=self.backend.name,
             pid=os.getpid(),
             ts=time.time(),
+            node=self._node,
+            broker=self._broker,
         )
         return encode(body, self.cfg.event_format)
 
@@ -785,11 +858,14 @@ class Service:
         for gen, msg in batch:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
-                if topic == self.ping_topic:
+                if topic == self.ping_topic and not msg.retain:
                     self._answer_ping()
-                elif topic.endswith(_STATS_LEAF):
+                elif topic.endswith((_STATS_LEAF, _STATUS_LEAF)):
                     try:
-                        self._peer_stats(msg.payload)
+                        if topic.endswith(_STATS_LEAF):
+                            self._peer_stats(msg.payload)
+                        else:
+                            self._peer_status(msg.payload)
                     except Exception:  # a message must never cost the batch its replies
                         log.debug("another worker's stats do not compare", exc_info=True)
                 self._ack(gen, msg)
@@ -840,11 +916,22 @@ class Service:
         if self.connected.is_set():
             self._publish_stats()
 
+    def _peer_status(self, payload: bytes) -> None:
+        """Another worker's status: its stats are judged (`_peer_stats`) only while it says
+        it is online (a stopped worker's last stats stay retained, and recent, a while)."""
+        body = _status_of(payload)
+        peer, state = body.get("client_id"), body.get("state")
+        if not isinstance(peer, str) or peer == self.cfg.client_id:
+            return
+        if peer not in self._peer_states and len(self._peer_states) >= _PEERS_KEPT:
+            return  # anyone may publish statuses: no more
+        self._peer_states[peer] = state
+        pending = self._peer_pending.pop(peer, None)
+        if state == "online" and pending is not None:
+            self._judge_peer(pending)
+
     def _peer_stats(self, payload: bytes) -> None:
-        """Another worker's stats on this prefix: say once when it serves it apart from this
-        one (outside the share group, or in another: both answer every request, each from
-        its own store), on another backend, or with other limits, since each would trim the
-        conversations they share to its own."""
+        """Another worker's stats on this prefix, judged once its status says online."""
         try:
             body = decode_event(payload, None)
             peer, limits = body["client_id"], body["limits"]
@@ -854,8 +941,22 @@ class Service:
             return
         if peer == self.cfg.client_id or not stats_are_recent(body, time.time()):
             return
+        state = self._peer_states.get(peer)
+        if state == "online":
+            self._judge_peer(body)
+        elif state is None and (
+            peer in self._peer_pending or len(self._peer_pending) < _PEERS_KEPT
+        ):
+            self._peer_pending[peer] = body  # its status may come after: judged then
+
+    def _judge_peer(self, body: dict[str, Any]) -> None:
+        """Say once when a worker online on this prefix serves it apart from this one
+        (outside the share group, or in another: both answer every request, each from its
+        own store), in its share group on a store of its own, or with other limits, since
+        each would trim the conversations they share to its own."""
         if len(self._peers_warned) >= _PEERS_NAMED:  # anyone may publish stats: no more
             return
+        peer, limits = body["client_id"], body["limits"]
         mine = self.stats_body()
         group = self.cfg.shared_group or None
         if "shared_group" in body and (body["shared_group"] != group or group is None):
@@ -872,12 +973,14 @@ class Service:
                 _group_name(group),
             )
             return
-        if body.get("backend") != mine["backend"]:
+        backends = {body.get("backend"), mine["backend"]}
+        if "shared_group" in body and not backends <= _SHARED_BACKENDS:  # in one group
             self._peer_warning(
                 peer,
                 ("backend",),
-                "worker %s serves %s/# on backend %s, this one on %s: the conversations "
-                "they share have two histories. Workers on one prefix share one backend "
+                "worker %s serves %s/# in this one's share group on backend %s, this one on "
+                "%s: a share group hands each request to one of them, and each keeps its own "
+                "store, so a conversation has two histories. A share group needs one Redis "
                 "(docs/scaling.md)",
                 peer,
                 self.cfg.prefix,

@@ -556,8 +556,8 @@ class MemoryClient(_Api):
 
     async def _fresh_stats(self, base: str, workers: list[str]) -> dict[str, bytes]:
         """Live stats of `workers`, each pinged: those that answer within PING_EVERY and a
-        bit. None when the broker refuses the pings (a role without the right: the dashboard
-        role of an older deploy/init-security)."""
+        bit. None of them when the broker refuses the pings (a role without the right: the
+        dashboard role of an older deploy/init-security)."""
         queue: asyncio.Queue[Message] = asyncio.Queue()
         fresh: dict[str, bytes] = {}
         self._stats.add(queue)
