@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from pathlib import Path
@@ -256,3 +257,18 @@ async def test_a_stop_mid_sweep_announces_the_evictions_it_made(
                 events.append(decode(await next_message(evicted)))
     assert sorted(e["convo"] for e in events) == [f"c{i:04}" for i in range(n)]
     assert {e["reason"] for e in events} == {"ttl"}
+
+
+async def test_each_lost_connection_is_said(
+    own_broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that stays away is said once (above); a connection that was made and is lost
+    again is a new loss, said again, however short it lasted (a flapping connection, or a
+    twin on another prefix taking the id, was hidden at debug level)."""
+    with caplog.at_level(logging.WARNING, logger="memory_worker"):
+        async with running(make_config(own_broker)) as w:
+            for n in (2, 3):
+                own_broker.restart()
+                await asyncio.wait_for(w.wait_connections(n), 30)
+    said = [r for r in caplog.records if "unreachable or lost" in r.getMessage()]
+    assert len(said) == 2
