@@ -148,3 +148,52 @@ async def test_a_batch_of_large_gets_is_answered_whole(broker: Mosquitto) -> Non
             hop.resume()  # one read: one batch
             replies = [await dev.reply(f) for f in gets]
     assert [len(r.get("turns", ())) for r in replies] == [8] * 64
+
+
+async def test_small_messages_that_decode_into_many_objects_keep_memory_bounded(
+    broker: Mosquitto,
+) -> None:
+    """64 KiB of msgpack `[{}, {}, ...]` decodes into 5 MB of objects: as a request's body
+    (refused) it stayed alive in the error's traceback until the batch was answered, and
+    400 such requests held 1.2 GB; as stats of strangers on worker topics, kept whole for a
+    status that never came. RSS stays under the stated bound, and the worker answers."""
+    prefix, cid = unique("mem"), unique("w-")
+    proc = spawn_worker(broker, "--prefix", prefix, "--client-id", cid)
+    try:
+        async with watcher(broker.host, broker.port, f"{prefix}/_worker/{cid}/status") as seen:
+            assert decode(await next_message(seen))["state"] == "online"
+        bomb = msgpack.packb([{}] * 65_000)
+        role_bomb = msgpack.packb({"role": [{}] * 64_000, "content": "x"})
+        stats_bomb = msgpack.packb(
+            {"client_id": "s", "limits": {}, "ts": time.time(), "pad": [{}] * 60_000}
+        )
+        sending = True
+        peak = 0.0
+
+        async def send() -> None:
+            nonlocal sending
+            async with aiomqtt.Client(
+                broker.host, broker.port, socket_options=[NODELAY], max_inflight_messages=1000
+            ) as client:
+                for i in range(200):
+                    await client.publish(f"{prefix}/v{i}/get", bomb, qos=1)
+                    await client.publish(f"{prefix}/r{i}/append", role_bomb, qos=1)
+                    stats = stats_bomb.replace(b"\xa1s", b"\xa1" + bytes([65 + i % 26]), 1)
+                    await client.publish(f"{prefix}/_worker/s{i}/stats", stats, qos=1)
+            async with device(broker.host, broker.port, prefix) as d:  # after them, in order
+                assert (await d.request("c", "get"))["ok"]
+            sending = False
+
+        async def sample() -> None:
+            nonlocal peak
+            while sending:
+                peak = max(peak, rss_mib(proc.pid))
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(send(), sample())
+        peak = max(peak, rss_mib(proc.pid))
+        print(f"peak RSS {peak:.1f} MiB")
+        assert peak < RSS_BOUND_MIB
+        assert proc.poll() is None
+    finally:
+        reap(proc)

@@ -132,6 +132,8 @@ DRAIN_TIMEOUT: Final = 5.0
 # a stale "online" costs a start (a broker restored from its persistence after a power cut).
 LOOK_TIMEOUT: Final = 3.0
 TWIN_WAIT: Final = 3.0
+# A worker's status or stats is under 1 KiB: larger messages on worker topics are not read.
+MAX_WORKER_TOPIC_BYTES: Final = 8192
 PING_EVERY: Final = 1.0  # a worker answers pings at most this often: anyone may send one
 # Seconds between the worker's MQTT PINGREQs when nothing else is sent.
 KEEPALIVE: Final = 30

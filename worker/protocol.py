@@ -323,6 +323,14 @@ def _unpack_all(data: bytes) -> list[Any]:
     return list(unpacker)
 
 
+def _bare(exc: WorkerError) -> WorkerError:
+    """The error without its traceback and context: kept in a batch's Parsed values until
+    the batch is answered, their frames kept the decoded body alive, and 64 KiB of
+    `[{}, {}, ...]` is 5 MB of objects (400 such requests held 1.2 GB)."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 def _decode(payload: bytes) -> dict[Any, Any]:
     if not payload:
         return {}
@@ -584,13 +592,13 @@ class Router:
             try:
                 body = _decode(payload)
             except WorkerError as exc:
-                error = exc
+                error = _bare(exc)
 
         where: tuple[str, str] | None = None
         try:
             where = self.split(topic)
         except WorkerError as exc:
-            error = error or exc
+            error = error or _bare(exc)
 
         route: Any = response_topic
         if route is None and body is not None:
@@ -613,7 +621,7 @@ class Router:
                     req_id = _check_id(body["id"])
                 request = _build(where[1], where[0], body, req_id)
             except WorkerError as exc:
-                error = exc
+                error = _bare(exc)
         elif body is not None and "id" in body:
             with contextlib.suppress(WorkerError):
                 req_id = _check_id(body["id"])

@@ -81,6 +81,7 @@ from worker.systemd import Notifier
 log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
 _PEERS_KEPT = 256  # other workers whose status (or stats awaiting it) is remembered
+_COMPARED = ("client_id", "shared_group", "backend", "limits")  # of a peer's stats
 # Backends that workers of a share group can share (memory and SQLite are each worker's own).
 _SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})
 
@@ -860,6 +861,8 @@ class Service:
             if not_for_us(topic):  # events and worker topics: ours or other workers'
                 if topic == self.ping_topic and not msg.retain:
                     self._answer_ping()
+                elif len(msg.payload) > c.MAX_WORKER_TOPIC_BYTES:
+                    pass  # not a worker's: anyone may publish there (a MB of [{}] is 69 MB)
                 elif topic.endswith((_STATS_LEAF, _STATUS_LEAF)):
                     try:
                         if topic.endswith(_STATS_LEAF):
@@ -946,8 +949,8 @@ class Service:
             self._judge_peer(body)
         elif state is None and (
             peer in self._peer_pending or len(self._peer_pending) < _PEERS_KEPT
-        ):
-            self._peer_pending[peer] = body  # its status may come after: judged then
+        ):  # its status may come after: judged then, on what is compared
+            self._peer_pending[peer] = {k: body[k] for k in _COMPARED if k in body}
 
     def _judge_peer(self, body: dict[str, Any]) -> None:
         """Say once when a worker online on this prefix serves it apart from this one
