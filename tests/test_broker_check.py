@@ -7,6 +7,8 @@ import logging
 import signal
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -136,29 +138,33 @@ async def test_a_worker_that_finds_its_id_taken_on_reconnecting_stops(broker: Mo
     assert " ERROR " not in log, log
 
 
+@pytest.mark.parametrize("state", ["offline", "online"])
 async def test_an_older_runs_offline_restored_by_the_broker_is_no_takeover(
-    own_broker: Mosquitto,
+    own_broker: Mosquitto, state: str
 ) -> None:
     """A broker killed before its autosave comes back with what it saved last, which may be
-    an earlier run's "offline" of this worker: on reconnecting the worker reads it, and it is
-    not another worker's Will (that would be newer than this worker's "online"): no takeover
-    is logged or counted."""
+    an earlier run's "offline" of this worker, or this very worker's older "online" (its
+    pid and machine): on reconnecting the worker reads it, and it is not another worker's
+    Will (that would be newer than this worker's "online"), nor a twin's: no takeover is
+    logged or counted."""
+    import os
     import time
-
-    import aiomqtt
 
     from tests.conftest import make_config, running
     from worker.protocol import encode, status_payload
+    from worker.service import machine_node
 
     cfg = make_config(own_broker)
     earlier = status_payload(
-        "offline",
+        state,
         version="0",
         client_id=cfg.client_id,
         prefix=cfg.prefix,
         backend="memory",
-        pid=1,
+        pid=1 if state == "offline" else os.getpid(),  # the worker runs in this process
         ts=time.time() - 3600,
+        node=machine_node(),
+        broker=f"{own_broker.host}:{own_broker.port}",
     )
     topic = f"{cfg.prefix}/_worker/{cfg.client_id}/status"
     async with aiomqtt.Client(own_broker.host, own_broker.port) as c:
@@ -270,3 +276,21 @@ async def test_a_stop_ends_a_look_at_once(broker: Mosquitto) -> None:
         reap(first)
         if second is not None:
             reap(second)
+
+
+async def test_a_twin_dialing_the_broker_by_another_name_is_found(broker: Mosquitto) -> None:
+    """The same broker as 127.0.0.1 and as localhost: the twin answers on the look's own
+    topic of this broker, whatever name each dials (by name, a second worker took it for a
+    broker elsewhere, and the two fought)."""
+    prefix, client_id = unique("mem"), unique("twin-")
+    first = spawn_worker(broker, "--prefix", prefix, "--client-id", client_id)
+    try:
+        await asyncio.to_thread(_until_serving, first)
+        by_name: Any = SimpleNamespace(host="localhost", port=broker.port)
+        second = spawn_worker(by_name, "--prefix", prefix, "--client-id", client_id)
+        out, _ = await asyncio.to_thread(second.communicate, timeout=30)
+        assert second.returncode == 2, out
+        assert "another worker serves" in out
+    finally:
+        log = _stop(first)
+    assert " ERROR " not in log, log

@@ -18,7 +18,7 @@ import msgpack
 import pytest
 
 from tests.clients import NODELAY, decode, next_message, props, watcher
-from tests.conftest import run_memctl, running
+from tests.conftest import run_memctl, running, spawn_worker
 from tests.processes import REPO, Mosquitto, free_port
 from worker.client import MemoryClient
 from worker.config import Config
@@ -440,3 +440,25 @@ async def test_watching_needs_no_reply_topic(secured: Mosquitto, secured_worker:
     done = await run_memctl(secured, "--username", user, "--password", password, "stats")
     assert done.returncode == 0, done.stderr
     assert '"client_id"' in done.stdout
+
+
+async def test_a_second_worker_with_the_id_is_stopped_on_the_secured_broker(
+    secured: Mosquitto, secured_worker: Service
+) -> None:
+    """deploy/init-security's worker role may read and write the look's own topics
+    ($memory-worker/look/#, which wildcards do not match): a second worker with the id of
+    one serving is found and exits 2 (refused, the look told nothing, and the two fought)."""
+    proc = spawn_worker(
+        secured,
+        "--username",
+        "memory-worker",
+        "--route-prefix",
+        "reply/{convo}",
+        "--client-id",
+        secured_worker.cfg.client_id,
+        MEMORY_WORKER_PASSWORD=USERS["memory-worker"],
+    )
+    out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert proc.returncode == 2, out
+    assert "another worker serves" in out
+    assert secured_worker.stats.taken_over == 0

@@ -135,6 +135,11 @@ TWIN_WAIT: Final = 3.0
 # A worker's status or stats is under 1 KiB: larger messages on worker topics are not read.
 MAX_WORKER_TOPIC_BYTES: Final = 8192
 PING_EVERY: Final = 1.0  # a worker answers pings at most this often: anyone may send one
+# A look's own topic, which a ping names for the answer: no bridge carries a `$` topic
+# (wildcards do not match them), so only a worker on the look's broker answers there.
+LOOK_TOPIC: Final = "$memory-worker/look"
+MAX_LOOK_TOPIC: Final = 64
+LOOKS_ANSWERED: Final = 8  # look topics answered per PING_EVERY at most
 # Seconds between the worker's MQTT PINGREQs when nothing else is sent.
 KEEPALIVE: Final = 30
 # Seconds a Redis batch may take before its requests are answered `unavailable`.

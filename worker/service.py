@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -75,6 +75,7 @@ from worker.protocol import (
     stats_are_recent,
     stats_payload,
     status_payload,
+    topic_name_problem,
 )
 from worker.systemd import Notifier
 
@@ -110,12 +111,6 @@ def machine_node() -> str:
     else:
         raw = socket.gethostname().encode()
     return hashlib.sha256(b"memory-worker node " + raw).hexdigest()[:16]
-
-
-def _loopback(host: str) -> bool:
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host).is_loopback
-    return host == "localhost"
 
 
 def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
@@ -200,6 +195,7 @@ class Service:
         self._node = machine_node()
         self._broker = f"{cfg.host}:{cfg.port}"
         self._elsewhere_said = False  # a twin on another broker was logged
+        self._looks: set[str] = set()  # look topics of pings to answer (`_answer_ping`)
         self._tls: ssl.SSLContext | None = None
         self._reply_props = ReplyProperties(c.CONTENT_TYPE)
         self.systemd = Notifier.from_environ(os.environ)
@@ -303,7 +299,7 @@ class Service:
             self._generation += 1
             client.taken_over = False
             found = await asyncio.to_thread(self._live_twin, self._online)
-            if found is not None and self._on_this_broker(found[1]):
+            if found is not None and found[2]:
                 self._fatal = self._twin_error(found[0])
                 stop.set()
                 return
@@ -311,8 +307,9 @@ class Service:
                 self._elsewhere_said = True
                 log.warning(
                     "a worker on another broker (its topics bridged here: machine %s, broker "
-                    "%s) serves %s/# as client id %r too: the two write the same status and "
-                    "stats topics, and dashboards see one worker. Give each its own --client-id",
+                    "%s), or of an older version, serves %s/# as client id %r too: the two "
+                    "write the same status and stats topics, and dashboards see one worker. "
+                    "Give each its own --client-id",
                     found[1].get("node"),
                     found[1].get("broker"),
                     self.cfg.prefix,
@@ -415,17 +412,20 @@ class Service:
         else:
             log.debug("session taken over again (%d times)", self.stats.taken_over)
 
-    def _live_twin(self, ours: bytes) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Another worker serving now as this client id: its live stats and its retained
-        status. None when there is none, or when the broker cannot be asked (the connection
-        that follows says why).
+    def _live_twin(self, ours: bytes) -> tuple[dict[str, Any], dict[str, Any], bool] | None:
+        """Another worker serving now as this client id: its live stats, its retained status,
+        and whether it answered on a topic of this broker's alone (then it holds the id's
+        session here). None when there is none, or when the broker cannot be asked (the
+        connection that follows says why).
 
         Run before each connection (in a thread): connecting as a client id takes its
         session from whoever holds it, and two workers doing so in turn split the devices'
         turns between two stores. A short connection under another id reads the retained
         status (by the time its own ping comes back, the broker has sent it); when that says
-        "online" and is not this worker's own, it waits TWIN_WAIT for the live stats that the
-        ping asks of that worker."""
+        "online" and is not this worker's own, it waits TWIN_WAIT for the answer the ping
+        asks of that worker: its stats, on its stats topic and on the look's own topic under
+        `$memory-worker/`, which no bridge carries (wildcards do not match `$` topics), so a
+        worker on another broker whose topics are bridged here answers on the first only."""
         cfg = self.cfg
         conn = BlockingConnection(
             cfg.host,
@@ -435,16 +435,19 @@ class Service:
             password=cfg.password,
             tls=self._tls,
         )
-        nonce = secrets.token_bytes(8)  # our ping's echo, not another's (nor a retained one)
+        here = f"{c.LOOK_TOPIC}/{secrets.token_hex(8)}"
         status: dict[str, Any] = {}
         live: dict[str, Any] | None = None
         seen = False  # our ping came back: any retained status came before it
         until = time.monotonic() + c.LOOK_TIMEOUT
         try:
             conn.connect(until)
-            if conn.subscribe(self.router.worker_topic(cfg.client_id, "+"), 0, until):
-                return None  # refused: nothing to read
-            conn.publish(self.ping_topic, nonce, 0, b"\x00", until)
+            # The worker topics last: `subscribe` reads past what comes before its SUBACK,
+            # and their retained messages come after theirs.
+            for topic_filter in (here, self.router.worker_topic(cfg.client_id, "+")):
+                if conn.subscribe(topic_filter, 0, until):
+                    return None  # refused (an ACL from before the look): nothing to tell
+            conn.publish(self.ping_topic, here.encode(), 0, b"\x00", until)
             while True:
                 if self._stopping.is_set():
                     return None
@@ -458,10 +461,16 @@ class Service:
                     continue
                 msg = decode_publish(first, body, 0, len(body))
                 if msg.topic == self.status_topic and msg.retain:
-                    status = {} if msg.payload == ours else _status_of(bytes(msg.payload))
+                    status = _status_of(bytes(msg.payload))
+                    if msg.payload == ours or self._mine(status):
+                        status = {}
                 elif msg.topic == self.stats_topic and not msg.retain:
                     live = _stats_of(bytes(msg.payload), cfg.client_id) or live
-                elif msg.topic == self.ping_topic and msg.payload == nonce and not seen:
+                elif msg.topic == here and seen:
+                    answer = _stats_of(bytes(msg.payload), cfg.client_id)
+                    if answer is not None:
+                        return answer, status, True
+                elif msg.topic == self.ping_topic and msg.payload == here.encode() and not seen:
                     seen = True
                     if status.get("state") != "online":
                         return None
@@ -472,9 +481,9 @@ class Service:
                         c.TWIN_WAIT,
                     )
                     until = time.monotonic() + c.TWIN_WAIT
-                if seen and live is not None:
-                    return live, status
         except TimeoutError:
+            if live is not None and not self._stopping.is_set():
+                return live, status, False
             if seen and not self._stopping.is_set():
                 log.info(
                     "no worker answered as %r in %.0fs: a stale status (its end unseen by the "
@@ -489,14 +498,10 @@ class Service:
         finally:
             conn.close(disconnect=True)
 
-    def _on_this_broker(self, status: dict[str, Any]) -> bool:
-        """Whether a twin's status says it dials this broker: the same host:port, from this
-        machine or, for an address that is not loopback, from any. A status without these
-        (an older worker's) is taken as this broker's."""
-        node, broker = status.get("node"), status.get("broker")
-        if node is None or broker is None:
-            return True
-        return broker == self._broker and (node == self._node or not _loopback(self.cfg.host))
+    def _mine(self, status: dict[str, Any]) -> bool:
+        """Whether a status is an earlier one of this very worker (a broker killed before
+        its autosave comes back with what it saved last: this process's older "online")."""
+        return status.get("pid") == os.getpid() and status.get("node") == self._node
 
     def _twin_error(self, twin: dict[str, Any]) -> ConfigError:
         cfg = self.cfg
@@ -520,6 +525,8 @@ class Service:
             return  # the broker said so (reason code 0x8E), and it was counted
         retained = await self._retained(client, self.status_topic)
         if retained is None or retained in (self._online, self._will):
+            return
+        if self._mine(_status_of(retained)):  # an older one of ours, restored by the broker
             return
         with contextlib.suppress(Exception):
             status, ours = decode_event(retained, None), decode_event(self._online, None)
@@ -860,7 +867,7 @@ class Service:
             topic = msg.topic
             if not_for_us(topic):  # events and worker topics: ours or other workers'
                 if topic == self.ping_topic and not msg.retain:
-                    self._answer_ping()
+                    self._answer_ping(msg.payload)
                 elif len(msg.payload) > c.MAX_WORKER_TOPIC_BYTES:
                     pass  # not a worker's: anyone may publish there (a MB of [{}] is 69 MB)
                 elif topic.endswith((_STATS_LEAF, _STATUS_LEAF)):
@@ -905,9 +912,19 @@ class Service:
                 todo.append((gen, msg, parsed))
         return todo
 
-    def _answer_ping(self) -> None:
+    def _answer_ping(self, payload: bytes) -> None:
         """Another worker about to connect as this one's client id asks whether it serves:
-        live stats say so (`_live_twin`), within PING_EVERY (anyone may ping)."""
+        live stats say so (`_live_twin`), on the stats topic and on the look's topic the
+        ping names, within PING_EVERY (anyone may ping: a few look topics a second)."""
+        with contextlib.suppress(UnicodeDecodeError):
+            here = bytes(payload).decode()
+            if (
+                here.startswith(c.LOOK_TOPIC + "/")
+                and len(here) <= c.MAX_LOOK_TOPIC
+                and not topic_name_problem(here)
+                and len(self._looks) < c.LOOKS_ANSWERED
+            ):
+                self._looks.add(here)
         if self._ping_answer is not None:
             return  # one is on its way
         wait = self._pinged + c.PING_EVERY - time.monotonic()
@@ -916,8 +933,9 @@ class Service:
     def _pong(self) -> None:
         self._ping_answer = None
         self._pinged = time.monotonic()
+        looks, self._looks = self._looks, set()
         if self.connected.is_set():
-            self._publish_stats()
+            self._publish_stats(looks)
 
     def _peer_status(self, payload: bytes) -> None:
         """Another worker's status: its stats are judged (`_peer_stats`) only while it says
@@ -1250,10 +1268,13 @@ class Service:
             shared_group=self.cfg.shared_group or None,
         )
 
-    def _publish_stats(self) -> None:
+    def _publish_stats(self, looks: Iterable[str] = ()) -> None:
+        """The stats, retained on the stats topic, and to each look topic (`_answer_ping`)."""
         if self._client is not None:
             body = encode(self.stats_body(), self.cfg.event_format)
             self._client.publish_packed(self.stats_topic, body, 1, True, self._event_props.packed)
+            for topic in looks:
+                self._client.publish_packed(topic, body, 0, False, self._event_props.packed)
 
 
 @dataclass(slots=True)
