@@ -22,7 +22,9 @@ from worker.service import BROKER_SNIPPET
 async def test_a_stock_broker_is_named_with_the_snippet(
     stock_broker: Mosquitto, worker_factory: WorkerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Against stock Mosquitto the worker warns of each missing setting, then serves."""
+    """Against stock Mosquitto the worker warns of each missing setting, then serves: the
+    in-flight window, TCP_NODELAY, and a packet size limit (without one, a 200 MB publish
+    reached the worker whole)."""
     stock_broker.start()
     try:
         with caplog.at_level(logging.WARNING, logger="memory_worker"):
@@ -32,6 +34,7 @@ async def test_a_stock_broker_is_named_with_the_snippet(
         assert len(warnings) == 1
         text = warnings[0]
         assert "max_inflight_messages is 20" in text
+        assert "max_packet_size is unset" in text
         assert "set_tcp_nodelay" in text
         assert BROKER_SNIPPET in text
         assert w.broker_round_trip is not None

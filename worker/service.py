@@ -642,7 +642,12 @@ class Service:
                 f"the worker needs {_WANT_INFLIGHT}, or it waits on acknowledgements under load"
             )
         packet = client.broker_max_packet
-        if packet is not None and packet < self.cfg.max_payload_bytes + 1024:
+        if packet is None:
+            problems.append(
+                "max_packet_size is unset: a single publish of any size reaches the worker "
+                "whole before it can refuse it (one of 200 MB took it to 685 MB)"
+            )
+        elif packet < self.cfg.max_payload_bytes + 1024:
             problems.append(
                 f"max_packet_size is {packet} bytes; requests of --max-payload-bytes "
                 f"({self.cfg.max_payload_bytes}) would be refused"
