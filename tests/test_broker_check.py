@@ -67,6 +67,21 @@ def _until_serving(proc: subprocess.Popen[str]) -> str:
     raise AssertionError("the worker exited before serving:\n" + "".join(lines))
 
 
+async def _second_is_refused(first_at: Mosquitto, second_at: Mosquitto, *args: str) -> None:
+    """A worker serving with `args` at `first_at`, a second one started with them at
+    `second_at` (the same broker) exits 2 naming the twin, and the first logs no error."""
+    first = spawn_worker(first_at, *args)
+    try:
+        await asyncio.to_thread(_until_serving, first)
+        second = spawn_worker(second_at, *args)
+        out, _ = await asyncio.to_thread(second.communicate, timeout=30)
+        assert second.returncode == 2, out
+        assert "another worker serves" in out
+    finally:
+        log = _stop(first)
+    assert " ERROR " not in log, log
+
+
 def _stop(proc: subprocess.Popen[str]) -> str:
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=15)
@@ -214,16 +229,7 @@ async def test_a_retained_ping_does_not_blind_the_look(broker: Mosquitto) -> Non
     args = ("--prefix", prefix, "--client-id", client_id)
     async with aiomqtt.Client(broker.host, broker.port) as c:
         await c.publish(f"{prefix}/_worker/{client_id}/ping", b"x", qos=1, retain=True)
-    first = spawn_worker(broker, *args)
-    try:
-        await asyncio.to_thread(_until_serving, first)
-        second = spawn_worker(broker, *args)
-        out, _ = await asyncio.to_thread(second.communicate, timeout=30)
-        assert second.returncode == 2, out
-        assert "another worker serves" in out
-    finally:
-        log = _stop(first)
-    assert " ERROR " not in log, log
+    await _second_is_refused(broker, broker, *args)
 
 
 async def test_a_twin_on_a_bridged_broker_is_warned_of_not_stopped_for(
@@ -285,15 +291,5 @@ async def test_a_twin_dialing_the_broker_by_another_name_is_found(broker: Mosqui
     """The same broker as 127.0.0.1 and as localhost: the twin answers on the look's own
     topic of this broker, whatever name each dials (by name, a second worker took it for a
     broker elsewhere, and the two fought)."""
-    prefix, client_id = unique("mem"), unique("twin-")
-    first = spawn_worker(broker, "--prefix", prefix, "--client-id", client_id)
-    try:
-        await asyncio.to_thread(_until_serving, first)
-        by_name: Any = SimpleNamespace(host="localhost", port=broker.port)
-        second = spawn_worker(by_name, "--prefix", prefix, "--client-id", client_id)
-        out, _ = await asyncio.to_thread(second.communicate, timeout=30)
-        assert second.returncode == 2, out
-        assert "another worker serves" in out
-    finally:
-        log = _stop(first)
-    assert " ERROR " not in log, log
+    by_name: Any = SimpleNamespace(host="localhost", port=broker.port)
+    await _second_is_refused(broker, by_name, "--prefix", unique("mem"), "--client-id", "twin")

@@ -359,47 +359,29 @@ async def test_a_stopped_worker_on_the_prefix_is_not_warned_of(
     assert not [r for r in caplog.records if "each request reaches both" in r.getMessage()]
 
 
-async def test_workers_of_one_group_on_other_backends_are_warned(
-    worker_factory: WorkerFactory, tmp_path: Path
+@pytest.mark.parametrize("second", ["sqlite", "memory"])
+async def test_a_share_group_on_stores_of_their_own_is_warned(
+    worker_factory: WorkerFactory, tmp_path: Path, second: str
 ) -> None:
-    """A share group hands each request to one of its workers: on other backends, the
-    conversations they share have two histories."""
+    """A share group hands each request to one of its workers: on other backends, or each
+    on the memory backend (the default), each keeps its own store, and a conversation's turns
+    alternate between two histories."""
     prefix = unique("mem")
-    handler = _Said("on backend")
+    handler = _Said("two histories")
     logging.getLogger("memory_worker").addHandler(handler)
+    backend = f"sqlite:///{tmp_path}/m.db" if second == "sqlite" else "memory"
     try:
         async with (
             worker_factory(prefix=prefix, shared_group="g", client_id=unique("a-")),
             worker_factory(
-                prefix=prefix,
-                shared_group="g",
-                client_id=unique("b-"),
-                backend=f"sqlite:///{tmp_path}/m.db",
+                prefix=prefix, shared_group="g", client_id=unique("b-"), backend=backend
             ),
         ):
             await asyncio.wait_for(handler.said.wait(), 30)
     finally:
         logging.getLogger("memory_worker").removeHandler(handler)
-    assert "two histories" in handler.records[0]
-
-
-async def test_a_share_group_on_the_memory_backend_is_warned(
-    worker_factory: WorkerFactory,
-) -> None:
-    """Two workers of a share group each on the memory backend (the default) keep two
-    stores: a conversation's turns alternate between them."""
-    prefix = unique("mem")
-    handler = _Said("on backend memory, this one on memory")
-    logging.getLogger("memory_worker").addHandler(handler)
-    try:
-        async with (
-            worker_factory(prefix=prefix, shared_group="g", client_id=unique("a-")),
-            worker_factory(prefix=prefix, shared_group="g", client_id=unique("b-")),
-        ):
-            await asyncio.wait_for(handler.said.wait(), 30)
-    finally:
-        logging.getLogger("memory_worker").removeHandler(handler)
     assert "A share group needs one Redis" in handler.records[0]
+    assert f"backend {second}" in handler.records[0] or f"on {second}:" in handler.records[0]
 
 
 async def test_stats_of_any_shape_on_a_worker_topic_cost_no_request_its_reply(
