@@ -826,6 +826,16 @@ class _Bounds(Protocol):
     def trimmed_events(self) -> bool: ...
 
 
+def decode_status(payload: bytes | None) -> dict[str, Any]:
+    """A worker's status message's fields (status_payload's), {} when it is not one: anyone
+    the broker lets may publish on a worker's topics."""
+    with contextlib.suppress(Exception):
+        body = decode_event(payload or b"", None)
+        if isinstance(body, dict):
+            return body
+    return {}
+
+
 def status_payload(
     state: str,
     *,

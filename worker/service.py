@@ -67,6 +67,7 @@ from worker.protocol import (
     content_type,
     decode_cursor,
     decode_event,
+    decode_status,
     encode,
     encode_event,
     encode_result,
@@ -120,15 +121,6 @@ def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
         if body["client_id"] == client_id and isinstance(body["uptime"], int | float):
             return body  # type: ignore[no-any-return]
     return None
-
-
-def _status_of(status: bytes) -> dict[str, Any]:
-    """A retained status's fields, {} when it is not one."""
-    with contextlib.suppress(Exception):
-        body = decode_event(status, None)
-        if isinstance(body, dict):
-            return body
-    return {}
 
 
 def _group_name(group: object) -> str:
@@ -193,7 +185,6 @@ class Service:
         self._fatal: ConfigError | None = None  # why it stopped on its own
         self._stopping = threading.Event()  # ends a look for a twin (`_live_twin`) early
         self._node = machine_node()
-        self._broker = f"{cfg.host}:{cfg.port}"
         self._elsewhere_said = False  # a twin on another broker was logged
         self._looks: set[str] = set()  # look topics of pings to answer (`_answer_ping`)
         self._tls: ssl.SSLContext | None = None
@@ -328,7 +319,7 @@ class Service:
                 self._inbox.clear()  # unacknowledged: the broker will deliver them again
                 self._later.clear()
                 since_was = bool(since)
-                short = bool(since) and time.monotonic() - since < _STABLE_CONNECTION
+                short = since_was and time.monotonic() - since < _STABLE_CONNECTION
                 if since:
                     short_streak = short_streak + 1 if short else 0
                     attempt = short_streak
@@ -461,7 +452,7 @@ class Service:
                     continue
                 msg = decode_publish(first, body, 0, len(body))
                 if msg.topic == self.status_topic and msg.retain:
-                    status = _status_of(bytes(msg.payload))
+                    status = decode_status(bytes(msg.payload))
                     if msg.payload == ours or self._mine(status):
                         status = {}
                 elif msg.topic == self.stats_topic and not msg.retain:
@@ -526,12 +517,13 @@ class Service:
         retained = await self._retained(client, self.status_topic)
         if retained is None or retained in (self._online, self._will):
             return
-        if self._mine(_status_of(retained)):  # an older one of ours, restored by the broker
+        status = decode_status(retained)
+        if self._mine(status):  # an older one of ours, restored by the broker
             return
-        with contextlib.suppress(Exception):
-            status, ours = decode_event(retained, None), decode_event(self._online, None)
-            if status["state"] == "online" or (
-                status["state"] == "offline" and status["ts"] > ours["ts"]
+        with contextlib.suppress(TypeError):  # a ts that is not a number: not a worker's
+            if status.get("state") == "online" or (
+                status.get("state") == "offline"
+                and status.get("ts", 0) > decode_status(self._online).get("ts", 0)
             ):
                 self._taken_over()
 
@@ -726,7 +718,7 @@ class Service:
             pid=os.getpid(),
             ts=time.time(),
             node=self._node,
-            broker=self._broker,
+            broker=f"{self.cfg.host}:{self.cfg.port}",
         )
         return encode(body, self.cfg.event_format)
 
@@ -945,7 +937,7 @@ class Service:
     def _peer_status(self, payload: bytes) -> None:
         """Another worker's status: its stats are judged (`_peer_stats`) only while it says
         it is online (a stopped worker's last stats stay retained, and recent, a while)."""
-        body = _status_of(payload)
+        body = decode_status(payload)
         peer, state = body.get("client_id"), body.get("state")
         if not isinstance(peer, str) or peer == self.cfg.client_id:
             return

@@ -28,7 +28,7 @@ from worker.client._models import Eviction
 from worker.config import tls_context
 from worker.mqtt import NODELAY, Connection, Message, login_refused, refusal
 from worker.packets import PublishProperties, oversize
-from worker.protocol import decode_event, topic_name_problem, validate_prefix
+from worker.protocol import decode_event, decode_status, topic_name_problem, validate_prefix
 
 _T = TypeVar("_T")
 
@@ -549,7 +549,11 @@ class MemoryClient(_Api):
             for topic, payload in found.items()
             if topic.endswith("/stats") and payload
         }
-        online = [w for w in snapshots if _says_online(found.get(f"{base}{w}/status"))]
+        online = [
+            w
+            for w in snapshots
+            if decode_status(found.get(f"{base}{w}/status")).get("state") == "online"
+        ]
         if online and self.protocol == 5:
             snapshots.update(await self._fresh_stats(base, online))
         return [decode_event(payload, None) for payload in snapshots.values()]
@@ -598,10 +602,8 @@ class MemoryClient(_Api):
         found = await self._retained(base + "+", min(self.timeout, 1.0))
         if not found:
             return "unknown"
-        with contextlib.suppress(ValueError):
-            status = decode_event(found.get(base + "status", b""), None)
-            if isinstance(status, dict) and status.get("state") == "online":
-                return "online"
+        if decode_status(found.get(base + "status")).get("state") == "online":
+            return "online"
         for kind in ("stats", "status"):
             topic = base + kind
             client = self._client
@@ -648,12 +650,6 @@ class MemoryClient(_Api):
             self._stats.discard(queue)
             await self._unsubscribe(topic_filter)
         return found
-
-
-def _says_online(status: bytes | None) -> bool:
-    with contextlib.suppress(Exception):
-        return bool(decode_event(status or b"", None)["state"] == "online")
-    return False
 
 
 class _Reply:
