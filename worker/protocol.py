@@ -898,13 +898,18 @@ def stats_payload(
         "evictions": dict(stats.evictions),
         "uptime": round(now - stats.started, 3),
         "ts": ts,
-        "limits": {
-            "max_bytes": limits.max_bytes,
-            "max_conversations": limits.max_conversations,
-            "max_turns": limits.max_turns,
-            "max_keys": limits.max_keys,
-            "ttl": limits.ttl,
-        },
+        "limits": limits_payload(limits),
+    }
+
+
+def limits_payload(limits: _Bounds) -> dict[str, Any]:
+    """The bounds as the stats carry them (`limits`), for gauges and for peers to compare."""
+    return {
+        "max_bytes": limits.max_bytes,
+        "max_conversations": limits.max_conversations,
+        "max_turns": limits.max_turns,
+        "max_keys": limits.max_keys,
+        "ttl": limits.ttl,
     }
 
 

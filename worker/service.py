@@ -73,6 +73,7 @@ from worker.protocol import (
     encode_result,
     encode_trimmed,
     ha_discovery,
+    limits_payload,
     stats_are_recent,
     stats_payload,
     status_payload,
@@ -975,7 +976,7 @@ class Service:
         if len(self._peers_warned) >= _PEERS_NAMED:  # anyone may publish stats: no more
             return
         peer, limits = body["client_id"], body["limits"]
-        mine = self.stats_body()
+        backend = self.backend.name
         group = self.cfg.shared_group or None
         if "shared_group" in body and (body["shared_group"] != group or group is None):
             self._peer_warning(
@@ -991,7 +992,7 @@ class Service:
                 _group_name(group),
             )
             return
-        backends = {body.get("backend"), mine["backend"]}
+        backends = {body.get("backend"), backend}
         if "shared_group" in body and not backends <= _SHARED_BACKENDS:  # in one group
             self._peer_warning(
                 peer,
@@ -1003,9 +1004,9 @@ class Service:
                 peer,
                 self.cfg.prefix,
                 body.get("backend"),
-                mine["backend"],
+                backend,
             )
-        ours = mine["limits"]
+        ours = limits_payload(self.cfg.limits)
         differ = tuple(k for k in ours if k in limits and limits[k] != ours[k])
         if differ:
             self._peer_warning(
