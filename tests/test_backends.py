@@ -449,6 +449,51 @@ async def test_append_with_id_is_applied_once(make: Make) -> None:
     assert [t["content"] for t in await turns(h, "c")] == ["a", "b"]
 
 
+async def test_a_delete_with_an_id_is_applied_once_and_its_ids_outlive_it(make: Make) -> None:
+    """A broker restored from its last autosave delivers again requests answered since: a
+    delete with an id, and writes with ids before and after it. The deleted conversation's
+    ids and the delete's are kept, and taken back by the conversation started again: none
+    is applied twice, and the turns appended after the delete stay."""
+    h = await make()
+    await add(h, "c", "a1", id="a1")
+    assert await add(h, "c", "a2", id="a2") == {"seq": 2, "count": 2}
+    assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 2}
+    assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 2}  # gone already: the reply
+    assert await add(h, "c", "a3", id="a3") == {"seq": 1, "count": 1}
+    assert await add(h, "c", "a2", id="a2") == {"seq": 2, "count": 2}
+    assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 2}
+    assert await add(h, "c", "a3", id="a3") == {"seq": 1, "count": 1}
+    assert [t["content"] for t in await turns(h, "c")] == ["a3"]
+    assert h.take() == [("c", "deleted", 2, 0)]
+    assert (await h.ok(Delete("x", "dx"))).fields == {"deleted": 0}  # nothing to delete yet
+    await add(h, "x", "x1")
+    assert (await h.ok(Delete("x", "dx"))).fields == {"deleted": 0}
+    assert (await h.ok(Delete("c"))).fields == {"deleted": 1}  # without an id: every time
+    assert [len(await turns(h, n)) for n in ("c", "x")] == [0, 1]
+
+
+async def test_a_deleted_conversations_ids_are_bounded(make: Make) -> None:
+    """What stays of a deleted conversation counts in --max-bytes (its id's bytes and its
+    ids), goes first when the budget is short, and lasts --ttl."""
+    h = await make(max_bytes=500, id_cost=100, ttl=100)
+    await add(h, "c", "x", role="r", id="i1")
+    assert h.counts.bytes == 1 + 2 + 100
+    await h.ok(Delete("c", "d1"))
+    assert h.counts.bytes == 1 + 2 * 100
+    h.clock.now += 101
+    while await h.expire():
+        pass
+    assert h.counts.bytes == 0
+    assert (await add(h, "c", "x", role="r", id="i1"))["seq"] == 1  # forgotten: applied again
+    await h.ok(Delete("c", "d1"))
+    await add(h, "e", "x" * 190, role="r")
+    assert h.counts.bytes == 201 + 1 + 191
+    await add(h, "e", "x" * 110, role="r")  # over: the grave goes, not a conversation
+    assert h.counts.bytes == 1 + 191 + 111
+    assert h.take() == [("c", "deleted", 1, 0)] * 2  # and no event for the ids
+    assert (await add(h, "c", "x", role="r", id="i1"))["seq"] == 1
+
+
 async def test_remembered_ids_count_in_the_budget(make: Make) -> None:
     """Each request id a conversation remembers costs --max-bytes, and goes past
     --max-inflight (max_ids): ids crowd other conversations out like turns do."""
@@ -624,6 +669,22 @@ async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:
     assert h.counts.keys == 2
 
 
+async def test_a_key_delete_with_an_id_is_applied_once(make: Make) -> None:
+    """A key's delete delivered again (a broker restored from its autosave) does not take
+    the value saved after it, in a live conversation or in one it found empty."""
+    h = await make()
+    await save(h, "c", "k", "v1", id="s1")
+    assert (await h.ok(StateDelete("c", "n", "k", "x1"))).fields == {"deleted": True}
+    await save(h, "c", "k", "v2", id="s2")
+    assert (await h.ok(StateDelete("c", "n", "k", "x1"))).fields == {"deleted": True}
+    assert await load(h, "c", "k") == "v2"
+    assert (await h.ok(StateDelete("e", "n", "k", "x2"))).fields == {"deleted": False}
+    await save(h, "e", "k", "v", id="s3")
+    assert (await h.ok(StateDelete("e", "n", "k", "x2"))).fields == {"deleted": False}
+    assert await load(h, "e", "k") == "v"
+    assert (await h.ok(StateDelete("e", "n", "k"))).fields == {"deleted": True}  # no id
+
+
 async def test_state_touches_the_conversation(make: Make) -> None:
     """A state request keeps its conversation alive (its TTL restarts)."""
     h = await make(ttl=10, max_conversations=2)
@@ -676,6 +737,26 @@ async def test_restart_keeps_turns_state_and_ids(durable: Harness) -> None:
     assert await add(h, "c", "again", id="id5") == {"seq": 6, "count": 4}
     assert await add(h, "c", "m6") == {"seq": 7, "count": 4}
     assert await turns(h, "other") == []
+
+
+async def test_a_deleted_conversations_ids_survive_a_restart(durable: Harness) -> None:
+    """A worker restarted with its broker (a power cut) still knows a delete and the writes
+    of before it, when the broker delivers them again."""
+    h = durable
+    await add(h, "c", "a1", id="a1")
+    await add(h, "c", "a2", id="a2")
+    await h.ok(Delete("c", "d1"))
+    await h.ok(Delete("gone", "d2"))
+    counted = h.counts.bytes
+    await h.reopen()
+    assert h.counts.bytes == counted
+    assert await add(h, "c", "a3", id="a3") == {"seq": 1, "count": 1}
+    assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 2}
+    assert await add(h, "c", "a2", id="a2") == {"seq": 2, "count": 2}
+    assert [t["content"] for t in await turns(h, "c")] == ["a3"]
+    await add(h, "gone", "g")
+    assert (await h.ok(Delete("gone", "d2"))).fields == {"deleted": 0}
+    assert len(await turns(h, "gone")) == 1
 
 
 async def test_a_restart_with_a_lower_max_inflight_keeps_the_newest_ids(

@@ -662,6 +662,20 @@ async def test_a_blocking_request_unanswered_is_sent_again_with_its_id(
     assert ids == [ids[0]] * 3
 
 
+@pytest.mark.parametrize("op", ["delete", "state/delete"])
+async def test_a_delete_unanswered_is_sent_again_with_its_id(broker: Mosquitto, op: str) -> None:
+    """Deletes carry ids like the other writes (the worker applies one at most once, even
+    when a broker restored from its autosave delivers it again), so they are retried too."""
+    prefix = unique("p")
+    async with watcher(broker.host, broker.port, f"{prefix}/c/{op}") as sent:
+        async with MemoryClient(broker.host, broker.port, prefix, timeout=0.3, attempts=2) as m:
+            with pytest.raises(NoReplyError):
+                await (m.forget("c") if op == "delete" else m.delete("c", "n", "k"))
+        ids = [decode(await next_message(sent))["id"] for _ in range(2)]
+    assert ids[0]
+    assert ids == [ids[0]] * 2
+
+
 @pytest.mark.parametrize("protocol", [5, 3])
 async def test_blocking_appends_stored_once_across_a_broker_restart(
     own_broker: Mosquitto, worker_factory: WorkerFactory, protocol: int

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,65 @@ async def test_each_lost_connection_is_said(
                 await asyncio.wait_for(w.wait_connections(n), 30)
     said = [r for r in caplog.records if "unreachable or lost" in r.getMessage()]
     assert len(said) == 2
+
+
+def _save_now(b: Mosquitto) -> None:
+    """Make the broker write its persistence file (SIGUSR1) and wait until it has: what a
+    broker killed later comes back with, as after its last autosave. It writes a new file
+    and renames it over the old one: the file's inode changes (no event says so; polled, as
+    wait_port polls a port)."""
+    db = b.workdir / "mosquitto.db"
+    before = db.stat().st_ino if db.exists() else 0
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not db.exists() or db.stat().st_ino == before:
+        assert time.monotonic() < deadline, "the broker wrote no persistence file"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "sqlite power cut", "redis"])
+async def test_a_broker_crash_replays_nothing_twice(
+    own_broker: Mosquitto, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A broker killed after an autosave comes back with the requests that were in flight to
+    the worker then, and delivers them again though they were answered since. With ids the
+    worker recognizes every one, a delete's too, across the delete that started the
+    conversation again: nothing acknowledged is lost and nothing is stored twice (a replayed
+    delete took the turns appended after it; replayed appends were stored again). A power
+    cut takes the worker with the broker: SQLite keeps what it needs of the delete."""
+    b, prefix, cid = own_broker, unique("mem"), unique("w-")
+    url = {"memory": "memory", "redis": ""}.get(backend, f"sqlite:///{tmp_path}/m.db")
+    url = url or request.getfixturevalue("redis_url")
+    args = ("--prefix", prefix, "--client-id", cid, "--backend", url)
+    status = f"{prefix}/_worker/{cid}/status"
+    proc = spawn_worker(b, *args)
+    try:
+        async with watcher(b.host, b.port, status) as seen:
+            await _wait_status(seen, "online")
+        async with device(b.host, b.port, prefix) as d:
+            body = {"role": "user", "content": "before", "id": "a1"}
+            assert (await d.request("c", "append", body))["seq"] == 1
+            proc.send_signal(signal.SIGSTOP)  # these three stay in flight to the worker
+            futs = [
+                await d.send(f"{prefix}/c/append", {"role": "user", "content": "gone", "id": "a2"}),
+                await d.send(f"{prefix}/c/delete", {"id": "d1"}),
+                await d.send(f"{prefix}/c/append", {"role": "user", "content": "one", "id": "a3"}),
+            ]
+            await asyncio.to_thread(_save_now, b)
+            proc.send_signal(signal.SIGCONT)
+            assert [(await d.reply(f))["ok"] for f in futs] == [True] * 3
+            body = {"role": "user", "content": "two", "id": "a4"}
+            assert (await d.request("c", "append", body))["seq"] == 2
+        b.stop(signal.SIGKILL)
+        if backend == "sqlite power cut":
+            reap(proc)
+            proc = spawn_worker(b, *args)
+        b.start()
+        async with device(b.host, b.port, prefix) as d:
+            # After the replayed requests: the broker hands them to the worker's session first.
+            turns = (await d.request("c", "get"))["turns"]
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        reap(proc, signal.SIGTERM)
+    assert [(t["content"], t["seq"]) for t in turns] == [("one", 1), ("two", 2)]

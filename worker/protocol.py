@@ -120,6 +120,7 @@ class Summary:
 @dataclass(slots=True)
 class Delete:
     convo: str
+    id: Any = None
 
 
 @dataclass(slots=True)
@@ -150,6 +151,7 @@ class StateDelete:
     convo: str
     ns: str
     key: str
+    id: Any = None
 
 
 @dataclass(slots=True)
@@ -398,7 +400,7 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
             raise BadRequest("'summary' must be true or false")
         return Get(convo, last, _int(body, "max_tokens", 1), summary)
     if op == c.OP_DELETE:
-        return Delete(convo)
+        return Delete(convo, None if req_id is _MISSING else req_id)
     if op == c.OP_SUMMARY:
         text = body.get("text")
         if not isinstance(text, str):
@@ -426,7 +428,7 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
     if op == c.OP_STATE_LOAD:
         return StateLoad(convo, ns, key)
     if op == c.OP_STATE_DELETE:
-        return StateDelete(convo, ns, key)
+        return StateDelete(convo, ns, key, None if req_id is _MISSING else req_id)
     if "value" not in body:
         raise BadRequest("'value' is required (nil is a value)")
     ttl = body.get("ttl")

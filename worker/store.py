@@ -209,6 +209,20 @@ class Convo:
         return out
 
 
+class Grave:
+    """What stays of a conversation deleted by a request while its ids matter: the ids it
+    remembered and the delete's own. A broker restored from its last autosave delivers
+    again what was in flight then, answered since: a delete, and writes of before and after
+    it. The conversation started again takes these ids back, so none is applied twice."""
+
+    __slots__ = ("deadline", "ids", "nbytes")
+
+    def __init__(self, ids: dict[Any, dict[str, Any]], deadline: float, nbytes: int) -> None:
+        self.ids = ids
+        self.deadline = deadline
+        self.nbytes = nbytes
+
+
 class Store:
     """Conversations and their state inside hard bounds.
 
@@ -220,8 +234,9 @@ class Store:
     Each operation that evicts appends to `evictions`, which the caller drains. When
     `dirty` is a set (durable backends enable it), every conversation an operation changed
     is added to it, each state key saved or dropped to `keys_dirty` (and each conversation
-    that went to `keys_cleared`: all its keys went with it), and every one it used is moved
-    to the end of `touched`.
+    that went to `keys_cleared`: all its keys went with it), every one whose grave was dug,
+    changed or dropped to `graves_dirty`, and every one it used is moved to the end of
+    `touched`.
     """
 
     def __init__(
@@ -237,6 +252,10 @@ class Store:
         # The conversations in id order, for listing: a page reads them without a lookup by
         # id each (at 1,000,000 those lookups were a third of a page, all cache misses).
         self._index: SortedKeyList[Convo, str] = SortedKeyList(key=attrgetter("name"))
+        # Deleted conversations' ids, oldest first: in --max-bytes, --max-conversations of
+        # them at most, for --ttl, and the first to go when the budget is short (a cache).
+        self._graves: OrderedDict[str, Grave] = OrderedDict()
+        self.graves_dirty: set[str] = set()
         self._key_heap: list[tuple[float, str, str, str]] = []
         self.events: list[Event] = []  # evictions, and trimmed turns with trimmed_events
         self.dirty: set[str] | None = None
@@ -266,6 +285,9 @@ class Store:
 
     def get_convo(self, convo: str) -> Convo | None:
         return self._convos.get(convo)
+
+    def get_grave(self, convo: str) -> Grave | None:
+        return self._graves.get(convo)
 
     def take_events(self) -> list[Event]:
         out, self.events = self.events, []
@@ -381,12 +403,19 @@ class Store:
         return self._done(name, cv, now, key, {"upto": req.upto, "dropped": len(covered)})
 
     def delete(self, req: Delete) -> Fields:
-        cv = self._live(req.convo, self._clock())
-        if cv is None:
-            return Fields({"deleted": 0})
-        count = cv.count
-        self._evict(req.convo, cv, c.REASON_DELETED)
-        return Fields({"deleted": count})
+        now = self._clock()
+        name = req.convo
+        cv = self._live(name, now)
+        key = (c.OP_DELETE, req.id)
+        if (repeat := self._repeated(name, cv, now, key)) is not None:
+            return repeat
+        fields = {"deleted": cv.count if cv else 0}
+        ids = cv.ids if cv else None
+        if cv is not None:
+            self._evict(name, cv, c.REASON_DELETED)
+        if ids or req.id is not None:
+            self._bury(name, ids or {}, key, fields, now)
+        return Fields(fields)
 
     def state_save(self, req: StateSave) -> Fields:
         now = self._clock()
@@ -446,14 +475,22 @@ class Store:
 
     def state_delete(self, req: StateDelete) -> Fields:
         now = self._clock()
-        cv = self._live(req.convo, now)
+        name = req.convo
+        cv = self._live(name, now)
+        key = (c.OP_STATE_DELETE, req.id)
+        if (repeat := self._repeated(name, cv, now, key)) is not None:
+            return repeat
         if cv is None:
+            if req.id is not None:  # a save after it must not be undone by it again
+                self._bury(name, {}, key, {"deleted": False}, now)
             return Fields({"deleted": False})
-        found = self._live_key(req.convo, cv, req.ns, req.key, now) is not None
+        found = self._live_key(name, cv, req.ns, req.key, now) is not None
         if found:
             self._drop_key(cv, req.ns, req.key)
-            self._changed(req.convo)
-        self._touch(req.convo, cv, now)
+            self._changed(name)
+        if req.id is not None:
+            return self._done(name, cv, now, key, {"deleted": found})
+        self._touch(name, cv, now)
         return Fields({"deleted": found})
 
     def state_namespaces(self, req: StateNamespaces) -> Fields:
@@ -497,6 +534,8 @@ class Store:
         first = NO_DEADLINE
         if self.limits.ttl and self._convos:
             first = next(iter(self._convos.values())).deadline
+        if self.limits.ttl and self._graves:
+            first = min(first, next(iter(self._graves.values())).deadline)
         if self._key_heap:
             first = min(first, self._key_heap[0][0])
         return first
@@ -512,6 +551,10 @@ class Store:
                 if cv.deadline > now:
                     break
                 self._evict(name, cv, c.REASON_TTL)
+                done += 1
+            graves = self._graves
+            while graves and done < limit and next(iter(graves.values())).deadline <= now:
+                self._drop_grave(next(iter(graves)))
                 done += 1
         heap = self._key_heap
         while heap and heap[0][0] <= now and done < limit:
@@ -579,8 +622,19 @@ class Store:
         self.keys += cv.nkeys
         self._shed_ids(cv)  # stored when ids cost nothing: not evicted for them
 
+    def restore_grave(self, name: str, ids: dict[Any, dict[str, Any]], deadline: float) -> None:
+        """Put back a grave read from storage (`deadline` monotonic); call in order of age."""
+        lim = self.limits
+        while len(ids) > lim.max_ids:
+            del ids[next(iter(ids))]
+        grave = self._graves[name] = Grave(ids, deadline, self._base(name) + len(ids) * lim.id_cost)
+        self.bytes += grave.nbytes
+
     def enforce_bounds(self) -> None:
         """Evict what a restore put over --max-conversations or --max-bytes (LRU first)."""
+        graves = self._graves
+        while len(graves) > self.limits.max_conversations:
+            self._drop_grave(next(iter(graves)))
         convos = self._convos
         while len(convos) > self.limits.max_conversations:
             name, cv = next(iter(convos.items()))
@@ -660,7 +714,55 @@ class Store:
         self.bytes += cv.nbytes
         convos[name] = cv
         self._index.add(cv)
+        if (grave := self._drop_grave(name)) is not None and grave.deadline > now:
+            cv.ids = grave.ids or None
+            cost = self._ids_size(cv)
+            cv.nbytes += cost
+            self.bytes += cost
         return cv
+
+    def _bury(
+        self,
+        name: str,
+        ids: dict[Any, dict[str, Any]],
+        key: tuple[str, Any],
+        fields: dict[str, Any],
+        now: float,
+    ) -> None:
+        """Keep a deleted conversation's ids and the delete's (adding to its grave, if it
+        has one), unless the budget cannot hold even the grave alone."""
+        lim = self.limits
+        old = self._drop_grave(name)
+        if old is not None and old.deadline > now:
+            ids = {**old.ids, **ids}
+        if key[1] is not None:
+            ids[key] = fields
+        while len(ids) > lim.max_ids:
+            del ids[next(iter(ids))]
+        base = self._base(name)
+        while ids and base + len(ids) * lim.id_cost > lim.max_bytes:
+            del ids[next(iter(ids))]
+        if not ids:
+            return
+        graves = self._graves
+        while len(graves) >= lim.max_conversations:
+            self._drop_grave(next(iter(graves)))
+        deadline = now + lim.ttl if lim.ttl else NO_DEADLINE
+        grave = graves[name] = Grave(ids, deadline, base + len(ids) * lim.id_cost)
+        self.bytes += grave.nbytes
+        self._grave_changed(name)
+        self._fit_budget()
+
+    def _drop_grave(self, name: str) -> Grave | None:
+        grave = self._graves.pop(name, None)
+        if grave is not None:
+            self.bytes -= grave.nbytes
+            self._grave_changed(name)
+        return grave
+
+    def _grave_changed(self, name: str) -> None:
+        if self.dirty is not None:
+            self.graves_dirty.add(name)
 
     def _evict(self, name: str, cv: Convo, reason: str) -> None:
         del self._convos[name]
@@ -676,8 +778,11 @@ class Store:
     def _fit_budget(self) -> None:
         # The conversation just used is last in order and alone fits the budget (checked
         # before it grew), so this never evicts it.
-        convos = self._convos
+        convos, graves = self._convos, self._graves
         while self.bytes > self.limits.max_bytes:
+            if graves:  # ids first, as a conversation's go before its turns
+                self._drop_grave(next(iter(graves)))
+                continue
             name, cv = next(iter(convos.items()))
             self._evict(name, cv, c.REASON_MEMORY)
 
@@ -703,8 +808,16 @@ class Store:
     def _repeated(
         self, name: str, cv: Convo | None, now: float, key: tuple[str, Any]
     ) -> Fields | None:
-        """The reply of a write this conversation remembers by (operation, id), or None."""
-        if cv is None or key[1] is None or not cv.ids or key not in cv.ids:
+        """The reply of a write this conversation (or its grave) remembers by (operation,
+        id), or None."""
+        if key[1] is None:
+            return None
+        if cv is None:
+            grave = self._graves.get(name)
+            if grave is None or key not in grave.ids or grave.deadline <= now:
+                return None
+            return Fields(grave.ids[key])
+        if not cv.ids or key not in cv.ids:
             return None
         return self._done(name, cv, now, None, cv.ids[key])
 

@@ -10,7 +10,10 @@
 -- when it was started), its summary as sum_text, sum_upto, sum_tokens, sum_size, used
 -- (the time of its last use) and ibytes (what its remembered request ids cost: in nbytes,
 -- and given up before its turns). The sorted set ix holds every conversation's id with score 0,
--- for listing in id order (ZRANGEBYLEX).
+-- for listing in id order (ZRANGEBYLEX). A conversation deleted by a request while its ids
+-- matter leaves a grave (worker/store.py's Grave): its ids in gi: and gil:, its cost in the
+-- hash gb (in bytes), the time it was dug in the sorted set gv; the conversation started
+-- again takes the ids back.
 local K = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -76,6 +79,43 @@ local function touch(c)
   if ttl > 0 then redis.call('ZADD', K .. 'dl', now + ttl, c) end
 end
 
+-- A remembered id's value is its reply, then \0 and what it costs the budget (ids kept by
+-- an earlier version have neither and cost nothing: they were not counted).
+local function split_reply(v)
+  local at = string.find(v, '\0', 1, true)
+  if not at then return v, 0 end
+  return string.sub(v, 1, at - 1), tonumber(string.sub(v, at + 1)) or 0
+end
+
+local function drop_grave(c)
+  redis.call('DECRBY', K .. 'bytes', num(redis.call('HGET', K .. 'gb', c)))
+  redis.call('DEL', K .. 'gi:' .. c, K .. 'gil:' .. c)
+  redis.call('ZREM', K .. 'gv', c)
+  redis.call('HDEL', K .. 'gb', c)
+end
+
+-- whether c has a grave not past --ttl (one past it goes)
+local function grave(c)
+  local at = redis.call('ZSCORE', K .. 'gv', c)
+  if not at then return false end
+  if ttl > 0 and tonumber(at) + ttl <= now then
+    drop_grave(c)
+    return false
+  end
+  return true
+end
+
+local function fit_budget()
+  while num(redis.call('GET', K .. 'bytes')) > max_bytes do
+    local oldest = redis.call('ZRANGE', K .. 'gv', 0, 0)[1]
+    if oldest then  -- ids first, as a conversation's go before its turns
+      drop_grave(oldest)
+    else
+      evict(redis.call('ZRANGE', K .. 'lru', 0, 0)[1], 'memory')
+    end
+  end
+end
+
 local function create(c)
   while redis.call('ZCARD', K .. 'lru') >= max_convos do
     local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
@@ -89,27 +129,61 @@ local function create(c)
              'born', string.format('%.0f', born))
   redis.call('ZADD', K .. 'ix', 0, c)
   redis.call('INCRBY', K .. 'bytes', base)
-end
-
-local function fit_budget()
-  while num(redis.call('GET', K .. 'bytes')) > max_bytes do
-    evict(redis.call('ZRANGE', K .. 'lru', 0, 0)[1], 'memory')
+  if grave(c) then
+    local cost = 0
+    for _, v in ipairs(redis.call('HVALS', K .. 'gi:' .. c)) do
+      local _, each = split_reply(v)
+      cost = cost + each
+    end
+    redis.call('RENAME', K .. 'gi:' .. c, K .. 'i:' .. c)
+    redis.call('RENAME', K .. 'gil:' .. c, K .. 'il:' .. c)
+    redis.call('HSET', meta(c), 'nbytes', base + cost, 'ibytes', cost)
+    redis.call('INCRBY', K .. 'bytes', cost)
+    drop_grave(c)  -- its keys are the conversation's now: DEL finds none
   end
 end
 
--- A remembered id's value is its reply, then \0 and what it costs the budget (ids kept by
--- an earlier version have neither and cost nothing: they were not counted).
-local function split_reply(v)
-  local at = string.find(v, '\0', 1, true)
-  if not at then return v, 0 end
-  return string.sub(v, 1, at - 1), tonumber(string.sub(v, at + 1)) or 0
-end
-
-local function seen(c, id)
-  if id == '' then return nil end
-  local v = redis.call('HGET', K .. 'i:' .. c, id)
+-- the reply remembered for id by c when it is live (exists), else by its grave; or nil
+local function seen(c, id, exists)
+  if id == '' or (not exists and not grave(c)) then return nil end
+  local v = redis.call('HGET', K .. (exists and 'i:' or 'gi:') .. c, id)
   if not v then return nil end
   return (split_reply(v))
+end
+
+-- keep c's ids (moved to its grave before a delete) and the delete's, within the bounds
+local function bury(c, id, reply, icost)
+  local gi, gil = K .. 'gi:' .. c, K .. 'gil:' .. c
+  local was = num(redis.call('HGET', K .. 'gb', c))  -- an earlier grave's, counted in bytes
+  if id ~= '' then
+    redis.call('HSET', gi, id, reply .. '\0' .. icost)
+    redis.call('RPUSH', gil, id)
+  end
+  while redis.call('LLEN', gil) > max_ids do redis.call('HDEL', gi, redis.call('LPOP', gil)) end
+  local cost = base
+  for _, v in ipairs(redis.call('HVALS', gi)) do
+    local _, each = split_reply(v)
+    cost = cost + each
+  end
+  while cost > max_bytes and redis.call('LLEN', gil) > 0 do
+    local _, each = split_reply(redis.call('HGET', gi, redis.call('LINDEX', gil, 0)))
+    redis.call('HDEL', gi, redis.call('LPOP', gil))
+    cost = cost - each
+  end
+  if redis.call('LLEN', gil) == 0 then
+    if was > 0 then drop_grave(c) end
+    redis.call('DEL', gi)
+    return
+  end
+  if was == 0 then
+    while redis.call('ZCARD', K .. 'gv') >= max_convos do
+      drop_grave(redis.call('ZRANGE', K .. 'gv', 0, 0)[1])
+    end
+  end
+  redis.call('ZADD', K .. 'gv', now, c)
+  redis.call('HSET', K .. 'gb', c, cost)
+  redis.call('INCRBY', K .. 'bytes', cost - was)
+  fit_budget()
 end
 
 local function forget_id(c)
@@ -196,10 +270,10 @@ if op == 'append' then
   -- ARGV[12] size, ARGV[13] turn without its seq, ARGV[14] id, ARGV[15] the id's cost
   local size, head, id, icost = tonumber(ARGV[12]), ARGV[13], ARGV[14], tonumber(ARGV[15])
   local exists = live(c)
-  local dup = exists and seen(c, id)
+  local dup = seen(c, id, exists)
   local fixed = base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0)
   if dup then
-    touch(c)
+    if exists then touch(c) end
     result = {'dup', dup}
   elseif size + fixed > max_bytes then
     result = {'too_large', 'the turn does not fit in --max-bytes'}
@@ -248,12 +322,24 @@ elseif op == 'get' then
     result = {'turns', {}, {}}
   end
 elseif op == 'delete' then
-  if live(c) then
-    local count = redis.call('LLEN', K .. 't:' .. c)
-    evict(c, 'deleted')
-    result = {'ok', tostring(count)}
+  -- ARGV[12] id, ARGV[13] the id's cost
+  local id, icost = ARGV[12], tonumber(ARGV[13])
+  local exists = live(c)
+  local dup = seen(c, id, exists)
+  if dup then
+    if exists then touch(c) end
+    result = {'dup', dup}
   else
-    result = {'ok', '0'}
+    local count = exists and redis.call('LLEN', K .. 't:' .. c) or 0
+    local ids = exists and redis.call('EXISTS', K .. 'il:' .. c, K .. 'i:' .. c) == 2
+    if ids then
+      if grave(c) then drop_grave(c) end  -- left by a worker of before: the ids are newer
+      redis.call('RENAME', K .. 'i:' .. c, K .. 'gi:' .. c)
+      redis.call('RENAME', K .. 'il:' .. c, K .. 'gil:' .. c)
+    end
+    if exists then evict(c, 'deleted') end
+    if ids or id ~= '' then bury(c, id, tostring(count), icost) end
+    result = {'ok', tostring(count)}
   end
 elseif op == 'summary' then
   -- ARGV[12] text, ARGV[13] upto, ARGV[14] base, ARGV[15] tokens, ARGV[16] size, ARGV[17] id,
@@ -262,13 +348,13 @@ elseif op == 'summary' then
   local tokens, size, id, want = ARGV[15], tonumber(ARGV[16]), ARGV[17], ARGV[18]
   local icost = tonumber(ARGV[19])
   local exists = live(c)
-  local dup = exists and seen(c, id)
+  local dup = seen(c, id, exists)
   local current = exists and num(redis.call('HGET', meta(c), 'sum_upto')) or 0
   local newest = exists and num(redis.call('HGET', meta(c), 'seq')) or 0
   local born = exists and (redis.call('HGET', meta(c), 'born') or '0') or '0'
   local other = want ~= '' and tonumber(want) ~= tonumber(born)
   if dup then
-    touch(c)
+    if exists then touch(c) end
     result = {'dup', dup}
   elseif not exists or other or sbase ~= current or upto <= sbase or upto > newest then
     local why = 'the conversation is not live'
@@ -314,9 +400,9 @@ elseif op == 'save' then
   local field, ksize, value = ARGV[12], tonumber(ARGV[13]), ARGV[14]
   local kttl, id, icost = tonumber(ARGV[15]), ARGV[16], tonumber(ARGV[17])
   local exists = live(c)
-  local dup = exists and seen(c, id)
+  local dup = seen(c, id, exists)
   if dup then
-    touch(c)
+    if exists then touch(c) end
     result = {'dup', dup}
   else
     local old = exists and live_key(c, field)
@@ -377,13 +463,26 @@ elseif op == 'get_all' then
   end
   result = {'items', items}
 elseif op == 'state_delete' then
-  local found = false
-  if live(c) then
-    found = live_key(c, ARGV[12]) and true or false
-    if found then drop_key(c, ARGV[12]) end
-    touch(c)
+  -- ARGV[12] field, ARGV[13] id, ARGV[14] the id's cost
+  local id, icost = ARGV[13], tonumber(ARGV[14])
+  local exists = live(c)
+  local dup = seen(c, id, exists)
+  if dup then
+    if exists then touch(c) end
+    result = {'dup', dup}
+  else
+    local found = false
+    if exists then
+      found = live_key(c, ARGV[12]) and true or false
+      if found then drop_key(c, ARGV[12]) end
+      remember(c, id, found and '1' or '', icost)
+      touch(c)
+      fit_budget()
+    elseif id ~= '' then
+      bury(c, id, '', icost)
+    end
+    result = {'ok', found and '1' or ''}
   end
-  result = {'ok', found and '1' or ''}
 elseif op == 'namespaces' then
   -- a look from outside: expires nothing, touches nothing
   local names, seen = {}, {}
@@ -435,6 +534,12 @@ elseif op == 'expire' then
       done = done + 1
     end
   end
+  if ttl > 0 then
+    for _, dug in ipairs(redis.call('ZRANGEBYSCORE', K .. 'gv', '-inf', now - ttl, 'LIMIT', 0, limit)) do
+      drop_grave(dug)
+      done = done + 1
+    end
+  end
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', K .. 'kd', '-inf', now, 'LIMIT', 0, limit)) do
     local sep = string.find(member, '\0', 1, true)
     drop_key(string.sub(member, 1, sep - 1), string.sub(member, sep + 1))
@@ -443,9 +548,12 @@ elseif op == 'expire' then
   end
   -- and the earliest deadline left ('' when none), for the sweep to sleep until
   local first = ''
-  for _, zset in ipairs({'dl', 'kd'}) do
+  for _, zset in ipairs({'dl', 'kd', 'gv'}) do
     local head = redis.call('ZRANGE', K .. zset, 0, 0, 'WITHSCORES')
-    if head[2] and (first == '' or tonumber(head[2]) < tonumber(first)) then first = head[2] end
+    local at = head[2] and tonumber(head[2]) + (zset == 'gv' and ttl or 0)
+    if at and (zset ~= 'gv' or ttl > 0) and (first == '' or at < tonumber(first)) then
+      first = string.format('%.17g', at)
+    end
   end
   result = {'more', done >= limit and '1' or '', first}
 end

@@ -176,7 +176,7 @@ class RedisBackend(Backend):
                     self._id_cost(req.id),
                 )
             case Delete():
-                return self._args("delete", req.convo)
+                return self._args("delete", req.convo, _id(b"d", req.id), self._id_cost(req.id))
             case StateSave():
                 ttl = req.ttl or 0
                 return self._args(
@@ -194,7 +194,13 @@ class RedisBackend(Backend):
             case StateGetAll():
                 return self._args("get_all", req.convo, _field(req.ns))
             case StateDelete():
-                return self._args("state_delete", req.convo, _field(req.ns, req.key))
+                return self._args(
+                    "state_delete",
+                    req.convo,
+                    _field(req.ns, req.key),
+                    _id(b"x", req.id),
+                    self._id_cost(req.id),
+                )
             case StateNamespaces():
                 return self._args("namespaces", req.convo)
             case ListConvos():

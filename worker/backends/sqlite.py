@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS keys (
     deadline REAL,  -- wall clock; NULL: none
     PRIMARY KEY (name, ns, key)
 );
+-- What stays of a conversation a request deleted: its ids and the delete's (store.Grave).
+CREATE TABLE IF NOT EXISTS graves (
+    name     TEXT PRIMARY KEY,
+    ids      BLOB NOT NULL,
+    deadline REAL  -- wall clock; NULL: none
+) WITHOUT ROWID;
 """
 # Files made before summaries existed get their columns when opened.
 NEW_COLUMNS = {
@@ -144,9 +150,14 @@ class SqliteBackend(MemoryBackend):
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        rows, keys = await loop.run_in_executor(self._writer, self._connect)
+        rows, keys, graves = await loop.run_in_executor(self._writer, self._connect)
         for row in rows:
             self._restore(row, keys.get(row[0], {}))
+        to_mono = self._clock() - self._wall()
+        for name, ids, deadline in graves:
+            self.store.restore_grave(
+                name, _ids(ids), NO_DEADLINE if deadline is None else deadline + to_mono
+            )
         self.store.enforce_bounds()  # the limits may be lower than when these were stored
         self.store.touched.clear()
         await self._commit()
@@ -181,7 +192,9 @@ class SqliteBackend(MemoryBackend):
         if lock is not None:
             os.close(lock)
 
-    def _connect(self) -> tuple[list[tuple[Any, ...]], dict[str, _Keys]]:
+    def _connect(
+        self,
+    ) -> tuple[list[tuple[Any, ...]], dict[str, _Keys], list[tuple[str, bytes, float | None]]]:
         db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +216,9 @@ class SqliteBackend(MemoryBackend):
                 "SELECT name, ns, key, value, deadline FROM keys"
             ):
                 keys.setdefault(name, {}).setdefault(ns, {})[key] = (value, deadline)
+            graves = db.execute(
+                "SELECT name, ids, deadline FROM graves ORDER BY coalesce(deadline, 0)"
+            ).fetchall()
             self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             if db is not None:
@@ -210,7 +226,7 @@ class SqliteBackend(MemoryBackend):
             self._release()
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
-        return rows, keys
+        return rows, keys, graves
 
     async def close(self) -> None:
         if self._lazy is not None:
@@ -227,11 +243,11 @@ class SqliteBackend(MemoryBackend):
         store = self.store
         assert store.dirty is not None
         dirty, touched = store.dirty, store.touched
-        if not dirty and not touched:
+        if not dirty and not touched and not store.graves_dirty:
             return
-        keys_dirty, cleared = store.keys_dirty, store.keys_cleared
+        keys_dirty, cleared, buried = store.keys_dirty, store.keys_cleared, store.graves_dirty
         store.dirty, store.touched = set(), {}
-        store.keys_dirty, store.keys_cleared = set(), set()
+        store.keys_dirty, store.keys_cleared, store.graves_dirty = set(), set(), set()
         upserts, deletes = [], []
         for name in dirty:
             cv = store.get_convo(name)
@@ -240,6 +256,7 @@ class SqliteBackend(MemoryBackend):
             else:
                 upserts.append(self._row(name, cv))
         keys = self._keys(keys_dirty, cleared)
+        graves = self._graves(buried)
         now = self._wall()
         used = []
         for name in touched:
@@ -247,14 +264,17 @@ class SqliteBackend(MemoryBackend):
                 self._tick += 1
                 used.append((now, self._tick, name))
         loop = asyncio.get_running_loop()
-        write = loop.run_in_executor(self._writer, self._write, upserts, deletes, keys, used)
-        if upserts or deletes:
+        write = loop.run_in_executor(
+            self._writer, self._write, upserts, deletes, keys, graves, used
+        )
+        if upserts or deletes or buried:
             try:
                 await write
             except BaseException:  # written again with the next batch
                 store.dirty |= dirty
                 store.keys_dirty |= keys_dirty
                 store.keys_cleared |= cleared
+                store.graves_dirty |= buried
                 raise
         else:
             # TTL refreshes only: no reply promises them, so nothing waits on the disk.
@@ -278,11 +298,28 @@ class SqliteBackend(MemoryBackend):
                 saved.append((name, ns, key, value, None if d == NO_DEADLINE else d + to_wall))
         return [(name,) for name in cleared], saved, dropped
 
+    def _graves(
+        self, buried: set[str]
+    ) -> tuple[list[tuple[str, bytes, float | None]], list[tuple[str]]]:
+        """What to write of the graves: (those dug or changed, those gone)."""
+        store, to_wall = self.store, self._wall() - self._clock()
+        saved, gone = [], []
+        for name in buried:
+            grave = store.get_grave(name)
+            if grave is None:
+                gone.append((name,))
+            else:
+                d = grave.deadline
+                ids = msgpack.packb(list(grave.ids.items()))
+                saved.append((name, ids, None if d == NO_DEADLINE else d + to_wall))
+        return saved, gone
+
     def _write(
         self,
         upserts: list[tuple[Any, ...]],
         deletes: list[tuple[str]],
         keys: tuple[list[tuple[str]], list[tuple[Any, ...]], list[tuple[str, str, str]]],
+        graves: tuple[list[tuple[str, bytes, float | None]], list[tuple[str]]],
         used: list[tuple[float, int, str]],
     ) -> None:
         db = self._db
@@ -300,6 +337,11 @@ class SqliteBackend(MemoryBackend):
                 db.executemany(UPSERT, upserts)
             if saved:
                 db.executemany(UPSERT_KEY, saved)
+            dug, gone = graves
+            if gone:
+                db.executemany("DELETE FROM graves WHERE name = ?", gone)
+            if dug:
+                db.executemany("INSERT OR REPLACE INTO graves VALUES (?, ?, ?)", dug)
             if used:
                 db.executemany("UPDATE convos SET used = ?, tick = ? WHERE name = ?", used)
 
@@ -315,11 +357,7 @@ class SqliteBackend(MemoryBackend):
             ns: {k: (v, NO_DEADLINE if d is None else d + to_mono) for k, (v, d) in entries.items()}
             for ns, entries in state.items()
         }
-        # (operation, id) pairs come back as lists; files of before kept the ids alone.
-        remembered = {
-            tuple(key) if isinstance(key, list) else key: fields
-            for key, fields in (msgpack.unpackb(ids) if ids is not None else [])
-        }
+        remembered = _ids(ids)
         self.store.restore(
             name,
             turns=msgpack.unpackb(turns),
@@ -330,3 +368,12 @@ class SqliteBackend(MemoryBackend):
             summary=tuple(msgpack.unpackb(summary)) if summary is not None else None,
             born=born,
         )
+
+
+def _ids(packed: bytes | None) -> dict[Any, dict[str, Any]]:
+    """Remembered ids as stored: (operation, id) pairs come back as lists; files of before
+    kept the ids alone."""
+    return {
+        tuple(key) if isinstance(key, list) else key: fields
+        for key, fields in (msgpack.unpackb(packed) if packed is not None else [])
+    }

@@ -123,9 +123,7 @@ class _Api:
         `tokens` is the turn's length in your model's tokenizer; without it the worker
         estimates ceil(UTF-8 bytes / 4).
         """
-        body: dict[str, Any] = {"role": role, "content": content}
-        if request_id is not None:
-            body["id"] = request_id
+        body = _with_id({"role": role, "content": content}, request_id)
         if tokens is not None:
             body["tokens"] = tokens
         return convo_id, c.OP_APPEND, body, _appended
@@ -170,19 +168,17 @@ class _Api:
         the one whose upto is `base` (0: none); the covered turns are removed with it.
         With `born` (a trimmed event's), only if the conversation is still that one.
         Raises ConflictError (with the current `upto`) when `base` is not current."""
-        body: dict[str, Any] = {"text": text, "upto": upto, "base": base}
+        body = _with_id({"text": text, "upto": upto, "base": base}, request_id)
         if tokens is not None:
             body["tokens"] = tokens
         if born is not None:
             body["born"] = born
-        if request_id is not None:
-            body["id"] = request_id
         return convo_id, c.OP_SUMMARY, body, _summarized
 
     @_one_request
-    def forget(self, convo_id: str) -> Plan[int]:
+    def forget(self, convo_id: str, *, request_id: str | None = None) -> Plan[int]:
         """Delete a conversation and its state; how many turns were removed."""
-        return convo_id, c.OP_DELETE, {}, _deleted
+        return convo_id, c.OP_DELETE, _with_id({}, request_id), _deleted
 
     @_one_request
     def save(
@@ -196,9 +192,7 @@ class _Api:
         request_id: str | None = None,
     ) -> Plan[None]:
         """Save a state value (any msgpack value), for `ttl` seconds if given."""
-        body: dict[str, Any] = {"ns": namespace, "key": key, "value": value}
-        if request_id is not None:
-            body["id"] = request_id
+        body = _with_id({"ns": namespace, "key": key, "value": value}, request_id)
         if ttl is not None:
             body["ttl"] = ttl
         return session_id, c.OP_STATE_SAVE, body, _nothing
@@ -214,9 +208,12 @@ class _Api:
         return session_id, c.OP_STATE_GET_ALL, {"ns": namespace}, _items
 
     @_one_request
-    def delete(self, session_id: str, namespace: str, key: str) -> Plan[bool]:
+    def delete(
+        self, session_id: str, namespace: str, key: str, *, request_id: str | None = None
+    ) -> Plan[bool]:
         """Delete a state key; whether it existed."""
-        return session_id, c.OP_STATE_DELETE, {"ns": namespace, "key": key}, _deleted
+        body = _with_id({"ns": namespace, "key": key}, request_id)
+        return session_id, c.OP_STATE_DELETE, body, _deleted
 
     # --- listing (issue 22) ---------------------------------------------------------------
 
@@ -260,6 +257,13 @@ def _context(reply: Reply) -> Context:
 
 def _summarized(reply: Reply) -> Summarized:
     return Summarized(reply["upto"], reply["dropped"])
+
+
+def _with_id(body: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+    """`body` with the caller's id in place of the one the client would make."""
+    if request_id is not None:
+        body["id"] = request_id
+    return body
 
 
 def _deleted(reply: Reply) -> Any:

@@ -36,11 +36,18 @@ DEFAULT_TIMEOUT: Final = 5.0
 DEFAULT_ATTEMPTS: Final = 3
 # memctl's stats waited this long for more retained snapshots after the first one.
 _STATS_QUIET: Final = 0.3
-# Writes retried after a timeout: an id of the client's makes a repeat the same request.
-_AT_MOST_ONCE: Final = (c.OP_APPEND, c.OP_STATE_SAVE, c.OP_SUMMARY)
+# Writes: an id of the client's makes a repeat the same request (a retry after a timeout,
+# or what a broker restored from its last autosave delivers again).
+_AT_MOST_ONCE: Final = (
+    c.OP_APPEND,
+    c.OP_DELETE,
+    c.OP_STATE_SAVE,
+    c.OP_STATE_DELETE,
+    c.OP_SUMMARY,
+)
 
 
-_Prepared = tuple[bytes, str, bytes, bytes, bool]  # key, topic, payload, properties, safe
+_Prepared = tuple[bytes, str, bytes, bytes]  # key, topic, payload, properties
 
 
 class _Lost(Exception):
@@ -62,7 +69,7 @@ class MemoryClient(_Api):
             the conversation id (for a worker run with `--route-prefix reply/{convo}`).
         protocol: 5 (replies matched by Correlation Data) or 3 (MQTT 3.1.1: each request
             names a reply topic of its own, `reply_to` in the payload, and is matched by it).
-        attempts: how many times a request safe to repeat is sent before NoReplyError.
+        attempts: how many times a request is sent before NoReplyError.
             Appends and saves carry an id made by the client, so the worker applies a
             repeat at most once; reads are repeated as they are; a conversation or key
             delete is sent once.
@@ -375,7 +382,6 @@ class MemoryClient(_Api):
             key = str(n).encode()
             body["reply_to"] = f"{inbox}/{n}"
             props = b""
-        safe = op not in (c.OP_DELETE, c.OP_STATE_DELETE)
         topic, payload = f"{self.prefix}/{convo}/{op}", msgpack.packb(body)
         # Past the size the broker said it takes (MQTT 5's CONNACK), it would drop the
         # connection, and each attempt would be "connection lost".
@@ -385,7 +391,7 @@ class MemoryClient(_Api):
                 f"the request is {len(payload)} bytes: the broker at {self.host}:{self.port} "
                 f"takes packets of up to {limit} bytes"
             )
-        return key, topic, payload, props, safe
+        return key, topic, payload, props
 
     def _attempt_failed(
         self,
@@ -430,11 +436,11 @@ class MemoryClient(_Api):
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         if not self._open:
             raise _not_open()
-        key, topic, payload, props, safe = self._prepare(convo, op, body)
+        key, topic, payload, props = self._prepare(convo, op, body)
         loop = asyncio.get_running_loop()
         unavailable = 0  # attempts answered so
         for attempt in range(1, self.attempts + 1):
-            last = attempt == self.attempts or not safe
+            last = attempt == self.attempts
             fut = _Reply(loop)
             try:
                 deadline = loop.time() + self.timeout

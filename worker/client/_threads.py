@@ -125,17 +125,17 @@ class ThreadRequests:
 
     def _exchange(self, link: _Link, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         client = self._client
-        key, topic, payload, props, safe = client._prepare(convo, op, body, link.tag)
+        key, topic, payload, props = client._prepare(convo, op, body, link.tag)
         conn = link.conn
         if (
             conn.sock is not None
-            and (not safe or time.monotonic() - conn.used > _IDLE_CHECK)
+            and time.monotonic() - conn.used > _IDLE_CHECK
             and not conn.idle_but_open()
         ):
             conn.close()
         unavailable = 0  # attempts answered so
         for attempt in range(1, client.attempts + 1):
-            last = attempt == client.attempts or not safe
+            last = attempt == client.attempts
             deadline = time.monotonic() + client.timeout
             try:
                 if conn.sock is None:
