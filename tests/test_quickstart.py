@@ -135,16 +135,16 @@ async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Pat
     assert "Permission denied" not in (clone / "var" / "mosquitto.log").read_text()
 
 
-async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) -> None:
-    """`scripts/run --summarizer URL --model NAME` runs the worker with trimmed events and a
-    summarizer folding them with the model NAME on the model server at URL (--model went to
-    the worker, which refused it; the summarizer's warning said to give it)."""
-    port = free_port()
+async def _folded(clone: Path, port: int, *args: str, **login: str) -> None:
+    """`scripts/run ARGS --max-turns 2 --summarizer URL --model tiny`: four turns appended,
+    the two oldest are folded into the summary by the model named; Ctrl-C then stops the
+    two without a word about the summarizer (it stops first, at times)."""
     with (
         fake_model() as model,
         scripts_run(
             clone,
             port,
+            *args,
             "--max-turns",
             "2",
             "--summarizer",
@@ -152,11 +152,11 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
             "--model",
             "tiny",
             until=("serving mem/#", "folding mem/+/trimmed"),
-        ),
+        ) as said,
     ):
         async with (
-            device("127.0.0.1", port, "mem") as d,
-            watcher("127.0.0.1", port, "reply/+/_summarizer/#") as replies,
+            device("127.0.0.1", port, "mem", **login) as d,
+            watcher("127.0.0.1", port, "reply/+/_summarizer/#", **login) as replies,
         ):
             for n in range(1, 5):
                 await d.request("voice-1", "append", {"role": "user", "content": f"t{n}"})
@@ -166,6 +166,32 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
     assert reply["summary"]["text"] == "t1 t2"
     assert [t["content"] for t in reply["turns"]] == ["t3", "t4"]
     assert model.asked_for == {"tiny"}
+    assert not [line for line in said if "summarizer stopped" in line]
+
+
+async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) -> None:
+    """`scripts/run --summarizer URL --model NAME` runs the worker with trimmed events and a
+    summarizer folding them with the model NAME on the model server at URL (--model went to
+    the worker, which refused it; the summarizer's warning said to give it)."""
+    await _folded(clone, free_port())
+
+
+async def test_scripts_runs_summarizer_logs_in_as_the_worker(clone: Path, tmp_path: Path) -> None:
+    """On a broker that wants a login, the summarizer uses the worker's (it tried anonymous
+    for ever, and the turns the worker trimmed reached no summary)."""
+    passwd = tmp_path / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), "kiosk", "s3cret"],
+        check=True,
+        capture_output=True,
+    )
+    conf = f"allow_anonymous false\npassword_file {passwd}"
+    broker = Mosquitto(tmp_path / "mosquitto", extra=conf).start()
+    try:
+        login = {"username": "kiosk", "password": "s3cret"}
+        await _folded(clone, broker.port, "--username", "kiosk", "--password", "s3cret", **login)
+    finally:
+        broker.stop()
 
 
 def test_scripts_run_stops_when_its_summarizer_does(clone: Path) -> None:
