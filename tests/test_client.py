@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import subprocess
 import sys
 import threading
@@ -156,6 +157,24 @@ async def test_memory_url_takes_the_payload_limit() -> None:
         memory_from_url("memory://?max_payload_bytes=lots")
     with pytest.raises(ValueError, match="at least 256"):
         memory_from_url("memory://?max_payload_bytes=0")
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("max_turns=0", "max_turns must be at least 1, got 0"),
+        ("max_conversations=0", "max_conversations must be at least 1, got 0"),
+        ("max_keys=0", "max_keys must be at least 1"),
+        ("ttl=-5", "ttl must be 0 (off) or more seconds, got -5.0"),
+        ("max_bytes=1000", "max_bytes (1000) must be at least max_payload_bytes (65536)"),
+        ("convo_cost=0", "memory:// does not take convo_cost"),
+    ],
+)
+def test_memory_url_refuses_the_limits_the_worker_refuses(query: str, words: str) -> None:
+    """As the worker's flags: a limit that cannot work (max_turns=0 broke the first append
+    with an IndexError; ttl=-5 made every read empty)."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        memory_from_url(f"memory://?{query}")
 
 
 async def test_a_request_past_the_brokers_packet_size_is_too_large_at_once(

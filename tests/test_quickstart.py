@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import msgpack
@@ -135,7 +136,7 @@ async def test_requests_queued_while_stopped_survive_a_broker_restart(clone: Pat
     assert "Permission denied" not in (clone / "var" / "mosquitto.log").read_text()
 
 
-async def _folded(clone: Path, port: int, *args: str, **login: str) -> None:
+async def _folded(clone: Path, port: int, *args: str, **login: Any) -> None:
     """`scripts/run ARGS --max-turns 2 --summarizer URL --model tiny`: four turns appended,
     the two oldest are folded into the summary by the model named; Ctrl-C then stops the
     two without a word about the summarizer (it stops first, at times)."""
@@ -176,15 +177,20 @@ async def test_scripts_run_starts_a_summarizer_beside_the_worker(clone: Path) ->
     await _folded(clone, free_port())
 
 
-async def test_scripts_runs_summarizer_logs_in_as_the_worker(clone: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def passwd(tmp_path: Path) -> Path:
+    """A Mosquitto password file with the user kiosk, password s3cret."""
+    path = tmp_path / "passwd"
+    command = ["mosquitto_passwd", "-b", "-c", str(path), "kiosk", "s3cret"]
+    subprocess.run(command, check=True, capture_output=True)
+    return path
+
+
+async def test_scripts_runs_summarizer_logs_in_as_the_worker(
+    clone: Path, tmp_path: Path, passwd: Path
+) -> None:
     """On a broker that wants a login, the summarizer uses the worker's (it tried anonymous
     for ever, and the turns the worker trimmed reached no summary)."""
-    passwd = tmp_path / "passwd"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwd), "kiosk", "s3cret"],
-        check=True,
-        capture_output=True,
-    )
     conf = f"allow_anonymous false\npassword_file {passwd}"
     broker = Mosquitto(tmp_path / "mosquitto", extra=conf).start()
     try:

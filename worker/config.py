@@ -62,7 +62,34 @@ class Config:
 
 def _positive_int(name: str, value: int) -> None:
     if value < 1:
-        raise ConfigError(f"--{name} must be at least 1, got {value}")
+        raise ConfigError(f"{name} must be at least 1, got {value}")
+
+
+def validate_limits(
+    lim: Limits, max_payload_bytes: int, flag: Callable[[str], str] = lambda name: f"--{name}"
+) -> None:
+    """Raise ConfigError for bounds that cannot work: the worker's flags, and the same
+    bounds of the client's in-process memory (`flag` names them as a memory:// URL does)."""
+    for name, value in (
+        ("max-turns", lim.max_turns),
+        ("max-conversations", lim.max_conversations),
+        ("max-keys", lim.max_keys),
+    ):
+        _positive_int(flag(name), value)
+    if lim.ttl < 0:
+        raise ConfigError(f"{flag('ttl')} must be 0 (off) or more seconds, got {lim.ttl}")
+    most = flag("max-payload-bytes")
+    if max_payload_bytes < c.MIN_MAX_PAYLOAD_BYTES:
+        raise ConfigError(
+            f"{most} must be at least {c.MIN_MAX_PAYLOAD_BYTES}, got {max_payload_bytes}"
+        )
+    if max_payload_bytes > 256 * 1024 * 1024:
+        raise ConfigError(f"{most} must be at most 268435456 (MQTT's own limit)")
+    if lim.max_bytes < max_payload_bytes:
+        raise ConfigError(
+            f"{flag('max-bytes')} ({lim.max_bytes}) must be at least {most} "
+            f"({max_payload_bytes}), or no request could ever be stored"
+        )
 
 
 def validate_connection(
@@ -120,27 +147,8 @@ def validate(cfg: Config) -> None:
         or len(cfg.client_id.encode()) > 128
     ):
         raise ConfigError(f"--client-id must be 1-128 bytes without / + #, got {cfg.client_id!r}")
-    for name, value in (
-        ("max-turns", lim.max_turns),
-        ("max-conversations", lim.max_conversations),
-        ("max-keys", lim.max_keys),
-        ("max-inflight", cfg.max_inflight),
-    ):
-        _positive_int(name, value)
-    if lim.ttl < 0:
-        raise ConfigError(f"--ttl must be 0 (off) or more seconds, got {lim.ttl}")
-    if cfg.max_payload_bytes < c.MIN_MAX_PAYLOAD_BYTES:
-        raise ConfigError(
-            f"--max-payload-bytes must be at least {c.MIN_MAX_PAYLOAD_BYTES}, "
-            f"got {cfg.max_payload_bytes}"
-        )
-    if cfg.max_payload_bytes > 256 * 1024 * 1024:
-        raise ConfigError("--max-payload-bytes must be at most 268435456 (MQTT's own limit)")
-    if lim.max_bytes < cfg.max_payload_bytes:
-        raise ConfigError(
-            f"--max-bytes ({lim.max_bytes}) must be at least --max-payload-bytes "
-            f"({cfg.max_payload_bytes}), or no request could ever be stored"
-        )
+    _positive_int("--max-inflight", cfg.max_inflight)
+    validate_limits(lim, cfg.max_payload_bytes)
     if cfg.stats_interval <= 0:
         raise ConfigError(f"--stats-interval must be more than 0, got {cfg.stats_interval}")
     if cfg.shared_group is not None and (

@@ -56,6 +56,9 @@ from worker.client._mqtt import (
 from worker.client._threads import DEFAULT_CONNECTIONS
 from worker.store import Limits
 
+# The bounds a memory:// URL sets (the store's costs are measured, not options).
+_MEMORY_LIMITS = ("max_turns", "ttl", "max_conversations", "max_bytes", "max_keys")
+
 
 def memory_from_url(url: str, **kwargs: Any) -> Memory:
     """An (unopened) async memory for `url`; keyword arguments go to MemoryClient.
@@ -74,7 +77,7 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if parts.scheme == "memory":
-        fields = {f: query.pop(f) for f in list(query) if f in Limits.__slots__}
+        fields = {f: query.pop(f) for f in list(query) if f in _MEMORY_LIMITS}
         payload = query.pop("max_payload_bytes", None)
         if query:
             raise ValueError(f"memory:// does not take {', '.join(sorted(query))}")
@@ -86,11 +89,10 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
             most = c.DEFAULT_MAX_PAYLOAD_BYTES if payload is None else int(payload)
         except ValueError:
             raise ValueError(f"bad number in {url!r}") from None
-        if most < c.MIN_MAX_PAYLOAD_BYTES:  # as the worker's --max-payload-bytes
-            raise ValueError(
-                f"{url!r}: max_payload_bytes must be at least {c.MIN_MAX_PAYLOAD_BYTES}"
-            )
-        return LocalMemory(limits, max_payload_bytes=most)
+        try:
+            return LocalMemory(limits, max_payload_bytes=most)
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: {exc}") from None
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"{url!r}: the scheme must be mqtt, mqtts or memory")
     if not parts.hostname:  # mqtt:/host or mqtt:///prefix: a broker on 1883 by chance

@@ -15,7 +15,7 @@ from worker import protocol
 from worker.client._api import _Api, _Fanout, _ok, _refuse
 from worker.client._errors import error_for
 from worker.client._models import Eviction
-from worker.errors import TooLarge, WorkerError
+from worker.errors import ConfigError, TooLarge, WorkerError
 from worker.protocol import Event, check_request, encode_result, reply_parsed, too_large_payload
 from worker.store import Limits
 
@@ -35,8 +35,13 @@ class LocalMemory(_Api):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from worker.backends.memory import MemoryBackend
+        from worker.config import validate_limits
 
         self.limits = limits or Limits()
+        try:  # the worker's own checks: a limit it refuses broke the first append here
+            validate_limits(self.limits, max_payload_bytes, lambda name: name.replace("-", "_"))
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         self.max_payload_bytes = max_payload_bytes
         self._backend = MemoryBackend(self.limits, clock=clock)
         self._events = _Fanout()
