@@ -526,6 +526,35 @@ async def test_a_worker_without_trimmed_events_is_named_at_start(
     assert not [r for r in caplog.records if "model server" in r.getMessage()]
 
 
+async def test_workers_are_looked_at_again_after_the_start(
+    broker: Mosquitto,
+    worker_factory: WorkerFactory,
+    model: FakeModel,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A summarizer started before its worker (or with another --prefix) said nothing while
+    the turns went unfolded: it says that no worker is online under its prefix, once, and
+    names a worker that comes later without --trimmed-events, once."""
+    monkeypatch.setattr(summarizer, "_WATCH_EVERY", 0.05)
+    prefix = unique("mem")
+
+    def said(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+    async with summarizing(_config(broker, prefix, model)) as s:
+        await asyncio.wait_for(s.wait_looks(1), 20)  # a look finding none takes a timeout
+        assert len(said(f"no memory-worker is online under the prefix {prefix}")) == 1
+        async with worker_factory(prefix=prefix, trimmed_events=False) as w:
+            while not said("run without --trimmed-events"):
+                await asyncio.wait_for(s.wait_looks(s.looks + 1), 20)
+            await asyncio.wait_for(s.wait_looks(s.looks + 2), 20)
+    assert len(said("no memory-worker is online")) == 1
+    named = said("run without --trimmed-events")
+    assert len(named) == 1, named
+    assert w.cfg.client_id in named[0]
+
+
 async def test_a_workers_last_run_is_not_taken_for_this_one(
     broker: Mosquitto, model: FakeModel, caplog: pytest.LogCaptureFixture
 ) -> None:

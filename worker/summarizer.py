@@ -85,6 +85,8 @@ DEFAULT_RETRY_MAX = 30.0
 _DRAIN_TIMEOUT = 10.0
 # A connection shorter than this does not reset the reconnect backoff.
 _STABLE_CONNECTION = 10.0
+# How often the workers are looked at again after the start's check (seconds).
+_WATCH_EVERY = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +289,9 @@ class Summarizer:
         self._conn: Connection | None = None
         self._memory: MemoryClient | None = None
         self.preflight: asyncio.Task[None] | None = None  # the checks at start
+        self._named: set[str] = set()  # workers said to run without --trimmed-events
+        self.looks = 0  # looks at the workers after the start's check
+        self._looked = asyncio.Event()
         self.systemd = Notifier.from_environ(os.environ)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -326,10 +331,12 @@ class Summarizer:
             self._memory = memory
             connection = asyncio.create_task(self._stay_connected(conn, stop), name="connection")
             self.preflight = asyncio.create_task(self._preflight(memory), name="preflight")
+            watch = asyncio.create_task(self._watch_workers(memory), name="workers")
             try:
                 await stop.wait()
             finally:
                 self.preflight.cancel()
+                watch.cancel()
                 self._closing = True  # events from now on stay with the broker
                 self._stopping.set()
                 for arrived in self._arrived.values():
@@ -371,13 +378,51 @@ class Summarizer:
         except (MemoryWorkerError, aiomqtt.MqttError) as exc:  # a role that may not read them
             log.debug("no workers' stats to check: %s", exc)
             return
-        if quiet:
+        self._name_quiet(quiet)
+
+    def _name_quiet(self, quiet: list[str]) -> None:
+        new = [name for name in quiet if name not in self._named]
+        if new:
+            self._named.update(new)
             log.warning(
                 "the workers under %s (%s) run without --trimmed-events: the turns their "
                 "window drops are not announced, and this summarizer has nothing to fold",
                 self.cfg.prefix,
-                ", ".join(quiet),
+                ", ".join(new),
             )
+
+    async def _watch_workers(self, memory: MemoryClient) -> None:
+        """After the start's check, look at the workers every _WATCH_EVERY: one that comes
+        online later without --trimmed-events is named, and no worker online at all is said
+        once until one is (a summarizer started before its worker, or with another
+        --prefix, said nothing while the turns went unfolded)."""
+        assert self.preflight is not None
+        await asyncio.wait([self.preflight])
+        alone = False
+        while True:
+            await asyncio.sleep(_WATCH_EVERY)
+            try:
+                stats = await memory.stats()
+            except (MemoryWorkerError, aiomqtt.MqttError):  # a role that may not read them
+                return
+            now = time.time()
+            recent = [s for s in stats if stats_are_recent(s, now)]
+            if not recent and not alone:
+                log.warning(
+                    "no memory-worker is online under the prefix %s: this summarizer folds "
+                    "what workers with that --prefix and --trimmed-events announce",
+                    self.cfg.prefix,
+                )
+            alone = not recent
+            self._name_quiet(_without_trimmed_events(recent))
+            self.looks += 1
+            self._looked.set()
+
+    async def wait_looks(self, n: int) -> None:
+        """Return once the workers have been looked at `n` times after the start's check."""
+        while self.looks < n:
+            self._looked.clear()
+            await self._looked.wait()
 
     async def _open(
         self, stack: contextlib.AsyncExitStack, memory: MemoryClient, stop: asyncio.Event
