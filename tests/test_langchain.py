@@ -94,6 +94,21 @@ def test_history_in_process_is_bounded() -> None:
         history.close()
 
 
+async def test_an_adapter_takes_a_blocking_client_and_not_a_url_beside_it() -> None:
+    """The async client (what an async app holds) failed at the first read with an
+    AttributeError on a coroutine; a url beside a client was dropped without a word."""
+    from worker.client import MemoryClient, open_blocking_memory
+
+    wrong = MemoryClient("127.0.0.1")
+    with pytest.raises(TypeError, match=r"client must be a BlockingMemoryClient \(.* MemoryClient"):
+        MqttChatMessageHistory("s", client=wrong)  # type: ignore[arg-type]
+    with (
+        open_blocking_memory("memory://") as client,
+        pytest.raises(TypeError, match="give url or client, not both"),
+    ):
+        MqttChatMessageHistory("s", url="mqtt://127.0.0.1/mem", client=client)
+
+
 def test_a_summary_comes_first_and_the_budget_holds() -> None:
     """With a summary, messages start with a SystemMessage holding it; max_tokens keeps the
     newest messages that fit with it; summary=False leaves it out."""

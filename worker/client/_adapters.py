@@ -34,12 +34,19 @@ class OnClient:
 
     Args:
         url: where the memory is, as for `open_blocking_memory` (by default `default_url()`).
-        client: an open BlockingMemoryClient to share (then `url` is not used and `close()`
-            leaves it open); by default the adapter opens its own, closed by `close()` or
+        client: an open BlockingMemoryClient to share (not with `url`; `close()` leaves it
+            open); by default the adapter opens its own, closed by `close()` or
             when the adapter is garbage collected (so not one to hand to another adapter).
     """
 
     def __init__(self, url: str | None = None, client: BlockingMemoryClient | None = None) -> None:
+        if client is not None and not isinstance(client, BlockingMemoryClient):
+            raise TypeError(
+                f"client must be a BlockingMemoryClient (open_blocking_memory), not "
+                f"{type(client).__name__}: the adapters call it from the framework's threads"
+            )
+        if client is not None and url is not None:
+            raise TypeError("give url or client, not both: the client already has its memory")
         own = client is None
         self.client = open_blocking_memory(url or default_url()) if client is None else client
         # Frameworks make an adapter per call and drop it without closing it (LangChain's
