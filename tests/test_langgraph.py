@@ -179,11 +179,20 @@ def test_mqtt_store_answers_as_langgraphs_in_memory_store(
         pair.step(step)
 
 
-def test_semantic_search_is_refused_clearly(shared: BlockingMemoryClient) -> None:
-    """A search with query= raises NotImplementedError saying what to do instead."""
-    store = MqttStore(client=shared, prefix=unique("lg"))
-    with pytest.raises(NotImplementedError, match="no semantic search"):
-        store.search(("docs",), query="python")
+def test_a_search_with_a_query_answers_as_a_store_without_an_index(
+    shared: BlockingMemoryClient,
+) -> None:
+    """LangGraph's InMemoryStore without an embeddings index leaves query= aside: items
+    filtered and paged as without it, unscored. MqttStore refused it, and memory tools that
+    pass a query (a search tool) failed on it."""
+    store, ref = MqttStore(client=shared, prefix=unique("lg")), InMemoryStore()
+    for s in (store, ref):
+        for n in range(4):
+            s.put(("docs",), f"k{n}", {"lang": "python" if n % 2 else "c", "n": n})
+    ours = store.search(("docs",), query="python", filter={"lang": "python"}, limit=5)
+    theirs = ref.search(("docs",), query="python", filter={"lang": "python"}, limit=5)
+    assert [(i.key, i.value, i.score) for i in ours] == [(i.key, i.value, i.score) for i in theirs]
+    assert [i.key for i in ours] == ["k1", "k3"]
 
 
 def test_items_keep_created_at_and_update_updated_at(shared: BlockingMemoryClient) -> None:

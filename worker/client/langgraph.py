@@ -178,11 +178,8 @@ class MqttStore(OnClient, BaseStore):
             await memory.save(convo, ITEMS, key, saved, saved["t"] * _MINUTE)
 
     async def _search(self, memory: Memory, op: SearchOp) -> list[SearchItem]:
-        if op.query:
-            raise NotImplementedError(
-                "MqttStore has no semantic search (no embeddings index): search by "
-                "namespace prefix and filter, without query="
-            )
+        # op.query is left aside, as InMemoryStore does without an embeddings index: the
+        # items come back filtered and paged, unscored (memory tools pass one).
         found: list[tuple[tuple[str, ...], str, Any]] = []
         spaces = await self._namespaces(memory, op.namespace_prefix)
         contents = await asyncio.gather(*(memory.get_all(convo, ITEMS) for _, convo in spaces))
