@@ -18,6 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, HumanMe
 
 from tests.conftest import unique
 from tests.processes import Mosquitto
+from worker.client import open_blocking_memory
 from worker.langchain import MqttChatMessageHistory
 from worker.service import Service
 
@@ -97,7 +98,7 @@ def test_history_in_process_is_bounded() -> None:
 async def test_an_adapter_takes_a_blocking_client_and_not_a_url_beside_it() -> None:
     """The async client (what an async app holds) failed at the first read with an
     AttributeError on a coroutine; a url beside a client was dropped without a word."""
-    from worker.client import MemoryClient, open_blocking_memory
+    from worker.client import MemoryClient
 
     wrong = MemoryClient("127.0.0.1")
     with pytest.raises(TypeError, match=r"client must be a BlockingMemoryClient \(.* MemoryClient"):
@@ -126,6 +127,22 @@ def test_a_summary_comes_first_and_the_budget_holds() -> None:
         assert plain.messages == [HumanMessage("cccc"), HumanMessage("dddd")]
     finally:
         history.close()
+
+
+async def test_the_summary_comes_as_the_message_asked_for_and_not_empty() -> None:
+    """A chat template that takes one system message, first (llama.cpp's, Anthropic's),
+    refused a prompt's own system message followed by the summary's: summary_message_cls
+    (LangChain's summary memories' name) makes it another kind. An empty summary (one
+    saved by hand) is no message at all."""
+    with open_blocking_memory("memory://") as client:
+        for text in ("one", "two"):
+            client.append("s", "user", text)
+        client.summarize("s", "they counted", upto=1, base=0)
+        human = MqttChatMessageHistory("s", client=client, summary_message_cls=HumanMessage)
+        assert human.messages == [HumanMessage("they counted"), HumanMessage("two")]
+        assert await human.aget_messages() == human.messages
+        client.summarize("s", "", upto=2, base=1)
+        assert MqttChatMessageHistory("s", client=client).messages == []
 
 
 async def test_async_messages_carry_the_summary_too() -> None:

@@ -128,10 +128,13 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
     Args:
         session_id: the conversation id (the contract's rules apply).
         url: where the memory is, as for `open_blocking_memory`.
-        client: an open BlockingMemoryClient to share (then `url` is not used and
-            `close()` leaves it open); by default the history opens its own.
+        client: an open BlockingMemoryClient to share (not with `url`; `close()` leaves it
+            open); by default the history opens its own.
         max_tokens: `messages` holds the newest turns that fit this many tokens (all: None).
-        summary: start `messages` with the conversation's summary as a SystemMessage.
+        summary: start `messages` with the conversation's summary (none when it is empty).
+        summary_message_cls: the message it comes as (LangChain's summary memories' name):
+            SystemMessage, or HumanMessage for a chat template that takes one system
+            message, the prompt's own, first.
     """
 
     def __init__(
@@ -142,24 +145,26 @@ class MqttChatMessageHistory(OnClient, BaseChatMessageHistory):
         client: BlockingMemoryClient | None = None,
         max_tokens: int | None = None,
         summary: bool = True,
+        summary_message_cls: type[BaseMessage] = SystemMessage,
     ) -> None:
         super().__init__(url, client)
         self.session_id = session_id
         self.max_tokens = max_tokens
         self.summary = summary
+        self.summary_message_cls = summary_message_cls
 
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
-        """The summary (as a SystemMessage) and the stored messages that fit, oldest first."""
+        """The summary (a `summary_message_cls`) and the stored messages that fit, oldest
+        first."""
         if not self.summary:
             return _window(self.client.get(self.session_id, None, self.max_tokens))
         return self._messages(self.client.context(self.session_id, self.max_tokens))
 
-    @staticmethod
-    def _messages(ctx: Context) -> list[BaseMessage]:
+    def _messages(self, ctx: Context) -> list[BaseMessage]:
         head: list[BaseMessage] = []
-        if ctx.summary is not None:
-            head.append(SystemMessage(content=ctx.summary["text"]))
+        if ctx.summary is not None and ctx.summary["text"]:
+            head.append(self.summary_message_cls(content=ctx.summary["text"]))
         return head + _window(ctx.turns)
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
