@@ -641,3 +641,18 @@ def test_a_completion_is_read_without_the_thinking_and_with_a_count_it_can_save(
     raw["choices"] = [{"message": {"content": "<think>\nweigh it, and wei"}}]  # cut off
     with pytest.raises(ModelError, match="never ended"):
         parse_completion(json.dumps(raw).encode())
+
+
+def test_help_shows_what_the_environment_sets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--help said 1883 with MEMORY_WORKER_PORT set to another port (which was used); it
+    says the variable and its value now, and never a password."""
+    monkeypatch.setenv("COLUMNS", "200")
+    env = {"MEMORY_WORKER_PORT": "1999", "MEMORY_SUMMARIZER_PASSWORD": "s3cret"}
+    with pytest.raises(SystemExit):
+        from_args(["--help"], env)
+    shown = capsys.readouterr().out
+    assert "broker port (default: 1883; here MEMORY_WORKER_PORT=1999)" in shown
+    assert "here MEMORY_SUMMARIZER_PASSWORD is set" in shown
+    assert "s3cret" not in shown

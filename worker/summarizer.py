@@ -198,20 +198,24 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> SummarizerConf
     defaults = SummarizerConfig()
     for name, _, text in _FLAGS:
         dest = name.replace("-", "_")
+        here = ""
+        for var in (v for v in _variables(name) if v in environ):
+            here = f"; here {var} is set" if name == "password" else f"; here {var}={environ[var]}"
+            break
         parser.add_argument(
             f"--{name}",
             dest=dest,
             metavar=dest.upper(),
-            help=f"{text} (default: {getattr(defaults, dest)})",
+            help=f"{text} (default: {getattr(defaults, dest)}{here})",
         )
     ns = parser.parse_args(list(argv))
     values: dict[str, Any] = {}
     for name, kind, _ in _FLAGS:
         dest = name.replace("-", "_")
         raw, source = getattr(ns, dest), f"--{name}"
-        for env in (ENV_PREFIX, c.ENV_PREFIX) if name in _BROKER_FLAGS else (ENV_PREFIX,):
-            if raw is None and env + dest.upper() in environ:
-                raw, source = environ[env + dest.upper()], env + dest.upper()
+        for var in _variables(name):
+            if raw is None and var in environ:
+                raw, source = environ[var], var
         if raw is None:
             continue
         try:
@@ -220,6 +224,14 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> SummarizerConf
             kind_name = "an integer" if kind is int else "a number" if kind is float else "text"
             raise ConfigError(f"{source}: expected {kind_name}, got {raw!r}") from None
     return SummarizerConfig(api_key=environ.get("OPENAI_API_KEY") or None, **values)
+
+
+def _variables(flag: str) -> tuple[str, ...]:
+    """The environment variables that set `flag`, the first found winning."""
+    name = flag.replace("-", "_").upper()
+    if flag in _BROKER_FLAGS:
+        return ENV_PREFIX + name, c.ENV_PREFIX + name
+    return (ENV_PREFIX + name,)
 
 
 class _Parser(argparse.ArgumentParser):
