@@ -257,6 +257,7 @@ async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
         (["state", "save", "c", "n+s", "k", "1"], None),
         (["state", "save", "c", "ns", "flag", "TRUE"], "not JSON"),
         (["state", "save", "c", "ns", "lang", "en"], "--string"),
+        (["state", "save", "c", "ns", "b", "--base64", "AP8"], "is not base64"),
         (["state", "load", "c", "ns", "k" * 129], "'key'"),
         (["state", "get-all", "c", ""], "'ns'"),
         (["--reply-prefix", "a/#", "get", "c"], "reply prefix"),

@@ -123,6 +123,15 @@ async def test_memctl_state(broker: Mosquitto, worker: Any) -> None:
         0,
         [{"ok": True, "deleted": True}],
     )
+    # Bytes, as `load` shows them (LangChain's byte store keeps its values so), saved back.
+    assert await memctl(broker, p, "state", "save", "c", "n", "b", "--base64", "AP8=") == (
+        0,
+        [{"ok": True}],
+    )
+    async with device(broker.host, broker.port, p) as d:
+        assert (await d.request("c", "state/load", {"ns": "n", "key": "b"}))["value"] == b"\x00\xff"
+    loaded = {"ok": True, "found": True, "value": {"base64": "AP8="}}
+    assert await memctl(broker, p, "state", "load", "c", "n", "b") == (0, [loaded])
 
 
 async def test_sqlite_worker_keeps_everything_across_restart(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import binascii
 import json
 import os
 import sys
@@ -175,7 +176,13 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         q.add_argument("key")
     sv.add_argument("value")
     sv.add_argument("--ttl", type=float)
-    sv.add_argument("--string", action="store_true", help="VALUE is a string, not JSON")
+    kind = sv.add_mutually_exclusive_group()
+    kind.add_argument("--string", action="store_true", help="VALUE is a string, not JSON")
+    kind.add_argument(
+        "--base64",
+        action="store_true",
+        help='VALUE is bytes in base64, saved as msgpack bin (what load shows as {"base64": ...})',
+    )
     ga = ssub.add_parser("get-all", help="every live key of a namespace")
     ga.add_argument("convo")
     ga.add_argument("ns")
@@ -184,7 +191,10 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
 
 
 def _state_value(args: argparse.Namespace) -> Any:
-    """The value of `state save`: JSON, or with --string the text as it is."""
+    """The value of `state save`: JSON, with --string the text as it is, with --base64 the
+    bytes it encodes."""
+    if args.base64:
+        return base64.b64decode(args.value, validate=True)
     return args.value if args.string else json.loads(args.value)
 
 
@@ -384,6 +394,8 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     except json.JSONDecodeError:
         value = args.value
         return f"VALUE {value!r} is not JSON: quote a string ('\"{value}\"') or add --string"
+    except binascii.Error:
+        return f"VALUE {args.value!r} is not base64"
     return None
 
 
