@@ -494,6 +494,24 @@ async def test_a_deleted_conversations_ids_are_bounded(make: Make) -> None:
     assert (await add(h, "c", "x", role="r", id="i1"))["seq"] == 1
 
 
+async def test_a_fresh_grave_outlives_an_idle_conversation(make: Make) -> None:
+    """In a full store (what a cache sized by --max-bytes is) graves that always went first
+    lasted until the bytes their delete freed were used again: the least recently used goes,
+    a grave by the time of its delete."""
+    h = await make(max_bytes=400, id_cost=100)
+    await add(h, "o", "x" * 100, role="r")
+    h.clock.now += 1
+    await add(h, "c", "x", role="r", id="i1")
+    await h.ok(Delete("c", "d1"))
+    h.clock.now += 1
+    await add(h, "n", "x" * 150, role="r")  # 102 + 201 + 152 > 400: "o" goes, not the grave
+    assert h.take() == [("c", "deleted", 1, 0), ("o", "memory", 1, 0)]
+    assert h.counts.bytes == 201 + 152
+    await add(h, "c", "x", role="r", id="i2")
+    assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 1}  # remembered
+    assert len(await turns(h, "c")) == 1
+
+
 async def test_remembered_ids_count_in_the_budget(make: Make) -> None:
     """Each request id a conversation remembers costs --max-bytes, and goes past
     --max-inflight (max_ids): ids crowd other conversations out like turns do."""
@@ -757,6 +775,23 @@ async def test_a_deleted_conversations_ids_survive_a_restart(durable: Harness) -
     await add(h, "gone", "g")
     assert (await h.ok(Delete("gone", "d2"))).fields == {"deleted": 0}
     assert len(await turns(h, "gone")) == 1
+
+
+@pytest.mark.parametrize("ttl", [0, 100])
+async def test_a_grave_lasts_the_ttl_of_after_a_restart(durable: Harness, ttl: float) -> None:
+    """A grave lasts --ttl from its delete under the --ttl the worker runs with now, as a
+    conversation does (one dug under --ttl 0 lasted for ever after a restart with a TTL)."""
+    h = durable
+    await h.reopen(dataclasses.replace(h.limits, ttl=ttl))
+    await add(h, "c", "a1", id="a1")
+    await h.ok(Delete("c", "d1"))
+    await h.reopen(dataclasses.replace(h.limits, ttl=10))
+    h.clock.now += 11
+    while await h.expire():
+        pass
+    assert h.counts.bytes == 0
+    await add(h, "c", "again")
+    assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 1}  # forgotten: applied
 
 
 async def test_a_restart_with_a_lower_max_inflight_keeps_the_newest_ids(
@@ -1295,6 +1330,23 @@ async def test_redis_ids_remembered_before_they_were_counted_still_answer(
         await add(h, "c", "x", role="r", id="new1")
         await add(h, "c", "x", role="r", id="new2")  # forgets "old", which cost nothing
         assert h.counts.bytes == 3 * 2 + 2 * 100
+    finally:
+        await h.be.close()
+
+
+async def test_redis_a_grave_whose_ids_went_is_no_error(redis_url: str, tmp_path: Path) -> None:
+    """Ids Redis dropped from outside (maxmemory, a DEL) while the grave was listed: the
+    conversation starts again without them (every append to it failed on a RENAME)."""
+    h = Harness("redis", Limits(), tmp_path, Clock(), redis_url)
+    await h.be.open()
+    try:
+        await add(h, "c", "x", id="a1")
+        await h.ok(Delete("c", "d1"))
+        async with redis.asyncio.from_url(redis_url) as r:
+            await r.delete(f"mw:{{{h.prefix}}}:gi:c", f"mw:{{{h.prefix}}}:gil:c")
+        assert await add(h, "c", "x", id="a2") == {"seq": 1, "count": 1}
+        assert await add(h, "c", "x", id="a1") == {"seq": 2, "count": 2}  # went with them
+        assert await add(h, "c", "x", id="a2") == {"seq": 1, "count": 1}
     finally:
         await h.be.close()
 

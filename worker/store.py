@@ -215,11 +215,11 @@ class Grave:
     again what was in flight then, answered since: a delete, and writes of before and after
     it. The conversation started again takes these ids back, so none is applied twice."""
 
-    __slots__ = ("deadline", "ids", "nbytes")
+    __slots__ = ("dug", "ids", "nbytes")
 
-    def __init__(self, ids: dict[Any, dict[str, Any]], deadline: float, nbytes: int) -> None:
+    def __init__(self, ids: dict[Any, dict[str, Any]], dug: float, nbytes: int) -> None:
         self.ids = ids
-        self.deadline = deadline
+        self.dug = dug  # monotonic time of the delete: it lasts --ttl from then
         self.nbytes = nbytes
 
 
@@ -253,7 +253,8 @@ class Store:
         # id each (at 1,000,000 those lookups were a third of a page, all cache misses).
         self._index: SortedKeyList[Convo, str] = SortedKeyList(key=attrgetter("name"))
         # Deleted conversations' ids, oldest first: in --max-bytes, --max-conversations of
-        # them at most, for --ttl, and the first to go when the budget is short (a cache).
+        # them at most, for --ttl; when the budget is short, a grave older than the least
+        # recently used conversation goes first (in a full store they would not last).
         self._graves: OrderedDict[str, Grave] = OrderedDict()
         self.graves_dirty: set[str] = set()
         self._key_heap: list[tuple[float, str, str, str]] = []
@@ -535,7 +536,7 @@ class Store:
         if self.limits.ttl and self._convos:
             first = next(iter(self._convos.values())).deadline
         if self.limits.ttl and self._graves:
-            first = min(first, next(iter(self._graves.values())).deadline)
+            first = min(first, next(iter(self._graves.values())).dug + self.limits.ttl)
         if self._key_heap:
             first = min(first, self._key_heap[0][0])
         return first
@@ -553,7 +554,7 @@ class Store:
                 self._evict(name, cv, c.REASON_TTL)
                 done += 1
             graves = self._graves
-            while graves and done < limit and next(iter(graves.values())).deadline <= now:
+            while graves and done < limit and not self._lasts(next(iter(graves.values())), now):
                 self._drop_grave(next(iter(graves)))
                 done += 1
         heap = self._key_heap
@@ -622,12 +623,12 @@ class Store:
         self.keys += cv.nkeys
         self._shed_ids(cv)  # stored when ids cost nothing: not evicted for them
 
-    def restore_grave(self, name: str, ids: dict[Any, dict[str, Any]], deadline: float) -> None:
-        """Put back a grave read from storage (`deadline` monotonic); call in order of age."""
+    def restore_grave(self, name: str, ids: dict[Any, dict[str, Any]], dug: float) -> None:
+        """Put back a grave read from storage (`dug` monotonic); call in order of age."""
         lim = self.limits
         while len(ids) > lim.max_ids:
             del ids[next(iter(ids))]
-        grave = self._graves[name] = Grave(ids, deadline, self._base(name) + len(ids) * lim.id_cost)
+        grave = self._graves[name] = Grave(ids, dug, self._base(name) + len(ids) * lim.id_cost)
         self.bytes += grave.nbytes
 
     def enforce_bounds(self) -> None:
@@ -714,7 +715,7 @@ class Store:
         self.bytes += cv.nbytes
         convos[name] = cv
         self._index.add(cv)
-        if (grave := self._drop_grave(name)) is not None and grave.deadline > now:
+        if (grave := self._drop_grave(name)) is not None and self._lasts(grave, now):
             cv.ids = grave.ids or None
             cost = self._ids_size(cv)
             cv.nbytes += cost
@@ -733,7 +734,7 @@ class Store:
         has one), unless the budget cannot hold even the grave alone."""
         lim = self.limits
         old = self._drop_grave(name)
-        if old is not None and old.deadline > now:
+        if old is not None and self._lasts(old, now):
             ids = {**old.ids, **ids}
         if key[1] is not None:
             ids[key] = fields
@@ -747,8 +748,7 @@ class Store:
         graves = self._graves
         while len(graves) >= lim.max_conversations:
             self._drop_grave(next(iter(graves)))
-        deadline = now + lim.ttl if lim.ttl else NO_DEADLINE
-        grave = graves[name] = Grave(ids, deadline, base + len(ids) * lim.id_cost)
+        grave = graves[name] = Grave(ids, now, base + len(ids) * lim.id_cost)
         self.bytes += grave.nbytes
         self._grave_changed(name)
         self._fit_budget()
@@ -759,6 +759,9 @@ class Store:
             self.bytes -= grave.nbytes
             self._grave_changed(name)
         return grave
+
+    def _lasts(self, grave: Grave, now: float) -> bool:
+        return not self.limits.ttl or grave.dug + self.limits.ttl > now
 
     def _grave_changed(self, name: str) -> None:
         if self.dirty is not None:
@@ -780,8 +783,11 @@ class Store:
         # before it grew), so this never evicts it.
         convos, graves = self._convos, self._graves
         while self.bytes > self.limits.max_bytes:
-            if graves:  # ids first, as a conversation's go before its turns
-                self._drop_grave(next(iter(graves)))
+            grave = next(iter(graves.items()), None)
+            if grave is not None and (
+                not convos or grave[1].dug <= next(iter(convos.values())).used
+            ):
+                self._drop_grave(grave[0])
                 continue
             name, cv = next(iter(convos.items()))
             self._evict(name, cv, c.REASON_MEMORY)
@@ -814,7 +820,7 @@ class Store:
             return None
         if cv is None:
             grave = self._graves.get(name)
-            if grave is None or key not in grave.ids or grave.deadline <= now:
+            if grave is None or key not in grave.ids or not self._lasts(grave, now):
                 return None
             return Fields(grave.ids[key])
         if not cv.ids or key not in cv.ids:

@@ -105,13 +105,17 @@ local function grave(c)
   return true
 end
 
+-- the least recently used conversation goes, or a grave dug before its last use (in a full
+-- store graves that always went first would not last)
 local function fit_budget()
   while num(redis.call('GET', K .. 'bytes')) > max_bytes do
-    local oldest = redis.call('ZRANGE', K .. 'gv', 0, 0)[1]
-    if oldest then  -- ids first, as a conversation's go before its turns
-      drop_grave(oldest)
+    local grave_ = redis.call('ZRANGE', K .. 'gv', 0, 0, 'WITHSCORES')
+    local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
+    if grave_[1] and (not victim or
+        tonumber(grave_[2]) <= num(redis.call('HGET', meta(victim), 'used'))) then
+      drop_grave(grave_[1])
     else
-      evict(redis.call('ZRANGE', K .. 'lru', 0, 0)[1], 'memory')
+      evict(victim, 'memory')
     end
   end
 end
@@ -129,6 +133,9 @@ local function create(c)
              'born', string.format('%.0f', born))
   redis.call('ZADD', K .. 'ix', 0, c)
   redis.call('INCRBY', K .. 'bytes', base)
+  if grave(c) and redis.call('EXISTS', K .. 'gi:' .. c, K .. 'gil:' .. c) < 2 then
+    drop_grave(c)  -- its ids gone from outside (maxmemory, a DEL): nothing to take back
+  end
   if grave(c) then
     local cost = 0
     for _, v in ipairs(redis.call('HVALS', K .. 'gi:' .. c)) do

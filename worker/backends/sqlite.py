@@ -52,9 +52,9 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 -- What stays of a conversation a request deleted: its ids and the delete's (store.Grave).
 CREATE TABLE IF NOT EXISTS graves (
-    name     TEXT PRIMARY KEY,
-    ids      BLOB NOT NULL,
-    deadline REAL  -- wall clock; NULL: none
+    name TEXT PRIMARY KEY,
+    ids  BLOB NOT NULL,
+    dug  REAL NOT NULL  -- wall-clock time of the delete: the TTL runs from it
 ) WITHOUT ROWID;
 """
 # Files made before summaries existed get their columns when opened.
@@ -154,10 +154,8 @@ class SqliteBackend(MemoryBackend):
         for row in rows:
             self._restore(row, keys.get(row[0], {}))
         to_mono = self._clock() - self._wall()
-        for name, ids, deadline in graves:
-            self.store.restore_grave(
-                name, _ids(ids), NO_DEADLINE if deadline is None else deadline + to_mono
-            )
+        for name, ids, dug in graves:
+            self.store.restore_grave(name, _ids(ids), dug + to_mono)
         self.store.enforce_bounds()  # the limits may be lower than when these were stored
         self.store.touched.clear()
         await self._commit()
@@ -194,7 +192,7 @@ class SqliteBackend(MemoryBackend):
 
     def _connect(
         self,
-    ) -> tuple[list[tuple[Any, ...]], dict[str, _Keys], list[tuple[str, bytes, float | None]]]:
+    ) -> tuple[list[tuple[Any, ...]], dict[str, _Keys], list[tuple[str, bytes, float]]]:
         db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,9 +214,7 @@ class SqliteBackend(MemoryBackend):
                 "SELECT name, ns, key, value, deadline FROM keys"
             ):
                 keys.setdefault(name, {}).setdefault(ns, {})[key] = (value, deadline)
-            graves = db.execute(
-                "SELECT name, ids, deadline FROM graves ORDER BY coalesce(deadline, 0)"
-            ).fetchall()
+            graves = db.execute("SELECT name, ids, dug FROM graves ORDER BY dug").fetchall()
             self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             if db is not None:
@@ -298,9 +294,7 @@ class SqliteBackend(MemoryBackend):
                 saved.append((name, ns, key, value, None if d == NO_DEADLINE else d + to_wall))
         return [(name,) for name in cleared], saved, dropped
 
-    def _graves(
-        self, buried: set[str]
-    ) -> tuple[list[tuple[str, bytes, float | None]], list[tuple[str]]]:
+    def _graves(self, buried: set[str]) -> tuple[list[tuple[str, bytes, float]], list[tuple[str]]]:
         """What to write of the graves: (those dug or changed, those gone)."""
         store, to_wall = self.store, self._wall() - self._clock()
         saved, gone = [], []
@@ -309,9 +303,8 @@ class SqliteBackend(MemoryBackend):
             if grave is None:
                 gone.append((name,))
             else:
-                d = grave.deadline
                 ids = msgpack.packb(list(grave.ids.items()))
-                saved.append((name, ids, None if d == NO_DEADLINE else d + to_wall))
+                saved.append((name, ids, grave.dug + to_wall))
         return saved, gone
 
     def _write(
@@ -319,7 +312,7 @@ class SqliteBackend(MemoryBackend):
         upserts: list[tuple[Any, ...]],
         deletes: list[tuple[str]],
         keys: tuple[list[tuple[str]], list[tuple[Any, ...]], list[tuple[str, str, str]]],
-        graves: tuple[list[tuple[str, bytes, float | None]], list[tuple[str]]],
+        graves: tuple[list[tuple[str, bytes, float]], list[tuple[str]]],
         used: list[tuple[float, int, str]],
     ) -> None:
         db = self._db

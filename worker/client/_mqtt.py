@@ -69,10 +69,9 @@ class MemoryClient(_Api):
             the conversation id (for a worker run with `--route-prefix reply/{convo}`).
         protocol: 5 (replies matched by Correlation Data) or 3 (MQTT 3.1.1: each request
             names a reply topic of its own, `reply_to` in the payload, and is matched by it).
-        attempts: how many times a request is sent before NoReplyError.
-            Appends and saves carry an id made by the client, so the worker applies a
-            repeat at most once; reads are repeated as they are; a conversation or key
-            delete is sent once.
+        attempts: how many times a request is sent before NoReplyError. Writes (deletes
+            too) carry an id made by the client, so the worker applies a repeat at most
+            once; reads are repeated as they are.
         replies: False for a client that only watches (evictions(), stats()): it subscribes
             to no reply topic, so a login that may not read one (a dashboard's) can use it;
             a request then raises RuntimeError.
