@@ -158,6 +158,14 @@ local function seen(c, id, exists)
   return (split_reply(v))
 end
 
+-- whether c is live, and the reply it (or its grave) remembers for id, touching c for a repeat
+local function known(c, id)
+  local exists = live(c)
+  local dup = seen(c, id, exists)
+  if dup and exists then touch(c) end
+  return exists, dup
+end
+
 -- keep c's ids (moved to its grave before a delete) and the delete's, within the bounds
 local function bury(c, id, reply, icost)
   local gi, gil = K .. 'gi:' .. c, K .. 'gil:' .. c
@@ -276,11 +284,9 @@ local c = ARGV[11]
 if op == 'append' then
   -- ARGV[12] size, ARGV[13] turn without its seq, ARGV[14] id, ARGV[15] the id's cost
   local size, head, id, icost = tonumber(ARGV[12]), ARGV[13], ARGV[14], tonumber(ARGV[15])
-  local exists = live(c)
-  local dup = seen(c, id, exists)
+  local exists, dup = known(c, id)
   local fixed = base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0)
   if dup then
-    if exists then touch(c) end
     result = {'dup', dup}
   elseif size + fixed > max_bytes then
     result = {'too_large', 'the turn does not fit in --max-bytes'}
@@ -331,10 +337,8 @@ elseif op == 'get' then
 elseif op == 'delete' then
   -- ARGV[12] id, ARGV[13] the id's cost
   local id, icost = ARGV[12], tonumber(ARGV[13])
-  local exists = live(c)
-  local dup = seen(c, id, exists)
+  local exists, dup = known(c, id)
   if dup then
-    if exists then touch(c) end
     result = {'dup', dup}
   else
     local count = exists and redis.call('LLEN', K .. 't:' .. c) or 0
@@ -354,14 +358,12 @@ elseif op == 'summary' then
   local text, upto, sbase = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
   local tokens, size, id, want = ARGV[15], tonumber(ARGV[16]), ARGV[17], ARGV[18]
   local icost = tonumber(ARGV[19])
-  local exists = live(c)
-  local dup = seen(c, id, exists)
+  local exists, dup = known(c, id)
   local current = exists and num(redis.call('HGET', meta(c), 'sum_upto')) or 0
   local newest = exists and num(redis.call('HGET', meta(c), 'seq')) or 0
   local born = exists and (redis.call('HGET', meta(c), 'born') or '0') or '0'
   local other = want ~= '' and tonumber(want) ~= tonumber(born)
   if dup then
-    if exists then touch(c) end
     result = {'dup', dup}
   elseif not exists or other or sbase ~= current or upto <= sbase or upto > newest then
     local why = 'the conversation is not live'
@@ -406,10 +408,8 @@ elseif op == 'save' then
   -- ARGV[17] the id's cost
   local field, ksize, value = ARGV[12], tonumber(ARGV[13]), ARGV[14]
   local kttl, id, icost = tonumber(ARGV[15]), ARGV[16], tonumber(ARGV[17])
-  local exists = live(c)
-  local dup = seen(c, id, exists)
+  local exists, dup = known(c, id)
   if dup then
-    if exists then touch(c) end
     result = {'dup', dup}
   else
     local old = exists and live_key(c, field)
@@ -472,10 +472,8 @@ elseif op == 'get_all' then
 elseif op == 'state_delete' then
   -- ARGV[12] field, ARGV[13] id, ARGV[14] the id's cost
   local id, icost = ARGV[13], tonumber(ARGV[14])
-  local exists = live(c)
-  local dup = seen(c, id, exists)
+  local exists, dup = known(c, id)
   if dup then
-    if exists then touch(c) end
     result = {'dup', dup}
   else
     local found = false
