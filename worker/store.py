@@ -628,7 +628,7 @@ class Store:
         lim = self.limits
         while len(ids) > lim.max_ids:
             del ids[next(iter(ids))]
-        grave = self._graves[name] = Grave(ids, dug, self._base(name) + len(ids) * lim.id_cost)
+        grave = self._graves[name] = Grave(ids, dug, self._grave_cost(name, ids))
         self.bytes += grave.nbytes
 
     def enforce_bounds(self) -> None:
@@ -740,15 +740,14 @@ class Store:
             ids[key] = fields
         while len(ids) > lim.max_ids:
             del ids[next(iter(ids))]
-        base = self._base(name)
-        while ids and base + len(ids) * lim.id_cost > lim.max_bytes:
+        while ids and self._grave_cost(name, ids) > lim.max_bytes:
             del ids[next(iter(ids))]
         if not ids:
             return
         graves = self._graves
         while len(graves) >= lim.max_conversations:
             self._drop_grave(next(iter(graves)))
-        grave = graves[name] = Grave(ids, now, base + len(ids) * lim.id_cost)
+        grave = graves[name] = Grave(ids, now, self._grave_cost(name, ids))
         self.bytes += grave.nbytes
         self._grave_changed(name)
         self._fit_budget()
@@ -759,6 +758,11 @@ class Store:
             self.bytes -= grave.nbytes
             self._grave_changed(name)
         return grave
+
+    def _grave_cost(self, name: str, ids: dict[Any, dict[str, Any]]) -> int:
+        """What a grave costs the budget: its conversation's id, as a conversation's does,
+        and its ids."""
+        return self._base(name) + len(ids) * self.limits.id_cost
 
     def _lasts(self, grave: Grave, now: float) -> bool:
         return not self.limits.ttl or grave.dug + self.limits.ttl > now
