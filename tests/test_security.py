@@ -320,6 +320,34 @@ def test_add_user_says_when_the_broker_is_not_running(tmp_path: Path) -> None:
     assert "password" not in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "code", "words"),
+    [
+        ("init-security", ["--help"], 0, "deploy/init-security [ADMIN_PASSWORD]: make"),
+        ("init-security", ["-x"], 2, "error: no option '-x'"),
+        ("add-user", ["--help"], 0, "deploy/add-user [--if-missing] NAME"),
+        ("add-user", [], 2, "usage: deploy/add-user [--if-missing] NAME"),
+        ("add-user", ["--if-missing", "--help"], 2, "error: no option '--help'"),
+    ],
+)
+def test_an_option_is_neither_a_password_nor_a_name(
+    tmp_path: Path, script: str, args: list[str], code: int, words: str
+) -> None:
+    """`init-security --help` made "--help" the admin's password, and `add-user --help` a
+    device named "--help": help is shown, another option refused, and nothing is made."""
+    env = {"DYNSEC_FILE": str(tmp_path / "d.json"), "CTRL_DIR": str(tmp_path / "ctrl")}
+    done = subprocess.run(
+        [REPO / "deploy" / script, *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PERSIST_DIR": "", **env},
+        check=False,
+    )
+    assert done.returncode == code, done.stderr
+    assert words in (done.stdout if code == 0 else done.stderr)
+    assert not (tmp_path / "d.json").exists()
+
+
 async def test_passwords_never_reach_mosquitto_ctrls_command_line(
     secured: Mosquitto, tmp_path: Path
 ) -> None:
