@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from redis.crc import key_slot
 
 from tests.clients import decode, device, next_message, watcher
 from tests.conftest import make_config, reap, running, spawn_worker, unique, wait_serving
-from tests.processes import Mosquitto, RedisServer, redis_server
+from tests.processes import Mosquitto, RedisClusterServers, RedisServer, redis_server
 from worker.client import (
     Appended,
     BlockingMemoryClient,
@@ -278,6 +279,22 @@ async def test_no_reply_after_unavailable_says_the_worker_answered(
         proc.send_signal(signal.SIGCONT)
         reap(proc)
         server.stop()
+
+
+async def test_a_redis_url_on_a_cluster_node_says_to_name_the_cluster(
+    broker: Mosquitto, redis_cluster: RedisClusterServers
+) -> None:
+    """redis:// at a node of a Redis Cluster whose slot for the prefix is another node's
+    looked like an outage ("not answering: MovedError") and every request 'unavailable'."""
+    prefix = next(
+        p for p in (f"mem{n}" for n in range(100)) if key_slot(f"mw:{{{p}}}:".encode()) > 6000
+    )
+    node = f"redis://127.0.0.1:{redis_cluster.ports[0]}/0"  # slots 0-5460 (cluster create's)
+    proc = spawn_worker(broker, "--backend", node, "--prefix", prefix)
+    out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert proc.returncode == 2, out
+    assert "a node of a Redis Cluster" in out
+    assert "redis+cluster://" in out
 
 
 async def test_a_redis_that_refuses_for_good_stops_the_worker_at_start(

@@ -311,6 +311,11 @@ def _refusal(exc: BaseException | None) -> str | None:
         return str(exc) or type(exc).__name__
     if isinstance(exc, redis.exceptions.ResponseError) and "DB index is out of range" in str(exc):
         return str(exc)
+    if isinstance(exc, redis.exceptions.MovedError):  # it looked like an outage for ever
+        return (
+            "it is a node of a Redis Cluster, which moved the request to another node: "
+            "name the cluster as redis+cluster://HOST:PORT (docs/scaling.md)"
+        )
     return None
 
 
