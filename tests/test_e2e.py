@@ -9,12 +9,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import msgpack
 import pytest
 
 from tests.clients import Device, check, decode, device, next_message, watcher
 from tests.conftest import WorkerFactory, unique
 from tests.processes import Mosquitto
+from worker.protocol import limits_payload
 from worker.service import Service
 
 
@@ -309,6 +311,53 @@ async def test_workers_on_one_prefix_with_other_limits_are_warned(
     assert "max_turns 5, here 1000" in first or "max_turns 1000, here 5" in first
     assert f"serves {prefix}/# with other limits" in first
     assert len(set(handler.records)) == len(handler.records)  # once each
+
+
+async def test_every_worker_of_a_group_judges_a_new_one(worker_factory: WorkerFactory) -> None:
+    """A share hands each message to one worker of the group, and retained ones to none: a
+    worker that joined with other limits was named by one of the others, or by none. Each
+    reads the others' status and stats itself: both name it."""
+    prefix = unique("mem")
+    handler = _Said("(max_turns 5, here 1000)")
+    logging.getLogger("memory_worker").addHandler(handler)
+    quiet = {"prefix": prefix, "shared_group": "g", "stats_interval": 3600}
+    try:
+        async with (
+            worker_factory(**quiet, client_id=unique("a-"), max_turns=1000),
+            worker_factory(**quiet, client_id=unique("b-"), max_turns=1000),
+            worker_factory(**quiet, client_id=unique("c-"), max_turns=5),
+        ):
+            while len(handler.records) < 2:
+                handler.said.clear()
+                await asyncio.wait_for(handler.said.wait(), 30)
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    assert len(handler.records) == 2
+
+
+async def test_a_restarted_workers_stats_of_its_run_before_are_not_judged(
+    broker: Mosquitto, worker_factory: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker restarted with other limits: its stats of the run before (retained) came
+    first, and the others named the old limits. Stats older than its status are not read."""
+    prefix = unique("mem")
+    async with worker_factory(prefix=prefix, shared_group="g", client_id=unique("a-")) as w:
+        peer, now = unique("p-"), time.time()
+        ours = limits_payload(w.cfg.limits)
+        before = {"client_id": peer, "ts": now - 5, "stats_interval": 10, "shared_group": "g"}
+        async with aiomqtt.Client(broker.host, broker.port) as c:
+            topic = f"{prefix}/_worker/{peer}"
+            stale = before | {"backend": "memory", "limits": ours | {"max_turns": 20}}
+            await c.publish(f"{topic}/stats", msgpack.packb(stale), qos=1, retain=True)
+            online = {"state": "online", "client_id": peer, "ts": now}
+            await c.publish(f"{topic}/status", msgpack.packb(online), qos=1, retain=True)
+            fresh = stale | {"ts": now + 1, "limits": ours}
+            await c.publish(f"{topic}/stats", msgpack.packb(fresh), qos=1, retain=True)
+            for leaf in ("stats", "status"):
+                await c.publish(f"{topic}/{leaf}", b"", qos=1, retain=True)
+        async with device(broker.host, broker.port, prefix) as d:
+            assert (await d.request("c", "get"))["ok"]  # after those, in order
+    assert not [r for r in caplog.records if "other limits" in r.getMessage()]
 
 
 @pytest.mark.parametrize(

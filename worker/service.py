@@ -84,7 +84,7 @@ from worker.systemd import Notifier
 log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
 _PEERS_KEPT = 256  # other workers whose status (or stats awaiting it) is remembered
-_COMPARED = ("client_id", "shared_group", "backend", "limits")  # of a peer's stats
+_COMPARED = ("client_id", "shared_group", "backend", "limits", "ts")  # of a peer's stats
 # Backends that workers of a share group can share (memory and SQLite are each worker's own).
 _SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})
 
@@ -99,6 +99,7 @@ _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
 _STATS_LEAF = "/stats"  # a worker topic's (c.WORKER_LEAVES)
 _STATUS_LEAF = "/status"
+_PEER_LEAVES = (_STATUS_LEAF[1:], _STATS_LEAF[1:])  # what is read of other workers
 
 
 def machine_node() -> str:
@@ -122,6 +123,13 @@ def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
         if body["client_id"] == client_id and isinstance(body["uptime"], int | float):
             return body  # type: ignore[no-any-return]
     return None
+
+
+def _of_this_run(stats: dict[str, Any], since: float) -> bool:
+    """Whether a worker's stats are of its run that went online at `since` (its own clock):
+    a restarted one's retained stats of the run before come first, with its old limits."""
+    ts = stats.get("ts")
+    return not isinstance(ts, int | float) or ts >= since
 
 
 def _group_name(group: object) -> str:
@@ -169,7 +177,8 @@ class Service:
         self._wake = asyncio.Event()
         self._idle = False  # `_process` waits for `_wake` with nothing to do
         self._peers_warned: set[tuple[str, tuple[str, ...]]] = set()
-        self._peer_states: dict[str, object] = {}  # other workers' last status, by client id
+        # Other workers' last status by client id: (state, when it went so).
+        self._peer_states: dict[str, tuple[object, float]] = {}
         self._peer_pending: dict[str, dict[str, Any]] = {}  # their stats before a status
         self._generation = 0
         self._busy = False  # a batch is being handled
@@ -572,8 +581,12 @@ class Service:
         else:
             await self._check_taken_over(client)
         subscriptions = [(f, options) for f in filters]
-        if self.cfg.shared_group:  # a share would hand a ping to any worker of the group
-            subscriptions.append((self.ping_topic, subscribe_options(no_local=True)))
+        if self.cfg.shared_group:
+            # A share hands each message to one worker of the group: a ping to any, and
+            # another worker's status and stats to one (and retained ones to none).
+            own = subscribe_options(no_local=True)
+            subscriptions.append((self.ping_topic, own))
+            subscriptions += [(self.router.worker_topic("+", leaf), own) for leaf in _PEER_LEAVES]
         await client.subscribe(subscriptions)
         if self.cfg.ha_discovery:  # before "online", so that a reader of it finds them
             for topic, config in ha_discovery(
@@ -944,9 +957,11 @@ class Service:
             return
         if peer not in self._peer_states and len(self._peer_states) >= _PEERS_KEPT:
             return  # anyone may publish statuses: no more
-        self._peer_states[peer] = state
+        since = body.get("ts")
+        since = float(since) if isinstance(since, int | float) else 0.0
+        self._peer_states[peer] = (state, since)
         pending = self._peer_pending.pop(peer, None)
-        if state == "online" and pending is not None:
+        if state == "online" and pending is not None and _of_this_run(pending, since):
             self._judge_peer(pending)
 
     def _peer_stats(self, payload: bytes) -> None:
@@ -960,9 +975,10 @@ class Service:
             return
         if peer == self.cfg.client_id or not stats_are_recent(body, time.time()):
             return
-        state = self._peer_states.get(peer)
+        state, since = self._peer_states.get(peer, (None, 0.0))
         if state == "online":
-            self._judge_peer(body)
+            if _of_this_run(body, since):
+                self._judge_peer(body)
         elif state is None and (
             peer in self._peer_pending or len(self._peer_pending) < _PEERS_KEPT
         ):  # its status may come after: judged then, on what is compared
