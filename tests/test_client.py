@@ -399,7 +399,8 @@ async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> No
 async def test_stats_are_fresh_from_a_worker_that_is_online(broker: Mosquitto) -> None:
     """A worker publishes its stats every --stats-interval (10 s by default): stats() (and
     memctl stats) pinged it, and counts what was done a moment before, not the last snapshot.
-    A stopped worker's retained snapshot is still listed, as it was."""
+    A stopped worker's retained snapshot is still listed, as it was, and says it is offline
+    (it looked like a live one)."""
     from tests.conftest import make_config, running
 
     cfg = make_config(broker, stats_interval=3600)
@@ -413,6 +414,7 @@ async def test_stats_are_fresh_from_a_worker_that_is_online(broker: Mosquitto) -
     assert stats[cfg.client_id]["conversations"] == 3
     assert stats[cfg.client_id]["requests"] == 3
     assert stats[gone.client_id]["conversations"] == 0
+    assert (stats[cfg.client_id]["state"], stats[gone.client_id]["state"]) == ("online", "offline")
 
 
 async def test_the_blocking_client_answers_every_method_from_a_thread(

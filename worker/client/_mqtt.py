@@ -546,7 +546,8 @@ class MemoryClient(_Api):
     async def stats(self) -> list[dict[str, Any]]:
         """Each worker's stats: fresh from each worker whose status says online (asked on its
         ping topic, answered within a second), else its latest retained snapshot, up to
-        --stats-interval old; [] when no worker ever ran."""
+        --stats-interval old; [] when no worker ever ran. Each has the `state` its status
+        says (online, offline; unknown without one): a stopped worker's stats stay."""
         base = f"{self.prefix}/{c.WORKER_LEVEL}/"
         found = await self._retained(base + "+/+", self.timeout)
         snapshots = {
@@ -554,14 +555,17 @@ class MemoryClient(_Api):
             for topic, payload in found.items()
             if topic.endswith("/stats") and payload
         }
-        online = [
-            w
-            for w in snapshots
-            if decode_status(found.get(f"{base}{w}/status")).get("state") == "online"
-        ]
+        states = {w: decode_status(found.get(f"{base}{w}/status")).get("state") for w in snapshots}
+        online = [w for w, state in states.items() if state == "online"]
         if online and self.protocol == 5:
             snapshots.update(await self._fresh_stats(base, online))
-        return [decode_event(payload, None) for payload in snapshots.values()]
+        out = []
+        for w, payload in snapshots.items():
+            body = decode_event(payload, None)
+            if isinstance(body, dict):  # anyone may publish there
+                body["state"] = states[w] or "unknown"
+            out.append(body)
+        return out
 
     async def _fresh_stats(self, base: str, workers: list[str]) -> dict[str, bytes]:
         """Live stats of `workers`, each pinged: those that answer within PING_EVERY and a
