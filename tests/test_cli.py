@@ -150,6 +150,28 @@ async def test_memctl_append_get_delete(broker: Mosquitto, program_worker: Any) 
     assert (rc, out) == (0, [{"ok": True, "deleted": 3}])
 
 
+async def test_memctl_repeats_a_delete_with_its_id_once(
+    broker: Mosquitto, program_worker: Any
+) -> None:
+    """After a timeout (exit 3) the same command with the same --id is applied once: --id was
+    taken and not sent with deletes, so the repeat took what was appended since."""
+    prefix = program_worker[0]
+    await memctl(broker, prefix, "append", "kiosk-2", "user", "before")
+    await memctl(broker, prefix, "state", "save", "kiosk-2", "n", "k", "1")
+    for args in (["delete", "kiosk-2"], ["state", "delete", "kiosk-2", "n", "k"]):
+        assert (await memctl(broker, prefix, "--id", "once", *args))[0] == 0
+    await memctl(broker, prefix, "append", "kiosk-2", "user", "after")
+    await memctl(broker, prefix, "state", "save", "kiosk-2", "n", "k", "2")
+    assert await memctl(broker, prefix, "--id", "once", "delete", "kiosk-2") == (
+        0,
+        [{"ok": True, "deleted": 1}],  # the first's reply: one turn then
+    )
+    await memctl(broker, prefix, "--id", "once", "state", "delete", "kiosk-2", "n", "k")
+    _, out = await memctl(broker, prefix, "get", "kiosk-2")
+    assert [t["content"] for t in out[0]["turns"]] == ["after"]
+    assert (await memctl(broker, prefix, "state", "load", "kiosk-2", "n", "k"))[1][0]["value"] == 2
+
+
 async def test_memctl_budgets_and_summaries(broker: Mosquitto, program_worker: Any) -> None:
     """memctl get --max-tokens prints what fits with the summary; summary shows and saves one,
     a stale one exits 1 with the conflict and the current upto."""

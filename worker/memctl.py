@@ -111,7 +111,7 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
     )
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--qos", type=int, choices=(0, 1), default=1)
-    p.add_argument("--id", help="request id (echoed; makes appends and saves at-most-once)")
+    p.add_argument("--id", help="request id (echoed; makes a write, a delete too, at-most-once)")
     p.add_argument(
         "--reply-prefix",
         default="memctl",
@@ -232,7 +232,7 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     elif args.command == "summary":
         reply.update(await _summary(memory, args))
     elif args.command == "delete":
-        reply["deleted"] = await memory.forget(args.convo)
+        reply["deleted"] = await memory.forget(args.convo, request_id=rid)
     elif args.state_command == "save":
         value = _state_value(args)
         await memory.save(args.convo, args.ns, args.key, value, args.ttl, request_id=rid)
@@ -244,7 +244,7 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
     elif args.state_command == "namespaces":
         reply["namespaces"] = await memory.namespaces(args.convo)
     else:
-        reply["deleted"] = await memory.delete(args.convo, args.ns, args.key)
+        reply["deleted"] = await memory.delete(args.convo, args.ns, args.key, request_id=rid)
     return reply
 
 
