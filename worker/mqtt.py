@@ -62,6 +62,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("aiomqtt.Client", "_on_disconnect"),
     ("aiomqtt.Client", "_on_socket_open"),
     ("aiomqtt.Client", "_on_socket_close"),
+    ("aiomqtt.Client", "_on_socket_register_write"),
     ("aiomqtt.Client", "_on_subscribe"),
     ("aiomqtt.Client", "_on_unsubscribe"),
     ("aiomqtt.Client", "_pending_subscribes"),
@@ -200,6 +201,12 @@ def persistent(
 def subscribe_options(*, no_local: bool) -> SubscribeOptions:
     """QoS 1, retain flag as published, and No Local as asked."""
     return SubscribeOptions(qos=1, retainAsPublished=True, noLocal=no_local)
+
+
+def _still_open(client: paho.Client, sock: Any) -> bool:
+    """Whether `sock` is still the client's open socket (from the loop, after paho's thread
+    handed it over: an open cancelled meanwhile closed it)."""
+    return bool(sock.fileno() >= 0 and client.socket() is sock)
 
 
 class Connection(aiomqtt.Client):
@@ -661,6 +668,8 @@ class Connection(aiomqtt.Client):
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this from the executor thread that runs connect().
         def start() -> None:
+            if not _still_open(client, sock):
+                return
             self._fd = sock.fileno()
             self.paused = False
             self._rbuf, self._need, self._chunks, self._chunked = b"", 0, [], 0
@@ -668,6 +677,23 @@ class Connection(aiomqtt.Client):
             self._misc_task = self._loop.create_task(self._misc_loop())
 
         self._loop.call_soon_threadsafe(start)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # aiomqtt's reads the descriptor on paho's thread and registers it on the loop later:
+        # a task cancelled while opening had closed it by then (EBADF, a traceback), or its
+        # number went to another socket, whose writer it would have replaced.
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # a broken connection, as aiomqtt's own says
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            if _still_open(client, sock):
+                self._loop.add_writer(sock.fileno(), write)
+
+        self._loop.call_soon_threadsafe(register)
 
     def _on_disconnect(
         self,
