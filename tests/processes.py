@@ -47,10 +47,28 @@ def run_as_line(folder: Path) -> str:
     return "user root\n"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a client retrying a stopped broker's
+    port in that range can be given it as its own local port, connect to itself, and hold
+    it (a broker restarted there found it in use; paho read its own CONNECT back)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    while True:
+        port = rng.randrange(10000, max(low, 11000))
+        if port in _GIVEN:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _GIVEN.add(port)
         return port
 
 
