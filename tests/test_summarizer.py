@@ -555,6 +555,30 @@ async def test_workers_are_looked_at_again_after_the_start(
     assert w.cfg.client_id in named[0]
 
 
+async def test_a_stopped_worker_is_not_taken_for_one_that_runs(
+    broker: Mosquitto,
+    model: FakeModel,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker stopped a moment ago keeps its stats retained and recent: its status says
+    offline, so the summarizer's look says no worker runs, and does not name it."""
+    monkeypatch.setattr(summarizer, "_WATCH_EVERY", 0.05)
+    prefix = unique("mem")
+    stats = {"client_id": "stopped", "ts": time.time(), "stats_interval": 3600}
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        topic = f"{prefix}/_worker/stopped"
+        body = msgpack.packb(stats | {"trimmed_events": False})
+        await c.publish(f"{topic}/stats", body, qos=1, retain=True)
+        offline = msgpack.packb({"state": "offline", "client_id": "stopped", "ts": time.time()})
+        await c.publish(f"{topic}/status", offline, qos=1, retain=True)
+    async with summarizing(_config(broker, prefix, model)) as s:
+        await asyncio.wait_for(s.wait_looks(1), 20)
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "no memory-worker is online" in m]
+    assert not [m for m in said if "run without --trimmed-events" in m]
+
+
 async def test_a_workers_last_run_is_not_taken_for_this_one(
     broker: Mosquitto, model: FakeModel, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -376,7 +376,7 @@ class Summarizer:
         try:
             stats = await memory.stats()  # fresh from the workers online (pinged)
             # Stats stay retained after a worker stops: only the recent ones say what runs.
-            recent = [s for s in stats if stats_are_recent(s, started)]
+            recent = [s for s in stats if _running(s, started)]
             quiet = _without_trimmed_events(recent)
             if quiet and not all(s["ts"] >= started for s in recent):
                 # A worker started with this summarizer (scripts/run, the services) may not
@@ -418,7 +418,7 @@ class Summarizer:
             except (MemoryWorkerError, aiomqtt.MqttError):  # a role that may not read them
                 return
             now = time.time()
-            recent = [s for s in stats if stats_are_recent(s, now)]
+            recent = [s for s in stats if _running(s, now)]
             if not recent and not alone:
                 log.warning(
                     "no memory-worker is online under the prefix %s: this summarizer folds "
@@ -767,6 +767,13 @@ class _Stopped(Exception):
 
 # Turns folded in one model call at most, when a backlog of events follows each other.
 _BATCH_TURNS = 32
+
+
+def _running(stats: dict[str, Any], now: float) -> bool:
+    """Whether these stats are of a worker that runs: not one whose status says it stopped
+    (its last stats stay recent a while), nor one silent for its intervals (a power cut
+    leaves its "online" standing)."""
+    return stats.get("state") != "offline" and stats_are_recent(stats, now)
 
 
 def _without_trimmed_events(stats: list[dict[str, Any]]) -> list[str]:
