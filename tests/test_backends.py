@@ -512,6 +512,76 @@ async def test_a_fresh_grave_outlives_an_idle_conversation(make: Make) -> None:
     assert len(await turns(h, "c")) == 1
 
 
+async def test_an_evicted_conversations_ids_outlive_it(make: Make) -> None:
+    """A broker restored from its last autosave delivers again writes answered since; the
+    conversation they went to may have been evicted for room in between. Its ids stay, for
+    --ttl from its last use, and the conversation started again takes them back: a write of
+    before the eviction is answered, not applied again (it brought an old turn back after
+    newer ones, and a delete took the turns of the conversation started since)."""
+    h = await make(max_conversations=2, ttl=100)
+    first = await add(h, "c", "c1", id="c1")
+    h.clock.now += 1
+    await add(h, "a", id="a1")
+    await add(h, "b", id="b1")  # "c" goes (LRU), its ids stay
+    assert h.take() == [("c", "lru", 1, 0)]
+    assert await add(h, "c", "c1", id="c1") == first  # answered, nothing stored
+    assert await turns(h, "c") == []
+    assert h.counts.conversations == 2
+    assert await add(h, "c", "c2", id="c2") == {"seq": 1, "count": 1}  # takes the ids back
+    assert h.take() == [("a", "lru", 1, 0)]
+    await h.ok(Delete("c", "dc"))
+    await add(h, "c", "c3", id="c3")
+    await add(h, "a", id="a2")
+    await add(h, "b", id="b2")  # "c" goes again, with the delete's id
+    assert h.take() == [("c", "deleted", 1, 0), ("b", "lru", 1, 0), ("c", "lru", 1, 0)]
+    await add(h, "c", "c4", id="c4")
+    assert (await h.ok(Delete("c", "dc"))).fields == {"deleted": 1}  # took "c4" before
+    assert await add(h, "c", "c1", id="c1") == first
+    assert [t["content"] for t in await turns(h, "c")] == ["c4"]
+    h.clock.now += 100  # past --ttl from every last use: the graves go with the rest
+    while await h.expire():
+        pass
+    assert (h.counts.conversations, h.counts.bytes) == (0, 0)
+    assert await add(h, "c", "c1", id="c1") == first  # forgotten: applied again
+    assert [t["content"] for t in await turns(h, "c")] == ["c1"]
+
+
+async def test_graves_are_at_most_max_conversations(make: Make) -> None:
+    """Graves, of deletes and evictions alike, are at most --max-conversations: the oldest
+    goes."""
+    h = await make(max_conversations=2)
+    await add(h, "d", "x", id="d1")
+    await h.ok(Delete("d", "dd"))
+    for n in range(4):
+        await add(h, f"e{n}", "x", id=f"e{n}")  # e0 and e1 are evicted: three graves
+    await add(h, "e0", "x", id="e0")
+    await add(h, "e1", "x", id="e1")
+    assert [len(await turns(h, n)) for n in ("e0", "e1")] == [0, 0]  # answered, not stored
+    assert (await h.ok(Delete("d", "dd"))).fields == {"deleted": 0}  # "d"'s went first
+
+
+async def test_a_conversation_evicted_for_memory_keeps_its_ids_while_they_fit(
+    make: Make,
+) -> None:
+    """A conversation evicted for --max-bytes leaves its ids, counted in the budget (its
+    id's bytes and its ids), where its turns were; they go in turn when the budget is still
+    short, as a conversation last used when it was."""
+    h = await make(max_bytes=400, id_cost=100)
+    first = await add(h, "o", "x" * 150, role="r", id="o1")
+    assert h.counts.bytes == 1 + 151 + 100
+    h.clock.now += 1
+    await add(h, "n", "x" * 200, role="r")  # 252 + 202 > 400: "o" goes, its ids stay
+    assert h.take() == [("o", "memory", 1, 0)]
+    assert h.counts.bytes == 202 + 1 + 100
+    assert await add(h, "o", "x" * 150, role="r", id="o1") == first
+    assert await turns(h, "o") == []
+    h.clock.now += 1
+    await add(h, "m", "x" * 150, role="r")  # 303 + 152 > 400: the ids go, not "n"
+    assert h.take() == []
+    assert h.counts.bytes == 202 + 152
+    assert (await add(h, "o", "x" * 150, role="r", id="o1"))["seq"] == 1  # applied again
+
+
 async def test_remembered_ids_count_in_the_budget(make: Make) -> None:
     """Each request id a conversation remembers costs --max-bytes, and goes past
     --max-inflight (max_ids): ids crowd other conversations out like turns do."""
@@ -792,6 +862,26 @@ async def test_a_grave_lasts_the_ttl_of_after_a_restart(durable: Harness, ttl: f
     assert h.counts.bytes == 0
     await add(h, "c", "again")
     assert (await h.ok(Delete("c", "d1"))).fields == {"deleted": 1}  # forgotten: applied
+
+
+async def test_an_evicted_conversations_ids_outlive_a_restart(durable: Harness) -> None:
+    """An evicted conversation's ids are stored with the rest, and last --ttl from its last
+    use after a restart too."""
+    h = durable
+    await h.reopen(dataclasses.replace(h.limits, max_conversations=1))
+    first = await add(h, "c", "c1", id="c1")
+    h.clock.now += 50
+    await add(h, "o", "o1")  # "c" goes (LRU) at 1050, last used at 1000
+    counted = h.counts.bytes
+    await h.reopen()
+    assert h.counts.bytes == counted
+    assert await add(h, "c", "c1", id="c1") == first
+    assert await turns(h, "c") == []
+    h.clock.now += 51  # past --ttl (100) from its last use, not from its eviction
+    while await h.expire():
+        pass
+    assert (await add(h, "c", "c1", id="c1")) == first  # forgotten: applied again
+    assert len(await turns(h, "c")) == 1
 
 
 async def test_a_restart_with_a_lower_max_inflight_keeps_the_newest_ids(

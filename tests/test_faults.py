@@ -290,20 +290,55 @@ def _save_now(b: Mosquitto) -> None:
         time.sleep(0.01)
 
 
+_APPEND = "append"
+# What a replay meets: (worker flags, requests in flight at the broker's save, requests
+# answered after it, the conversation's turns expected after the broker's crash).
+_REPLAYS: dict[
+    str, tuple[tuple[str, ...], list[tuple[str, str, dict[str, Any]]], list[Any], Any]
+] = {
+    "a delete": (
+        (),
+        [
+            ("c", _APPEND, {"role": "user", "content": "gone", "id": "a2"}),
+            ("c", "delete", {"id": "d1"}),
+            ("c", _APPEND, {"role": "user", "content": "one", "id": "a3"}),
+        ],
+        [("c", {"role": "user", "content": "two", "id": "a4"})],
+        [("one", 1), ("two", 2)],
+    ),
+    "an eviction": (
+        ("--max-conversations", "1"),
+        [("c", _APPEND, {"role": "user", "content": "gone", "id": "a2"})],
+        [
+            ("o", {"role": "user", "content": "other"}),  # "c" goes (LRU)
+            ("c", {"role": "user", "content": "one", "id": "a3"}),  # "o" goes
+        ],
+        [("one", 1)],
+    ),
+}
+
+
+@pytest.mark.parametrize("story", list(_REPLAYS))
 @pytest.mark.parametrize("backend", ["memory", "sqlite", "sqlite power cut", "redis"])
 async def test_a_broker_crash_replays_nothing_twice(
-    own_broker: Mosquitto, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+    own_broker: Mosquitto,
+    tmp_path: Path,
+    backend: str,
+    story: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """A broker killed after an autosave comes back with the requests that were in flight to
     the worker then, and delivers them again though they were answered since. With ids the
     worker recognizes every one, a delete's too, across the delete that started the
-    conversation again: nothing acknowledged is lost and nothing is stored twice (a replayed
-    delete took the turns appended after it; replayed appends were stored again). A power
-    cut takes the worker with the broker: SQLite keeps what it needs of the delete."""
+    conversation again, or its eviction: nothing acknowledged is lost and nothing is stored
+    twice (a replayed delete took the turns appended after it; replayed appends were stored
+    again, an old turn after newer ones). A power cut takes the worker with the broker:
+    SQLite keeps what it needs of the delete and the eviction."""
+    flags, in_flight, after, expected = _REPLAYS[story]
     b, prefix, cid = own_broker, unique("mem"), unique("w-")
     url = {"memory": "memory", "redis": ""}.get(backend, f"sqlite:///{tmp_path}/m.db")
     url = url or request.getfixturevalue("redis_url")
-    args = ("--prefix", prefix, "--client-id", cid, "--backend", url)
+    args = ("--prefix", prefix, "--client-id", cid, "--backend", url, *flags)
     status = f"{prefix}/_worker/{cid}/status"
     proc = spawn_worker(b, *args)
     try:
@@ -312,17 +347,13 @@ async def test_a_broker_crash_replays_nothing_twice(
         async with device(b.host, b.port, prefix) as d:
             body = {"role": "user", "content": "before", "id": "a1"}
             assert (await d.request("c", "append", body))["seq"] == 1
-            proc.send_signal(signal.SIGSTOP)  # these three stay in flight to the worker
-            futs = [
-                await d.send(f"{prefix}/c/append", {"role": "user", "content": "gone", "id": "a2"}),
-                await d.send(f"{prefix}/c/delete", {"id": "d1"}),
-                await d.send(f"{prefix}/c/append", {"role": "user", "content": "one", "id": "a3"}),
-            ]
+            proc.send_signal(signal.SIGSTOP)  # these stay in flight to the worker
+            futs = [await d.send(f"{prefix}/{c}/{op}", body) for c, op, body in in_flight]
             await asyncio.to_thread(_save_now, b)
             proc.send_signal(signal.SIGCONT)
-            assert [(await d.reply(f))["ok"] for f in futs] == [True] * 3
-            body = {"role": "user", "content": "two", "id": "a4"}
-            assert (await d.request("c", "append", body))["seq"] == 2
+            assert [(await d.reply(f))["ok"] for f in futs] == [True] * len(futs)
+            for convo, body in after:
+                assert (await d.request(convo, _APPEND, body))["ok"]
         b.stop(signal.SIGKILL)
         if backend == "sqlite power cut":
             reap(proc)
@@ -334,4 +365,4 @@ async def test_a_broker_crash_replays_nothing_twice(
     finally:
         proc.send_signal(signal.SIGCONT)
         reap(proc, signal.SIGTERM)
-    assert [(t["content"], t["seq"]) for t in turns] == [("one", 1), ("two", 2)]
+    assert [(t["content"], t["seq"]) for t in turns] == expected

@@ -210,16 +210,19 @@ class Convo:
 
 
 class Grave:
-    """What stays of a conversation deleted by a request while its ids matter: the ids it
-    remembered and the delete's own. A broker restored from its last autosave delivers
-    again what was in flight then, answered since: a delete, and writes of before and after
-    it. The conversation started again takes these ids back, so none is applied twice."""
+    """What stays of a conversation deleted by a request, or evicted, while its ids matter:
+    the ids it remembered (and the delete's own). A broker restored from its last autosave
+    delivers again what was in flight then, answered since: a delete, and writes of before
+    and after it or before an eviction. The conversation started again takes these ids
+    back, so none is applied twice."""
 
     __slots__ = ("dug", "ids", "nbytes")
 
     def __init__(self, ids: dict[Any, dict[str, Any]], dug: float, nbytes: int) -> None:
         self.ids = ids
-        self.dug = dug  # monotonic time of the delete: it lasts --ttl from then
+        # Monotonic time of the delete, or of the evicted conversation's last use: it lasts
+        # --ttl from then, and is evicted as a conversation last used then.
+        self.dug = dug
         self.nbytes = nbytes
 
 
@@ -252,10 +255,14 @@ class Store:
         # The conversations in id order, for listing: a page reads them without a lookup by
         # id each (at 1,000,000 those lookups were a third of a page, all cache misses).
         self._index: SortedKeyList[Convo, str] = SortedKeyList(key=attrgetter("name"))
-        # Deleted conversations' ids, oldest first: in --max-bytes, --max-conversations of
-        # them at most, for --ttl; when the budget is short, a grave older than the least
-        # recently used conversation goes first (in a full store they would not last).
+        # Deleted conversations' ids, oldest first, and evicted ones' (`_fallen`), by their
+        # last use: each kept in order by the way it comes (a delete is now; an eviction
+        # takes the least recently used), the oldest grave is the older of the two firsts.
+        # In --max-bytes, --max-conversations of them at most, for --ttl; when the budget is
+        # short, a grave older than the least recently used conversation goes first (in a
+        # full store graves that always went first would not last).
         self._graves: OrderedDict[str, Grave] = OrderedDict()
+        self._fallen: OrderedDict[str, Grave] = OrderedDict()
         self.graves_dirty: set[str] = set()
         self._key_heap: list[tuple[float, str, str, str]] = []
         self.events: list[Event] = []  # evictions, and trimmed turns with trimmed_events
@@ -288,7 +295,7 @@ class Store:
         return self._convos.get(convo)
 
     def get_grave(self, convo: str) -> Grave | None:
-        return self._graves.get(convo)
+        return self._graves.get(convo) or self._fallen.get(convo)
 
     def take_events(self) -> list[Event]:
         out, self.events = self.events, []
@@ -535,8 +542,8 @@ class Store:
         first = NO_DEADLINE
         if self.limits.ttl and self._convos:
             first = next(iter(self._convos.values())).deadline
-        if self.limits.ttl and self._graves:
-            first = min(first, next(iter(self._graves.values())).dug + self.limits.ttl)
+        if self.limits.ttl and (oldest := self._oldest_grave()) is not None:
+            first = min(first, oldest[1].dug + self.limits.ttl)
         if self._key_heap:
             first = min(first, self._key_heap[0][0])
         return first
@@ -553,9 +560,12 @@ class Store:
                     break
                 self._evict(name, cv, c.REASON_TTL)
                 done += 1
-            graves = self._graves
-            while graves and done < limit and not self._lasts(next(iter(graves.values())), now):
-                self._drop_grave(next(iter(graves)))
+            while (
+                done < limit
+                and (oldest := self._oldest_grave()) is not None
+                and not self._lasts(oldest[1], now)
+            ):
+                self._drop_grave(oldest[0])
                 done += 1
         heap = self._key_heap
         while heap and heap[0][0] <= now and done < limit:
@@ -633,9 +643,7 @@ class Store:
 
     def enforce_bounds(self) -> None:
         """Evict what a restore put over --max-conversations or --max-bytes (LRU first)."""
-        graves = self._graves
-        while len(graves) > self.limits.max_conversations:
-            self._drop_grave(next(iter(graves)))
+        self._keep_graves(self.limits.max_conversations)
         convos = self._convos
         while len(convos) > self.limits.max_conversations:
             name, cv = next(iter(convos.items()))
@@ -744,16 +752,41 @@ class Store:
             del ids[next(iter(ids))]
         if not ids:
             return
-        graves = self._graves
-        while len(graves) >= lim.max_conversations:
-            self._drop_grave(next(iter(graves)))
-        grave = graves[name] = Grave(ids, now, self._grave_cost(name, ids))
+        self._keep_graves(lim.max_conversations - 1)
+        grave = self._graves[name] = Grave(ids, now, self._grave_cost(name, ids))
         self.bytes += grave.nbytes
         self._grave_changed(name)
         self._fit_budget()
 
+    def _fall(self, name: str, cv: Convo) -> None:
+        """Keep an evicted conversation's ids (it had some) as a grave, while they last: a
+        conversation evicted by --ttl has none left, one evicted for room (LRU, --max-bytes)
+        keeps them for --ttl from its last use. The caller's budget loop sees it next: it
+        costs no more than the conversation did, and is as old."""
+        assert cv.ids is not None
+        grave = Grave(cv.ids, cv.used, self._grave_cost(name, cv.ids))
+        if not self._lasts(grave, self._clock()):
+            return
+        self._keep_graves(self.limits.max_conversations - 1)
+        self._fallen[name] = grave
+        self.bytes += grave.nbytes
+        self._grave_changed(name)
+
+    def _oldest_grave(self) -> tuple[str, Grave] | None:
+        first = next(iter(self._graves.items()), None)
+        fallen = next(iter(self._fallen.items()), None)
+        if first is None or (fallen is not None and fallen[1].dug < first[1].dug):
+            return fallen
+        return first
+
+    def _keep_graves(self, most: int) -> None:
+        while len(self._graves) + len(self._fallen) > most:
+            oldest = self._oldest_grave()
+            assert oldest is not None
+            self._drop_grave(oldest[0])
+
     def _drop_grave(self, name: str) -> Grave | None:
-        grave = self._graves.pop(name, None)
+        grave = self._graves.pop(name, None) or self._fallen.pop(name, None)
         if grave is not None:
             self.bytes -= grave.nbytes
             self._grave_changed(name)
@@ -781,13 +814,15 @@ class Store:
         self._changed(name)
         if self.dirty is not None and cv.nkeys:
             self.keys_cleared.add(name)
+        if cv.ids and reason != c.REASON_DELETED:  # a delete's grave is its own (`_bury`)
+            self._fall(name, cv)
 
     def _fit_budget(self) -> None:
         # The conversation just used is last in order and alone fits the budget (checked
         # before it grew), so this never evicts it.
-        convos, graves = self._convos, self._graves
+        convos = self._convos
         while self.bytes > self.limits.max_bytes:
-            grave = next(iter(graves.items()), None)
+            grave = self._oldest_grave()
             if grave is not None and (
                 not convos or grave[1].dug <= next(iter(convos.values())).used
             ):
@@ -823,7 +858,7 @@ class Store:
         if key[1] is None:
             return None
         if cv is None:
-            grave = self._graves.get(name)
+            grave = self.get_grave(name)
             if grave is None or key not in grave.ids or not self._lasts(grave, now):
                 return None
             return Fields(grave.ids[key])

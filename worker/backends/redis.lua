@@ -3,7 +3,8 @@
 -- prefix live in one Redis Cluster slot. ARGV: op, now (s), ttl, max_turns,
 -- max_conversations, max_bytes, max_keys, max_ids, base (what this conversation costs the
 -- budget before its turns and keys; turn and key costs come in their sizes), trimmed ('1':
--- return the turns that leave the window uncovered), then the op's own arguments.
+-- return the turns that leave the window uncovered), convo_cost and id_byte_cost (what
+-- base is made of, for another conversation's), then the op's own arguments.
 -- Returns {result, evictions, counts, trimmed}; evictions are {convo, reason, turns, keys};
 -- trimmed is {} or {summary upto, born, entry, ...}. A conversation's meta hash holds seq,
 -- nbytes, sbytes (state and summary: what dropping turns cannot free), nkeys, born (Unix ms
@@ -11,9 +12,10 @@
 -- (the time of its last use) and ibytes (what its remembered request ids cost: in nbytes,
 -- and given up before its turns). The sorted set ix holds every conversation's id with score 0,
 -- for listing in id order (ZRANGEBYLEX). A conversation deleted by a request while its ids
--- matter leaves a grave (worker/store.py's Grave): its ids in gi: and gil:, its cost in the
--- hash gb (in bytes), the time it was dug in the sorted set gv; the conversation started
--- again takes the ids back.
+-- matter, or evicted for room (LRU, max_bytes) with ids, leaves a grave (worker/store.py's
+-- Grave): its ids in gi: and gil:, its cost in the hash gb (in bytes), the time it was dug
+-- (of the delete, or the evicted conversation's last use) in the sorted set gv; the
+-- conversation started again takes the ids back.
 local K = KEYS[1]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -25,6 +27,8 @@ local max_keys = tonumber(ARGV[7])
 local max_ids = tonumber(ARGV[8])
 local base = tonumber(ARGV[9])
 local announce = ARGV[10] == '1'
+local convo_cost = tonumber(ARGV[11])
+local id_byte_cost = tonumber(ARGV[12])
 local ev = {}
 local tr = {}
 
@@ -47,12 +51,41 @@ local function drop_key(c, field)
   redis.call('DECRBY', K .. 'keys', 1)
 end
 
+local function drop_grave(c)
+  redis.call('DECRBY', K .. 'bytes', num(redis.call('HGET', K .. 'gb', c)))
+  redis.call('DEL', K .. 'gi:' .. c, K .. 'gil:' .. c)
+  redis.call('ZREM', K .. 'gv', c)
+  redis.call('HDEL', K .. 'gb', c)
+end
+
+-- at most max_conversations graves, less `room`: the oldest go
+local function keep_graves(room)
+  while redis.call('ZCARD', K .. 'gv') > max_convos - room do
+    drop_grave(redis.call('ZRANGE', K .. 'gv', 0, 0)[1])
+  end
+end
+
+-- keep the ids of c, evicted for room, while they last (--ttl from its last use), as a
+-- grave as old as c was: the budget loop that evicted it sees it next, costing no more
+local function fall(c, used, ibytes)
+  if not used or (ttl > 0 and tonumber(used) + ttl <= now) then return end
+  if redis.call('EXISTS', K .. 'i:' .. c, K .. 'il:' .. c) < 2 then return end
+  keep_graves(1)
+  local cost = convo_cost + id_byte_cost * string.len(c) + ibytes
+  redis.call('RENAME', K .. 'i:' .. c, K .. 'gi:' .. c)
+  redis.call('RENAME', K .. 'il:' .. c, K .. 'gil:' .. c)
+  redis.call('ZADD', K .. 'gv', used, c)
+  redis.call('HSET', K .. 'gb', c, cost)
+  redis.call('INCRBY', K .. 'bytes', cost)
+end
+
 local function evict(c, reason)
   local count = redis.call('LLEN', K .. 't:' .. c)
-  local m = redis.call('HMGET', meta(c), 'nbytes', 'nkeys')
+  local m = redis.call('HMGET', meta(c), 'nbytes', 'nkeys', 'used', 'ibytes')
   for _, field in ipairs(redis.call('HKEYS', K .. 'sd:' .. c)) do
     redis.call('ZREM', K .. 'kd', c .. '\0' .. field)
   end
+  if reason == 'lru' or reason == 'memory' then fall(c, m[3], num(m[4])) end
   redis.call('DEL', meta(c), K .. 't:' .. c, K .. 's:' .. c, K .. 'sk:' .. c, K .. 'sd:' .. c,
              K .. 'i:' .. c, K .. 'il:' .. c)
   redis.call('ZREM', K .. 'lru', c)
@@ -85,13 +118,6 @@ local function split_reply(v)
   local at = string.find(v, '\0', 1, true)
   if not at then return v, 0 end
   return string.sub(v, 1, at - 1), tonumber(string.sub(v, at + 1)) or 0
-end
-
-local function drop_grave(c)
-  redis.call('DECRBY', K .. 'bytes', num(redis.call('HGET', K .. 'gb', c)))
-  redis.call('DEL', K .. 'gi:' .. c, K .. 'gil:' .. c)
-  redis.call('ZREM', K .. 'gv', c)
-  redis.call('HDEL', K .. 'gb', c)
 end
 
 -- whether c has a grave not past --ttl (one past it goes)
@@ -190,11 +216,7 @@ local function bury(c, id, reply, icost)
     redis.call('DEL', gi)
     return
   end
-  if was == 0 then
-    while redis.call('ZCARD', K .. 'gv') >= max_convos do
-      drop_grave(redis.call('ZRANGE', K .. 'gv', 0, 0)[1])
-    end
-  end
+  if was == 0 then keep_graves(1) end
   redis.call('ZADD', K .. 'gv', now, c)
   redis.call('HSET', K .. 'gb', c, cost)
   redis.call('INCRBY', K .. 'bytes', cost - was)
@@ -280,10 +302,10 @@ local function entry_tokens(e)
 end
 
 local result
-local c = ARGV[11]
+local c = ARGV[13]
 if op == 'append' then
-  -- ARGV[12] size, ARGV[13] turn without its seq, ARGV[14] id, ARGV[15] the id's cost
-  local size, head, id, icost = tonumber(ARGV[12]), ARGV[13], ARGV[14], tonumber(ARGV[15])
+  -- ARGV[14] size, ARGV[15] turn without its seq, ARGV[16] id, ARGV[17] the id's cost
+  local size, head, id, icost = tonumber(ARGV[14]), ARGV[15], ARGV[16], tonumber(ARGV[17])
   local exists, dup = known(c, id)
   local fixed = base + (exists and num(redis.call('HGET', meta(c), 'sbytes')) or 0)
   if dup then
@@ -309,13 +331,13 @@ if op == 'append' then
     result = {'ok', seq .. ' ' .. count}
   end
 elseif op == 'get' then
-  -- ARGV[12] last (0: all), ARGV[13] max_tokens (0: no budget), ARGV[14] '1': with summary
+  -- ARGV[14] last (0: all), ARGV[15] max_tokens (0: no budget), ARGV[16] '1': with summary
   if live(c) then
     touch(c)
-    local last, budget = tonumber(ARGV[12]), tonumber(ARGV[13])
+    local last, budget = tonumber(ARGV[14]), tonumber(ARGV[15])
     local turns = redis.call('LRANGE', K .. 't:' .. c, last > 0 and -last or 0, -1)
     local summary = {}
-    if ARGV[14] == '1' then
+    if ARGV[16] == '1' then
       local s = redis.call('HMGET', meta(c), 'sum_text', 'sum_upto', 'sum_tokens')
       if s[1] then summary = s end
     end
@@ -335,8 +357,8 @@ elseif op == 'get' then
     result = {'turns', {}, {}}
   end
 elseif op == 'delete' then
-  -- ARGV[12] id, ARGV[13] the id's cost
-  local id, icost = ARGV[12], tonumber(ARGV[13])
+  -- ARGV[14] id, ARGV[15] the id's cost
+  local id, icost = ARGV[14], tonumber(ARGV[15])
   local exists, dup = known(c, id)
   if dup then
     result = {'dup', dup}
@@ -353,11 +375,11 @@ elseif op == 'delete' then
     result = {'ok', tostring(count)}
   end
 elseif op == 'summary' then
-  -- ARGV[12] text, ARGV[13] upto, ARGV[14] base, ARGV[15] tokens, ARGV[16] size, ARGV[17] id,
-  -- ARGV[18] born ('': any), ARGV[19] the id's cost
-  local text, upto, sbase = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
-  local tokens, size, id, want = ARGV[15], tonumber(ARGV[16]), ARGV[17], ARGV[18]
-  local icost = tonumber(ARGV[19])
+  -- ARGV[14] text, ARGV[15] upto, ARGV[16] base, ARGV[17] tokens, ARGV[18] size, ARGV[19] id,
+  -- ARGV[20] born ('': any), ARGV[21] the id's cost
+  local text, upto, sbase = ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
+  local tokens, size, id, want = ARGV[17], tonumber(ARGV[18]), ARGV[19], ARGV[20]
+  local icost = tonumber(ARGV[21])
   local exists, dup = known(c, id)
   local current = exists and num(redis.call('HGET', meta(c), 'sum_upto')) or 0
   local newest = exists and num(redis.call('HGET', meta(c), 'seq')) or 0
@@ -375,7 +397,7 @@ elseif op == 'summary' then
       -- digits as sent, not Lua's 1e+17 for a large number
       why = "'upto' must be between " .. string.format('%.0f', sbase + 1) .. ' and ' ..
             string.format('%.0f', newest) ..
-            " (after the summary's upto, up to the newest turn), not " .. ARGV[13]
+            " (after the summary's upto, up to the newest turn), not " .. ARGV[15]
     end
     result = {'conflict', why, current, newest, born}
   else
@@ -404,10 +426,10 @@ elseif op == 'summary' then
     end
   end
 elseif op == 'save' then
-  -- ARGV[12] field, ARGV[13] key size, ARGV[14] value, ARGV[15] key ttl (0: none), ARGV[16] id,
-  -- ARGV[17] the id's cost
-  local field, ksize, value = ARGV[12], tonumber(ARGV[13]), ARGV[14]
-  local kttl, id, icost = tonumber(ARGV[15]), ARGV[16], tonumber(ARGV[17])
+  -- ARGV[14] field, ARGV[15] key size, ARGV[16] value, ARGV[17] key ttl (0: none), ARGV[18] id,
+  -- ARGV[19] the id's cost
+  local field, ksize, value = ARGV[14], tonumber(ARGV[15]), ARGV[16]
+  local kttl, id, icost = tonumber(ARGV[17]), ARGV[18], tonumber(ARGV[19])
   local exists, dup = known(c, id)
   if dup then
     result = {'dup', dup}
@@ -448,18 +470,18 @@ elseif op == 'save' then
   end
 elseif op == 'load' then
   if live(c) then
-    local value = live_key(c, ARGV[12])
+    local value = live_key(c, ARGV[14])
     touch(c)
     result = value and {'value', value} or {'none', ''}
   else
     result = {'none', ''}
   end
 elseif op == 'get_all' then
-  -- ARGV[12] the namespace's field prefix
+  -- ARGV[14] the namespace's field prefix
   local items = {}
   if live(c) then
     touch(c)
-    local prefix = ARGV[12]
+    local prefix = ARGV[14]
     local all = redis.call('HGETALL', K .. 's:' .. c)
     for i = 1, #all, 2 do
       if string.sub(all[i], 1, string.len(prefix)) == prefix and live_key(c, all[i]) then
@@ -470,16 +492,16 @@ elseif op == 'get_all' then
   end
   result = {'items', items}
 elseif op == 'state_delete' then
-  -- ARGV[12] field, ARGV[13] id, ARGV[14] the id's cost
-  local id, icost = ARGV[13], tonumber(ARGV[14])
+  -- ARGV[14] field, ARGV[15] id, ARGV[16] the id's cost
+  local id, icost = ARGV[15], tonumber(ARGV[16])
   local exists, dup = known(c, id)
   if dup then
     result = {'dup', dup}
   else
     local found = false
     if exists then
-      found = live_key(c, ARGV[12]) and true or false
-      if found then drop_key(c, ARGV[12]) end
+      found = live_key(c, ARGV[14]) and true or false
+      if found then drop_key(c, ARGV[14]) end
       remember(c, id, found and '1' or '', icost)
       touch(c)
       fit_budget()
@@ -508,11 +530,11 @@ elseif op == 'namespaces' then
   end
   result = {'names', names}
 elseif op == 'list' then
-  -- ARGV[11], ARGV[12] the ZRANGEBYLEX bounds, ARGV[13] limit. Scans limit ids in id order;
+  -- ARGV[13], ARGV[14] the ZRANGEBYLEX bounds, ARGV[15] limit. Scans limit ids in id order;
   -- returns {'list', rows, more} with a row {id} for one expired but not yet swept, else
   -- {id, 1, turns, keys, used, summary upto, tokens}. A look from outside: touches nothing.
-  local limit = tonumber(ARGV[13])
-  local ids = redis.call('ZRANGEBYLEX', K .. 'ix', ARGV[11], ARGV[12], 'LIMIT', 0, limit + 1)
+  local limit = tonumber(ARGV[15])
+  local ids = redis.call('ZRANGEBYLEX', K .. 'ix', ARGV[13], ARGV[14], 'LIMIT', 0, limit + 1)
   local rows = {}
   for i = 1, math.min(limit, #ids) do
     local id = ids[i]
@@ -530,8 +552,8 @@ elseif op == 'list' then
   end
   result = {'list', rows, #ids > limit and '1' or ''}
 elseif op == 'expire' then
-  -- ARGV[11] limit
-  local limit = tonumber(ARGV[11])
+  -- ARGV[13] limit
+  local limit = tonumber(ARGV[13])
   local done = 0
   if ttl > 0 then
     for _, due in ipairs(redis.call('ZRANGEBYSCORE', K .. 'dl', '-inf', now, 'LIMIT', 0, limit)) do

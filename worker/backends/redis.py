@@ -144,6 +144,8 @@ class RedisBackend(Backend):
             lim.max_ids,
             base_cost(lim, rest[0]) if op not in ("counts", "expire", "list") else 0,
             "1" if lim.trimmed_events else "",
+            lim.convo_cost,
+            lim.id_byte_cost,
             *rest,
         ]
 
