@@ -57,6 +57,23 @@ sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
 PY
 }
 
-free_port() {  # a TCP port nothing listens on now
-  .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+free_port() {  # a TCP port nothing listens on now, below the kernel's ephemeral range
+  # (a client retrying a stopped broker's port in that range can be given it as its own
+  # local port and connect to itself, holding it: the broker's restart finds it in use)
+  .venv/bin/python - <<'PY'
+import random, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+while True:
+    port = random.randrange(10000, max(low, 11000))
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+PY
 }

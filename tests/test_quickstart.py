@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,6 +221,23 @@ def test_scripts_run_stops_when_its_summarizer_does(clone: Path) -> None:
     assert proc.returncode != 0, proc.stdout
     assert "--llm-url must be an http:// or https:// URL" in proc.stdout
     assert "the summarizer stopped (exit 2): stopping the worker too" in proc.stdout
+
+
+def test_its_own_broker_on_a_port_below_the_ephemeral_range(
+    clone: Path, stock_broker: Mosquitto
+) -> None:
+    """`--own-broker` with the port taken picks another below the kernel's ephemeral range,
+    where no client's local port can be: a client retrying the stopped broker's port could
+    be given it as its own and connect to itself, holding it from the broker's restart."""
+    stock_broker.start()
+    try:
+        with scripts_run(clone, stock_broker.port, "--own-broker") as said:
+            (port,) = re.findall(r"started mosquitto on 127\.0\.0\.1:(\d+)", "".join(said))
+    finally:
+        stock_broker.stop()
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert int(port) != stock_broker.port
+    assert int(port) < low
 
 
 async def test_on_a_broker_it_did_not_start(clone: Path, stock_broker: Mosquitto) -> None:
