@@ -184,11 +184,13 @@ class AckHolder:
     of its publishes to topics `held(topic)` says, while `holding`: they wait for
     `release()`, as behind a flood. Everything else passes, but while `paused`, when
     whatever comes waits for `resume()` and then goes in one write (one read of the
-    client's: one batch)."""
+    client's: one batch). The client's publishes to topics `swallowing(topic)` says never
+    reach the broker, as if the client died before it wrote them."""
 
     def __init__(self, host: str, port: int, held: Callable[[str], bool] = lambda _: True) -> None:
         self.target = (host, port)
         self.holding = False
+        self.swallowing: Callable[[str], bool] = lambda _: False
         self.port = 0
         self._which = held
         self._topics: dict[int, str] = {}  # the client's QoS 1 publishes: mid -> topic
@@ -247,14 +249,18 @@ class AckHolder:
         async def up() -> None:
             buf = b""
             while data := await reader.read(65536):
-                up_writer.write(data)
                 done, buf = self._packets(buf + data)
                 for p in done:
-                    if p[0] & 0xF6 == packets.PUBLISH | 0x02:  # QoS 1
+                    if p[0] & 0xF0 == packets.PUBLISH:
                         start = packets.frame(p, 0)[0]
                         n = int.from_bytes(p[start : start + 2], "big")
-                        mid = int.from_bytes(p[start + 2 + n : start + 4 + n], "big")
-                        self._topics[mid] = p[start + 2 : start + 2 + n].decode()
+                        topic = p[start + 2 : start + 2 + n].decode()
+                        if self.swallowing(topic):
+                            continue
+                        if p[0] & 0x06 == 0x02:  # QoS 1
+                            mid = int.from_bytes(p[start + 2 + n : start + 4 + n], "big")
+                            self._topics[mid] = topic
+                    up_writer.write(p)
 
         async def down() -> None:
             buf = b""

@@ -43,6 +43,7 @@ from worker.protocol import (
     StateNamespaces,
     StateSave,
     Summary,
+    Trimmed,
     Turns,
     decode_cursor,
 )
@@ -950,6 +951,36 @@ async def test_a_restart_with_fewer_turns_announces_what_it_drops(tmp_path: Path
     await h.expire()
     assert h.trimmed == [("c", [1, 2], 0)]
     assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5, 6]
+    await h.be.close()
+
+
+async def test_a_trimmed_event_is_kept_until_the_broker_has_it(tmp_path: Path) -> None:
+    """SQLite stores a trimmed event with its trim, and holds it until `delivered`: a worker
+    killed after the trim was stored and before the broker had the event sends it at its
+    next start (it was lost, and the summary never had the turns)."""
+    limits = Limits(ttl=100, max_turns=1, trimmed_events=True)
+    h = Harness("sqlite", limits, tmp_path, Clock())
+    await h.be.open()
+    await add(h, "c", "one")
+    (kept,) = (await h.be.execute([Append("c", "user", "two")]))[1]
+    assert isinstance(kept, Trimmed)
+    assert kept.receipt
+    await h.reopen()  # not delivered: held
+    (again,) = h.be.held_events()
+    assert isinstance(again, Trimmed)
+    assert (again, again.receipt) == (kept, kept.receipt)
+    assert h.be.held_events() == []
+    (later,) = (await h.be.execute([Append("c", "user", "three")]))[1]
+    assert isinstance(later, Trimmed)
+    assert later.receipt > kept.receipt
+    h.be.delivered(kept.receipt)
+    await h.reopen()
+    (held,) = h.be.held_events()
+    assert isinstance(held, Trimmed)
+    assert (held, held.receipt) == (later, later.receipt)
+    h.be.delivered(later.receipt)
+    await h.reopen()  # delivered, then closed without another write: gone all the same
+    assert h.be.held_events() == []
     await h.be.close()
 
 

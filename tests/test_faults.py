@@ -15,7 +15,15 @@ import aiomqtt
 import pytest
 
 from tests.clients import AckHolder, decode, device, next_message, watcher
-from tests.conftest import WorkerFactory, make_config, reap, running, spawn_worker, unique
+from tests.conftest import (
+    WorkerFactory,
+    make_config,
+    reap,
+    running,
+    spawn_worker,
+    unique,
+    wait_serving,
+)
 from tests.processes import Mosquitto
 from worker.backends import create_backend
 from worker.config import Config
@@ -273,6 +281,41 @@ async def test_each_lost_connection_is_said(
                 await asyncio.wait_for(w.wait_connections(n), 30)
     said = [r for r in caplog.records if "unreachable or lost" in r.getMessage()]
     assert len(said) == 2
+
+
+async def test_a_trim_stored_before_its_event_left_is_announced_at_the_next_start(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A worker killed after SQLite stored a trim and before the broker had its trimmed event
+    (here the event never reaches the broker, as if the worker died before writing it)
+    announces it when it starts again: the turns reach the summarizer. They were lost, in
+    neither a get nor a summary."""
+    prefix, cid = unique("mem"), unique("w-")
+    db = f"sqlite:///{tmp_path}/m.db"
+    args = ["--prefix", prefix, "--client-id", cid, "--backend", db, "--max-turns", "1"]
+    args.append("--trimmed-events")
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        async with AckHolder(broker.host, broker.port) as hop:
+            hop.swallowing = lambda topic: topic.endswith("/trimmed")
+            proc = spawn_worker(broker, *args, "--port", str(hop.port))
+            try:
+                await asyncio.to_thread(wait_serving, proc)
+                for content in ("one", "two"):
+                    assert (await d.request("c", "append", {"role": "user", "content": content}))[
+                        "ok"
+                    ]
+            finally:
+                reap(proc)
+        assert trimmed.empty()
+        proc = spawn_worker(broker, *args)
+        try:
+            event = decode(await next_message(trimmed))
+        finally:
+            reap(proc, signal.SIGTERM)
+    assert (event["convo"], [t["content"] for t in event["turns"]]) == ("c", ["one"])
 
 
 def _save_now(b: Mosquitto) -> None:

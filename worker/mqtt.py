@@ -505,13 +505,30 @@ class Connection(aiomqtt.Client):
         """A QoS 1 publish, awaited until the broker's PUBACK: the broker's refusal ("Not
         authorized"), or None (an MQTT 3.1.1 PUBACK cannot refuse). The caller bounds the wait:
         after a lost connection the PUBACK may never come."""
-        mid = self.publish_packed(topic, payload, 1, retain, b"\x00" if self._v5 else b"")
-        waiter: asyncio.Future[str | None] = self._loop.create_future()
-        self._acked[mid] = waiter
+        mid, waiter = self._watched(topic, payload, retain, b"\x00" if self._v5 else b"")
         try:
             return await waiter
         finally:
             self._acked.pop(mid, None)
+
+    def publish_watched(
+        self, topic: str, payload: bytes, retain: bool, props: bytes
+    ) -> asyncio.Future[str | None]:
+        """A QoS 1 publish, and a future that the broker's PUBACK completes as publish_acked
+        returns ("not sent": it was not). It may never complete: the connection lost, the
+        worker stopping."""
+        return self._watched(topic, payload, retain, props)[1]
+
+    def _watched(
+        self, topic: str, payload: bytes, retain: bool, props: bytes
+    ) -> tuple[int, asyncio.Future[str | None]]:
+        mid = self.publish_packed(topic, payload, 1, retain, props)
+        waiter: asyncio.Future[str | None] = self._loop.create_future()
+        if mid:
+            self._acked[mid] = waiter
+        else:
+            waiter.set_result("not sent")
+        return mid, waiter
 
     def acknowledge(self, mid: int, qos: int) -> None:
         """PUBACK a QoS 1 message of this connection."""

@@ -311,6 +311,10 @@ class Trimmed:
     summary_upto: int
     ts: float
     born: int  # when the conversation was started (Unix ms): which one these turns were of
+    # A durable backend's number for it, kept until the broker has it (`Backend.delivered`):
+    # a worker killed after storing the trim and before the event left sends it at its
+    # next start. 0: not kept. Not part of what it says.
+    receipt: int = field(default=0, compare=False)
 
 
 Event = Eviction | Trimmed

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import aiomqtt
@@ -616,6 +617,7 @@ class Service:
         self.connections += 1
         self._connection_made.set()
         self._publish_stats()
+        self._announce(self.backend.held_events())  # a durable backend's, unsent at its last run
         self.systemd.ready(self._systemd_status())
         log.info(
             "serving %s/# on %s:%d as %s (backend %s)",
@@ -1190,7 +1192,16 @@ class Service:
                 publish(router.evicted_topic(ev.convo), encode_event(ev, fmt), 1, False, props)
             else:
                 self.stats.trimmed += ev.count
-                publish(router.trimmed_topic(ev.convo), encode_trimmed(ev, fmt), 1, False, props)
+                topic, payload = router.trimmed_topic(ev.convo), encode_trimmed(ev, fmt)
+                if not ev.receipt:
+                    publish(topic, payload, 1, False, props)
+                    continue
+                sent = self._client.publish_watched(topic, payload, False, props)
+                sent.add_done_callback(partial(self._delivered, ev.receipt))
+
+    def _delivered(self, receipt: int, sent: asyncio.Future[str | None]) -> None:
+        if not sent.cancelled():  # refused or too large too: sending it again would not help
+            self.backend.delivered(receipt)
 
     # --- background work ------------------------------------------------------------------
 

@@ -67,6 +67,14 @@ class Backend(ABC):
         """
         return c.SWEEP_INTERVAL
 
+    def held_events(self) -> list[Event]:
+        """Events held since the last call that no execute() or expire() returned (those a
+        durable backend kept unsent at its last run, read on opening)."""
+        return []
+
+    def delivered(self, receipt: int) -> None:  # noqa: B027 - optional hook
+        """The broker has the event of this `Trimmed.receipt`: it need not be kept."""
+
     @abstractmethod
     def counts(self) -> Counts:
         """What is stored now (as this worker last saw it)."""

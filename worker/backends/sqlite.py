@@ -28,6 +28,7 @@ import msgpack
 from worker.backend_url import parse_backend_url
 from worker.backends.memory import MemoryBackend
 from worker.errors import ConfigError
+from worker.protocol import Event, Trimmed
 from worker.store import NO_DEADLINE, Convo, Limits
 
 SCHEMA = """
@@ -56,6 +57,13 @@ CREATE TABLE IF NOT EXISTS graves (
     ids  BLOB NOT NULL,
     dug  REAL NOT NULL  -- wall-clock time of the delete: the TTL runs from it
 ) WITHOUT ROWID;
+-- Trimmed events stored with their trim, until the broker has them (Backend.delivered):
+-- msgpack [convo, count, turns, summary_upto, ts, born]. A worker killed in between sends
+-- them again at its next start (a summarizer skips turns its summary covers).
+CREATE TABLE IF NOT EXISTS outbox (
+    n     INTEGER PRIMARY KEY,  -- the event's receipt
+    event BLOB NOT NULL
+);
 """
 # Files made before summaries existed get their columns when opened.
 NEW_COLUMNS = {
@@ -102,7 +110,7 @@ def _move_state_to_keys(db: sqlite3.Connection) -> None:
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
-        log.error("sqlite: refreshing TTLs failed: %s", fut.exception())
+        log.error("sqlite: a write of TTLs or sent events failed: %s", fut.exception())
 
 
 def parse_url(url: str) -> tuple[Path, str]:
@@ -145,12 +153,17 @@ class SqliteBackend(MemoryBackend):
         self._lock: int | None = None  # the open <file>.lock this worker holds
         self._lazy: asyncio.Future[None] | None = None
         self._tick = 0
+        self._receipt = 0  # the last trimmed event's number in the outbox
+        self._unsent: list[Trimmed] = []  # read from the outbox on opening
+        self._outbox: list[tuple[int, bytes]] = []  # trimmed events not written yet
+        self._delivered: list[tuple[int]] = []  # the broker has them: their rows go
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        rows, keys, graves = await loop.run_in_executor(self._writer, self._connect)
+        rows, keys, graves, outbox = await loop.run_in_executor(self._writer, self._connect)
+        self._unsent = [_unpack_trimmed(n, event) for n, event in outbox]
         for row in rows:
             self._restore(row, keys.get(row[0], {}))
         to_mono = self._clock() - self._wall()
@@ -192,7 +205,12 @@ class SqliteBackend(MemoryBackend):
 
     def _connect(
         self,
-    ) -> tuple[list[tuple[Any, ...]], dict[str, _Keys], list[tuple[str, bytes, float]]]:
+    ) -> tuple[
+        list[tuple[Any, ...]],
+        dict[str, _Keys],
+        list[tuple[str, bytes, float]],
+        list[tuple[int, bytes]],
+    ]:
         db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +233,8 @@ class SqliteBackend(MemoryBackend):
             ):
                 keys.setdefault(name, {}).setdefault(ns, {})[key] = (value, deadline)
             graves = db.execute("SELECT name, ids, dug FROM graves ORDER BY dug").fetchall()
+            outbox = db.execute("SELECT n, event FROM outbox ORDER BY n").fetchall()
+            self._receipt = outbox[-1][0] if outbox else 0
             self._tick = db.execute("SELECT coalesce(max(tick), 0) FROM convos").fetchone()[0]
         except (OSError, sqlite3.Error) as exc:
             if db is not None:
@@ -222,11 +242,24 @@ class SqliteBackend(MemoryBackend):
             self._release()
             raise ConfigError(f"--backend sqlite: cannot open {self.path}: {exc}") from None
         self._db = db
-        return rows, keys, graves
+        return rows, keys, graves, outbox
+
+    def held_events(self) -> list[Event]:
+        unsent: list[Event] = list(self._unsent)
+        self._unsent = []
+        return unsent + super().held_events()
+
+    def delivered(self, receipt: int) -> None:
+        self._delivered.append((receipt,))
 
     async def close(self) -> None:
         if self._lazy is not None:
             await asyncio.shield(self._lazy)
+        if self._db is not None and self._delivered:
+            delivered, self._delivered = self._delivered, []
+            await asyncio.get_running_loop().run_in_executor(
+                self._writer, self._write, [], [], ([], [], []), ([], []), [], [], delivered
+            )
         db, self._db = self._db, None
         if db is not None:
             await asyncio.get_running_loop().run_in_executor(self._writer, db.close)
@@ -239,8 +272,15 @@ class SqliteBackend(MemoryBackend):
         store = self.store
         assert store.dirty is not None
         dirty, touched = store.dirty, store.touched
-        if not dirty and not touched and not store.graves_dirty:
+        for event in store.events:
+            if isinstance(event, Trimmed) and not event.receipt:
+                self._receipt += 1
+                event.receipt = self._receipt
+                self._outbox.append((event.receipt, _pack_trimmed(event)))
+        outbox, delivered = self._outbox, self._delivered
+        if not dirty and not touched and not store.graves_dirty and not outbox and not delivered:
             return
+        self._outbox, self._delivered = [], []
         keys_dirty, cleared, buried = store.keys_dirty, store.keys_cleared, store.graves_dirty
         store.dirty, store.touched = set(), {}
         store.keys_dirty, store.keys_cleared, store.graves_dirty = set(), set(), set()
@@ -261,9 +301,9 @@ class SqliteBackend(MemoryBackend):
                 used.append((now, self._tick, name))
         loop = asyncio.get_running_loop()
         write = loop.run_in_executor(
-            self._writer, self._write, upserts, deletes, keys, graves, used
+            self._writer, self._write, upserts, deletes, keys, graves, used, outbox, delivered
         )
-        if upserts or deletes or buried:
+        if upserts or deletes or buried or outbox:
             try:
                 await write
             except BaseException:  # written again with the next batch
@@ -271,9 +311,12 @@ class SqliteBackend(MemoryBackend):
                 store.keys_dirty |= keys_dirty
                 store.keys_cleared |= cleared
                 store.graves_dirty |= buried
+                self._outbox[:0] = outbox
+                self._delivered[:0] = delivered
                 raise
         else:
-            # TTL refreshes only: no reply promises them, so nothing waits on the disk.
+            # TTL refreshes and delivered events only: no reply promises them, so nothing
+            # waits on the disk (an event whose row a failure left is sent again).
             write.add_done_callback(_log_failure)
             self._lazy = write
 
@@ -314,6 +357,8 @@ class SqliteBackend(MemoryBackend):
         keys: tuple[list[tuple[str]], list[tuple[Any, ...]], list[tuple[str, str, str]]],
         graves: tuple[list[tuple[str, bytes, float]], list[tuple[str]]],
         used: list[tuple[float, int, str]],
+        outbox: list[tuple[int, bytes]],
+        delivered: list[tuple[int]],
     ) -> None:
         db = self._db
         assert db is not None
@@ -337,6 +382,10 @@ class SqliteBackend(MemoryBackend):
                 db.executemany("INSERT OR REPLACE INTO graves VALUES (?, ?, ?)", dug)
             if used:
                 db.executemany("UPDATE convos SET used = ?, tick = ? WHERE name = ?", used)
+            if outbox:
+                db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?)", outbox)
+            if delivered:
+                db.executemany("DELETE FROM outbox WHERE n = ?", delivered)
 
     def _row(self, name: str, cv: Convo) -> tuple[Any, ...]:
         ids = msgpack.packb(list(cv.ids.items())) if cv.ids else None
@@ -370,3 +419,14 @@ def _ids(packed: bytes | None) -> dict[Any, dict[str, Any]]:
         tuple(key) if isinstance(key, list) else key: fields
         for key, fields in (msgpack.unpackb(packed) if packed is not None else [])
     }
+
+
+def _pack_trimmed(event: Trimmed) -> bytes:
+    return msgpack.packb(
+        [event.convo, event.count, event.turns, event.summary_upto, event.ts, event.born]
+    )
+
+
+def _unpack_trimmed(n: int, packed: bytes) -> Trimmed:
+    convo, count, turns, upto, ts, born = msgpack.unpackb(packed)
+    return Trimmed(convo, count, turns, upto, ts, born, n)
