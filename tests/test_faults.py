@@ -318,6 +318,34 @@ async def test_a_trim_stored_before_its_event_left_is_announced_at_the_next_star
     assert (event["convo"], [t["content"] for t in event["turns"]]) == ("c", ["one"])
 
 
+async def test_a_stopped_worker_announces_no_trimmed_event_twice(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A worker stopped gracefully has its trimmed events acknowledged by the broker, and
+    its SQLite file knows it: the next start announces none of them again."""
+    prefix, cid = unique("mem"), unique("w-")
+    db = f"sqlite:///{tmp_path}/m.db"
+    args = ["--prefix", prefix, "--client-id", cid, "--backend", db, "--max-turns", "1"]
+    args.append("--trimmed-events")
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        contents = []
+        for content in ("one", "two", "three"):
+            proc = spawn_worker(broker, *args)
+            try:
+                await asyncio.to_thread(wait_serving, proc)
+                body = {"role": "user", "content": content}
+                assert (await d.request("c", "append", body))["ok"]
+                if content != "one":
+                    event = decode(await next_message(trimmed))
+                    contents.append([t["content"] for t in event["turns"]])
+            finally:
+                assert reap(proc, signal.SIGTERM) == 0
+    assert contents == [["one"], ["two"]]
+
+
 def _save_now(b: Mosquitto) -> None:
     """Make the broker write its persistence file (SIGUSR1) and wait until it has: what a
     broker killed later comes back with, as after its last autosave. It writes a new file
