@@ -299,6 +299,50 @@ async def test_dashboard_lists_live_conversations(browser: Browser, own_broker: 
         reap(proc)
 
 
+async def test_a_malformed_stats_message_spoils_nothing_else(
+    browser: Browser, own_broker: Mosquitto
+) -> None:
+    """Any client may publish under the prefix: retained stats that lack fields (or carry
+    wrong types) show "?" on their card, and the page goes on following the real worker and
+    answering the inspector. The first one threw inside MQTT.js's handler, and no message
+    came through after it: the real worker's card froze and the inspector said no worker
+    serves the prefix."""
+    import aiomqtt
+    import msgpack
+
+    prefix, cid = unique("mem"), unique("real-")
+    proc = spawn_worker(
+        own_broker, "--prefix", prefix, "--client-id", cid, "--stats-interval", "0.3"
+    )
+    try:
+        wait_serving(proc)
+        async with aiomqtt.Client(own_broker.host, own_broker.port) as c:
+            for bad, body in (
+                ("bad-1", {"client_id": "x"}),
+                ("bad-2", {"turns": "many", "ts": "x"}),
+            ):
+                topic = f"{prefix}/_worker/{bad}/stats"
+                await c.publish(topic, msgpack.packb(body), qos=1, retain=True)
+        tall = {"width": 1280, "height": 2100}  # the screenshot needs no scrolling
+        page = await open_page(browser, own_broker, f"?prefix={prefix}", viewport=tall)
+        bad = page.locator('.card[data-client-id="bad-1"]')
+        await expect(bad.locator('[data-field="turns"]')).to_have_text("?")
+        await expect(bad.locator('[data-gauge="bytes"] .value')).to_have_text("?")
+        await expect(
+            page.locator('.card[data-client-id="bad-2"] [data-field="turns"]')
+        ).to_have_text("?")
+        async with device(own_broker.host, own_broker.port, prefix) as d:
+            await d.request("kiosk-7", "append", {"role": "user", "content": "hello"})
+        card = page.locator(f'.card[data-client-id="{cid}"]')
+        await expect(card.locator('[data-field="turns"]')).to_have_text(re.compile(r"^1 \(at most"))
+        await page.fill("#inspector input[name=convo]", "kiosk-7")
+        await page.click("#inspector button")
+        await expect(page.locator("#inspector-turns li")).to_contain_text("hello")
+        await shot(page, "11-malformed-stats")
+    finally:
+        reap(proc)
+
+
 async def test_a_worker_online_but_silent_is_flagged(
     browser: Browser, own_broker: Mosquitto
 ) -> None:

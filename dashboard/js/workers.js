@@ -118,16 +118,16 @@
       // Stats that come as they are published are new, whatever the worker's clock says (a
       // Pi has no clock of its own until it reaches a time server); a retained copy, kept by
       // the broker, is as old as the worker's clock says.
-      const at = retained && s.ts ? Math.min(Date.now(), s.ts * 1000) : Date.now();
+      const at = retained && isCount(s.ts) ? Math.min(Date.now(), s.ts * 1000) : Date.now();
       if (s.stats_interval > 0) this.every = s.stats_interval * 1000;
       else if (this.statsAt && at > this.statsAt) this.every = at - this.statsAt; // older workers
       this.statsAt = at;
-      this.uptimeAt = [s.uptime, this.statsAt];
-      this.fill("conversations", s.conversations, lim.max_conversations, (n) => n.toLocaleString());
+      this.uptimeAt = isCount(s.uptime) ? [s.uptime, this.statsAt] : null;
+      this.fill("conversations", s.conversations, lim.max_conversations, number);
       this.fill("bytes", s.bytes, lim.max_bytes, bytes);
-      this.set("turns", `${s.turns.toLocaleString()}${lim.max_turns ? ` (at most ${lim.max_turns} per conversation)` : ""}`);
-      this.set("keys", s.keys.toLocaleString());
-      this.set("requests", s.requests.toLocaleString());
+      this.set("turns", `${number(s.turns)}${lim.max_turns ? ` (at most ${lim.max_turns} per conversation)` : ""}`);
+      this.set("keys", number(s.keys));
+      this.set("requests", number(s.requests));
       this.set("evictions", counts(s.evictions));
       this.set("errors", counts(s.errors));
       this.set("ttl", lim.ttl === undefined ? "?" : lim.ttl ? `${lim.ttl} s after last use` : "off");
@@ -140,6 +140,12 @@
 
     fill(name, value, limit, fmt) {
       const meter = this.el.querySelector(`[data-gauge="${name}"]`);
+      if (!isCount(value)) {
+        meter.querySelector("meter").value = 0;
+        meter.querySelector(".value").textContent = "?";
+        return;
+      }
+      if (!isCount(limit)) limit = 0;
       const share = limit ? value / limit : 0;
       meter.querySelector("meter").value = Math.min(1, share);
       meter.querySelector("meter").className = share > 0.9 ? "high" : "";
@@ -168,12 +174,22 @@
     return `<div class="gauge" data-gauge="${name}"><span class="label">${name}</span><meter min="0" max="1" value="0"></meter><span class="value">?</span></div>`;
   }
 
+  // Stats from another version, or from whoever else publishes there, may lack a field.
+  function isCount(n) {
+    return typeof n === "number" && Number.isFinite(n);
+  }
+
+  function number(n) {
+    return isCount(n) ? n.toLocaleString() : "?";
+  }
+
   function counts(map) {
     const parts = Object.entries(map || {}).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`);
     return parts.length ? parts.join(", ") : "none";
   }
 
   function bytes(n) {
+    if (!isCount(n)) return "?";
     const units = ["B", "KiB", "MiB", "GiB"];
     let i = 0;
     while (n >= 1024 && i < units.length - 1) {
