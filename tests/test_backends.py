@@ -561,6 +561,40 @@ async def test_graves_are_at_most_max_conversations(make: Make) -> None:
     assert (await h.ok(Delete("d", "dd"))).fields == {"deleted": 0}  # "d"'s went first
 
 
+async def test_a_conversation_started_again_takes_its_grave_before_making_room(
+    make: Make,
+) -> None:
+    """A conversation started again takes its ids back before it evicts another for room:
+    the grave that eviction digs went over --max-conversations graves, and the oldest, its
+    own, went first (an old turn back after the new one, with --max-conversations 1)."""
+    h = await make(max_conversations=1, ttl=100)
+    first = await add(h, "c", "gone", id="a2")
+    h.clock.now += 1
+    await add(h, "o", "other", id="o1")  # "c" goes (LRU), its ids stay
+    h.clock.now += 1
+    await add(h, "c", "one", id="a3")  # "o" goes, with its ids
+    assert await add(h, "c", "gone", id="a2") == first
+    assert [t["content"] for t in await turns(h, "c")] == ["one"]
+
+
+async def test_a_grave_older_than_every_kept_one_is_not_kept(make: Make) -> None:
+    """At --max-conversations graves, a conversation evicted that was last used before every
+    grave kept is the oldest: it goes, not a newer delete's grave."""
+    h = await make(max_conversations=3, ttl=100)
+    await add(h, "a", id="a1")
+    h.clock.now += 50
+    await add(h, "x", "x1", id="x1")
+    for name in ("x", "y", "z"):  # three graves, all newer than "a"'s last use
+        await h.ok(Delete(name, f"{name}d"))
+        h.clock.now += 1
+    await add(h, "b")
+    await add(h, "c")
+    await add(h, "d")  # "a" goes: older than the three graves, it leaves none
+    await add(h, "x", "x2", id="x2")
+    assert (await h.ok(Delete("x", "xd"))).fields == {"deleted": 1}  # remembered
+    assert [t["content"] for t in await turns(h, "x")] == ["x2"]
+
+
 async def test_a_conversation_evicted_for_memory_keeps_its_ids_while_they_fit(
     make: Make,
 ) -> None:

@@ -317,11 +317,11 @@ async def test_a_malformed_stats_message_spoils_nothing_else(
     try:
         wait_serving(proc)
         async with aiomqtt.Client(own_broker.host, own_broker.port) as c:
-            for bad, body in (
+            for who, body in (
                 ("bad-1", {"client_id": "x"}),
                 ("bad-2", {"turns": "many", "ts": "x"}),
             ):
-                topic = f"{prefix}/_worker/{bad}/stats"
+                topic = f"{prefix}/_worker/{who}/stats"
                 await c.publish(topic, msgpack.packb(body), qos=1, retain=True)
         tall = {"width": 1280, "height": 2100}  # the screenshot needs no scrolling
         page = await open_page(browser, own_broker, f"?prefix={prefix}", viewport=tall)

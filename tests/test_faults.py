@@ -381,7 +381,7 @@ _REPLAYS: dict[
         ("--max-conversations", "1"),
         [("c", _APPEND, {"role": "user", "content": "gone", "id": "a2"})],
         [
-            ("o", {"role": "user", "content": "other"}),  # "c" goes (LRU)
+            ("o", {"role": "user", "content": "other", "id": "o1"}),  # "c" goes (LRU)
             ("c", {"role": "user", "content": "one", "id": "a3"}),  # "o" goes
         ],
         [("one", 1)],

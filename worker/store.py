@@ -708,6 +708,8 @@ class Store:
             self.touched[name] = None
 
     def _create(self, name: str, now: float) -> Convo:
+        # Its own grave first: the room its start makes must not take it (one more grave).
+        grave = self._drop_grave(name)
         convos = self._convos
         while len(convos) >= self.limits.max_conversations:
             oldest_name, oldest = next(iter(convos.items()))
@@ -723,7 +725,7 @@ class Store:
         self.bytes += cv.nbytes
         convos[name] = cv
         self._index.add(cv)
-        if (grave := self._drop_grave(name)) is not None and self._lasts(grave, now):
+        if grave is not None and self._lasts(grave, now):
             cv.ids = grave.ids or None
             cost = self._ids_size(cv)
             cv.nbytes += cost
@@ -767,6 +769,10 @@ class Store:
         grave = Grave(cv.ids, cv.used, self._grave_cost(name, cv.ids))
         if not self._lasts(grave, self._clock()):
             return
+        if len(self._graves) + len(self._fallen) >= self.limits.max_conversations:
+            oldest = self._oldest_grave()
+            if oldest is not None and grave.dug < oldest[1].dug:
+                return  # older than every grave kept: it is the oldest, it goes
         self._keep_graves(self.limits.max_conversations - 1)
         self._fallen[name] = grave
         self.bytes += grave.nbytes

@@ -70,6 +70,11 @@ end
 local function fall(c, used, ibytes)
   if not used or (ttl > 0 and tonumber(used) + ttl <= now) then return end
   if redis.call('EXISTS', K .. 'i:' .. c, K .. 'il:' .. c) < 2 then return end
+  if redis.call('ZSCORE', K .. 'gv', c) then drop_grave(c) end  -- left by a worker of before
+  if redis.call('ZCARD', K .. 'gv') >= max_convos then
+    local oldest = redis.call('ZRANGE', K .. 'gv', 0, 0, 'WITHSCORES')
+    if tonumber(used) < tonumber(oldest[2]) then return end  -- the oldest: it goes
+  end
   keep_graves(1)
   local cost = convo_cost + id_byte_cost * string.len(c) + ibytes
   redis.call('RENAME', K .. 'i:' .. c, K .. 'gi:' .. c)
@@ -147,6 +152,21 @@ local function fit_budget()
 end
 
 local function create(c)
+  -- its own grave first: the room its start makes must not take it
+  if grave(c) and redis.call('EXISTS', K .. 'gi:' .. c, K .. 'gil:' .. c) < 2 then
+    drop_grave(c)  -- its ids gone from outside (maxmemory, a DEL): nothing to take back
+  end
+  local cost = nil
+  if grave(c) then
+    cost = 0
+    for _, v in ipairs(redis.call('HVALS', K .. 'gi:' .. c)) do
+      local _, each = split_reply(v)
+      cost = cost + each
+    end
+    redis.call('RENAME', K .. 'gi:' .. c, K .. 'i:' .. c)
+    redis.call('RENAME', K .. 'gil:' .. c, K .. 'il:' .. c)
+    drop_grave(c)  -- its keys are the conversation's now: DEL finds none
+  end
   while redis.call('ZCARD', K .. 'lru') >= max_convos do
     local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
     local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
@@ -159,20 +179,9 @@ local function create(c)
              'born', string.format('%.0f', born))
   redis.call('ZADD', K .. 'ix', 0, c)
   redis.call('INCRBY', K .. 'bytes', base)
-  if grave(c) and redis.call('EXISTS', K .. 'gi:' .. c, K .. 'gil:' .. c) < 2 then
-    drop_grave(c)  -- its ids gone from outside (maxmemory, a DEL): nothing to take back
-  end
-  if grave(c) then
-    local cost = 0
-    for _, v in ipairs(redis.call('HVALS', K .. 'gi:' .. c)) do
-      local _, each = split_reply(v)
-      cost = cost + each
-    end
-    redis.call('RENAME', K .. 'gi:' .. c, K .. 'i:' .. c)
-    redis.call('RENAME', K .. 'gil:' .. c, K .. 'il:' .. c)
+  if cost then
     redis.call('HSET', meta(c), 'nbytes', base + cost, 'ibytes', cost)
     redis.call('INCRBY', K .. 'bytes', cost)
-    drop_grave(c)  -- its keys are the conversation's now: DEL finds none
   end
 end
 

@@ -51,11 +51,12 @@ CREATE TABLE IF NOT EXISTS keys (
     deadline REAL,  -- wall clock; NULL: none
     PRIMARY KEY (name, ns, key)
 );
--- What stays of a conversation a request deleted: its ids and the delete's (store.Grave).
+-- What stays of a conversation a request deleted, or evicted for room, while its ids matter:
+-- its ids and the delete's (store.Grave).
 CREATE TABLE IF NOT EXISTS graves (
     name TEXT PRIMARY KEY,
     ids  BLOB NOT NULL,
-    dug  REAL NOT NULL  -- wall-clock time of the delete: the TTL runs from it
+    dug  REAL NOT NULL  -- wall-clock time of the delete or last use: the TTL runs from it
 ) WITHOUT ROWID;
 -- Trimmed events stored with their trim, until the broker has them (Backend.delivered):
 -- msgpack [convo, count, turns, summary_upto, ts, born]. A worker killed in between sends
