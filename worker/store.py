@@ -865,7 +865,10 @@ class Store:
             return None
         if cv is None:
             grave = self.get_grave(name)
-            if grave is None or key not in grave.ids or not self._lasts(grave, now):
+            if grave is not None and not self._lasts(grave, now):
+                self._drop_grave(name)  # as Redis does: the counts agree before the sweep
+                return None
+            if grave is None or key not in grave.ids:
                 return None
             return Fields(grave.ids[key])
         if not cv.ids or key not in cv.ids:
