@@ -96,6 +96,34 @@ async def test_bad_request_via_reply_to(broker: Mosquitto, worker: Service) -> N
         assert reply["id"] == 9
 
 
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        ({"role": "user", "content": "x" * 70_000}, "too_large", "--max-payload-bytes"),
+        ({"role": "user", "content": b"\xff"}, "bad_payload", "not valid UTF-8"),
+    ],
+    ids=["oversize", "bad-utf8"],
+)
+async def test_a_payload_not_decoded_whole_is_answered_on_its_reply_to(
+    broker: Mosquitto, worker: Service, body: dict[str, Any], code: str, words: str
+) -> None:
+    """An MQTT 3.1.1 device's route is in its payload: one over --max-payload-bytes, or
+    that cannot be decoded whole, is still answered there, with its id and the reason in
+    a device's words (it got no reply at all, and retried for ever)."""
+    raw = msgpack.packb({**body, "reply_to": "placeholder", "id": "r1"})
+    if isinstance(body["content"], bytes):  # a str whose bytes are not UTF-8
+        raw = raw.replace(b"\xc4\x01\xff", b"\xa1\xff")
+    async with device(broker.host, broker.port, worker.cfg.prefix, v5=False) as d:
+        route = f"{d.inbox}/1"
+        raw = raw.replace(msgpack.packb("placeholder"), msgpack.packb(route))
+        fut = d._waiting[route] = asyncio.get_running_loop().create_future()
+        await d.client.publish(f"{d.prefix}/c/append", raw, qos=1)
+        reply = await d.reply(fut)
+    check("error.reply", reply)
+    assert (reply["error"]["code"], reply["id"]) == (code, "r1")
+    assert words in reply["error"]["message"]
+
+
 @pytest.mark.parametrize("convo", ["_worker", "$x", "x" * 129])
 async def test_bad_conversation_id(dev: Device, convo: str) -> None:
     """A conversation id the contract does not allow is answered bad_topic."""

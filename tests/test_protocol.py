@@ -104,11 +104,22 @@ def test_undecodable_payloads(raw: bytes, kind: type[Exception]) -> None:
 
 
 def test_too_large_is_checked_before_decoding() -> None:
-    """An oversize payload is refused without being decoded, so its reply_to is unknown."""
-    raw = msgpack.packb({"reply_to": "r", "content": "x" * 2000})
-    p = parse("mem/c/append", raw=raw)
+    """An oversize payload is refused without being decoded whole: its reply_to and id are
+    read alone, the other values skipped (a string that is not UTF-8 among them too), so a
+    3.1.1 device gets its too_large. A payload that is no map, or breaks before them, has
+    neither."""
+    raw = msgpack.packb({"content": "x" * 2000, "role": b"\xff", "reply_to": "r", "id": 7})
+    p = parse("mem/c/append", raw=raw.replace(b"\xc4\x01\xff", b"\xa1\xff"))
     assert isinstance(p.error, TooLarge)
-    assert p.route is None
+    assert (p.route, p.req_id) == ("r", 7)
+    for broken in (
+        msgpack.packb(["r", "x" * 2000]),
+        msgpack.packb({"x" * 70_000: 1, "reply_to": "r"}),  # a key over the limit
+        msgpack.packb({"content": "x" * 2000, "reply_to": "r"})[:-3],  # cut short
+    ):
+        p = parse("mem/c/append", raw=broken)
+        assert isinstance(p.error, TooLarge)
+        assert p.route is None
 
 
 @pytest.mark.parametrize(

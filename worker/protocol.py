@@ -337,16 +337,69 @@ def _bare(exc: WorkerError) -> WorkerError:
     return exc
 
 
+# What msgpack's exceptions mean for a device, in its words (not Python's).
+_UNDECODABLE: Final = (
+    (UnicodeDecodeError, "a string in it is not valid UTF-8"),
+    (msgpack.StackError, "it nests too deeply"),
+    (msgpack.ExtraData, "it holds more than one msgpack value"),
+    (TypeError, "a map key in it is an array or a map"),
+)
+_MSGPACK_TYPES: Final = {
+    "NoneType": "nil",
+    "bool": "a bool",
+    "int": "an integer",
+    "float": "a float",
+    "str": "a string",
+    "bytes": "bin",
+    "list": "an array",
+    "ExtType": "an ext",
+    "Timestamp": "a timestamp",
+}
+
+
 def _decode(payload: bytes) -> dict[Any, Any]:
     if not payload:
         return {}
     try:
         body = msgpack.unpackb(payload, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for bad input
-        raise BadPayload(f"payload is not msgpack ({type(exc).__name__})") from exc
+        why = next((w for kind, w in _UNDECODABLE if isinstance(exc, kind)), "")
+        raise BadPayload(
+            f"payload is not msgpack: {why or 'it is cut short or malformed'}"
+        ) from exc
     if not isinstance(body, dict):
-        raise BadPayload(f"payload must be a msgpack map, got {type(body).__name__}")
+        kind = type(body).__name__
+        raise BadPayload(f"payload must be a msgpack map, got {_MSGPACK_TYPES.get(kind, kind)}")
     return body
+
+
+def _salvage(payload: bytes) -> tuple[Any, Any]:
+    """`reply_to` and `id` of a payload not decoded whole (over --max-payload-bytes, or
+    broken elsewhere): an MQTT 3.1.1 device's route is in it, and it is owed its error
+    reply. Read key by key, the other values skipped undecoded; either missing: _MISSING."""
+    found = {"reply_to": _MISSING, "id": _MISSING}
+    # Keys and the two values are decoded within these limits; skip() keeps to none, but
+    # allocates nothing.
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=max(1, len(payload)),
+        max_str_len=0xFFFF,
+        max_bin_len=c.MAX_ID_BYTES,
+        max_array_len=0,
+        max_map_len=0,
+        max_ext_len=0,
+    )
+    unpacker.feed(payload)
+    with contextlib.suppress(Exception):  # no map, or broken before them
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if isinstance(key, str) and found.get(key) is _MISSING:
+                found[key] = unpacker.unpack()
+                if _MISSING not in found.values():
+                    break
+            else:
+                unpacker.skip()
+    return found["reply_to"], found["id"]
 
 
 def _name(body: dict[Any, Any], field: str) -> str:
@@ -607,7 +660,12 @@ class Router:
             error = error or _bare(exc)
 
         route: Any = response_topic
-        if route is None and body is not None:
+        salvaged: Any = _MISSING
+        if body is None and payload:
+            found, salvaged = _salvage(payload)
+            if route is None and found is not _MISSING:
+                route = found
+        elif route is None and body is not None:
             route = body.get("reply_to")
         refused: BadRoute | None = None
         if route is not None:
@@ -631,6 +689,9 @@ class Router:
         elif body is not None and "id" in body:
             with contextlib.suppress(WorkerError):
                 req_id = _check_id(body["id"])
+        elif salvaged is not _MISSING:
+            with contextlib.suppress(WorkerError):
+                req_id = _check_id(salvaged)
         return Parsed(request, error, route, refused, req_id)
 
 
