@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from tests.clients import decode, next_message, watcher
+from tests.clients import decode, device, next_message, watcher
 from tests.conftest import program, reap, spawn_worker, unique
 from tests.processes import Mosquitto, free_port
 
@@ -209,6 +210,67 @@ async def test_memctl_exit_codes(broker: Mosquitto, program_worker: Any) -> None
     assert (rc, out) == (3, [])
 
 
+async def test_memctl_prints_any_msgpack_value_as_json(
+    broker: Mosquitto, program_worker: Any
+) -> None:
+    """A value a device saved that JSON cannot hold as it is (map keys of bin or integers,
+    NaN and infinities, ext) is printed as valid JSON: the first made memctl print a
+    traceback, for get-all the whole namespace's, and NaN printed as NaN is no JSON."""
+    prefix = program_worker[0]
+    value = {
+        1: "one",
+        b"b": [float("nan"), float("inf")],
+        "e": msgpack.ExtType(5, b"abc"),
+    }
+    async with device(broker.host, broker.port, prefix) as d:
+        body = {"ns": "n", "key": "odd", "value": value}
+        assert (await d.request("vals", "state/save", body))["ok"]
+    for args in (["state", "load", "vals", "n", "odd"], ["state", "get-all", "vals", "n"]):
+        proc = await asyncio.create_subprocess_exec(
+            program("memctl"),
+            "--port",
+            str(broker.port),
+            "--prefix",
+            prefix,
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert (proc.returncode, err) == (0, b"")
+        (line,) = out.decode().splitlines()
+        got = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is no JSON"))
+        shown = got["value"] if "value" in got else got["items"]["odd"]
+        assert shown == {
+            "1": "one",
+            '{"base64": "Yg=="}': ["nan", "inf"],
+            "e": {"ext": 5, "base64": "YWJj"},
+        }
+
+
+async def test_memctl_interrupted_exits_130(broker: Mosquitto) -> None:
+    """Ctrl-C while memctl waits for an answer exits 130, as a shell says of a command it
+    stopped (0 told a script it had its answer)."""
+    prefix = unique("nobody")
+    async with watcher(broker.host, broker.port, f"{prefix}/c/get") as asked:
+        proc = await asyncio.create_subprocess_exec(
+            program("memctl"),
+            "--port",
+            str(broker.port),
+            "--prefix",
+            prefix,
+            "--timeout",
+            "30",
+            "get",
+            "c",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        await next_message(asked)  # it waits for the reply now
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 10) == 130
+
+
 async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) -> None:
     """memctl watch prints an eviction event as JSON; memctl stats shows the worker counting it."""
     prefix = program_worker[0]
@@ -323,6 +385,20 @@ def test_memctl_refuses_bad_input_before_sending(args: list[str], words: str | N
     assert proc.stderr.count("\n") == 1
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_memctl_names_the_variable_a_bad_port_came_from() -> None:
+    """A port that is no number names $MEMORY_WORKER_PORT when it came from there (the
+    error said --port, which the user never typed)."""
+    proc = subprocess.run(
+        [program("memctl"), "get", "c"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "MEMORY_WORKER_PORT": "abc"},
+    )
+    assert proc.returncode == 2
+    assert "not a number: 'abc' (from $MEMORY_WORKER_PORT)" in proc.stderr
 
 
 def test_memctls_own_option_after_the_command_says_where_it_goes() -> None:

@@ -279,5 +279,7 @@ async def test_memctl_tls_verifies_with_the_systems_cas(tls_broker: tuple[Mosqui
         done = await asyncio.to_thread(memctl, "append", "c", "user", "hi", SSL_CERT_FILE=str(ca))
         assert (done.returncode, done.stdout) == (0, '{"ok": true, "seq": 1, "count": 1}\n')
         refused = await asyncio.to_thread(memctl, "get", "c", SSL_CERT_FILE="/nonexistent")
-    assert refused.returncode == 3, refused.stderr
+    # refused (4), not "no answer in time" (3): an app that retries timeouts would retry it
+    assert refused.returncode == 4, refused.stderr
     assert "certificate verify failed" in refused.stderr
+    assert "give the CA that signed it" in refused.stderr

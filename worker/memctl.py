@@ -3,9 +3,10 @@
 --host, --port, --prefix, --username and --password default to MEMORY_WORKER_HOST, _PORT,
 _PREFIX, _USERNAME and _PASSWORD when set (a password there stays out of `ps`).
 
-Exit status: 0 ok, 1 the worker answered with an error, 2 bad usage, 3 no answer in time
-(including a broker that cannot be reached), 4 the broker refused (the login, or a
-subscription or publish its ACL forbids: see --reply-prefix).
+Exit status: 0 ok, 1 the worker answered with an error (or retire refused: the worker is
+online, or unknown), 2 bad usage, 3 no answer in time (including a broker that cannot be
+reached), 4 refused (the broker refused the login, or a subscription or publish its ACL
+forbids: see --reply-prefix; or its TLS certificate does not verify), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import os
 import sys
 import time
@@ -38,20 +40,32 @@ from worker.errors import WorkerError
 from worker.protocol import check_request, topic_name_problem, validate_prefix
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY, EXIT_REFUSED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # as a shell reports a command Ctrl-C stopped
 
 
 def _jsonable(value: Any) -> Any:
+    """A msgpack value as JSON can say it: bin and ext as base64 maps, a map's keys that are
+    not strings as their JSON text, NaN and infinities as strings (JSON has none)."""
+    if isinstance(value, dict):
+        return {
+            k if isinstance(k, str) else json.dumps(_jsonable(k)): _jsonable(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, msgpack.ExtType):  # a tuple: before the lists
+        return {"ext": value.code, "base64": base64.b64encode(value.data).decode()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
     if isinstance(value, bytes):
         return {"base64": base64.b64encode(value).decode()}
-    if isinstance(value, msgpack.ExtType):
-        return {"ext": value.code, "base64": base64.b64encode(value.data).decode()}
     if isinstance(value, msgpack.Timestamp):
         return value.to_unix()
-    return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def emit(value: Any) -> None:
-    print(json.dumps(value, default=_jsonable, ensure_ascii=False), flush=True)
+    print(json.dumps(_jsonable(value), default=str, ensure_ascii=False), flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +94,19 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _from(kind: type[Any], name: str, set_to: str | None) -> Callable[[str], Any]:
+    """`kind` of a flag's text, naming the variable when the text is the variable's."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            where = f" (from ${name})" if text == set_to else ""
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}{where}") from None
+
+    return parse
+
+
 def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     head, _, rest = (__doc__ or "").partition("\n")
     p = _Parser(
@@ -93,7 +120,7 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         name = f"{c.ENV_PREFIX}{flag.upper()}"
         p.add_argument(
             f"--{flag}",
-            type=type(default),
+            type=_from(type(default), name, env.get(name)),
             default=env.get(name, str(default)),
             help=f"broker {flag} (default: ${name}, else {default})",
         )
@@ -422,9 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             else ""
         )
         print(
-            f"memctl: no answer within {args.timeout}s from {args.host}:{args.port} (is a "
-            f"broker listening there, and memory-worker running with prefix {args.prefix!r}"
-            f"{login})",
+            f"memctl: no answer within {args.timeout}s from a memory-worker under prefix "
+            f"{args.prefix!r} (the broker at {args.host}:{args.port} took the request: is "
+            f"memory-worker running there with --prefix {args.prefix}{login})",
             file=sys.stderr,
         )
     except RefusedError as exc:
@@ -434,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memctl: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `memctl watch | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

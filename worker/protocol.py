@@ -620,7 +620,8 @@ class Router:
             return c.CONVERSATIONS_LEVEL, c.OP_LIST
         convo, sep, op = topic[self._skip :].partition("/")
         if not sep or op not in c.OPERATIONS:
-            raise BadTopic(f"unknown operation {op!r}")
+            what = f"unknown operation {op!r}" if op else "no operation"
+            raise BadTopic(f"{what}: a request's topic is {self._head}<conversation>/<operation>")
         validate_convo(convo)
         return convo, op
 

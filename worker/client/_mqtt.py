@@ -848,14 +848,20 @@ def unreachable(
     host: str, port: int, username: str | None, exc: aiomqtt.MqttError, *, tls: bool = False
 ) -> NoReplyError | RefusedError:
     """Why connecting failed: RefusedError when the broker refused the login (a wrong
-    username or password is not a broker that is down), NoReplyError otherwise."""
+    username or password is not a broker that is down) or its TLS certificate does not
+    verify (no retry mends either), NoReplyError otherwise."""
     if login_refused(exc):
         who = repr(username) if username else "an anonymous client"
+        fix = "check the username and password" if username else "give a username and password"
         return RefusedError(
-            f"the broker at {host}:{port} refused the login of {who} ({exc}): check the "
-            "username and password",
+            f"the broker at {host}:{port} refused the login of {who} ({exc}): {fix}", "", str(exc)
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return RefusedError(
+            f"the broker at {host}:{port}: its TLS certificate does not verify ({exc}): give "
+            "the CA that signed it (?ca=FILE, tls_ca=, memctl --tls-ca)",
             "",
-            str(exc),
+            "certificate verify failed",
         )
     # A TLS listener reads MQTT's CONNECT as a broken handshake and waits: no CONNACK comes.
     # A plain one closes on TLS's hello.
