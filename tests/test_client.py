@@ -143,6 +143,23 @@ async def test_too_large_comes_from_the_worker(memory: Memory) -> None:
     assert (await memory.append(unique("c"), "user", "x" * 65000)).seq == 1
 
 
+async def test_a_request_over_the_brokers_packet_limit_under_mqtt_311_says_so(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """Mosquitto closes the connection of a packet over its max_packet_size; MQTT 3.1.1's
+    CONNACK does not say the limit (MQTT 5's does: TooLargeError before sending). The error
+    says the request may be the cause, not only that the broker went away."""
+    async with (
+        worker_factory() as w,
+        MemoryClient(
+            broker.host, broker.port, w.cfg.prefix, protocol=3, timeout=1, attempts=2
+        ) as m,
+    ):
+        with pytest.raises(NoReplyError, match=r"the 2000\d{3}-byte request may be what ends it"):
+            await m.append(unique("c"), "user", "x" * 2_000_000)
+        assert await m.get(unique("c")) == []  # and it goes on
+
+
 async def test_memory_url_takes_the_payload_limit() -> None:
     async with open_memory("memory://?max_payload_bytes=2000000") as m:
         assert (await m.append("c", "user", "x" * 1_000_000)).seq == 1

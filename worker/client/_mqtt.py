@@ -415,18 +415,27 @@ class MemoryClient(_Api):
         if last:
             within = f" within {self.timeout}s" + (f", {attempt} attempts" if attempt > 1 else "")
             if self._client is None and self._open:  # the broker, not the worker, is missing
+                big = ""
+                if self.protocol == 3 and size > c.DEFAULT_MAX_PAYLOAD_BYTES:
+                    # MQTT 5's CONNACK says the broker's limit, and the client checks it
+                    big = (
+                        f" (the {size}-byte request may be what ends it: a broker closes the "
+                        "connection of a packet over its max_packet_size, 1 MiB in "
+                        "deploy/mosquitto.d/memory-worker.conf)"
+                    )
                 raise NoReplyError(
                     f"lost the broker at {self.host}:{self.port}, and no connection came back"
                     + within
+                    + big
                 ) from None
             why = "no reply" if isinstance(exc, TimeoutError) else "connection lost"
             hint = f": is memory-worker running with prefix {self.prefix!r} there?"
             if self.protocol == 3 and size > c.DEFAULT_MAX_PAYLOAD_BYTES:
-                # The worker refuses it unread, so it cannot read the reply_to in it.
+                # Workers of before refuse it unread, so they cannot read the reply_to in it.
                 hint = (
                     f": under MQTT 3.1.1 a request of {size} bytes, over the worker's "
                     f"--max-payload-bytes ({c.DEFAULT_MAX_PAYLOAD_BYTES} unless set), gets no "
-                    "reply: its reply_to is inside it"
+                    "reply from an older worker: its reply_to is inside it"
                 )
             elif unavailable:  # the worker runs: what it stores on is struggling
                 hint = (
