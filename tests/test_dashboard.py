@@ -343,6 +343,23 @@ async def test_a_malformed_stats_message_spoils_nothing_else(
         reap(proc)
 
 
+async def test_a_prefix_no_worker_can_have_is_said(browser: Browser, own_broker: Mosquitto) -> None:
+    """?prefix= with a wildcard is said to be wrong: the broker ended the connection of the
+    page's subscription to it, and the page reconnected for ever, saying the broker did not
+    answer."""
+    assert own_broker.ws_port is not None
+    wait_port(own_broker.ws_port)
+    page = await browser.new_page()
+    await page.goto(f"http://127.0.0.1:{own_broker.ws_port}/?prefix=a/%23")
+    conn = page.locator("#conn")
+    await expect(conn).to_have_text(
+        "not connected: ?prefix=a/# has a wildcard or a control character; give the worker's"
+        " --prefix",
+        timeout=WAIT_MS,
+    )
+    await shot(page, "12-bad-prefix")
+
+
 async def test_a_worker_online_but_silent_is_flagged(
     browser: Browser, own_broker: Mosquitto
 ) -> None:

@@ -84,5 +84,16 @@
     conn.connect(form.get("username"), form.get("password"));
   });
 
-  conn.connect();
+  // As the worker's --prefix check: a broker ends the connection of a client that subscribes
+  // to a filter it refuses, and the page reconnected for ever saying the broker did not answer.
+  function prefixProblem(p) {
+    if (!p) return "is empty";
+    if (/[+#\u0000-\u001f\u007f-\u009f]/u.test(p)) return "has a wildcard or a control character";
+    if (p.startsWith("$") || p.startsWith("/") || p.includes("//")) return "starts with $ or /, or has an empty level";
+    return null;
+  }
+
+  const problem = prefixProblem(prefix);
+  if (problem) onState("offline", `not connected: ?prefix=${prefix} ${problem}; give the worker's --prefix`);
+  else conn.connect();
 })();
