@@ -25,7 +25,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -154,13 +154,16 @@ def will(topic: str, payload: bytes, content_type: str) -> aiomqtt.Will:
     return aiomqtt.Will(topic, payload, qos=1, retain=True, properties=props)
 
 
-def refusal(reason_codes: Sequence[Any]) -> str | None:
+# MQTT 3.1.1's one refusal code (0x80) says no more; paho reads it as MQTT 5's 0x80.
+V3_FAILURE: Final = "Failure (MQTT 3.1.1 says no reason)"
+
+
+def refusal(reason_codes: Sequence[Any], v5: bool = True) -> str | None:
     """The broker's reason ("Not authorized", ...) when a SUBACK refused a subscription, or
-    None: what aiomqtt's `subscribe` returns, paho's reason codes for MQTT 5 and 3.1.1 alike
-    (3.1.1's only refusal, 0x80, reads "Unspecified error")."""
+    None: what aiomqtt's `subscribe` returns, paho's reason codes for MQTT 5 and 3.1.1 alike."""
     for code in reason_codes:
         if getattr(code, "is_failure", False):
-            return str(code)
+            return str(code) if v5 else V3_FAILURE
     return None
 
 
@@ -894,7 +897,9 @@ class BlockingConnection:
             if first & 0xF0 == packets.SUBACK:
                 ack = packets.decode_ack(first, body, 0, len(body), self.v5)
                 if ack.mid == mid:
-                    return reason_name(packets.SUBACK, ack.reason) if ack.reason >= 0x80 else None
+                    if ack.reason < 0x80:
+                        return None
+                    return reason_name(packets.SUBACK, ack.reason) if self.v5 else V3_FAILURE
 
     def publish(self, topic: str, payload: bytes, qos: int, props: bytes, deadline: float) -> int:
         """Send a PUBLISH; its message id (0 at QoS 0)."""

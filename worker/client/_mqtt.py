@@ -250,7 +250,7 @@ class MemoryClient(_Api):
     async def _subscribe_on(self, client: Connection, topic_filter: str, qos: int) -> None:
         """Subscribe; RefusedError at once when the broker refuses (its ACL), rather than a
         NoReplyError after every attempt's timeout."""
-        reason = refusal(await client.subscribe(topic_filter, qos=qos))
+        reason = refusal(await client.subscribe(topic_filter, qos=qos), self.protocol == 5)
         if reason is not None:
             raise self._refused("subscription to", topic_filter, reason)
 
