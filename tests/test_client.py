@@ -255,6 +255,11 @@ async def test_open_memory_used_as_the_memory_says_how_to_open_it() -> None:
     with pytest.raises(AttributeError, match=r"async with open_memory\(url\) as memory: await"):
         await opening.get("c")
     assert not hasattr(opening, "get")  # duck typing still works
+    with (  # it named a private class
+        pytest.raises(TypeError, match=r"an `async with` block, not `with`"),
+        open_memory("memory://"),
+    ):
+        pass
     async with open_memory("memory://") as m:
         assert (await m.append("c", "user", "x")).seq == 1
 

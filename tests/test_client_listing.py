@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests import test_client
 from tests.conftest import unique
 from tests.processes import Mosquitto
 from tests.test_cli import memctl
-from worker.client import Memory, open_blocking_memory
+from worker.client import BadRequestError, Memory, open_blocking_memory
 from worker.service import Service
 
 memory = test_client.memory
@@ -31,6 +33,9 @@ async def test_conversations_pages_through_every_live_conversation(memory: Memor
     assert [i async for i in memory.conversations(unique("nobody"))] == []
     assert await memory.namespaces(names[3]) == ["prefs"]
     assert await memory.namespaces(names[4]) == []
+    for bad in (0, 1001, True):  # named as the caller named it (the worker's says 'limit')
+        with pytest.raises(BadRequestError, match="'page_size' must be an integer 1-1000"):
+            [i async for i in memory.conversations(stem, page_size=bad)]
 
 
 async def test_blocking_conversations_is_an_iterator(blocking_url: str) -> None:

@@ -18,7 +18,7 @@ they share).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 from worker import constants as c
@@ -156,6 +156,16 @@ class _Opening:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._memory.__aexit__(*exc)
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(
+            "open_memory(url) opens the memory for an `async with` block, not `with`: "
+            "`async with open_memory(url) as memory:`, or open_blocking_memory(url) for "
+            "code without await"
+        )
+
+    def __exit__(self, *exc: Any) -> None:  # pragma: no cover - __enter__ raised
+        pass
 
     def __getattr__(self, name: str) -> Any:
         # AttributeError still (hasattr() and duck typing go on working), saying how.

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from worker import constants as c
-from worker.client._errors import BadPayloadError, error_for
+from worker.client._errors import BadPayloadError, BadRequestError, error_for
 from worker.client._models import (
     Appended,
     Context,
@@ -224,6 +224,9 @@ class _Api:
         fetched `page_size` at a time as you iterate. Listing is not a use: it refreshes no
         TTL. Like Redis SCAN, a conversation live throughout is returned at least once; one
         created or removed meanwhile may or may not be."""
+        fits = isinstance(page_size, int) and not isinstance(page_size, bool)
+        if not fits or not 1 <= page_size <= c.MAX_LIST_LIMIT:  # the worker's says 'limit'
+            raise BadRequestError(f"'page_size' must be an integer 1-{c.MAX_LIST_LIMIT}")
         body: dict[str, Any] = {"limit": page_size}
         if prefix:
             body["prefix"] = prefix

@@ -798,7 +798,7 @@ def _closed_while_waiting() -> RuntimeError:
 def _not_open() -> RuntimeError:
     return RuntimeError(
         "the memory client is not open: use it inside `async with` (MemoryClient, "
-        "open_memory) or `with` (BlockingMemoryClient), not after"
+        "open_memory) or `with` (BlockingMemoryClient), not before or after it"
     )
 
 
