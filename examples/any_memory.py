@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 
-from worker.client import open_memory
+from worker.client import MemoryWorkerError, open_memory
 
 
 async def main() -> None:
@@ -31,4 +32,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except MemoryWorkerError as exc:  # no broker, no worker, a refusal: one line, as memctl
+        sys.exit(f"any_memory: {exc.message}")

@@ -13,7 +13,7 @@ import contextlib
 import os
 import sys
 
-from worker.client import open_memory
+from worker.client import MemoryWorkerError, open_memory
 
 # scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
 DEFAULT_URL = "mqtt://{}:{}/{}".format(  # as memctl reads them
@@ -43,5 +43,8 @@ async def main(count: int | None) -> None:
 if __name__ == "__main__":
     if sys.argv[1:] and not sys.argv[1].isdigit():
         sys.exit("usage: examples/print_evictions.py [COUNT] (stop it with Ctrl-C)")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else None))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else None))
+    except MemoryWorkerError as exc:  # no broker, no worker, a refusal: one line, as memctl
+        sys.exit(f"print_evictions: {exc.message}")

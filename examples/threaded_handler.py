@@ -29,6 +29,7 @@ from worker.client import (
     BadRequestError,
     BadTopicError,
     BlockingMemoryClient,
+    MemoryWorkerError,
     TooLargeError,
     open_blocking_memory,
 )
@@ -105,7 +106,11 @@ if __name__ == "__main__":
     number = sys.argv[2:3] if demo_mode else sys.argv[1:2]
     if (demo_mode and not number) or (number and not number[0].isdigit()):
         sys.exit(USAGE)
-    with open_blocking_memory(os.environ.get("MEMORY_URL", DEFAULT_URL)) as mem:
+    try:
+        mem = open_blocking_memory(os.environ.get("MEMORY_URL", DEFAULT_URL))
+    except MemoryWorkerError as exc:  # no broker, a refusal: one line, as memctl
+        sys.exit(f"threaded_handler: {exc.message}")
+    with mem:
         if demo_mode:
             demo(mem, int(number[0]))
         else:

@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 
-from worker.client import Turn, open_memory
+from worker.client import MemoryWorkerError, Turn, open_memory
 
 # scripts/run --own-broker prints the MEMORY_WORKER_PORT to export.
 DEFAULT_URL = "mqtt://{}:{}/{}".format(  # as memctl reads them
@@ -42,4 +42,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: examples/voice_assistant.py CONVERSATION [UTTERANCE ...] (or on stdin)")
     lines = sys.argv[2:] or [line.strip() for line in sys.stdin]
-    asyncio.run(main(sys.argv[1], [line for line in lines if line]))
+    try:
+        asyncio.run(main(sys.argv[1], [line for line in lines if line]))
+    except MemoryWorkerError as exc:  # no broker, no worker, a refusal: one line, as memctl
+        sys.exit(f"voice_assistant: {exc.message}")
