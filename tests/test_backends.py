@@ -1173,6 +1173,9 @@ async def test_summary_compare_and_set_refuses_with_conflict(make: Make) -> None
     assert (gone.upto, gone.seq) == (0, 0)
     assert await turns(h, "nobody") == []
     assert (await h.ok(Summary("c", "two", 4, 2))).fields == {"upto": 4, "dropped": 2}
+    covered = await summarize(h, "c", "three", 5, 4)  # it said "between 5 and 4"
+    assert isinstance(covered, Conflict)
+    assert covered.message == "nothing to summarize: the summary covers every turn (upto 4)"
     got = await window(h, "c")
     assert (got.count, got.summary) == (0, ("two", 4, 1))
 

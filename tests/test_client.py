@@ -160,6 +160,21 @@ async def test_a_request_over_the_brokers_packet_limit_under_mqtt_311_says_so(
         assert await m.get(unique("c")) == []  # and it goes on
 
 
+async def test_no_reply_with_a_login_asks_whether_it_may_read_its_replies(
+    broker: Mosquitto,
+) -> None:
+    """A broker whose ACL is a file grants the reply subscription and delivers nothing there:
+    with a login, no reply asks whether the user may read reply_prefix, as memctl's does (it
+    asked only whether a worker runs)."""
+    async with MemoryClient(
+        broker.host, broker.port, unique("nobody"), username="bob", timeout=0.3, attempts=1
+    ) as m:
+        with pytest.raises(
+            NoReplyError, match=r"And may 'bob' read reply_prefix 'nobody\w+-reply'\?"
+        ):
+            await m.get("c")
+
+
 async def test_memory_url_takes_the_payload_limit() -> None:
     async with open_memory("memory://?max_payload_bytes=2000000") as m:
         assert (await m.append("c", "user", "x" * 1_000_000)).seq == 1
@@ -167,6 +182,9 @@ async def test_memory_url_takes_the_payload_limit() -> None:
         memory_from_url("memory://?max_payload_bytes=lots")
     with pytest.raises(ValueError, match="at least 256"):
         memory_from_url("memory://?max_payload_bytes=0")
+    for url in ("memory://somehost", "memory:///mem"):  # left aside in silence
+        with pytest.raises(ValueError, match="no host nor prefix"):
+            memory_from_url(url)
 
 
 @pytest.mark.parametrize(

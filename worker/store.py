@@ -390,6 +390,8 @@ class Store:
             why = (
                 f"'upto' must be between {req.base + 1} and {cv.seq} (after the summary's "
                 f"upto, up to the newest turn), not {req.upto}"
+                if req.base < cv.seq
+                else f"nothing to summarize: the summary covers every turn (upto {cv.seq})"
             )
             raise Conflict(why, current, cv.seq, cv.born)
         lim = self.limits

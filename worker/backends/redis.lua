@@ -402,6 +402,9 @@ elseif op == 'summary' then
       why = 'the conversation was started again (born ' .. born .. ', not ' .. want .. ')'
     elseif exists and sbase ~= current then
       why = "the summary's upto is " .. current .. ', not base ' .. sbase
+    elseif exists and sbase >= newest then
+      why = 'nothing to summarize: the summary covers every turn (upto ' ..
+            string.format('%.0f', newest) .. ')'
     elseif exists then
       -- digits as sent, not Lua's 1e+17 for a large number
       why = "'upto' must be between " .. string.format('%.0f', sbase + 1) .. ' and ' ..

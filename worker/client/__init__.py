@@ -77,6 +77,11 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     if parts.scheme == "memory":
+        if parts.netloc or parts.path.strip("/"):  # it would be left aside in silence
+            raise ValueError(
+                f"{url!r}: memory:// is this process's memory: no host nor prefix "
+                "(memory://?max_turns=8)"
+            )
         fields = {f: query.pop(f) for f in list(query) if f in _MEMORY_LIMITS}
         payload = query.pop("max_payload_bytes", None)
         if query:
