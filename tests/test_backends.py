@@ -130,6 +130,15 @@ class Harness:
         self._note(events)
         return more
 
+    def connected(self) -> None:
+        """What the service does on connecting: announce what opening held, each trimmed
+        event delivered (the broker's PUBACK)."""
+        events = self.be.held_events()
+        self._note(events)
+        for e in events:
+            if isinstance(e, Trimmed) and e.receipt:
+                self.be.delivered(e.receipt)
+
     def take(self) -> list[tuple[str, str, int, int]]:
         out, self.events = self.events, []
         return out
@@ -962,7 +971,7 @@ async def test_lru_order_survives_restart(durable: Harness) -> None:
         await add(h, name)
     await turns(h, "a")
     await h.reopen(Limits(ttl=100, max_turns=4, max_conversations=2))
-    await h.expire()  # what opening evicted is reported with the first sweep
+    h.connected()  # what opening evicted is announced on connecting
     assert h.take() == [("b", "lru", 1, 0)]
     await h.reopen()
     assert [len(await turns(h, n)) for n in "abc"] == [1, 0, 1]
@@ -970,19 +979,19 @@ async def test_lru_order_survives_restart(durable: Harness) -> None:
 
 async def test_a_restart_with_fewer_turns_announces_what_it_drops(tmp_path: Path) -> None:
     """A restart with a lower --max-turns trims each window as it loads: with --trimmed-events
-    the turns it drops are announced (with the first sweep), as an append's would be. They
-    left the window unannounced, and never reached the summary."""
+    the turns it drops are announced (on connecting), as an append's would be. They left the
+    window unannounced, and never reached the summary."""
     h = Harness("sqlite", Limits(ttl=100, max_turns=8, trimmed_events=True), tmp_path, Clock())
     await h.be.open()
     for i in range(6):
         await add(h, "c", f"m{i}")
     await h.reopen(Limits(ttl=100, max_turns=4, trimmed_events=True))
-    await h.expire()
+    h.connected()
     assert h.trimmed == [("c", [1, 2], 0)]
     assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5, 6]
     # Stored trimmed: not announced again, nor back in the window, at the next start.
     await h.reopen(Limits(ttl=100, max_turns=8, trimmed_events=True))
-    await h.expire()
+    h.connected()
     assert h.trimmed == [("c", [1, 2], 0)]
     assert [t["seq"] for t in await turns(h, "c")] == [3, 4, 5, 6]
     await h.be.close()
@@ -1026,7 +1035,7 @@ async def test_lru_order_survives_restart_with_ttl_off(tmp_path: Path) -> None:
         await add(h, name)
     await turns(h, "a")
     await h.reopen(Limits(ttl=0, max_conversations=2))
-    await h.expire()
+    h.connected()
     assert h.take() == [("b", "lru", 1, 0)]
     await h.be.close()
 

@@ -318,6 +318,33 @@ async def test_a_trim_stored_before_its_event_left_is_announced_at_the_next_star
     assert (event["convo"], [t["content"] for t in event["turns"]]) == ("c", ["one"])
 
 
+async def test_what_opening_evicts_is_announced_on_connecting(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A worker started on a SQLite file with a lower --max-conversations evicts as it opens,
+    and announces it as soon as it serves, not with the first request or sweep to come (an
+    hour away under the default --ttl)."""
+    prefix, cid = unique("mem"), unique("w-")
+    args = ["--prefix", prefix, "--client-id", cid, "--backend", f"sqlite:///{tmp_path}/m.db"]
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/+/evicted") as evicted,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        proc = spawn_worker(broker, *args)
+        try:
+            await asyncio.to_thread(wait_serving, proc)
+            for convo in ("a", "b", "c"):
+                assert (await d.request(convo, "append", {"role": "user", "content": "x"}))["ok"]
+        finally:
+            assert reap(proc, signal.SIGTERM) == 0
+        proc = spawn_worker(broker, *args, "--max-conversations", "2")
+        try:
+            event = decode(await next_message(evicted))
+        finally:
+            reap(proc, signal.SIGTERM)
+    assert (event["convo"], event["reason"]) == ("a", "lru")
+
+
 async def test_a_stopped_worker_announces_no_trimmed_event_twice(
     broker: Mosquitto, tmp_path: Path
 ) -> None:

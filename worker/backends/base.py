@@ -68,8 +68,9 @@ class Backend(ABC):
         return c.SWEEP_INTERVAL
 
     def held_events(self) -> list[Event]:
-        """Events held since the last call that no execute() or expire() returned (those a
-        durable backend kept unsent at its last run, read on opening)."""
+        """Events of opening, which no execute() or expire() returns: those a durable
+        backend kept unsent at its last run, and what opening under lower limits evicted or
+        trimmed. Once: the service announces them on connecting."""
         return []
 
     def delivered(self, receipt: int) -> None:  # noqa: B027 - optional hook

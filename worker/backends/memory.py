@@ -38,9 +38,6 @@ class MemoryBackend(Backend):
         run = self.store.execute
         return [run(req) for req in requests], self.store.take_events()
 
-    def held_events(self) -> list[Event]:
-        return self.store.take_events()
-
     async def expire(self) -> tuple[bool, list[Event]]:
         more = self.store.expire()
         await self._commit()

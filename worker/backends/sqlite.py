@@ -155,7 +155,7 @@ class SqliteBackend(MemoryBackend):
         self._lazy: asyncio.Future[None] | None = None
         self._tick = 0
         self._receipt = 0  # the last trimmed event's number in the outbox
-        self._unsent: list[Trimmed] = []  # read from the outbox on opening
+        self._unsent: list[Event] = []  # kept in the outbox, and made by opening
         self._outbox: list[tuple[int, bytes]] = []  # trimmed events not written yet
         self._delivered: list[tuple[int]] = []  # the broker has them: their rows go
 
@@ -173,6 +173,8 @@ class SqliteBackend(MemoryBackend):
         self.store.enforce_bounds()  # the limits may be lower than when these were stored
         self.store.touched.clear()
         await self._commit()
+        # What opening evicted or trimmed, stored now, goes out with what the outbox kept.
+        self._unsent += self.store.take_events()
 
     def _take(self) -> None:
         """Hold `<file>.lock` while open: two workers on one file would both answer and
@@ -246,9 +248,8 @@ class SqliteBackend(MemoryBackend):
         return rows, keys, graves, outbox
 
     def held_events(self) -> list[Event]:
-        unsent: list[Event] = list(self._unsent)
-        self._unsent = []
-        return unsent + super().held_events()
+        unsent, self._unsent = self._unsent, []
+        return unsent
 
     def delivered(self, receipt: int) -> None:
         self._delivered.append((receipt,))
