@@ -185,12 +185,14 @@ class AckHolder:
     `release()`, as behind a flood. Everything else passes, but while `paused`, when
     whatever comes waits for `resume()` and then goes in one write (one read of the
     client's: one batch). The client's publishes to topics `swallowing(topic)` says never
-    reach the broker, as if the client died before it wrote them."""
+    reach the broker, as if the client died before it wrote them. While `holding`, the
+    broker's packets of the kinds in `withheld` (SUBACK, say) wait for `release()` too."""
 
     def __init__(self, host: str, port: int, held: Callable[[str], bool] = lambda _: True) -> None:
         self.target = (host, port)
         self.holding = False
         self.swallowing: Callable[[str], bool] = lambda _: False
+        self.withheld: set[int] = set()
         self.port = 0
         self._which = held
         self._topics: dict[int, str] = {}  # the client's QoS 1 publishes: mid -> topic
@@ -270,6 +272,9 @@ class AckHolder:
                     if self.paused:
                         self._paused.append(p)
                         self._more.set()
+                        continue
+                    if self.holding and p[0] & 0xF0 in self.withheld:
+                        self._held.append(p)
                         continue
                     if self.holding and p[0] & 0xF0 == packets.PUBACK:
                         topic = self._topics.get(int.from_bytes(p[2:4], "big"), "")

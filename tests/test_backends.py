@@ -1027,6 +1027,23 @@ async def test_a_trimmed_event_is_kept_until_the_broker_has_it(tmp_path: Path) -
     await h.be.close()
 
 
+async def test_a_large_trim_goes_out_as_events_a_broker_takes(tmp_path: Path) -> None:
+    """A restart with a lower --max-turns trims many turns at once: they go out as several
+    trimmed events of at most 256 KiB of turns each (one event of 1.5 MB was over the
+    broker's max_packet_size: not sent, deleted as if delivered, and its turns lost)."""
+    h = Harness("sqlite", Limits(ttl=100, max_turns=40, trimmed_events=True), tmp_path, Clock())
+    await h.be.open()
+    for i in range(40):
+        await add(h, "c", f"{i:02}" + "x" * 40_000)
+    await h.reopen(Limits(ttl=100, max_turns=1, trimmed_events=True))
+    events = [e for e in h.be.held_events() if isinstance(e, Trimmed)]
+    assert all(len(e.turns) <= 256 * 1024 for e in events)
+    assert len(events) > 1
+    seqs = [t["seq"] for e in events for t in Turns(e.count, e.turns).decoded()]
+    assert seqs == list(range(1, 40))
+    await h.be.close()
+
+
 async def test_lru_order_survives_restart_with_ttl_off(tmp_path: Path) -> None:
     """With --ttl 0 a get still counts as a use, and that order is what a restart keeps."""
     h = Harness("sqlite", Limits(ttl=0), tmp_path, Clock())

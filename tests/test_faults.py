@@ -25,6 +25,7 @@ from tests.conftest import (
     wait_serving,
 )
 from tests.processes import Mosquitto
+from worker import packets
 from worker.backends import create_backend
 from worker.config import Config
 from worker.service import Service
@@ -343,6 +344,45 @@ async def test_what_opening_evicts_is_announced_on_connecting(
         finally:
             reap(proc, signal.SIGTERM)
     assert (event["convo"], event["reason"]) == ("a", "lru")
+
+
+async def test_a_held_trimmed_event_comes_before_the_new_ones(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The trimmed event a killed worker kept is announced before the trims of the requests
+    its session queued meanwhile, which the new run serves as it connects (it came after
+    them: a summarizer waited for the gap, up to --gap-wait, before folding)."""
+    prefix, cid = unique("mem"), unique("w-")
+    db = f"sqlite:///{tmp_path}/m.db"
+    args = ["--prefix", prefix, "--client-id", cid, "--backend", db, "--max-turns", "1"]
+    args.append("--trimmed-events")
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        async with AckHolder(broker.host, broker.port) as hop:
+            hop.swallowing = lambda topic: topic.endswith("/trimmed")
+            proc = spawn_worker(broker, *args, "--port", str(hop.port))
+            try:
+                await asyncio.to_thread(wait_serving, proc)
+                for content in ("one", "two"):
+                    body = {"role": "user", "content": content}
+                    assert (await d.request("c", "append", body))["ok"]
+            finally:
+                reap(proc)
+        queued = await d.send(f"{prefix}/c/append", {"role": "user", "content": "three"})
+        # Its subscriptions answered late: the queued request is served meanwhile.
+        async with AckHolder(broker.host, broker.port) as hop:
+            hop.withheld, hop.holding = {packets.SUBACK}, True
+            proc = spawn_worker(broker, *args, "--port", str(hop.port))
+            try:
+                assert (await d.reply(queued))["ok"]
+                events = [decode(await next_message(trimmed))]
+                hop.release()
+                events.append(decode(await next_message(trimmed)))
+            finally:
+                reap(proc, signal.SIGTERM)
+    assert [[t["content"] for t in e["turns"]] for e in events] == [["one"], ["two"]]
 
 
 async def test_a_stopped_worker_announces_no_trimmed_event_twice(

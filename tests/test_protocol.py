@@ -112,7 +112,16 @@ def test_too_large_is_checked_before_decoding() -> None:
     p = parse("mem/c/append", raw=raw.replace(b"\xc4\x01\xff", b"\xa1\xff"))
     assert isinstance(p.error, TooLarge)
     assert (p.route, p.req_id) == ("r", 7)
+    # the last of a repeated key wins, as in a whole decode
+    twice = b"\x83\xa8reply_to\xa1a\xa8reply_to\xa1b\xa7content\xda\x07\xd0" + b"x" * 2000
+    assert parse("mem/c/append", raw=twice).route == "b"
+    # bounded for a payload made to stall it: 32 keys, the first MiB
+    many = {f"k{i}": 0 for i in range(32)} | {"content": "x" * 2000, "reply_to": "r"}
+    hostile = b"\xdf\xff\xff\xff\xff" + b"\xc0" * (2 << 20)  # a map of nils, 4 billion long
     for broken in (
+        msgpack.packb(many),
+        msgpack.packb({"content": "x" * (1 << 20), "reply_to": "r"}),
+        hostile,
         msgpack.packb(["r", "x" * 2000]),
         msgpack.packb({"x" * 70_000: 1, "reply_to": "r"}),  # a key over the limit
         msgpack.packb({"content": "x" * 2000, "reply_to": "r"})[:-3],  # cut short

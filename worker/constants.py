@@ -11,6 +11,10 @@ DEFAULT_TTL: Final = 3600.0
 DEFAULT_MAX_CONVERSATIONS: Final = 500
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 65536
+# A trimmed event's turns, at most (one turn may be more): a broker drops a packet over its
+# max_packet_size (1 MiB in deploy/), and a large trim (a restart with a lower --max-turns)
+# goes out as several events.
+TRIMMED_EVENT_BYTES: Final = 256 * 1024
 DEFAULT_MAX_KEYS: Final = 256
 MIN_MAX_PAYLOAD_BYTES: Final = 256
 DEFAULT_STATS_INTERVAL: Final = 10.0

@@ -320,6 +320,20 @@ class Trimmed:
 Event = Eviction | Trimmed
 
 
+def trimmed_parts(turns: list[bytes], most: int = c.TRIMMED_EVENT_BYTES) -> list[list[bytes]]:
+    """Turns that left a window, in order, cut into runs of at most `most` bytes (a turn
+    over it alone): one trimmed event each."""
+    parts: list[list[bytes]] = [[]]
+    size = 0
+    for turn in turns:
+        if parts[-1] and size + len(turn) > most:
+            parts.append([])
+            size = 0
+        parts[-1].append(turn)
+        size += len(turn)
+    return parts if turns else []
+
+
 # --- parsing ------------------------------------------------------------------------------
 
 
@@ -373,30 +387,34 @@ def _decode(payload: bytes) -> dict[Any, Any]:
     return body
 
 
+_SALVAGE_BYTES: Final = 1 << 20  # Mosquitto's max_packet_size in deploy/
+_SALVAGE_KEYS: Final = 32
+
+
 def _salvage(payload: bytes) -> tuple[Any, Any]:
     """`reply_to` and `id` of a payload not decoded whole (over --max-payload-bytes, or
     broken elsewhere): an MQTT 3.1.1 device's route is in it, and it is owed its error
-    reply. Read key by key, the other values skipped undecoded; either missing: _MISSING."""
+    reply. Read key by key, the other values skipped undecoded; either missing: _MISSING.
+    Bounded, for a payload made to stall it: its first _SALVAGE_BYTES, _SALVAGE_KEYS keys
+    (no request has more fields); the last of a key repeated wins, as in a whole decode."""
     found = {"reply_to": _MISSING, "id": _MISSING}
     # Keys and the two values are decoded within these limits; skip() keeps to none, but
     # allocates nothing.
     unpacker = msgpack.Unpacker(
         raw=False,
-        max_buffer_size=max(1, len(payload)),
+        max_buffer_size=_SALVAGE_BYTES,
         max_str_len=0xFFFF,
         max_bin_len=c.MAX_ID_BYTES,
         max_array_len=0,
         max_map_len=0,
         max_ext_len=0,
     )
-    unpacker.feed(payload)
+    unpacker.feed(payload[:_SALVAGE_BYTES])
     with contextlib.suppress(Exception):  # no map, or broken before them
-        for _ in range(unpacker.read_map_header()):
+        for _ in range(min(unpacker.read_map_header(), _SALVAGE_KEYS)):
             key = unpacker.unpack()
-            if isinstance(key, str) and found.get(key) is _MISSING:
+            if isinstance(key, str) and key in found:
                 found[key] = unpacker.unpack()
-                if _MISSING not in found.values():
-                    break
             else:
                 unpacker.skip()
     return found["reply_to"], found["id"]

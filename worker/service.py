@@ -177,6 +177,9 @@ class Service:
         self._resume_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._idle = False  # `_process` waits for `_wake` with nothing to do
+        # Publishes of events a durable backend keeps until the broker has them: a stop waits
+        # for their PUBACKs (else the next start sends them again).
+        self._watched: set[asyncio.Future[str | None]] = set()
         self._peers_warned: set[tuple[str, tuple[str, ...]]] = set()
         # Other workers' last status by client id: (state, when it went so).
         self._peer_states: dict[str, tuple[object, float]] = {}
@@ -247,6 +250,8 @@ class Service:
             await asyncio.wait_for(self._drained(), timeout=c.DRAIN_TIMEOUT)
         with contextlib.suppress(TimeoutError):  # the expiry chunk in hand, announced
             await asyncio.wait_for(self._sweep_resting.wait(), timeout=c.DRAIN_TIMEOUT)
+        if self._watched and self.connected.is_set():  # else they go again at the next start
+            await asyncio.wait(set(self._watched), timeout=c.DRAIN_TIMEOUT)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -566,6 +571,9 @@ class Service:
         return asyncio.get_running_loop().create_future()
 
     async def _on_connected(self, client: Connection) -> None:
+        # Before anything awaits: the session's queued requests are served meanwhile, and
+        # their trims must come after the older ones a durable backend held.
+        self._announce(self.backend.held_events())
         filters = self.router.filters()
         # No Local: the worker's own events and stats are not sent back to it. MQTT 5 forbids
         # it on shared subscriptions, where the Router drops them instead.
@@ -617,7 +625,6 @@ class Service:
         self.connections += 1
         self._connection_made.set()
         self._publish_stats()
-        self._announce(self.backend.held_events())  # a durable backend's, unsent at its last run
         self.systemd.ready(self._systemd_status())
         log.info(
             "serving %s/# on %s:%d as %s (backend %s)",
@@ -1197,9 +1204,11 @@ class Service:
                     publish(topic, payload, 1, False, props)
                     continue
                 sent = self._client.publish_watched(topic, payload, False, props)
+                self._watched.add(sent)
                 sent.add_done_callback(partial(self._delivered, ev.receipt))
 
     def _delivered(self, receipt: int, sent: asyncio.Future[str | None]) -> None:
+        self._watched.discard(sent)
         if not sent.cancelled():  # refused or too large too: sending it again would not help
             self.backend.delivered(receipt)
 

@@ -46,6 +46,7 @@ from worker.protocol import (
     Turns,
     convo_info,
     list_page,
+    trimmed_parts,
 )
 from worker.turns import (
     TURN_PARTS,
@@ -677,9 +678,10 @@ class Store:
             self._announce_trimmed(name, cv, dropped)
 
     def _announce_trimmed(self, name: str, cv: Convo, dropped: list[bytes]) -> None:
-        data, _ = expand_turns(b"".join(dropped))
         upto = cv.summary[1] if cv.summary else 0
-        self.events.append(Trimmed(name, len(dropped), data, upto, self._wall(), cv.born))
+        for part in trimmed_parts(dropped):
+            data, _ = expand_turns(b"".join(part))
+            self.events.append(Trimmed(name, len(part), data, upto, self._wall(), cv.born))
 
     def _key_size(self, key: str, value: bytes) -> int:
         return len(key.encode()) + len(value) + self.limits.key_cost

@@ -49,6 +49,7 @@ from worker.protocol import (
     Turns,
     convo_info,
     list_page,
+    trimmed_parts,
 )
 from worker.store import NO_DEADLINE, Limits, base_cost
 from worker.turns import content_size, redis_tokens, redis_turn, summary_size, turn_head
@@ -336,9 +337,9 @@ def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], 
         Eviction(cv.decode(), reason.decode(), int(n), int(k), now) for cv, reason, n, k in evicted
     ]
     if trimmed:
-        turns = [redis_turn(e) for e in trimmed[2:]]
-        trim = Trimmed(convo, len(turns), b"".join(turns), int(trimmed[0]), now, int(trimmed[1]))
-        events.insert(0, trim)
+        upto, born = int(trimmed[0]), int(trimmed[1])
+        parts = trimmed_parts([redis_turn(e) for e in trimmed[2:]])
+        events[:0] = [Trimmed(convo, len(p), b"".join(p), upto, now, born) for p in parts]
     return result, events, Counts(*(int(x) for x in counts))
 
 
