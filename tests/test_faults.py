@@ -14,7 +14,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.clients import AckHolder, decode, device, next_message, watcher
+from tests.clients import AckHolder, Device, decode, device, next_message, watcher
 from tests.conftest import (
     WorkerFactory,
     make_config,
@@ -284,6 +284,28 @@ async def test_each_lost_connection_is_said(
     assert len(said) == 2
 
 
+def _sqlite_worker(tmp_path: Path) -> tuple[str, list[str]]:
+    """A prefix, and the flags of a worker on a SQLite file in `tmp_path` announcing each
+    turn past a window of one."""
+    prefix = unique("mem")
+    args = ["--prefix", prefix, "--client-id", unique("w-"), "--max-turns", "1"]
+    return prefix, [*args, "--backend", f"sqlite:///{tmp_path}/m.db", "--trimmed-events"]
+
+
+async def _trim_kept_from_the_broker(broker: Mosquitto, d: Device, args: list[str]) -> None:
+    """The worker appends "one" and "two" to "c" and is killed; its trimmed event of "one"
+    never reached the broker, as if it died before writing it."""
+    async with AckHolder(broker.host, broker.port) as hop:
+        hop.swallowing = lambda topic: topic.endswith("/trimmed")
+        proc = spawn_worker(broker, *args, "--port", str(hop.port))
+        try:
+            await asyncio.to_thread(wait_serving, proc)
+            for content in ("one", "two"):
+                assert (await d.request("c", "append", {"role": "user", "content": content}))["ok"]
+        finally:
+            reap(proc)
+
+
 async def test_a_trim_stored_before_its_event_left_is_announced_at_the_next_start(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
@@ -291,25 +313,12 @@ async def test_a_trim_stored_before_its_event_left_is_announced_at_the_next_star
     (here the event never reaches the broker, as if the worker died before writing it)
     announces it when it starts again: the turns reach the summarizer. They were lost, in
     neither a get nor a summary."""
-    prefix, cid = unique("mem"), unique("w-")
-    db = f"sqlite:///{tmp_path}/m.db"
-    args = ["--prefix", prefix, "--client-id", cid, "--backend", db, "--max-turns", "1"]
-    args.append("--trimmed-events")
+    prefix, args = _sqlite_worker(tmp_path)
     async with (
         watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
         device(broker.host, broker.port, prefix) as d,
     ):
-        async with AckHolder(broker.host, broker.port) as hop:
-            hop.swallowing = lambda topic: topic.endswith("/trimmed")
-            proc = spawn_worker(broker, *args, "--port", str(hop.port))
-            try:
-                await asyncio.to_thread(wait_serving, proc)
-                for content in ("one", "two"):
-                    assert (await d.request("c", "append", {"role": "user", "content": content}))[
-                        "ok"
-                    ]
-            finally:
-                reap(proc)
+        await _trim_kept_from_the_broker(broker, d, args)
         assert trimmed.empty()
         proc = spawn_worker(broker, *args)
         try:
@@ -325,8 +334,7 @@ async def test_what_opening_evicts_is_announced_on_connecting(
     """A worker started on a SQLite file with a lower --max-conversations evicts as it opens,
     and announces it as soon as it serves, not with the first request or sweep to come (an
     hour away under the default --ttl)."""
-    prefix, cid = unique("mem"), unique("w-")
-    args = ["--prefix", prefix, "--client-id", cid, "--backend", f"sqlite:///{tmp_path}/m.db"]
+    prefix, args = _sqlite_worker(tmp_path)
     async with (
         watcher(broker.host, broker.port, f"{prefix}/+/evicted") as evicted,
         device(broker.host, broker.port, prefix) as d,
@@ -352,24 +360,12 @@ async def test_a_held_trimmed_event_comes_before_the_new_ones(
     """The trimmed event a killed worker kept is announced before the trims of the requests
     its session queued meanwhile, which the new run serves as it connects (it came after
     them: a summarizer waited for the gap, up to --gap-wait, before folding)."""
-    prefix, cid = unique("mem"), unique("w-")
-    db = f"sqlite:///{tmp_path}/m.db"
-    args = ["--prefix", prefix, "--client-id", cid, "--backend", db, "--max-turns", "1"]
-    args.append("--trimmed-events")
+    prefix, args = _sqlite_worker(tmp_path)
     async with (
         watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
         device(broker.host, broker.port, prefix) as d,
     ):
-        async with AckHolder(broker.host, broker.port) as hop:
-            hop.swallowing = lambda topic: topic.endswith("/trimmed")
-            proc = spawn_worker(broker, *args, "--port", str(hop.port))
-            try:
-                await asyncio.to_thread(wait_serving, proc)
-                for content in ("one", "two"):
-                    body = {"role": "user", "content": content}
-                    assert (await d.request("c", "append", body))["ok"]
-            finally:
-                reap(proc)
+        await _trim_kept_from_the_broker(broker, d, args)
         queued = await d.send(f"{prefix}/c/append", {"role": "user", "content": "three"})
         # Its subscriptions answered late: the queued request is served meanwhile.
         async with AckHolder(broker.host, broker.port) as hop:
@@ -390,10 +386,7 @@ async def test_a_stopped_worker_announces_no_trimmed_event_twice(
 ) -> None:
     """A worker stopped gracefully has its trimmed events acknowledged by the broker, and
     its SQLite file knows it: the next start announces none of them again."""
-    prefix, cid = unique("mem"), unique("w-")
-    db = f"sqlite:///{tmp_path}/m.db"
-    args = ["--prefix", prefix, "--client-id", cid, "--backend", db, "--max-turns", "1"]
-    args.append("--trimmed-events")
+    prefix, args = _sqlite_worker(tmp_path)
     async with (
         watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
         device(broker.host, broker.port, prefix) as d,
