@@ -114,23 +114,18 @@ async def program_worker(
     reap(proc)
 
 
+async def spawn_memctl(broker: Mosquitto, prefix: str, *args: str) -> asyncio.subprocess.Process:
+    """memctl on `broker` and `prefix`, its output piped."""
+    where = ["--host", broker.host, "--port", str(broker.port), "--prefix", prefix]
+    return await asyncio.create_subprocess_exec(
+        program("memctl"), *where, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
 async def memctl(
     broker: Mosquitto, prefix: str, *args: str, wait: float = 5
 ) -> tuple[int, list[Any]]:
-    proc = await asyncio.create_subprocess_exec(
-        program("memctl"),
-        "--host",
-        broker.host,
-        "--port",
-        str(broker.port),
-        "--prefix",
-        prefix,
-        "--timeout",
-        str(wait),
-        *args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = await spawn_memctl(broker, prefix, "--timeout", str(wait), *args)
     out, _ = await proc.communicate()
     rc = proc.returncode
     assert rc is not None
@@ -245,19 +240,7 @@ async def test_memctl_interrupted_exits_130(broker: Mosquitto) -> None:
     stopped (0 told a script it had its answer)."""
     prefix = unique("nobody")
     async with watcher(broker.host, broker.port, f"{prefix}/c/get") as asked:
-        proc = await asyncio.create_subprocess_exec(
-            program("memctl"),
-            "--port",
-            str(broker.port),
-            "--prefix",
-            prefix,
-            "--timeout",
-            "30",
-            "get",
-            "c",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        proc = await spawn_memctl(broker, prefix, "--timeout", "30", "get", "c")
         await next_message(asked)  # it waits for the reply now
     proc.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(proc.wait(), 10) == 130
@@ -266,17 +249,7 @@ async def test_memctl_interrupted_exits_130(broker: Mosquitto) -> None:
 async def test_memctl_watch_and_stats(broker: Mosquitto, program_worker: Any) -> None:
     """memctl watch prints an eviction event as JSON; memctl stats shows the worker counting it."""
     prefix = program_worker[0]
-    proc = await asyncio.create_subprocess_exec(
-        program("memctl"),
-        "--port",
-        str(broker.port),
-        "--prefix",
-        prefix,
-        "watch",
-        "--count",
-        "1",
-        stdout=subprocess.PIPE,
-    )
+    proc = await spawn_memctl(broker, prefix, "watch", "--count", "1")
     assert proc.stdout is not None
     # The watcher has subscribed once the worker's retained status reaches a second client;
     # deleting until the watcher prints makes the test independent of that race.
