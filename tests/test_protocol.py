@@ -80,9 +80,18 @@ def test_conversation_id_of_128_bytes_is_fine() -> None:
 
 
 def test_unknown_operation_is_bad_topic() -> None:
-    """An unknown operation or a foreign prefix is bad_topic."""
+    """An unknown operation or a foreign prefix is bad_topic; one that names no operation (or
+    no conversation) says what a request's topic is (it said "unknown operation ''")."""
     assert isinstance(parse("mem/c/state/nope", {"ns": "n"}).error, BadTopic)
     assert isinstance(parse("other/c/get").error, BadTopic)
+    shape = "a request's topic is mem/<conversation>/<operation>"
+    for topic, what in (
+        ("mem", "no conversation nor operation"),
+        ("mem/c", "no operation"),
+        ("mem/c/", "no operation"),
+        ("mem/c/frob", "unknown operation 'frob'"),
+    ):
+        assert parse(topic).error.message == f"{what}: {shape}"
 
 
 @pytest.mark.parametrize(

@@ -633,7 +633,8 @@ class Router:
     def _split(self, topic: str) -> tuple[str, str]:
         """(convo, op) of a request topic; BadTopic when the topic asks for nothing we serve."""
         if not topic.startswith(self._head):
-            raise BadTopic("topic is not under the prefix")
+            what = "no conversation nor operation" if topic == self.prefix else "not under it"
+            raise BadTopic(f"{what}: a request's topic is {self._head}<conversation>/<operation>")
         if topic == self._list_topic:
             return c.CONVERSATIONS_LEVEL, c.OP_LIST
         convo, sep, op = topic[self._skip :].partition("/")
