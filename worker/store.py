@@ -63,6 +63,10 @@ from worker.turns import (
 )
 
 NO_DEADLINE: Final = float("inf")
+# Graves kept, per --max-conversations: deletes leave conversations' ids without a live
+# conversation, so as many as there are live ones lost ids that a replay needed (a chaos
+# trial). Each counts in --max-bytes, which bounds their memory.
+GRAVES_PER_CONVERSATION: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +263,9 @@ class Store:
         # Deleted conversations' ids, oldest first, and evicted ones' (`_fallen`), by their
         # last use: each kept in order by the way it comes (a delete is now; an eviction
         # takes the least recently used), the oldest grave is the older of the two firsts.
-        # In --max-bytes, --max-conversations of them at most, for --ttl; when the budget is
-        # short, a grave older than the least recently used conversation goes first (in a
-        # full store graves that always went first would not last).
+        # In --max-bytes, GRAVES_PER_CONVERSATION per --max-conversations at most, for --ttl;
+        # when the budget is short, a grave older than the least recently used conversation
+        # goes first (in a full store graves that always went first would not last).
         self._graves: OrderedDict[str, Grave] = OrderedDict()
         self._fallen: OrderedDict[str, Grave] = OrderedDict()
         self.graves_dirty: set[str] = set()
@@ -646,7 +650,7 @@ class Store:
 
     def enforce_bounds(self) -> None:
         """Evict what a restore put over --max-conversations or --max-bytes (LRU first)."""
-        self._keep_graves(self.limits.max_conversations)
+        self._keep_graves(self._most_graves)
         convos = self._convos
         while len(convos) > self.limits.max_conversations:
             name, cv = next(iter(convos.items()))
@@ -758,7 +762,7 @@ class Store:
             del ids[next(iter(ids))]
         if not ids:
             return
-        self._keep_graves(lim.max_conversations - 1)
+        self._keep_graves(self._most_graves - 1)
         grave = self._graves[name] = Grave(ids, now, self._grave_cost(name, ids))
         self.bytes += grave.nbytes
         self._grave_changed(name)
@@ -773,11 +777,11 @@ class Store:
         grave = Grave(cv.ids, cv.used, self._grave_cost(name, cv.ids))
         if not self._lasts(grave, self._clock()):
             return
-        if len(self._graves) + len(self._fallen) >= self.limits.max_conversations:
+        if len(self._graves) + len(self._fallen) >= self._most_graves:
             oldest = self._oldest_grave()
             if oldest is not None and grave.dug < oldest[1].dug:
                 return  # older than every grave kept: it is the oldest, it goes
-        self._keep_graves(self.limits.max_conversations - 1)
+        self._keep_graves(self._most_graves - 1)
         self._fallen[name] = grave
         self.bytes += grave.nbytes
         self._grave_changed(name)
@@ -788,6 +792,10 @@ class Store:
         if first is None or (fallen is not None and fallen[1].dug < first[1].dug):
             return fallen
         return first
+
+    @property
+    def _most_graves(self) -> int:
+        return GRAVES_PER_CONVERSATION * self.limits.max_conversations
 
     def _keep_graves(self, most: int) -> None:
         while len(self._graves) + len(self._fallen) > most:

@@ -58,9 +58,10 @@ local function drop_grave(c)
   redis.call('HDEL', K .. 'gb', c)
 end
 
--- at most max_conversations graves, less `room`: the oldest go
+-- at most twice max_conversations graves (worker/store.py's GRAVES_PER_CONVERSATION), less
+-- `room`: the oldest go
 local function keep_graves(room)
-  while redis.call('ZCARD', K .. 'gv') > max_convos - room do
+  while redis.call('ZCARD', K .. 'gv') > 2 * max_convos - room do
     drop_grave(redis.call('ZRANGE', K .. 'gv', 0, 0)[1])
   end
 end
@@ -71,7 +72,7 @@ local function fall(c, used, ibytes)
   if not used or (ttl > 0 and tonumber(used) + ttl <= now) then return end
   if redis.call('EXISTS', K .. 'i:' .. c, K .. 'il:' .. c) < 2 then return end
   if redis.call('ZSCORE', K .. 'gv', c) then drop_grave(c) end  -- left by a worker of before
-  if redis.call('ZCARD', K .. 'gv') >= max_convos then
+  if redis.call('ZCARD', K .. 'gv') >= 2 * max_convos then
     local oldest = redis.call('ZRANGE', K .. 'gv', 0, 0, 'WITHSCORES')
     if tonumber(used) < tonumber(oldest[2]) then return end  -- the oldest: it goes
   end
