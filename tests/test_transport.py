@@ -496,3 +496,42 @@ async def test_a_loss_inside_the_block_is_not_logged_as_an_unread_error(
     gc.collect()
     await asyncio.sleep(0)
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_loss_right_after_the_connack_is_seen(
+    broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection closes right behind its CONNACK (a broker killed as it accepted): the
+    loss came before the connecting task resumed, and aiomqtt then put a fresh future in
+    place of the one that held it. The connection looked open for good (nothing ever waited
+    out its loss) and asyncio logged "Future exception was never retrieved"."""
+    import gc
+
+    async def cut_after_connack(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(broker.host, broker.port)
+        up_writer.write(await reader.read(65536))  # the CONNECT
+        connack = await up_reader.read(65536)
+        assert connack[0] == 0x20
+        writer.write(connack)
+        writer.close()
+        up_writer.close()
+
+    server = await asyncio.start_server(cut_after_connack, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(3):
+            conn = Connection(
+                lambda message: None,
+                hostname="127.0.0.1",
+                port=port,
+                protocol=ProtocolVersion.V5,
+            )
+            with pytest.raises(aiomqtt.MqttError):
+                async with conn:
+                    await asyncio.wait_for(conn.wait_disconnected(), 10)
+            del conn
+    finally:
+        server.close()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text

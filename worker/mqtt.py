@@ -631,14 +631,24 @@ class Connection(aiomqtt.Client):
         # connection: a refusal would go unseen, and the refused connection's loss unawaited.
         if self._connected.done():
             self._connected = asyncio.Future()
+        if self._disconnected.done():  # an earlier connection's loss, read or not
+            if not self._disconnected.cancelled():
+                self._disconnected.exception()
+            self._disconnected = asyncio.Future()
+        lost = self._disconnected
         try:
-            return await super().__aenter__()
+            await super().__aenter__()
         except BaseException:  # MqttError, or cancelled while waiting for the CONNACK
             # aiomqtt leaves the socket of a connection that got no CONNACK open: paho would
             # close it when collected, from any thread, maybe after the loop closed.
             if self._client._sock is not None:
                 self._client._sock_close()
             raise
+        if lost.done():
+            # Lost between the CONNACK and here (a broker killed as it accepted): aiomqtt put
+            # a fresh future in its place, which nothing would ever complete.
+            self._disconnected = lost
+        return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         try:
