@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -399,6 +402,33 @@ def test_a_listener_that_never_answers_is_one_line_and_exit_3() -> None:
         )
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.startswith("memctl: cannot reach the broker")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_a_listener_that_closes_at_once_is_said_at_once() -> None:
+    """A port that takes the connection and closes it without a CONNACK (a broker at its
+    max_connections, a listener of another protocol): memctl says so, at once, exit 3. It
+    waited out its whole timeout and said 'timed out'."""
+    with socket.create_server(("127.0.0.1", 0)) as closing:
+        port = str(closing.getsockname()[1])
+
+        def close_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    peer, _ = closing.accept()
+                    peer.close()
+
+        threading.Thread(target=close_each, daemon=True).start()
+        start = time.monotonic()
+        proc = subprocess.run(
+            [program("memctl"), "--port", port, "--timeout", "30", "get", "c"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert proc.returncode == 3, proc.stderr
+    assert time.monotonic() - start < 20, proc.stderr
+    assert "closed the connection before its CONNACK" in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
 
 

@@ -734,6 +734,13 @@ class Connection(aiomqtt.Client):
         properties: Properties | None = None,
     ) -> None:
         self.taken_over = getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER
+        if not self._connected.done():
+            # aiomqtt ignores a loss before the CONNACK: the connect waited out its timeout.
+            self._connected.set_exception(
+                aiomqtt.MqttError("the broker closed the connection before its CONNACK")
+            )
+            self._connected.exception()  # read: a connect given up on already waits no more
+            return
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, *rest: Any) -> None:
