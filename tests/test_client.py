@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import math
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -429,18 +430,25 @@ async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> No
     assert {"conversations", "requests", "ts"} <= set(stats[0])
 
 
-async def test_stats_are_fresh_from_a_worker_that_is_online(broker: Mosquitto) -> None:
+@pytest.mark.parametrize("protocol", [5, 3])
+async def test_stats_are_fresh_from_a_worker_that_is_online(
+    broker: Mosquitto, protocol: int
+) -> None:
     """A worker publishes its stats every --stats-interval (10 s by default): stats() (and
-    memctl stats) pinged it, and counts what was done a moment before, not the last snapshot.
-    A stopped worker's retained snapshot is still listed, as it was, and says it is offline
-    (it looked like a live one)."""
+    memctl stats) pinged it, and counts what was done a moment before, not the last snapshot
+    (under MQTT 3.1.1 too: it never asked). A stopped worker's retained snapshot is still
+    listed, as it was, and says it is offline (it looked like a live one); `fresh` says
+    which answered now."""
     from tests.conftest import make_config, running
 
     cfg = make_config(broker, stats_interval=3600)
     gone = make_config(broker, stats_interval=3600, prefix=cfg.prefix)
     async with running(gone):
         pass
-    async with running(cfg), MemoryClient(broker.host, broker.port, cfg.prefix) as m:
+    async with (
+        running(cfg),
+        MemoryClient(broker.host, broker.port, cfg.prefix, protocol=protocol) as m,
+    ):
         for n in range(3):
             await m.append(f"c{n}", "user", "x")
         stats = {s["client_id"]: s for s in await m.stats()}
@@ -448,6 +456,29 @@ async def test_stats_are_fresh_from_a_worker_that_is_online(broker: Mosquitto) -
     assert stats[cfg.client_id]["requests"] == 3
     assert stats[gone.client_id]["conversations"] == 0
     assert (stats[cfg.client_id]["state"], stats[gone.client_id]["state"]) == ("online", "offline")
+    assert (stats[cfg.client_id]["fresh"], stats[gone.client_id]["fresh"]) == (True, False)
+
+
+async def test_stats_of_a_stopped_process_say_they_are_not_fresh(broker: Mosquitto) -> None:
+    """A worker stopped by SIGSTOP (or hung, or cut off) still has its status say online
+    until the broker gives up on it: stats() shows its last snapshot with `fresh` false, and
+    memctl stats says so."""
+    from tests.conftest import reap, spawn_worker, wait_serving
+
+    prefix = unique("stopped")
+    proc = spawn_worker(broker, "--prefix", prefix, "--stats-interval", "3600")
+    try:
+        await asyncio.to_thread(wait_serving, proc)
+        async with MemoryClient(broker.host, broker.port, prefix) as m:
+            await m.append("c", "user", "x")
+            [answered] = await m.stats()
+            proc.send_signal(signal.SIGSTOP)
+            [stopped] = await m.stats()
+        assert (answered["state"], answered["fresh"], answered["requests"]) == ("online", True, 1)
+        assert (stopped["state"], stopped["fresh"], stopped["requests"]) == ("online", False, 1)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        reap(proc)
 
 
 async def test_the_blocking_client_answers_every_method_from_a_thread(

@@ -565,7 +565,9 @@ class MemoryClient(_Api):
         """Each worker's stats: fresh from each worker whose status says online (asked on its
         ping topic, answered within a second), else its latest retained snapshot, up to
         --stats-interval old; [] when no worker ever ran. Each has the `state` its status
-        says (online, offline; unknown without one): a stopped worker's stats stay."""
+        says (online, offline; unknown without one): a stopped worker's stats stay. `fresh`
+        says whether the worker answered now: one whose status says online but that did not
+        (stopped by a signal, hung, cut off) shows its last snapshot, `fresh` false."""
         base = f"{self.prefix}/{c.WORKER_LEVEL}/"
         found = await self._retained(base + "+/+", self.timeout)
         snapshots = {
@@ -575,13 +577,14 @@ class MemoryClient(_Api):
         }
         states = {w: decode_status(found.get(f"{base}{w}/status")).get("state") for w in snapshots}
         online = [w for w, state in states.items() if state == "online"]
-        if online and self.protocol == 5:
-            snapshots.update(await self._fresh_stats(base, online))
+        fresh = await self._fresh_stats(base, online) if online else {}
+        snapshots.update(fresh)
         out = []
         for w, payload in snapshots.items():
             body = decode_event(payload, None)
             if isinstance(body, dict):  # anyone may publish there
                 body["state"] = states[w] or "unknown"
+                body["fresh"] = w in fresh
             out.append(body)
         return out
 
