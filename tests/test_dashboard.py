@@ -14,7 +14,7 @@ import pytest
 
 from tests import test_security
 from tests.clients import device
-from tests.conftest import reap, running, spawn_worker, unique, wait_serving
+from tests.conftest import make_config, reap, running, spawn_worker, unique, wait_serving
 from tests.processes import REPO, Mosquitto, wait_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -358,6 +358,33 @@ async def test_a_prefix_no_worker_can_have_is_said(browser: Browser, own_broker:
         timeout=WAIT_MS,
     )
     await shot(page, "12-bad-prefix")
+
+
+async def test_a_stopped_worker_is_said_to_be_offline_and_asked_nothing(
+    browser: Browser, own_broker: Mosquitto
+) -> None:
+    """A page opened after the only worker stopped: its card said charts would start with the
+    next stats message, and the inspector's unanswered question blamed the broker's ACL."""
+    prefix, cid = unique("mem"), unique("stopped-")
+    cfg = make_config(own_broker, prefix=prefix, client_id=cid, stats_interval=3600)
+    async with running(cfg):
+        pass
+    # tall enough that the screenshot needs no scrolling (the header stays on top)
+    tall = {"width": 1280, "height": 1000}
+    page = await open_page(browser, own_broker, f"?prefix={prefix}", viewport=tall)
+    card = page.locator(f'.card[data-client-id="{cid}"]')
+    await expect(card).to_have_attribute("data-state", "offline")
+    await expect(card.locator(".no-charts")).to_have_text(
+        "Offline: no stats are coming. Charts start when it is back."
+    )
+    await page.fill("#inspector input[name=convo]", "kiosk-7")
+    await page.click("#inspector button")
+    status = page.locator("#inspector-status")
+    await expect(status).to_have_attribute("data-state", "error", timeout=WAIT_MS)
+    await expect(status).to_have_text(
+        f'No reply within 5 s: no worker of prefix "{prefix}" is online (Workers above).'
+    )
+    await shot(page, "13-only-worker-offline")
 
 
 async def test_a_worker_online_but_silent_is_flagged(

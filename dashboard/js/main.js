@@ -28,7 +28,7 @@
     onMessage,
     onState,
   });
-  const requests = new Requests(() => conn, prefix, params.get("reply"));
+  const requests = new Requests(() => conn, prefix, params.get("reply"), () => workers.online());
   const inspector = new Inspector($("inspector"), $("inspector-status"), $("inspector-turns"), requests);
   const conversations = new ConversationsView($("convo-filter"), $("convo-count"), $("convo-list"), requests, (convo) => inspector.show(convo));
 

@@ -18,8 +18,10 @@
   class Requests {
     // replyTemplate: where the worker may answer; with --route-prefix 'reply/{convo}' the
     // page is opened with ?reply=reply/{convo}.
-    constructor(getConnection, prefix, replyTemplate) {
+    // workersOnline(): how many workers of the prefix the page sees online.
+    constructor(getConnection, prefix, replyTemplate, workersOnline = () => null) {
       this.getConnection = getConnection;
+      this.workersOnline = workersOnline;
       this.prefix = prefix;
       this.replyTemplate = replyTemplate;
       this.replyTopics = new Set();
@@ -46,7 +48,7 @@
         const replyTopic = this.replyTopic(conn, convo);
         const id = crypto.getRandomValues(new Uint8Array(8));
         const hex = toHex(id);
-        const timer = setTimeout(() => this.settle(hex, null, failure(`No reply within ${TIMEOUT_MS / 1000} s. Either no worker serves prefix "${this.prefix}", or the broker drops this user's requests (its ACL lets it read only: see deploy/ to allow asking).`, "denied")), TIMEOUT_MS);
+        const timer = setTimeout(() => this.settle(hex, null, this.unanswered()), TIMEOUT_MS);
         this.pending.set(hex, { resolve, reject, timer });
         const send = () =>
           client.publish(
@@ -68,6 +70,14 @@
           send();
         });
       });
+    }
+
+    unanswered() {
+      const within = `No reply within ${TIMEOUT_MS / 1000} s`;
+      if (this.workersOnline() === 0) {
+        return failure(`${within}: no worker of prefix "${this.prefix}" is online (Workers above).`, "error");
+      }
+      return failure(`${within}. Either no worker serves prefix "${this.prefix}", or the broker drops this user's requests (its ACL lets it read only: see deploy/ to allow asking).`, "denied");
     }
 
     settle(hex, body, error) {

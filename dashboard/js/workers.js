@@ -34,6 +34,10 @@
       this.card(clientId).status(body);
     }
 
+    online() {
+      return [...this.cards.values()].filter((card) => card.online).length;
+    }
+
     // The worker's retained status was cleared (from this page, memctl retire or elsewhere).
     remove(clientId) {
       const card = this.cards.get(clientId);
@@ -111,6 +115,9 @@
       this.set("version", body.version ?? "?");
       this.set("backend", body.backend ?? "?");
       if (!this.online) this.set("uptime", "stopped");
+      this.el.querySelector(".no-charts").textContent = this.online
+        ? "Charts start with the next stats message."
+        : "Offline: no stats are coming. Charts start when it is back.";
     }
 
     stats(s, retained) {
