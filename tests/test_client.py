@@ -20,7 +20,7 @@ import aiomqtt
 import msgpack
 import pytest
 
-from tests.clients import decode, next_message, watcher
+from tests.clients import AckHolder, decode, next_message, watcher
 from tests.conftest import WorkerFactory, make_config, running, unique
 from tests.processes import Mosquitto, SplitProxy
 from worker.client import (
@@ -1119,6 +1119,45 @@ async def test_threads_waiting_for_a_connection_are_served_in_turn(
     calls, errors = await asyncio.to_thread(use)
     assert errors == []
     assert min(calls) > 0
+
+
+async def test_a_thread_waiting_for_a_connection_has_its_calls_retries_too(
+    broker: Mosquitto,
+) -> None:
+    """The worker stalls for longer than one timeout, less than its three attempts: the call
+    on the only connection is answered on a later attempt, and so is the call of the thread
+    waiting for that connection. It waited one timeout, then failed with "all connections
+    stayed busy", its retries skipped (a new user's trial)."""
+    async with AckHolder(broker.host, broker.port) as hop:
+        cfg = make_config(broker, port=hop.port)
+        async with running(cfg):
+
+            def use() -> list[Any]:
+                with BlockingMemoryClient(
+                    broker.host, broker.port, cfg.prefix, connections=1, timeout=0.5
+                ) as memory:
+                    memory.append("warm", "user", "x")  # the connection is made
+                    hop.paused = True  # the worker gets requests, its replies wait
+                    out: list[Any] = [None, None]
+
+                    def call(n: int) -> None:
+                        try:
+                            out[n] = memory.append(f"stalled-{n}", "user", "x").seq
+                        except Exception as exc:
+                            out[n] = exc
+
+                    first = threading.Thread(target=call, args=(0,))
+                    first.start()
+                    second = threading.Thread(target=call, args=(1,))
+                    second.start()
+                    # The stall: longer than a timeout, within the first call's attempts.
+                    time.sleep(0.8)
+                    hop.resume()
+                    first.join()
+                    second.join()
+                    return out
+
+            assert await asyncio.to_thread(use) == [1, 1]
 
 
 async def test_a_blocking_call_while_the_broker_is_down_says_so(

@@ -245,7 +245,9 @@ class ThreadRequests:
             if link is not None:
                 self._busy.add(link)
                 return link
-        timeout = self._client.timeout
+        # As long as a call's attempts may take: the connection's call may be answered on
+        # its last (a worker stalled for longer than one timeout).
+        timeout = self._client.timeout * self._client.attempts
         turn.given.acquire(timeout=min(timeout, threading.TIMEOUT_MAX))
         with self._lock:
             if turn.link is None:  # timed out, or closed
