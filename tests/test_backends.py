@@ -720,8 +720,8 @@ async def save(h: Harness, convo: str, key: str, value: Any, ns: str = "n", **kw
     return await h.run(StateSave(convo, ns, key, msgpack.packb(value), **kw))
 
 
-async def load(h: Harness, convo: str, key: str, ns: str = "n") -> Any:
-    loaded = await h.ok(StateLoad(convo, ns, key))
+async def load(h: Harness, convo: str, key: str, ns: str = "n", ttl: float | None = None) -> Any:
+    loaded = await h.ok(StateLoad(convo, ns, key, ttl))
     assert isinstance(loaded, Loaded)
     return None if loaded.value is None else msgpack.unpackb(loaded.value)
 
@@ -796,6 +796,27 @@ async def test_key_ttl_expires_without_event(make: Make) -> None:
     assert h.take() == []
     assert h.counts.keys == 1
     assert await get_all(h, "c") == {"forever": 2}
+
+
+async def test_a_load_with_a_ttl_starts_the_keys_ttl_again(make: Make) -> None:
+    """state/load with `ttl`: a found key lives that long from now (a key without a TTL
+    gets one), its value untouched; a load without it leaves the TTL running; a key not
+    found is not made."""
+    h = await make(ttl=0)
+    await save(h, "c", "k", 1, ttl=5)
+    await save(h, "c", "forever", 2)
+    h.clock.now += 4
+    assert await load(h, "c", "k", ttl=5) == 1
+    assert await load(h, "c", "forever", ttl=3) == 2
+    assert await load(h, "c", "none", ttl=5) is None
+    h.clock.now += 2.5  # 6.5 s after the save
+    assert await load(h, "c", "k") == 1
+    h.clock.now += 0.5
+    await h.expire()
+    assert await get_all(h, "c") == {"k": 1}  # "forever" lived its 3 s
+    h.clock.now += 2
+    assert await load(h, "c", "k") is None  # 5 s after the refresh
+    assert h.counts.keys == 0
 
 
 async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:

@@ -6,7 +6,7 @@ real StateGraph that remembers a preference across two threads."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -25,7 +25,7 @@ from langgraph.store.memory import InMemoryStore
 from tests import test_stores
 from tests.conftest import unique
 from worker.client import BlockingMemoryClient, LocalMemory, open_blocking_memory
-from worker.client.langgraph import MqttStore
+from worker.client.langgraph import ITEMS, MqttStore
 
 store_url = test_stores.store_url
 BIG = 10**6
@@ -349,3 +349,46 @@ def test_a_value_that_is_not_a_dict_says_so() -> None:
         assert store.get(("users",), "k") is None
     finally:
         store.close()
+
+
+class _WriteBetween(LocalMemory):
+    """The store, with another client's write landing right after the next read's answer
+    (a load or get_all): between a read and its TTL refresh."""
+
+    then: Callable[[], Awaitable[Any]] | None = None
+
+    async def _after_read(self, value: Any) -> Any:
+        then, self.then = self.then, None
+        if then is not None:
+            await then()
+        return value
+
+    async def load(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._after_read(await super().load(*args, **kwargs))
+
+    async def get_all(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._after_read(await super().get_all(*args, **kwargs))
+
+
+def test_a_refreshing_read_undoes_no_write_that_came_between() -> None:
+    """A get or search that refreshes an item's TTL started it again by saving the value it
+    had read: a delete or put of another client that landed in between was undone for good
+    (a new user's trial: a deleted item came back 39 times in 40)."""
+    memory = _WriteBetween(clock=Clock())
+    with BlockingMemoryClient(_memory=memory) as client:
+        store = MqttStore(client=client)
+        convo = store.convo_of(("u",))
+        store.put(("u",), "gone", {"n": 1}, ttl=10)
+        memory.then = lambda: memory.delete(convo, ITEMS, "gone")
+        read = store.get(("u",), "gone")  # refreshes
+        assert read is not None
+        assert read.value == {"n": 1}  # as it was when read
+        assert store.get(("u",), "gone", refresh_ttl=False) is None
+
+        store.put(("u",), "new", {"n": 1}, ttl=10)
+        newer = {"v": {"n": 2}, "c": 0.0, "u": 0.0, "t": 10}  # another client's put
+        memory.then = lambda: memory.save(convo, ITEMS, "new", newer, 600)
+        assert [i.value for i in store.search(("u",))] == [{"n": 1}]  # refreshes
+        item = store.get(("u",), "new", refresh_ttl=False)
+        assert item is not None
+        assert item.value == {"n": 2}

@@ -160,6 +160,8 @@ def test_too_large_is_checked_before_decoding() -> None:
         ("state/save", {"ns": "n", "key": "k", "value": 1, "ttl": "5"}),
         ("state/save", {"ns": "", "key": "k", "value": 1}),
         ("state/load", {"ns": "n", "key": "k" * 129}),
+        ("state/load", {"ns": "n", "key": "k", "ttl": -1}),
+        ("state/load", {"ns": "n", "key": "k", "ttl": True}),
         ("state/get_all", {}),
         ("state/delete", {"ns": "n"}),
     ],

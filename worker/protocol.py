@@ -138,6 +138,7 @@ class StateLoad:
     convo: str
     ns: str
     key: str
+    ttl: float | None = None  # a found key's TTL starts again, this long
 
 
 @dataclass(slots=True)
@@ -501,16 +502,12 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
         return StateGetAll(convo, ns)
     key = _name(body, "key")
     if op == c.OP_STATE_LOAD:
-        return StateLoad(convo, ns, key)
+        return StateLoad(convo, ns, key, _ttl(body))
     if op == c.OP_STATE_DELETE:
         return StateDelete(convo, ns, key, None if req_id is _MISSING else req_id)
     if "value" not in body:
         raise BadRequest("'value' is required (nil is a value)")
-    ttl = body.get("ttl")
-    if ttl is not None and (
-        isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf
-    ):
-        raise BadRequest("'ttl' must be a number of seconds > 0")
+    ttl = _ttl(body)
     try:
         value = msgpack.packb(body["value"])
     except UnicodeEncodeError:  # a Python caller's str with lone surrogates (memory://)
@@ -525,9 +522,18 @@ def _build(op: str, convo: str, body: dict[Any, Any], req_id: Any) -> Request:
         ns,
         key,
         value,
-        None if ttl is None else float(ttl),
+        ttl,
         None if req_id is _MISSING else req_id,
     )
+
+
+def _ttl(body: dict[Any, Any]) -> float | None:
+    ttl = body.get("ttl")
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise BadRequest("'ttl' must be a number of seconds > 0")
+    return float(ttl)
 
 
 def _build_list(body: dict[Any, Any]) -> ListConvos:

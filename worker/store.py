@@ -472,6 +472,11 @@ class Store:
         if cv is None:
             return Loaded(None)
         entry = self._live_key(req.convo, cv, req.ns, req.key, now)
+        if entry is not None and req.ttl is not None and cv.state is not None:
+            deadline = now + req.ttl
+            cv.state[req.ns][req.key] = (entry[0], deadline)
+            self._key_changed(req.convo, req.ns, req.key)
+            self._push_key_deadline(deadline, req.convo, req.ns, req.key)
         self._touch(req.convo, cv, now)
         return Loaded(entry[0] if entry else None)
 

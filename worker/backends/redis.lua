@@ -482,8 +482,14 @@ elseif op == 'save' then
     end
   end
 elseif op == 'load' then
+  -- ARGV[14] field, ARGV[15] the key's new ttl (0, or absent from workers of before: none)
   if live(c) then
-    local value = live_key(c, ARGV[14])
+    local field, kttl = ARGV[14], tonumber(ARGV[15]) or 0
+    local value = live_key(c, field)
+    if value and kttl > 0 then
+      redis.call('HSET', K .. 'sd:' .. c, field, now + kttl)
+      redis.call('ZADD', K .. 'kd', now + kttl, c .. '\0' .. field)
+    end
     touch(c)
     result = value and {'value', value} or {'none', ''}
   else

@@ -193,7 +193,7 @@ class RedisBackend(Backend):
                     self._id_cost(req.id),
                 )
             case StateLoad():
-                return self._args("load", req.convo, _field(req.ns, req.key))
+                return self._args("load", req.convo, _field(req.ns, req.key), repr(req.ttl or 0))
             case StateGetAll():
                 return self._args("get_all", req.convo, _field(req.ns))
             case StateDelete():

@@ -198,9 +198,15 @@ class _Api:
         return session_id, c.OP_STATE_SAVE, body, _nothing
 
     @_one_request
-    def load(self, session_id: str, namespace: str, key: str) -> Plan[Any]:
-        """A state value, or None when there is none."""
-        return session_id, c.OP_STATE_LOAD, {"ns": namespace, "key": key}, _value
+    def load(
+        self, session_id: str, namespace: str, key: str, *, ttl: float | None = None
+    ) -> Plan[Any]:
+        """A state value, or None when there is none; with `ttl`, a found key's TTL starts
+        again: it lives `ttl` seconds from now (as a save with that ttl, its value untouched)."""
+        body: dict[str, Any] = {"ns": namespace, "key": key}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return session_id, c.OP_STATE_LOAD, body, _value
 
     @_one_request
     def get_all(self, session_id: str, namespace: str) -> Plan[dict[str, Any]]:

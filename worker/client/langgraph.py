@@ -173,9 +173,10 @@ class MqttStore(OnClient, BaseStore):
         await memory.save(convo, ITEMS, op.key, saved, op.ttl * _MINUTE if op.ttl else None)
 
     async def _refresh(self, memory: Memory, convo: str, key: str, saved: Any) -> None:
-        """Start an item's TTL again, as LangGraph's refresh_on_read means it."""
+        """Start an item's TTL again, as LangGraph's refresh_on_read means it: its expiry
+        alone (saving what was read undid a put or delete that came in between)."""
         if saved["t"]:
-            await memory.save(convo, ITEMS, key, saved, saved["t"] * _MINUTE)
+            await memory.load(convo, ITEMS, key, ttl=saved["t"] * _MINUTE)
 
     async def _search(self, memory: Memory, op: SearchOp) -> list[SearchItem]:
         # op.query is left aside, as InMemoryStore does without an embeddings index: the
