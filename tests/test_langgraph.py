@@ -6,6 +6,7 @@ real StateGraph that remembers a preference across two threads."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -392,3 +393,23 @@ def test_a_refreshing_read_undoes_no_write_that_came_between() -> None:
         item = store.get(("u",), "new", refresh_ttl=False)
         assert item is not None
         assert item.value == {"n": 2}
+
+
+@pytest.mark.parametrize(
+    ("prefix", "words"),
+    [
+        ("my.app", "has a '.', which separates namespace labels"),
+        ("a/b", "conversation id has a wildcard, slash"),
+        ("", "1-128 UTF-8 bytes"),
+        ("_x", "starting with _ or $ are reserved"),
+    ],
+)
+def test_a_prefix_that_cannot_begin_its_ids_alone_is_refused(prefix: str, words: str) -> None:
+    """A prefix with a '.' read as a namespace label (prefix "my.app": search(("users",))
+    found nothing, list_namespaces() said ("app", "users", "alice")); one with a '/' failed
+    only at the first put, its error not naming the prefix (a new user's trial)."""
+    with (
+        BlockingMemoryClient(_memory=LocalMemory()) as client,
+        pytest.raises(ValueError, match=re.escape(words)),
+    ):
+        MqttStore(client=client, prefix=prefix)

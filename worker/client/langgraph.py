@@ -34,7 +34,8 @@ from urllib.parse import unquote
 from worker.client import BlockingMemoryClient, Memory
 from worker.client._adapters import OnClient, missing_extra
 from worker.constants import MAX_LIST_LIMIT, MAX_NAME_BYTES
-from worker.protocol import _BAD_CONVO_CHARS
+from worker.errors import BadTopic
+from worker.protocol import _BAD_CONVO_CHARS, validate_convo
 
 try:
     from langgraph.store.base import (
@@ -75,7 +76,8 @@ class MqttStore(OnClient, BaseStore):
 
     Args:
         url, client: as for MqttChatMessageHistory (an open BlockingMemoryClient to share).
-        prefix: the first part of every conversation id this store uses ("lg").
+        prefix: the first part of every conversation id this store uses ("lg"; no `.`,
+            which separates the namespace's labels after it).
         ttl: LangGraph's TTLConfig: `default_ttl` (minutes) for puts that name none, and
             `refresh_on_read` (default True) for gets and searches that do not say.
 
@@ -94,6 +96,7 @@ class MqttStore(OnClient, BaseStore):
         ttl: TTLConfig | None = None,
         client: BlockingMemoryClient | None = None,
     ) -> None:
+        _check_prefix(prefix)
         super().__init__(url, client)
         self.prefix = prefix
         self.ttl_config = ttl
@@ -224,6 +227,18 @@ class MqttStore(OnClient, BaseStore):
             if info["keys"] and namespace[: len(prefix)] == prefix and namespace:
                 found.append((namespace, info["convo"]))
         return sorted(found)
+
+
+def _check_prefix(prefix: str) -> None:
+    """Raise ValueError unless `prefix` can begin this store's conversation ids, and no other
+    store's: a `.` in it reads as a namespace label's start ("my.app" was the namespace
+    ("app", ...) of "my", and its searches found nothing)."""
+    try:
+        validate_convo(prefix)
+    except BadTopic as exc:
+        raise ValueError(f"prefix {prefix!r}: {exc.message} (it begins conversation ids)") from None
+    if "." in prefix:
+        raise ValueError(f"prefix {prefix!r}: has a '.', which separates namespace labels")
 
 
 def _item(kind: type[_I], namespace: tuple[str, ...], key: str, saved: Any) -> _I:
