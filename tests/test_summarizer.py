@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -112,8 +113,10 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
     model: FakeModel,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """While the model fails the events wait; the failure is logged once per conversation;
-    once it answers, every trimmed turn is folded."""
+    """While the model fails the events wait; each failure is logged once per conversation
+    while it lasts, and another failure after it too (only the first was: a model that went
+    from 500s to garbage still looked down); once it answers, every trimmed turn is
+    folded."""
     async with (
         worker_factory(max_turns=2, trimmed_events=True) as w,
         summarizing(_config(broker, w.cfg.prefix, model)),
@@ -128,8 +131,10 @@ async def test_a_model_that_is_down_or_answers_garbage_loses_nothing(
         model.set_mode("ok")
         assert await summary_upto(d, replies, "c", 3) == words(1, 3)
     failures = [r for r in caplog.records if "the model failed" in r.getMessage()]
-    assert len(failures) == 1
-    assert failures[0].levelno == logging.WARNING
+    assert len(failures) == 2
+    assert "answered 503" in failures[0].getMessage()
+    assert "not a chat completion" in failures[1].getMessage()
+    assert {r.levelno for r in failures} == {logging.WARNING}
 
 
 async def test_a_backlog_after_an_outage_is_one_model_call(
@@ -482,6 +487,71 @@ async def test_the_model_check_says_what_would_stop_every_fold(model: FakeModel)
         answer.join(10)
     assert problem is not None
     assert "does not answer (BadStatusLine" in problem
+
+
+def _bad_status(conn: socket.socket) -> None:
+    conn.sendall(b"GARBAGE\r\n\r\n")
+
+
+def _cut_short(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b'{"choices":')
+
+
+def _huge(conn: socket.socket) -> None:
+    body = json.dumps({"choices": [{"message": {"content": "word " * 500_000}}]}).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def _trickle(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    with contextlib.suppress(OSError):  # until the caller gives up and closes
+        for _ in range(100_000):
+            conn.sendall(b" ")
+            time.sleep(0.01)  # the server's pace: the scenario, not a synchronization
+
+
+@pytest.mark.parametrize(
+    ("answer", "words", "timed_out"),
+    [
+        (_bad_status, "a broken answer (BadStatusLine", False),
+        (_cut_short, "a broken answer (cut short, 989 bytes missing)", False),
+        (
+            _huge,
+            "answered more than 1048576 bytes: the model did not keep to the max_tokens",
+            False,
+        ),
+        (_trickle, "did not finish its answer within 1.0s", True),
+    ],
+)
+async def test_a_broken_or_endless_answer_is_a_model_error(
+    answer: Any, words: str, timed_out: bool
+) -> None:
+    """A model server's broken answer (not HTTP, a body cut short) failed the fold with a
+    traceback logged as the summarizer's own error; an answer trickled a byte at a time was
+    waited for past --llm-timeout (17 s with a timeout of 2 s), and a huge one was read whole
+    and sent back to the model to shorten (new users' trials)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += conn.recv(65536)
+                head, _, body = got.partition(b"\r\n\r\n")
+                size = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+                while len(body) < size:  # all of it: closing on unread bytes resets
+                    body += conn.recv(65536)
+                answer(conn)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        chat = ChatModel(f"http://127.0.0.1:{port}/v1", "llama3.2", timeout=1.0)
+        with pytest.raises(ModelError, match=re.escape(words)) as info:
+            await chat.fold("", [{"role": "user", "content": "hi", "seq": 1}])
+        assert info.value.timed_out is timed_out
+        thread.join(10)
 
 
 def _say_ssh(server: socket.socket) -> None:

@@ -14,6 +14,7 @@ import http.client
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -40,6 +41,10 @@ SYSTEM_PROMPT = (
 _GAVE_UP = (408, 504)  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
 _CHECK_TIMEOUT = 5.0  # seconds the model list may take at start
 _CHECK_BYTES = 1 << 20
+# A chat completion's size at most: a summary of MAX_TOKENS tokens is a fraction of it. More
+# is a model that ignored max_tokens, whose answer the worker would refuse anyway.
+MAX_ANSWER_BYTES = 1 << 20
+_READ = 1 << 16
 
 
 class ModelError(Exception):
@@ -200,9 +205,10 @@ class ChatModel:
 
     def _post(self, data: bytes) -> Folded:
         request = urllib.request.Request(self.endpoint, data=data, headers=self._headers())
+        deadline = time.monotonic() + self.timeout
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
+                raw = self._read(response, deadline)
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode("utf-8", "replace").strip()
             raise ModelError(
@@ -212,7 +218,33 @@ class ChatModel:
             ) from None
         except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
             raise ModelError(f"{self.endpoint}: {exc}", timed_out=_timed_out(exc)) from None
+        except http.client.HTTPException as exc:  # not HTTP, an answer cut short
+            raise ModelError(f"{self.endpoint}: a broken answer ({exc!r})") from None
         return parse_completion(raw)
+
+    def _read(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The answer's body, within the call's time (the socket's timeout bounds each read
+        alone: an answer trickled a byte at a time went on for ever) and MAX_ANSWER_BYTES."""
+        chunks, size = [], 0
+        while chunk := response.read1(_READ):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise ModelError(
+                    f"{self.endpoint} answered more than {MAX_ANSWER_BYTES} bytes: the model "
+                    f"did not keep to the max_tokens it was asked for ({self.summary_tokens} "
+                    "or fewer)"
+                )
+            if time.monotonic() > deadline:
+                raise ModelError(
+                    f"{self.endpoint} did not finish its answer within {self.timeout}s",
+                    timed_out=True,
+                )
+        if response.length:  # its Content-Length not reached: the connection closed
+            raise ModelError(
+                f"{self.endpoint}: a broken answer (cut short, {response.length} bytes missing)"
+            )
+        return b"".join(chunks)
 
 
 _T = TypeVar("_T")

@@ -295,7 +295,8 @@ class Summarizer:
         self._generation = 0
         self._closing = False
         self._stopping = asyncio.Event()  # folds waiting to try again end then
-        self._refusing: set[str] = set()  # conversations whose model failure was logged
+        # Conversations whose failure was logged: the problem logged last.
+        self._refusing: dict[str, str] = {}
         self._shortened: set[str] = set()  # conversations whose too-large summary was logged
         self._most: dict[str, int] = {}  # turns per model call, where the model timed out
         self._conn: Connection | None = None
@@ -594,7 +595,7 @@ class Summarizer:
                 except Exception:  # a bug must not leave the event unacknowledged for good
                     if convo not in self._refusing:  # the traceback once, not every retry
                         log.exception("%s: folding failed; retrying with backoff", convo)
-                    self._refusing.add(convo)
+                        self._refusing[convo] = "a bug"
                     retries = await self._back_off(convo, retries, None)
                     continue
                 if done:
@@ -608,7 +609,7 @@ class Summarizer:
             if not queue:
                 del self._queues[convo]
                 self._arrived.pop(convo, None)
-                self._refusing.discard(convo)
+                self._refusing.pop(convo, None)
                 self._shortened.discard(convo)
                 self._most.pop(convo, None)
                 self._retries.pop(convo, None)
@@ -686,7 +687,7 @@ class Summarizer:
                 retries = 0
                 continue  # the rest of the backlog, from the summary just saved
             if convo in self._refusing:
-                self._refusing.discard(convo)
+                del self._refusing[convo]
                 log.info("%s: the summary is saved again (up to turn %d)", convo, last)
             return self._ack_all(events)
 
@@ -747,8 +748,8 @@ class Summarizer:
 
     async def _back_off(self, convo: str, retries: int, problem: str | None) -> int:
         if problem is not None:
-            if convo not in self._refusing:  # once per conversation, not per event
-                self._refusing.add(convo)
+            if self._refusing.get(convo) != problem:  # once per problem, not per retry
+                self._refusing[convo] = problem
                 log.warning("%s: %s; retrying with backoff", convo, problem)
             else:
                 log.debug("%s: %s", convo, problem)
