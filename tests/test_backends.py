@@ -19,6 +19,7 @@ import msgpack
 import pytest
 import redis.asyncio
 
+from worker import constants as c
 from worker.backends.base import Backend
 from worker.backends.cluster import ClusterBackend, shard_of
 from worker.backends.memory import MemoryBackend
@@ -1055,6 +1056,60 @@ async def test_a_trimmed_event_is_kept_until_the_broker_has_it(tmp_path: Path) -
     await h.reopen()  # delivered, then closed without another write: gone all the same
     assert h.be.held_events() == []
     await h.be.close()
+
+
+async def test_redis_keeps_a_trimmed_event_until_the_broker_has_it(make: Make) -> None:
+    """Redis keeps a trimmed event in an outbox with its trim until `delivered`: one left
+    there past OUTBOX_STALE (its worker killed before the broker had it, or the reply lost
+    to a timeout) is claimed by a sweep, once, and sent again. It was lost, and the summary
+    never had the turns."""
+    h = await make(max_turns=1, trimmed_events=True)
+    if h.kind not in ("redis", "cluster"):
+        pytest.skip("SQLite's outbox is another test's; the memory backend keeps none")
+    await add(h, "c", "one")
+    (kept,) = (await h.be.execute([Append("c", "user", "two")]))[1]
+    assert isinstance(kept, Trimmed)
+    assert kept.receipt
+    assert (await h.be.expire())[1] == []  # in flight a while yet
+    h.clock.now += c.OUTBOX_STALE
+    (again,) = (await h.be.expire())[1]
+    assert isinstance(again, Trimmed)
+    assert (again, again.receipt) == (kept, kept.receipt)
+    assert (await h.be.expire())[1] == []  # claimed: other workers' sweeps leave it
+    (later,) = (await h.be.execute([Append("c", "user", "three")]))[1]
+    assert isinstance(later, Trimmed)
+    h.be.delivered(kept.receipt)
+    h.be.delivered(later.receipt)
+    await add(h, "d", "x")  # the deletions go with the next call
+    h.clock.now += 2 * c.OUTBOX_STALE
+    assert (await h.be.expire())[1] == []
+
+
+async def test_redis_keeps_a_large_trim_until_the_broker_has_every_part(make: Make) -> None:
+    """A trim of many turns (a restart with a lower --max-turns) goes out in parts: its
+    outbox entry stays until the broker has them all, and a sweep sends it whole again."""
+    h = await make(max_turns=40, trimmed_events=True, max_bytes=10**8)
+    if h.kind not in ("redis", "cluster"):
+        pytest.skip("SQLite's outbox is another test's; the memory backend keeps none")
+    for i in range(40):
+        await add(h, "c", f"{i:02}" + "x" * 40_000)
+    await h.reopen(dataclasses.replace(h.limits, max_turns=1))
+    parts = [
+        p for p in (await h.be.execute([Append("c", "user", "last")]))[1] if isinstance(p, Trimmed)
+    ]
+    assert len(parts) > 1
+    assert all(p.receipt == parts[0].receipt for p in parts)
+    for part in parts[1:]:
+        h.be.delivered(part.receipt)
+    await add(h, "d", "x")
+    h.clock.now += c.OUTBOX_STALE
+    again = (await h.be.expire())[1]
+    assert again == parts  # one part not delivered: the whole trim again
+    for part in parts:
+        h.be.delivered(part.receipt)
+    await add(h, "e", "y")
+    h.clock.now += 2 * c.OUTBOX_STALE
+    assert (await h.be.expire())[1] == []
 
 
 async def test_a_large_trim_goes_out_as_events_a_broker_takes(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     wait_serving,
 )
 from tests.processes import Mosquitto
+from worker import constants as c
 from worker import packets
 from worker.backends import create_backend
 from worker.config import Config
@@ -325,6 +326,32 @@ async def test_a_trim_stored_before_its_event_left_is_announced_at_the_next_star
             event = decode(await next_message(trimmed))
         finally:
             reap(proc, signal.SIGTERM)
+    assert (event["convo"], [t["content"] for t in event["turns"]]) == ("c", ["one"])
+
+
+async def test_a_trim_redis_kept_whose_event_never_left_is_announced_by_a_sweep(
+    broker: Mosquitto, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same on Redis, which workers share: the killed worker's trim waits in Redis's
+    outbox, and a sweep of a worker of the group (here the one started again) announces it
+    once it has waited OUTBOX_STALE (shortened here): the turns reach the summarizer. They
+    were lost, in neither a get nor a summary."""
+    prefix = unique("mem")
+    args = ["--prefix", prefix, "--client-id", unique("w-"), "--max-turns", "1"]
+    args += ["--backend", redis_url, "--trimmed-events"]
+    monkeypatch.setattr(c, "OUTBOX_STALE", 0.5)
+    async with (
+        watcher(broker.host, broker.port, f"{prefix}/+/trimmed") as trimmed,
+        device(broker.host, broker.port, prefix) as d,
+    ):
+        await _trim_kept_from_the_broker(broker, d, args)
+        assert trimmed.empty()
+        cfg = make_config(
+            broker, prefix=prefix, backend=redis_url, max_turns=1, trimmed_events=True
+        )
+        async with running(cfg):
+            event = decode(await next_message(trimmed))
+            assert trimmed.empty()
     assert (event["convo"], [t["content"] for t in event["turns"]]) == ("c", ["one"])
 
 

@@ -157,3 +157,6 @@ SWEEP_INTERVAL: Final = 0.25
 # Redis: other workers of a share group set deadlines this worker cannot see, so its sweep
 # sleeps at most this long (its own requests wake it earlier).
 REDIS_SWEEP_POLL: Final = 1.0
+# Redis: a trimmed event kept in the outbox this long without its worker saying the broker
+# has it is taken by a sweep and sent again (its worker was killed, or lost its reply).
+OUTBOX_STALE: Final = 30.0

@@ -40,7 +40,7 @@ from worker.backends.redis import (
     script_failed,
 )
 from worker.errors import ConfigError, Unavailable
-from worker.protocol import Event, ListConvos, Request, Result
+from worker.protocol import Event, ListConvos, Request, Result, Trimmed
 from worker.store import NO_DEADLINE, Limits
 
 log = logging.getLogger("memory_worker.cluster")
@@ -120,6 +120,9 @@ class ClusterBackend(RedisBackend):
         self._counts = Counts(0, 0, 0, 0)
         self._down: set[int] = set()
         self._next_deadline = 0.0  # unknown until the first sweep
+        # Receipts are the shard's number for a kept trim, times the shards, plus the shard.
+        self._delivered: list[int] = []
+        self._parts: dict[int, int] = {}
 
     async def open(self) -> None:
         await self._initialize(self._deadline())
@@ -132,6 +135,10 @@ class ClusterBackend(RedisBackend):
             )
 
     async def close(self) -> None:
+        if self._delivered:  # else sent again by a sweep, OUTBOX_STALE from now
+            deadline = self._deadline()
+            shards = {r % self.shards for r in self._delivered}
+            await asyncio.gather(*(self._run_shard(s, [], [], [], deadline) for s in shards))
         await self._rc.aclose()
 
     async def _initialize(self, deadline: float) -> None:
@@ -164,8 +171,16 @@ class ClusterBackend(RedisBackend):
         self, shard: int, calls: list[list[Any]], out: list[Any], at: list[int], deadline: float
     ) -> None:
         """Run one shard's calls in order; those not done when it fails stay None."""
+        s = self.shards
+        mine = [r for r in self._delivered if r % s == shard]
+        if mine:
+            self._delivered = [r for r in self._delivered if r % s != shard]
         try:
             async with asyncio.timeout_at(deadline):
+                if mine:
+                    args = self._args("delivered", *(r // s for r in mine))
+                    await self._eval(shard, self._shard_args(shard, args))
+                    mine = []
                 for args, i in zip(calls, at, strict=True):
                     try:
                         out[i] = await self._eval(shard, self._shard_args(shard, args))
@@ -174,6 +189,7 @@ class ClusterBackend(RedisBackend):
                             raise
                         out[i] = exc  # this call's data: the batch's others stand
         except Exception as exc:  # connection refused, timeout, cluster down, ...
+            self._delivered += mine  # not deleted: once the shard answers
             if shard not in self._down:
                 log.warning("redis cluster shard %d unavailable: %s", shard, type(exc).__name__)
             self._down.add(shard)
@@ -186,7 +202,10 @@ class ClusterBackend(RedisBackend):
         self, shard: int, reply: Any, now: float, convo: str = ""
     ) -> tuple[Any, list[Event]]:
         result, events, self._shard_counts[shard] = _reply(reply, convo, now)
-        return result, events
+        for ev in events:
+            if isinstance(ev, Trimmed) and ev.receipt:
+                ev.receipt = ev.receipt * self.shards + shard
+        return result, self._kept(events)
 
     def _total(self) -> None:
         sc = self._shard_counts
@@ -270,7 +289,7 @@ class ClusterBackend(RedisBackend):
         return merge_pages(req, [(p[1], p[2] == b"1") for p in pages], self.limits.ttl)
 
     async def expire(self) -> tuple[bool, list[Event]]:
-        replies, evictions = await self._all("expire", c.SWEEP_CHUNK)
+        replies, evictions = await self._all("expire", c.SWEEP_CHUNK, repr(c.OUTBOX_STALE))
         if not replies:
             raise Unavailable("storage unavailable: no redis cluster node answers")
         deadlines = [float(r[2]) for r in replies if r[2]]

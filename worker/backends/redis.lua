@@ -5,8 +5,13 @@
 -- budget before its turns and keys; turn and key costs come in their sizes), trimmed ('1':
 -- return the turns that leave the window uncovered), convo_cost and id_byte_cost (what
 -- base is made of, for another conversation's), then the op's own arguments.
--- Returns {result, evictions, counts, trimmed}; evictions are {convo, reason, turns, keys};
--- trimmed is {} or {summary upto, born, entry, ...}. A conversation's meta hash holds seq,
+-- Returns {result, evictions, counts, trimmed, receipt, held}; evictions are {convo, reason,
+-- turns, keys}; trimmed is {} or {summary upto, born, entry, ...}. A trim announced is kept
+-- in the outbox until a worker says the broker has its event (op 'delivered'): the hash ob,
+-- by receipt (0: none kept), holds msgpack {convo, now, summary upto, born, entry, ...}, the
+-- sorted set ob_at when it was kept or last claimed; 'expire' claims those older than its
+-- ARGV[14] seconds (a worker killed before their events left) and returns them in held as
+-- {receipt, entry, ...}. A conversation's meta hash holds seq,
 -- nbytes, sbytes (state and summary: what dropping turns cannot free), nkeys, born (Unix ms
 -- when it was started), its summary as sum_text, sum_upto, sum_tokens, sum_size, used
 -- (the time of its last use) and ibytes (what its remembered request ids cost: in nbytes,
@@ -31,6 +36,7 @@ local convo_cost = tonumber(ARGV[11])
 local id_byte_cost = tonumber(ARGV[12])
 local ev = {}
 local tr = {}
+local held = {}
 
 local function num(v) return tonumber(v) or 0 end
 local function meta(c) return K .. 'm:' .. c end
@@ -592,6 +598,20 @@ elseif op == 'expire' then
     redis.call('ZREM', K .. 'kd', member)
     done = done + 1
   end
+  local stale = tonumber(ARGV[14])
+  if stale then
+    local old = redis.call('ZRANGEBYSCORE', K .. 'ob_at', '-inf', now - stale, 'LIMIT', 0, limit)
+    for _, r in ipairs(old) do
+      local entry = redis.call('HGET', K .. 'ob', r)
+      if entry then
+        redis.call('ZADD', K .. 'ob_at', now, r)  -- claimed: the other sweeps leave it a while
+        held[#held + 1] = r
+        held[#held + 1] = entry
+      else
+        redis.call('ZREM', K .. 'ob_at', r)
+      end
+    end
+  end
   -- and the earliest deadline left ('' when none), for the sweep to sleep until
   local first = ''
   for _, zset in ipairs({'dl', 'kd', 'gv'}) do
@@ -602,6 +622,12 @@ elseif op == 'expire' then
     end
   end
   result = {'more', done >= limit and '1' or '', first}
+elseif op == 'delivered' then
+  -- ARGV[13]... the receipts of events the broker has
+  for i = 13, #ARGV do
+    redis.call('HDEL', K .. 'ob', ARGV[i])
+    redis.call('ZREM', K .. 'ob_at', ARGV[i])
+  end
 end
 
 if op == 'counts' and redis.call('EXISTS', K .. 'ix') == 0 then
@@ -617,6 +643,14 @@ if op == 'counts' and redis.call('EXISTS', K .. 'ix') == 0 then
   end
 end
 if result == nil then result = {'ok', ''} end  -- 'counts': nothing but the counts
+local receipt = 0
+if #tr > 0 then
+  receipt = redis.call('INCR', K .. 'ob_n')
+  local entry = {c, ARGV[2]}
+  for i = 1, #tr do entry[#entry + 1] = tr[i] end
+  redis.call('HSET', K .. 'ob', receipt, cmsgpack.pack(entry))
+  redis.call('ZADD', K .. 'ob_at', now, receipt)
+end
 local counts = redis.call('MGET', K .. 'turns', K .. 'bytes', K .. 'keys')
 return {result, ev, {redis.call('ZCARD', K .. 'lru'), num(counts[1]), num(counts[2]),
-                     num(counts[3])}, tr}
+                     num(counts[3])}, tr, receipt, held}

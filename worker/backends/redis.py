@@ -13,6 +13,8 @@ Deadlines are wall-clock seconds from the calling worker, so the workers' clocks
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -110,6 +112,8 @@ class RedisBackend(Backend):
         self._script = self._redis.register_script(SCRIPT)
         self._counts = Counts(0, 0, 0, 0)
         self._next_deadline = 0.0  # unknown until the first sweep
+        self._delivered: list[int] = []  # receipts whose events the broker has
+        self._parts: dict[int, int] = {}  # receipts of events sent in parts: parts to come
 
     async def open(self) -> None:
         try:
@@ -125,7 +129,27 @@ class RedisBackend(Backend):
             )
 
     async def close(self) -> None:
+        if self._delivered:  # else sent again by a sweep, OUTBOX_STALE from now
+            with contextlib.suppress(Unavailable):
+                await self._run([])
         await self._redis.aclose()
+
+    def delivered(self, receipt: int) -> None:
+        left = self._parts.pop(receipt, 1) - 1
+        if left:
+            self._parts[receipt] = left
+        else:
+            self._delivered.append(receipt)
+
+    def _kept(self, events: list[Event]) -> list[Event]:
+        """`events`, with the parts of each trim kept in the outbox counted (its receipt is
+        delivered once every part is)."""
+        receipts = [ev.receipt for ev in events if isinstance(ev, Trimmed) and ev.receipt]
+        if len(receipts) > len(set(receipts)):
+            for receipt, parts in collections.Counter(receipts).items():
+                if parts > 1:
+                    self._parts[receipt] = parts
+        return events
 
     def counts(self) -> Counts:
         return self._counts
@@ -143,7 +167,7 @@ class RedisBackend(Backend):
             lim.max_bytes,
             lim.max_keys,
             lim.max_ids,
-            base_cost(lim, rest[0]) if op not in ("counts", "expire", "list") else 0,
+            base_cost(lim, rest[0]) if op not in ("counts", "expire", "list", "delivered") else 0,
             "1" if lim.trimmed_events else "",
             lim.convo_cost,
             lim.id_byte_cost,
@@ -216,6 +240,9 @@ class RedisBackend(Backend):
     async def _run(self, calls: list[list[Any]], *, each: bool = False) -> list[Any]:
         """The calls' replies; with `each`, a call the script failed on (data it cannot read)
         has its error in its place, and the others their replies."""
+        delivered, self._delivered = self._delivered, []
+        if delivered:
+            calls = [self._args("delivered", *delivered), *calls]
         try:
             async with (
                 asyncio.timeout(self.timeout),
@@ -225,7 +252,10 @@ class RedisBackend(Backend):
                     await self._script(keys=[self.key], args=args, client=pipe)
                 replies: list[Any] = await pipe.execute(raise_on_error=not each)
         except Exception as exc:  # connection refused, timeout, NOSCRIPT races, ...
+            self._delivered[:0] = delivered
             raise Unavailable(f"storage unavailable: {type(exc).__name__}") from exc
+        if delivered:
+            replies = replies[1:]
         for r in replies:  # a script's own error is the plain kind; the others are Redis's
             if isinstance(r, Exception) and type(r) is not redis.exceptions.ResponseError:
                 raise Unavailable(f"storage unavailable: {type(r).__name__}") from r
@@ -240,7 +270,7 @@ class RedisBackend(Backend):
             result, evs, self._counts = _reply(reply, "", now)
             results.append(result)
             events += evs
-        return results, events
+        return results, self._kept(events)
 
     async def execute(self, requests: Sequence[Request]) -> tuple[list[Result], list[Event]]:
         replies = await self._run([self._call(r) for r in requests], each=True)
@@ -254,10 +284,12 @@ class RedisBackend(Backend):
             raw, evs, self._counts = _reply(reply, req.convo, now)
             results.append(_result(req, raw, ttl))
             events += evs
-        return results, events
+        return results, self._kept(events)
 
     async def expire(self) -> tuple[bool, list[Event]]:
-        raw, evictions = self._take(await self._run([self._args("expire", c.SWEEP_CHUNK)]))
+        raw, evictions = self._take(
+            await self._run([self._args("expire", c.SWEEP_CHUNK, repr(c.OUTBOX_STALE))])
+        )
         self._next_deadline = float(raw[0][2]) if raw[0][2] else NO_DEADLINE
         return raw[0][1] == b"1", evictions
 
@@ -332,15 +364,22 @@ def script_failed(req: Request, exc: Exception) -> WorkerError:
 
 def _reply(reply: list[Any], convo: str, now: float) -> tuple[Any, list[Event], Counts]:
     """One script call's reply: (its result, the events it caused, the counts after it)."""
-    result, evicted, counts, trimmed = reply
+    result, evicted, counts, trimmed, receipt, held = reply
     events: list[Event] = [
         Eviction(cv.decode(), reason.decode(), int(n), int(k), now) for cv, reason, n, k in evicted
     ]
     if trimmed:
-        upto, born = int(trimmed[0]), int(trimmed[1])
-        parts = trimmed_parts([redis_turn(e) for e in trimmed[2:]])
-        events[:0] = [Trimmed(convo, len(p), b"".join(p), upto, now, born) for p in parts]
+        events[:0] = _trimmed(convo, trimmed, now, int(receipt))
+    for i in range(0, len(held), 2):  # kept trims claimed by a sweep: sent again
+        entry = msgpack.unpackb(held[i + 1], raw=True)
+        events += _trimmed(entry[0].decode(), entry[2:], float(entry[1]), int(held[i]))
     return result, events, Counts(*(int(x) for x in counts))
+
+
+def _trimmed(convo: str, trimmed: list[Any], now: float, receipt: int) -> list[Event]:
+    upto, born = int(trimmed[0]), int(trimmed[1])
+    parts = trimmed_parts([redis_turn(e) for e in trimmed[2:]])
+    return [Trimmed(convo, len(p), b"".join(p), upto, now, born, receipt) for p in parts]
 
 
 def _result(req: Request, raw: list[Any], ttl: float) -> Result:
