@@ -800,9 +800,9 @@ async def test_key_ttl_expires_without_event(make: Make) -> None:
 
 
 async def test_a_load_with_a_ttl_starts_the_keys_ttl_again(make: Make) -> None:
-    """state/load with `ttl`: a found key lives that long from now (a key without a TTL
-    gets one), its value untouched; a load without it leaves the TTL running; a key not
-    found is not made."""
+    """state/load with `ttl`: a found key with a TTL lives that long from now, its value
+    untouched; one saved without a TTL keeps none (a put between a read and its refresh
+    stands whole); a load without it leaves the TTL running; a key not found is not made."""
     h = await make(ttl=0)
     await save(h, "c", "k", 1, ttl=5)
     await save(h, "c", "forever", 2)
@@ -814,10 +814,11 @@ async def test_a_load_with_a_ttl_starts_the_keys_ttl_again(make: Make) -> None:
     assert await load(h, "c", "k") == 1
     h.clock.now += 0.5
     await h.expire()
-    assert await get_all(h, "c") == {"k": 1}  # "forever" lived its 3 s
+    assert await get_all(h, "c") == {"k": 1, "forever": 2}
     h.clock.now += 2
     assert await load(h, "c", "k") is None  # 5 s after the refresh
-    assert h.counts.keys == 0
+    assert await get_all(h, "c") == {"forever": 2}
+    assert h.counts.keys == 1
 
 
 async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:

@@ -173,6 +173,8 @@ async def test_memctl_repeats_a_delete_with_its_id_once(
     _, out = await memctl(broker, prefix, "get", "kiosk-2")
     assert [t["content"] for t in out[0]["turns"]] == ["after"]
     assert (await memctl(broker, prefix, "state", "load", "kiosk-2", "n", "k"))[1][0]["value"] == 2
+    loaded = await memctl(broker, prefix, "state", "load", "kiosk-2", "n", "k", "--ttl", "60")
+    assert loaded == (0, [{"ok": True, "found": True, "value": 2}])
 
 
 async def test_memctl_budgets_and_summaries(broker: Mosquitto, program_worker: Any) -> None:
@@ -311,6 +313,7 @@ async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
         (["state", "save", "c", "ns", "lang", "en"], "--string"),
         (["state", "save", "c", "ns", "b", "--base64", "AP8"], "is not base64"),
         (["state", "load", "c", "ns", "k" * 129], "'key'"),
+        (["state", "load", "c", "ns", "k", "--ttl", "0"], "'ttl'"),
         (["state", "get-all", "c", ""], "'ns'"),
         (["--reply-prefix", "a/#", "get", "c"], "reply prefix"),
         (["--reply-prefix", "", "get", "c"], "reply prefix"),

@@ -374,8 +374,10 @@ class _WriteBetween(LocalMemory):
 def test_a_refreshing_read_undoes_no_write_that_came_between() -> None:
     """A get or search that refreshes an item's TTL started it again by saving the value it
     had read: a delete or put of another client that landed in between was undone for good
-    (a new user's trial: a deleted item came back 39 times in 40)."""
-    memory = _WriteBetween(clock=Clock())
+    (a new user's trial: a deleted item came back 39 times in 40). A put in between keeps
+    its own TTL, or none (a review: it got the TTL of the item read)."""
+    clock = Clock()
+    memory = _WriteBetween(clock=clock)
     with BlockingMemoryClient(_memory=memory) as client:
         store = MqttStore(client=client)
         convo = store.convo_of(("u",))
@@ -393,6 +395,17 @@ def test_a_refreshing_read_undoes_no_write_that_came_between() -> None:
         item = store.get(("u",), "new", refresh_ttl=False)
         assert item is not None
         assert item.value == {"n": 2}
+
+        for key, ttl, lives in (("kept", None, 30 * 60.0), ("longer", 20, 15 * 60.0)):
+            store.put(("u",), key, {"n": 1}, ttl=10)
+            put = {"v": {"n": 2}, "c": 0.0, "u": 0.0, "t": ttl}
+            seconds = ttl * 60.0 if ttl else None
+            memory.then = lambda k=key, p=put, s=seconds: memory.save(convo, ITEMS, k, p, s)
+            assert store.get(("u",), key) is not None  # refreshes
+            clock.now += lives  # past the TTL of the item read (10 minutes)
+            later = store.get(("u",), key, refresh_ttl=False)
+            assert later is not None, key
+            assert later.value == {"n": 2}
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,8 @@ def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser
         q.add_argument("ns")
         q.add_argument("key")
     sv.add_argument("value")
-    sv.add_argument("--ttl", type=float)
+    sv.add_argument("--ttl", type=float, help="seconds the key lives")
+    loads.add_argument("--ttl", type=float, help="seconds the key lives from now, if it has a TTL")
     kind = sv.add_mutually_exclusive_group()
     kind.add_argument("--string", action="store_true", help="VALUE is a string, not JSON")
     kind.add_argument(
@@ -264,7 +265,7 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
         value = _state_value(args)
         await memory.save(args.convo, args.ns, args.key, value, args.ttl, request_id=rid)
     elif args.state_command == "load":
-        value = await memory.load(args.convo, args.ns, args.key)
+        value = await memory.load(args.convo, args.ns, args.key, ttl=args.ttl)
         reply.update(found=value is not None, value=value)
     elif args.state_command == "get-all":
         reply["items"] = await memory.get_all(args.convo, args.ns)

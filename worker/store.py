@@ -472,7 +472,12 @@ class Store:
         if cv is None:
             return Loaded(None)
         entry = self._live_key(req.convo, cv, req.ns, req.key, now)
-        if entry is not None and req.ttl is not None and cv.state is not None:
+        if (
+            entry is not None
+            and req.ttl is not None
+            and entry[1] != NO_DEADLINE  # saved without a TTL: it keeps none
+            and cv.state is not None
+        ):
             deadline = now + req.ttl
             cv.state[req.ns][req.key] = (entry[0], deadline)
             self._key_changed(req.convo, req.ns, req.key)

@@ -488,11 +488,12 @@ elseif op == 'save' then
     end
   end
 elseif op == 'load' then
-  -- ARGV[14] field, ARGV[15] the key's new ttl (0, or absent from workers of before: none)
+  -- ARGV[14] field, ARGV[15] the key's TTL to start again, if it has one (0, or absent from
+  -- workers of before: none)
   if live(c) then
     local field, kttl = ARGV[14], tonumber(ARGV[15]) or 0
     local value = live_key(c, field)
-    if value and kttl > 0 then
+    if value and kttl > 0 and redis.call('HEXISTS', K .. 'sd:' .. c, field) == 1 then
       redis.call('HSET', K .. 'sd:' .. c, field, now + kttl)
       redis.call('ZADD', K .. 'kd', now + kttl, c .. '\0' .. field)
     end

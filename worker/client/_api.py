@@ -201,8 +201,9 @@ class _Api:
     def load(
         self, session_id: str, namespace: str, key: str, *, ttl: float | None = None
     ) -> Plan[Any]:
-        """A state value, or None when there is none; with `ttl`, a found key's TTL starts
-        again: it lives `ttl` seconds from now (as a save with that ttl, its value untouched)."""
+        """A state value, or None when there is none; with `ttl`, a found key that has a TTL
+        lives `ttl` seconds from now (its value untouched; one saved without a TTL keeps
+        none)."""
         body: dict[str, Any] = {"ns": namespace, "key": key}
         if ttl is not None:
             body["ttl"] = ttl

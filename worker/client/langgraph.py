@@ -61,6 +61,7 @@ except ModuleNotFoundError as exc:
 ITEMS = "items"  # the state namespace that holds a LangGraph namespace's items
 DEFAULT_PREFIX = "lg"
 _MINUTE = 60.0
+_REFRESHES = 3  # passes of a refresh that puts in between keep changing
 _I = TypeVar("_I", bound=Item)
 
 
@@ -177,9 +178,17 @@ class MqttStore(OnClient, BaseStore):
 
     async def _refresh(self, memory: Memory, convo: str, key: str, saved: Any) -> None:
         """Start an item's TTL again, as LangGraph's refresh_on_read means it: its expiry
-        alone (saving what was read undid a put or delete that came in between)."""
-        if saved["t"]:
-            await memory.load(convo, ITEMS, key, ttl=saved["t"] * _MINUTE)
+        alone (saving what was read undid a put or delete that came in between). A put in
+        between without a TTL keeps none (the worker starts only a TTL a key has); one with
+        another TTL is given its own at the next pass."""
+        ttl = saved["t"]
+        for _ in range(_REFRESHES):
+            if not ttl:
+                return
+            now = await memory.load(convo, ITEMS, key, ttl=ttl * _MINUTE)
+            if not isinstance(now, dict) or now.get("t") == ttl:
+                return
+            ttl = now.get("t")
 
     async def _search(self, memory: Memory, op: SearchOp) -> list[SearchItem]:
         # op.query is left aside, as InMemoryStore does without an embeddings index: the
