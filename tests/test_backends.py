@@ -1113,6 +1113,36 @@ async def test_redis_keeps_a_large_trim_until_the_broker_has_every_part(make: Ma
     assert (await h.be.expire())[1] == []
 
 
+async def test_redis_keeps_to_limits_lowered_since_the_data_was_stored(make: Make) -> None:
+    """Workers started again on Redis with a lower --max-conversations, --max-bytes or
+    --max-turns: their sweeps evict down to the new limits, announced, and a get trims a
+    longer window first. Nothing was done until a write came (50 conversations under
+    --max-conversations 10, a get of 8 turns under --max-turns 3; a new user's trial)."""
+    h = await make(max_turns=8, trimmed_events=True)
+    if h.kind not in ("redis", "cluster"):
+        pytest.skip("the other backends load what they store, and keep the limits then")
+    for n in range(6):
+        for i in range(5):
+            await add(h, f"c{n}", f"t{i}")
+    await h.reopen(dataclasses.replace(h.limits, max_conversations=4, max_turns=3))
+    while await h.expire():
+        pass
+    evicted = h.take()
+    assert h.counts.conversations <= 4
+    assert len(evicted) == 6 - h.counts.conversations
+    assert {reason for _, reason, _, _ in evicted} == {"lru"}
+    if h.kind == "redis":
+        assert evicted == [("c0", "lru", 5, 0), ("c1", "lru", 5, 0)]
+    assert [t["seq"] for t in await turns(h, "c5")] == [3, 4, 5]
+    assert h.trimmed[-1] == ("c5", [1, 2], 0)
+    budget = h.counts.bytes // 2
+    await h.reopen(dataclasses.replace(h.limits, max_bytes=budget))
+    while await h.expire():
+        pass
+    assert h.counts.bytes <= budget
+    assert {reason for _, reason, _, _ in h.take()} == {"memory"}
+
+
 async def test_a_large_trim_goes_out_as_events_a_broker_takes(tmp_path: Path) -> None:
     """A restart with a lower --max-turns trims many turns at once: they go out as several
     trimmed events of at most 256 KiB of turns each (one event of 1.5 MB was over the

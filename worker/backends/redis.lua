@@ -145,17 +145,22 @@ end
 
 -- the least recently used conversation goes, or a grave dug before its last use (in a full
 -- store graves that always went first would not last)
-local function fit_budget()
-  while num(redis.call('GET', K .. 'bytes')) > max_bytes do
-    local grave_ = redis.call('ZRANGE', K .. 'gv', 0, 0, 'WITHSCORES')
-    local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
-    if grave_[1] and (not victim or
-        tonumber(grave_[2]) <= num(redis.call('HGET', meta(victim), 'used'))) then
-      drop_grave(grave_[1])
-    else
-      evict(victim, 'memory')
-    end
+local function over_budget() return num(redis.call('GET', K .. 'bytes')) > max_bytes end
+local function fit_one()
+  local grave_ = redis.call('ZRANGE', K .. 'gv', 0, 0, 'WITHSCORES')
+  local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
+  if grave_[1] and (not victim or
+      tonumber(grave_[2]) <= num(redis.call('HGET', meta(victim), 'used'))) then
+    drop_grave(grave_[1])
+  elseif victim then
+    evict(victim, 'memory')
+  else
+    return false
   end
+  return true
+end
+local function fit_budget()
+  while over_budget() and fit_one() do end
 end
 
 local function create(c)
@@ -350,6 +355,8 @@ elseif op == 'get' then
   -- ARGV[14] last (0: all), ARGV[15] max_tokens (0: no budget), ARGV[16] '1': with summary
   if live(c) then
     touch(c)
+    -- a window longer than --max-turns (lowered since it was stored) is trimmed first
+    while redis.call('LLEN', K .. 't:' .. c) > max_turns do trim_oldest(c) end
     local last, budget = tonumber(ARGV[14]), tonumber(ARGV[15])
     local turns = redis.call('LRANGE', K .. 't:' .. c, last > 0 and -last or 0, -1)
     local summary = {}
@@ -599,6 +606,14 @@ elseif op == 'expire' then
     redis.call('ZREM', K .. 'kd', member)
     done = done + 1
   end
+  -- limits lowered since the data was stored (a restart with lower flags): a chunk a sweep
+  while done < limit and redis.call('ZCARD', K .. 'lru') > max_convos do
+    local victim = redis.call('ZRANGE', K .. 'lru', 0, 0)[1]
+    local expired = ttl > 0 and num(redis.call('ZSCORE', K .. 'dl', victim)) <= now
+    evict(victim, expired and 'ttl' or 'lru')
+    done = done + 1
+  end
+  while done < limit and over_budget() and fit_one() do done = done + 1 end
   local stale = tonumber(ARGV[14])
   if stale then
     local old = redis.call('ZRANGEBYSCORE', K .. 'ob_at', '-inf', now - stale, 'LIMIT', 0, limit)
