@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.clients import Device, check, decode, device, next_message, watcher
-from tests.conftest import WorkerFactory, unique
+from tests.conftest import WorkerFactory, make_config, running, unique
 from tests.processes import Mosquitto
 from worker.service import Service
 
@@ -77,3 +77,25 @@ async def test_first_stats_come_as_soon_as_it_serves(
     check("stats", body)
     assert body["requests"] == 0
     assert body["taken_over"] == 0
+
+
+async def test_a_request_under_the_prefix_of_an_earlier_run_is_left_to_its_workers(
+    broker: Mosquitto,
+) -> None:
+    """A worker started again with another --prefix under the same client id: its session
+    kept the old prefix's subscription, and it answered that prefix's requests bad_topic,
+    even writes the workers of that prefix stored (a device was told its stored write
+    failed; a new operator's trial). It answers nothing there now, and unsubscribes."""
+    old, new, cid = unique("old"), unique("new"), unique("w-")
+    async with running(make_config(broker, prefix=old, client_id=cid)):
+        pass
+    async with (
+        running(make_config(broker, prefix=new, client_id=cid)),
+        device(broker.host, broker.port, new) as d,
+    ):
+        for _ in range(2):
+            stray = await d.send(f"{old}/c/get", {})
+            # Served after the stray request, the worker's reply to this one comes after
+            # any reply to that one.
+            assert (await d.request("c", "get"))["ok"]
+            assert not stray.done()

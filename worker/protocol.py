@@ -618,6 +618,25 @@ class Router:
             f"{self.prefix}/+/state/+"
         ]
 
+    def mine(self, topic: str) -> bool:
+        """Whether a message's topic is under the prefix (the prefix alone too: P/# has it)."""
+        return topic.startswith(self._head) or topic == self.prefix
+
+    @staticmethod
+    def stray_filters(topic: str) -> list[str]:
+        """For a request topic under another prefix: the filters a run of this client id
+        with that prefix subscribed to, whichever of the topic's leading levels it was (a
+        request's topic has two levels or more after its prefix)."""
+        levels = topic.split("/")
+        out = []
+        for k in range(1, len(levels) - 1):
+            try:
+                other = Router("/".join(levels[:k]), 0)
+            except ValueError:  # not a prefix a worker could have had
+                continue
+            out += other.filters() + other.legacy_filters()
+        return out
+
     def _not_for_us(self, topic: str) -> bool:
         """Workers' own traffic under the prefix: events and worker topics, never requests."""
         rest = topic[self._skip :] if topic.startswith(self._head) else ""

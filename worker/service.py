@@ -98,6 +98,7 @@ BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
 _SLOW_ROUND_TRIP = 0.02
 _EVENT_SLICE = 64  # eviction events handed to paho at once by the sweep
+_STRAYS_MAX = 1024  # other prefixes' filters unsubscribed at most (_stray)
 _STATS_LEAF = "/stats"  # a worker topic's (c.WORKER_LEAVES)
 _STATUS_LEAF = "/status"
 _PEER_LEAVES = (_STATUS_LEAF[1:], _STATS_LEAF[1:])  # what is read of other workers
@@ -180,6 +181,8 @@ class Service:
         # Publishes of events a durable backend keeps until the broker has them: a stop waits
         # for their PUBACKs (else the next start sends them again).
         self._watched: set[asyncio.Future[str | None]] = set()
+        self._strays: set[str] = set()  # filters of other prefixes unsubscribed (_stray)
+        self._unsubscribing: set[asyncio.Task[None]] = set()
         self._peers_warned: set[tuple[str, tuple[str, ...]]] = set()
         # Other workers' last status by client id: (state, when it went so).
         self._peer_states: dict[str, tuple[object, float]] = {}
@@ -904,6 +907,10 @@ class Service:
                 stats.ignored_retained += 1
                 self._ack(gen, msg)
                 continue
+            if not self.router.mine(topic):
+                self._stray(topic)
+                self._ack(gen, msg)
+                continue
             parsed = parse(topic, msg.payload, msg.response_topic)
             if msg.correlation is not None and len(msg.correlation) > c.MAX_CORRELATION_BYTES:
                 # Echoed in the reply: a request of a few bytes would cost a reply of 64 KB.
@@ -1182,6 +1189,36 @@ class Service:
         if route is not None:
             assert self._client is not None
             self._client.publish_packed(route, payload, msg.qos, False, props)
+
+    def _stray(self, topic: str) -> None:
+        """A request under another prefix, which this worker never subscribed to: a run of
+        its client id with that --prefix left the subscription in the session. Answered by
+        nobody here (it told that prefix's devices bad_topic for writes the workers of that
+        prefix stored); its filters are unsubscribed."""
+        filters = [f for f in self.router.stray_filters(topic) if f not in self._strays]
+        if self.cfg.shared_group:
+            filters += [f"$share/{self.cfg.shared_group}/{f}" for f in filters]
+        client = self._client
+        if not filters or client is None or len(self._strays) > _STRAYS_MAX:
+            return
+        self._strays.update(filters)
+        log.warning(
+            "a request on %r reached this worker (prefix %r) through a subscription its "
+            "session kept from a run of client id %r with another --prefix: not answered; "
+            "unsubscribing it",
+            topic,
+            self.cfg.prefix,
+            self.cfg.client_id,
+        )
+        task = asyncio.create_task(self._unsubscribe(client, filters))
+        self._unsubscribing.add(task)
+        task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, client: Connection, filters: list[str]) -> None:
+        try:
+            await client.unsubscribe(filters)
+        except aiomqtt.MqttError:  # lost meanwhile: the next stray message asks again
+            self._strays.difference_update(filters)
 
     def _ack(self, gen: int, msg: Message) -> None:
         if msg.qos and gen == self._generation and self._client is not None:
