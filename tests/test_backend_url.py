@@ -35,6 +35,8 @@ needs_redis = pytest.mark.skipif(redis_server() is None, reason="redis-server is
         "redis://h:99999/0",
         "redis://h:6379/zero",
         "rediss://h:6380/0?ssl_ca_certs=/no/such/ca.pem",
+        "redis://h:6379/0?foo=bar",
+        "redis://h:6379/0?socket_timeout=soon",
         "unix://relative.sock",
         "unix:///run/redis.sock?db=x",
         "unix:///run/redis.sock?password=x",

@@ -1,7 +1,8 @@
 """The one parser of `--backend URL`: Config validates with it and create_backend builds from it.
 
-Pure (no I/O, no engine imports), and outside worker/backends so that worker/config.py can
-use it without importing the package that imports worker/config.py.
+Pure (no I/O; redis-py, imported for a Redis URL alone, is asked about its options without
+connecting), and outside worker/backends so that worker/config.py can use it without
+importing the package that imports worker/config.py.
 """
 
 from __future__ import annotations
@@ -103,7 +104,30 @@ def _redis(url: str) -> BackendUrl:
             _db(url, values[0])
         elif key == "ssl_ca_certs" and not Path(values[0]).is_file():
             raise ValueError(f"--backend {redacted(url)!r}: no such file {values[0]!r}")
+    problem = _redis_py_problem(url)
+    if problem:
+        raise ValueError(f"--backend {redacted(url)!r}: {problem}")
     return BackendUrl("redis", url)
+
+
+def _redis_py_problem(url: str) -> str | None:
+    """What redis-py refuses in the URL's options, found without connecting (an option it
+    does not take was accepted at start, then failed every request as 'unavailable')."""
+    import redis.asyncio
+
+    try:
+        pool = redis.asyncio.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        found = re.search(r"keyword argument '(\w+)'", str(exc))
+        what = repr(found[1]) if found else f"({exc})"
+        return (
+            f"redis-py takes no option {what} (the options are its connection arguments: "
+            "?socket_keepalive=true, ?health_check_interval=N, ?ssl_ca_certs=FILE, ...)"
+        )
+    except ValueError as exc:  # a value it cannot read
+        return str(exc)
+    return None
 
 
 def _unix(url: str) -> BackendUrl:
