@@ -422,12 +422,17 @@ async def test_closing_a_blocking_client_ends_the_calls_of_other_threads(
 
 
 async def test_stats_lists_each_worker(broker: Mosquitto, worker: Service) -> None:
-    """stats() returns the worker's retained snapshot with its ts."""
+    """stats() returns the worker's retained snapshot with its ts; memory:// its store's,
+    with the fields the docs list (state and fresh were missing: a review)."""
     async with MemoryClient(broker.host, broker.port, worker.cfg.prefix) as m:
         await m.append("c", "user", "x")
         stats = await m.stats()
     assert len(stats) == 1
-    assert {"conversations", "requests", "ts"} <= set(stats[0])
+    assert {"conversations", "requests", "ts", "state", "fresh"} <= set(stats[0])
+    async with open_memory("memory://") as local:
+        await local.append("c", "user", "x")
+        [own] = await local.stats()
+    assert (own["conversations"], own["state"], own["fresh"]) == (1, "online", True)
 
 
 @pytest.mark.parametrize("protocol", [5, 3])

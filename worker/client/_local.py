@@ -109,5 +109,7 @@ class LocalMemory(_Api):
                 "keys": n.keys,
                 "uptime": round(time.monotonic() - self._started, 3),
                 "ts": time.time(),
+                "state": "online",  # as MemoryClient.stats() says of a worker
+                "fresh": True,
             }
         ]
