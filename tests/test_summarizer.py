@@ -502,12 +502,22 @@ def _huge(conn: socket.socket) -> None:
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 
-def _trickle(conn: socket.socket) -> None:
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+def _trickle(
+    conn: socket.socket, head: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+) -> None:
+    conn.sendall(head)
     with contextlib.suppress(OSError):  # until the caller gives up and closes
         for _ in range(100_000):
             conn.sendall(b" ")
             time.sleep(0.01)  # the server's pace: the scenario, not a synchronization
+
+
+def _trickled_headers(conn: socket.socket) -> None:
+    _trickle(conn, b"HTTP/1.1 200 OK\r\nX-Slow: ")
+
+
+def _trickled_error(conn: socket.socket) -> None:
+    _trickle(conn, b"HTTP/1.1 500 Oops\r\nContent-Length: 300\r\n\r\n")
 
 
 @pytest.mark.parametrize(
@@ -520,7 +530,9 @@ def _trickle(conn: socket.socket) -> None:
             "answered more than 1048576 bytes: the model did not keep to the max_tokens",
             False,
         ),
-        (_trickle, "did not finish its answer within 1.0s", True),
+        (_trickle, "did not answer within 1.0s", True),
+        (_trickled_headers, "did not answer within 1.0s", True),
+        (_trickled_error, "did not answer within 1.0s", True),
     ],
 )
 async def test_a_broken_or_endless_answer_is_a_model_error(
@@ -552,6 +564,32 @@ async def test_a_broken_or_endless_answer_is_a_model_error(
             await chat.fold("", [{"role": "user", "content": "hi", "seq": 1}])
         assert info.value.timed_out is timed_out
         thread.join(10)
+
+
+async def test_a_failure_that_differs_only_in_its_answer_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Answers that are no completion, each with its own id (as OpenAI-compatible servers
+    give them): one warning, not one per retry (a review); another kind of failure after
+    them: one more."""
+    s = Summarizer(SummarizerConfig(llm_url="http://127.0.0.1:9/v1"))
+    s._stopping.set()  # each back-off returns at once
+    answers = [json.dumps({"id": f"chatcmpl-{n}", "choices": []}).encode() for n in range(5)]
+    errors: list[ModelError] = []
+    for answer in answers:
+        with pytest.raises(ModelError) as info:
+            parse_completion(answer)
+        errors.append(info.value)
+    errors.append(
+        ModelError("http://x/v1/chat/completions answered 503: busy", kind="answered 503")
+    )
+    for exc in errors:
+        with pytest.raises(summarizer._Stopped):
+            await s._back_off("c", 0, f"the model failed: {exc}", f"model: {exc.kind}")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 2, said
+    assert "chatcmpl-0" in said[0]
+    assert "answered 503" in said[1]
 
 
 def _say_ssh(server: socket.socket) -> None:

@@ -13,9 +13,10 @@ import contextlib
 import http.client
 import json
 import re
+import socket
 import threading
-import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,11 +50,13 @@ _READ = 1 << 16
 
 class ModelError(Exception):
     """The model could not fold (down, slow, refused, or answered something unusable);
-    `timed_out` when it did not answer within the timeout."""
+    `timed_out` when it did not answer within the timeout; `kind`, the failure without what
+    changes from one answer to the next (an answer's id), for logging it once."""
 
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+    def __init__(self, message: str, *, timed_out: bool = False, kind: str = "") -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.kind = kind or message
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,27 +207,60 @@ class ChatModel:
         )
 
     def _post(self, data: bytes) -> Folded:
-        request = urllib.request.Request(self.endpoint, data=data, headers=self._headers())
-        deadline = time.monotonic() + self.timeout
+        """One call, within `timeout` in all: a socket's timeout bounds each read alone, and
+        an answer trickled a byte at a time (its headers, its body) went on for ever, so a
+        timer cuts the connection at the deadline."""
+        url = urllib.parse.urlsplit(self.endpoint)
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = kind(url.hostname or "", url.port, timeout=self.timeout)
+        fired = threading.Event()
+        cut = threading.Timer(self.timeout, _cut_off, (conn, fired))
+        cut.daemon = True
+        cut.start()
+        response: http.client.HTTPResponse | None = None
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = self._read(response, deadline)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(300).decode("utf-8", "replace").strip()
-            raise ModelError(
-                f"{self.endpoint} answered {exc.code}: {detail}"
-                + (self._path_hint() if exc.code == 404 else ""),
-                timed_out=exc.code in _GAVE_UP,  # a proxy in front of a model too slow
+            path = url.path + (f"?{url.query}" if url.query else "")
+            conn.request("POST", path, body=data, headers=self._headers())
+            response = conn.getresponse()
+            if response.status >= 300:
+                detail = response.read(300).decode("utf-8", "replace").strip()
+                raise ModelError(
+                    f"{self.endpoint} answered {response.status}: {detail}"
+                    + (self._path_hint() if response.status == 404 else ""),
+                    timed_out=response.status in _GAVE_UP,  # a proxy in front of a slow model
+                    kind=f"answered {response.status}",
+                )
+            raw = self._read(response)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if fired.is_set():
+                raise self._too_slow() from None
+            if isinstance(exc, http.client.HTTPException):  # not HTTP, an answer cut short
+                raise ModelError(
+                    f"{self.endpoint}: a broken answer ({exc!r})", kind="broken"
+                ) from None
+            raise ModelError(  # refused, unreachable, timed out, a name that does not resolve
+                f"{self.endpoint}: {exc}", timed_out=_timed_out(exc), kind="unreachable"
             ) from None
-        except (OSError, ValueError) as exc:  # refused, unreachable, timed out, bad URL
-            raise ModelError(f"{self.endpoint}: {exc}", timed_out=_timed_out(exc)) from None
-        except http.client.HTTPException as exc:  # not HTTP, an answer cut short
-            raise ModelError(f"{self.endpoint}: a broken answer ({exc!r})") from None
+        except ModelError as exc:
+            if fired.is_set() and not exc.timed_out:  # cut off: not its fault
+                raise self._too_slow() from None
+            raise
+        finally:
+            cut.cancel()
+            if response is not None:  # its file holds the socket open past conn.close()
+                response.close()
+            conn.close()
+        if fired.is_set():  # cut off where a closed connection reads as an end
+            raise self._too_slow()
         return parse_completion(raw)
 
-    def _read(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
-        """The answer's body, within the call's time (the socket's timeout bounds each read
-        alone: an answer trickled a byte at a time went on for ever) and MAX_ANSWER_BYTES."""
+    def _too_slow(self) -> ModelError:
+        return ModelError(
+            f"{self.endpoint} did not answer within {self.timeout}s", timed_out=True, kind="slow"
+        )
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        """The answer's body, up to MAX_ANSWER_BYTES."""
         chunks, size = [], 0
         while chunk := response.read1(_READ):
             chunks.append(chunk)
@@ -233,16 +269,13 @@ class ChatModel:
                 raise ModelError(
                     f"{self.endpoint} answered more than {MAX_ANSWER_BYTES} bytes: the model "
                     f"did not keep to the max_tokens it was asked for ({self.summary_tokens} "
-                    "or fewer)"
-                )
-            if time.monotonic() > deadline:
-                raise ModelError(
-                    f"{self.endpoint} did not finish its answer within {self.timeout}s",
-                    timed_out=True,
+                    "or fewer)",
+                    kind="too large",
                 )
         if response.length:  # its Content-Length not reached: the connection closed
             raise ModelError(
-                f"{self.endpoint}: a broken answer (cut short, {response.length} bytes missing)"
+                f"{self.endpoint}: a broken answer (cut short, {response.length} bytes missing)",
+                kind="broken",
             )
         return b"".join(chunks)
 
@@ -287,7 +320,9 @@ def parse_completion(raw: bytes) -> Folded:
         body = json.loads(raw)
         text = body["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise ModelError(f"not a chat completion: {raw[:200]!r}") from None
+        raise ModelError(
+            f"not a chat completion: {raw[:200]!r}", kind="not a chat completion"
+        ) from None
     thought = False
     if isinstance(text, str) and text.lstrip().startswith("<think>"):
         # A thinking model's reasoning is not the summary, nor counted in its tokens; one
@@ -305,6 +340,15 @@ def parse_completion(raw: bytes) -> Folded:
     # not refused for ever.
     known = not thought and isinstance(tokens, int) and 0 <= tokens <= MAX_TOKENS
     return Folded(text.strip(), tokens if known else None)
+
+
+def _cut_off(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
+    """At a call's deadline: a read waiting on the socket ends (shutdown wakes it)."""
+    fired.set()
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _timed_out(exc: BaseException) -> bool:

@@ -665,8 +665,14 @@ class Summarizer:
                     # saved, rather than the same call again and again (for the conversation's
                     # later batches too, until its queue is empty).
                     self._most[convo] = len(part) // 2
-                    exc = ModelError(f"{exc} (next: {len(part) // 2} turns at a time)")
-                retries = await self._back_off(convo, retries, f"the model failed: {exc}")
+                    exc = ModelError(
+                        f"{exc} (next: {len(part) // 2} turns at a time)",
+                        timed_out=True,
+                        kind=exc.kind,
+                    )
+                retries = await self._back_off(
+                    convo, retries, f"the model failed: {exc}", f"model: {exc.kind}"
+                )
                 if len(_batch(self._queues[convo])) > len(events):
                     # Turns trimmed meanwhile join the next call (the backoff goes on from
                     # here): a backlog after an outage is one call, not this one and then
@@ -680,7 +686,9 @@ class Summarizer:
                     return self._ack_all(events)
                 continue  # the summary moved on: read it again, fold again
             except MemoryWorkerError as exc:
-                retries = await self._back_off(convo, retries, f"saving the summary: {exc}")
+                retries = await self._back_off(
+                    convo, retries, f"saving the summary: {exc}", f"saving: {exc.code}"
+                )
                 continue
             self.folds += 1
             if part[-1]["seq"] < last:
@@ -746,10 +754,15 @@ class Summarizer:
                 shorter = await self.model.fold(text, [], tokens=ask)
             text, tokens = shorter.text, shorter.tokens
 
-    async def _back_off(self, convo: str, retries: int, problem: str | None) -> int:
+    async def _back_off(
+        self, convo: str, retries: int, problem: str | None, kind: str | None = None
+    ) -> int:
+        """Wait before the next try; `problem` is logged once while its `kind` (what it is
+        without what changes from one try to the next) stays the same."""
         if problem is not None:
-            if self._refusing.get(convo) != problem:  # once per problem, not per retry
-                self._refusing[convo] = problem
+            kind = kind or problem
+            if self._refusing.get(convo) != kind:
+                self._refusing[convo] = kind
                 log.warning("%s: %s; retrying with backoff", convo, problem)
             else:
                 log.debug("%s: %s", convo, problem)
