@@ -293,3 +293,32 @@ async def test_a_twin_dialing_the_broker_by_another_name_is_found(broker: Mosqui
     broker elsewhere, and the two fought)."""
     by_name: Any = SimpleNamespace(host="localhost", port=broker.port)
     await _second_is_refused(broker, by_name, "--prefix", unique("mem"), "--client-id", "twin")
+
+
+async def test_two_workers_of_one_id_under_two_prefixes_are_told_apart(broker: Mosquitto) -> None:
+    """A worker under another --prefix takes the id (it looks for a twin under its own
+    prefix only): the two take the session from each other in turn, and each logged only
+    "the broker closed the connection", each time. Each now says, once, that another client
+    holds the id."""
+    client_id = unique("twin-")
+    procs = [
+        spawn_worker(
+            broker, "--prefix", unique(p), "--client-id", client_id, "--reconnect-max", "0.5"
+        )
+        for p in ("pa", "pb")
+    ]
+
+    def said(proc: subprocess.Popen[str]) -> str:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "another client with client id" in line:
+                return line
+        raise AssertionError("the worker exited without saying why")
+
+    try:
+        for line in await asyncio.gather(*(asyncio.to_thread(said, p) for p in procs)):
+            assert repr(client_id) in line
+            assert "--client-id" in line
+    finally:
+        for proc in procs:
+            reap(proc)

@@ -93,6 +93,7 @@ _SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})
 # client id take each other's session at once, and must not do so several times a second.
 _STABLE_CONNECTION = 10.0
 _STILL_DOWN = 600.0  # seconds between warnings that the broker is still away
+_FLAPS = 3  # short connections in a row the broker closed before the worker says why
 # What deploy/mosquitto.d/memory-worker.conf sets; the worker warns about a broker below it.
 BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
@@ -203,6 +204,7 @@ class Service:
         self._stopping = threading.Event()  # ends a look for a twin (`_live_twin`) early
         self._node = machine_node()
         self._elsewhere_said = False  # a twin on another broker was logged
+        self._flap_said = False  # connections closed soon after opening were logged
         self._looks: set[str] = set()  # look topics of pings to answer (`_answer_ping`)
         self._tls: ssl.SSLContext | None = None
         self._reply_props = ReplyProperties(c.CONTENT_TYPE)
@@ -351,6 +353,8 @@ class Service:
                     down_since = None
                 if client.taken_over:
                     self._taken_over(delay)
+                elif short and closed_by_broker(exc) and short_streak >= _FLAPS:
+                    self._flapping(short_streak)
                 elif login_refused(exc):
                     self._refused(exc, delay)
                 elif certificate_refused(exc):
@@ -407,6 +411,25 @@ class Service:
             exc,
             self.cfg.username,
             delay,
+        )
+
+    def _flapping(self, times: int) -> None:
+        """The broker closed the connection soon after it opened, again and again, and no
+        worker's status says why: another client holds the id, most likely a worker under
+        another --prefix (its status is there, not under ours; Mosquitto 2.0 gives no
+        reason code)."""
+        if self._flap_said or self.stats.taken_over:
+            log.debug("the broker closed the connection again (%d short ones in a row)", times)
+            return
+        self._flap_said = True
+        log.error(
+            "the broker closed this worker's connection soon after it opened, %d times in a "
+            "row: another client with client id %r takes it (a worker under another "
+            "--prefix, whose status is not under %s/), or the broker refuses something "
+            "(its log says). Give each worker its own --client-id",
+            times,
+            self.cfg.client_id,
+            self.cfg.prefix,
         )
 
     def _taken_over(self, delay: float | None = None) -> None:
