@@ -227,3 +227,16 @@ def test_a_password_in_the_url_is_never_shown() -> None:
             parse_backend_url(url)
         assert "hunter2x" not in str(info.value)
         assert ":***@" in str(info.value)
+
+
+def test_a_cluster_url_naming_a_plain_redis_says_so(redis_url: str) -> None:
+    """redis+cluster:// naming a Redis without cluster mode: one line naming the redis://
+    to use, exit 2. The worker ran, logged each of its 16 shards as unavailable, and
+    answered every request 'unavailable' (a new operator's trial)."""
+    node = redis_url.removeprefix("redis://").split("/")[0]
+    done = run_worker("--port", str(free_port()), "--backend", f"redis+cluster://{node}")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "is a Redis without cluster mode" in lines[0]
+    assert f"name it redis://{node}/0" in lines[0]

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis.asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -125,7 +126,8 @@ class ClusterBackend(RedisBackend):
         self._parts: dict[int, int] = {}
 
     async def open(self) -> None:
-        await self._initialize(self._deadline())
+        if not await self._initialize(self._deadline()):
+            await self._check_cluster_mode()
         await self._all("counts")
         if self._down:
             log.warning(
@@ -141,15 +143,39 @@ class ClusterBackend(RedisBackend):
             await asyncio.gather(*(self._run_shard(s, [], [], [], deadline) for s in shards))
         await self._rc.aclose()
 
-    async def _initialize(self, deadline: float) -> None:
+    async def _initialize(self, deadline: float) -> bool:
         """Read the slot map before the shards' concurrent calls: redis-py 8.1 lets concurrent
         first calls race in its lazy initialization (AttributeError on a half-made
-        connection)."""
+        connection). Whether it was read."""
         try:
             async with asyncio.timeout_at(deadline):
                 await self._rc.initialize()
         except Exception as exc:  # the shards' own calls say which are unavailable
             log.debug("redis cluster %s: no slot map yet: %s", self.url, exc)
+            return False
+        return True
+
+    async def _check_cluster_mode(self) -> None:
+        """ConfigError when a start-up node answers as a Redis without cluster mode: its
+        requests were 'unavailable' for ever, each shard logged as down."""
+        for node in self._rc.get_nodes() or self._rc.startup_nodes:
+            plain = redis.asyncio.Redis(
+                host=node.host, port=int(node.port), socket_timeout=self.timeout
+            )
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await plain.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+            except ResponseError as exc:
+                if "cluster support disabled" in str(exc):
+                    raise ConfigError(
+                        f"--backend {self.url!r}: {node.host}:{node.port} is a Redis without "
+                        f"cluster mode ({exc}): name it redis://{node.host}:{node.port}/0"
+                    ) from None
+            except Exception:  # down, or slow: the shards' own calls say so
+                continue
+            finally:
+                await plain.aclose()
+            return
 
     # --- calls --------------------------------------------------------------------------
 
