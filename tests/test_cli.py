@@ -62,6 +62,35 @@ def test_bad_configuration_is_one_line_and_exit_2(
     assert lines[0].startswith("memory-worker: error:")
 
 
+def test_a_mistyped_variable_is_said_and_an_empty_one_is_unset(broker: Mosquitto) -> None:
+    """A MEMORY_WORKER_* variable that names no setting was ignored in silence (a typo in
+    /etc/memory-worker/memory-worker.env); an empty one, which env files use for "unset",
+    was an error (MEMORY_WORKER_SHARED_GROUP=). New operator's trial."""
+    proc = spawn_worker(
+        broker,
+        "--prefix",
+        unique("mem"),
+        MEMORY_WORKER_MAX_TURN="5",
+        MEMORY_WORKER_SHARED_GROUP="",
+        MEMORY_WORKER_MAX_TURNS="",
+    )
+    try:
+        assert proc.stdout is not None
+        before = []
+        for line in proc.stdout:
+            before.append(line)
+            if "serving" in line:
+                break
+        said = "".join(before)
+        assert (
+            "MEMORY_WORKER_MAX_TURN is not a setting of memory-worker (did you mean "
+            "MEMORY_WORKER_MAX_TURNS?): ignored"
+        ) in said
+        assert "serving" in said, said
+    finally:
+        reap(proc)
+
+
 def test_a_mistyped_flag_does_not_echo_a_backend_password() -> None:
     """argparse repeats what it did not take, and a flag's check the value it refused: a
     URL's password in them is ***."""

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from worker import __version__
 from worker.backend_url import redact_urls
 from worker.backends import Backend, create_backend
-from worker.config import Config, from_args, wants_version
+from worker.config import Config, from_args, unknown_variables, wants_version
 from worker.errors import ConfigError
 from worker.service import Service
 from worker.systemd import configure_logging
@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memory-worker: error: {redact_urls(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(cfg.log_level, os.environ)
+    for problem in unknown_variables(os.environ):
+        logging.getLogger("memory_worker").warning("%s", problem)
     try:
         asyncio.run(serve(cfg, backend))
     except ConfigError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
 import ssl
@@ -316,7 +317,7 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     for flag in FLAGS:
         raw = getattr(ns, flag.dest)
         source = f"--{flag.name}"
-        if raw is None and flag.env in environ:
+        if raw is None and environ.get(flag.env):  # an empty one is unset, as env files mean
             raw, source = environ[flag.env], flag.env
         if raw is None:
             continue
@@ -329,6 +330,23 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     if "max_inflight" in top:
         limits["max_ids"] = top["max_inflight"]
     return Config(limits=Limits(**limits), **top)  # type: ignore[arg-type]
+
+
+# Variables of the project's scripts, not the worker's flags.
+_SCRIPT_VARIABLES = ("DASHBOARD_PORT", "TEST_SYSTEM_CACHE")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What to say of each MEMORY_WORKER_* variable that names no setting (a typo is
+    otherwise ignored in silence), with the setting it most likely means."""
+    known = {flag.env for flag in FLAGS} | {c.ENV_PREFIX + v for v in _SCRIPT_VARIABLES}
+    out = []
+    for name in sorted(environ):
+        if name.startswith(c.ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            out.append(f"{name} is not a setting of memory-worker{hint}: ignored")
+    return out
 
 
 def tls_context(
