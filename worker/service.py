@@ -652,13 +652,20 @@ class Service:
         self._connection_made.set()
         self._publish_stats()
         self.systemd.ready(self._systemd_status())
+        lim = self.cfg.limits
         log.info(
-            "serving %s/# on %s:%d as %s (backend %s)",
+            "serving %s/# on %s:%d as %s%s (backend %s; at most %d conversations, %d turns "
+            "each, %d bytes; ttl %s)",
             self.cfg.prefix,
             self.cfg.host,
             self.cfg.port,
             self.cfg.client_id,
+            f" in share group {self.cfg.shared_group!r}" if self.cfg.shared_group else "",
             self.backend.name,
+            lim.max_conversations,
+            lim.max_turns,
+            lim.max_bytes,
+            f"{lim.ttl:g} s" if lim.ttl else "off",
         )
 
     def _systemd_status(self) -> str:
