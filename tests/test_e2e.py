@@ -461,6 +461,36 @@ async def test_a_share_group_on_stores_of_their_own_is_warned(
     assert f"backend {second}" in handler.records[0] or f"on {second}:" in handler.records[0]
 
 
+async def test_a_share_group_on_two_redis_databases_is_warned(
+    worker_factory: WorkerFactory, redis_url: str
+) -> None:
+    """Two workers of a group on Redis, but two databases of it (or two Redis servers): each
+    request goes to one of them, each keeps its own store, and nothing was said (only the
+    backend's kind was compared; a new operator's trial). Each store has a name now, in the
+    stats, and a worker that sees another's says so."""
+    prefix = unique("mem")
+    handler = _Said("from another store")
+    logging.getLogger("memory_worker").addHandler(handler)
+    base = redis_url.rsplit("/", 1)[0]
+    try:
+        async with (
+            worker_factory(
+                prefix=prefix, shared_group="g", client_id=unique("a-"), backend=f"{base}/1"
+            ) as a,
+            worker_factory(
+                prefix=prefix, shared_group="g", client_id=unique("b-"), backend=f"{base}/2"
+            ) as b,
+        ):
+            await asyncio.wait_for(handler.said.wait(), 30)
+            names = {a.backend.store_id, b.backend.store_id}
+    finally:
+        logging.getLogger("memory_worker").removeHandler(handler)
+    assert len(names) == 2
+    assert None not in names
+    assert "--backend" in handler.records[0]
+    assert all(name in handler.records[0] for name in names if name)
+
+
 async def test_stats_of_any_shape_on_a_worker_topic_cost_no_request_its_reply(
     broker: Mosquitto, worker: Service
 ) -> None:

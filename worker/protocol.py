@@ -986,6 +986,7 @@ def stats_payload(
     ts: float,
     interval: float,
     shared_group: str | None = None,
+    store: str | None = None,
 ) -> dict[str, Any]:
     """The body of P/_worker/<client-id>/stats (schemas/stats.json); `now` is a
     time.monotonic() reading, for the uptime; `interval` is --stats-interval."""
@@ -994,6 +995,7 @@ def stats_payload(
         "shared_group": shared_group,
         "version": version,
         "backend": backend,
+        "store": store,
         "conversations": counts.conversations,
         "turns": counts.turns,
         "bytes": counts.bytes,

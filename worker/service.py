@@ -1068,6 +1068,22 @@ class Service:
                 body.get("backend"),
                 backend,
             )
+        theirs, store = body.get("store"), self.backend.store_id
+        if "shared_group" in body and theirs and store and theirs != store:
+            self._peer_warning(
+                peer,
+                ("store",),
+                "worker %s serves %s/# in this one's share group from another store (%s %s, "
+                "here %s %s: another Redis, or another database of it): a share group hands "
+                "each request to one of them, so a conversation has two histories. Give "
+                "every worker of a group the same --backend (docs/scaling.md)",
+                peer,
+                self.cfg.prefix,
+                body.get("backend"),
+                theirs,
+                backend,
+                store,
+            )
         ours = limits_payload(self.cfg.limits)
         differ = tuple(k for k in ours if k in limits and limits[k] != ours[k])
         if differ:
@@ -1367,6 +1383,7 @@ class Service:
             ts=time.time(),
             interval=self.cfg.stats_interval,
             shared_group=self.cfg.shared_group or None,
+            store=self.backend.store_id,
         )
 
     def _publish_stats(self, looks: Iterable[str] = ()) -> None:

@@ -32,6 +32,9 @@ class Backend(ABC):
     """
 
     name: str = "backend"
+    # What the store itself is called (a shared engine's: workers of a share group compare
+    # theirs, and one on another Redis is named), once open() has read it; None otherwise.
+    store_id: str | None = None
     # Conversations a listing page reads per execute() (None: the whole page at once). The
     # service serves other requests between steps, for engines that do the work on the event
     # loop's thread; one that awaits another server does not need steps.

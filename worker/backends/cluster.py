@@ -13,6 +13,7 @@ See docs/scaling.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -129,6 +130,9 @@ class ClusterBackend(RedisBackend):
         if not await self._initialize(self._deadline()):
             await self._check_cluster_mode()
         await self._all("counts")
+        with contextlib.suppress(Unavailable):  # shard 0's master down: unnamed until then
+            async with asyncio.timeout(self.timeout):
+                self.store_id = await self._name_store(self._rc, self.keys[0])
         if self._down:
             log.warning(
                 "redis cluster %s: shards %s not answering; their requests get 'unavailable'",

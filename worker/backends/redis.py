@@ -17,6 +17,7 @@ import collections
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ class RedisBackend(Backend):
     async def open(self) -> None:
         try:
             self._take(await self._run([self._args("counts", "")]))
+            self.store_id = await self._name_store(self._redis, self.key)
         except Unavailable as exc:
             refusal = _refusal(exc.__cause__)
             if refusal is not None:  # waiting would not mend it
@@ -127,6 +129,16 @@ class RedisBackend(Backend):
                 self.url,
                 exc,
             )
+
+    @staticmethod
+    async def _name_store(client: Any, key: str) -> str:
+        """The store's name, made by the first worker that opened it (or an older one's)."""
+        try:
+            await client.set(key + "store", uuid.uuid4().hex, nx=True)
+            name = await client.get(key + "store")
+        except Exception as exc:  # its counts were read: a name is not worth failing for
+            raise Unavailable(f"storage unavailable: {type(exc).__name__}") from exc
+        return name.decode() if isinstance(name, bytes) else str(name)
 
     async def close(self) -> None:
         if self._delivered:  # else sent again by a sweep, OUTBOX_STALE from now
