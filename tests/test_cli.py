@@ -421,17 +421,22 @@ def test_memctls_own_option_after_the_command_says_where_it_goes() -> None:
     assert proc.stderr.rstrip().endswith("unrecognized arguments: --nope")
 
 
+def _get_from(listener: socket.socket, timeout: float) -> subprocess.CompletedProcess[str]:
+    """memctl get, run against whatever listens on `listener`'s port."""
+    port = str(listener.getsockname()[1])
+    return subprocess.run(
+        [program("memctl"), "--port", port, "--timeout", str(timeout), "get", "c"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
 def test_a_listener_that_never_answers_is_one_line_and_exit_3() -> None:
     """A port that takes the connection but sends no CONNACK: one line and exit 3 (paho's
     traceback from closing the left-open socket after the loop closed followed it)."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
-        port = str(silent.getsockname()[1])
-        proc = subprocess.run(
-            [program("memctl"), "--port", port, "--timeout", "0.5", "get", "c"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = _get_from(silent, timeout=0.5)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.startswith("memctl: cannot reach the broker")
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -442,7 +447,6 @@ def test_a_listener_that_closes_at_once_is_said_at_once() -> None:
     max_connections, a listener of another protocol): memctl says so, at once, exit 3. It
     waited out its whole timeout and said 'timed out'."""
     with socket.create_server(("127.0.0.1", 0)) as closing:
-        port = str(closing.getsockname()[1])
 
         def close_each() -> None:
             with contextlib.suppress(OSError):
@@ -452,12 +456,7 @@ def test_a_listener_that_closes_at_once_is_said_at_once() -> None:
 
         threading.Thread(target=close_each, daemon=True).start()
         start = time.monotonic()
-        proc = subprocess.run(
-            [program("memctl"), "--port", port, "--timeout", "30", "get", "c"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        proc = _get_from(closing, timeout=30)
     assert proc.returncode == 3, proc.stderr
     assert time.monotonic() - start < 20, proc.stderr
     assert "closed the connection before its CONNACK" in proc.stderr, proc.stderr
