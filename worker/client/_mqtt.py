@@ -877,11 +877,11 @@ def unreachable(
             "",
             "certificate verify failed",
         )
-    # A TLS listener reads MQTT's CONNECT as a broken handshake and waits: no CONNACK comes.
-    # A plain one closes on TLS's hello.
+    # A TLS listener reads MQTT's CONNECT as a broken handshake and waits, or closes: no
+    # CONNACK comes. A plain one closes on TLS's hello.
     why = str(exc)
     hint = ""
-    if not tls and "timed out" in why:
+    if not tls and ("timed out" in why or "before its CONNACK" in why):
         hint = " (a TLS port? then mqtts:// with ?ca=FILE, tls_ca=, or memctl --tls-ca)"
     elif tls and any(word in why for word in ("reset by peer", "EOF", "WRONG_VERSION")):
         hint = " (not a TLS port? then mqtt://, without ca, tls_ca or --tls-ca)"
