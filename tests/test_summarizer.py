@@ -566,6 +566,55 @@ async def test_a_broken_or_endless_answer_is_a_model_error(
         thread.join(10)
 
 
+async def test_the_model_call_keeps_its_time_whatever_is_slow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A name lookup that outlasts --llm-timeout left the timer no socket to shut, and the
+    call then waited on a trickled answer for ever (a review); and a model behind the
+    http_proxy of the environment is reached through it (urllib's, which a rewrite lost)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        lines: list[bytes] = []
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, _ = server.accept()
+                with conn:
+                    got = b""
+                    while b"\r\n\r\n" not in got and (more := conn.recv(65536)):
+                        got += more
+                    lines.append(got.split(b"\r\n", 1)[0])
+                    if len(lines) == 1:
+                        _trickle(conn)
+                    else:
+                        body = b'{"choices": [{"message": {"content": "proxied"}}]}'
+                        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                        conn.sendall(head + body)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        lookup = socket.getaddrinfo
+
+        def slow_lookup(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(1.5)  # a resolver this slow: the scenario, not a synchronization
+            return lookup(*args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", slow_lookup)
+        chat = ChatModel(f"http://127.0.0.1:{port}/v1", "llama3.2", timeout=1.0)
+        turn = [{"role": "user", "content": "hi", "seq": 1}]
+        with pytest.raises(ModelError, match=re.escape("did not answer within 1.0s")) as info:
+            await chat.fold("", turn)
+        assert info.value.timed_out
+        monkeypatch.setattr(socket, "getaddrinfo", lookup)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        far = ChatModel("http://model.invalid:8000/v1", "llama3.2", timeout=5.0)
+        assert (await far.fold("", turn)).text == "proxied"
+        thread.join(10)
+    assert lines[1] == b"POST http://model.invalid:8000/v1/chat/completions HTTP/1.1"
+
+
 async def test_a_failure_that_differs_only_in_its_answer_is_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -15,6 +15,7 @@ import json
 import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -209,30 +210,33 @@ class ChatModel:
     def _post(self, data: bytes) -> Folded:
         """One call, within `timeout` in all: a socket's timeout bounds each read alone, and
         an answer trickled a byte at a time (its headers, its body) went on for ever, so a
-        timer cuts the connection at the deadline."""
-        url = urllib.parse.urlsplit(self.endpoint)
-        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = kind(url.hostname or "", url.port, timeout=self.timeout)
+        timer shuts the connection's socket at the deadline. urllib, for proxies
+        (http_proxy, no_proxy) and redirects, with its connections handed to the timer."""
+        made: list[http.client.HTTPConnection] = []
         fired = threading.Event()
-        cut = threading.Timer(self.timeout, _cut_off, (conn, fired))
+        opener = urllib.request.build_opener(_Watched(made, fired), _WatchedTls(made, fired))
+        request = urllib.request.Request(self.endpoint, data=data, headers=self._headers())
+        deadline = time.monotonic() + self.timeout
+        cut = threading.Timer(self.timeout, _cut_off, (made, fired))
         cut.daemon = True
         cut.start()
-        response: http.client.HTTPResponse | None = None
         try:
-            path = url.path + (f"?{url.query}" if url.query else "")
-            conn.request("POST", path, body=data, headers=self._headers())
-            response = conn.getresponse()
-            if response.status >= 300:
-                detail = response.read(300).decode("utf-8", "replace").strip()
-                raise ModelError(
-                    f"{self.endpoint} answered {response.status}: {detail}"
-                    + (self._path_hint() if response.status == 404 else ""),
-                    timed_out=response.status in _GAVE_UP,  # a proxy in front of a slow model
-                    kind=f"answered {response.status}",
-                )
-            raw = self._read(response)
+            with opener.open(request, timeout=self.timeout) as response:
+                raw = self._read(response, deadline)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                detail = b"" if fired.is_set() else exc.read(300)
+            if fired.is_set() or time.monotonic() >= deadline:
+                raise self._too_slow() from None
+            raise ModelError(
+                f"{self.endpoint} answered {exc.code}: "
+                + detail.decode("utf-8", "replace").strip()
+                + (self._path_hint() if exc.code == 404 else ""),
+                timed_out=exc.code in _GAVE_UP,  # a proxy in front of a model too slow
+                kind=f"answered {exc.code}",
+            ) from None
         except (OSError, ValueError, http.client.HTTPException) as exc:
-            if fired.is_set():
+            if fired.is_set() or time.monotonic() >= deadline:
                 raise self._too_slow() from None
             if isinstance(exc, http.client.HTTPException):  # not HTTP, an answer cut short
                 raise ModelError(
@@ -242,14 +246,13 @@ class ChatModel:
                 f"{self.endpoint}: {exc}", timed_out=_timed_out(exc), kind="unreachable"
             ) from None
         except ModelError as exc:
-            if fired.is_set() and not exc.timed_out:  # cut off: not its fault
-                raise self._too_slow() from None
+            if (fired.is_set() or time.monotonic() >= deadline) and not exc.timed_out:
+                raise self._too_slow() from None  # cut off: not its fault
             raise
         finally:
             cut.cancel()
-            if response is not None:  # its file holds the socket open past conn.close()
-                response.close()
-            conn.close()
+            for conn in made:
+                conn.close()
         if fired.is_set():  # cut off where a closed connection reads as an end
             raise self._too_slow()
         return parse_completion(raw)
@@ -259,12 +262,15 @@ class ChatModel:
             f"{self.endpoint} did not answer within {self.timeout}s", timed_out=True, kind="slow"
         )
 
-    def _read(self, response: http.client.HTTPResponse) -> bytes:
-        """The answer's body, up to MAX_ANSWER_BYTES."""
+    def _read(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The answer's body, up to MAX_ANSWER_BYTES, until `deadline` (the timer's backstop:
+        it finds no socket to shut while a slow name lookup or connect goes on)."""
         chunks, size = [], 0
         while chunk := response.read1(_READ):
             chunks.append(chunk)
             size += len(chunk)
+            if time.monotonic() >= deadline:
+                raise self._too_slow()
             if size > MAX_ANSWER_BYTES:
                 raise ModelError(
                     f"{self.endpoint} answered more than {MAX_ANSWER_BYTES} bytes: the model "
@@ -342,13 +348,69 @@ def parse_completion(raw: bytes) -> Folded:
     return Folded(text.strip(), tokens if known else None)
 
 
-def _cut_off(conn: http.client.HTTPConnection, fired: threading.Event) -> None:
-    """At a call's deadline: a read waiting on the socket ends (shutdown wakes it)."""
+class _Watched(urllib.request.HTTPHandler):
+    """urllib's HTTP handler, each connection it makes put in `made` for `_cut_off`, and
+    refused once `fired` (a name lookup or connect that outlasted the call's time, when
+    there was no socket yet to shut)."""
+
+    def __init__(self, made: list[http.client.HTTPConnection], fired: threading.Event) -> None:
+        super().__init__()
+        self.made, self.fired = made, fired
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)
+
+    def _connection(self, host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = _Connection(host, **kwargs)
+        conn.fired = self.fired
+        self.made.append(conn)
+        return conn
+
+
+class _WatchedTls(urllib.request.HTTPSHandler):
+    """`_Watched`, for https:// (certificates verified as urllib's own handler does)."""
+
+    def __init__(self, made: list[http.client.HTTPConnection], fired: threading.Event) -> None:
+        super().__init__()
+        self.made, self.fired = made, fired
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._connection, req)
+
+    def _connection(self, host: str, **kwargs: Any) -> http.client.HTTPConnection:
+        conn = _TlsConnection(host, **kwargs)
+        conn.fired = self.fired
+        self.made.append(conn)
+        return conn
+
+
+class _Connection(http.client.HTTPConnection):
+    fired: threading.Event
+
+    def connect(self) -> None:
+        super().connect()
+        if self.fired.is_set():
+            raise TimeoutError("the call's time ran out while it connected")
+
+
+class _TlsConnection(http.client.HTTPSConnection):
+    fired: threading.Event
+
+    def connect(self) -> None:
+        super().connect()
+        if self.fired.is_set():
+            raise TimeoutError("the call's time ran out while it connected")
+
+
+def _cut_off(made: list[http.client.HTTPConnection], fired: threading.Event) -> None:
+    """At a call's deadline: a read waiting on a socket of the call ends (shutdown wakes
+    it)."""
     fired.set()
-    sock = conn.sock
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+    for conn in list(made):
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def _timed_out(exc: BaseException) -> bool:
