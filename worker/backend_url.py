@@ -114,9 +114,12 @@ def _redis_py_problem(url: str) -> str | None:
     """What redis-py refuses in the URL's options, found without connecting (an option it
     does not take was accepted at start, then failed every request as 'unavailable')."""
     import redis.asyncio
+    import redis.exceptions
 
     try:
         pool = redis.asyncio.ConnectionPool.from_url(url)
+        if pool.connection_kwargs.get("decode_responses"):
+            return "decode_responses: the worker reads Redis's replies as bytes (leave it out)"
         pool.connection_class(**pool.connection_kwargs)
     except TypeError as exc:
         found = re.search(r"keyword argument '(\w+)'", str(exc))
@@ -125,7 +128,7 @@ def _redis_py_problem(url: str) -> str | None:
             f"redis-py takes no option {what} (the options are its connection arguments: "
             "?socket_keepalive=true, ?health_check_interval=N, ?ssl_ca_certs=FILE, ...)"
         )
-    except ValueError as exc:  # a value it cannot read
+    except (ValueError, redis.exceptions.RedisError) as exc:  # a value it cannot read
         return str(exc)
     return None
 
