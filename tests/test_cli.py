@@ -534,3 +534,17 @@ def test_memctl_takes_the_login_from_the_workers_variables() -> None:
     assert (args.username, args.password) == ("kiosk-7", "s3cret")
     args = build_parser(env).parse_args(["--username", "other", "get", "c"])
     assert args.username == "other"
+
+
+def test_empty_variables_are_unset_for_memctl_and_the_summarizer_too() -> None:
+    """The worker reads an empty MEMORY_WORKER_* variable as unset; memctl and the
+    summarizer, which read the same environment file, refused it (MEMORY_WORKER_PORT=:
+    "expected an integer"), so following the docs stopped the summarizer (a review)."""
+    from worker.memctl import build_parser
+    from worker.summarizer import from_args
+
+    env = {f"MEMORY_WORKER_{k}": "" for k in ("PORT", "PREFIX", "TLS_CA", "HOST")}
+    args = build_parser(env).parse_args(["get", "c"])
+    assert (args.host, args.port, args.prefix) == ("127.0.0.1", 1883, "mem")
+    cfg = from_args([], env)
+    assert (cfg.host, cfg.port, cfg.prefix, cfg.tls_ca) == ("127.0.0.1", 1883, "mem", None)

@@ -109,6 +109,7 @@ def _from(kind: type[Any], name: str, set_to: str | None) -> Callable[[str], Any
 
 def build_parser(env: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     head, _, rest = (__doc__ or "").partition("\n")
+    env = {k: v for k, v in env.items() if v}  # an empty variable is unset, as for the worker
     p = _Parser(
         prog="memctl",
         description=head,

@@ -199,7 +199,7 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> SummarizerConf
     for name, _, text in _FLAGS:
         dest = name.replace("-", "_")
         here = ""
-        for var in (v for v in _variables(name) if v in environ):
+        for var in (v for v in _variables(name) if environ.get(v)):
             here = f"; here {var} is set" if name == "password" else f"; here {var}={environ[var]}"
             break
         parser.add_argument(
@@ -214,7 +214,7 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> SummarizerConf
         dest = name.replace("-", "_")
         raw, source = getattr(ns, dest), f"--{name}"
         for var in _variables(name):
-            if raw is None and var in environ:
+            if raw is None and environ.get(var):  # an empty one is unset, as for the worker
                 raw, source = environ[var], var
         if raw is None:
             continue
