@@ -1143,6 +1143,31 @@ async def test_redis_keeps_to_limits_lowered_since_the_data_was_stored(make: Mak
     assert {reason for _, reason, _, _ in h.take()} == {"memory"}
 
 
+async def test_redis_workers_agree_on_their_stores_name(make: Make) -> None:
+    """Workers on one Redis store read one name for it; a Redis restarted empty (here its key
+    evicted) is named anew by the next worker to open it, and the others take that name at
+    their next sweep (they kept the old one, and a share group warned of "another store")."""
+    h = await make()
+    if h.kind not in ("redis", "cluster"):
+        pytest.skip("a store of one worker's own has no name")
+    other = h._new()
+    await other.open()
+    assert h.be.store_id is not None
+    assert other.store_id == h.be.store_id
+    assert isinstance(h.be, RedisBackend)
+    key = (h.be.keys[0] if isinstance(h.be, ClusterBackend) else h.be.key) + "store"
+    client = h.be._rc if isinstance(h.be, ClusterBackend) else h.be._redis
+    await client.delete(key)
+    late = h._new()
+    await late.open()
+    assert late.store_id not in (None, h.be.store_id)
+    await h.be.expire()
+    await other.expire()
+    assert h.be.store_id == other.store_id == late.store_id
+    await other.close()
+    await late.close()
+
+
 async def test_a_large_trim_goes_out_as_events_a_broker_takes(tmp_path: Path) -> None:
     """A restart with a lower --max-turns trims many turns at once: they go out as several
     trimmed events of at most 256 KiB of turns each (one event of 1.5 MB was over the

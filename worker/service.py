@@ -84,6 +84,7 @@ from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
+_PEERS_TRACKED = 1024  # workers whose last stats named another store, remembered at most
 _PEERS_KEPT = 256  # other workers whose status (or stats awaiting it) is remembered
 _COMPARED = ("client_id", "shared_group", "backend", "limits", "ts")  # of a peer's stats
 # Backends that workers of a share group can share (memory and SQLite are each worker's own).
@@ -183,6 +184,7 @@ class Service:
         # for their PUBACKs (else the next start sends them again).
         self._watched: set[asyncio.Future[str | None]] = set()
         self._strays: set[str] = set()  # filters of other prefixes unsubscribed (_stray)
+        self._stores_apart: dict[str, bool] = {}  # peers whose last stats named another store
         self._unsubscribing: set[asyncio.Task[None]] = set()
         self._peers_warned: set[tuple[str, tuple[str, ...]]] = set()
         # Other workers' last status by client id: (state, when it went so).
@@ -1069,7 +1071,13 @@ class Service:
                 backend,
             )
         theirs, store = body.get("store"), self.backend.store_id
-        if "shared_group" in body and theirs and store and theirs != store:
+        apart = "shared_group" in body and bool(theirs and store and theirs != store)
+        # Twice in a row: a Redis restarted empty is named anew by the first worker to open
+        # it, and the others take that name at their next sweep.
+        if len(self._stores_apart) > _PEERS_TRACKED:  # anyone may publish stats
+            self._stores_apart.clear()
+        seen_apart, self._stores_apart[peer] = self._stores_apart.get(peer, False), apart
+        if apart and seen_apart:
             self._peer_warning(
                 peer,
                 ("store",),

@@ -130,15 +130,19 @@ class ClusterBackend(RedisBackend):
         if not await self._initialize(self._deadline()):
             await self._check_cluster_mode()
         await self._all("counts")
-        with contextlib.suppress(Unavailable):  # shard 0's master down: unnamed until then
-            async with asyncio.timeout(self.timeout):
-                self.store_id = await self._name_store(self._rc, self.keys[0])
+        await self._name()
         if self._down:
             log.warning(
                 "redis cluster %s: shards %s not answering; their requests get 'unavailable'",
                 self.url,
                 sorted(self._down),
             )
+
+    async def _name(self) -> None:
+        """The store's name, on shard 0 (its master down: as it was, until it answers)."""
+        with contextlib.suppress(Unavailable, TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                self.store_id = await self._name_store(self._rc, self.keys[0])
 
     async def close(self) -> None:
         if self._delivered:  # else sent again by a sweep, OUTBOX_STALE from now
@@ -320,6 +324,7 @@ class ClusterBackend(RedisBackend):
 
     async def expire(self) -> tuple[bool, list[Event]]:
         replies, evictions = await self._all("expire", c.SWEEP_CHUNK, repr(c.OUTBOX_STALE))
+        await self._name()
         if not replies:
             raise Unavailable("storage unavailable: no redis cluster node answers")
         deadlines = [float(r[2]) for r in replies if r[2]]

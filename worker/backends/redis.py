@@ -302,6 +302,10 @@ class RedisBackend(Backend):
         raw, evictions = self._take(
             await self._run([self._args("expire", c.SWEEP_CHUNK, repr(c.OUTBOX_STALE))])
         )
+        # Read again each sweep: a Redis restarted empty, or its key evicted, is named anew
+        # by the first worker to come, and the others take that name.
+        with contextlib.suppress(Unavailable):
+            self.store_id = await self._name_store(self._redis, self.key)
         self._next_deadline = float(raw[0][2]) if raw[0][2] else NO_DEADLINE
         return raw[0][1] == b"1", evictions
 
