@@ -94,7 +94,9 @@ _SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})
 # client id take each other's session at once, and must not do so several times a second.
 _STABLE_CONNECTION = 10.0
 _STILL_DOWN = 600.0  # seconds between warnings that the broker is still away
-_FLAPS = 3  # short connections in a row the broker closed before the worker says why
+# Short connections in a row the broker closed (no attempt refused between) before the
+# worker says why: a twin's fight goes on for ever, a broker restarted that often is rare.
+_FLAPS = 5
 # What deploy/mosquitto.d/memory-worker.conf sets; the worker warns about a broker below it.
 BROKER_SNIPPET = "deploy/mosquitto.d/memory-worker.conf"
 _WANT_INFLIGHT = 1000
@@ -304,6 +306,7 @@ class Service:
     async def _stay_connected(self, client: Connection, stop: asyncio.Event) -> None:
         attempt = 0
         short_streak = 0  # connections in a row that lasted under _STABLE_CONNECTION
+        closed_soon = 0  # of those, closed by the broker with no refused attempt between
         since = 0.0
         down_since: float | None = None  # when the broker was last said to be away
         said = 0.0
@@ -350,13 +353,16 @@ class Service:
                 attempt += 1
                 delay = min(self.cfg.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1)
                 self._loss_explained = client.taken_over
+                # Closed soon after opening, with no attempt refused between (a broker that
+                # restarts refuses one): another client taking the id again and again.
+                closed_soon = closed_soon + 1 if short and closed_by_broker(exc) else 0
                 now = time.monotonic()
                 if since_was:  # it was connected: a new loss, said again
                     down_since = None
                 if client.taken_over:
                     self._taken_over(delay)
-                elif short and closed_by_broker(exc) and short_streak >= _FLAPS:
-                    self._flapping(short_streak)
+                elif closed_soon >= _FLAPS:
+                    self._flapping(closed_soon)
                 elif login_refused(exc):
                     self._refused(exc, delay)
                 elif certificate_refused(exc):
@@ -426,9 +432,10 @@ class Service:
         self._flap_said = True
         log.error(
             "the broker closed this worker's connection soon after it opened, %d times in a "
-            "row: another client with client id %r takes it (a worker under another "
-            "--prefix, whose status is not under %s/), or the broker refuses something "
-            "(its log says). Give each worker its own --client-id",
+            "row: another client with client id %r takes it, most likely (a worker under "
+            "another --prefix, whose status is not under %s/), unless the broker was "
+            "restarted that often or refuses something (its log says). Give each worker its "
+            "own --client-id",
             times,
             self.cfg.client_id,
             self.cfg.prefix,
