@@ -214,7 +214,7 @@ class ChatModel:
         (http_proxy, no_proxy) and redirects, with its connections handed to the timer."""
         made: list[http.client.HTTPConnection] = []
         fired = threading.Event()
-        opener = urllib.request.build_opener(_Watched(made, fired), _WatchedTls(made, fired))
+        opener = urllib.request.build_opener(_Watched(made, fired))
         request = urllib.request.Request(self.endpoint, data=data, headers=self._headers())
         deadline = time.monotonic() + self.timeout
         cut = threading.Timer(self.timeout, _cut_off, (made, fired))
@@ -348,40 +348,29 @@ def parse_completion(raw: bytes) -> Folded:
     return Folded(text.strip(), tokens if known else None)
 
 
-class _Watched(urllib.request.HTTPHandler):
-    """urllib's HTTP handler, each connection it makes put in `made` for `_cut_off`, and
-    refused once `fired` (a name lookup or connect that outlasted the call's time, when
-    there was no socket yet to shut)."""
+class _Watched(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's HTTP and HTTPS handlers (certificates verified as theirs are), each
+    connection put in `made` for `_cut_off`, and refused once `fired` (a name lookup or
+    connect that outlasted the call's time, when there was no socket yet to shut)."""
 
     def __init__(self, made: list[http.client.HTTPConnection], fired: threading.Event) -> None:
         super().__init__()
         self.made, self.fired = made, fired
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._connection, req)
-
-    def _connection(self, host: str, **kwargs: Any) -> http.client.HTTPConnection:
-        conn = _Connection(host, **kwargs)
-        conn.fired = self.fired
-        self.made.append(conn)
-        return conn
-
-
-class _WatchedTls(urllib.request.HTTPSHandler):
-    """`_Watched`, for https:// (certificates verified as urllib's own handler does)."""
-
-    def __init__(self, made: list[http.client.HTTPConnection], fired: threading.Event) -> None:
-        super().__init__()
-        self.made, self.fired = made, fired
+        return self.do_open(self._maker(_Connection), req)
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(self._connection, req)
+        return self.do_open(self._maker(_TlsConnection), req)
 
-    def _connection(self, host: str, **kwargs: Any) -> http.client.HTTPConnection:
-        conn = _TlsConnection(host, **kwargs)
-        conn.fired = self.fired
-        self.made.append(conn)
-        return conn
+    def _maker(self, kind: type[_Connection]) -> Callable[..., http.client.HTTPConnection]:
+        def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+            conn = kind(host, **kwargs)
+            conn.fired = self.fired
+            self.made.append(conn)
+            return conn
+
+        return make
 
 
 class _Connection(http.client.HTTPConnection):
@@ -393,13 +382,8 @@ class _Connection(http.client.HTTPConnection):
             raise TimeoutError("the call's time ran out while it connected")
 
 
-class _TlsConnection(http.client.HTTPSConnection):
-    fired: threading.Event
-
-    def connect(self) -> None:
-        super().connect()
-        if self.fired.is_set():
-            raise TimeoutError("the call's time ran out while it connected")
+class _TlsConnection(_Connection, http.client.HTTPSConnection):
+    pass
 
 
 def _cut_off(made: list[http.client.HTTPConnection], fired: threading.Event) -> None:
