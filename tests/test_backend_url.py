@@ -40,6 +40,8 @@ needs_redis = pytest.mark.skipif(redis_server() is None, reason="redis-server is
         "rediss://h:6379/0?ssl_cert_reqs=bogus",
         "redis://h:6379/0?protocol=7",
         "redis://h:6379/0?decode_responses=true",
+        "redis://h:6379/0?db=3",
+        "redis+cluster://h:1/0",
         "unix://relative.sock",
         "unix:///run/redis.sock?db=x",
         "unix:///run/redis.sock?password=x",

@@ -102,6 +102,10 @@ def _redis(url: str) -> BackendUrl:
     for key, values in parse_qs(parts.query).items():
         if key == "db":
             _db(url, values[0])
+            if db and values[0] != db:  # redis-py takes the query's, silently
+                raise ValueError(
+                    f"--backend {redacted(url)!r}: two databases, {db} and db={values[0]}: name one"
+                )
         elif key == "ssl_ca_certs" and not Path(values[0]).is_file():
             raise ValueError(f"--backend {redacted(url)!r}: no such file {values[0]!r}")
     problem = _redis_py_problem(url)
@@ -148,6 +152,11 @@ def _cluster(url: str) -> BackendUrl:
     rest = url[len("redis+cluster://") :]
     hosts, _, query_text = rest.partition("?")
     hosts = hosts.rstrip("/")
+    if "/" in hosts:
+        raise ValueError(
+            f"--backend {redacted(url)!r}: a redis+cluster URL names no database (a cluster "
+            "has only database 0): redis+cluster://host:port[,host:port...]"
+        )
     if "@" in hosts:
         raise ValueError(
             f"--backend {redacted(url)!r}: a login in a redis+cluster URL is not supported"

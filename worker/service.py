@@ -1088,15 +1088,15 @@ class Service:
             self._peer_warning(
                 peer,
                 ("store",),
-                "worker %s serves %s/# in this one's share group from another store (%s %s, "
-                "here %s %s: another Redis, or another database of it): a share group hands "
-                "each request to one of them, so a conversation has two histories. Give "
-                "every worker of a group the same --backend (docs/scaling.md)",
+                "worker %s serves %s/# in this one's share group from another store (its "
+                "%s store %s; here %s, store %s: another Redis, or another database of it): "
+                "a share group hands each request to one of them, so a conversation has two "
+                "histories. Give every worker of a group the same --backend (docs/scaling.md)",
                 peer,
                 self.cfg.prefix,
                 body.get("backend"),
                 theirs,
-                backend,
+                getattr(self.backend, "url", backend),  # redacted: no password
                 store,
             )
         ours = limits_payload(self.cfg.limits)
