@@ -208,8 +208,9 @@ def subscribe_options(*, no_local: bool) -> SubscribeOptions:
 
 def _still_open(client: paho.Client, sock: Any) -> bool:
     """Whether `sock` is still the client's open socket (from the loop, after paho's thread
-    handed it over: an open cancelled meanwhile closed it)."""
-    return bool(sock.fileno() >= 0 and client.socket() is sock)
+    handed it over: an open cancelled meanwhile closed it, and paho, reading its socket
+    after the close, may hand over None)."""
+    return bool(sock is not None and sock.fileno() >= 0 and client.socket() is sock)
 
 
 class Connection(aiomqtt.Client):
