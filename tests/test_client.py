@@ -321,6 +321,25 @@ async def test_a_client_not_open_says_so_and_closing_ends_its_iterators(
         await anext(m.evictions())
 
 
+async def test_memory_url_not_open_says_so_as_the_mqtt_client_does() -> None:
+    """memory:// outside its `async with` raises RuntimeError at once, as MemoryClient does
+    (it went on storing after the block ended), and a second `async with` is refused."""
+    memory = memory_from_url("memory://")
+    with pytest.raises(RuntimeError, match="not open"):
+        await memory.get("c")
+    async with memory:
+        await memory.append("c", "user", "x")
+        with pytest.raises(RuntimeError, match="already open"):
+            await memory.__aenter__()
+    for call in (memory.get("c"), memory.append("c", "user", "y"), memory.stats()):
+        with pytest.raises(RuntimeError, match="not open"):
+            await call
+    with pytest.raises(RuntimeError, match="not open"):
+        await anext(memory.evictions())
+    async with memory:  # open again, as MemoryClient may be
+        assert [t["content"] for t in await memory.get("c")] == ["x"]
+
+
 async def test_close_from_a_coroutine_ends_another_threads_call(
     broker: Mosquitto, worker: Service
 ) -> None:
@@ -552,6 +571,10 @@ def test_url_errors_are_clear() -> None:
         ("mqtt:/127.0.0.1:21883", r"no host: mqtt://HOST\[:PORT\]\[/prefix\]"),
         ("mqtt:///mem", "no host"),
         ("mqtts://:8883/mem", "no host"),
+        # An empty option was left aside in silence: a default reply prefix, refused there.
+        ("mqtt://h/p?reply_prefix=", "option 'reply_prefix' is empty"),
+        ("mqtt://h/p?timeout=5&ca=", "option 'ca' is empty"),
+        ("memory://?max_turns=", "option 'max_turns' is empty"),
     ]:
         with pytest.raises(ValueError, match=words):
             memory_from_url(url)

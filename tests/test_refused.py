@@ -12,13 +12,15 @@ import pytest
 
 from tests.conftest import program, running
 from tests.processes import Mosquitto
-from tests.test_security import USERS, add_user, secured, worker_config
+from tests.test_security import USERS, add_user, secured, secured_worker, worker_config
+from tests.test_worker_refused import dynsec
 from worker.client import BlockingMemoryClient, MemoryClient, RefusedError
+from worker.service import Service
 
 # deploy/'s secured broker (dynamic security): kiosk-a may ask under mem/kiosk-a/ and read
 # replies under reply/kiosk-a/, nothing else. Mosquitto's plain acl_file grants every
 # SUBSCRIBE and only filters deliveries, so it cannot show a refused one.
-__all__ = ["secured"]
+__all__ = ["secured", "secured_worker"]
 USER, PASSWORD = "kiosk-a", USERS["kiosk-a"]
 
 
@@ -245,3 +247,40 @@ async def test_memctl_retire_says_refused_in_one_line_with_exit_4(secured: Mosqu
         password=USERS["dashboard"],
     ) as m:
         assert "retire-me" in [s["client_id"] for s in await m.stats()]
+
+
+async def test_a_login_refused_on_reconnecting_is_a_refused_error_at_once(
+    secured: Mosquitto, secured_worker: Service
+) -> None:
+    """A client the broker kicks and then refuses at each reconnection (its login disabled,
+    its password changed) raises the refused login at once, not "lost the broker" after every
+    attempt's timeout; let in again, it serves."""
+    name = "kiosk-off"
+    assert add_user(secured.work, name, "secret").returncode == 0  # type: ignore[attr-defined]
+    async with MemoryClient(
+        secured.host,
+        secured.port,
+        username=name,
+        password="secret",
+        reply_prefix=f"reply/{name}",
+        timeout=30,
+    ) as m:
+        stored = (await m.append(name, "user", "before")).seq
+        await asyncio.to_thread(dynsec, secured, "disableClient", name)
+        try:
+            async with asyncio.timeout(20):  # far below the client's 30 s attempts
+                refused = None
+                while refused is None:  # until the broker has kicked it
+                    try:
+                        stored = (await m.append(name, "user", "while disabled")).seq
+                    except RefusedError as exc:
+                        refused = exc
+                with pytest.raises(RefusedError):  # each request, while it lasts
+                    await m.get(name)
+        finally:
+            await asyncio.to_thread(dynsec, secured, "enableClient", name)
+        assert "refused the login of 'kiosk-off'" in refused.message
+        async with asyncio.timeout(20):
+            while m._client is None:  # woken by each refusal too
+                await m._connected.wait()
+        assert (await m.append(name, "user", "after")).seq == stored + 1

@@ -75,7 +75,9 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
             f"{url!r}: '#' starts a URL's fragment: a prefix cannot hold it (a wildcard), "
             "and a password writes it %23"
         )
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    if empty := sorted(k for k, v in query.items() if not v):  # left aside in silence
+        raise ValueError(f"{url!r}: option {empty[0]!r} is empty: give it a value or leave it out")
     if parts.scheme == "memory":
         if parts.netloc or parts.path.strip("/"):  # it would be left aside in silence
             raise ValueError(

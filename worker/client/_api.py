@@ -33,6 +33,13 @@ def _refuse(convo: str, op: str, body: dict[str, Any]) -> None:
         raise error_for(exc.code, exc.message) from None
 
 
+def _not_open() -> RuntimeError:
+    return RuntimeError(
+        "the memory client is not open: use it inside `async with` (MemoryClient, "
+        "open_memory) or `with` (BlockingMemoryClient), not before or after it"
+    )
+
+
 def ask_again(reply: Any, attempt: int, last: bool) -> float | None:
     """Seconds to pause before asking again, when the worker answered `unavailable` (Redis
     did not answer in time, its backlog behind a flood, too many listing pages waiting: "ask

@@ -10,10 +10,10 @@ import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from worker.client._api import PLANS, _Api
+from worker.client._api import PLANS, _Api, _not_open
 from worker.client._local import LocalMemory
 from worker.client._models import ConversationInfo, Eviction
-from worker.client._mqtt import MemoryClient, _closed_while_waiting, _not_open
+from worker.client._mqtt import MemoryClient, _closed_while_waiting
 from worker.client._threads import DEFAULT_CONNECTIONS, ThreadRequests
 
 _T = TypeVar("_T")

@@ -12,7 +12,7 @@ import msgpack
 
 from worker import constants as c
 from worker import protocol
-from worker.client._api import _Api, _Fanout, _ok, _refuse
+from worker.client._api import _Api, _Fanout, _not_open, _ok, _refuse
 from worker.client._errors import error_for
 from worker.client._models import Eviction
 from worker.errors import ConfigError, TooLarge, WorkerError
@@ -47,13 +47,18 @@ class LocalMemory(_Api):
         self._events = _Fanout()
         self._sweeper: asyncio.Task[None] | None = None
         self._started = time.monotonic()
+        self._open = False  # inside `async with`: outside it a call raises, as MemoryClient's
 
     async def __aenter__(self) -> LocalMemory:
+        if self._open:
+            raise RuntimeError("the memory client is already open: one `async with` at a time")
+        self._open = True
         await self._backend.open()
         self._sweeper = asyncio.create_task(self._sweep(), name="memory-sweeper")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._open = False
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -77,6 +82,8 @@ class LocalMemory(_Api):
             )
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
+        if not self._open:
+            raise _not_open()
         try:
             request = check_request(convo, op, body)
             size = len(msgpack.packb(body))
@@ -91,6 +98,8 @@ class LocalMemory(_Api):
 
     async def evictions(self, convo_id: str | None = None) -> AsyncGenerator[Eviction, None]:
         """Eviction events as they come (of one conversation, or all), until you stop."""
+        if not self._open:
+            raise _not_open()
         if convo_id is not None:
             _refuse(convo_id, c.OP_GET, {})
         with self._events.listen(convo_id) as queue:
@@ -99,6 +108,8 @@ class LocalMemory(_Api):
 
     async def stats(self) -> list[dict[str, Any]]:
         """This store's counts, shaped like one worker's stats."""
+        if not self._open:
+            raise _not_open()
         n = self._backend.counts()
         return [
             {

@@ -22,7 +22,7 @@ import aiomqtt
 import msgpack
 
 from worker import constants as c
-from worker.client._api import _Api, _Fanout, _ok, _refuse, ask_again
+from worker.client._api import _Api, _Fanout, _not_open, _ok, _refuse, ask_again
 from worker.client._errors import BadRequestError, NoReplyError, RefusedError, TooLargeError
 from worker.client._models import Eviction
 from worker.config import tls_context
@@ -148,6 +148,7 @@ class MemoryClient(_Api):
         self._open = False  # between __aenter__'s connection and __aexit__
         self._opening = False
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5)
+        self._refusal: RefusedError | None = None  # the last reconnection's, while it lasts
 
     @property
     def reply_prefix(self) -> str:
@@ -244,6 +245,7 @@ class MemoryClient(_Api):
                 await client.__aexit__(None, None, None)
             raise
         self._client = client
+        self._refusal = None
         self._max_packet = client.broker_max_packet
         self._connected.set()
 
@@ -310,7 +312,13 @@ class MemoryClient(_Api):
                     lost = unreachable(self.host, self.port, self._auth[0], exc)
             except RefusedError as exc:  # on reconnecting: the ACL changed since
                 lost = exc
+            # What the broker said of this attempt: until one succeeds, a request fails with
+            # it at once (it was "lost the broker" after its timeouts, for ever).
+            self._refusal = lost if isinstance(lost, RefusedError) else None
             await self._disconnect()
+            if self._refusal is not None:
+                self._connected.set()  # wakes the requests waiting to connect: they fail
+                self._connected.clear()
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(lost)
@@ -361,6 +369,12 @@ class MemoryClient(_Api):
                 return
 
     # -- requests --
+
+    def _refused_again(self) -> RefusedError:
+        """The last reconnection's refusal, as a request's own error."""
+        why = self._refusal
+        assert why is not None
+        return RefusedError(f"reconnecting, {why}", why.topic, why.reason)
 
     def _prepare(
         self, convo: str, op: str, body: dict[str, Any], tag: str | None = None
@@ -414,6 +428,8 @@ class MemoryClient(_Api):
             raise self._refused("publish to", topic, exc.reason) from None
         if last:
             within = f" within {self.timeout}s" + (f", {attempt} attempts" if attempt > 1 else "")
+            if self._client is None and self._refusal is not None:
+                raise self._refused_again() from None
             if self._client is None and self._open:  # the broker, not the worker, is missing
                 big = ""
                 if self.protocol == 3 and size > c.DEFAULT_MAX_PAYLOAD_BYTES:
@@ -463,10 +479,14 @@ class MemoryClient(_Api):
                 deadline = loop.time() + self.timeout
                 client = self._client
                 if client is None:
+                    if self._refusal is not None:
+                        raise self._refused_again()
                     async with asyncio.timeout_at(deadline):
                         await self._connected.wait()
                     client = self._client
-                    if client is None:  # lost again, or closed, meanwhile
+                    if client is None:  # refused, lost again, or closed, meanwhile
+                        if self._refusal is not None:
+                            raise self._refused_again()
                         raise _Lost() if self._open else _not_open()
                 self._waiting[key] = fut
                 self._deadlines[key] = deadline
@@ -798,13 +818,6 @@ _PENDING, _CANCELLED, _FINISHED = 0, 1, 2
 
 def _closed_while_waiting() -> RuntimeError:
     return RuntimeError("the memory client was closed while this request waited")
-
-
-def _not_open() -> RuntimeError:
-    return RuntimeError(
-        "the memory client is not open: use it inside `async with` (MemoryClient, "
-        "open_memory) or `with` (BlockingMemoryClient), not before or after it"
-    )
 
 
 class _PublishRefused(Exception):

@@ -19,13 +19,12 @@ from typing import Any, Final
 import aiomqtt
 import msgpack
 
-from worker.client._api import _ok, ask_again
+from worker.client._api import _not_open, _ok, ask_again
 from worker.client._errors import MemoryWorkerError, NoReplyError
 from worker.client._mqtt import (
     MemoryClient,
     _closed_while_waiting,
     _Lost,
-    _not_open,
     _PublishRefused,
     inbox_filter,
     reply_key,
