@@ -490,3 +490,60 @@ async def test_a_second_worker_with_the_id_is_stopped_on_the_secured_broker(
     assert proc.returncode == 2, out
     assert "another worker serves" in out
     assert secured_worker.stats.taken_over == 0
+
+
+async def test_an_app_login_uses_every_conversation_but_cannot_speak_for_the_worker(
+    secured: Mosquitto, secured_worker: Service
+) -> None:
+    """`deploy/add-user --app NAME`: a login trusted with every conversation (a device has
+    only its own, so LangGraph's store, whose namespaces are conversations lg.*, could not
+    run on the secured broker at all), with the client's reply_prefix reply/{convo}; it may
+    not announce events nor publish a worker's status."""
+    from worker.client.langgraph import MqttStore
+
+    made = subprocess.run(
+        [REPO / "deploy" / "add-user", "--app", "assistant", "app-secret"],
+        env={"CTRL_DIR": str(secured.work / "ctrl"), "PATH": "/usr/bin:/bin"},  # type: ignore[attr-defined]
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    assert "role app-assistant" in made.stdout
+    url = f"mqtt://assistant:app-secret@{secured.host}:{secured.port}/mem?timeout=10"
+
+    def use() -> tuple[Any, list[Any], list[Any]]:
+        store = MqttStore(url=url + "&reply_prefix=reply/%7Bconvo%7D")
+        try:
+            store.put(("users", "alice"), "prefs", {"lang": "en"})
+            store.put(("users", "bob"), "prefs", {"lang": "fr"})
+            found = [i.namespace for i in store.search(("users",), filter={"lang": "fr"})]
+            return store.get(("users", "alice"), "prefs"), found, store.list_namespaces()
+        finally:
+            store.close()
+
+    item, found, spaces = await asyncio.to_thread(use)
+    assert item is not None and item.value == {"lang": "en"}
+    assert found == [("users", "bob")]
+    assert spaces == [("users", "alice"), ("users", "bob")]
+    status = f"mem/_worker/{secured_worker.cfg.client_id}/status"
+    async with (
+        login(secured, "dashboard") as dash,
+        MemoryClient(
+            secured.host,
+            secured.port,
+            username="assistant",
+            password="app-secret",
+            reply_prefix="reply/{convo}",
+            timeout=10,
+        ) as m,
+    ):
+        await dash.subscribe([(status, 1), ("mem/+/evicted", 1)])
+        async with login(secured, "assistant", "app-secret") as app:
+            await app.publish(status, msgpack.packb({"state": "offline"}), qos=1, retain=True)
+            await app.publish("mem/kiosk-b/evicted", msgpack.packb({"convo": "kiosk-b"}), qos=1)
+        await m.append("app-c", "user", "x")
+        assert await m.forget("app-c") == 1  # the worker's own event, after the app's
+        seen = [await asyncio.wait_for(anext(aiter(dash.messages)), 10) for _ in range(2)]
+    assert [message.topic.value for message in seen] == [status, "mem/app-c/evicted"]
+    assert decode(seen[0])["state"] == "online"
