@@ -37,9 +37,11 @@ def dynsec_plugin() -> Path | None:
     return found[0] if found else None
 
 
-def add_user(work: Path, name: str, password: str) -> subprocess.CompletedProcess[str]:
+def add_user(
+    work: Path, name: str, password: str, *options: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [REPO / "deploy" / "add-user", name, password],
+        [REPO / "deploy" / "add-user", *options, name, password],
         env={"CTRL_DIR": str(work / "ctrl"), "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -325,8 +327,8 @@ def test_add_user_says_when_the_broker_is_not_running(tmp_path: Path) -> None:
     [
         ("init-security", ["--help"], 0, "deploy/init-security [ADMIN_PASSWORD]: make"),
         ("init-security", ["-x"], 2, "error: no option '-x'"),
-        ("add-user", ["--help"], 0, "deploy/add-user [--if-missing] NAME"),
-        ("add-user", [], 2, "usage: deploy/add-user [--if-missing] NAME"),
+        ("add-user", ["--help"], 0, "deploy/add-user [--if-missing] [--app] NAME"),
+        ("add-user", [], 2, "usage: deploy/add-user [--if-missing] [--app] NAME"),
         ("add-user", ["--if-missing", "--help"], 2, "error: no option '--help'"),
     ],
 )
@@ -501,13 +503,7 @@ async def test_an_app_login_uses_every_conversation_but_cannot_speak_for_the_wor
     not announce events nor publish a worker's status."""
     from worker.client.langgraph import MqttStore
 
-    made = subprocess.run(
-        [REPO / "deploy" / "add-user", "--app", "assistant", "app-secret"],
-        env={"CTRL_DIR": str(secured.work / "ctrl"), "PATH": "/usr/bin:/bin"},  # type: ignore[attr-defined]
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    made = await asyncio.to_thread(add_user, secured.work, "assistant", "app-secret", "--app")  # type: ignore[attr-defined]
     assert made.returncode == 0, made.stderr
     assert "role app-assistant" in made.stdout
     url = f"mqtt://assistant:app-secret@{secured.host}:{secured.port}/mem?timeout=10"
@@ -523,7 +519,8 @@ async def test_an_app_login_uses_every_conversation_but_cannot_speak_for_the_wor
             store.close()
 
     item, found, spaces = await asyncio.to_thread(use)
-    assert item is not None and item.value == {"lang": "en"}
+    assert item is not None
+    assert item.value == {"lang": "en"}
     assert found == [("users", "bob")]
     assert spaces == [("users", "alice"), ("users", "bob")]
     status = f"mem/_worker/{secured_worker.cfg.client_id}/status"
