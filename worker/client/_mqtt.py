@@ -268,10 +268,23 @@ class MemoryClient(_Api):
                 "file, docs/dashboards.md)"
             )
         elif topic.startswith(inbox_filter(self.reply_prefix, self.tag, 5)):
+            ours = (
+                "the dashboard role's: reply_prefix='reply/_conversations', memctl "
+                "--reply-prefix reply/_conversations"
+            )
+            theirs = (
+                f"a device's: reply_prefix='reply/{user}', memctl --reply-prefix reply/{user}; "
+                "an app's (deploy/add-user --app): reply/{convo}"
+            )
             hint = (
                 "replies come there: set reply_prefix to a topic this user may read (with the "
-                f"project's roles, a device's: reply_prefix='reply/{user}', memctl "
-                f"--reply-prefix reply/{user}; the dashboard role's: reply/_conversations)"
+                "project's roles, "
+                + (f"{ours}; {theirs})" if user == "dashboard" else f"{theirs}; {ours})")
+            )
+        elif topic.endswith((f"/{c.EVICTED}", f"/{c.TRIMMED}")):
+            hint = (
+                "with the project's roles the dashboard's login reads eviction events (memctl "
+                "watch --username dashboard), and only memory-summarizer's the trimmed turns"
             )
         else:
             hint = (
