@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import subprocess
 import time
@@ -171,9 +172,13 @@ async def test_two_workers_in_a_share_group_keep_the_bound(
     assert set(announced) | alive == {f"c{i}" for i in range(900)}
 
 
-async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
+async def test_a_stopped_master_fails_only_its_shards(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Its shards answer `unavailable`, the others are served, and a listing is `unavailable`
-    (never a page silently short); once it is back, all are, with what it stored (AOF)."""
+    (never a page silently short); once it is back, all are, with what it stored (AOF). The
+    log says so in one line each way, naming the shards (it was a line per shard)."""
+    caplog.set_level(logging.INFO, logger="memory_worker.cluster")
     cluster = RedisClusterServers(tmp_path).start()
     try:
         async with backend(cluster.url) as be:
@@ -212,6 +217,11 @@ async def test_a_stopped_master_fails_only_its_shards(tmp_path: Path) -> None:
                 for n, r in zip(names, results, strict=True)
             }
             assert all(seqs[n] == (2 if n in on_stopped else 3) for n in names), seqs
+            down = sorted(s for s, n in enumerate(names) if n in on_stopped)
+            said = [r.getMessage() for r in caplog.records if "shards" in r.getMessage()]
+            assert len(said) == 2, said
+            assert f"shards {down} unavailable" in said[0]
+            assert said[1] == f"redis cluster shards {down} answer again"
             (listed,), _ = await be.execute([ListConvos()])
             assert isinstance(listed, Fields)
             assert [e["convo"] for e in listed.fields["conversations"]] == sorted(names)

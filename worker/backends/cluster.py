@@ -18,7 +18,7 @@ import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio
@@ -121,6 +121,8 @@ class ClusterBackend(RedisBackend):
         self._shard_counts = [Counts(0, 0, 0, 0)] * s
         self._counts = Counts(0, 0, 0, 0)
         self._down: set[int] = set()
+        self._fell: dict[int, str] = {}  # shards down since the last line, and why
+        self._rose: list[int] = []  # and shards answering again
         self._next_deadline = 0.0  # unknown until the first sweep
         # Receipts are the shard's number for a kept trim, times the shards, plus the shard.
         self._delivered: list[int] = []
@@ -131,12 +133,6 @@ class ClusterBackend(RedisBackend):
             await self._check_cluster_mode()
         await self._all("counts")
         await self._name()
-        if self._down:
-            log.warning(
-                "redis cluster %s: shards %s not answering; their requests get 'unavailable'",
-                self.url,
-                sorted(self._down),
-            )
 
     async def _name(self) -> None:
         """The store's name, on shard 0 (its master down: as it was, until it answers)."""
@@ -148,7 +144,7 @@ class ClusterBackend(RedisBackend):
         if self._delivered:  # else sent again by a sweep, OUTBOX_STALE from now
             deadline = self._deadline()
             shards = {r % self.shards for r in self._delivered}
-            await asyncio.gather(*(self._run_shard(s, [], [], [], deadline) for s in shards))
+            await self._on_shards(self._run_shard(s, [], [], [], deadline) for s in shards)
         await self._rc.aclose()
 
     async def _initialize(self, deadline: float) -> bool:
@@ -201,6 +197,23 @@ class ClusterBackend(RedisBackend):
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.timeout
 
+    async def _on_shards(self, runs: Iterable[Awaitable[None]]) -> None:
+        """Run `_run_shard`s at once, then say in one line each which shards fell and which
+        answer again (a cluster out of reach was a line per shard, 16)."""
+        await asyncio.gather(*runs)
+        if self._fell:
+            kinds = ", ".join(sorted(set(self._fell.values())))
+            log.warning(
+                "redis cluster %s: shards %s unavailable (%s); their requests get 'unavailable'",
+                self.url,
+                sorted(self._fell),
+                kinds,
+            )
+            self._fell.clear()
+        if self._rose:
+            log.info("redis cluster shards %s answer again", sorted(self._rose))
+            self._rose.clear()
+
     async def _run_shard(
         self, shard: int, calls: list[list[Any]], out: list[Any], at: list[int], deadline: float
     ) -> None:
@@ -225,11 +238,11 @@ class ClusterBackend(RedisBackend):
         except Exception as exc:  # connection refused, timeout, cluster down, ...
             self._delivered += mine  # not deleted: once the shard answers
             if shard not in self._down:
-                log.warning("redis cluster shard %d unavailable: %s", shard, type(exc).__name__)
+                self._fell[shard] = type(exc).__name__
             self._down.add(shard)
             return
         if shard in self._down:
-            log.info("redis cluster shard %d answers again", shard)
+            self._rose.append(shard)
             self._down.discard(shard)
 
     def _take_one(
@@ -256,11 +269,9 @@ class ClusterBackend(RedisBackend):
         if self._down:
             await self._initialize(deadline)
         out: list[Any] = [None] * self.shards
-        await asyncio.gather(
-            *(
-                self._run_shard(i, [self._args(op, *rest)], out, [i], deadline)
-                for i in range(self.shards)
-            )
+        await self._on_shards(
+            self._run_shard(i, [self._args(op, *rest)], out, [i], deadline)
+            for i in range(self.shards)
         )
         now = self._wall()
         results, evictions = [], []
@@ -286,8 +297,8 @@ class ClusterBackend(RedisBackend):
             calls.append(self._call(req))
             at.append(i)
         out: list[Any] = [None] * len(requests)
-        await asyncio.gather(
-            *(self._run_shard(s, calls, out, at, deadline) for s, (calls, at) in groups.items())
+        await self._on_shards(
+            self._run_shard(s, calls, out, at, deadline) for s, (calls, at) in groups.items()
         )
         listed = {
             i: await self._list(req)
