@@ -575,6 +575,7 @@ def test_url_errors_are_clear() -> None:
         ("mqtt://h/p?reply_prefix=", "option 'reply_prefix' is empty"),
         ("mqtt://h/p?timeout=5&ca=", "option 'ca' is empty"),
         ("memory://?max_turns=", "option 'max_turns' is empty"),
+        ("mqtt://h/p?tls", "unknown option 'tls'"),  # not "empty"
     ]:
         with pytest.raises(ValueError, match=words):
             memory_from_url(url)
@@ -582,6 +583,10 @@ def test_url_errors_are_clear() -> None:
         open_blocking_memory("mqtt://h/p?connections=x")
     with pytest.raises(ValueError, match="connections must be 1 or more"):
         open_blocking_memory("mqtt://h/p?connections=0")
+    with pytest.raises(ValueError, match="option 'reply_prefix' is empty"):  # the adapters' way
+        open_blocking_memory("mqtt://h/p?connections=4&reply_prefix=")
+    for blank in ("mqtt://h/mem?", "mqtt://h/mem?timeout=5&", "memory://?"):  # as before
+        memory_from_url(blank)
     with pytest.raises(BadRequestError, match="reply prefix"):
         memory_from_url("mqtt://h/p?reply_prefix=a/%23")
 

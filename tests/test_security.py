@@ -330,6 +330,9 @@ def test_add_user_says_when_the_broker_is_not_running(tmp_path: Path) -> None:
         ("add-user", ["--help"], 0, "deploy/add-user [--if-missing] [--app] NAME"),
         ("add-user", [], 2, "usage: deploy/add-user [--if-missing] [--app] NAME"),
         ("add-user", ["--if-missing", "--help"], 2, "error: no option '--help'"),
+        # A device named "assistant" whose password was "--app":
+        ("add-user", ["assistant", "--app"], 2, "error: options come before NAME, not '--app'"),
+        ("add-user", ["assistant", "pw", "--app"], 2, "error: too many arguments"),
     ],
 )
 def test_an_option_is_neither_a_password_nor_a_name(
@@ -506,6 +509,15 @@ async def test_an_app_login_uses_every_conversation_but_cannot_speak_for_the_wor
     made = await asyncio.to_thread(add_user, secured.work, "assistant", "app-secret", "--app")  # type: ignore[attr-defined]
     assert made.returncode == 0, made.stderr
     assert "role app-assistant" in made.stdout
+    again = await asyncio.to_thread(add_user, secured.work, "assistant", "app-secret", "--app")  # type: ignore[attr-defined]
+    assert "updated the password of assistant" in again.stdout
+    # A device is not made an app by --app (it only had its password changed, still a device).
+    assert (await asyncio.to_thread(add_user, secured.work, "kiosk-app", "pw")).returncode == 0  # type: ignore[attr-defined]
+    refused = await asyncio.to_thread(add_user, secured.work, "kiosk-app", "pw", "--app")  # type: ignore[attr-defined]
+    assert refused.returncode == 1
+    assert "not as an app" in refused.stderr
+    kept = await asyncio.to_thread(add_user, secured.work, "kiosk-app", "", "--if-missing")  # type: ignore[attr-defined]
+    assert kept.stdout == "kiosk-app is on the broker already\n"  # no password it did not set
     url = f"mqtt://assistant:app-secret@{secured.host}:{secured.port}/mem?timeout=10"
 
     def use() -> tuple[Any, list[Any], list[Any]]:

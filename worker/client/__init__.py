@@ -76,8 +76,6 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
             "and a password writes it %23"
         )
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    if empty := sorted(k for k, v in query.items() if not v):  # left aside in silence
-        raise ValueError(f"{url!r}: option {empty[0]!r} is empty: give it a value or leave it out")
     if parts.scheme == "memory":
         if parts.netloc or parts.path.strip("/"):  # it would be left aside in silence
             raise ValueError(
@@ -88,6 +86,7 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         payload = query.pop("max_payload_bytes", None)
         if query:
             raise ValueError(f"memory:// does not take {', '.join(sorted(query))}")
+        _refuse_empty(url, {**fields, "max_payload_bytes": payload or "-"})
         try:
             numbers: dict[str, Any] = {
                 f: (float(v) if f == "ttl" else int(v)) for f, v in fields.items()
@@ -127,6 +126,7 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
             raise ValueError(f"{url!r}: option 'connections' is for open_blocking_memory only")
         if name not in convert:
             raise ValueError(f"{url!r}: unknown option {name!r}")
+        _refuse_empty(url, {name: text})
         field, kind = convert[name]
         try:
             options[field] = kind(text)
@@ -140,6 +140,13 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
     if port is None:
         port = 8883 if parts.scheme == "mqtts" else c.DEFAULT_PORT
     return MemoryClient(parts.hostname, port, **options)
+
+
+def _refuse_empty(url: str, options: dict[str, str | None]) -> None:
+    """An option given no value (`?reply_prefix=`) was left aside in silence."""
+    for name, text in options.items():
+        if text == "":
+            raise ValueError(f"{url!r}: option {name!r} is empty: give it a value or leave it out")
 
 
 def open_memory(url: str, **kwargs: Any) -> _Opening:
@@ -190,7 +197,7 @@ def open_blocking_memory(url: str, **kwargs: Any) -> BlockingMemoryClient:
     (`store = open_blocking_memory(url)`, then `store.close()`) or use it in a `with` block.
     An mqtt:// URL may also say `?connections=N` (BlockingMemoryClient's `connections`)."""
     parts = urlsplit(url)
-    query = parse_qs(parts.query)
+    query = parse_qs(parts.query, keep_blank_values=True)  # memory_from_url refuses blanks
     connections = kwargs.pop("connections", DEFAULT_CONNECTIONS)
     if "connections" in query and parts.scheme != "memory":  # the blocking client's alone
         text = query.pop("connections")[-1]

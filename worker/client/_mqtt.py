@@ -149,6 +149,7 @@ class MemoryClient(_Api):
         self._opening = False
         self._max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5)
         self._refusal: RefusedError | None = None  # the last reconnection's, while it lasts
+        self._tried = asyncio.Event()  # set (and made anew) when a reconnection succeeds or fails
 
     @property
     def reply_prefix(self) -> str:
@@ -167,6 +168,7 @@ class MemoryClient(_Api):
             self._loop = asyncio.get_running_loop()
             self._sweep = None
             self._connected = asyncio.Event()
+            self._tried = asyncio.Event()
             self._shut = asyncio.Event()
             try:
                 await self._connect()
@@ -206,6 +208,7 @@ class MemoryClient(_Api):
             self._deadlines.clear()
             self._events.end()
             self._connected.set()  # wakes the tasks waiting to connect: they see it closed
+            self._tried.set()
 
     def _inbox_filter(self) -> str:
         return inbox_filter(self.reply_prefix, self.tag, self.protocol)
@@ -317,6 +320,7 @@ class MemoryClient(_Api):
             try:
                 if client is None:
                     await self._connect()
+                    self._said_tried()
                     backoff = 0.05
                     continue
                 await client.wait_disconnected()
@@ -325,13 +329,12 @@ class MemoryClient(_Api):
                     lost = unreachable(self.host, self.port, self._auth[0], exc)
             except RefusedError as exc:  # on reconnecting: the ACL changed since
                 lost = exc
-            # What the broker said of this attempt: until one succeeds, a request fails with
-            # it at once (it was "lost the broker" after its timeouts, for ever).
+            # What the broker said: a request waiting for a reconnection fails with it (it
+            # was "lost the broker" after its timeouts, for ever).
             self._refusal = lost if isinstance(lost, RefusedError) else None
             await self._disconnect()
-            if self._refusal is not None:
-                self._connected.set()  # wakes the requests waiting to connect: they fail
-                self._connected.clear()
+            if client is None:
+                self._said_tried()
             for fut in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(lost)
@@ -383,11 +386,32 @@ class MemoryClient(_Api):
 
     # -- requests --
 
-    def _refused_again(self) -> RefusedError:
-        """The last reconnection's refusal, as a request's own error."""
-        why = self._refusal
-        assert why is not None
-        return RefusedError(f"reconnecting, {why}", why.topic, why.reason)
+    def _said_tried(self) -> None:
+        tried, self._tried = self._tried, asyncio.Event()
+        tried.set()
+
+    async def _reconnected(self, sent: bool) -> Connection:
+        """The connection, once a reconnection is let in; the broker's refusal when the next
+        one is not (not an earlier one's: the login may have been mended since), or, for a
+        request an earlier attempt of which went out, NoReplyError saying so."""
+        while True:
+            await self._tried.wait()
+            if self._client is not None:
+                return self._client
+            if not self._open:
+                raise _not_open()
+            if (why := self._refusal) is not None:
+                again = RefusedError(f"reconnecting, {why}", why.topic, why.reason)
+                raise self._unsure(again) if sent else again
+
+    def _unsure(self, refusal: RefusedError) -> NoReplyError:
+        """A refusal that came after an attempt of the request went out: that attempt may have
+        been applied, so not a RefusedError (the broker said no) but a NoReplyError."""
+        return NoReplyError(
+            f"no reply from memory-worker on {self.host}:{self.port} (prefix {self.prefix!r}) "
+            f"to a request that went out and may have been applied (the same request_id "
+            f"stores it once), then {refusal}"
+        )
 
     def _prepare(
         self, convo: str, op: str, body: dict[str, Any], tag: str | None = None
@@ -434,15 +458,16 @@ class MemoryClient(_Api):
         last: bool,
         size: int = 0,
         unavailable: int = 0,
+        sent: bool = False,
     ) -> None:
         """Raise what an attempt's failure means to the caller; return to try again (`size`:
-        the request's payload, in bytes; `unavailable`: the attempts before answered so)."""
+        the request's payload, in bytes; `unavailable`: the attempts before answered so;
+        `sent`: an earlier attempt went out)."""
         if isinstance(exc, _PublishRefused):
-            raise self._refused("publish to", topic, exc.reason) from None
+            refused = self._refused("publish to", topic, exc.reason)
+            raise (self._unsure(refused) if sent else refused) from None
         if last:
             within = f" within {self.timeout}s" + (f", {attempt} attempts" if attempt > 1 else "")
-            if self._client is None and self._refusal is not None:
-                raise self._refused_again() from None
             if self._client is None and self._open:  # the broker, not the worker, is missing
                 big = ""
                 if self.protocol == 3 and size > c.DEFAULT_MAX_PAYLOAD_BYTES:
@@ -485,22 +510,17 @@ class MemoryClient(_Api):
         key, topic, payload, props = self._prepare(convo, op, body)
         loop = asyncio.get_running_loop()
         unavailable = 0  # attempts answered so
+        sent = False  # an attempt went out
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts
             fut = _Reply(loop)
+            earlier = sent
             try:
                 deadline = loop.time() + self.timeout
                 client = self._client
                 if client is None:
-                    if self._refusal is not None:
-                        raise self._refused_again()
                     async with asyncio.timeout_at(deadline):
-                        await self._connected.wait()
-                    client = self._client
-                    if client is None:  # refused, lost again, or closed, meanwhile
-                        if self._refusal is not None:
-                            raise self._refused_again()
-                        raise _Lost() if self._open else _not_open()
+                        client = await self._reconnected(earlier)
                 self._waiting[key] = fut
                 self._deadlines[key] = deadline
                 if self._sweep is None:
@@ -508,9 +528,12 @@ class MemoryClient(_Api):
                 # The reply implies delivery, so the request waits for it alone, not for the
                 # PUBACK; a PUBACK that refuses fails it (_on_refused), as a lost connection does.
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
+                sent = True
                 reply = await fut
+            except NoReplyError:  # a TimeoutError too, yet final (_reconnected's)
+                raise
             except (_PublishRefused, TimeoutError, _Lost) as exc:
-                self._attempt_failed(exc, topic, attempt, last, len(payload), unavailable)
+                self._attempt_failed(exc, topic, attempt, last, len(payload), unavailable, earlier)
                 continue
             finally:
                 self._deadlines.pop(key, None)

@@ -20,7 +20,7 @@ import aiomqtt
 import msgpack
 
 from worker.client._api import _not_open, _ok, ask_again
-from worker.client._errors import MemoryWorkerError, NoReplyError
+from worker.client._errors import MemoryWorkerError, NoReplyError, RefusedError
 from worker.client._mqtt import (
     MemoryClient,
     _closed_while_waiting,
@@ -133,12 +133,18 @@ class ThreadRequests:
         ):
             conn.close()
         unavailable = 0  # attempts answered so
+        sent = False  # an attempt went out
         for attempt in range(1, client.attempts + 1):
             last = attempt == client.attempts
             deadline = time.monotonic() + client.timeout
+            earlier = sent
             try:
                 if conn.sock is None:
-                    self._connect(link, deadline)
+                    try:
+                        self._connect(link, deadline)
+                    except RefusedError as exc:  # an earlier attempt may have been applied
+                        raise client._unsure(exc) if earlier else exc from None
+                sent = True  # from the first byte on, it may be applied
                 mid = conn.publish(topic, payload, client.qos, props, deadline)
                 reply = self._reply(conn, key, mid, deadline)
                 pause = ask_again(reply, attempt, last)
@@ -159,12 +165,16 @@ class ThreadRequests:
                         f"within {client.timeout}s"
                         + (f", {attempt} attempts" if attempt > 1 else "")
                     ) from None
-                client._attempt_failed(exc, topic, attempt, last, len(payload), unavailable)
+                client._attempt_failed(
+                    exc, topic, attempt, last, len(payload), unavailable, earlier
+                )
             except (OSError, MalformedPacket):
                 conn.close()
                 if not self._open:
                     raise _closed_while_waiting() from None
-                client._attempt_failed(_Lost(), topic, attempt, last, len(payload), unavailable)
+                client._attempt_failed(
+                    _Lost(), topic, attempt, last, len(payload), unavailable, earlier
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
