@@ -257,6 +257,7 @@ class Connection(aiomqtt.Client):
         self._on_read = on_read
         self._flush_after_read = flush_after_read
         self._in_read = False
+        self._last_of_read = False  # on_message has the read's last packet (flush_after_read)
         self._held = False  # hold_writes(): the caller flushes
         self._v5 = kwargs.get("protocol") == aiomqtt.ProtocolVersion.V5
         self._on_refused = on_refused
@@ -426,11 +427,13 @@ class Connection(aiomqtt.Client):
                     pos = end
                     special = self._topic_callbacks
                     callback = special.get(msg.topic) if special else None
+                    self._last_of_read = self._in_read and end == len(buf)
                     if callback is None:
                         self._on_message_cb(msg)
                         delivered = True
                     else:
                         callback(msg)
+                    self._last_of_read = False
                     continue
                 if kind == PUBACK and end - start >= 2:
                     mid = (buf[start] << 8) | buf[start + 1]
@@ -501,6 +504,11 @@ class Connection(aiomqtt.Client):
             self.unacked_bytes += len(packet)
         elif self._online:
             self._write(packet)
+        if self._last_of_read:
+            # A request sent from the read's last reply goes now, with the acknowledgements
+            # queued before it, not once the read unwinds: at window 1 that was a tenth of
+            # the client's round trip.
+            self.flush()
         return mid
 
     async def publish_acked(

@@ -64,7 +64,10 @@ class MemoryClient(_Api):
         tls_ca: CA certificate to verify the broker with; connects with TLS.
         tls: connect with TLS verified against the system's CAs (when `tls_ca` is not given).
         timeout: seconds to wait for each attempt's reply (and for connecting).
-        qos: QoS of requests and replies (0 or 1).
+        qos: QoS of requests (0 or 1). Replies come at QoS 0 whatever it is: the client's
+            session ends with its connection, so a QoS 1 reply (an acknowledgement each, and
+            the broker's in-flight state) saves nothing; a request whose reply is lost with
+            the connection is sent again, with its id.
         reply_prefix: replies come to `<reply_prefix>/<client tag>`; `{convo}` in it becomes
             the conversation id (for a worker run with `--route-prefix reply/{convo}`).
         protocol: 5 (replies matched by Correlation Data) or 3 (MQTT 3.1.1: each request
@@ -234,7 +237,7 @@ class MemoryClient(_Api):
         await client.__aenter__()
         try:
             if self._replies:
-                await self._subscribe_on(client, self._inbox_filter(), self.qos)
+                await self._subscribe_on(client, self._inbox_filter(), 0)
             # Until every filter is on it: a call's own may come or go meanwhile (events(),
             # stats()), seeing no connection to subscribe or unsubscribe on.
             done: set[str] = set()
@@ -346,6 +349,10 @@ class MemoryClient(_Api):
     def _on_message(self, client: Connection, message: Message) -> None:
         """Every PUBLISH, as the transport reads it: a reply completes its request at once (no
         queue, no task); events and stats go to their listeners."""
+        if message.qos:
+            # Before the answer, whose task may send its next request at once (the transport
+            # writes it with what is queued when it is the read's last message).
+            client.acknowledge(message.mid, message.qos)
         if not message.topic.startswith(self._under_prefix):
             self._answer(message)
         elif message.topic.startswith(self._worker_topics):
@@ -354,10 +361,6 @@ class MemoryClient(_Api):
         elif message.topic.endswith("/" + c.EVICTED):
             with contextlib.suppress(Exception):
                 self._events.publish(decode_event(message.payload, None))
-        if message.qos:
-            # After the answer, whose task then runs first on the next turn of the loop: the
-            # request it sends next goes out in the same write as this acknowledgement.
-            client.acknowledge(message.mid, message.qos)
 
     def _answer(self, message: Message) -> None:
         try:
