@@ -115,6 +115,19 @@ async def test_a_refused_blocking_request_is_an_error_at_once(secured: Mosquitto
     assert (refused.topic, refused.reason) == ("mem/kiosk-b/append", "Not authorized")
 
 
+def device(secured: Mosquitto, name: str, password: str) -> dict[str, Any]:
+    """A device's client options (deploy/add-user NAME), with a timeout far above what the
+    tests wait."""
+    return {
+        "host": secured.host,
+        "port": secured.port,
+        "username": name,
+        "password": password,
+        "reply_prefix": f"reply/{name}",
+        "timeout": 30,
+    }
+
+
 def memctl_as_kiosk(
     secured: Mosquitto, password: str, *args: str
 ) -> subprocess.CompletedProcess[str]:
@@ -195,14 +208,7 @@ async def test_a_blocking_thread_refused_its_login_says_so_at_once(secured: Mosq
     assert add_user(secured.work, name, "first-secret").returncode == 0  # type: ignore[attr-defined]
 
     def use() -> RefusedError:
-        with BlockingMemoryClient(
-            secured.host,
-            secured.port,
-            username=name,
-            password="first-secret",
-            reply_prefix=f"reply/{name}",
-            timeout=30,
-        ) as memory:
+        with BlockingMemoryClient(**device(secured, name, "first-secret")) as memory:
             changed = add_user(secured.work, name, "second-secret")  # type: ignore[attr-defined]
             assert changed.returncode == 0
             with pytest.raises(RefusedError) as info:
@@ -262,14 +268,7 @@ async def test_a_login_refused_on_reconnecting_is_a_refused_error_at_once(
     answer."""
     name = "kiosk-off"
     assert add_user(secured.work, name, "secret").returncode == 0  # type: ignore[attr-defined]
-    async with MemoryClient(
-        secured.host,
-        secured.port,
-        username=name,
-        password="secret",
-        reply_prefix=f"reply/{name}",
-        timeout=30,
-    ) as m:
+    async with MemoryClient(**device(secured, name, "secret")) as m:
         acked, unsure, refused = 0, [], []
 
         async def write() -> None:  # until refused: writes in flight when the broker kicks
