@@ -1246,7 +1246,9 @@ async def test_events_asked_for_while_reconnecting_still_come(
         later = asyncio.ensure_future(anext(m.evictions("b")))
         await asyncio.sleep(0)  # let it count its filter while no connection is there
         go_on.set()
-        await asyncio.wait_for(m._connected.wait(), 30)
+        async with asyncio.timeout(30):
+            while m._client is None:  # each reconnection's answer wakes it
+                await m._tried.wait()
         async with aiomqtt.Client(b.host, b.port) as device:
             for convo in ("a", "b"):
                 event = {"convo": convo, "reason": "deleted", "count": 1, "ts": time.time()}

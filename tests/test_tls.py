@@ -17,7 +17,7 @@ from tests.clients import device
 from tests.conftest import program, run_memctl, running, unique
 from tests.processes import Mosquitto, SplitProxy, free_port
 from worker.backends import create_backend
-from worker.client import open_blocking_memory, open_memory
+from worker.client import RefusedError, open_blocking_memory, open_memory
 from worker.config import Config, tls_context
 from worker.service import Service
 
@@ -283,3 +283,35 @@ async def test_memctl_tls_verifies_with_the_systems_cas(tls_broker: tuple[Mosqui
     assert refused.returncode == 4, refused.stderr
     assert "certificate verify failed" in refused.stderr
     assert "give the CA that signed it" in refused.stderr
+
+
+async def test_a_certificate_that_stops_verifying_on_reconnecting_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The broker comes back with a certificate of another CA (a rotation the client's CA
+    file missed): a request raises the refusal, naming the certificate, at the next
+    reconnection's answer, as at opening; it was "lost the broker" after every attempt."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d in (first, second):
+        d.mkdir()
+        make_certs(d)
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(first / name, served / name)
+    mosq = Mosquitto(
+        tmp_path,
+        port=free_port(),
+        extra=f"certfile {served / 'server.crt'}\nkeyfile {served / 'server.key'}",
+    ).start()
+    try:
+        async with open_memory(
+            f"mqtts://127.0.0.1:{mosq.port}/mem?ca={first / 'ca.crt'}&timeout=30"
+        ) as m:
+            for name in ("server.crt", "server.key"):
+                shutil.copy(second / name, served / name)
+            await asyncio.to_thread(mosq.restart)
+            with pytest.raises(RefusedError, match="certificate does not verify"):
+                await asyncio.wait_for(m.get("c"), 20)  # far below the client's 30 s
+    finally:
+        mosq.stop()

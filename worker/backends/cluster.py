@@ -239,10 +239,13 @@ class ClusterBackend(RedisBackend):
             self._delivered += mine  # not deleted: once the shard answers
             if shard not in self._down:
                 self._fell[shard] = type(exc).__name__
+                if shard in self._rose:  # down again before "answer again" was said
+                    self._rose.remove(shard)
             self._down.add(shard)
             return
         if shard in self._down:
-            self._rose.append(shard)
+            if self._fell.pop(shard, None) is None:  # else back before anything was said
+                self._rose.append(shard)
             self._down.discard(shard)
 
     def _take_one(

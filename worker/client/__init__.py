@@ -86,7 +86,7 @@ def memory_from_url(url: str, **kwargs: Any) -> Memory:
         payload = query.pop("max_payload_bytes", None)
         if query:
             raise ValueError(f"memory:// does not take {', '.join(sorted(query))}")
-        _refuse_empty(url, {**fields, "max_payload_bytes": payload or "-"})
+        _refuse_empty(url, {**fields, "max_payload_bytes": payload})
         try:
             numbers: dict[str, Any] = {
                 f: (float(v) if f == "ttl" else int(v)) for f, v in fields.items()

@@ -52,8 +52,8 @@ class LocalMemory(_Api):
     async def __aenter__(self) -> LocalMemory:
         if self._open:
             raise RuntimeError("the memory client is already open: one `async with` at a time")
-        self._open = True
         await self._backend.open()
+        self._open = True
         self._sweeper = asyncio.create_task(self._sweep(), name="memory-sweeper")
         return self
 

@@ -67,7 +67,7 @@ class MemoryClient(_Api):
         qos: QoS of requests (0 or 1). Replies come at QoS 0 whatever it is: the client's
             session ends with its connection, so a QoS 1 reply (an acknowledgement each, and
             the broker's in-flight state) saves nothing; a request whose reply is lost with
-            the connection is sent again, with its id.
+            the connection is sent again (a write with its id).
         reply_prefix: replies come to `<reply_prefix>/<client tag>`; `{convo}` in it becomes
             the conversation id (for a worker run with `--route-prefix reply/{convo}`).
         protocol: 5 (replies matched by Correlation Data) or 3 (MQTT 3.1.1: each request
@@ -145,7 +145,6 @@ class MemoryClient(_Api):
         self._worker_topics = f"{prefix}/{c.WORKER_LEVEL}/"
         self._client: Connection | None = None  # once subscribed: requests may go
         self._properties: dict[str, PublishProperties] = {}  # reply topic -> its properties
-        self._connected = asyncio.Event()
         self._shut = asyncio.Event()  # set by __aexit__: ends a pause before asking again
         self._reader: asyncio.Task[None] | None = None
         self._open = False  # between __aenter__'s connection and __aexit__
@@ -170,7 +169,6 @@ class MemoryClient(_Api):
             # What belonged to an earlier opening, maybe on another loop, starts afresh.
             self._loop = asyncio.get_running_loop()
             self._sweep = None
-            self._connected = asyncio.Event()
             self._tried = asyncio.Event()
             self._shut = asyncio.Event()
             try:
@@ -210,8 +208,7 @@ class MemoryClient(_Api):
             self._mids.clear()
             self._deadlines.clear()
             self._events.end()
-            self._connected.set()  # wakes the tasks waiting to connect: they see it closed
-            self._tried.set()
+            self._tried.set()  # wakes the tasks waiting to connect: they see it closed
 
     def _inbox_filter(self) -> str:
         return inbox_filter(self.reply_prefix, self.tag, self.protocol)
@@ -253,7 +250,6 @@ class MemoryClient(_Api):
         self._client = client
         self._refusal = None
         self._max_packet = client.broker_max_packet
-        self._connected.set()
 
     async def _subscribe_on(self, client: Connection, topic_filter: str, qos: int) -> None:
         """Subscribe; RefusedError at once when the broker refuses (its ACL), rather than a
@@ -308,7 +304,6 @@ class MemoryClient(_Api):
         )
 
     async def _disconnect(self) -> None:
-        self._connected.clear()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(aiomqtt.MqttError, RuntimeError):
@@ -328,8 +323,12 @@ class MemoryClient(_Api):
                     continue
                 await client.wait_disconnected()
             except aiomqtt.MqttError as exc:
-                if login_refused(exc):  # on reconnecting: the password changed since
-                    lost = unreachable(self.host, self.port, self._auth[0], exc)
+                # On reconnecting: the password changed since, or the broker's certificate.
+                why = unreachable(
+                    self.host, self.port, self._auth[0], exc, tls=self._tls is not None
+                )
+                if isinstance(why, RefusedError):
+                    lost = why
             except RefusedError as exc:  # on reconnecting: the ACL changed since
                 lost = exc
             # What the broker said: a request waiting for a reconnection fails with it (it
