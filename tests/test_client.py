@@ -340,6 +340,21 @@ async def test_memory_url_not_open_says_so_as_the_mqtt_client_does() -> None:
         assert [t["content"] for t in await memory.get("c")] == ["x"]
 
 
+async def test_stats_and_retire_without_a_broker_say_so(tmp_path: Path) -> None:
+    """With the broker gone, stats() and retire() raise NoReplyError after the client's
+    timeout: they answered "no worker" ([] and "unknown") as if they had asked."""
+    b = Mosquitto(tmp_path).start()
+    try:
+        async with MemoryClient(b.host, b.port, timeout=0.5, attempts=1) as m:
+            b.stop()
+            with pytest.raises(NoReplyError, match="lost the broker"):
+                await m.stats()
+            with pytest.raises(NoReplyError, match="lost the broker"):
+                await m.retire("some-worker")
+    finally:
+        b.stop()
+
+
 async def test_close_from_a_coroutine_ends_another_threads_call(
     broker: Mosquitto, worker: Service
 ) -> None:

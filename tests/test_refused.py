@@ -292,6 +292,8 @@ async def test_a_login_refused_on_reconnecting_is_a_refused_error_at_once(
                 await asyncio.gather(*writers)
                 with pytest.raises(RefusedError):  # each request, while it lasts
                     await m.get(name)
+                with pytest.raises(RefusedError):  # not [] ("no worker") after a wait
+                    await m.stats()
         finally:
             await asyncio.to_thread(dynsec, secured, "enableClient", name)
         assert all("refused the login of 'kiosk-off'" in exc.message for exc in refused)

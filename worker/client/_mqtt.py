@@ -588,6 +588,12 @@ class MemoryClient(_Api):
         if (again or self._filters[topic_filter] == 1) and self._client is not None:
             try:
                 await self._subscribe_on(self._client, topic_filter, 1)
+            except aiomqtt.MqttError as exc:  # the connection lost meanwhile: not aiomqtt's
+                self._drop_filter(topic_filter)
+                raise NoReplyError(
+                    f"lost the broker at {self.host}:{self.port} subscribing to "
+                    f"{topic_filter!r}: {exc}"
+                ) from None
             except BaseException:
                 self._drop_filter(topic_filter)
                 raise
@@ -713,6 +719,17 @@ class MemoryClient(_Api):
         """The retained messages under `topic_filter` (a filter under the workers' topics),
         by topic: subscribed again for them, read until `wait` passes with none (then
         _STATS_QUIET after each) or a topic comes twice (live messages now)."""
+        if self._open and self._client is None:
+            # Not connected: none would come, and "no worker" ([], "unknown") is not the
+            # answer; the broker's, once it answers a reconnection, is.
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self._reconnected(False)
+            except TimeoutError:
+                raise NoReplyError(
+                    f"lost the broker at {self.host}:{self.port}, and no connection came back "
+                    f"within {self.timeout}s"
+                ) from None
         queue: asyncio.Queue[Message] = asyncio.Queue()
         found: dict[str, bytes] = {}
         self._stats.add(queue)  # before subscribing: retained messages follow the SUBACK
