@@ -348,9 +348,9 @@ class MemoryClient(_Api):
     def _on_message(self, client: Connection, message: Message) -> None:
         """Every PUBLISH, as the transport reads it: a reply completes its request at once (no
         queue, no task); events and stats go to their listeners."""
-        if message.qos:
-            # Before the answer, whose task may send its next request at once (the transport
-            # writes it with what is queued when it is the read's last message).
+        if message.qos:  # events and stats (replies come at QoS 0)
+            # First: what its handling sends goes out at once, in one write with it (the
+            # transport writes at once what a read's last message makes).
             client.acknowledge(message.mid, message.qos)
         if not message.topic.startswith(self._under_prefix):
             self._answer(message)
