@@ -506,8 +506,8 @@ class Connection(aiomqtt.Client):
             self._write(packet)
         if self._last_of_read:
             # A request sent from the read's last reply goes now, with the acknowledgements
-            # queued before it, not once the read unwinds: at window 1 that was a tenth of
-            # the client's round trip.
+            # queued before it, not once the read unwinds: a few µs of the client's round
+            # trip at window 1 (its path from read to write 27.5 instead of 30 µs).
             self.flush()
         return mid
 

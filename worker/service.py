@@ -908,6 +908,7 @@ class Service:
         messages that are not requests are acknowledged, listing pages wait in `_later`."""
         parse = self.router.parse
         not_for_us = self.router.not_for_us
+        mine = self.router.mine
         stats = self.stats
         todo: list[tuple[int, Message, Parsed]] = []
         # Past REPLY_BACKLOG_BYTES of our publishes the broker has not acknowledged (its
@@ -946,7 +947,7 @@ class Service:
                 stats.ignored_retained += 1
                 self._ack(gen, msg)
                 continue
-            if not self.router.mine(topic):
+            if not mine(topic):
                 self._stray(topic)
                 self._ack(gen, msg)
                 continue
