@@ -615,6 +615,37 @@ async def test_the_model_call_keeps_its_time_whatever_is_slow(
     assert lines[1] == b"POST http://model.invalid:8000/v1/chat/completions HTTP/1.1"
 
 
+async def test_a_name_lookup_that_hangs_costs_the_caller_its_timeout_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo blocks for as long as the resolver takes, past any socket timeout: a fold
+    (and the check at start) waited for it, however long (the last notes left it). Now the
+    caller gets its answer at --llm-timeout; the lookup ends on its own, unheard."""
+    lookup = socket.getaddrinfo
+    resolver_back = threading.Event()
+    asked = threading.Event()
+
+    def hanging_lookup(*args: Any, **kwargs: Any) -> Any:
+        asked.set()
+        resolver_back.wait(30)
+        return lookup(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    chat = ChatModel("http://model.example:8000/v1", "llama3.2", timeout=0.5)
+    turn = [{"role": "user", "content": "hi", "seq": 1}]
+    try:
+        async with asyncio.timeout(10):  # the bug's hang would last the resolver's 30 s
+            with pytest.raises(ModelError, match=re.escape("did not answer within 0.5s")) as info:
+                await chat.fold("", turn)
+            assert info.value.timed_out
+            assert asked.is_set()
+            problem = await chat.check()
+        assert problem is not None
+        assert problem.startswith("the model server at http://model.example:8000/v1 does not")
+    finally:
+        resolver_back.set()
+
+
 async def test_a_failure_that_differs_only_in_its_answer_is_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -43,6 +43,7 @@ SYSTEM_PROMPT = (
 _GAVE_UP = (408, 504)  # Request Timeout; Gateway Timeout (nginx's, a load balancer's)
 _CHECK_TIMEOUT = 5.0  # seconds the model list may take at start
 _CHECK_BYTES = 1 << 20
+_LATE = 0.5  # seconds past its timeout a call's thread has to say so itself
 # A chat completion's size at most: a summary of MAX_TOKENS tokens is a fraction of it. More
 # is a model that ignored max_tokens, whose answer the worker would refuse anyway.
 MAX_ANSWER_BYTES = 1 << 20
@@ -151,7 +152,14 @@ class ChatModel:
             "stream": False,
         }
         data = json.dumps(body).encode()
-        return await _in_thread(lambda: self._post(data))
+        try:
+            # The thread's own deadline cannot cut a name lookup short (getaddrinfo blocks
+            # for as long as the resolver takes): the caller does not wait past it.
+            return await asyncio.wait_for(
+                _in_thread(lambda: self._post(data)), self.timeout + _LATE
+            )
+        except TimeoutError:
+            raise self._too_slow() from None
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -161,7 +169,11 @@ class ChatModel:
 
     async def check(self) -> str | None:
         """What would stop every fold (see `check_now`), asked without holding up a stop."""
-        return await _in_thread(self.check_now)
+        wait = min(self.timeout, _CHECK_TIMEOUT) + _LATE
+        try:
+            return await asyncio.wait_for(_in_thread(self.check_now), wait)
+        except TimeoutError:
+            return f"the model server at {self.base} does not answer within {wait:g}s"
 
     def check_now(self) -> str | None:
         """What would stop every fold, as far as the server's model list (GET …/models, which
