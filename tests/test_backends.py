@@ -1735,6 +1735,51 @@ async def test_an_sqlite_file_of_state_in_one_column_still_loads(tmp_path: Path)
     await h.be.close()
 
 
+async def test_an_sqlite_file_of_without_rowid_tables_is_rebuilt_with_everything(
+    tmp_path: Path,
+) -> None:
+    """Files of before kept conversations and graves in WITHOUT ROWID tables (a commit took
+    twice as long with windows of a kilobyte): opened, they are rowid tables holding every
+    row as it was, and the worker goes on from them."""
+    clock = Clock()
+    h = Harness("sqlite", Limits(ttl=0, max_conversations=2), tmp_path, clock)
+    await h.be.open()
+    for convo in ("a", "b"):
+        await add(h, convo, "hi " + convo, id=convo + "1")
+        await add(h, convo, "again " + convo, role="assistant", id=convo + "2")
+    await save(h, "a", "k", {"deep": [1]})
+    await add(h, "c", "third, and b is evicted", id="c1")  # b's ids stay: a grave
+    before = {convo: await turns(h, convo) for convo in ("a", "c")}
+    await h.be.close()
+    db = sqlite3.connect(tmp_path / "memory.db")
+    with db:
+        for table in ("convos", "graves"):
+            (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+            db.execute(f"ALTER TABLE {table} RENAME TO old")
+            db.execute(sql.removesuffix(" WITHOUT ROWID") + " WITHOUT ROWID")
+            db.execute(f"INSERT INTO {table} SELECT * FROM old")
+            db.execute("DROP TABLE old")
+        assert db.execute("SELECT count(*) FROM graves").fetchone() == (1,)
+        rows = sorted(db.execute("SELECT * FROM convos"))
+    db.close()
+    await h.reopen()
+    db = sqlite3.connect(tmp_path / "memory.db")
+    try:
+        for table in ("convos", "graves"):
+            (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+            assert "WITHOUT ROWID" not in sql.upper()
+        assert sorted(db.execute("SELECT * FROM convos")) == rows
+        assert db.execute("SELECT name FROM graves").fetchall() == [("b",)]
+    finally:
+        db.close()
+    assert {convo: await turns(h, convo) for convo in ("a", "c")} == before
+    assert await get_all(h, "a") == {"k": {"deep": [1]}}
+    await add(h, "a", "more")
+    await h.reopen()
+    assert [t["content"] for t in await turns(h, "a")] == ["hi a", "again a", "more"]
+    await h.be.close()
+
+
 async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> None:
     """Two workers on one file would both number turns and lose each other's: the second
     is refused at open, naming the first's pid; once the first closes, it opens."""
