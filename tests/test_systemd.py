@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -150,6 +151,43 @@ def test_stopping_on_sigterm(broker: Mosquitto, notify: NotifySocket) -> None:
         assert proc.wait(timeout=15) == 0
     finally:
         reap(proc)
+
+
+def test_the_start_is_extended_while_the_store_opens(
+    broker: Mosquitto, notify: NotifySocket, tmp_path: Path
+) -> None:
+    """Opening a store says so, and asks systemd for more time than TimeoutStartSec (a large
+    SQLite file rebuilt once after an upgrade, on a Pi's SD card): before READY=1."""
+    proc = spawn_worker(
+        broker,
+        "--prefix",
+        unique("mem"),
+        "--backend",
+        f"sqlite:///{tmp_path}/memory.db",
+        NOTIFY_SOCKET=notify.name,
+    )
+    try:
+        datagrams = notify.until("READY=1")
+        assert datagrams[0] == ["STATUS=opening the sqlite store", "EXTEND_TIMEOUT_USEC=10000000"]
+    finally:
+        reap(proc)
+
+
+async def test_the_start_is_extended_again_and_for_a_while_only(notify: NotifySocket) -> None:
+    """Each extension is renewed before it runs out, until `most` (a store that hangs is
+    still given up by systemd)."""
+    n = Notifier(notify.name)
+    try:
+        await asyncio.wait_for(n.extend_start("opening", every=0.05, most=0.12), 10)
+    finally:
+        n.close()
+    got = []
+    notify.sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.append(notify.sock.recv(4096).decode().split("\n"))
+    assert 2 <= len(got) <= 3
+    assert all(d == ["STATUS=opening", "EXTEND_TIMEOUT_USEC=100000"] for d in got)
 
 
 def test_without_notify_socket_nothing_is_sent() -> None:

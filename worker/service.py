@@ -229,7 +229,13 @@ class Service:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Open the backend, serve until `stop` is set, then shut down in order."""
-        await self.backend.open()
+        opening = asyncio.create_task(
+            self.systemd.extend_start(f"opening the {self.backend.name} store"), name="opening"
+        )
+        try:
+            await self.backend.open()
+        finally:
+            opening.cancel()
         client = self._make_client()
         self._client = client
         tasks = [

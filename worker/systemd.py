@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger("memory_worker")
@@ -77,6 +78,22 @@ class Notifier:
         if status != self._status:
             self._status = status
             self.notify(f"STATUS={status}")
+
+    async def extend_start(self, what: str, every: float = 5.0, most: float = 600.0) -> None:
+        """While the worker opens its store: STATUS says `what`, and EXTEND_TIMEOUT_USEC gives
+        the start twice `every` more each `every` s, for up to `most` s in all (a store that
+        hangs is still given up). A large SQLite file, rebuilt once after an upgrade, may
+        take longer on a Pi's SD card than the unit's TimeoutStartSec, and a start killed
+        there rolls the rebuild back, again at every restart."""
+        if self.address is None:
+            return
+        self._status = what
+        end = time.monotonic() + most
+        while True:
+            self.notify(f"STATUS={what}", f"EXTEND_TIMEOUT_USEC={round(2 * every * 1e6)}")
+            if time.monotonic() + every > end:
+                return
+            await asyncio.sleep(every)
 
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping")
