@@ -8,6 +8,7 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -165,7 +166,9 @@ def test_the_old_address_has_both_adapters() -> None:
     assert old.MqttChatMessageHistory is new.MqttChatMessageHistory
 
 
-def _chat_turns(url: str, session: str, turns: int) -> tuple[int, int, list[BaseMessage]]:
+def _chat_turns(
+    url: str, session: str, turns: int, *, aio: bool = False
+) -> tuple[int, int, list[BaseMessage]]:
     from langchain_core.language_models.fake_chat_models import FakeListChatModel
     from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
     from langchain_core.runnables.history import RunnableWithMessageHistory
@@ -176,24 +179,47 @@ def _chat_turns(url: str, session: str, turns: int) -> tuple[int, int, list[Base
     model = FakeListChatModel(responses=[f"answer {n}" for n in range(turns)])
     chain = RunnableWithMessageHistory(
         prompt | model,
-        lambda session_id: MqttChatMessageHistory(session_id, url=url),
+        lambda session_id: MqttChatMessageHistory(
+            session_id, url=url + ("?timeout=60" if aio else "")
+        ),
         input_messages_key="question",
         history_messages_key="history",
     )
     config: Any = {"configurable": {"session_id": session}}
-    chain.invoke({"question": "q 0"}, config)
-    gc.collect()  # the first call's history, if it waits for a cycle collection
-    threads, fds = set(threading.enumerate()), len(os.listdir("/proc/self/fd"))
-    for n in range(1, turns):
-        chain.invoke({"question": f"q {n}"}, config)
-    gc.collect()
-    # A closed client's executor threads end on their own, just after its close: until they
-    # have ended (a leaked one never does), not a fixed wait.
-    new = [t for t in threading.enumerate() if t not in threads]
-    deadline = time.monotonic() + 10
-    for thread in new:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    grown = (sum(t.is_alive() for t in new), len(os.listdir("/proc/self/fd")) - fds)
+
+    def grown_after(call: Callable[[int], object]) -> tuple[int, int]:
+        call(0)
+        gc.collect()  # the first call's history, if it waits for a cycle collection
+        threads, fds = set(threading.enumerate()), len(os.listdir("/proc/self/fd"))
+        for n in range(1, turns):
+            call(n)
+        gc.collect()
+        # A closed client's executor threads end on their own, just after its close: until
+        # they have ended (a leaked one never does), not a fixed wait.
+        new = [t for t in threading.enumerate() if t not in threads]
+        deadline = time.monotonic() + 10
+        for thread in new:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return sum(t.is_alive() for t in new), len(os.listdir("/proc/self/fd")) - fds
+
+    if aio:
+        # A server's event loop, running throughout: what it holds (a timer) stays held
+        # while the threads are counted, for the client's timeout (a minute here).
+        loop = asyncio.new_event_loop()
+        server = threading.Thread(target=loop.run_forever, daemon=True)
+        server.start()
+        try:
+            grown = grown_after(
+                lambda n: asyncio.run_coroutine_threadsafe(
+                    chain.ainvoke({"question": f"q {n}"}, config), loop
+                ).result()
+            )
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            server.join()
+            loop.close()
+    else:
+        grown = grown_after(lambda n: chain.invoke({"question": f"q {n}"}, config))
     history = MqttChatMessageHistory(session, url=url)
     try:
         return *grown, history.messages
@@ -203,14 +229,16 @@ def _chat_turns(url: str, session: str, turns: int) -> tuple[int, int, list[Base
 
 # Deprecated in langchain-core 1.0 for LangGraph's persistence, still in wide use.
 @pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
+@pytest.mark.parametrize("aio", [False, True], ids=["invoke", "ainvoke"])
 async def test_a_history_made_per_call_and_dropped_leaves_no_connection(
-    broker: Mosquitto, worker: Service
+    broker: Mosquitto, worker: Service, aio: bool
 ) -> None:
     """RunnableWithMessageHistory makes a history per call and never closes it: the
     history's own client closes when the history is collected, so threads and sockets do
-    not pile up call after call, and every turn is kept."""
+    not pile up call after call, and every turn is kept. Also with ainvoke: the client's
+    timer captured LangChain's context, which holds the history, for its timeout."""
     url = f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}"
-    threads, fds, messages = await asyncio.to_thread(_chat_turns, url, unique("s"), 30)
+    threads, fds, messages = await asyncio.to_thread(_chat_turns, url, unique("s"), 30, aio=aio)
     assert threads <= 0, threads
     assert fds <= 2, fds
     assert [m.content for m in messages[-4:]] == ["q 28", "answer 28", "q 29", "answer 29"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import itertools
 import ssl
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
+from contextvars import Context
 from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
@@ -180,7 +180,9 @@ class MemoryClient(_Api):
             self._open = True
         finally:
             self._opening = False
-        self._reader = asyncio.create_task(self._read(), name="memory-client-reader")
+        self._reader = asyncio.create_task(
+            self._read(), name="memory-client-reader", context=Context()
+        )
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # Python 3.11's asyncio.wait_for (aiomqtt's) drops a cancel that comes as what
@@ -526,7 +528,11 @@ class MemoryClient(_Api):
                 self._waiting[key] = fut
                 self._deadlines[key] = deadline
                 if self._sweep is None:
-                    self._sweep = loop.call_at(deadline, self._expire)
+                    # In a context of its own, as the reader: what outlives a request must
+                    # not hold the caller's context variables. LangChain's holds the chat
+                    # history whose client this is: a history made per call stayed open
+                    # for a timeout after its call.
+                    self._sweep = loop.call_at(deadline, self._expire, context=Context())
                 # The reply implies delivery, so the request waits for it alone, not for the
                 # PUBACK; a PUBACK that refuses fails it (_on_refused), as a lost connection does.
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
@@ -562,7 +568,9 @@ class MemoryClient(_Api):
         due = [key for key, deadline in self._deadlines.items() if deadline <= now]
         if len(due) < len(self._deadlines):
             # Not always the first: one that waited for the connection was stored late.
-            self._sweep = loop.call_at(min(self._deadlines.values()), self._expire)
+            self._sweep = loop.call_at(
+                min(self._deadlines.values()), self._expire, context=Context()
+            )
         for key in due:
             del self._deadlines[key]
             fut = self._waiting.get(key)
