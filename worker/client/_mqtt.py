@@ -780,7 +780,7 @@ class _Reply:
         self._state = _PENDING
         self._value: Any = None
         self._exc: BaseException | None = None
-        self._callbacks: list[tuple[Callable[[Any], object], contextvars.Context | None]] = []
+        self._callbacks: list[tuple[Callable[[Any], object], Context | None]] = []
         self._asyncio_future_blocking = False
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
@@ -808,7 +808,7 @@ class _Reply:
         return self._exc
 
     def add_done_callback(
-        self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None
+        self, fn: Callable[[Any], object], *, context: Context | None = None
     ) -> None:
         if self._state != _PENDING:
             self._loop.call_soon(fn, self, context=context)
