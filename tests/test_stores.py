@@ -5,7 +5,9 @@ The worker runs as its own process (the synchronous suite blocks the test's thre
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from langchain_tests.integration_tests import BaseStoreAsyncTests, BaseStoreSync
 
 from tests.conftest import reap, spawn_worker, unique, wait_serving
 from tests.processes import Mosquitto
+from worker.client import BadRequestError
 from worker.client.langchain import MqttByteStore
 
 
@@ -55,3 +58,30 @@ class TestMqttByteStoreAsync(BaseStoreAsyncTests[bytes]):
     @pytest.fixture
     def three_values(self) -> tuple[bytes, bytes, bytes]:
         return VALUES
+
+
+@pytest.mark.parametrize("how", ["mset", "amset"])
+async def test_a_bad_pair_fails_mset_with_nothing_stored(store_url: str, how: str) -> None:
+    """A value that is not bytes, or a key the worker refuses, fails the call before any
+    pair is sent (the pairs before it were stored, and a str value said 'string argument
+    without an encoding')."""
+    store = MqttByteStore(unique("s"), "bytes", url=store_url)
+    try:
+
+        async def mset(pairs: list[tuple[str, Any]]) -> None:
+            if how == "mset":
+                await asyncio.to_thread(store.mset, pairs)
+            else:
+                await store.amset(pairs)
+
+        with pytest.raises(
+            TypeError, match="MqttByteStore stores bytes: the value of 'b' is a str"
+        ):
+            await mset([("a", b"1"), ("b", "not bytes")])
+        with pytest.raises(BadRequestError, match="key"):
+            await mset([("b", b"2"), ("", b"e")])
+        assert await asyncio.to_thread(store.mget, ["a", "b"]) == [None, None]
+        await mset([("a", bytearray(b"1")), ("b", memoryview(b"2"))])
+        assert await asyncio.to_thread(store.mget, ["a", "b"]) == [b"1", b"2"]
+    finally:
+        await asyncio.to_thread(store.close)

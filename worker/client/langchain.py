@@ -25,6 +25,7 @@ from typing import Any
 from worker import constants as c
 from worker.client import BlockingMemoryClient, Context, Turn
 from worker.client._adapters import OnClient, missing_extra
+from worker.client._api import _refuse
 
 try:
     from langchain_core.chat_history import BaseChatMessageHistory
@@ -228,8 +229,8 @@ class MqttByteStore(OnClient, BaseStore[str, bytes]):
 
     def mset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
         """Set each key to its value."""
-        for key, value in key_value_pairs:
-            self.client.save(self.session_id, self.namespace, key, bytes(value))
+        for key, value in self._checked(key_value_pairs):
+            self.client.save(self.session_id, self.namespace, key, value)
 
     def mdelete(self, keys: Sequence[str]) -> None:
         """Delete each key (a missing one is no error)."""
@@ -250,9 +251,23 @@ class MqttByteStore(OnClient, BaseStore[str, bytes]):
     async def amset(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> None:
         """Set each key to its value, at once."""
         memory, sid, ns = self.client.memory, self.session_id, self.namespace
-        await self.client.run(
-            _gather(*(memory.save(sid, ns, key, bytes(value)) for key, value in key_value_pairs))
-        )
+        pairs = self._checked(key_value_pairs)
+        await self.client.run(_gather(*(memory.save(sid, ns, key, value) for key, value in pairs)))
+
+    def _checked(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """The pairs to save, each refused as the worker would before any is sent: a bad
+        key or a value that is not bytes stored the pairs before it."""
+        pairs = []
+        for key, value in key_value_pairs:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(
+                    f"MqttByteStore stores bytes: the value of {key!r} is a "
+                    f"{type(value).__name__} (encode it, or use the client's save())"
+                )
+            body = {"ns": self.namespace, "key": key, "value": bytes(value)}
+            _refuse(self.session_id, c.OP_STATE_SAVE, body)
+            pairs.append((key, body["value"]))
+        return pairs
 
     async def amdelete(self, keys: Sequence[str]) -> None:
         """Delete each key, at once."""
