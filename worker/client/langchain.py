@@ -264,9 +264,11 @@ class MqttByteStore(OnClient, BaseStore[str, bytes]):
                     f"MqttByteStore stores bytes: the value of {key!r} is a "
                     f"{type(value).__name__} (encode it, or use the client's save())"
                 )
-            body = {"ns": self.namespace, "key": key, "value": bytes(value)}
-            _refuse(self.session_id, c.OP_STATE_SAVE, body)
-            pairs.append((key, body["value"]))
+            data = bytes(value)
+            _refuse(
+                self.session_id, c.OP_STATE_SAVE, {"ns": self.namespace, "key": key, "value": data}
+            )
+            pairs.append((key, data))
         return pairs
 
     async def amdelete(self, keys: Sequence[str]) -> None:
