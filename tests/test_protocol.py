@@ -112,6 +112,20 @@ def test_undecodable_payloads(raw: bytes, kind: type[Exception]) -> None:
     assert isinstance(parse("mem/c/append", raw=raw).error, kind)
 
 
+def test_a_payload_of_json_is_named_so() -> None:
+    """JSON's `{` is a msgpack integer: a device that sent JSON was told its payload 'holds
+    more than one msgpack value' (a new user's trial). Text that only looks like JSON, or
+    nests past Python's recursion limit, is 'not msgpack' as before."""
+    said = parse("mem/c/append", raw=b' {"role": "user", "content": "hi"}').error
+    assert isinstance(said, BadPayload)
+    assert said.message.startswith("payload is JSON, not msgpack")
+    roomy = Router("mem", 1 << 20)
+    for raw in (b'{"role": "user"', b"[" * 100_000 + b"]" * 100_000):
+        error = roomy.parse("mem/c/append", raw, None).error
+        assert isinstance(error, BadPayload)
+        assert error.message.startswith("payload is not msgpack")
+
+
 def test_too_large_is_checked_before_decoding() -> None:
     """An oversize payload is refused without being decoded whole: its reply_to and id are
     read alone, the other values skipped (a string that is not UTF-8 among them too), so a

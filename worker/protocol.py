@@ -378,6 +378,11 @@ def _decode(payload: bytes) -> dict[Any, Any]:
     try:
         body = msgpack.unpackb(payload, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for bad input
+        if _is_json(payload):  # `{` is a msgpack integer: "more than one value" misled
+            raise BadPayload(
+                "payload is JSON, not msgpack: send the same map encoded as msgpack "
+                "(docs/devices.md)"
+            ) from None
         why = next((w for kind, w in _UNDECODABLE if isinstance(exc, kind)), "")
         raise BadPayload(
             f"payload is not msgpack: {why or 'it is cut short or malformed'}"
@@ -386,6 +391,16 @@ def _decode(payload: bytes) -> dict[Any, Any]:
         kind = type(body).__name__
         raise BadPayload(f"payload must be a msgpack map, got {_MSGPACK_TYPES.get(kind, kind)}")
     return body
+
+
+def _is_json(payload: bytes) -> bool:
+    if payload.lstrip()[:1] not in (b"{", b"["):
+        return False
+    try:
+        json.loads(payload)
+    except (ValueError, RecursionError):  # RecursionError: `[` nested 100,000 deep
+        return False
+    return True
 
 
 _SALVAGE_BYTES: Final = 1 << 20  # Mosquitto's max_packet_size in deploy/
