@@ -250,7 +250,8 @@ def test_its_own_broker_on_a_port_below_the_ephemeral_range(
 
 async def test_on_a_broker_it_did_not_start(clone: Path, stock_broker: Mosquitto) -> None:
     """With Mosquitto already listening, `scripts/run --dashboard` names the command that
-    serves the page, and the worker leaves no session on that broker once stopped."""
+    serves the page (without --dashboard, one line says there is none), and the worker
+    leaves no session on that broker once stopped."""
     stock_broker.start()
     try:
         with scripts_run(clone, stock_broker.port, "--dashboard") as said:
@@ -259,5 +260,12 @@ async def test_on_a_broker_it_did_not_start(clone: Path, stock_broker: Mosquitto
         text = "".join(said)
         assert "'scripts/run --own-broker --dashboard'" in text, text
         assert session_present(stock_broker.port, DEFAULT_CLIENT_ID) is False
+        # Not asked for: one line says there is none, not the recipe (a new user's trial).
+        with scripts_run(clone, stock_broker.port) as said:
+            async with device("127.0.0.1", stock_broker.port, "mem") as d:
+                assert (await d.request("kiosk-7", "get"))["ok"] is True
+        told = [line for line in said if "dashboard" in line]
+        assert len(told) == 1, told
+        assert "no dashboard on 127.0.0.1:" in told[0], told
     finally:
         stock_broker.stop()
