@@ -591,7 +591,8 @@ def check_request(convo: str, op: str, body: dict[Any, Any]) -> Request:
     # (The request's text fields are the body's own strings.)
     for name in ("role", "content", "text", "ns", "key"):
         text = body.get(name)
-        if isinstance(text, str) and _SURROGATES.search(text):
+        # isascii() first: it is a flag of the str, the search half the client's check.
+        if isinstance(text, str) and not text.isascii() and _SURROGATES.search(text):
             raise BadRequest(f"'{name}' is not valid UTF-8 (it holds a lone surrogate)")
     return request
 
