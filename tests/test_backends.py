@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
+import shutil
 import sqlite3
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1735,6 +1738,26 @@ async def test_an_sqlite_file_of_state_in_one_column_still_loads(tmp_path: Path)
     await h.be.close()
 
 
+def _as_before(path: Path) -> None:
+    """Make the file's conversations and graves WITHOUT ROWID tables, as files of before."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for table in ("convos", "graves"):
+            (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+            db.execute(f"ALTER TABLE {table} RENAME TO old")
+            db.execute(sql.removesuffix(" WITHOUT ROWID") + " WITHOUT ROWID")
+            db.execute(f"INSERT INTO {table} SELECT * FROM old")
+            db.execute("DROP TABLE old")
+
+
+def _without_rowid(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {
+            name
+            for name, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+            if sql.upper().endswith("WITHOUT ROWID")
+        }
+
+
 async def test_an_sqlite_file_of_without_rowid_tables_is_rebuilt_with_everything(
     tmp_path: Path,
 ) -> None:
@@ -1751,23 +1774,16 @@ async def test_an_sqlite_file_of_without_rowid_tables_is_rebuilt_with_everything
     await add(h, "c", "third, and b is evicted", id="c1")  # b's ids stay: a grave
     before = {convo: await turns(h, convo) for convo in ("a", "c")}
     await h.be.close()
+    _as_before(tmp_path / "memory.db")
     db = sqlite3.connect(tmp_path / "memory.db")
     with db:
-        for table in ("convos", "graves"):
-            (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
-            db.execute(f"ALTER TABLE {table} RENAME TO old")
-            db.execute(sql.removesuffix(" WITHOUT ROWID") + " WITHOUT ROWID")
-            db.execute(f"INSERT INTO {table} SELECT * FROM old")
-            db.execute("DROP TABLE old")
         assert db.execute("SELECT count(*) FROM graves").fetchone() == (1,)
         rows = sorted(db.execute("SELECT * FROM convos"))
     db.close()
     await h.reopen()
+    assert _without_rowid(tmp_path / "memory.db") == set()
     db = sqlite3.connect(tmp_path / "memory.db")
     try:
-        for table in ("convos", "graves"):
-            (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
-            assert "WITHOUT ROWID" not in sql.upper()
         assert sorted(db.execute("SELECT * FROM convos")) == rows
         assert db.execute("SELECT name FROM graves").fetchall() == [("b",)]
     finally:
@@ -1778,6 +1794,78 @@ async def test_an_sqlite_file_of_without_rowid_tables_is_rebuilt_with_everything
     await h.reopen()
     assert [t["content"] for t in await turns(h, "a")] == ["hi a", "again a", "more"]
     await h.be.close()
+
+
+@pytest.mark.parametrize(
+    ("setup", "kept", "why"),
+    [
+        ("CREATE VIEW recent AS SELECT name, used FROM convos", {"convos"}, "view recent"),
+        ("CREATE INDEX by_use ON convos(used)", {"convos"}, "index by_use would be lost"),
+        ("CREATE TABLE rebuilt (x)", {"convos", "graves"}, "SQLite refused it"),
+        ("ALTER TABLE graves RENAME TO g2; ALTER TABLE g2 RENAME TO graves", set(), ""),
+    ],
+    ids=["a-view", "an-index", "refused", "a-quoted-name"],
+)
+async def test_a_table_the_rebuild_would_harm_is_kept_as_it_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, setup: str, kept: set[str], why: str
+) -> None:
+    """The rebuild is only a speed-up: a view or an index of the user's on the table (a DROP
+    took them, a view stopped every start), or SQLite refusing it, keeps the table as it
+    is, and the worker opens and serves (a review); a name stored quoted is rebuilt too."""
+    h = Harness("sqlite", Limits(ttl=0), tmp_path, Clock())
+    await h.be.open()
+    await add(h, "a", "hi")
+    await h.be.close()
+    path = tmp_path / "memory.db"
+    _as_before(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(setup)
+    with caplog.at_level(logging.INFO, "memory_worker.sqlite"):
+        await h.reopen()
+    assert _without_rowid(path) == kept
+    said = [r.getMessage() for r in caplog.records if "kept as it is" in r.getMessage()]
+    assert len(said) == len(kept), said
+    assert all(why in line for line in said), said
+    await add(h, "a", "again")
+    assert [t["content"] for t in await turns(h, "a")] == ["hi", "again"]
+    await h.be.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a filesystem of 30 MiB of its own (a tmpfs: root only)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounts a tmpfs: root only")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(small)], check=True)
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=True)
+
+
+async def test_a_rebuild_with_no_room_for_it_is_not_tried(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rebuild goes through the WAL and into the file: on a disk without room for it, it
+    filled the disk and the worker stopped for good, exit 2 at every start (a review). It
+    is not tried, and the file is as it was."""
+    h = Harness("sqlite", Limits(ttl=0, max_conversations=2000), small_disk, Clock())
+    await h.be.open()
+    try:
+        await h.be.execute([Append(f"c{i}", "user", "x" * 1000) for i in range(1500)])
+        await h.be.close()
+        _as_before(small_disk / "memory.db")
+        with caplog.at_level(logging.INFO, "memory_worker.sqlite"):
+            await h.reopen()
+        assert _without_rowid(small_disk / "memory.db") == {"convos", "graves"}
+        said = [r.getMessage() for r in caplog.records if "kept as it is" in r.getMessage()]
+        assert len(said) == 2, said
+        assert all("MiB free beside the file" in line for line in said), said
+        assert (await add(h, "c1", "served"))["count"] == 2
+    finally:
+        await h.be.close()
 
 
 async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -86,6 +87,10 @@ ON CONFLICT(name, ns, key) DO UPDATE SET value = excluded.value, deadline = excl
 
 
 log = logging.getLogger("memory_worker.sqlite")
+# Free space a rebuild of a table asks for, in sizes of the file and its WAL: the new table
+# is written to the WAL, then into the file, and the old one's pages stay free in it (a
+# review filled a disk with 2.7 times; 3.3 was enough).
+REBUILD_ROOM = 4
 # A conversation's keys as stored: ns -> key -> (msgpack value, wall-clock deadline or None)
 _Keys = dict[str, dict[str, tuple[bytes, float | None]]]
 
@@ -110,11 +115,17 @@ def _move_state_to_keys(db: sqlite3.Connection) -> None:
         db.execute("DELETE FROM keys WHERE name NOT IN (SELECT name FROM convos)")
 
 
-def _with_rowid(db: sqlite3.Connection) -> None:
+def _with_rowid(db: sqlite3.Connection, path: Path) -> None:
     """Files of before made `convos` and `graves` WITHOUT ROWID tables, which keep each row
     whole in its key's B-tree: that suits rows of a few dozen bytes (SQLite's advice), and a
     conversation's window or a grave's ids are a kilobyte or more. A commit of a batch took
-    twice as long (docs/performance.md). Rebuilt once as rowid tables, in one transaction."""
+    twice as long (docs/performance.md). Rebuilt once as rowid tables, in one transaction.
+
+    Only a speed-up: a table stays as it is, and works, where the rebuild could cost more
+    than time. Without REBUILD_ROOM times the file's size free on its disk (the copy goes
+    through the WAL and then into the file: a disk filled there stopped the worker for
+    good), with views, triggers or indexes of the user's on it (a DROP loses them), or when
+    SQLite refuses it; the WAL it grew is given back."""
     for table in ("convos", "graves"):
         (sql,) = db.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
@@ -122,15 +133,46 @@ def _with_rowid(db: sqlite3.Connection) -> None:
         without = re.search(r"\)\s*WITHOUT\s+ROWID\s*$", sql, re.IGNORECASE)
         if without is None:
             continue
-        columns = ", ".join(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
-        create = sql[: without.start()].replace(f"CREATE TABLE {table}", "CREATE TABLE rebuilt", 1)
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(create + ")")
-            db.execute(f"INSERT INTO rebuilt({columns}) SELECT {columns} FROM {table}")
-            db.execute(f"DROP TABLE {table}")
-            db.execute(f"ALTER TABLE rebuilt RENAME TO {table}")
-        log.info("sqlite: %s rebuilt as a rowid table (once: faster commits)", table)
+        named = re.match(rf"\s*CREATE\s+TABLE\s+([\"`\[]?){table}[\"`\]]?\s*\(", sql, re.I)
+        size = sum(os.stat(f).st_size for f in (path, Path(f"{path}-wal")) if os.path.exists(f))
+        free = shutil.disk_usage(path.parent).free
+        others = db.execute(
+            "SELECT type, name FROM sqlite_master WHERE name != ? AND sql LIKE ?",
+            (table, f"%{table}%"),
+        ).fetchall()
+        why = (
+            "its CREATE statement is not ours"
+            if named is None
+            else f"{', '.join(f'{kind} {name}' for kind, name in others)} would be lost"
+            if others
+            else f"it needs {REBUILD_ROOM * size >> 20} MiB free beside the file, "
+            f"{free >> 20} MiB are"
+            if free < REBUILD_ROOM * size
+            else None
+        )
+        if why is None and named is not None:
+            columns = ", ".join(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+            create = "CREATE TABLE rebuilt (" + sql[named.end() : without.start()] + ")"
+            try:
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute(create)
+                    db.execute(f"INSERT INTO rebuilt({columns}) SELECT {columns} FROM {table}")
+                    db.execute(f"DROP TABLE {table}")
+                    db.execute(f"ALTER TABLE rebuilt RENAME TO {table}")
+            except sqlite3.Error as exc:
+                why = f"SQLite refused it: {exc}"
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if why is None:
+            log.info("sqlite: %s rebuilt as a rowid table (once: faster commits)", table)
+        else:
+            log.warning(
+                "sqlite: %s kept as it is, a WITHOUT ROWID table (rebuilt as a rowid table, "
+                "its commits would take half the time): %s",
+                table,
+                why,
+            )
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
@@ -250,7 +292,7 @@ class SqliteBackend(MemoryBackend):
             for column, add in NEW_COLUMNS.items():
                 if column not in columns:
                     db.execute(add)
-            _with_rowid(db)
+            _with_rowid(db, self.path)
             _move_state_to_keys(db)
             rows = db.execute(
                 "SELECT name, seq, turns, ids, summary, born, used FROM convos ORDER BY tick"
