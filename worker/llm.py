@@ -154,10 +154,10 @@ class ChatModel:
         data = json.dumps(body).encode()
         try:
             # The thread's own deadline cannot cut a name lookup short (getaddrinfo blocks
-            # for as long as the resolver takes): the caller does not wait past it.
-            return await asyncio.wait_for(
-                _in_thread(lambda: self._post(data)), self.timeout + _LATE
-            )
+            # for as long as the resolver takes): the caller does not wait past it. Not
+            # wait_for: Python 3.11's returns a result that came as the task was cancelled.
+            async with asyncio.timeout(self.timeout + _LATE):
+                return await _in_thread(lambda: self._post(data))
         except TimeoutError:
             raise self._too_slow() from None
 
@@ -171,7 +171,8 @@ class ChatModel:
         """What would stop every fold (see `check_now`), asked without holding up a stop."""
         wait = min(self.timeout, _CHECK_TIMEOUT) + _LATE
         try:
-            return await asyncio.wait_for(_in_thread(self.check_now), wait)
+            async with asyncio.timeout(wait):
+                return await _in_thread(self.check_now)
         except TimeoutError:
             return f"the model server at {self.base} does not answer within {wait:g}s"
 
