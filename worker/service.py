@@ -230,7 +230,8 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Open the backend, serve until `stop` is set, then shut down in order."""
         opening = asyncio.create_task(
-            self.systemd.extend_start(f"opening the {self.backend.name} store"), name="opening"
+            self.systemd.extend_start(f"opening the {self.backend.name} store", stop),
+            name="opening",
         )
         try:
             await self.backend.open()

@@ -9,6 +9,7 @@ does nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -16,6 +17,9 @@ import time
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger("memory_worker")
+# Seconds of start each extension gives: past the next one, for the part of opening that
+# runs on the event loop (a store's rows loaded into memory: seconds on a Pi).
+EXTEND_FOR = 30.0
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -79,21 +83,26 @@ class Notifier:
             self._status = status
             self.notify(f"STATUS={status}")
 
-    async def extend_start(self, what: str, every: float = 5.0, most: float = 600.0) -> None:
+    async def extend_start(
+        self, what: str, stop: asyncio.Event, every: float = 5.0, most: float = 600.0
+    ) -> None:
         """While the worker opens its store: STATUS says `what`, and EXTEND_TIMEOUT_USEC gives
-        the start twice `every` more each `every` s, for up to `most` s in all (a store that
-        hangs is still given up). A large SQLite file, rebuilt once after an upgrade, may
-        take longer on a Pi's SD card than the unit's TimeoutStartSec, and a start killed
-        there rolls the rebuild back, again at every restart."""
+        the start EXTEND_FOR more every `every` s, for up to `most` s in all (a store that
+        hangs is still given up), until `stop` is set (systemd applies an extension to the
+        stop's timeout too). A large SQLite file, rebuilt once after an upgrade, may take
+        longer on a Pi's SD card than the unit's TimeoutStartSec, and a start killed there
+        rolls the rebuild back, again at every restart."""
         if self.address is None:
             return
         self._status = what
         end = time.monotonic() + most
-        while True:
-            self.notify(f"STATUS={what}", f"EXTEND_TIMEOUT_USEC={round(2 * every * 1e6)}")
+        while not stop.is_set():
+            self.notify(f"STATUS={what}", f"EXTEND_TIMEOUT_USEC={round(EXTEND_FOR * 1e6)}")
             if time.monotonic() + every > end:
                 return
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await stop.wait()
 
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping")
