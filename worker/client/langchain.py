@@ -255,8 +255,9 @@ class MqttByteStore(OnClient, BaseStore[str, bytes]):
         await self.client.run(_gather(*(memory.save(sid, ns, key, value) for key, value in pairs)))
 
     def _checked(self, key_value_pairs: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """The pairs to save, each refused as the worker would before any is sent: a bad
-        key or a value that is not bytes stored the pairs before it."""
+        """The pairs to save, a bad key or a value that is not bytes refused before any is
+        sent (they stored the pairs before them). A value over the worker's
+        --max-payload-bytes is the worker's to refuse: the client does not know its limit."""
         pairs = []
         for key, value in key_value_pairs:
             if not isinstance(value, bytes | bytearray | memoryview):
