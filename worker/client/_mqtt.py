@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import ssl
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
-from contextvars import Context
 from typing import Any, Final, Literal, TypeVar
 
 import aiomqtt
@@ -181,7 +181,7 @@ class MemoryClient(_Api):
         finally:
             self._opening = False
         self._reader = asyncio.create_task(
-            self._read(), name="memory-client-reader", context=Context()
+            self._read(), name="memory-client-reader", context=contextvars.Context()
         )
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -532,7 +532,9 @@ class MemoryClient(_Api):
                     # not hold the caller's context variables. LangChain's holds the chat
                     # history whose client this is: a history made per call stayed open
                     # for a timeout after its call.
-                    self._sweep = loop.call_at(deadline, self._expire, context=Context())
+                    self._sweep = loop.call_at(
+                        deadline, self._expire, context=contextvars.Context()
+                    )
                 # The reply implies delivery, so the request waits for it alone, not for the
                 # PUBACK; a PUBACK that refuses fails it (_on_refused), as a lost connection does.
                 self._mids[key] = client.publish_packed(topic, payload, self.qos, False, props)
@@ -569,7 +571,7 @@ class MemoryClient(_Api):
         if len(due) < len(self._deadlines):
             # Not always the first: one that waited for the connection was stored late.
             self._sweep = loop.call_at(
-                min(self._deadlines.values()), self._expire, context=Context()
+                min(self._deadlines.values()), self._expire, context=contextvars.Context()
             )
         for key in due:
             del self._deadlines[key]
@@ -780,7 +782,7 @@ class _Reply:
         self._state = _PENDING
         self._value: Any = None
         self._exc: BaseException | None = None
-        self._callbacks: list[tuple[Callable[[Any], object], Context | None]] = []
+        self._callbacks: list[tuple[Callable[[Any], object], contextvars.Context | None]] = []
         self._asyncio_future_blocking = False
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
@@ -808,7 +810,7 @@ class _Reply:
         return self._exc
 
     def add_done_callback(
-        self, fn: Callable[[Any], object], *, context: Context | None = None
+        self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None
     ) -> None:
         if self._state != _PENDING:
             self._loop.call_soon(fn, self, context=context)
