@@ -1868,6 +1868,29 @@ async def test_a_rebuild_with_no_room_for_it_is_not_tried(
         await h.be.close()
 
 
+async def test_a_linked_file_is_judged_by_its_own_disk(
+    small_disk: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite keeps the WAL beside the file a link names: the room for a rebuild is
+    measured there, not beside the link (the rebuild filled the file's disk, then rolled
+    back, at every start: a review)."""
+    h = Harness("sqlite", Limits(ttl=0, max_conversations=2000), small_disk, Clock())
+    await h.be.open()
+    await h.be.execute([Append(f"c{i}", "user", "x" * 1000) for i in range(1500)])
+    await h.be.close()
+    _as_before(small_disk / "memory.db")
+    (tmp_path / "link.db").symlink_to(small_disk / "memory.db")
+    linked = SqliteBackend(f"sqlite:///{tmp_path}/link.db", Limits(max_conversations=2000))
+    try:
+        with caplog.at_level(logging.INFO, "memory_worker.sqlite"):
+            await linked.open()
+        said = [r.getMessage() for r in caplog.records if "kept as it is" in r.getMessage()]
+        assert len(said) == 2, said
+        assert all("MiB free beside the file" in line for line in said), said
+    finally:
+        await linked.close()
+
+
 async def test_a_second_worker_on_an_sqlite_file_is_refused(tmp_path: Path) -> None:
     """Two workers on one file would both number turns and lose each other's: the second
     is refused at open, naming the first's pid; once the first closes, it opens."""

@@ -115,9 +115,9 @@ def test_undecodable_payloads(raw: bytes, kind: type[Exception]) -> None:
 def test_a_payload_of_json_is_named_so() -> None:
     """JSON's `{` is a msgpack integer: a device that sent JSON was told its payload 'holds
     more than one msgpack value' (a new user's trial). Told by its first and last
-    characters (a BOM before them too), not parsed: text that only starts like JSON is 'not
-    msgpack' as before."""
-    for raw in (b' {"role": "user", "content": "hi"}\n', b'\xef\xbb\xbf{"a": 1}', b"[1, 2]"):
+    characters (a BOM before them, a C string's NUL after), not parsed: text that only
+    starts like JSON is 'not msgpack' as before."""
+    for raw in (b' {"role": "user"}\n', b'\xef\xbb\xbf{"a": 1}', b"[1, 2]", b'{"a": 1}\x00'):
         said = parse("mem/c/append", raw=raw).error
         assert isinstance(said, BadPayload)
         assert said.message.startswith("payload looks like JSON, not msgpack"), said.message

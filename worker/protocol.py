@@ -393,11 +393,15 @@ def _decode(payload: bytes) -> dict[Any, Any]:
     return body
 
 
+_BLANK: Final = b" \t\n\r\x0b\x0c\x00"
+
+
 def _is_json(payload: bytes) -> bool:
     """Whether an undecodable payload looks like a JSON object or array, by its first and
     last characters alone: parsing it cost a bad request a thousand times a good one's
     decoding, on the event loop (a review)."""
-    text = payload.strip().removeprefix(b"\xef\xbb\xbf").lstrip()  # a BOM, as editors save
+    # A BOM before it, as editors save; a NUL after it, as C strings end.
+    text = payload.strip(_BLANK).removeprefix(b"\xef\xbb\xbf").lstrip()
     return text[:1] + text[-1:] in (b"{}", b"[]")
 
 

@@ -134,8 +134,9 @@ def _with_rowid(db: sqlite3.Connection, path: Path) -> None:
         if without is None:
             continue
         named = re.match(rf"\s*CREATE\s+TABLE\s+([\"`\[]?){table}[\"`\]]?\s*\(", sql, re.I)
-        size = sum(os.stat(f).st_size for f in (path, Path(f"{path}-wal")) if os.path.exists(f))
-        free = shutil.disk_usage(path.parent).free
+        real = path.resolve()  # SQLite's WAL is beside the file a link names, on its disk
+        size = sum(os.stat(f).st_size for f in (real, Path(f"{real}-wal")) if os.path.exists(f))
+        free = shutil.disk_usage(real.parent).free
         others = db.execute(
             "SELECT type, name FROM sqlite_master WHERE name != ? AND sql LIKE ?",
             (table, f"%{table}%"),
