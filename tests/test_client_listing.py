@@ -8,10 +8,10 @@ import asyncio
 import pytest
 
 from tests import test_client
-from tests.conftest import unique
+from tests.conftest import WorkerFactory, unique
 from tests.processes import Mosquitto
 from tests.test_cli import memctl
-from worker.client import BadRequestError, Memory, open_blocking_memory
+from worker.client import BadRequestError, Memory, MemoryClient, open_blocking_memory
 from worker.service import Service
 
 memory = test_client.memory
@@ -70,3 +70,27 @@ async def test_memctl_lists_every_page_and_namespaces(broker: Mosquitto, worker:
     assert (code, lines) == (0, [{"ok": True, "namespaces": ["prefs"]}])
     code, _ = await memctl(broker, prefix, "list", "--limit", "0")
     assert code == 2
+
+
+async def test_listings_beyond_the_waiting_pages_keep_their_place(
+    broker: Mosquitto, worker_factory: WorkerFactory
+) -> None:
+    """More listings at once than the worker lets pages wait (--max-inflight / 8): a page
+    answered 'unavailable' asks again and the listing goes on from its place. After three
+    quick attempts it raised UnavailableError mid-listing, its place lost (a new user's
+    trial: 16 of 24 listings failed)."""
+    async with (
+        worker_factory(max_inflight=16) as w,  # 2 pages may wait
+        MemoryClient(broker.host, broker.port, w.cfg.prefix) as m,
+    ):
+        stem = unique("P")
+        names = [f"{stem}-{i:02}" for i in range(20)]
+        for name in names:
+            await m.append(name, "user", "x")
+
+        async def listing() -> list[str]:
+            return [info["convo"] async for info in m.conversations(stem, page_size=4)]
+
+        listed = await asyncio.gather(*(listing() for _ in range(40)))
+        assert all(one == names for one in listed)
+        assert w.stats.errors.get("unavailable", 0) > 0  # they did meet full waiting pages

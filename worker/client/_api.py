@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from worker import constants as c
-from worker.client._errors import BadPayloadError, BadRequestError, error_for
+from worker.client._errors import BadPayloadError, BadRequestError, UnavailableError, error_for
 from worker.client._models import (
     Appended,
     Context,
@@ -113,6 +113,11 @@ class _Api:
 
     async def _request(self, convo: str, op: str, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _list_patience(self) -> float:
+        """Seconds a listing page asks again while the worker answers that other listings
+        fill its waiting pages (none in-process: no page ever waits there)."""
+        return 0.0
 
     @_one_request
     def append(
@@ -244,8 +249,20 @@ class _Api:
         body: dict[str, Any] = {"limit": page_size}
         if prefix:
             body["prefix"] = prefix
+        loop = asyncio.get_running_loop()
         while True:
-            reply = await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
+            # Other listings may fill the worker's waiting pages (8 at most with the default
+            # --max-inflight): the page asks again, and the listing keeps its place, for as
+            # long as a request's attempts may take. It gave up after three quick attempts.
+            give_up = loop.time() + self._list_patience()
+            while True:
+                try:
+                    reply = await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
+                    break
+                except UnavailableError:
+                    if loop.time() + _AGAIN_MOST > give_up:
+                        raise
+                    await asyncio.sleep(random.uniform(_AGAIN_MOST / 2, _AGAIN_MOST))
             for info in reply["conversations"]:
                 yield info
             if reply["cursor"] is None:

@@ -560,6 +560,9 @@ class MemoryClient(_Api):
                 raise _closed_while_waiting()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _list_patience(self) -> float:
+        return self.timeout * self.attempts
+
     def _expire(self) -> None:
         """Fail the requests whose time is up. One timer for all, at the earliest deadline
         when it fires (about once per timeout under load): a timer per request (asyncio's
