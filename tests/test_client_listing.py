@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 
+import aiomqtt
+import msgpack
 import pytest
 
 from tests import test_client
+from tests.clients import props
 from tests.conftest import WorkerFactory, unique
 from tests.processes import Mosquitto
 from tests.test_cli import memctl
-from worker.client import BadRequestError, Memory, MemoryClient, open_blocking_memory
+from worker.client import (
+    BadRequestError,
+    Memory,
+    MemoryClient,
+    UnavailableError,
+    open_blocking_memory,
+)
 from worker.service import Service
 
 memory = test_client.memory
@@ -94,3 +103,35 @@ async def test_listings_beyond_the_waiting_pages_keep_their_place(
         listed = await asyncio.gather(*(listing() for _ in range(40)))
         assert all(one == names for one in listed)
         assert w.stats.errors.get("unavailable", 0) > 0  # they did meet full waiting pages
+
+
+async def test_a_listing_that_gives_up_says_how_long_it_asked(broker: Mosquitto) -> None:
+    """A page the worker keeps turning away raises UnavailableError once the client's
+    timeout x attempts have passed, saying how long it was asked (it said "3 attempts"
+    after 15 s of them: a trial). A responder stands in for a worker whose waiting pages
+    stay full: it answers every page so."""
+    prefix = unique("full")
+    busy = {"ok": False, "error": {"code": "unavailable", "message": "8 listing pages wait"}}
+    async with aiomqtt.Client(
+        broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as peer:
+        await peer.subscribe(f"{prefix}/_conversations/list")
+
+        async def answer() -> None:
+            async for message in peer.messages:
+                asked = message.properties
+                assert asked is not None
+                await peer.publish(
+                    getattr(asked, "ResponseTopic"),  # noqa: B009 - paho sets it at run time
+                    msgpack.packb(busy),
+                    properties=props(CorrelationData=getattr(asked, "CorrelationData")),  # noqa: B009
+                )
+
+        answering = asyncio.create_task(answer())
+        try:
+            async with MemoryClient(broker.host, broker.port, prefix, timeout=0.5, attempts=3) as m:
+                with pytest.raises(UnavailableError) as info:
+                    [i async for i in m.conversations()]
+        finally:
+            answering.cancel()
+    assert info.value.message.startswith("8 listing pages wait (the page asked again for ")

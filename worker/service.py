@@ -1141,9 +1141,10 @@ class Service:
             ],
             evictions,
         )
-        self._served = now = time.monotonic()
-        if results and now + self.backend.next_expiry() < self._sweep_due - 0.01:
-            self._sweep_kick.set()
+        if results:  # not refusals alone: listing pages turned away slowed the listings
+            self._served = now = time.monotonic()  # that kept coming back, to a crawl
+            if now + self.backend.next_expiry() < self._sweep_due - 0.01:
+                self._sweep_kick.set()
 
     async def _execute(self, requests: list[Request]) -> tuple[list[Result], list[Event]]:
         if not requests:

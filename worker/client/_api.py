@@ -8,6 +8,7 @@ import contextlib
 import functools
 import inspect
 import random
+import re
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -254,15 +255,22 @@ class _Api:
             # Other listings may fill the worker's waiting pages (8 at most with the default
             # --max-inflight): the page asks again, and the listing keeps its place, for as
             # long as a request's attempts may take. It gave up after three quick attempts.
-            give_up = loop.time() + self._list_patience()
+            start = loop.time()
+            give_up = start + self._list_patience()
             while True:
                 try:
                     reply = await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
                     break
-                except UnavailableError:
-                    if loop.time() + _AGAIN_MOST > give_up:
+                except UnavailableError as exc:
+                    if loop.time() + _AGAIN_MOST <= give_up:
+                        await asyncio.sleep(random.uniform(_AGAIN_MOST / 2, _AGAIN_MOST))
+                        continue
+                    if loop.time() - start < _AGAIN_MOST:  # its own attempts only
                         raise
-                    await asyncio.sleep(random.uniform(_AGAIN_MOST / 2, _AGAIN_MOST))
+                    said = re.sub(r" \(\d+ attempts\)$", "", exc.message)
+                    raise UnavailableError(
+                        f"{said} (the page asked again for {loop.time() - start:.0f}s)"
+                    ) from None
             for info in reply["conversations"]:
                 yield info
             if reply["cursor"] is None:
