@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -94,6 +95,33 @@ async def test_bad_request_via_reply_to(broker: Mosquitto, worker: Service) -> N
         reply = await d.request("c", "append", {"role": "", "content": "x", "id": 9})
         assert reply["error"]["code"] == "bad_request"
         assert reply["id"] == 9
+
+
+async def test_a_device_that_sends_json_is_told_so(broker: Mosquitto, worker: Service) -> None:
+    """JSON's `{` is a msgpack integer: a device that sent JSON was told its payload 'holds
+    more than one msgpack value', and one under MQTT 3.1.1, whose reply_to is inside the
+    JSON, got no reply at all (two trials). Both hear 'looks like JSON', the 3.1.1 one on
+    its reply_to with its id; the worker goes on serving."""
+    async with device(broker.host, broker.port, worker.cfg.prefix) as d5:
+        reply = await d5.raw(f"{d5.prefix}/c/append", b'{"role": "user", "content": "hi"}\n')
+        assert reply["error"]["code"] == "bad_payload"
+        assert reply["error"]["message"].startswith("payload looks like JSON, not msgpack")
+    inbox = f"reply/{unique('json')}"
+    async with aiomqtt.Client(
+        broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V311
+    ) as d311:
+        await d311.subscribe(inbox, qos=1)
+        said = json.dumps({"role": "user", "content": "hi", "reply_to": inbox, "id": "j1"})
+        await d311.publish(f"{worker.cfg.prefix}/c/append", said.encode(), qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(d311.messages)
+    reply = msgpack.unpackb(message.payload)
+    check("error.reply", reply)
+    assert reply["error"]["code"] == "bad_payload"
+    assert reply["error"]["message"].startswith("payload looks like JSON, not msgpack")
+    assert reply["id"] == "j1"
+    async with device(broker.host, broker.port, worker.cfg.prefix, v5=False) as d:
+        assert (await d.request("c", "get"))["ok"] is True
 
 
 @pytest.mark.parametrize(
