@@ -378,7 +378,8 @@ def _decode(payload: bytes) -> dict[Any, Any]:
     try:
         body = msgpack.unpackb(payload, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types for bad input
-        if _is_json(payload):  # `{` is a msgpack integer: "more than one value" misled
+        # JSON's `{` is a msgpack integer: "it holds more than one msgpack value" misled.
+        if _json_text(payload) is not None:
             raise BadPayload(
                 "payload looks like JSON, not msgpack: send the same map encoded as msgpack "
                 "(docs/devices.md)"
@@ -396,23 +397,22 @@ def _decode(payload: bytes) -> dict[Any, Any]:
 _BLANK: Final = b" \t\n\r\x0b\x0c\x00"
 
 
-def _is_json(payload: bytes) -> bool:
-    """Whether an undecodable payload looks like a JSON object or array, by its first and
-    last characters alone: parsing it cost a bad request a thousand times a good one's
-    decoding, on the event loop (a review)."""
-    # A BOM before it, as editors save; a NUL after it, as C strings end.
+def _json_text(payload: bytes) -> bytes | None:
+    """An undecodable payload's text when it looks like a JSON object or array, by its first
+    and last characters alone (parsing it cost a bad request a thousand times a good one's
+    decoding, on the event loop: a review); else None. A BOM before it, as editors save, and
+    a NUL after it, as C strings end, are not part of it."""
     text = payload.strip(_BLANK).removeprefix(b"\xef\xbb\xbf").lstrip()
-    return text[:1] + text[-1:] in (b"{}", b"[]")
+    return text if text[:1] + text[-1:] in (b"{}", b"[]") else None
 
 
-def _salvage_json(payload: bytes) -> tuple[Any, Any]:
+def _salvage_json(text: bytes) -> tuple[Any, Any]:
     """`reply_to` and `id` of a JSON object: an MQTT 3.1.1 device that sent JSON is owed its
-    error reply too (it got none). Only up to _SALVAGE_JSON_BYTES: parsing is the cost of
-    it, a 64 KiB one a thousand times a good request's decoding."""
-    if len(payload) > _SALVAGE_JSON_BYTES:
+    error reply too (it got none). Only up to _SALVAGE_JSON_BYTES: parsing is the cost."""
+    if len(text) > _SALVAGE_JSON_BYTES:
         return _MISSING, _MISSING
     try:
-        body = json.loads(payload.strip(_BLANK).removeprefix(b"\xef\xbb\xbf"))
+        body = json.loads(text)
     except (ValueError, RecursionError):
         return _MISSING, _MISSING
     if not isinstance(body, dict):
@@ -742,8 +742,8 @@ class Router:
         salvaged: Any = _MISSING
         if body is None and payload:
             found, salvaged = _salvage(payload)
-            if found is _MISSING and salvaged is _MISSING and _is_json(payload):
-                found, salvaged = _salvage_json(payload)
+            if found is _MISSING and salvaged is _MISSING and (text := _json_text(payload)):
+                found, salvaged = _salvage_json(text)
             if route is None and found is not _MISSING:
                 route = found
         elif route is None and body is not None:
