@@ -250,32 +250,34 @@ class _Api:
         body: dict[str, Any] = {"limit": page_size}
         if prefix:
             body["prefix"] = prefix
-        loop = asyncio.get_running_loop()
         while True:
-            # Other listings may fill the worker's waiting pages (8 at most with the default
-            # --max-inflight): the page asks again, and the listing keeps its place, for as
-            # long as a request's attempts may take. It gave up after three quick attempts.
-            start = loop.time()
-            give_up = start + self._list_patience()
-            while True:
-                try:
-                    reply = await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
-                    break
-                except UnavailableError as exc:
-                    if loop.time() + _AGAIN_MOST <= give_up:
-                        await asyncio.sleep(random.uniform(_AGAIN_MOST / 2, _AGAIN_MOST))
-                        continue
-                    if loop.time() - start < _AGAIN_MOST:  # its own attempts only
-                        raise
-                    said = re.sub(r" \(\d+ attempts\)$", "", exc.message)
-                    raise UnavailableError(
-                        f"{said} (the page asked again for {loop.time() - start:.0f}s)"
-                    ) from None
+            reply = await self._list_page(body)
             for info in reply["conversations"]:
                 yield info
             if reply["cursor"] is None:
                 return
             body["cursor"] = reply["cursor"]
+
+    async def _list_page(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One page. Other listings may fill the worker's waiting pages (8 with the default
+        --max-inflight): the page asks again, and the listing keeps its place, for as long
+        as a request's attempts may take (`_list_patience`). It gave up after three quick
+        attempts."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            try:
+                return await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
+            except UnavailableError as exc:
+                if loop.time() + _AGAIN_MOST <= start + self._list_patience():
+                    await asyncio.sleep(random.uniform(_AGAIN_MOST / 2, _AGAIN_MOST))
+                    continue
+                if loop.time() - start < _AGAIN_MOST:  # its own attempts only
+                    raise
+                said = re.sub(r" \(\d+ attempts\)$", "", exc.message)
+                raise UnavailableError(
+                    f"{said} (the page asked again for {loop.time() - start:.0f}s)"
+                ) from None
 
     @_one_request
     def namespaces(self, session_id: str) -> Plan[list[str]]:
