@@ -134,22 +134,8 @@ def _with_rowid(db: sqlite3.Connection, path: Path) -> None:
         if without is None:
             continue
         named = re.match(rf"\s*CREATE\s+TABLE\s+([\"`\[]?){table}[\"`\]]?\s*\(", sql, re.I)
-        real = path.resolve()  # SQLite's WAL is beside the file a link names, on its disk
-        size = sum(os.stat(f).st_size for f in (real, Path(f"{real}-wal")) if os.path.exists(f))
-        free = shutil.disk_usage(real.parent).free
-        others = db.execute(
-            "SELECT type, name FROM sqlite_master WHERE name != ? AND sql LIKE ?",
-            (table, f"%{table}%"),
-        ).fetchall()
         why = (
-            "its CREATE statement is not ours"
-            if named is None
-            else f"{', '.join(f'{kind} {name}' for kind, name in others)} would be lost"
-            if others
-            else f"it needs {REBUILD_ROOM * size >> 20} MiB free beside the file, "
-            f"{free >> 20} MiB are"
-            if free < REBUILD_ROOM * size
-            else None
+            "its CREATE statement is not ours" if named is None else _rebuild_harm(db, table, path)
         )
         if why is None and named is not None:
             columns = ", ".join(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
@@ -174,6 +160,26 @@ def _with_rowid(db: sqlite3.Connection, path: Path) -> None:
                 table,
                 why,
             )
+
+
+def _rebuild_harm(db: sqlite3.Connection, table: str, path: Path) -> str | None:
+    """What a rebuild of `table` would cost beyond time (None: nothing): objects of the
+    user's on it that a DROP loses, or a disk without REBUILD_ROOM times the file's size free
+    (measured beside the file a link names: SQLite's WAL is there)."""
+    others = db.execute(
+        "SELECT type, name FROM sqlite_master WHERE name != ? AND sql LIKE ?",
+        (table, f"%{table}%"),
+    ).fetchall()
+    if others:
+        return f"{', '.join(f'{kind} {name}' for kind, name in others)} would be lost"
+    real = path.resolve()
+    size = sum(os.stat(f).st_size for f in (real, Path(f"{real}-wal")) if os.path.exists(f))
+    free = shutil.disk_usage(real.parent).free
+    if free < REBUILD_ROOM * size:
+        return (
+            f"it needs {REBUILD_ROOM * size >> 20} MiB free beside the file, {free >> 20} MiB are"
+        )
+    return None
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
