@@ -124,7 +124,28 @@ def test_a_payload_of_json_is_named_so() -> None:
     for raw in (b'{"role": "user"', b"[1, 2"):
         error = parse("mem/c/append", raw=raw).error
         assert isinstance(error, BadPayload)
-        assert error.message.startswith("payload is not msgpack"), error.message
+        assert error.message.startswith("payload looks like text, not msgpack"), error.message
+
+
+@pytest.mark.parametrize(
+    "raw", [b"hello", b'"hello"', b"null", b"123", b"append hi\n", "héllo wörld".encode() * 60]
+)
+def test_a_payload_of_text_is_named_so(raw: bytes) -> None:
+    """`mosquitto_pub -m hello`, or a JSON scalar, was told its payload 'holds more than one
+    msgpack value' (a trial); told by its first 256 bytes (a character cut there too)."""
+    said = parse("mem/c/append", raw=raw).error
+    assert isinstance(said, BadPayload)
+    assert said.message.startswith("payload looks like text, not msgpack"), said.message
+
+
+@pytest.mark.parametrize(
+    "raw", [msgpack.packb({"role": "user", "content": "hi"})[:-3], b"\xc1", b"ab\x01cd"]
+)
+def test_binary_is_not_called_text(raw: bytes) -> None:
+    """A cut msgpack map's strings are printable, its headers are not UTF-8: not 'text'."""
+    said = parse("mem/c/append", raw=raw).error
+    assert isinstance(said, BadPayload)
+    assert said.message.startswith("payload is not msgpack"), said.message
 
 
 def test_too_large_is_checked_before_decoding() -> None:

@@ -7,6 +7,7 @@ No I/O here. A message comes in as (topic, payload, response topic) and leaves a
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import functools
 import json
@@ -384,6 +385,10 @@ def _decode(payload: bytes) -> dict[Any, Any]:
                 "payload looks like JSON, not msgpack: send the same map encoded as msgpack "
                 "(docs/devices.md)"
             ) from None
+        if _plain_text(payload):
+            raise BadPayload(
+                "payload looks like text, not msgpack: a request is a msgpack map (docs/devices.md)"
+            ) from None
         why = next((w for kind, w in _UNDECODABLE if isinstance(exc, kind)), "")
         raise BadPayload(
             f"payload is not msgpack: {why or 'it is cut short or malformed'}"
@@ -404,6 +409,19 @@ def _json_text(payload: bytes) -> bytes | None:
     a NUL after it, as C strings end, are not part of it."""
     text = payload.strip(_BLANK).removeprefix(b"\xef\xbb\xbf").lstrip()
     return text if text[:1] + text[-1:] in (b"{}", b"[]") else None
+
+
+def _plain_text(payload: bytes) -> bool:
+    """Whether an undecodable payload reads as text, by its first _TEXT_BYTES: what
+    `mosquitto_pub -m hello` sends was "more than one msgpack value" (a JSON scalar too)."""
+    try:  # not final: the cut may fall inside a character
+        text = codecs.getincrementaldecoder("utf-8")().decode(payload[:_TEXT_BYTES]).strip()
+    except UnicodeDecodeError:  # msgpack's map and string headers are not UTF-8
+        return False
+    return bool(text) and text.replace("\n", " ").replace("\t", " ").isprintable()
+
+
+_TEXT_BYTES: Final = 256
 
 
 def _salvage_json(text: bytes) -> tuple[Any, Any]:
