@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -122,6 +123,19 @@ def test_help_lists_every_flag_with_its_environment_variable() -> None:
     assert "MEMORY_WORKER_MAX_TURNS" in done.stdout
 
 
+def test_python_m_worker_runs_the_worker() -> None:
+    """`python -m worker` is the worker, as a newcomer tries it (an audit: no __main__)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: memory-worker" in done.stdout
+
+
 @pytest.fixture
 async def program_worker(
     broker: Mosquitto,
@@ -204,6 +218,17 @@ async def test_memctl_repeats_a_delete_with_its_id_once(
     assert (await memctl(broker, prefix, "state", "load", "kiosk-2", "n", "k"))[1][0]["value"] == 2
     loaded = await memctl(broker, prefix, "state", "load", "kiosk-2", "n", "k", "--ttl", "60")
     assert loaded == (0, [{"ok": True, "found": True, "value": 2}])
+
+
+async def test_memctl_load_finds_a_nil_value(broker: Mosquitto, program_worker: Any) -> None:
+    """A key saved as nil is found, as the worker says; memctl said `found: false` (an
+    audit), from the value alone."""
+    prefix = program_worker[0]
+    await memctl(broker, prefix, "state", "save", "nil-1", "n", "k", "null")
+    loaded = await memctl(broker, prefix, "state", "load", "nil-1", "n", "k")
+    assert loaded == (0, [{"ok": True, "found": True, "value": None}])
+    missing = await memctl(broker, prefix, "state", "load", "nil-1", "n", "other")
+    assert missing == (0, [{"ok": True, "found": False, "value": None}])
 
 
 async def test_memctl_budgets_and_summaries(broker: Mosquitto, program_worker: Any) -> None:

@@ -83,7 +83,11 @@ async def test_state_round_trip(memory: Memory) -> None:
     await memory.save(s, "prefs", "k2", "two", ttl=60)
     assert await memory.load(s, "prefs", "k1") == value
     assert await memory.load(s, "prefs", "missing") is None
-    assert await memory.get_all(s, "prefs") == {"k1": value, "k2": "two"}
+    assert await memory.load(s, "prefs", "missing", default=...) is ...
+    await memory.save(s, "prefs", "nil", None)
+    assert await memory.load(s, "prefs", "nil", default=...) is None  # found: nil
+    assert await memory.get_all(s, "prefs") == {"k1": value, "k2": "two", "nil": None}
+    await memory.delete(s, "prefs", "nil")
     assert await memory.delete(s, "prefs", "k1") is True
     assert await memory.delete(s, "prefs", "k1") is False
     assert await memory.get_all(s, "prefs") == {"k2": "two"}

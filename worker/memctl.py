@@ -41,6 +41,7 @@ from worker.protocol import check_request, topic_name_problem, validate_prefix
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_REPLY, EXIT_REFUSED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # as a shell reports a command Ctrl-C stopped
+_NONE: Any = object()  # what a load gives for a key that is not there
 
 
 def _jsonable(value: Any) -> Any:
@@ -266,8 +267,9 @@ async def _ask(memory: MemoryClient, args: argparse.Namespace) -> dict[str, Any]
         value = _state_value(args)
         await memory.save(args.convo, args.ns, args.key, value, args.ttl, request_id=rid)
     elif args.state_command == "load":
-        value = await memory.load(args.convo, args.ns, args.key, ttl=args.ttl)
-        reply.update(found=value is not None, value=value)
+        value = await memory.load(args.convo, args.ns, args.key, ttl=args.ttl, default=_NONE)
+        found = value is not _NONE  # a key saved as nil is found
+        reply.update(found=found, value=value if found else None)
     elif args.state_command == "get-all":
         reply["items"] = await memory.get_all(args.convo, args.ns)
     elif args.state_command == "namespaces":

@@ -212,15 +212,24 @@ class _Api:
 
     @_one_request
     def load(
-        self, session_id: str, namespace: str, key: str, *, ttl: float | None = None
+        self,
+        session_id: str,
+        namespace: str,
+        key: str,
+        *,
+        ttl: float | None = None,
+        default: Any = None,
     ) -> Plan[Any]:
-        """A state value, or None when there is none; with `ttl`, a found key that has a TTL
+        """A state value, or `default` when there is none (a key saved as None is found:
+        a `default` of your own tells them apart); with `ttl`, a found key that has a TTL
         lives `ttl` seconds from now (its value untouched; one saved without a TTL keeps
         none)."""
         body: dict[str, Any] = {"ns": namespace, "key": key}
         if ttl is not None:
             body["ttl"] = ttl
-        return session_id, c.OP_STATE_LOAD, body, _value
+        if default is None:
+            return session_id, c.OP_STATE_LOAD, body, _value
+        return session_id, c.OP_STATE_LOAD, body, functools.partial(_value_or, default)
 
     @_one_request
     def get_all(self, session_id: str, namespace: str) -> Plan[dict[str, Any]]:
@@ -320,6 +329,10 @@ def _nothing(reply: Reply) -> None:
 
 def _value(reply: Reply) -> Any:
     return reply["value"]
+
+
+def _value_or(default: Any, reply: Reply) -> Any:
+    return reply["value"] if reply.get("found") else default
 
 
 def _items(reply: Reply) -> dict[str, Any]:
