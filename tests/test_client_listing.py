@@ -4,6 +4,7 @@ mqtt:// (MQTT 5 and 3.1.1) and memory://, async and blocking."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import aiomqtt
 import msgpack
@@ -105,11 +106,16 @@ async def test_listings_beyond_the_waiting_pages_keep_their_place(
         assert w.stats.errors.get("unavailable", 0) > 0  # they did meet full waiting pages
 
 
-async def test_a_listing_that_gives_up_says_how_long_it_asked(broker: Mosquitto) -> None:
+@pytest.mark.parametrize("draw", ["shortest", "longest"])
+async def test_a_listing_that_gives_up_says_how_long_it_asked(
+    broker: Mosquitto, draw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A page the worker keeps turning away raises UnavailableError once the client's
     timeout x attempts have passed, saying how long it was asked (it said "3 attempts"
     after 15 s of them: a trial). A responder stands in for a worker whose waiting pages
-    stay full: it answers every page so."""
+    stay full: it answers every page so. The pauses drawn at their shortest it still says
+    so (it said "3 attempts" when they all came short: the suite, once)."""
+    monkeypatch.setattr(random, "uniform", lambda a, b: a if draw == "shortest" else b)
     prefix = unique("full")
     busy = {"ok": False, "error": {"code": "unavailable", "message": "8 listing pages wait"}}
     async with aiomqtt.Client(

@@ -274,14 +274,16 @@ class _Api:
         attempts."""
         loop = asyncio.get_running_loop()
         start = loop.time()
+        again = False  # whether it asked again, past its request's own attempts
         while True:
             try:
                 return await self._request(c.CONVERSATIONS_LEVEL, c.OP_LIST, body)
             except UnavailableError as exc:
                 if loop.time() + _AGAIN_MOST <= start + self._list_patience():
                     await asyncio.sleep(random.uniform(_AGAIN_MOST / 2, _AGAIN_MOST))
+                    again = True
                     continue
-                if loop.time() - start < _AGAIN_MOST:  # its own attempts only
+                if not again:
                     raise
                 said = re.sub(r" \(\d+ attempts\)$", "", exc.message)
                 raise UnavailableError(
