@@ -167,6 +167,24 @@ def test_the_layout(staged: Path) -> None:
 
 
 @needs_root
+def test_the_installed_package_is_typed(staged: Path) -> None:
+    """What pip installed from the clone carries py.typed (an app's mypy saw the client as
+    Any without it: a trial) and the Redis script."""
+    venv = staged / PREFIX[1:]
+    where = subprocess.run(
+        [venv / "bin/python", "-c", "import worker; print(worker.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    )
+    package = Path(where.stdout.strip()).parent
+    assert package.is_relative_to(venv), package  # installed, not this clone
+    assert (package / "py.typed").is_file()
+    assert (package / "backends/redis.lua").is_file()
+
+
+@needs_root
 def test_the_staged_tree_names_slash_not_the_staging_root(staged: Path) -> None:
     """--root: no file of the staged tree names the staging root (scripts start with
     #!PREFIX/bin/python), so the tree can be copied or packaged as /."""
