@@ -183,6 +183,10 @@ async def test_no_reply_with_a_login_asks_whether_it_may_read_its_replies(
 async def test_memory_url_takes_the_payload_limit() -> None:
     async with open_memory("memory://?max_payload_bytes=2000000") as m:
         assert (await m.append("c", "user", "x" * 1_000_000)).seq == 1
+    async with open_memory("memory://?max_payload_bytes=300") as m:
+        # Its own setting named, not the worker's flag (a trial)
+        with pytest.raises(TooLargeError, match=r"limit is 300 \(memory://\?max_payload_bytes\)"):
+            await m.append("c", "user", "x" * 500)
     with pytest.raises(ValueError, match="bad number"):
         memory_from_url("memory://?max_payload_bytes=lots")
     with pytest.raises(ValueError, match="at least 256"):

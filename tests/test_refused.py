@@ -47,6 +47,10 @@ async def test_a_refused_reply_subscription_is_an_error_naming_it(
     assert isinstance(info.value, PermissionError)
     assert f"'{inbox}'" in info.value.message
     assert "reply_prefix='reply/kiosk-a'" in info.value.message
+    # Each role's by the command that made it: the client cannot know which (a trial read
+    # "reply/<user>" as an app's).
+    assert "(deploy/add-user kiosk-a): reply_prefix='reply/kiosk-a'" in info.value.message
+    assert "(deploy/add-user --app kiosk-a): reply_prefix='reply/{convo}'" in info.value.message
     # 3.1.1's SUBACK has one refusal, no reason: not MQTT 5's "Unspecified error"
     reason = "Not authorized" if protocol == 5 else "Failure (MQTT 3.1.1 says no reason)"
     assert info.value.reason == reason

@@ -638,8 +638,10 @@ def reply_parsed(req_id: Any = _MISSING) -> Parsed:
     return Parsed(None, None, None, None, req_id)
 
 
-def too_large_payload(size: int, limit: int) -> str:
-    return f"payload is {size} bytes; the limit is {limit} (the worker's --max-payload-bytes)"
+def too_large_payload(
+    size: int, limit: int, setting: str = "the worker's --max-payload-bytes"
+) -> str:
+    return f"payload is {size} bytes; the limit is {limit} ({setting})"
 
 
 class Router:

@@ -88,7 +88,9 @@ class LocalMemory(_Api):
             request = check_request(convo, op, body)
             size = len(msgpack.packb(body))
             if size > self.max_payload_bytes:  # as the worker measures what a client sends
-                raise TooLarge(too_large_payload(size, self.max_payload_bytes))
+                # memory://'s own setting, not a worker's flag (a trial)
+                setting = "memory://?max_payload_bytes"
+                raise TooLarge(too_large_payload(size, self.max_payload_bytes, setting))
         except WorkerError as exc:
             raise error_for(exc.code, exc.message) from None
         results, evictions = await self._backend.execute([request])

@@ -277,8 +277,9 @@ class MemoryClient(_Api):
                 "--reply-prefix reply/_conversations"
             )
             theirs = (
-                f"a device's: reply_prefix='reply/{user}', memctl --reply-prefix reply/{user}; "
-                "an app's (deploy/add-user --app): reply/{convo}"
+                f"a device's (deploy/add-user {user}): reply_prefix='reply/{user}', memctl "
+                f"--reply-prefix reply/{user}; an app's (deploy/add-user --app {user}): "
+                "reply_prefix='reply/{convo}'"
             )
             hint = (
                 "replies come there: set reply_prefix to a topic this user may read (with the "
