@@ -143,7 +143,8 @@ async def test_too_large_comes_from_the_worker(memory: Memory) -> None:
     naming the limit; memory:// measures it as the worker would (it stored a megabyte).
     MQTT 3.1.1's reply_to is in the payload the worker refuses: it reads that much of it
     (there was no reply, and the client only guessed why)."""
-    with pytest.raises(TooLargeError, match=r"the limit is 65536 \(the worker's --max-payload"):
+    setting = "memory://?max_payload_bytes" if isinstance(memory, LocalMemory) else "the worker's"
+    with pytest.raises(TooLargeError, match=rf"the limit is 65536 \({re.escape(setting)}"):
         await memory.append(unique("c"), "user", "x" * 70000)
     assert (await memory.append(unique("c"), "user", "x" * 65000)).seq == 1
 
