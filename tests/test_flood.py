@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import msgpack
@@ -193,6 +194,61 @@ async def test_small_messages_that_decode_into_many_objects_keep_memory_bounded(
         await asyncio.gather(send(), sample())
         peak = max(peak, rss_mib(proc.pid))
         print(f"peak RSS {peak:.1f} MiB")
+        assert peak < RSS_BOUND_MIB
+        assert proc.poll() is None
+    finally:
+        reap(proc)
+
+
+def _strangers(prefix: str, case: str) -> list[tuple[str, bytes, Any]]:
+    """What a client that is not a worker may send, each kept by the worker until a review:
+    statuses and stats of 256 made-up workers with 8 KiB of [{}] in them (600 KB each
+    decoded), requests with 60 KB reply routes, and requests on 60 KB topics, each new."""
+    blob = [{}] * 8100
+    now = time.time()
+    if case == "peers":
+        out: list[tuple[str, bytes, Any]] = []
+        for i in range(256):
+            status = {"client_id": f"fake{i}", "state": blob}
+            stats = {"client_id": f"ghost{i}", "limits": {"x": blob}, "ts": now}
+            out.append((f"{prefix}/_worker/fake{i}/status", msgpack.packb(status), None))
+            out.append((f"{prefix}/_worker/ghost{i}/stats", msgpack.packb(stats), None))
+        return out
+    long = "a" * 60_000
+    if case == "routes":
+        return [
+            (f"{prefix}/c/get", b"\x80", props(ResponseTopic=f"r/{i:08d}{long}"))
+            for i in range(800)
+        ]
+    return [
+        (f"{prefix}/{i:08d}{long}/append", b"\x80", props(ResponseTopic="r/x")) for i in range(800)
+    ]
+
+
+@pytest.mark.parametrize("case", ["peers", "routes", "topics"])
+async def test_what_strangers_send_is_not_kept_past_the_bound(broker: Mosquitto, case: str) -> None:
+    """Worker topics anyone may publish on, and the topics and routes of requests the worker
+    refuses, are remembered (other workers' limits; a topic's or route's verdict): 4 MB of
+    made-up peers took 300 MB, 800 long routes or topics 50 MB each. RSS stays under the
+    stated bound, and the worker answers."""
+    prefix, cid = unique("mem"), unique("w-")
+    proc = spawn_worker(broker, "--prefix", prefix, "--client-id", cid)
+    try:
+        async with watcher(broker.host, broker.port, f"{prefix}/_worker/{cid}/status") as seen:
+            assert decode(await next_message(seen))["state"] == "online"
+        async with aiomqtt.Client(
+            broker.host,
+            broker.port,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            socket_options=[NODELAY],
+            max_inflight_messages=1000,
+        ) as client:
+            for topic, payload, properties in _strangers(prefix, case):
+                await client.publish(topic, payload, qos=1, properties=properties)
+        async with device(broker.host, broker.port, prefix) as d:  # after them, in order
+            assert (await d.request("c", "get"))["ok"]
+        peak = rss_mib(proc.pid)
+        print(f"{case}: RSS {peak:.1f} MiB")
         assert peak < RSS_BOUND_MIB
         assert proc.poll() is None
     finally:

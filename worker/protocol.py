@@ -37,6 +37,9 @@ _BAD_CONVO_CHARS: Final = re.compile(
 _SURROGATES: Final = re.compile("[\ud800-\udfff]")
 # Devices reuse their reply topics and conversations: what was checked once is remembered.
 _CACHE_SIZE: Final = 4096
+# A request's operation, an event's leaf, or a worker topic's `_worker/<client-id>/<leaf>`
+# past the conversation's place: a longer topic is never remembered.
+_LONGEST_LEAF: Final = 64
 
 _MISSING: Final[Any] = object()
 
@@ -658,9 +661,14 @@ class Router:
         self._skip = len(self._head)
         self._worker_level = c.WORKER_LEVEL + "/"
         self._list_topic = f"{self._head}{c.CONVERSATIONS_LEVEL}/{c.OP_LIST}"
+        # Remembered: a client asks on the same topics again and again. Only what a request
+        # or a worker's own topic can be is kept (split keeps none of the BadTopics it
+        # raises): a long topic or route kept is memory a client chooses (4096 routes of
+        # 60 KB held 250 MB: a review).
+        self._longest = len(self._head) + c.MAX_CONVO_BYTES + _LONGEST_LEAF
         self.split = functools.lru_cache(maxsize=_CACHE_SIZE)(self._split)
-        self.not_for_us = functools.lru_cache(maxsize=_CACHE_SIZE)(self._not_for_us)
-        self.route_problem = functools.lru_cache(maxsize=_CACHE_SIZE)(self._route_problem)
+        self._not_for_us_kept = functools.lru_cache(maxsize=_CACHE_SIZE)(self._not_for_us)
+        self._route_problem_kept = functools.lru_cache(maxsize=_CACHE_SIZE)(self._route_problem)
 
     def filters(self) -> list[str]:
         """Topic filters that receive every request, and every mistaken one (for bad_topic)."""
@@ -690,6 +698,18 @@ class Router:
                 continue
             out += other.filters() + other.legacy_filters()
         return out
+
+    def not_for_us(self, topic: str) -> bool:
+        """Workers' own traffic under the prefix: events and worker topics, never requests."""
+        if len(topic) > self._longest:
+            return self._not_for_us(topic)
+        return self._not_for_us_kept(topic)
+
+    def route_problem(self, route: str, convo: str | None) -> str | None:
+        """Why the worker must not publish a reply to `route`, or None."""
+        if len(route) > c.MAX_TOPIC_BYTES:  # refused, whatever it is
+            return self._route_problem(route, convo)
+        return self._route_problem_kept(route, convo)
 
     def _not_for_us(self, topic: str) -> bool:
         """Workers' own traffic under the prefix: events and worker topics, never requests."""

@@ -80,13 +80,15 @@ from worker.protocol import (
     status_payload,
     topic_name_problem,
 )
+from worker.store import Limits
 from worker.systemd import Notifier
 
 log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
 _PEERS_TRACKED = 1024  # workers whose last stats named another store, remembered at most
 _PEERS_KEPT = 256  # other workers whose status (or stats awaiting it) is remembered
-_COMPARED = ("client_id", "shared_group", "backend", "limits", "ts")  # of a peer's stats
+_PEER_TEXT = 256  # the longest client id, group, backend or store name kept of a peer
+_LIMITS = tuple(limits_payload(Limits()))  # what a peer's stats' limits may hold
 # Backends that workers of a share group can share (memory and SQLite are each worker's own).
 _SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})
 
@@ -129,6 +131,32 @@ def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
         if body["client_id"] == client_id and isinstance(body["uptime"], int | float):
             return body  # type: ignore[no-any-return]
     return None
+
+
+def _peer_text(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= _PEER_TEXT
+
+
+def _peer_fields(body: dict[str, Any]) -> dict[str, Any] | None:
+    """What is compared of another worker's stats, each of a worker's shape, or None when it
+    is not a worker's: anyone may publish there, and what is kept is memory (8 KiB of [{}]
+    in its limits decoded to 600 KB, kept for 256 strangers: a review)."""
+    limits = body.get("limits")
+    if not _peer_text(body.get("client_id")) or not isinstance(limits, dict):
+        return None
+    kept = {
+        "client_id": body["client_id"],
+        "limits": {k: v for k in _LIMITS if isinstance(v := limits.get(k), int | float)},
+    }
+    for name in ("shared_group", "backend", "store"):
+        if name in body:
+            if body[name] is not None and not _peer_text(body[name]):
+                return None
+            kept[name] = body[name]
+    for name in ("ts", "stats_interval"):
+        if isinstance(body.get(name), int | float):
+            kept[name] = body[name]
+    return kept
 
 
 def _of_this_run(stats: dict[str, Any], since: float) -> bool:
@@ -1016,8 +1044,10 @@ class Service:
         it is online (a stopped worker's last stats stay retained, and recent, a while)."""
         body = decode_status(payload)
         peer, state = body.get("client_id"), body.get("state")
-        if not isinstance(peer, str) or peer == self.cfg.client_id:
+        if not _peer_text(peer) or peer == self.cfg.client_id:
             return
+        if not _peer_text(state):  # kept: 8 KiB of [{}] is 600 KB (a review)
+            state = "?"
         if peer not in self._peer_states and len(self._peer_states) >= _PEERS_KEPT:
             return  # anyone may publish statuses: no more
         since = body.get("ts")
@@ -1030,12 +1060,12 @@ class Service:
     def _peer_stats(self, payload: bytes) -> None:
         """Another worker's stats on this prefix, judged once its status says online."""
         try:
-            body = decode_event(payload, None)
-            peer, limits = body["client_id"], body["limits"]
+            body = _peer_fields(decode_event(payload, None))
         except Exception:  # not stats of ours: nothing to compare
             return
-        if not isinstance(peer, str) or not isinstance(limits, dict):  # anyone may publish
+        if body is None:  # anyone may publish there: not a worker's
             return
+        peer = body["client_id"]
         if peer == self.cfg.client_id or not stats_are_recent(body, time.time()):
             return
         state, since = self._peer_states.get(peer, (None, 0.0))
@@ -1045,7 +1075,7 @@ class Service:
         elif state is None and (
             peer in self._peer_pending or len(self._peer_pending) < _PEERS_KEPT
         ):  # its status may come after: judged then, on what is compared
-            self._peer_pending[peer] = {k: body[k] for k in _COMPARED if k in body}
+            self._peer_pending[peer] = body
 
     def _judge_peer(self, body: dict[str, Any]) -> None:
         """Say once when a worker online on this prefix serves it apart from this one
