@@ -204,7 +204,7 @@ def _strangers(prefix: str, case: str) -> list[tuple[str, bytes, Any]]:
     """What a client that is not a worker may send, each kept by the worker until a review:
     statuses and stats of 256 made-up workers with 8 KiB of [{}] in them (600 KB each
     decoded), requests with 60 KB reply routes, and requests on 60 KB topics, each new."""
-    blob = [{}] * 8100
+    blob: list[dict[str, Any]] = [{}] * 8100
     now = time.time()
     if case == "peers":
         out: list[tuple[str, bytes, Any]] = []

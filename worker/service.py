@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiomqtt
 
@@ -133,7 +133,7 @@ def _stats_of(payload: bytes, client_id: str) -> dict[str, Any] | None:
     return None
 
 
-def _peer_text(value: object) -> bool:
+def _peer_text(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and len(value) <= _PEER_TEXT
 
 
