@@ -47,6 +47,10 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (["--backend", "mongodb://x"], {}, "--backend"),
         ([], {"MEMORY_WORKER_TTL": "soon"}, "MEMORY_WORKER_TTL"),
         ([], {"MEMORY_WORKER_MAX_TURNS": "abc"}, "expected an integer"),
+        # Port 1: were they taken, the worker would not find this machine's broker (a review)
+        (["--port", "1", "--ttl", "nan"], {}, "--ttl: expected a finite number, got 'nan'"),
+        (["--port", "1", "--ttl", "inf"], {}, "--ttl: expected a finite number"),
+        (["--port", "1", "--stats-interval", "nan"], {}, "--stats-interval: expected a finite"),
         (["--prefix", "rp", "--route-prefix", "rp/x"], {}, "may not go under --prefix"),
         (["--tls-ca", __file__], {}, "TLS CA certificate"),  # a file, not a certificate
     ],
@@ -380,6 +384,8 @@ async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
         (["summary", "c", "--save", "s"], "--upto"),
         (["summary", "c", "--save", "s", "--upto", "0"], "'upto'"),
         (["--timeout", "0", "get", "c"], "--timeout"),
+        (["--timeout", "nan", "get", "c"], "--timeout must be a finite number"),
+        (["state", "save", "c", "ns", "k", "1", "--ttl", "nan"], "'ttl'"),
         (["retire", "a/b"], "client id"),
         (["--host", "mqtt://127.0.0.1", "get", "c"], "--host 'mqtt://127.0.0.1' is a URL"),
         (["--host", "127.0.0.1:1883", "get", "c"], "give the host '127.0.0.1' and the port"),

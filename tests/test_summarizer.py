@@ -347,6 +347,7 @@ def test_the_command_line_refuses_bad_flags_in_one_line() -> None:
     assert cfg.port == 2000
     for argv, message in (
         (["--port", "x"], "--port: expected an integer"),
+        (["--llm-timeout", "inf"], "--llm-timeout: expected a finite number"),
         (["--llm-url", "ftp://x"], "--llm-url must be an http"),
         (["--group", "a/b"], "--group must be a name"),
         (["--log-level", "chatty"], "--log-level must be"),

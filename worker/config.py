@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
@@ -77,7 +78,7 @@ def validate_limits(
         ("max-keys", lim.max_keys),
     ):
         _positive_int(flag(name), value)
-    if lim.ttl < 0:
+    if not 0 <= lim.ttl < math.inf:  # NaN too
         raise ConfigError(f"{flag('ttl')} must be 0 (off) or more seconds, got {lim.ttl}")
     most = flag("max-payload-bytes")
     if max_payload_bytes < c.MIN_MAX_PAYLOAD_BYTES:
@@ -201,6 +202,15 @@ class _Flag:
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
+def finite(raw: str) -> float:
+    """A finite float: `--ttl nan` kept conversations for ever, and failed every listing
+    (a review); `inf` too."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
 def _boolean(raw: str) -> bool:
     if raw.lower() in _TRUE:
         return True
@@ -219,7 +229,7 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("username", str, None, "broker username"),
     _Flag("password", str, None, "broker password (prefer the environment variable)"),
     _Flag("max-turns", int, c.DEFAULT_MAX_TURNS, "turns kept per conversation"),
-    _Flag("ttl", float, c.DEFAULT_TTL, "seconds a conversation lives after its last use; 0: off"),
+    _Flag("ttl", finite, c.DEFAULT_TTL, "seconds a conversation lives after its last use; 0: off"),
     _Flag("max-conversations", int, c.DEFAULT_MAX_CONVERSATIONS, "conversations kept (LRU)"),
     _Flag(
         "max-bytes",
@@ -238,7 +248,7 @@ FLAGS: tuple[_Flag, ...] = (
         "(for memory-summarizer)",
     ),
     _Flag("backend", str, c.DEFAULT_BACKEND, FORMS),
-    _Flag("stats-interval", float, c.DEFAULT_STATS_INTERVAL, "seconds between stats messages"),
+    _Flag("stats-interval", finite, c.DEFAULT_STATS_INTERVAL, "seconds between stats messages"),
     _Flag(
         "session-expiry",
         int,
@@ -246,7 +256,7 @@ FLAGS: tuple[_Flag, ...] = (
         "MQTT session expiry in seconds; 0 with --shared-group unless given",
     ),
     _Flag("max-inflight", int, c.DEFAULT_MAX_INFLIGHT, "requests in progress before reading stops"),
-    _Flag("reconnect-max", float, c.DEFAULT_RECONNECT_MAX, "cap of the reconnect backoff (s)"),
+    _Flag("reconnect-max", finite, c.DEFAULT_RECONNECT_MAX, "cap of the reconnect backoff (s)"),
     _Flag("shared-group", str, None, "serve through $share/<group>/... with other workers"),
     _Flag(
         "route-prefix",
@@ -377,7 +387,7 @@ def _reason(exc: OSError) -> str:
 _KIND_NAMES: dict[Callable[[str], object], str] = {
     _boolean: "true or false",
     int: "an integer",
-    float: "a number",
+    finite: "a finite number",
     str: "a string",
 }
 

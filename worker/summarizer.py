@@ -49,7 +49,7 @@ from worker.client import (
     TooLargeError,
     check_reply_prefix,
 )
-from worker.config import tls_context, validate_connection
+from worker.config import finite, tls_context, validate_connection
 from worker.errors import ConfigError
 from worker.llm import (
     DEFAULT_LLM_TIMEOUT,
@@ -176,12 +176,12 @@ _FLAGS: tuple[tuple[str, Callable[[str], object], str], ...] = (
     ("llm-url", str, "OpenAI-compatible API base URL (Ollama, llama.cpp's llama-server)"),
     ("model", str, "the model's name on that server"),
     ("summary-tokens", int, "the summary's length to ask the model for, in tokens"),
-    ("llm-timeout", float, "seconds one model call may take"),
+    ("llm-timeout", finite, "seconds one model call may take"),
     ("concurrency", int, "conversations folded at once"),
-    ("gap-wait", float, "seconds an event waits for earlier ones of its conversation"),
-    ("retry-max", float, "cap of the backoff between tries of a fold (s)"),
+    ("gap-wait", finite, "seconds an event waits for earlier ones of its conversation"),
+    ("retry-max", finite, "cap of the backoff between tries of a fold (s)"),
     ("session-expiry", int, "seconds the broker keeps our session (and events) while we are away"),
-    ("reconnect-max", float, "cap of the reconnect backoff (s)"),
+    ("reconnect-max", finite, "cap of the reconnect backoff (s)"),
     ("log-level", str, "debug, info, warning or error"),
 )
 
@@ -221,7 +221,9 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str]) -> SummarizerConf
         try:
             values[dest] = kind(raw)
         except ValueError:
-            kind_name = "an integer" if kind is int else "a number" if kind is float else "text"
+            kind_name = (
+                "an integer" if kind is int else "a finite number" if kind is finite else "text"
+            )
             raise ConfigError(f"{source}: expected {kind_name}, got {raw!r}") from None
     return SummarizerConfig(api_key=environ.get("OPENAI_API_KEY") or None, **values)
 
