@@ -1368,6 +1368,29 @@ async def test_the_summary_counts_in_the_budget_and_goes_with_the_conversation(
     assert h.counts.bytes == 1 + len("user") + 1 + 5
 
 
+async def test_a_summary_keeps_the_newest_turn_it_does_not_cover(make: Make) -> None:
+    """A summary whose room would take the newest turn, which it does not cover, is
+    too_large, naming it (the turn was trimmed, and `dropped` did not count it: a review);
+    one that fits beside it trims older uncovered turns (announced), never the newest."""
+    h = await make(max_bytes=60, max_turns=10, turn_cost=5, trimmed_events=True)
+    for i in range(3):
+        await add(h, "c", f"x{i}" * 2 + "x", role="r")  # 1 + 11 each
+    refused = await summarize(h, "c", "y" * 50, 1, 0)  # 1 + 55 + 11 > 60
+    assert isinstance(refused, TooLarge)
+    assert refused.message.endswith(
+        "does not fit in --max-bytes 60 beside the newest turn, which it does not cover (11 bytes)"
+    )
+    assert [t["seq"] for t in await turns(h, "c")] == [1, 2, 3]
+    assert h.trimmed == []
+    assert (await h.ok(Summary("c", "y" * 40, 1, 0))).fields == {"upto": 1, "dropped": 1}
+    assert [t["seq"] for t in await turns(h, "c")] == [3]
+    assert h.trimmed == [("c", [2], 1)]
+    assert h.counts.bytes == 1 + 45 + 11
+    await h.ok(Summary("c", "y" * 54, 3, 1))  # covering the newest too: all its room
+    assert await turns(h, "c") == []
+    assert h.counts.bytes == 60
+
+
 async def test_trimmed_events_announce_every_uncovered_turn_once(make: Make) -> None:
     """With trimmed_events each turn that leaves the window (max_turns or the conversation's
     own budget) is announced once with the summary's upto; covered turns and evictions not."""

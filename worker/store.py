@@ -402,10 +402,17 @@ class Store:
         lim = self.limits
         size = summary_size(req.text, lim.turn_cost)
         old = self._summary_size(cv)
-        if size + self._base(name) + cv.sbytes - old > lim.max_bytes:
+        # The newest turn stays, as an append's own does: trimmed for the summary's room, it
+        # was lost, and `dropped` did not count it (a review).
+        newest = 0
+        if req.upto < cv.seq and cv.count:
+            at, seq, _ = turn_marks(cv.turns)[-1]
+            newest = turn_size(cv.turns[at:]) + lim.turn_cost if seq > req.upto else 0
+        if size + self._base(name) + cv.sbytes - old + newest > lim.max_bytes:
+            beside = f" beside the newest turn, which it does not cover ({newest} bytes)"
             raise TooLarge(
                 f"the summary ({size} bytes with its overhead) does not fit in --max-bytes "
-                f"{lim.max_bytes}"
+                f"{lim.max_bytes}" + (beside if newest else "")
             )
         covered = cv.drop_upto(req.upto)
         freed = sum(turn_size(t) + lim.turn_cost for t in covered)
@@ -414,7 +421,7 @@ class Store:
         cv.sbytes += size - old
         cv.nbytes += size - old - freed
         self.bytes += size - old - freed
-        self._trim_own(name, cv, 0, [])
+        self._trim_own(name, cv, 1 if newest else 0, [])
         return self._done(name, cv, now, key, {"upto": req.upto, "dropped": len(covered)})
 
     def delete(self, req: Delete) -> Fields:

@@ -428,11 +428,18 @@ elseif op == 'summary' then
     result = {'conflict', why, current, newest, born}
   else
     local old = num(redis.call('HGET', meta(c), 'sum_size'))
-    if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old > max_bytes then
+    local t = K .. 't:' .. c
+    -- the newest turn stays, as an append's own does (store.py's summary)
+    local last, kept = redis.call('LINDEX', t, -1), 0
+    if last and entry_seq(last) > upto then kept = struct.unpack('>I4', last) end
+    if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old + kept > max_bytes then
+      local beside = ''
+      if kept > 0 then
+        beside = ' beside the newest turn, which it does not cover (' .. kept .. ' bytes)'
+      end
       result = {'too_large', 'the summary (' .. size ..
-                ' bytes with its overhead) does not fit in --max-bytes ' .. max_bytes}
+                ' bytes with its overhead) does not fit in --max-bytes ' .. max_bytes .. beside}
     else
-      local t = K .. 't:' .. c
       local dropped = 0
       while redis.call('LLEN', t) > 0 and entry_seq(redis.call('LINDEX', t, 0)) <= upto do
         drop_oldest(c)
@@ -444,7 +451,9 @@ elseif op == 'summary' then
       redis.call('HINCRBY', meta(c), 'nbytes', size - old)
       redis.call('INCRBY', K .. 'bytes', size - old)
       shed_ids(c, 0)
-      while over(c) and redis.call('LLEN', t) > 0 do trim_oldest(c) end
+      local keep = 0
+      if kept > 0 then keep = 1 end
+      while over(c) and redis.call('LLEN', t) > keep do trim_oldest(c) end
       remember(c, id, upto .. ' ' .. dropped, icost)
       touch(c)
       fit_budget()
