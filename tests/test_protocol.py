@@ -138,6 +138,16 @@ def test_a_payload_of_text_is_named_so(raw: bytes) -> None:
     assert said.message.startswith("payload looks like text, not msgpack"), said.message
 
 
+def test_a_negative_ext_type_is_named() -> None:
+    """msgpack reserves negative ext types: one was 'cut short or malformed' (a review)."""
+    said = parse("mem/c/state/save", raw=b"\x83\xa2ns\xa1n\xa3key\xa1k\xa5value\xd4\xfb\x01")
+    assert isinstance(said.error, BadPayload)
+    assert said.error.message == (
+        "payload is not msgpack: an ext type in it is negative, which msgpack reserves (-1 is "
+        "a timestamp)"
+    )
+
+
 @pytest.mark.parametrize(
     "raw", [msgpack.packb({"role": "user", "content": "hi"})[:-3], b"\xc1", b"ab\x01cd"]
 )

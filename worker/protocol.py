@@ -393,6 +393,8 @@ def _decode(payload: bytes) -> dict[Any, Any]:
                 "payload looks like text, not msgpack: a request is a msgpack map (docs/devices.md)"
             ) from None
         why = next((w for kind, w in _UNDECODABLE if isinstance(exc, kind)), "")
+        if not why and str(exc).startswith("code must be 0~127"):  # msgpack's words
+            why = "an ext type in it is negative, which msgpack reserves (-1 is a timestamp)"
         raise BadPayload(
             f"payload is not msgpack: {why or 'it is cut short or malformed'}"
         ) from exc
