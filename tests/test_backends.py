@@ -829,7 +829,9 @@ async def test_max_keys_refuses_new_keys_but_not_updates(make: Make) -> None:
     h = await make(max_keys=2)
     await save(h, "c", "a", 1)
     await save(h, "c", "b", 1, ttl=1)
-    assert isinstance(await save(h, "c", "z", 1), TooLarge)
+    full = await save(h, "c", "z", 1)
+    assert isinstance(full, TooLarge)
+    assert full.message == "the conversation has --max-keys 2 live keys"  # Redis said no 2
     assert isinstance(await save(h, "c", "a", 2), Fields)
     h.clock.now += 1
     assert isinstance(await save(h, "c", "z", 1), Fields)  # b expired, so z fits
@@ -1338,6 +1340,9 @@ async def test_summary_compare_and_set_refuses_with_conflict(make: Make) -> None
     far = await summarize(h, "c", "two", 10**17, 2)
     assert isinstance(far, Conflict)
     assert far.message.endswith(", not 100000000000000000")  # Lua said 1e+17
+    stale = await summarize(h, "c", "two", 3, 2**64 - 1)
+    assert isinstance(stale, Conflict)
+    assert stale.message == "the summary's upto is 2, not base 18446744073709551615"
     gone = await summarize(h, "nobody", "x", 1, 0)
     assert isinstance(gone, Conflict)
     assert (gone.upto, gone.seq) == (0, 0)

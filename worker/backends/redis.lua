@@ -415,7 +415,7 @@ elseif op == 'summary' then
     if exists and other then
       why = 'the conversation was started again (born ' .. born .. ', not ' .. want .. ')'
     elseif exists and sbase ~= current then
-      why = "the summary's upto is " .. current .. ', not base ' .. sbase
+      why = "the summary's upto is " .. current .. ', not base ' .. ARGV[16]  -- as sent
     elseif exists and sbase >= newest then
       why = 'nothing to summarize: the summary covers every turn (upto ' ..
             string.format('%.0f', newest) .. ')'
@@ -475,7 +475,7 @@ elseif op == 'save' then
     end
     local delta = ksize + string.len(value) - (old and (ksize + string.len(old)) or 0)
     if exists and not old and num(redis.call('HGET', meta(c), 'nkeys')) >= max_keys then
-      result = {'too_large', 'the conversation has --max-keys live keys'}
+      result = {'too_large', 'the conversation has --max-keys ' .. ARGV[7] .. ' live keys'}
     elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) -
             num(redis.call('HGET', meta(c), 'ibytes')) or base) + delta > max_bytes then
       result = {'too_large', 'the value does not fit in --max-bytes'}
