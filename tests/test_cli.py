@@ -384,7 +384,7 @@ async def test_memctl_retire_clears_a_stopped_workers_status_and_stats(
         (["summary", "c", "--save", "s"], "--upto"),
         (["summary", "c", "--save", "s", "--upto", "0"], "'upto'"),
         (["--timeout", "0", "get", "c"], "--timeout"),
-        (["--timeout", "nan", "get", "c"], "--timeout must be a finite number"),
+        (["--timeout", "nan", "get", "c"], "--timeout must be more than 0 seconds, got nan"),
         (["state", "save", "c", "ns", "k", "1", "--ttl", "nan"], "'ttl'"),
         (["retire", "a/b"], "client id"),
         (["--host", "mqtt://127.0.0.1", "get", "c"], "--host 'mqtt://127.0.0.1' is a URL"),

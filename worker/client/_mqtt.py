@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import contextvars
 import itertools
-import math
 import ssl
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
@@ -112,12 +111,8 @@ class MemoryClient(_Api):
             raise
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 0 < timeout < math.inf  # NaN too
-        ):
-            raise ValueError(f"timeout must be a finite number of seconds over 0, not {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be more than 0 seconds, not {timeout!r}")  # NaN too
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise ValueError(f"attempts must be a whole number from 1, not {attempts!r}")
         try:
