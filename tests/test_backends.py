@@ -428,7 +428,12 @@ async def test_turn_larger_than_the_budget_is_refused(make: Make) -> None:
     """A turn that could never fit is too_large, and nothing is evicted for it."""
     h = await make(max_bytes=50)
     await add(h, "a", "x" * 10)
-    assert isinstance(await h.run(Append("b", "user", "x" * 50)), TooLarge)
+    refused = await h.run(Append("b", "user", "x" * 50))
+    assert isinstance(refused, TooLarge)
+    assert refused.message == "the turn (54 bytes with its overhead) does not fit in --max-bytes 50"
+    value = await save(h, "b", "k", "v" * 60)
+    assert isinstance(value, TooLarge)
+    assert value.message == "the value does not fit in --max-bytes 50"  # Redis said no 50
     assert h.take() == []
     assert h.counts.conversations == 1
 
@@ -1374,10 +1379,10 @@ async def test_the_summary_counts_in_the_budget_and_goes_with_the_conversation(
 
 
 async def test_a_summary_keeps_the_newest_turn_it_does_not_cover(make: Make) -> None:
-    """A summary whose room would take the newest turn, which it does not cover, is
-    too_large, naming it (the turn was trimmed, and `dropped` did not count it: a review);
-    one that fits beside it trims older uncovered turns (announced), never the newest."""
-    h = await make(max_bytes=60, max_turns=10, turn_cost=5, trimmed_events=True)
+    """Without trimmed events, a summary whose room would take the newest turn, which it does
+    not cover, is too_large, naming it (the turn was lost, unannounced: a review); one that
+    fits beside it trims older uncovered turns, never the newest."""
+    h = await make(max_bytes=60, max_turns=10, turn_cost=5)
     for i in range(3):
         await add(h, "c", f"x{i}" * 2 + "x", role="r")  # 1 + 11 each
     refused = await summarize(h, "c", "y" * 50, 1, 0)  # 1 + 55 + 11 > 60
@@ -1386,14 +1391,27 @@ async def test_a_summary_keeps_the_newest_turn_it_does_not_cover(make: Make) -> 
         "does not fit in --max-bytes 60 beside the newest turn, which it does not cover (11 bytes)"
     )
     assert [t["seq"] for t in await turns(h, "c")] == [1, 2, 3]
-    assert h.trimmed == []
     assert (await h.ok(Summary("c", "y" * 40, 1, 0))).fields == {"upto": 1, "dropped": 1}
     assert [t["seq"] for t in await turns(h, "c")] == [3]
-    assert h.trimmed == [("c", [2], 1)]
     assert h.counts.bytes == 1 + 45 + 11
     await h.ok(Summary("c", "y" * 54, 3, 1))  # covering the newest too: all its room
     assert await turns(h, "c") == []
     assert h.counts.bytes == 60
+
+
+async def test_with_trimmed_events_a_summary_may_take_every_turn_it_does_not_cover(
+    make: Make,
+) -> None:
+    """With trimmed events the turns a summary's room takes are announced, the newest too,
+    for a summarizer to fold: refused, a summary that could not fit beside the newest turn
+    was refused for ever, and memory-summarizer asked its model again and again (a review)."""
+    h = await make(max_bytes=60, max_turns=10, turn_cost=5, trimmed_events=True)
+    for i in range(3):
+        await add(h, "c", f"x{i}" * 2 + "x", role="r")
+    assert (await h.ok(Summary("c", "y" * 50, 1, 0))).fields == {"upto": 1, "dropped": 1}
+    assert await turns(h, "c") == []
+    assert h.trimmed == [("c", [2, 3], 1)]
+    assert h.counts.bytes == 1 + 55
 
 
 async def test_trimmed_events_announce_every_uncovered_turn_once(make: Make) -> None:

@@ -51,6 +51,7 @@ def run_worker(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         (["--port", "1", "--ttl", "nan"], {}, "--ttl: expected a finite number, got 'nan'"),
         (["--port", "1", "--ttl", "inf"], {}, "--ttl: expected a finite number"),
         (["--port", "1", "--stats-interval", "nan"], {}, "--stats-interval: expected a finite"),
+        (["--port", "1", "--shared-group", "g" * 257], {}, "--shared-group must be a name of"),
         (["--prefix", "rp", "--route-prefix", "rp/x"], {}, "may not go under --prefix"),
         (["--tls-ca", __file__], {}, "TLS CA certificate"),  # a file, not a certificate
     ],

@@ -154,9 +154,15 @@ def validate(cfg: Config) -> None:
     if cfg.stats_interval <= 0:
         raise ConfigError(f"--stats-interval must be more than 0, got {cfg.stats_interval}")
     if cfg.shared_group is not None and (
-        not cfg.shared_group or any(ch in cfg.shared_group for ch in "/+#")
+        not cfg.shared_group
+        or any(ch in cfg.shared_group for ch in "/+#")
+        # Other workers compare theirs with it, keeping at most that much of a stranger's
+        or len(cfg.shared_group) > c.MAX_GROUP_CHARS
     ):
-        raise ConfigError(f"--shared-group must be a name without / + #, got {cfg.shared_group!r}")
+        raise ConfigError(
+            f"--shared-group must be a name of 1-{c.MAX_GROUP_CHARS} characters without / + #, "
+            f"got {cfg.shared_group!r}"
+        )
     if cfg.route_prefix is not None:
         route = cfg.route_prefix
         problem = topic_name_problem(route.replace("{convo}", "c"))

@@ -138,6 +138,7 @@ LOOK_TIMEOUT: Final = 3.0
 TWIN_WAIT: Final = 3.0
 # A worker's status or stats is under 1 KiB: larger messages on worker topics are not read.
 MAX_WORKER_TOPIC_BYTES: Final = 8192
+MAX_GROUP_CHARS: Final = 256  # --shared-group, as a worker keeps another's to compare
 PING_EVERY: Final = 1.0  # a worker answers pings at most this often: anyone may send one
 # A look's own topic, which a ping names for the answer: no bridge carries a `$` topic
 # (wildcards do not match them), so only a worker on the look's broker answers there.

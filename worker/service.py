@@ -87,7 +87,7 @@ log = logging.getLogger("memory_worker")
 _PEERS_NAMED = 16  # workers on the prefix with other limits, each warned of once
 _PEERS_TRACKED = 1024  # workers whose last stats named another store, remembered at most
 _PEERS_KEPT = 256  # other workers whose status (or stats awaiting it) is remembered
-_PEER_TEXT = 256  # the longest client id, group, backend or store name kept of a peer
+_PEER_TEXT = c.MAX_GROUP_CHARS  # the longest client id, group, backend or store name kept
 _LIMITS = tuple(limits_payload(Limits()))  # what a peer's stats' limits may hold
 # Backends that workers of a share group can share (memory and SQLite are each worker's own).
 _SHARED_BACKENDS = frozenset({"redis", "redis-cluster"})

@@ -402,10 +402,12 @@ class Store:
         lim = self.limits
         size = summary_size(req.text, lim.turn_cost)
         old = self._summary_size(cv)
-        # The newest turn stays, as an append's own does: trimmed for the summary's room, it
-        # was lost, and `dropped` did not count it (a review).
+        # Without --trimmed-events the newest turn stays, as an append's own does: trimmed
+        # for the summary's room it was lost, unannounced (a review). With them it is
+        # announced and folded (kept, a summary that cannot fit beside it was refused for
+        # ever, and memory-summarizer asked its model again and again: a second review).
         newest = 0
-        if req.upto < cv.seq and cv.count:
+        if not lim.trimmed_events and req.upto < cv.seq and cv.count:
             at, seq, _ = turn_marks(cv.turns)[-1]
             newest = turn_size(cv.turns[at:]) + lim.turn_cost if seq > req.upto else 0
         if size + self._base(name) + cv.sbytes - old + newest > lim.max_bytes:

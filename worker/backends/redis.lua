@@ -332,7 +332,8 @@ if op == 'append' then
   if dup then
     result = {'dup', dup}
   elseif size + fixed > max_bytes then
-    result = {'too_large', 'the turn does not fit in --max-bytes'}
+    result = {'too_large', 'the turn (' .. ARGV[14] ..
+              ' bytes with its overhead) does not fit in --max-bytes ' .. ARGV[6]}
   else
     if not exists then create(c) end
     local seq = redis.call('HINCRBY', meta(c), 'seq', 1)
@@ -429,9 +430,9 @@ elseif op == 'summary' then
   else
     local old = num(redis.call('HGET', meta(c), 'sum_size'))
     local t = K .. 't:' .. c
-    -- the newest turn stays, as an append's own does (store.py's summary)
+    -- without trimmed events the newest turn stays, as an append's own does (store.py's)
     local last, kept = redis.call('LINDEX', t, -1), 0
-    if last and entry_seq(last) > upto then kept = struct.unpack('>I4', last) end
+    if not announce and last and entry_seq(last) > upto then kept = struct.unpack('>I4', last) end
     if size + base + num(redis.call('HGET', meta(c), 'sbytes')) - old + kept > max_bytes then
       local beside = ''
       if kept > 0 then
@@ -478,7 +479,7 @@ elseif op == 'save' then
       result = {'too_large', 'the conversation has --max-keys ' .. ARGV[7] .. ' live keys'}
     elseif (exists and num(redis.call('HGET', meta(c), 'nbytes')) -
             num(redis.call('HGET', meta(c), 'ibytes')) or base) + delta > max_bytes then
-      result = {'too_large', 'the value does not fit in --max-bytes'}
+      result = {'too_large', 'the value does not fit in --max-bytes ' .. ARGV[6]}
     else
       if not exists then create(c) end
       redis.call('HSET', K .. 's:' .. c, field, value)
