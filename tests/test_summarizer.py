@@ -819,6 +819,25 @@ async def test_a_workers_last_run_is_not_taken_for_this_one(
     assert not [r for r in caplog.records if "--trimmed-events" in r.getMessage()]
 
 
+@pytest.mark.parametrize("interval", ["abc", float("nan"), True])
+async def test_a_strangers_stats_interval_does_not_stop_the_start_check(
+    broker: Mosquitto, model: FakeModel, interval: Any
+) -> None:
+    """Anyone may publish stats: one whose interval is not a number ended the start's check
+    with a ValueError (NaN reached asyncio.sleep: a review). It is left out of the wait."""
+    prefix = unique("mem")
+    now = time.time()
+    last_run = {"client_id": "memory-worker", "ts": now, "stats_interval": 0.2}
+    odd = {"client_id": "odd", "ts": now, "stats_interval": interval, "trimmed_events": False}
+    async with aiomqtt.Client(broker.host, broker.port) as c:
+        for name, body in (("memory-worker", last_run), ("odd", odd)):
+            stats = msgpack.packb(body | {"trimmed_events": False})
+            await c.publish(f"{prefix}/_worker/{name}/stats", stats, qos=1, retain=True)
+    async with summarizing(_config(broker, prefix, model)) as s:
+        assert s.preflight is not None
+        await asyncio.wait_for(s.preflight, 5)  # one interval of the worker's: 0.2 s
+
+
 def test_a_langchain_message_stored_whole_reads_as_words_to_the_model() -> None:
     """LangChain's history stores tool calls and tool answers whole, as JSON under the role
     langchain: the model folding them reads who said what and which tool was called."""

@@ -29,6 +29,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -385,7 +386,10 @@ class Summarizer:
                 # A worker started with this summarizer (scripts/run, the services) may not
                 # have published its stats yet: these may be its last run's. Its own come
                 # within one of its --stats-interval.
-                every = max(float(s.get("stats_interval") or 10.0) for s in stats)
+                every = max(
+                    (s["stats_interval"] for s in stats if _interval(s.get("stats_interval"))),
+                    default=10.0,
+                )
                 await asyncio.sleep(min(every, 60.0) + 1.0)
                 stats = await memory.stats()
                 since = [s for s in stats if isinstance(s.get("ts"), int | float)]
@@ -783,6 +787,12 @@ class _Stopped(Exception):
 
 # Turns folded in one model call at most, when a backlog of events follows each other.
 _BATCH_TURNS = 32
+
+
+def _interval(said: object) -> bool:
+    """Whether a worker's stats say a --stats-interval (anyone may publish stats: "abc"
+    raised past the check, nan reached asyncio.sleep: a review)."""
+    return isinstance(said, int | float) and not isinstance(said, bool) and 0 < said < math.inf
 
 
 def _running(stats: dict[str, Any], now: float) -> bool:
