@@ -714,7 +714,6 @@ class Router:
         return self._route_problem_kept(route, convo)
 
     def _not_for_us(self, topic: str) -> bool:
-        """Workers' own traffic under the prefix: events and worker topics, never requests."""
         rest = topic[self._skip :] if topic.startswith(self._head) else ""
         if rest.startswith(self._worker_level):
             client_id, sep, leaf = rest[len(self._worker_level) :].rpartition("/")
@@ -746,7 +745,6 @@ class Router:
         return convo, op
 
     def _route_problem(self, route: str, convo: str | None) -> str | None:
-        """Why the worker must not publish a reply to `route`, or None."""
         problem = topic_name_problem(route)
         if problem:
             return problem

@@ -227,8 +227,6 @@ class _Api:
         body: dict[str, Any] = {"ns": namespace, "key": key}
         if ttl is not None:
             body["ttl"] = ttl
-        if default is None:
-            return session_id, c.OP_STATE_LOAD, body, _value
         return session_id, c.OP_STATE_LOAD, body, functools.partial(_value_or, default)
 
     @_one_request
@@ -327,10 +325,6 @@ def _deleted(reply: Reply) -> Any:
 
 def _nothing(reply: Reply) -> None:
     return None
-
-
-def _value(reply: Reply) -> Any:
-    return reply["value"]
 
 
 def _value_or(default: Any, reply: Reply) -> Any:
