@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
+import os
 import re
 import signal
 import subprocess
@@ -700,6 +702,32 @@ def blocking_url(
     else:
         protocol = 5 if request.param == "mqtt5" else 3
         yield f"mqtt://{broker.host}:{broker.port}/{worker.cfg.prefix}?protocol={protocol}"
+
+
+def _dropped_unclosed(url: str, times: int) -> tuple[int, int]:
+    """Threads still alive, and file descriptors gained, after `times` blocking clients
+    were opened, used and dropped without close()."""
+
+    def handler(i: int) -> None:
+        assert open_blocking_memory(url).get(f"dropped-{i}") == []
+
+    handler(0)
+    gc.collect()
+    threads, fds = set(threading.enumerate()), len(os.listdir("/proc/self/fd"))
+    for i in range(1, times + 1):
+        handler(i)
+    gc.collect()
+    new = [t for t in threading.enumerate() if t not in threads]
+    deadline = time.monotonic() + 10  # until a closed one's threads end, not a fixed wait
+    for thread in new:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return sum(t.is_alive() for t in new), len(os.listdir("/proc/self/fd")) - fds
+
+
+async def test_a_blocking_client_dropped_unclosed_is_closed(blocking_url: str) -> None:
+    """A web handler that opens a blocking client per request and never closes it left a
+    connection and two threads behind each (a trial): collected, it is closed, as a file."""
+    assert await asyncio.to_thread(_dropped_unclosed, blocking_url, 10) == (0, 0)
 
 
 async def test_16_threads_share_one_blocking_client(blocking_url: str) -> None:

@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -80,6 +81,7 @@ class BlockingMemoryClient:
         # call either handed over before the close (and ended by it) or refused after.
         self._calls: set[concurrent.futures.Future[Any]] = set()
         self._lock = threading.Lock()
+        self._shut: weakref.finalize[Any, Any] | None = None  # close()'s, once open
 
     def _submit(
         self, coro: Coroutine[Any, Any, _T], *, blocking: bool
@@ -126,6 +128,11 @@ class BlockingMemoryClient:
             raise
         if isinstance(self._memory, MemoryClient):
             self._direct = ThreadRequests(self._memory, self._connections)
+        # Dropped without close() (a web handler's per request), it left its connections and
+        # two threads for the process's life (a trial): it is closed when collected, as a file
+        # is. Not at exit: a loop that no longer runs would hold the exit for ever.
+        self._shut = weakref.finalize(self, _shut, loop, self._thread, self._memory, self._direct)
+        self._shut.atexit = False
         return self
 
     async def _enter(self) -> None:
@@ -144,29 +151,17 @@ class BlockingMemoryClient:
         if loop is None:
             return
         direct, self._direct = self._direct, None
-        if direct is not None:
-            direct.close()
         try:
-            asyncio.run_coroutine_threadsafe(self._close(), loop).result()
+            if self._shut is not None:
+                self._shut()  # once
+            else:  # closed from another thread while it opened
+                _shut(loop, self._thread, self._memory, direct)
         finally:
-            self._stop(loop)
-
-    async def _close(self) -> None:
-        try:
-            await self._memory.__aexit__(None, None, None)
-        finally:
-            # Calls handed over before the close end now, cancelled: "not open" to their callers.
-            me = asyncio.current_task()
-            if others := [task for task in asyncio.all_tasks() if task is not me]:
-                for task in others:
-                    task.cancel()
-                await asyncio.wait(others, timeout=_CLOSING)
+            for done in list(self._calls):  # a call that outlived its cancel
+                done.cancel()
 
     def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join()
-        loop.close()
+        _stop(loop, self._thread)
         for done in list(self._calls):  # a call that outlived its cancel
             done.cancel()
 
@@ -243,3 +238,42 @@ class BlockingMemoryClient:
 
 async def _next(items: AsyncIterator[_T]) -> _T:
     return await anext(items)
+
+
+def _shut(
+    loop: asyncio.AbstractEventLoop,
+    thread: threading.Thread | None,
+    memory: Memory,
+    direct: ThreadRequests | None,
+) -> None:
+    """Close an open client's connections and stop its loop: by close(), or when the client
+    is collected (then from whichever thread collects it: on its own loop's, from another)."""
+    if threading.current_thread() is thread:
+        args = (loop, thread, memory, direct)
+        threading.Thread(target=_shut, args=args, name="memory-client-close", daemon=True).start()
+        return
+    if direct is not None:
+        direct.close()
+    try:
+        asyncio.run_coroutine_threadsafe(_close(memory), loop).result()
+    finally:
+        _stop(loop, thread)
+
+
+async def _close(memory: Memory) -> None:
+    try:
+        await memory.__aexit__(None, None, None)
+    finally:
+        # Calls handed over before the close end now, cancelled: "not open" to their callers.
+        me = asyncio.current_task()
+        if others := [task for task in asyncio.all_tasks() if task is not me]:
+            for task in others:
+                task.cancel()
+            await asyncio.wait(others, timeout=_CLOSING)
+
+
+def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread | None) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join()
+    loop.close()
