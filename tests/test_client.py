@@ -178,8 +178,20 @@ async def test_no_reply_with_a_login_asks_whether_it_may_read_its_replies(
         broker.host, broker.port, unique("nobody"), username="bob", timeout=0.3, attempts=1
     ) as m:
         with pytest.raises(
-            NoReplyError, match=r"And may 'bob' read reply_prefix 'nobody\w+-reply'\?"
+            NoReplyError, match=r"And may 'bob' read reply_prefix 'nobody\w+-reply'\?$"
         ):
+            await m.get("c")
+    # MQTT 3.1.1 has no PUBACK that refuses: its publish may be what the ACL drops (a trial)
+    async with MemoryClient(
+        broker.host,
+        broker.port,
+        prefix := unique("nobody"),
+        username="bob",
+        timeout=0.3,
+        attempts=1,
+        protocol=3,
+    ) as m:
+        with pytest.raises(NoReplyError, match=rf"\? And publish to '{prefix}/c/get'\?$"):
             await m.get("c")
 
 

@@ -491,6 +491,8 @@ class MemoryClient(_Api):
             hint = f": is memory-worker running with prefix {self.prefix!r} there?"
             if self._auth[0]:  # an acl_file broker grants the subscription, delivers nothing
                 hint += f" And may {self._auth[0]!r} read reply_prefix {self.reply_prefix!r}?"
+                if self.protocol == 3:  # MQTT 5's PUBACK says a refused publish
+                    hint += f" And publish to {topic!r}?"
             if self.protocol == 3 and size > c.DEFAULT_MAX_PAYLOAD_BYTES:
                 # Workers of before refuse it unread, so they cannot read the reply_to in it.
                 hint = (
