@@ -387,7 +387,7 @@ class Summarizer:
                 # have published its stats yet: these may be its last run's. Its own come
                 # within one of its --stats-interval.
                 every = max(
-                    (s["stats_interval"] for s in stats if _interval(s.get("stats_interval"))),
+                    (s["stats_interval"] for s in stats if _says_interval(s.get("stats_interval"))),
                     default=10.0,
                 )
                 await asyncio.sleep(min(every, 60.0) + 1.0)
@@ -789,7 +789,7 @@ class _Stopped(Exception):
 _BATCH_TURNS = 32
 
 
-def _interval(said: object) -> bool:
+def _says_interval(said: object) -> bool:
     """Whether a worker's stats say a --stats-interval (anyone may publish stats: "abc"
     raised past the check, nan reached asyncio.sleep: a review)."""
     return isinstance(said, int | float) and not isinstance(said, bool) and 0 < said < math.inf

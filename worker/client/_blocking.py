@@ -157,11 +157,13 @@ class BlockingMemoryClient:
             else:  # closed from another thread while it opened
                 _shut(loop, self._thread, self._memory, direct)
         finally:
-            for done in list(self._calls):  # a call that outlived its cancel
-                done.cancel()
+            self._cancel_calls()
 
     def _stop(self, loop: asyncio.AbstractEventLoop) -> None:
         _stop(loop, self._thread)
+        self._cancel_calls()
+
+    def _cancel_calls(self) -> None:
         for done in list(self._calls):  # a call that outlived its cancel
             done.cancel()
 
